@@ -1,0 +1,165 @@
+"""Typed configuration sections of an engine.
+
+Each section is a plain dataclass with one concern. `EngineConfig` bundles
+them; `backplane.config.engine_args.EngineArgs` builds it from user input and
+`EngineConfig.validate` checks the combination in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def parse_dtype(value: str | torch.dtype) -> torch.dtype:
+    """Map a dtype name (``"bfloat16"``, ``"half"``...) or torch.dtype to a torch.dtype."""
+    if isinstance(value, torch.dtype):
+        return value
+    key = str(value).lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise ValueError(f"dtype {value!r} is not one of {sorted(_DTYPES)} or 'auto'")
+    return _DTYPES[key]
+
+
+@dataclass
+class ModelConfig:
+    """Which model to run and how its numbers are represented.
+
+    Attributes:
+        model: local Hugging Face model directory (or a hub id already in the local cache).
+        tokenizer: tokenizer directory; defaults to ``model``.
+        dtype: ``"auto"`` (the checkpoint's dtype, float32 if it says none) or a dtype name.
+        max_model_len: longest prompt + output; None means the model's own limit.
+        seed: seed for sampling of requests that do not set their own.
+        served_model_name: name the server answers to; defaults to ``model``.
+        hf_config: the transformers config, filled by the loader.
+        torch_dtype: the resolved dtype, filled by `EngineConfig.finalize`.
+    """
+
+    model: str
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    seed: int = 0
+    served_model_name: str | None = None
+    trust_remote_code: bool = False
+    hf_config: Any = field(default=None, repr=False, compare=False)
+    torch_dtype: torch.dtype | None = None
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or self.model
+
+    @property
+    def name(self) -> str:
+        return self.served_model_name or self.model
+
+
+@dataclass
+class CacheConfig:
+    """Paged KV cache settings.
+
+    Attributes:
+        block_size: tokens per KV block.
+        enable_prefix_caching: reuse KV blocks of identical prompt prefixes.
+        memory_utilization: fraction of the device memory the platform reports as
+            available that the KV cache may take (vLLM: gpu_memory_utilization).
+        kv_cache_memory_bytes: explicit KV cache size in bytes; overrides memory_utilization.
+        num_kv_blocks: explicit number of KV blocks; overrides both of the above.
+        kv_cache_dtype: ``"auto"`` stores KV in the model dtype.
+    """
+
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    memory_utilization: float = 0.9
+    kv_cache_memory_bytes: int | None = None
+    num_kv_blocks: int | None = None
+    kv_cache_dtype: str = "auto"
+
+
+@dataclass
+class SchedulerConfig:
+    """Token-budget scheduler settings.
+
+    Attributes:
+        max_num_seqs: most requests running in one step.
+        max_num_batched_tokens: token budget of one step (prompt and output tokens alike).
+        enable_chunked_prefill: split long prompts over several steps.
+        scheduling_policy: ``"fcfs"`` or ``"priority"`` (lower value first, then arrival).
+    """
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    enable_chunked_prefill: bool = True
+    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is split over devices and processes."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    distributed_executor_backend: str = "uni"
+
+
+@dataclass
+class DeviceConfig:
+    """Which platform runs the engine: ``"auto"`` or a platform name."""
+
+    device: str = "auto"
+    attention_backend: str | None = None
+
+
+@dataclass
+class LoadConfig:
+    """How weights are read."""
+
+    load_format: str = "safetensors"
+    download_dir: str | None = None
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA adapter serving (optional section)."""
+
+    max_loras: int = 1
+    max_lora_rank: int = 16
+
+
+@dataclass
+class SpeculativeConfig:
+    """Speculative decoding (optional section)."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 1
+
+
+@dataclass
+class CompilationConfig:
+    """Compilation and graph capture; defaults come from the optimization level.
+
+    Attributes:
+        compile: torch.compile the model forward (O1+).
+        backend: torch.compile backend; None means the platform's.
+        use_graphs: capture decode steps as graphs at padded batch sizes (O2+).
+        graph_capture_sizes: batch sizes to capture; None means a default ladder.
+    """
+
+    compile: bool | None = None
+    backend: str | None = None
+    use_graphs: bool | None = None
+    graph_capture_sizes: list[int] | None = None

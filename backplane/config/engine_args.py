@@ -1,0 +1,89 @@
+"""EngineArgs: the flat set of user-facing options, turned into an EngineConfig."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from backplane.config.configs import (
+    CacheConfig,
+    CompilationConfig,
+    DeviceConfig,
+    LoadConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+)
+from backplane.config.engine import EngineConfig
+
+
+@dataclass
+class EngineArgs:
+    """Every engine option as one flat record (what `LLM(**kwargs)` and the CLI take)."""
+
+    model: str
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    seed: int = 0
+    served_model_name: str | None = None
+    trust_remote_code: bool = False
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    memory_utilization: float = 0.9
+    kv_cache_memory_bytes: int | None = None
+    num_kv_blocks: int | None = None
+    kv_cache_dtype: str = "auto"
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    enable_chunked_prefill: bool = True
+    scheduling_policy: str = "fcfs"
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    distributed_executor_backend: str = "uni"
+    device: str = "auto"
+    attention_backend: str | None = None
+    load_format: str = "safetensors"
+    optimization_level: int | None = None
+    enforce_eager: bool = False
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+    def create_engine_config(self) -> EngineConfig:
+        """Split the flat options into config sections (not yet finalized)."""
+        level = 0 if self.enforce_eager else self.optimization_level
+        return EngineConfig(
+            model_config=ModelConfig(
+                model=self.model,
+                tokenizer=self.tokenizer,
+                dtype=self.dtype,
+                max_model_len=self.max_model_len,
+                seed=self.seed,
+                served_model_name=self.served_model_name,
+                trust_remote_code=self.trust_remote_code,
+            ),
+            cache_config=CacheConfig(
+                block_size=self.block_size,
+                enable_prefix_caching=self.enable_prefix_caching,
+                memory_utilization=self.memory_utilization,
+                kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+                num_kv_blocks=self.num_kv_blocks,
+                kv_cache_dtype=self.kv_cache_dtype,
+            ),
+            scheduler_config=SchedulerConfig(
+                max_num_seqs=self.max_num_seqs,
+                max_num_batched_tokens=self.max_num_batched_tokens,
+                enable_chunked_prefill=self.enable_chunked_prefill,
+                scheduling_policy=self.scheduling_policy,  # type: ignore[arg-type]
+            ),
+            parallel_config=ParallelConfig(
+                tensor_parallel_size=self.tensor_parallel_size,
+                pipeline_parallel_size=self.pipeline_parallel_size,
+                distributed_executor_backend=self.distributed_executor_backend,
+            ),
+            device_config=DeviceConfig(device=self.device, attention_backend=self.attention_backend),
+            load_config=LoadConfig(load_format=self.load_format),
+            compilation_config=CompilationConfig(),
+            optimization_level=level,
+        )

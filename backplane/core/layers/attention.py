@@ -1,0 +1,59 @@
+"""The Attention layer every model calls: paged KV write + attention via the platform backend.
+
+Model code hands over projected q/k/v; which kernel runs, and how the KV cache
+is laid out, is the platform backend's business (see plugins_sdk.attention).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from backplane.plugins_sdk import AttentionBackend
+
+
+@dataclass
+class AttentionContext:
+    """What every Attention layer needs for one forward pass.
+
+    Attributes:
+        backend: the platform attention backend instance (shared by all layers).
+        metadata: ``backend.build_metadata(...)`` for this step.
+        kv_caches: one cache tensor per attention layer, indexed by layer_idx.
+    """
+
+    backend: AttentionBackend
+    metadata: Any
+    kv_caches: list[torch.Tensor]
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query attention over the paged KV cache."""
+
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, head_size: int, scale: float, layer_idx: int
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_size = head_size
+        self.scale = scale
+        self.layer_idx = layer_idx
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext
+    ) -> torch.Tensor:
+        """q: [n, heads*head_size], k/v: [n, kv_heads*head_size] -> [n, heads*head_size]."""
+        n = q.shape[0]
+        out = ctx.backend.forward(
+            q.view(n, self.num_heads, self.head_size),
+            k.view(n, self.num_kv_heads, self.head_size),
+            v.view(n, self.num_kv_heads, self.head_size),
+            ctx.kv_caches[self.layer_idx],
+            ctx.metadata,
+            self.scale,
+        )
+        return out.reshape(n, self.num_heads * self.head_size)

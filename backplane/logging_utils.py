@@ -1,0 +1,28 @@
+"""Logging set-up: `BACKPLANE_LOGGING_LEVEL` (default INFO) controls verbosity."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+_configured = False
+
+
+def configure_logging() -> None:
+    """Attach one stderr handler to the `backplane` logger, once per process."""
+    global _configured
+    if _configured:
+        return
+    level_name = os.environ.get("BACKPLANE_LOGGING_LEVEL", "INFO").upper()
+    level = getattr(logging, level_name, None)
+    if not isinstance(level, int):
+        raise ValueError(
+            f"BACKPLANE_LOGGING_LEVEL={level_name!r} is not one of DEBUG, INFO, WARNING, ERROR"
+        )
+    logger = logging.getLogger("backplane")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+    _configured = True

@@ -1,0 +1,148 @@
+"""Attention backend contract.
+
+The core lays out a step's tokens flat (all requests' query tokens one after
+another) and describes them with `CommonAttentionMetadata`. A backend turns that
+into whatever its kernels need (`build_metadata`) and computes paged attention:
+it first writes the step's keys and values into the KV cache at
+``slot_mapping``, then attends each query token to every cached token of its
+request up to and including itself (causal).
+
+KV cache layout is backend-owned (`kv_cache_shape`); the core only allocates a
+tensor of that shape per layer and hands it back.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """The shape of attention a model needs; backends say whether they can serve it."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_size: int
+    dtype: torch.dtype
+    block_size: int
+    kv_cache_dtype: str = "auto"
+    sliding_window: int | None = None
+
+
+@dataclass
+class CommonAttentionMetadata:
+    """Backend-independent description of one step's flat batch.
+
+    Tensors without the ``_cpu`` suffix live on the platform device; ``_cpu``
+    copies exist so that backends needing host-side loops do not synchronise.
+
+    Attributes:
+        num_reqs: requests in the step.
+        num_actual_tokens: real query tokens (inputs may be padded past this).
+        max_query_len: longest query of the step.
+        max_seq_len: longest (context + query) of the step.
+        query_start_loc: [num_reqs + 1] int32 cumulative query offsets.
+        seq_lens: [num_reqs] int32, tokens in the cache after this step (context + query).
+        block_table: [num_reqs, max_blocks_per_req] int32 block ids (rows padded with 0).
+        slot_mapping: [num_tokens] int64 flat cache slot for each query token;
+            -1 marks padding tokens that must not be written.
+    """
+
+    num_reqs: int
+    num_actual_tokens: int
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_table: torch.Tensor
+    slot_mapping: torch.Tensor
+    query_start_loc_cpu: torch.Tensor
+    seq_lens_cpu: torch.Tensor
+
+    @property
+    def is_pure_decode(self) -> bool:
+        """Every request advances by exactly one token."""
+        return self.max_query_len == 1
+
+
+class AttentionBackend(ABC):
+    """A paged attention implementation a platform offers.
+
+    Subclasses declare what they support as class attributes; `unsupported_reasons`
+    turns those into human-readable refusals for a given spec.
+    """
+
+    name: ClassVar[str]
+    supported_dtypes: ClassVar[tuple[torch.dtype, ...]] = (
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+    )
+    # None means any head size / block size.
+    supported_head_sizes: ClassVar[tuple[int, ...] | None] = None
+    supported_block_sizes: ClassVar[tuple[int, ...] | None] = None
+    supported_kv_cache_dtypes: ClassVar[tuple[str, ...]] = ("auto",)
+    supports_sliding_window: ClassVar[bool] = False
+
+    @classmethod
+    def unsupported_reasons(cls, spec: AttentionSpec) -> list[str]:
+        """Every reason this backend cannot serve ``spec``; empty when it can."""
+        reasons = []
+        if spec.dtype not in cls.supported_dtypes:
+            names = ", ".join(str(d).removeprefix("torch.") for d in cls.supported_dtypes)
+            reasons.append(f"dtype {str(spec.dtype).removeprefix('torch.')} not in ({names})")
+        if cls.supported_head_sizes is not None and spec.head_size not in cls.supported_head_sizes:
+            reasons.append(f"head_size {spec.head_size} not in {cls.supported_head_sizes}")
+        if (
+            cls.supported_block_sizes is not None
+            and spec.block_size not in cls.supported_block_sizes
+        ):
+            reasons.append(f"block_size {spec.block_size} not in {cls.supported_block_sizes}")
+        if spec.kv_cache_dtype not in cls.supported_kv_cache_dtypes:
+            reasons.append(
+                f"kv_cache_dtype {spec.kv_cache_dtype!r} not in {cls.supported_kv_cache_dtypes}"
+            )
+        if spec.sliding_window is not None and not cls.supports_sliding_window:
+            reasons.append("sliding window attention is not supported")
+        return reasons
+
+    @classmethod
+    def kv_cache_shape(
+        cls, num_blocks: int, block_size: int, num_kv_heads: int, head_size: int
+    ) -> tuple[int, ...]:
+        """Shape of one layer's KV cache tensor. Default: [2, blocks, block_size, kv_heads, head]."""
+        return (2, num_blocks, block_size, num_kv_heads, head_size)
+
+    def __init__(self, spec: AttentionSpec) -> None:
+        self.spec = spec
+
+    def build_metadata(self, common: CommonAttentionMetadata) -> Any:
+        """Turn the common metadata into this backend's own; called once per step."""
+        return common
+
+    @abstractmethod
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: Any,
+        scale: float,
+    ) -> torch.Tensor:
+        """Write key/value at the metadata's slots, then attend causally over the cache.
+
+        Args:
+            query: [num_tokens, num_heads, head_size]
+            key, value: [num_tokens, num_kv_heads, head_size]
+            kv_cache: this layer's cache, shaped by `kv_cache_shape`.
+            metadata: what `build_metadata` returned for this step.
+            scale: softmax scale.
+
+        Returns:
+            [num_tokens, num_heads, head_size]; rows past num_actual_tokens are undefined.
+        """

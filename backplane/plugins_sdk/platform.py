@@ -1,0 +1,157 @@
+"""The Platform a plugin's ``load()`` returns, made of small typed parts.
+
+Instead of one object with dozens of members, a platform is a bundle of parts,
+each with one job. The core talks to the part it needs
+(``platform.runtime.total_memory()``, ``platform.attention_backends()``), so a
+plugin author implements a handful of small classes and inherits defaults for
+the rest.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from backplane.plugins_sdk.attention import AttentionBackend, AttentionSpec
+from backplane.plugins_sdk.communicator import Communicator
+from backplane.plugins_sdk.graph import GraphRunner
+
+if TYPE_CHECKING:
+    import torch.distributed as dist
+
+
+class DeviceRuntime(ABC):
+    """Facts about, and basic operations on, the platform's devices."""
+
+    device_type: str = "cpu"
+
+    @abstractmethod
+    def device_count(self) -> int:
+        """How many devices of this platform the process can see."""
+
+    @abstractmethod
+    def device_name(self, index: int = 0) -> str:
+        """Human-readable device name."""
+
+    @abstractmethod
+    def total_memory(self, index: int = 0) -> int:
+        """Bytes of memory on the device."""
+
+    @abstractmethod
+    def available_memory(self, index: int = 0) -> int:
+        """Bytes of memory free for the engine right now."""
+
+    def device(self, index: int = 0) -> torch.device:
+        """The torch device for ``index``."""
+        return torch.device(self.device_type, index) if self.device_type != "cpu" else (
+            torch.device("cpu"))
+
+    def synchronize(self) -> None:
+        """Wait for all queued device work. No-op for synchronous devices."""
+
+    def empty_cache(self) -> None:
+        """Return cached allocator memory to the device. No-op by default."""
+
+    def seed_everything(self, seed: int) -> None:
+        """Seed torch (and the device's generators) for reproducible runs."""
+        torch.manual_seed(seed)
+
+    def pin_memory_available(self) -> bool:
+        """Whether host tensors can be pinned for faster copies to this device."""
+        return False
+
+    supported_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+
+    def default_dtype(self) -> torch.dtype:
+        """dtype used for ``dtype="auto"`` when the model's own dtype is unsupported."""
+        return torch.bfloat16
+
+
+@dataclass
+class ConfigDecision:
+    """What a config policy changed or refused, with the reason for each."""
+
+    changes: list[str] = field(default_factory=list)
+    refusals: list[str] = field(default_factory=list)
+
+
+class ConfigPolicy:
+    """Platform defaults and refusals applied to an engine config during validation.
+
+    ``check_and_update_config`` may change fields of ``config`` (recording each
+    change with its reason) and returns refusals for settings the platform cannot
+    run. The core raises one error listing every refusal.
+    """
+
+    def check_and_update_config(self, config: Any) -> ConfigDecision:
+        """Adjust ``config`` in place and report changes and refusals."""
+        return ConfigDecision()
+
+
+class Platform:
+    """A hardware platform as the core sees it.
+
+    Attributes:
+        name: platform name (matches the descriptor's).
+        runtime: the DeviceRuntime part.
+        config_policy: the ConfigPolicy part.
+        dist_backend: torch.distributed backend name for this platform's collectives.
+        compile_backend: torch.compile backend used at optimization level O1+,
+            or None when the platform does not support compilation.
+    """
+
+    name: str = "unnamed"
+    dist_backend: str = "gloo"
+    compile_backend: str | None = None
+    # True when make_graph_runner returns a GraphRunner.
+    supports_graph_capture: bool = False
+
+    def __init__(self, runtime: DeviceRuntime, config_policy: ConfigPolicy | None = None) -> None:
+        self.runtime = runtime
+        self.config_policy = config_policy or ConfigPolicy()
+
+    @property
+    def device_type(self) -> str:
+        return self.runtime.device_type
+
+    def attention_backends(self) -> list[type[AttentionBackend]]:
+        """Backends in priority order (best first)."""
+        return []
+
+    def select_attention_backend(
+        self, spec: AttentionSpec, forced: str | None = None
+    ) -> type[AttentionBackend]:
+        """First backend that can serve ``spec`` (or the one named ``forced``).
+
+        Raises ValueError listing every backend and why it was refused.
+        """
+        backends = self.attention_backends()
+        if forced is not None:
+            by_name = {b.name: b for b in backends}
+            if forced not in by_name:
+                raise ValueError(
+                    f"attention_backend {forced!r} is not offered by platform {self.name!r}; "
+                    f"available: {sorted(by_name)}"
+                )
+            backends = [by_name[forced]]
+        refusals = []
+        for backend in backends:
+            reasons = backend.unsupported_reasons(spec)
+            if not reasons:
+                return backend
+            refusals.append(f"{backend.name}: {'; '.join(reasons)}")
+        raise ValueError(
+            f"no attention backend of platform {self.name!r} can serve {spec}: "
+            + (" | ".join(refusals) or "the platform offers none")
+        )
+
+    def make_communicator(self, group: dist.ProcessGroup | None = None) -> Communicator:
+        """Collectives for ``group``; the torch.distributed default unless overridden."""
+        return Communicator(group)
+
+    def make_graph_runner(self) -> GraphRunner | None:
+        """A GraphRunner, or None when the platform cannot capture graphs."""
+        return None

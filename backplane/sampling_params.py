@@ -1,0 +1,121 @@
+"""SamplingParams: how one request's tokens are chosen, validated on construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+# Below this temperature sampling is treated as greedy (avoids dividing by ~0).
+_GREEDY_EPS = 1e-5
+
+
+@dataclass
+class SamplingParams:
+    """Sampling parameters with vLLM's names and meanings.
+
+    Processing order in the sampler: penalties, logit_bias, temperature, min_p,
+    top_k, top_p. ``temperature=0`` is greedy. ``logprobs=k`` returns the top-k
+    log-probabilities of each generated token plus the chosen one, computed from
+    the raw logits (before any processing); ``prompt_logprobs=k`` likewise for
+    prompt tokens.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    # Filled by the engine: token ids that end generation (EOS and friends).
+    all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        elif self.stop is None:
+            self.stop = []
+        else:
+            self.stop = list(self.stop)
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.logit_bias:
+            self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+        if self.top_k is None or self.top_k == -1:
+            self.top_k = 0
+        self._validate()
+        self.all_stop_token_ids = set(self.stop_token_ids)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _GREEDY_EPS
+
+    def _validate(self) -> None:
+        def bad(name: str, value, allowed: str) -> ValueError:
+            return ValueError(f"{name} must be {allowed}, got {value!r}")
+
+        if not isinstance(self.n, int) or self.n < 1:
+            raise bad("n", self.n, ">= 1")
+        if not _finite(self.temperature) or self.temperature < 0:
+            raise bad("temperature", self.temperature, ">= 0")
+        if not _finite(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise bad("top_p", self.top_p, "in (0, 1]")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise bad("top_k", self.top_k, "0 or -1 (disabled) or >= 1")
+        if not _finite(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise bad("min_p", self.min_p, "in [0, 1]")
+        if self.max_tokens is not None and (
+            not isinstance(self.max_tokens, int) or self.max_tokens < 1
+        ):
+            raise bad("max_tokens", self.max_tokens, ">= 1")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise bad("min_tokens", self.min_tokens, ">= 0")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise bad("min_tokens", self.min_tokens, f"<= max_tokens ({self.max_tokens})")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _finite(value) or not -2.0 <= value <= 2.0:
+                raise bad(name, value, "in [-2, 2]")
+        if not _finite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise bad("repetition_penalty", self.repetition_penalty, "> 0")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise bad(name, value, "None or an integer >= 0")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise bad("seed", self.seed, "an integer")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise bad("stop", self.stop, "non-empty strings")
+        for tid in self.stop_token_ids:
+            if not isinstance(tid, int) or tid < 0:
+                raise bad("stop_token_ids", self.stop_token_ids, "non-negative token ids")
+        if self.logit_bias:
+            for tid, bias in self.logit_bias.items():
+                if tid < 0 or not _finite(bias) or not -100.0 <= bias <= 100.0:
+                    raise bad(f"logit_bias[{tid}]", bias, "in [-100, 100] for a token id >= 0")
+
+    def clone_for_child(self, index: int) -> SamplingParams:
+        """Params for the ``index``-th of ``n`` completions (n=1, own seed stream)."""
+        import copy
+
+        child = copy.copy(self)
+        child.n = 1
+        if self.seed is not None:
+            child.seed = self.seed + index
+        return child
+
+
+def _finite(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
