@@ -14,6 +14,7 @@ from backplane.config.configs import (
 )
 from backplane.config.engine import EngineConfig
 from backplane.config.engine_args import EngineArgs
+from backplane.config.sources import engine_args_from_sources, load_yaml_config
 
 __all__ = [
     "CacheConfig",
@@ -27,5 +28,7 @@ __all__ = [
     "ParallelConfig",
     "SchedulerConfig",
     "SpeculativeConfig",
+    "engine_args_from_sources",
+    "load_yaml_config",
     "parse_dtype",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Any
 
 from backplane.config.configs import (
     CacheConfig,
@@ -45,10 +46,23 @@ class EngineArgs:
     load_format: str = "safetensors"
     optimization_level: int | None = None
     enforce_eager: bool = False
+    compilation_config: dict[str, Any] | None = None
 
     @classmethod
     def field_names(cls) -> set[str]:
         return {f.name for f in fields(cls)}
+
+    @classmethod
+    def from_sources(cls, **kwargs: Any) -> EngineArgs:
+        """EngineArgs from keyword arguments, a ``config=`` YAML file and BACKPLANE_* variables.
+
+        What ``LLM(**kwargs)`` should call: unlike ``EngineArgs(**kwargs)`` it
+        accepts aliases (``gpu_memory_utilization``) and deprecated names (with a
+        warning), and reports unknown names with close matches.
+        """
+        from backplane.config.sources import engine_args_from_sources
+
+        return engine_args_from_sources(kwargs=kwargs)
 
     def create_engine_config(self) -> EngineConfig:
         """Split the flat options into config sections (not yet finalized)."""
@@ -84,6 +98,21 @@ class EngineArgs:
             ),
             device_config=DeviceConfig(device=self.device, attention_backend=self.attention_backend),
             load_config=LoadConfig(load_format=self.load_format),
-            compilation_config=CompilationConfig(),
+            compilation_config=_compilation_config(self.compilation_config),
             optimization_level=level,
         )
+
+
+def _compilation_config(value: dict[str, Any] | CompilationConfig | None) -> CompilationConfig:
+    """CompilationConfig from the user's explicit settings (None fields = level defaults)."""
+    if value is None:
+        return CompilationConfig()
+    if isinstance(value, CompilationConfig):
+        return CompilationConfig(**{f.name: getattr(value, f.name) for f in fields(value)})
+    known = {f.name for f in fields(CompilationConfig)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ValueError(
+            f"compilation_config: unknown key(s) {unknown}; known: {sorted(known)}"
+        )
+    return CompilationConfig(**value)
