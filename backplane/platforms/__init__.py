@@ -1,50 +1,147 @@
-"""Platform discovery through the `backplane.platforms` entry point group.
+"""Platform discovery and selection through the ``backplane.platforms`` entry points.
 
-`resolve_platform()` is the core's only way to a Platform: it reads the entry
-points, probes each plugin, and loads the chosen one, once per process.
+`resolve_platform()` is the core's only way to a Platform: it discovers the
+installed plugins (`discovery`), applies the selection rules (`selection`), loads
+the chosen plugin and lets general plugins add attention backends to it, once
+per process and per requested name. Worker processes resolve again on first use
+(the cache is per process), from the same ``device`` setting and environment.
+
+`explain_selection()` returns the `PlatformReport` behind a choice; the CLI
+(`backplane platforms`) and the server's start-up log print it.
+``backplane.platforms.current_platform`` is `resolve_platform()` with no argument.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
-from importlib.metadata import entry_points
+import threading
+from typing import TYPE_CHECKING
 
-from backplane.plugins_sdk import Platform, PlatformDescriptor
+from backplane.platforms.discovery import (
+    AVAILABLE,
+    ENTRY_POINT_GROUP,
+    DiscoveredPlatform,
+    discover_platforms,
+)
+from backplane.platforms.selection import (
+    ENV_VAR,
+    PlatformReport,
+    PlatformSelectionError,
+    requested_platform,
+    select_platform,
+)
+
+if TYPE_CHECKING:
+    from backplane.plugins_sdk.platform import Platform
 
 logger = logging.getLogger(__name__)
 
-ENTRY_POINT_GROUP = "backplane.platforms"
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "ENV_VAR",
+    "DiscoveredPlatform",
+    "PlatformReport",
+    "PlatformSelectionError",
+    "discover_platforms",
+    "explain_selection",
+    "resolve_platform",
+]
+
+_lock = threading.RLock()
+# platform name -> loaded Platform (one instance per process, whatever the request path).
+_loaded: dict[str, Platform] = {}
+# requested name (None = automatic) -> the report that chose for it.
+_reports: dict[str | None, PlatformReport] = {}
 
 
-def _descriptors() -> dict[str, PlatformDescriptor]:
-    found = {}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            desc = ep.load()
-        except Exception as exc:  # a broken plugin must not take down the others
-            logger.warning("platform plugin %r failed to import: %s", ep.name, exc)
-            continue
-        found[desc.name] = desc
-    return found
+def _load(plugin: DiscoveredPlatform) -> Platform:
+    """Load ``plugin`` (once per process), check it, and apply general plugins' backends."""
+    name = plugin.display_name
+    platform = _loaded.get(name)
+    if platform is None:
+        from backplane.plugins_sdk.platform import Platform
 
-
-@functools.cache
-def resolve_platform(device: str | None = None) -> Platform:
-    """The platform named by ``device`` / ``BACKPLANE_PLATFORM``, else the best available."""
-    wanted = device if device not in (None, "auto") else os.environ.get("BACKPLANE_PLATFORM")
-    descriptors = _descriptors()
-    if wanted:
-        if wanted not in descriptors:
-            raise RuntimeError(
-                f"platform {wanted!r} is not installed; installed: {sorted(descriptors)}"
+        platform = plugin.descriptor.load()
+        if not isinstance(platform, Platform):
+            raise TypeError(
+                f"load() returned {type(platform).__name__}, expected a "
+                "backplane.plugins_sdk.Platform instance"
             )
-        probe = descriptors[wanted].probe()
-        if not probe.available:
-            raise RuntimeError(f"platform {wanted!r} is not available: {probe.reason}")
-        return descriptors[wanted].load()
-    for desc in sorted(descriptors.values(), key=lambda d: -d.priority):
-        if desc.probe().available:
-            return desc.load()
-    raise RuntimeError(f"no available platform among {sorted(descriptors)}")
+        if platform.name != name:
+            logger.warning("platform plugin %r loaded a Platform named %r", name, platform.name)
+        _add_general_plugin_backends(platform, name)
+        _loaded[name] = platform
+    plugin.platform = platform
+    plugin.attention_backends = [b.name for b in platform.attention_backends()]
+    return platform
+
+
+def _add_general_plugin_backends(platform: Platform, name: str) -> None:
+    # Imported here: the general-plugin machinery is not needed for discovery itself.
+    from backplane.plugins import register_platform_attention_backends
+
+    register_platform_attention_backends(platform, name)
+
+
+def explain_selection(device: str | None = None, *, load_all: bool = False) -> PlatformReport:
+    """The `PlatformReport` for ``device`` (None/"auto": ``BACKPLANE_PLATFORM`` or automatic).
+
+    Loads the chosen platform (through the same per-process cache as
+    `resolve_platform`) so that the report is truthful about load failures.
+    With ``load_all``, every other available plugin is loaded too so that its
+    attention backends can be listed (what ``backplane platforms`` does); their
+    load failures are recorded on the plugins, never raised.
+    Never raises for selection failures: see ``report.error``.
+    """
+    requested, source = requested_platform(device, dict(os.environ))
+    with _lock:
+        report = select_platform(discover_platforms(), requested, source, _load)
+        if load_all:
+            for plugin in report.plugins:
+                if plugin.status == AVAILABLE and plugin.platform is None:
+                    try:
+                        _load(plugin)
+                    except Exception as exc:  # reported, like any other load failure
+                        plugin.status = "load_error"
+                        plugin.reason = f"load() failed: {type(exc).__name__}: {exc}"
+        return report
+
+
+def resolve_platform(device: str | None = None) -> Platform:
+    """The platform named by ``device`` / ``BACKPLANE_PLATFORM``, else the best available.
+
+    Cached per process and per requested name; the choice is logged once with
+    its reasons. Raises `PlatformSelectionError` (a RuntimeError) listing every
+    installed plugin when an explicit request cannot be met or nothing is available.
+    """
+    requested, _source = requested_platform(device, dict(os.environ))
+    with _lock:
+        report = _reports.get(requested)
+        if report is None:
+            report = explain_selection(requested)
+            if report.chosen is None:
+                raise PlatformSelectionError(report.error or "no platform selected", report)
+            _reports[requested] = report
+            logger.info("%s", report.summary())
+        return _loaded[report.chosen]
+
+
+def selection_report(device: str | None = None) -> PlatformReport | None:
+    """The report behind the cached `resolve_platform(device)` choice, if it was made."""
+    requested, _source = requested_platform(device, dict(os.environ))
+    return _reports.get(requested)
+
+
+def reset_platform_cache() -> None:
+    """Forget loaded platforms and choices (for tests that install plugins on the fly)."""
+    with _lock:
+        _loaded.clear()
+        _reports.clear()
+
+
+def __getattr__(name: str):
+    # `backplane.platforms.current_platform`, resolved lazily on first access.
+    if name == "current_platform":
+        return resolve_platform()
+    raise AttributeError(f"module 'backplane.platforms' has no attribute {name!r}")

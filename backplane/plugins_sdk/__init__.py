@@ -2,22 +2,42 @@
 
 Plugins import only from this package. Everything here follows the SDK version
 in `backplane.plugins_sdk.version.SDK_VERSION`: within a major version, members
-are only added; a member that goes away is deprecated for one minor first.
+are only added; a member that goes away is deprecated for one minor first
+(see `backplane.plugins_sdk.deprecation`). docs/plugins.md states the promise.
+
+Names are imported lazily (PEP 562) so that a plugin's descriptor module, which
+imports `backplane.plugins_sdk.descriptor`, does not pull in torch at discovery.
 """
 
-from backplane.plugins_sdk.attention import (
-    AttentionBackend,
-    AttentionSpec,
-    CommonAttentionMetadata,
-)
-from backplane.plugins_sdk.communicator import Communicator
-from backplane.plugins_sdk.descriptor import PlatformDescriptor, ProbeResult
-from backplane.plugins_sdk.graph import GraphRunner
-from backplane.plugins_sdk.platform import ConfigDecision, ConfigPolicy, DeviceRuntime, Platform
-from backplane.plugins_sdk.version import SDK_VERSION
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# public name -> submodule that defines it
+_EXPORTS = {
+    "SDK_VERSION": "version",
+    "SdkVersion": "version",
+    "check_sdk_compatibility": "version",
+    "AttentionBackend": "attention",
+    "AttentionSpec": "attention",
+    "CommonAttentionMetadata": "attention",
+    "Communicator": "communicator",
+    "ConfigDecision": "platform",
+    "ConfigPolicy": "platform",
+    "DeviceRuntime": "platform",
+    "GraphRunner": "graph",
+    "Platform": "platform",
+    "PlatformDescriptor": "descriptor",
+    "ProbeResult": "descriptor",
+    "ReferenceAttentionBackend": "reference",
+    "deprecated": "deprecation",
+    "deprecated_alias": "deprecation",
+    "hookimpl": "hooks",
+    "hookspec": "hooks",
+}
 
 __all__ = [
-    "SDK_VERSION",
     "AttentionBackend",
     "AttentionSpec",
     "CommonAttentionMetadata",
@@ -29,4 +49,45 @@ __all__ = [
     "Platform",
     "PlatformDescriptor",
     "ProbeResult",
+    "ReferenceAttentionBackend",
+    "SDK_VERSION",
+    "SdkVersion",
+    "check_sdk_compatibility",
+    "deprecated",
+    "deprecated_alias",
+    "hookimpl",
+    "hookspec",
 ]
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from backplane.plugins_sdk.attention import (
+        AttentionBackend,
+        AttentionSpec,
+        CommonAttentionMetadata,
+    )
+    from backplane.plugins_sdk.communicator import Communicator
+    from backplane.plugins_sdk.deprecation import deprecated, deprecated_alias
+    from backplane.plugins_sdk.descriptor import PlatformDescriptor, ProbeResult
+    from backplane.plugins_sdk.graph import GraphRunner
+    from backplane.plugins_sdk.hooks import hookimpl, hookspec
+    from backplane.plugins_sdk.platform import (
+        ConfigDecision,
+        ConfigPolicy,
+        DeviceRuntime,
+        Platform,
+    )
+    from backplane.plugins_sdk.reference import ReferenceAttentionBackend
+    from backplane.plugins_sdk.version import SDK_VERSION, SdkVersion, check_sdk_compatibility
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'backplane.plugins_sdk' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"backplane.plugins_sdk.{module}"), name)
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -9,6 +9,7 @@ the rest.
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -49,10 +50,10 @@ class DeviceRuntime(ABC):
         return torch.device(self.device_type, index) if self.device_type != "cpu" else (
             torch.device("cpu"))
 
-    def synchronize(self) -> None:
+    def synchronize(self) -> None:  # noqa: B027 - optional, no-op by default
         """Wait for all queued device work. No-op for synchronous devices."""
 
-    def empty_cache(self) -> None:
+    def empty_cache(self) -> None:  # noqa: B027 - optional, no-op by default
         """Return cached allocator memory to the device. No-op by default."""
 
     def seed_everything(self, seed: int) -> None:
@@ -112,14 +113,49 @@ class Platform:
     def __init__(self, runtime: DeviceRuntime, config_policy: ConfigPolicy | None = None) -> None:
         self.runtime = runtime
         self.config_policy = config_policy or ConfigPolicy()
+        self._extra_attention_backends: list[type[AttentionBackend]] = []
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("attention_backends")
+        if own is not None and not getattr(own, "_appends_registered", False):
+            # A plugin overrides attention_backends() with its own list; backends that
+            # general plugins registered for this platform are appended after it, so
+            # every caller sees the same list without the plugin doing anything.
+            @functools.wraps(own)
+            def attention_backends(self: Platform) -> list[type[AttentionBackend]]:
+                return _append_unique(own(self), _registered(self))
+
+            attention_backends._appends_registered = True  # type: ignore[attr-defined]
+            cls.attention_backends = attention_backends  # type: ignore[method-assign]
 
     @property
     def device_type(self) -> str:
         return self.runtime.device_type
 
     def attention_backends(self) -> list[type[AttentionBackend]]:
-        """Backends in priority order (best first)."""
-        return []
+        """Backends in priority order (best first).
+
+        Subclasses return their own backends; those registered through
+        `register_attention_backend` (by general plugins) are appended after them.
+        """
+        return _append_unique([], _registered(self))
+
+    def register_attention_backend(self, backend: type[AttentionBackend]) -> None:
+        """Offer ``backend`` after the platform's own ones (SDK 1.1).
+
+        Used by the general-plugin hook ``register_attention_backends``; a backend
+        whose name the platform already offers is ignored (the platform's wins).
+        """
+        if not (isinstance(backend, type) and issubclass(backend, AttentionBackend)):
+            raise TypeError(
+                f"register_attention_backend expects an AttentionBackend subclass, got {backend!r}"
+            )
+        if not getattr(backend, "name", None):
+            raise ValueError(f"attention backend {backend.__qualname__} has no `name`")
+        registered = self.__dict__.setdefault("_extra_attention_backends", [])
+        if backend not in registered:
+            registered.append(backend)
 
     def select_attention_backend(
         self, spec: AttentionSpec, forced: str | None = None
@@ -155,3 +191,15 @@ class Platform:
     def make_graph_runner(self) -> GraphRunner | None:
         """A GraphRunner, or None when the platform cannot capture graphs."""
         return None
+
+
+def _registered(platform: Platform) -> list[type[AttentionBackend]]:
+    # __dict__.get: a subclass may not have called Platform.__init__.
+    return list(platform.__dict__.get("_extra_attention_backends", ()))
+
+
+def _append_unique(
+    own: list[type[AttentionBackend]], extra: list[type[AttentionBackend]]
+) -> list[type[AttentionBackend]]:
+    names = {b.name for b in own}
+    return list(own) + [b for b in extra if b.name not in names]

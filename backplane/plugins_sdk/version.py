@@ -1,8 +1,73 @@
 """Version of the plugin SDK contract, separate from Backplane's own version.
 
-A plugin declares the SDK version it was written against (``sdk_version``).
-Plugins with the same major version as ``SDK_VERSION`` are accepted; a different
-major is refused with a message that names both.
+A plugin declares the SDK version it was written against (``sdk_version``,
+``"MAJOR.MINOR"``). The rule, applied by discovery (`check_sdk_compatibility`):
+
+- same MAJOR as `SDK_VERSION` and MINOR <= ours: accepted (minors only add members,
+  so a plugin written for 1.0 runs on 1.3);
+- a different MAJOR, or a newer MINOR than this Backplane provides: refused, with a
+  message naming the SDK versions the plugin needs and the one installed.
+
+History:
+    1.0  descriptor/probe/load, Platform parts, AttentionBackend, Communicator, GraphRunner.
+    1.1  lazy imports, ReferenceAttentionBackend, Platform.register_attention_backend,
+         hookimpl/hookspec markers for general plugins, deprecation helpers.
 """
 
-SDK_VERSION = "1.0"
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+SDK_VERSION = "1.1"
+
+_VERSION_RE = re.compile(r"^\s*(\d+)\.(\d+)(?:\.\d+)?\s*$")
+
+
+class SdkVersion(NamedTuple):
+    """A parsed ``MAJOR.MINOR`` SDK version (a patch part, if given, is ignored)."""
+
+    major: int
+    minor: int
+
+    @classmethod
+    def parse(cls, text: str) -> SdkVersion:
+        """Parse ``"1.2"`` (or ``"1.2.3"``); raises ValueError naming the bad value."""
+        match = _VERSION_RE.match(str(text))
+        if not match:
+            raise ValueError(
+                f"sdk_version {text!r} is not of the form MAJOR.MINOR (for example "
+                f"{SDK_VERSION!r})"
+            )
+        return cls(int(match.group(1)), int(match.group(2)))
+
+    def __str__(self) -> str:
+        return f"{self.major}.{self.minor}"
+
+
+CURRENT = SdkVersion.parse(SDK_VERSION)
+
+
+def check_sdk_compatibility(plugin_sdk_version: str, current: str = SDK_VERSION) -> str | None:
+    """None when a plugin written for ``plugin_sdk_version`` runs on SDK ``current``.
+
+    Otherwise the reason it cannot, naming the versions the plugin needs, e.g.
+    ``"written for plugin SDK 2.0 (needs >=2.0,<3); this Backplane provides SDK 1.1"``.
+    """
+    try:
+        wanted = SdkVersion.parse(plugin_sdk_version)
+    except ValueError as exc:
+        return str(exc)
+    have = SdkVersion.parse(current)
+    needs = f">={wanted},<{wanted.major + 1}"
+    if wanted.major != have.major or wanted.minor > have.minor:
+        hint = (
+            "upgrade backplane-llm"
+            if wanted > have
+            else f"install a release of the plugin written for SDK {have.major}.x"
+        )
+        return (
+            f"written for plugin SDK {wanted} (needs {needs}); this Backplane provides "
+            f"SDK {have}: {hint}"
+        )
+    return None
