@@ -42,6 +42,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     # Filled by the engine: token ids that end generation (EOS and friends).
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
+    # Filled by the engine from the tokenizer/generation config (kept out of repr).
+    eos_token_ids: frozenset[int] = field(default_factory=frozenset, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -1,0 +1,404 @@
+"""AsyncEngine: drives an LLMEngine from a background thread for asyncio callers.
+
+`LLMEngine.step()` is blocking CPU/device work, so it must not run on the
+server's event loop. One dedicated thread owns the LLMEngine; nothing else
+touches it. Callers talk to that thread through a thread-safe command queue
+(add, abort, stop), and each request gets an asyncio queue that the thread
+fills with `loop.call_soon_threadsafe`. The thread steps while any request is
+unfinished and sleeps on an Event otherwise, so new requests join the running
+batch at the next step (continuous batching).
+
+Failure model: if `step()` raises, the thread records the exception, marks the
+engine errored, fails every pending request with `EngineDeadError` and exits.
+New requests then fail at once; the server's /health turns non-200.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from backplane.outputs import RequestOutput
+from backplane.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from backplane.config import EngineArgs
+
+logger = logging.getLogger(__name__)
+
+# While idle the loop thread wakes this often anyway, to notice a stop request
+# even if an Event.set() were somehow lost.
+_IDLE_WAKE_S = 1.0
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop is not running (it crashed or was shut down)."""
+
+
+class RequestAbortedError(RuntimeError):
+    """The request was aborted by the engine (shutdown) before it finished."""
+
+
+@dataclass
+class _AddCommand:
+    request_id: str
+    prompt: str | list[int]
+    params: SamplingParams
+    priority: int
+    arrival_time: float
+    stream: RequestStream
+    accepted: concurrent.futures.Future
+
+
+@dataclass
+class _AbortCommand:
+    request_ids: list[str]
+
+
+@dataclass
+class _StopCommand:
+    pass
+
+
+class RequestStream:
+    """The outputs of one request, as an async iterator of cumulative RequestOutputs.
+
+    Outputs are cumulative (full text and token ids so far), so when the
+    consumer falls behind the engine, `__anext__` skips to the newest one
+    without losing anything.
+    """
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.request_id = request_id
+        self.finished = False
+        self._loop = loop
+        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        """Hand an output or an error to the consumer (called from the engine thread)."""
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:
+            # the consumer's event loop is closed: nobody is listening any more
+            pass
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        # Skip ahead to the newest output; stop at an error or the final output.
+        while (
+            isinstance(item, RequestOutput) and not item.finished and not self._queue.empty()
+        ):
+            item = self._queue.get_nowait()
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        if item.finished:
+            self.finished = True
+        return item
+
+
+class AsyncEngine:
+    """Asyncio front of an LLMEngine whose steps run in one background thread.
+
+    Args:
+        engine: a built LLMEngine (the thread becomes its only user).
+        start: start the loop thread now.
+    """
+
+    def __init__(self, engine: Any, *, start: bool = True) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._streams: dict[str, RequestStream] = {}
+        self._accepting = True
+        self._dead_error: BaseException | None = None
+        self._stats = None
+        self._stats_lock = threading.Lock()
+        self._thread = threading.Thread(
+            target=self._run_loop, name="backplane-engine-loop", daemon=True
+        )
+        self._refresh_stats()
+        if start:
+            self.start()
+
+    @classmethod
+    def from_engine_args(cls, engine_args: EngineArgs, *, start: bool = True) -> AsyncEngine:
+        """Build the LLMEngine (blocking: loads weights, sizes the KV cache) and wrap it."""
+        from backplane.core.engine.llm_engine import LLMEngine
+
+        return cls(LLMEngine.from_engine_args(engine_args), start=start)
+
+    # ----- facts about the engine (read-only, safe from any thread) -----
+
+    @property
+    def config(self):
+        """The finalized EngineConfig."""
+        return self.engine.config
+
+    @property
+    def tokenizer(self):
+        """The model's Hugging Face tokenizer."""
+        return self.engine.tokenizer
+
+    @property
+    def platform(self):
+        """The Platform the engine runs on."""
+        return self.engine.platform
+
+    @property
+    def errored(self) -> bool:
+        """True when the loop thread died from an exception."""
+        return self._dead_error is not None and not isinstance(self._dead_error, _Stopped)
+
+    @property
+    def dead_error(self) -> BaseException | None:
+        """The exception that killed the loop thread, if any."""
+        return None if isinstance(self._dead_error, _Stopped) else self._dead_error
+
+    @property
+    def is_running(self) -> bool:
+        """True while the loop thread is alive and accepting requests."""
+        return self._thread.is_alive() and self._dead_error is None and self._accepting
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        """Requests submitted through this front and not yet finished or aborted."""
+        return len(self._streams)
+
+    def get_stats(self):
+        """The engine's latest stats snapshot (taken by the loop thread after each step)."""
+        with self._stats_lock:
+            return self._stats
+
+    def check_health(self) -> None:
+        """Raise EngineDeadError if the engine cannot serve requests."""
+        if self._dead_error is not None:
+            raise self._unavailable()
+        if not self._thread.is_alive():
+            raise EngineDeadError("engine loop thread is not running")
+
+    # ----- lifecycle -----
+
+    def start(self) -> None:
+        """Start the loop thread (idempotent)."""
+        if not self._thread.is_alive() and self._dead_error is None:
+            self._thread.start()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop accepting requests, abort those in flight, and join the loop thread.
+
+        In-flight requests' consumers get `RequestAbortedError`. The server
+        first lets uvicorn drain open connections, so normally none are left.
+        """
+        self._accepting = False
+        if self._thread.is_alive():
+            self._commands.put(_StopCommand())
+            self._wakeup.set()
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                logger.warning("engine loop thread did not stop within %.0fs", timeout)
+        if self._dead_error is None:
+            self._dead_error = _Stopped("engine has been shut down")
+
+    # ----- requests -----
+
+    async def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> RequestStream:
+        """Submit a request; return its output stream once the engine has accepted it.
+
+        Raises ValueError (bad input, from `LLMEngine.add_request`) or
+        EngineDeadError (engine not running). Waiting for acceptance lets the
+        server answer 400 before it starts a streaming response.
+        """
+        self.check_health()
+        if not self._accepting:
+            raise EngineDeadError("server is shutting down; not accepting new requests")
+        if request_id in self._streams:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        loop = asyncio.get_running_loop()
+        stream = RequestStream(request_id, loop)
+        accepted: concurrent.futures.Future = concurrent.futures.Future()
+        self._streams[request_id] = stream
+        self._commands.put(
+            _AddCommand(
+                request_id, prompt, params, priority,
+                arrival_time if arrival_time is not None else time.time(), stream, accepted,
+            )
+        )
+        self._wakeup.set()
+        try:
+            await asyncio.wrap_future(accepted)
+        except asyncio.CancelledError:
+            self.abort_nowait(request_id)
+            raise
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        return stream
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        priority: int = 0,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield cumulative RequestOutputs until the request finishes.
+
+        If the caller stops iterating early (client disconnect, task
+        cancellation, `aclose()`), the request is aborted and its KV blocks freed.
+        """
+        stream = await self.add_request(request_id, prompt, params, priority)
+        try:
+            async for output in stream:
+                yield output
+        finally:
+            if not stream.finished:
+                self.abort_nowait(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a request (no-op if it already finished)."""
+        self.abort_nowait(request_id)
+
+    def abort_nowait(self, request_id: str) -> None:
+        """Queue an abort for ``request_id``; safe from any thread, never blocks."""
+        if self._streams.pop(request_id, None) is None:
+            return
+        if self._thread.is_alive():
+            self._commands.put(_AbortCommand([request_id]))
+            self._wakeup.set()
+
+    # ----- the loop thread -----
+
+    def _unavailable(self) -> EngineDeadError:
+        err = self._dead_error
+        if isinstance(err, _Stopped):
+            return EngineDeadError(str(err))
+        return EngineDeadError(f"engine loop died: {type(err).__name__}: {err}")
+
+    def _refresh_stats(self) -> None:
+        stats = self.engine.get_stats()
+        with self._stats_lock:
+            self._stats = stats
+
+    def _run_loop(self) -> None:
+        try:
+            while True:
+                # Clear before draining: a command queued after the drain sets it
+                # again, so the wait below cannot miss it.
+                self._wakeup.clear()
+                if self._drain_commands():
+                    return
+                if self.engine.has_unfinished_requests():
+                    outputs = self.engine.step()
+                    self._refresh_stats()
+                    self._dispatch(outputs)
+                else:
+                    self._refresh_stats()
+                    self._wakeup.wait(_IDLE_WAKE_S)
+        except BaseException as exc:  # noqa: BLE001 - any failure kills the loop
+            logger.exception("engine loop died")
+            self._dead_error = exc
+            self._fail_all(self._unavailable())
+
+    def _drain_commands(self) -> bool:
+        """Apply queued commands; True when asked to stop."""
+        aborts: list[str] = []
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(cmd, _AddCommand):
+                self._apply_add(cmd)
+            elif isinstance(cmd, _AbortCommand):
+                aborts.extend(cmd.request_ids)
+            elif isinstance(cmd, _StopCommand):
+                self._abort_all_on_stop()
+                return True
+        if aborts:
+            self.engine.abort_request(aborts)
+            self._refresh_stats()
+        return False
+
+    def _apply_add(self, cmd: _AddCommand) -> None:
+        if cmd.accepted.cancelled() or self._streams.get(cmd.request_id) is not cmd.stream:
+            # the caller gave up (or aborted) before we got to it
+            _set_future(cmd.accepted, exc=RequestAbortedError("request aborted before it started"))
+            return
+        try:
+            self.engine.add_request(
+                cmd.request_id, cmd.prompt, cmd.params,
+                priority=cmd.priority, arrival_time=cmd.arrival_time,
+            )
+        except Exception as exc:  # bad input: report to that caller only
+            self._streams.pop(cmd.request_id, None)
+            _set_future(cmd.accepted, exc=exc)
+            return
+        _set_future(cmd.accepted, result=True)
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            stream = (
+                self._streams.pop(output.request_id, None)
+                if output.finished
+                else self._streams.get(output.request_id)
+            )
+            if stream is not None:
+                stream.put(output)
+
+    def _abort_all_on_stop(self) -> None:
+        self._accepting = False
+        ids = list(self._streams)
+        if ids:
+            logger.info("shutdown: aborting %d in-flight request(s)", len(ids))
+            self.engine.abort_request(ids)
+        self._fail_all(RequestAbortedError("request aborted: the server is shutting down"))
+        self._refresh_stats()
+
+    def _fail_all(self, exc: BaseException) -> None:
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream.put(exc)
+        # Fail adds the thread never got to.
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(cmd, _AddCommand):
+                _set_future(cmd.accepted, exc=exc)
+
+
+class _Stopped(EngineDeadError):
+    """Marker stored as the dead error after a clean shutdown."""
+
+
+def _set_future(fut: concurrent.futures.Future, *, result=None, exc=None) -> None:
+    if fut.done():
+        return
+    try:
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass  # cancelled by the caller in the meantime

@@ -1,0 +1,213 @@
+"""LLMEngine: tokenization, validation and output processing around EngineCore."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+from backplane.config import EngineArgs, EngineConfig
+from backplane.core.engine.engine_core import EngineCore
+from backplane.core.engine.output_processor import OutputProcessor, RequestState
+from backplane.core.scheduler.request import Request, RequestStatus
+from backplane.outputs import RequestOutput
+from backplane.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+# Most top logprobs a request may ask for (vLLM's default max_logprobs).
+MAX_LOGPROBS = 20
+
+
+@dataclass
+class EngineStats:
+    """A snapshot of the engine's load and cache state."""
+
+    num_running: int
+    num_waiting: int
+    num_total_blocks: int
+    num_free_blocks: int
+    kv_cache_usage: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+    block_size: int
+
+
+def _child_id(request_id: str, index: int, n: int) -> str:
+    return request_id if n == 1 else f"{request_id}#{index}"
+
+
+class LLMEngine:
+    """Synchronous engine: add requests, call `step()` until none are left."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        from backplane.core.loader.tokenizer import load_tokenizer
+        from backplane.platforms import resolve_platform
+
+        self._load_general_plugins()
+        self.platform = resolve_platform(config.device_config.device)
+        self.config = config.finalize(self.platform)
+        mc = config.model_config
+        self.tokenizer = load_tokenizer(mc.tokenizer_path, trust_remote_code=mc.trust_remote_code)
+        self.eos_token_ids = self._eos_token_ids()
+        self.engine_core = EngineCore(self.config, self.platform)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.vocab_size = mc.hf_config.vocab_size
+        self._seq_ids: dict[str, list[str]] = {}
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
+        return cls(args.create_engine_config())
+
+    @staticmethod
+    def _load_general_plugins() -> None:
+        try:
+            from backplane.plugins import load_general_plugins
+        except ImportError:  # general plugin support not installed in this tree
+            return
+        load_general_plugins()
+
+    def _eos_token_ids(self) -> frozenset[int]:
+        ids = set()
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        gen_path = os.path.join(self.config.model_config.model, "generation_config.json")
+        if os.path.isfile(gen_path):
+            from transformers import GenerationConfig
+
+            gen = GenerationConfig.from_pretrained(self.config.model_config.model)
+            eos = gen.eos_token_id
+            if eos is not None:
+                ids.update([eos] if isinstance(eos, int) else eos)
+        return frozenset(ids)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.max_model_len
+
+    # ------------------------------------------------------------------ input
+    def tokenize_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        """(prompt text or None, token ids); raises ValueError for unusable prompts."""
+        if isinstance(prompt, str):
+            token_ids = self.tokenizer.encode(prompt)
+            text = prompt
+        elif isinstance(prompt, list | tuple) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        ):
+            token_ids, text = list(prompt), None
+            bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(
+                    f"prompt token id {bad[0]} is out of range: must be in [0, {self.vocab_size})"
+                )
+        else:
+            raise ValueError(
+                f"prompt must be a string or a list of token ids, got {type(prompt).__name__}"
+            )
+        if not token_ids:
+            raise ValueError("prompt is empty: it must contain at least one token")
+        return text, token_ids
+
+    def validate_lengths(self, num_prompt_tokens: int, params: SamplingParams) -> None:
+        limit = self.max_model_len
+        if num_prompt_tokens >= limit:
+            raise ValueError(
+                f"prompt ({num_prompt_tokens} tokens) is too long: it must be shorter than "
+                f"max_model_len ({limit}) to leave room for at least one generated token"
+            )
+        if params.max_tokens is not None and num_prompt_tokens + params.max_tokens > limit:
+            raise ValueError(
+                f"max_tokens ({params.max_tokens}) + prompt ({num_prompt_tokens} tokens) = "
+                f"{params.max_tokens + num_prompt_tokens} exceeds max_model_len ({limit})"
+            )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > MAX_LOGPROBS:
+                raise ValueError(f"{name} ({value}) exceeds the maximum of {MAX_LOGPROBS}")
+        bad_bias = [t for t in (params.logit_bias or {}) if t >= self.vocab_size]
+        if bad_bias:
+            raise ValueError(
+                f"logit_bias token id {bad_bias[0]} is out of range: must be < {self.vocab_size}"
+            )
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    priority: int = 0, arrival_time: float | None = None) -> None:
+        """Queue a request; raises ValueError (engine untouched) when it is invalid."""
+        if request_id in self._seq_ids:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        text, token_ids = self.tokenize_prompt(prompt)
+        self.validate_lengths(len(token_ids), params)
+        params = copy.copy(params)
+        params.eos_token_ids = self.eos_token_ids
+        params.all_stop_token_ids = set(params.stop_token_ids)
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        sequences, seq_ids = [], []
+        for index in range(params.n):
+            child = params.clone_for_child(index) if params.n > 1 else params
+            seq_id = _child_id(request_id, index, params.n)
+            sequences.append(
+                self.output_processor.new_sequence(seq_id, index, child, token_ids)
+            )
+            seq_ids.append(seq_id)
+        self.output_processor.add_request(RequestState(
+            request_id, text, token_ids, sequences, arrival_time=arrival,
+        ))
+        for seq in sequences:
+            self.engine_core.add_request(Request(
+                seq.seq_id, token_ids, seq.params, self.max_model_len,
+                eos_token_ids=self.eos_token_ids, priority=priority, arrival_time=arrival,
+            ))
+        self._seq_ids[request_id] = seq_ids
+
+    # ------------------------------------------------------------------- step
+    def step(self) -> list[RequestOutput]:
+        core_outputs = self.engine_core.step()
+        outputs, stopped = self.output_processor.process(core_outputs)
+        if stopped:
+            self.engine_core.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        for out in outputs:
+            if out.finished:
+                self._seq_ids.pop(out.request_id, None)
+        return outputs
+
+    def abort_request(self, request_ids: list[str]) -> list[RequestOutput]:
+        """Stop requests now and free their KV blocks; returns their final outputs."""
+        finals = []
+        for request_id in request_ids:
+            seq_ids = self._seq_ids.pop(request_id, None)
+            if seq_ids is None:
+                continue
+            self.engine_core.finish_requests(seq_ids, RequestStatus.FINISHED_ABORTED)
+            final = self.output_processor.abort(request_id)
+            if final is not None:
+                finals.append(final)
+        return finals
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._seq_ids) or self.engine_core.has_unfinished_requests()
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._seq_ids)
+
+    def get_stats(self) -> EngineStats:
+        sched = self.engine_core.scheduler
+        kv = sched.kv
+        return EngineStats(
+            num_running=sched.num_running,
+            num_waiting=sched.num_waiting,
+            num_total_blocks=kv.pool.num_blocks,
+            num_free_blocks=kv.num_free_blocks,
+            kv_cache_usage=kv.usage,
+            prefix_cache_queries=kv.prefix_stats.queries,
+            prefix_cache_hits=kv.prefix_stats.hits,
+            num_preemptions=sched.num_preemptions,
+            block_size=kv.block_size,
+        )
+
+    @property
+    def last_step_timing(self):
+        """Timing of the most recent step (total vs model forward), for benchmarks."""
+        return self.engine_core.last_step

@@ -1,0 +1,99 @@
+"""The persistent batch: per-request state kept across steps in dense arrays.
+
+Rows are updated incrementally — requests are added, removed and advanced —
+instead of rebuilding every step's inputs from Python objects. Rows stay dense
+(0..num_reqs-1): a removed row is filled by moving the last row into it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from backplane.sampling_params import SamplingParams
+
+
+class InputBatch:
+    """Token ids, progress, block tables and sampling settings of running requests."""
+
+    def __init__(self, max_num_reqs: int, max_model_len: int, max_blocks_per_req: int,
+                 vocab_size: int) -> None:
+        self.max_num_reqs = max_num_reqs
+        self.vocab_size = vocab_size
+        self.req_ids: list[str | None] = [None] * max_num_reqs
+        self.req_id_to_row: dict[str, int] = {}
+        self.token_ids = np.zeros((max_num_reqs, max_model_len), dtype=np.int64)
+        self.num_tokens = np.zeros(max_num_reqs, dtype=np.int64)
+        self.num_prompt_tokens = np.zeros(max_num_reqs, dtype=np.int64)
+        self.num_computed = np.zeros(max_num_reqs, dtype=np.int64)
+        self.block_table = np.zeros((max_num_reqs, max_blocks_per_req), dtype=np.int64)
+        self.num_blocks = np.zeros(max_num_reqs, dtype=np.int64)
+        self.params: list[SamplingParams | None] = [None] * max_num_reqs
+        self.generators: list[torch.Generator | None] = [None] * max_num_reqs
+        self.temperature = np.ones(max_num_reqs, dtype=np.float32)
+        self.greedy = np.zeros(max_num_reqs, dtype=bool)
+        self.num_reqs = 0
+
+    # ------------------------------------------------------------- membership
+    def add(self, req_id: str, token_ids: list[int], num_prompt_tokens: int,
+            num_computed: int, block_ids: list[int], params: SamplingParams,
+            default_seed: int | None = None) -> None:
+        row = self.num_reqs
+        if row >= self.max_num_reqs:
+            raise RuntimeError(f"persistent batch is full ({self.max_num_reqs} rows)")
+        self.num_reqs += 1
+        self.req_ids[row] = req_id
+        self.req_id_to_row[req_id] = row
+        n = len(token_ids)
+        self.token_ids[row, :n] = token_ids
+        self.num_tokens[row] = n
+        self.num_prompt_tokens[row] = num_prompt_tokens
+        self.num_computed[row] = num_computed
+        self.num_blocks[row] = 0
+        self.append_blocks(row, block_ids)
+        self.params[row] = params
+        self.greedy[row] = params.greedy
+        self.temperature[row] = 1.0 if params.greedy else params.temperature
+        generator = None
+        if params.seed is not None and not params.greedy:
+            generator = torch.Generator().manual_seed(params.seed)
+            # A resumed (preempted) request replays its draws so far, so the
+            # continuation is the same as if it had never been preempted.
+            for _ in range(n - num_prompt_tokens):
+                torch.empty(self.vocab_size).exponential_(generator=generator)
+        self.generators[row] = generator
+
+    def append_blocks(self, row: int, block_ids: list[int]) -> None:
+        if block_ids:
+            start = self.num_blocks[row]
+            self.block_table[row, start : start + len(block_ids)] = block_ids
+            self.num_blocks[row] = start + len(block_ids)
+
+    def remove(self, req_ids: set[str]) -> None:
+        """Drop rows, then refill the holes with the last rows to stay dense."""
+        holes = sorted(
+            (self.req_id_to_row.pop(rid) for rid in req_ids if rid in self.req_id_to_row),
+            reverse=True,
+        )
+        for hole in holes:
+            last = self.num_reqs - 1
+            if hole != last:
+                self._move(last, hole)
+            self.req_ids[last] = None
+            self.params[last] = None
+            self.generators[last] = None
+            self.num_reqs -= 1
+
+    def _move(self, src: int, dst: int) -> None:
+        rid = self.req_ids[src]
+        self.req_ids[dst] = rid
+        self.req_id_to_row[rid] = dst
+        n = self.num_tokens[src]
+        self.token_ids[dst, :n] = self.token_ids[src, :n]
+        nb = self.num_blocks[src]
+        self.block_table[dst, :nb] = self.block_table[src, :nb]
+        for arr in (self.num_tokens, self.num_prompt_tokens, self.num_computed,
+                    self.num_blocks, self.temperature, self.greedy):
+            arr[dst] = arr[src]
+        self.params[dst] = self.params[src]
+        self.generators[dst] = self.generators[src]

@@ -1,0 +1,287 @@
+"""ModelRunner: persistent batch -> flat inputs -> forward -> sample.
+
+Input preparation is vectorised over the batch with numpy (no per-token Python)
+and the attention metadata is built once per step by the platform's backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from backplane.config import EngineConfig
+from backplane.core.layers.attention import AttentionContext
+from backplane.core.model_runner.input_batch import InputBatch
+from backplane.core.model_runner.kv_cache_sizing import KVCacheShape, determine_num_blocks
+from backplane.core.sampling.metadata import SamplingMetadata
+from backplane.core.sampling.sampler import Sampler, gather_logprobs
+from backplane.core.scheduler.output import SchedulerOutput
+from backplane.plugins_sdk import AttentionSpec, CommonAttentionMetadata, Platform
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenLogprobs:
+    """Logprobs at one or more positions: ids[:, 0] is the actual token, then the top-k."""
+
+    ids: np.ndarray  # [positions, 1 + k] int64
+    logprobs: np.ndarray  # [positions, 1 + k] float32
+    ranks: np.ndarray  # [positions] rank of the actual token
+
+
+@dataclass
+class ModelRunnerOutput:
+    """Per-step results keyed by request id."""
+
+    sampled: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    prompt_logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    forward_seconds: float = 0.0
+
+
+def model_attention_geometry(hf_config) -> tuple[int, int, int, int]:
+    """(num_layers, num_heads, num_kv_heads, head_size) from a transformers config."""
+    heads = hf_config.num_attention_heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    head_size = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+    return hf_config.num_hidden_layers, heads, kv_heads, head_size
+
+
+class ModelRunner:
+    """Owns the model, its KV cache and the persistent batch on one device."""
+
+    def __init__(self, config: EngineConfig, platform: Platform) -> None:
+        from backplane.core.loader.model_loader import load_model
+
+        self.config = config
+        self.platform = platform
+        self.device = platform.runtime.device()
+        mc, cc = config.model_config, config.cache_config
+        self.dtype = mc.torch_dtype
+        self.block_size = cc.block_size
+        self.max_model_len = config.max_model_len
+
+        self.model = load_model(mc, self.device)
+        num_layers, heads, kv_heads, head_size = model_attention_geometry(mc.hf_config)
+        spec = AttentionSpec(
+            num_heads=heads, num_kv_heads=kv_heads, head_size=head_size, dtype=self.dtype,
+            block_size=cc.block_size, kv_cache_dtype=cc.kv_cache_dtype,
+        )
+        backend_cls = platform.select_attention_backend(
+            spec, forced=config.device_config.attention_backend
+        )
+        self.attn_backend = backend_cls(spec)
+        self.kv_shape = KVCacheShape(num_layers, kv_heads, head_size, cc.block_size, self.dtype)
+        self.num_blocks = determine_num_blocks(
+            self.kv_shape,
+            num_kv_blocks=cc.num_kv_blocks,
+            kv_cache_memory_bytes=cc.kv_cache_memory_bytes,
+            memory_utilization=cc.memory_utilization,
+            available_memory=platform.runtime.available_memory(),
+            max_model_len=self.max_model_len,
+            max_num_seqs=config.scheduler_config.max_num_seqs,
+        )
+        # Zero-filled: attention reads whole blocks and masks the tail, and masked
+        # garbage (NaN * 0) would still poison the output.
+        cache_shape = backend_cls.kv_cache_shape(self.num_blocks, cc.block_size, kv_heads, head_size)
+        self.kv_caches = [
+            torch.zeros(cache_shape, dtype=self.dtype, device=self.device)
+            for _ in range(num_layers)
+        ]
+        self.kv_cache_bytes = self.num_blocks * self.kv_shape.bytes_per_block
+        logger.info(
+            "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB), attention backend %s",
+            self.num_blocks, cc.block_size, self.num_blocks * cc.block_size,
+            self.kv_cache_bytes / 2**20, backend_cls.name,
+        )
+        self.vocab_size = mc.hf_config.vocab_size
+        max_blocks_per_req = -(-self.max_model_len // cc.block_size)
+        self.input_batch = InputBatch(
+            config.scheduler_config.max_num_seqs, self.max_model_len, max_blocks_per_req,
+            self.vocab_size,
+        )
+        self.sampler = Sampler()
+
+    # ------------------------------------------------------------ batch update
+    def _update_batch(self, out: SchedulerOutput) -> None:
+        batch = self.input_batch
+        batch.remove(out.removed_request_ids)
+        for cached in out.cached_requests:
+            row = batch.req_id_to_row[cached.request_id]
+            batch.append_blocks(row, cached.new_block_ids)
+            batch.num_computed[row] = cached.num_computed_tokens
+        for new in out.new_requests:
+            batch.add(new.request_id, new.token_ids, new.num_prompt_tokens,
+                      new.num_computed_tokens, new.block_ids, new.params)
+
+    # ---------------------------------------------------------------- execute
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        self._update_batch(out)
+        if out.is_empty:
+            return ModelRunnerOutput()
+        batch = self.input_batch
+        n = batch.num_reqs
+        counts = np.zeros(n, dtype=np.int64)
+        for req_id, num in out.num_scheduled_tokens.items():
+            counts[batch.req_id_to_row[req_id]] = num
+        rows = np.nonzero(counts)[0]
+        counts = counts[rows]
+        cu = np.cumsum(counts)
+        total = int(cu[-1])
+        starts = cu - counts
+        req_of_token = np.repeat(np.arange(len(rows)), counts)
+        computed = batch.num_computed[rows]
+        positions = computed[req_of_token] + (np.arange(total) - starts[req_of_token])
+        token_rows = rows[req_of_token]
+        input_ids = batch.token_ids[token_rows, positions]
+        bs = self.block_size
+        slots = batch.block_table[token_rows, positions // bs] * bs + positions % bs
+        seq_lens = computed + counts
+        max_blocks = int(-(-seq_lens.max() // bs))
+        query_start_loc = np.concatenate(([0], cu)).astype(np.int32)
+
+        device = self.device
+        common = CommonAttentionMetadata(
+            num_reqs=len(rows),
+            num_actual_tokens=total,
+            max_query_len=int(counts.max()),
+            max_seq_len=int(seq_lens.max()),
+            query_start_loc=torch.from_numpy(query_start_loc).to(device),
+            seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(device),
+            block_table=torch.from_numpy(batch.block_table[rows, :max_blocks].astype(np.int32)).to(
+                device),
+            slot_mapping=torch.from_numpy(slots).to(device),
+            query_start_loc_cpu=torch.from_numpy(query_start_loc),
+            seq_lens_cpu=torch.from_numpy(seq_lens.astype(np.int32)),
+        )
+        ctx = AttentionContext(self.attn_backend, self.attn_backend.build_metadata(common),
+                               self.kv_caches)
+
+        start = time.perf_counter()
+        hidden = self.model(
+            torch.from_numpy(input_ids).to(device), torch.from_numpy(positions).to(device), ctx
+        )
+        self.platform.runtime.synchronize()
+        forward_seconds = time.perf_counter() - start
+
+        result = ModelRunnerOutput(forward_seconds=forward_seconds)
+        # Rows whose every known token is now computed produce a sampled token.
+        sample_mask = seq_lens == batch.num_tokens[rows]
+        self._prompt_logprobs(rows, computed, counts, starts, hidden, result)
+        if sample_mask.any():
+            sample_rows = rows[sample_mask]
+            logits = self.model.compute_logits(hidden[torch.from_numpy(cu[sample_mask] - 1)])
+            meta = self._sampling_metadata(sample_rows)
+            sampled = self.sampler(logits, meta)
+            token_ids = sampled.token_ids.tolist()
+            for i, row in enumerate(sample_rows.tolist()):
+                req_id = batch.req_ids[row]
+                result.sampled[req_id] = token_ids[i]
+                batch.token_ids[row, batch.num_tokens[row]] = token_ids[i]
+                batch.num_tokens[row] += 1
+            if sampled.logprobs is not None:
+                self._collect_logprobs(sample_rows, sampled, result)
+        batch.num_computed[rows] = seq_lens
+        return result
+
+    # --------------------------------------------------------------- sampling
+    def _sampling_metadata(self, rows: np.ndarray) -> SamplingMetadata:
+        batch = self.input_batch
+        params = [batch.params[r] for r in rows.tolist()]
+        greedy = batch.greedy[rows]
+        all_greedy = bool(greedy.all())
+
+        def column(attr: str, neutral):
+            values = [getattr(p, attr) for p in params]
+            return None if all(v == neutral for v in values) else values
+
+        top_k, top_p, min_p = column("top_k", 0), column("top_p", 1.0), column("min_p", 0.0)
+        presence = column("presence_penalty", 0.0)
+        frequency = column("frequency_penalty", 0.0)
+        repetition = column("repetition_penalty", 1.0)
+        counts = seen = None
+        if presence or frequency or repetition:
+            counts, seen = self._token_statistics(rows, need_seen=repetition is not None)
+        bias = [p.logit_bias for p in params]
+        banned = None
+        for i, (p, row) in enumerate(zip(params, rows.tolist(), strict=True)):
+            produced = batch.num_tokens[row] - batch.num_prompt_tokens[row]
+            if produced < p.min_tokens:
+                banned = banned or [[] for _ in params]
+                banned[i] = sorted(p.all_stop_token_ids | (set() if p.ignore_eos else p.eos_token_ids))
+        generators = {
+            i: batch.generators[r] for i, r in enumerate(rows.tolist())
+            if batch.generators[r] is not None
+        }
+        max_logprobs = [p.logprobs for p in params if p.logprobs is not None]
+
+        def as_tensor(values, dtype):
+            return None if values is None else torch.tensor(values, dtype=dtype)
+
+        return SamplingMetadata(
+            all_greedy=all_greedy,
+            temperature=torch.from_numpy(batch.temperature[rows]),
+            greedy_mask=None if not greedy.any() else torch.from_numpy(greedy),
+            top_k=as_tensor(top_k, torch.int64),
+            top_p=as_tensor(top_p, torch.float32),
+            min_p=as_tensor(min_p, torch.float32),
+            presence_penalty=as_tensor(presence, torch.float32),
+            frequency_penalty=as_tensor(frequency, torch.float32),
+            repetition_penalty=as_tensor(repetition, torch.float32),
+            output_token_counts=counts,
+            seen_token_mask=seen,
+            logit_bias=bias if any(bias) else None,
+            banned_token_ids=banned,
+            generators=generators,
+            max_num_logprobs=max(max_logprobs) if max_logprobs else None,
+        )
+
+    def _token_statistics(self, rows: np.ndarray, need_seen: bool):
+        """Output-token counts [B, V] and (optionally) a prompt-or-output seen mask [B, V]."""
+        batch = self.input_batch
+        counts = torch.zeros(len(rows), self.vocab_size, dtype=torch.float32)
+        seen = torch.zeros(len(rows), self.vocab_size, dtype=torch.bool) if need_seen else None
+        for i, row in enumerate(rows.tolist()):
+            prompt_len, total = batch.num_prompt_tokens[row], batch.num_tokens[row]
+            outputs = torch.from_numpy(batch.token_ids[row, prompt_len:total])
+            counts[i].index_add_(0, outputs, torch.ones(len(outputs)))
+            if seen is not None:
+                seen[i, torch.from_numpy(batch.token_ids[row, :total])] = True
+        return counts, seen
+
+    def _collect_logprobs(self, rows: np.ndarray, sampled, result: ModelRunnerOutput) -> None:
+        batch = self.input_batch
+        ids = sampled.logprob_token_ids.numpy()
+        lps = sampled.logprobs.numpy()
+        ranks = sampled.sampled_ranks.numpy()
+        for i, row in enumerate(rows.tolist()):
+            k = batch.params[row].logprobs
+            if k is None:
+                continue
+            result.logprobs[batch.req_ids[row]] = TokenLogprobs(
+                ids[i : i + 1, : 1 + k], lps[i : i + 1, : 1 + k], ranks[i : i + 1]
+            )
+
+    def _prompt_logprobs(self, rows, computed, counts, starts, hidden, result) -> None:
+        """Logprob of each prompt token given the tokens before it, for rows that ask."""
+        batch = self.input_batch
+        for i, row in enumerate(rows.tolist()):
+            k = batch.params[row].prompt_logprobs
+            if k is None:
+                continue
+            prompt_len = int(batch.num_prompt_tokens[row])
+            first, last = int(computed[i]), min(int(computed[i] + counts[i]), prompt_len - 1)
+            if last <= first:
+                continue
+            flat = torch.arange(first, last) - first + int(starts[i])
+            logprobs = torch.log_softmax(self.model.compute_logits(hidden[flat]).float(), dim=-1)
+            targets = torch.from_numpy(batch.token_ids[row, first + 1 : last + 1])
+            ids, lps, ranks = gather_logprobs(logprobs, k, targets)
+            chunk = TokenLogprobs(ids.numpy(), lps.numpy(), ranks.numpy())
+            result.prompt_logprobs[batch.req_ids[row]] = chunk

@@ -1,0 +1,133 @@
+"""Turns logits into next tokens, applying each request's sampling parameters.
+
+Order (as vLLM and the OpenAI API define it): penalties, logit bias, forbidden
+tokens (min_tokens), temperature, min_p, top-k, top-p, then draw. Logprobs are
+taken from the raw logits before any of that, so they describe the model, not
+the sampling settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from backplane.core.sampling.metadata import SamplingMetadata
+
+
+@dataclass
+class SamplerOutput:
+    """Sampled tokens and, when asked for, their logprobs.
+
+    Attributes:
+        token_ids: [B] int64.
+        logprob_token_ids: [B, 1 + k] ids: the sampled token, then the top-k.
+        logprobs: [B, 1 + k] float32 logprobs of those ids.
+        sampled_ranks: [B] int64 rank of the sampled token (1 = most likely).
+    """
+
+    token_ids: torch.Tensor
+    logprob_token_ids: torch.Tensor | None = None
+    logprobs: torch.Tensor | None = None
+    sampled_ranks: torch.Tensor | None = None
+
+
+def gather_logprobs(
+    logprobs: torch.Tensor, num_top: int, chosen: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``num_top`` logprobs plus the chosen token's, and the chosen token's rank."""
+    chosen_logprob = logprobs.gather(1, chosen[:, None])
+    ranks = (logprobs > chosen_logprob).sum(dim=1) + 1
+    if num_top > 0:
+        top_lp, top_ids = logprobs.topk(num_top, dim=1)
+        ids = torch.cat([chosen[:, None], top_ids], dim=1)
+        lps = torch.cat([chosen_logprob, top_lp], dim=1)
+    else:
+        ids, lps = chosen[:, None], chosen_logprob
+    return ids, lps, ranks
+
+
+class Sampler:
+    """Stateless sampler; per-request state lives in SamplingMetadata."""
+
+    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        logits = logits.float()
+        raw_logprobs = None
+        if meta.max_num_logprobs is not None:
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+        logits = self._apply_penalties(logits, meta)
+
+        if meta.all_greedy:
+            token_ids = logits.argmax(dim=-1)
+        else:
+            token_ids = self._sample(logits, meta)
+
+        out = SamplerOutput(token_ids=token_ids)
+        if raw_logprobs is not None:
+            out.logprob_token_ids, out.logprobs, out.sampled_ranks = gather_logprobs(
+                raw_logprobs, meta.max_num_logprobs, token_ids
+            )
+        return out
+
+    @staticmethod
+    def _apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        if meta.repetition_penalty is not None:
+            # Seen tokens: positive logits are divided by the penalty, negative multiplied.
+            penalty = meta.repetition_penalty[:, None].expand_as(logits)
+            scaled = torch.where(logits > 0, logits / penalty, logits * penalty)
+            logits = torch.where(meta.seen_token_mask, scaled, logits)
+        if meta.frequency_penalty is not None:
+            logits = logits - meta.frequency_penalty[:, None] * meta.output_token_counts
+        if meta.presence_penalty is not None:
+            logits = logits - meta.presence_penalty[:, None] * (meta.output_token_counts > 0)
+        if meta.logit_bias is not None:
+            for row, bias in enumerate(meta.logit_bias):
+                if bias:
+                    ids = torch.tensor(list(bias.keys()), dtype=torch.long)
+                    valid = ids < logits.shape[1]
+                    vals = torch.tensor(list(bias.values()), dtype=logits.dtype)
+                    logits[row, ids[valid]] += vals[valid]
+        if meta.banned_token_ids is not None:
+            for row, banned in enumerate(meta.banned_token_ids):
+                if banned:
+                    logits[row, banned] = float("-inf")
+        return logits
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        greedy_tokens = logits.argmax(dim=-1) if meta.greedy_mask is not None else None
+        logits = logits / meta.temperature[:, None]
+        probs = torch.softmax(logits, dim=-1)
+        if meta.min_p is not None:
+            threshold = meta.min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+            probs = probs.masked_fill(probs < threshold, 0.0)
+        if meta.top_k is not None or meta.top_p is not None:
+            probs = _top_k_top_p(probs, meta.top_k, meta.top_p)
+        # Exponential-race sampling: argmax(p / E) with E ~ Exp(1) draws from p.
+        # Seeded rows draw their noise from their own generator, so their tokens do
+        # not depend on what else is in the batch.
+        noise = torch.empty_like(probs).exponential_()
+        for row, generator in meta.generators.items():
+            noise[row].exponential_(generator=generator)
+        token_ids = (probs / noise).argmax(dim=-1)
+        if greedy_tokens is not None:
+            token_ids = torch.where(meta.greedy_mask, greedy_tokens, token_ids)
+        return token_ids
+
+
+def _top_k_top_p(
+    probs: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
+) -> torch.Tensor:
+    """Zero out tokens outside each row's top-k and nucleus (top-p), on sorted probs."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    keep = torch.ones_like(sorted_probs, dtype=torch.bool)
+    if top_k is not None:
+        ranks = torch.arange(probs.shape[1])[None, :]
+        k = torch.where(top_k > 0, top_k, probs.shape[1])
+        keep &= ranks < k[:, None]
+    if top_p is not None:
+        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        keep &= mass_before < top_p[:, None] * sorted_probs.sum(dim=-1, keepdim=True)
+    sorted_probs = sorted_probs.masked_fill(~keep, 0.0)
+    return torch.zeros_like(probs).scatter_(1, order, sorted_probs)

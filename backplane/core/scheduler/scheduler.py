@@ -1,0 +1,233 @@
+"""The unified token-budget scheduler.
+
+Every step hands out a budget of tokens ({request_id: num_tokens}) to running
+requests first, then to waiting ones. Prompt and output tokens are treated
+alike, so chunked prefill (a prompt spread over steps) and prefix caching (a
+request starting with most of its prompt already computed) need no special
+phases. When the KV pool runs dry a running request is preempted: its blocks
+are freed and it goes back to waiting, to be recomputed later.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from backplane.config import CacheConfig, SchedulerConfig
+from backplane.core.kv.kv_cache_manager import KVCacheManager
+from backplane.core.scheduler.output import CachedRequestData, NewRequestData, SchedulerOutput
+from backplane.core.scheduler.queues import make_waiting_queue
+from backplane.core.scheduler.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FinishedRequest:
+    """A request that ended during `update_from_output` or `finish_requests`."""
+
+    request: Request
+    status: RequestStatus
+
+
+class Scheduler:
+    """Decides, step by step, which requests advance by how many tokens."""
+
+    def __init__(
+        self,
+        scheduler_config: SchedulerConfig,
+        cache_config: CacheConfig,
+        num_kv_blocks: int,
+        max_model_len: int,
+    ) -> None:
+        self.config = scheduler_config
+        self.max_num_seqs = scheduler_config.max_num_seqs
+        self.max_num_batched_tokens = scheduler_config.max_num_batched_tokens
+        self.chunked_prefill = scheduler_config.enable_chunked_prefill
+        self.policy = scheduler_config.scheduling_policy
+        self.max_model_len = max_model_len
+        self.kv = KVCacheManager(
+            num_kv_blocks, cache_config.block_size, cache_config.enable_prefix_caching
+        )
+        self.requests: dict[str, Request] = {}
+        self.waiting = make_waiting_queue(self.policy)
+        self.running: list[Request] = []
+        # Requests that left the running set since the last schedule(); the runner drops them.
+        self._removed_ids: set[str] = set()
+        self.num_preemptions = 0
+
+    # ----------------------------------------------------------------- requests
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.waiting.add(request)
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
+        """End requests from outside the step (abort, stop string); frees their blocks."""
+        ended = []
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is None or request.status.finished:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            request.status = status
+            self._release(request)
+            ended.append(request)
+        return ended
+
+    def _release(self, request: Request) -> None:
+        self.kv.free(request)
+        self._removed_ids.add(request.request_id)
+        del self.requests[request.request_id]
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ----------------------------------------------------------------- schedule
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        num_scheduled: dict[str, int] = {}
+        new_reqs: list[NewRequestData] = []
+        cached_reqs: list[CachedRequestData] = []
+        preempted: set[str] = set()
+
+        # Running requests first, in order; preempt from the back when blocks run out.
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if num_new <= 0:
+                index += 1
+                continue
+            while True:
+                block_ids = self.kv.allocate_slots(
+                    request, num_new, request.num_computed_tokens
+                )
+                if block_ids is not None:
+                    break
+                victim = self._pick_victim()
+                if self.running.index(victim) < index:
+                    index -= 1  # the victim sat before the current request
+                self._preempt(victim)
+                preempted.add(victim.request_id)
+                budget += num_scheduled.pop(victim.request_id, 0)
+                if victim is request:
+                    break
+            if block_ids is None:
+                break
+            cached_reqs.append(
+                CachedRequestData(request.request_id, block_ids, request.num_computed_tokens)
+            )
+            num_scheduled[request.request_id] = num_new
+            budget -= num_new
+            index += 1
+        # A request preempted after being scheduled this step cannot stay in the plan.
+        cached_reqs = [c for c in cached_reqs if c.request_id not in preempted]
+
+        # Then waiting requests, unless this step already had to preempt.
+        while (
+            not preempted
+            and len(self.waiting)
+            and budget > 0
+            and len(self.running) < self.max_num_seqs
+        ):
+            request = self.waiting.peek()
+            hit_blocks, num_computed = [], 0
+            if request.num_computed_tokens == 0:
+                hit_blocks, num_computed = self.kv.get_computed_blocks(request)
+            num_new = request.num_tokens - num_computed
+            if num_new > budget:
+                if not self.chunked_prefill:
+                    break
+                num_new = budget
+            block_ids = self.kv.allocate_slots(request, num_new, num_computed, hit_blocks)
+            if block_ids is None:
+                break
+            self.waiting.pop()
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_computed
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = num_computed
+            self.running.append(request)
+            new_reqs.append(
+                NewRequestData(
+                    request.request_id,
+                    list(request.all_token_ids),
+                    request.num_prompt_tokens,
+                    block_ids,
+                    num_computed,
+                    request.params,
+                )
+            )
+            num_scheduled[request.request_id] = num_new
+            budget -= num_new
+
+        removed = self._removed_ids
+        self._removed_ids = set()
+        out = SchedulerOutput(
+            new_requests=new_reqs,
+            cached_requests=cached_reqs,
+            num_scheduled_tokens=num_scheduled,
+            total_num_scheduled_tokens=self.max_num_batched_tokens - budget,
+            removed_request_ids=removed,
+            preempted_request_ids=preempted,
+        )
+        # Tokens handed out now count as computed; update_from_output samples on top.
+        for request_id, count in num_scheduled.items():
+            self.requests[request_id].num_computed_tokens += count
+        return out
+
+    def _pick_victim(self) -> Request:
+        if self.policy == "priority":
+            return max(self.running, key=Request.sort_key)
+        return self.running[-1]
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self._removed_ids.add(request.request_id)
+        self.waiting.prepend(request)
+        logger.debug("preempted %s (recompute later)", request.request_id)
+
+    # ------------------------------------------------------------------- update
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, sampled: dict[str, int]
+    ) -> tuple[list[Request], list[Request]]:
+        """Append sampled tokens and end requests that hit a stop condition.
+
+        Args:
+            sampled: {request_id: token} for requests whose step reached a
+                sampling point (every known token computed).
+
+        Returns:
+            (requests that got a new token, requests that finished this step)
+        """
+        progressed, finished = [], []
+        for request_id, token in sampled.items():
+            request = self.requests.get(request_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue
+            request.append_output_token(token)
+            progressed.append(request)
+            if request.check_stop():
+                self.running.remove(request)
+                self._release(request)
+                finished.append(request)
+        return progressed, finished

@@ -1,0 +1,143 @@
+"""The offline API: `LLM(model=...).generate(prompts, sampling_params)` and `.chat(...)`."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import fields
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from backplane.config import EngineArgs
+from backplane.core.engine.llm_engine import LLMEngine
+from backplane.outputs import RequestOutput
+from backplane.sampling_params import SamplingParams
+
+PromptType = str | list[int]
+
+
+class LLM:
+    """An engine for offline batch generation, with vLLM's constructor and methods.
+
+    Keyword arguments are EngineArgs fields (model, dtype, max_model_len,
+    block_size, enable_prefix_caching, max_num_seqs, max_num_batched_tokens,
+    seed, device, ...). Unknown keywords raise TypeError naming them.
+    """
+
+    def __init__(self, model: str, **kwargs: Any) -> None:
+        engine_args = self._engine_args(model, kwargs)
+        self.llm_engine = LLMEngine.from_engine_args(engine_args)
+        self._counter = itertools.count()
+
+    @staticmethod
+    def _engine_args(model: str, kwargs: dict[str, Any]) -> EngineArgs:
+        try:
+            from backplane.config.cli_args import engine_args_from_sources
+        except ImportError:
+            engine_args_from_sources = None
+        if engine_args_from_sources is not None:
+            return engine_args_from_sources(kwargs={"model": model, **kwargs})
+        known = {f.name for f in fields(EngineArgs)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"LLM() got unknown engine arguments: {unknown}")
+        return EngineArgs(model=model, **kwargs)
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        priority: Sequence[int] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate completions for every prompt; outputs come back in input order.
+
+        ``prompts`` may be a string, a list of token ids, or a list mixing both.
+        ``sampling_params`` is one SamplingParams for all prompts or one per prompt.
+        """
+        prompt_list = self._normalize_prompts(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompt_list)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompt_list):
+                raise ValueError(
+                    f"got {len(params_list)} sampling_params for {len(prompt_list)} prompts; "
+                    "pass one SamplingParams or one per prompt"
+                )
+        if priority is not None and len(priority) != len(prompt_list):
+            raise ValueError(f"got {len(priority)} priorities for {len(prompt_list)} prompts")
+        engine = self.llm_engine
+        request_ids = []
+        try:
+            for i, (prompt, params) in enumerate(zip(prompt_list, params_list, strict=True)):
+                request_id = str(next(self._counter))
+                engine.add_request(request_id, prompt, params,
+                                   priority=priority[i] if priority else 0)
+                request_ids.append(request_id)
+        except Exception:
+            engine.abort_request(request_ids)  # leave the engine clean for the next call
+            raise
+        return self._run(request_ids, use_tqdm)
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        wanted = set(request_ids)
+        finished: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm,
+                   dynamic_ncols=True)
+        try:
+            while len(finished) < len(request_ids) and engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished and out.request_id in wanted:
+                        finished[out.request_id] = out
+                        bar.update(1)
+        except BaseException:
+            engine.abort_request([r for r in request_ids if r not in finished])
+            raise
+        finally:
+            bar.close()
+        return [finished[r] for r in request_ids]
+
+    @staticmethod
+    def _normalize_prompts(prompts) -> list[PromptType]:
+        if isinstance(prompts, str):
+            return [prompts]
+        prompts = list(prompts)
+        if prompts and all(isinstance(t, int) for t in prompts):
+            return [prompts]  # a single token-id prompt
+        return prompts
+
+    def chat(
+        self,
+        messages: list[dict[str, str]] | list[list[dict[str, str]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+    ) -> list[RequestOutput]:
+        """Apply the tokenizer's chat template to one conversation or a list of them."""
+        conversations = (
+            [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        )
+        tokenizer = self.llm_engine.tokenizer
+        if chat_template is None and not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                "the tokenizer has no chat template; pass chat_template= or use generate()"
+            )
+        prompts = []
+        for conversation in conversations:
+            ids = tokenizer.apply_chat_template(
+                conversation, chat_template=chat_template,
+                add_generation_prompt=add_generation_prompt, tokenize=True,
+            )
+            if isinstance(ids, dict) or hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            prompts.append(list(ids))
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
