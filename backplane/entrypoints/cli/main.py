@@ -11,6 +11,7 @@ from backplane.version import __version__
 
 # Each module defines register(subparsers) and sets a `func(args) -> int` default.
 SUBCOMMAND_MODULES = [
+    "platforms",
 ]
 
 
