@@ -1,0 +1,32 @@
+"""RMSNorm as Llama-family models define it."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm with a learned scale.
+
+    The statistics are computed in float32 and the result is cast back to the
+    input dtype *before* the scale is applied, matching transformers' Llama and
+    Qwen norms bit for bit in half precision.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype))
+        self.eps = eps
+        self.hidden_size = hidden_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise over the last dimension (any leading shape)."""
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (self.hidden_size,), self.weight, self.eps)
+        normed = F.rms_norm(x.float(), (self.hidden_size,), None, self.eps)
+        return self.weight * normed.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.hidden_size}, eps={self.eps}"

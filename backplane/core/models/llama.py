@@ -1,0 +1,254 @@
+"""The Llama decoder, shared by every Llama-family architecture.
+
+Llama, Mistral, Qwen2 and Qwen3 differ only in small switches (biases on the
+q/k/v projections, per-head RMSNorm on queries and keys, explicit head_dim),
+collected in `DecoderOptions`; each architecture class just picks them.
+
+Projections are fused: q/k/v is one matmul (``qkv_proj``) and gate/up another
+(``gate_up_proj``); the loader stacks the separate checkpoint tensors into them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from backplane.core.layers.activation import SiluAndMul
+from backplane.core.layers.attention import Attention, AttentionContext
+from backplane.core.layers.embedding import LMHead, VocabEmbedding
+from backplane.core.layers.linear import MergedLinear
+from backplane.core.layers.norm import RMSNorm
+from backplane.core.layers.rotary import RotaryEmbedding, apply_rotary, rope_parameters
+from backplane.core.models.base import CausalLM, KVCacheShape
+
+SUPPORTED_ACTIVATIONS = ("silu",)
+
+
+@dataclass(frozen=True)
+class DecoderOptions:
+    """Architecture switches of the shared decoder.
+
+    Attributes:
+        qkv_bias: q/k/v projections carry a bias.
+        o_bias: the output projection carries a bias.
+        mlp_bias: gate/up/down projections carry a bias.
+        qk_norm: RMSNorm over each query and key head before rotary (Qwen3).
+    """
+
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+
+
+@dataclass(frozen=True)
+class DecoderDims:
+    """Sizes read from the transformers config."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_positions: int
+
+    @classmethod
+    def from_hf_config(cls, config: Any) -> DecoderDims:
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        if heads % kv_heads:
+            raise ValueError(
+                f"num_attention_heads ({heads}) must be a multiple of "
+                f"num_key_value_heads ({kv_heads})"
+            )
+        act = getattr(config, "hidden_act", "silu")
+        if act not in SUPPORTED_ACTIVATIONS:
+            raise ValueError(f"hidden_act {act!r} is not supported; supported: "
+                             f"{list(SUPPORTED_ACTIVATIONS)}")
+        return cls(
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_layers=config.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            rms_norm_eps=getattr(config, "rms_norm_eps", 1e-6),
+            max_positions=config.max_position_embeddings,
+        )
+
+
+class DecoderAttention(nn.Module):
+    """Fused q/k/v projection, optional q/k norm, rotary, paged attention, output projection."""
+
+    def __init__(
+        self, dims: DecoderDims, options: DecoderOptions, layer_idx: int, dtype: torch.dtype
+    ) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads = dims.num_heads, dims.num_kv_heads
+        self.head_dim = dims.head_dim
+        self.q_size = dims.num_heads * dims.head_dim
+        self.kv_size = dims.num_kv_heads * dims.head_dim
+        self.qkv_proj = MergedLinear(
+            dims.hidden_size,
+            {"q": self.q_size, "k": self.kv_size, "v": self.kv_size},
+            bias=options.qkv_bias,
+            dtype=dtype,
+        )
+        self.o_proj = nn.Linear(self.q_size, dims.hidden_size, bias=options.o_bias, dtype=dtype)
+        self.qk_norm = options.qk_norm
+        if options.qk_norm:
+            self.q_norm = RMSNorm(dims.head_dim, dims.rms_norm_eps, dtype=dtype)
+            self.k_norm = RMSNorm(dims.head_dim, dims.rms_norm_eps, dtype=dtype)
+        self.attn = Attention(
+            dims.num_heads, dims.num_kv_heads, dims.head_dim, dims.head_dim**-0.5, layer_idx
+        )
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext
+    ) -> torch.Tensor:
+        n = x.shape[0]
+        qkv = self.qkv_proj(x)
+        qk_end = self.q_size + self.kv_size
+        if self.qk_norm:
+            q = self.q_norm(qkv[:, : self.q_size].view(n, self.num_heads, self.head_dim))
+            k = self.k_norm(qkv[:, self.q_size : qk_end].view(n, self.num_kv_heads, self.head_dim))
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        else:
+            # Queries and keys sit side by side in each row: rotate them in one op.
+            qk = qkv[:, :qk_end].view(n, self.num_heads + self.num_kv_heads, self.head_dim)
+            qk = apply_rotary(qk, cos, sin)
+            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        v = qkv[:, qk_end:].view(n, self.num_kv_heads, self.head_dim)
+        return self.o_proj(self.attn(q, k, v, ctx))
+
+
+class DecoderMLP(nn.Module):
+    """SwiGLU feed-forward with fused gate/up projection."""
+
+    def __init__(self, dims: DecoderDims, options: DecoderOptions, dtype: torch.dtype) -> None:
+        super().__init__()
+        size = dims.intermediate_size
+        self.gate_up_proj = MergedLinear(
+            dims.hidden_size, {"gate": size, "up": size}, bias=options.mlp_bias, dtype=dtype
+        )
+        self.down_proj = nn.Linear(size, dims.hidden_size, bias=options.mlp_bias, dtype=dtype)
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(
+        self, dims: DecoderDims, options: DecoderOptions, layer_idx: int, dtype: torch.dtype
+    ) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(dims.hidden_size, dims.rms_norm_eps, dtype=dtype)
+        self.self_attn = DecoderAttention(dims, options, layer_idx, dtype)
+        self.post_attention_layernorm = RMSNorm(dims.hidden_size, dims.rms_norm_eps, dtype=dtype)
+        self.mlp = DecoderMLP(dims, options, dtype)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    """Embedding, decoder layers and final norm (the ``model.`` prefix of checkpoints)."""
+
+    def __init__(self, dims: DecoderDims, options: DecoderOptions, hf_config: Any,
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(dims.vocab_size, dims.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList(
+            DecoderLayer(dims, options, i, dtype) for i in range(dims.num_layers)
+        )
+        self.norm = RMSNorm(dims.hidden_size, dims.rms_norm_eps, dtype=dtype)
+        self.rotary_emb = RotaryEmbedding(
+            dims.head_dim, dims.max_positions, rope_parameters(hf_config)
+        )
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext
+    ) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        # One table lookup per step, shared by all layers.
+        cos, sin = self.rotary_emb.cos_sin(positions, hidden.dtype)
+        for layer in self.layers:
+            hidden = layer(hidden, cos, sin, ctx)
+        return self.norm(hidden)
+
+
+class LlamaForCausalLM(CausalLM):
+    """Llama 2/3 (incl. llama3 rope scaling), TinyLlama, SmolLM and look-alikes."""
+
+    stacked_params = (
+        ("qkv_proj", "q_proj", "q"),
+        ("qkv_proj", "k_proj", "k"),
+        ("qkv_proj", "v_proj", "v"),
+        ("gate_up_proj", "gate_proj", "gate"),
+        ("gate_up_proj", "up_proj", "up"),
+    )
+
+    @classmethod
+    def decoder_options(cls, hf_config: Any) -> DecoderOptions:
+        """The switches this architecture uses, given its config."""
+        bias = bool(getattr(hf_config, "attention_bias", False))
+        return DecoderOptions(
+            qkv_bias=bias, o_bias=bias, mlp_bias=bool(getattr(hf_config, "mlp_bias", False))
+        )
+
+    def __init__(self, hf_config: Any, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.config = hf_config
+        self.dtype = dtype
+        self.dims = DecoderDims.from_hf_config(hf_config)
+        self.options = self.decoder_options(hf_config)
+        self.model = DecoderModel(self.dims, self.options, hf_config, dtype)
+        self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
+        self.lm_head = LMHead(
+            self.dims.vocab_size,
+            self.dims.hidden_size,
+            dtype=dtype,
+            tied_to=self.model.embed_tokens if self.tie_word_embeddings else None,
+        )
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext
+    ) -> torch.Tensor:
+        """Flat token ids and positions ``[num_tokens]`` -> final hidden states."""
+        return self.model(input_ids, positions, ctx)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def kv_cache_shape(self) -> KVCacheShape:
+        window = None
+        if getattr(self.config, "use_sliding_window", True):
+            window = getattr(self.config, "sliding_window", None)
+        return KVCacheShape(
+            num_layers=self.dims.num_layers,
+            num_heads=self.dims.num_heads,
+            num_kv_heads=self.dims.num_kv_heads,
+            head_size=self.dims.head_dim,
+            sliding_window=window,
+        )
+
+    def skipped_weight_names(self) -> tuple[str, ...]:
+        # Some tied checkpoints still store a copy of the embedding as lm_head.
+        return ("lm_head.weight",) if self.tie_word_embeddings else ()
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    """Mistral: the Llama decoder (its sliding window is reported in the attention spec)."""
