@@ -1,10 +1,18 @@
-"""EngineConfig: every section together, resolved against the model and platform."""
+"""EngineConfig: every section together, resolved against the model and platform.
+
+`EngineConfig.finalize(platform)` is the one place where a configuration is
+completed and validated: it fills model-derived defaults, applies the
+optimization level, runs the platform's ConfigPolicy, selects the attention
+backend, then raises one ValueError that lists every problem found, each saying
+what conflicts and how to fix it. `check()` does the same without raising
+(what `backplane config validate` uses).
+"""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -22,17 +30,30 @@ from backplane.config.configs import (
 )
 
 if TYPE_CHECKING:
-    from backplane.plugins_sdk import Platform
+    from backplane.plugins_sdk import AttentionSpec, Platform
 
 logger = logging.getLogger(__name__)
 
 # Step token budget when the user sets none and chunked prefill is on.
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
 
+# KV-cache dtype names Backplane knows; whether a platform runs one is up to
+# its policy and attention backends.
+KNOWN_KV_CACHE_DTYPES = (
+    "auto", "float32", "float16", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2",
+)
+
 
 @dataclass
 class EngineConfig:
-    """The full, resolved configuration of one engine."""
+    """The full, resolved configuration of one engine.
+
+    Attributes added by `finalize`:
+        notes: every default chosen and every explicit setting that won over a
+            default, in words (also logged at INFO).
+        platform_name: the platform the config was finalized for.
+        attention_backend_name: the attention backend selected for the model.
+    """
 
     model_config: ModelConfig
     cache_config: CacheConfig = field(default_factory=CacheConfig)
@@ -44,6 +65,11 @@ class EngineConfig:
     lora_config: LoRAConfig | None = None
     speculative_config: SpeculativeConfig | None = None
     optimization_level: int | None = None
+    enforce_eager: bool = False
+    notes: list[str] = field(default_factory=list)
+    platform_name: str | None = None
+    attention_backend_name: str | None = None
+    finalized: bool = field(default=False, compare=False, repr=False)
 
     @property
     def max_model_len(self) -> int:
@@ -51,40 +77,91 @@ class EngineConfig:
         return self.model_config.max_model_len
 
     def finalize(self, platform: Platform) -> EngineConfig:
-        """Fill model-derived defaults, apply the platform's policy, then validate.
+        """Fill model-derived defaults, apply level and platform policy, then validate.
 
-        Raises ValueError listing every problem found.
+        Idempotent for the same platform. Raises ValueError listing every problem.
         """
-        from backplane.core.loader.hf_config import load_hf_config
+        if self.finalized and self.platform_name == platform.name:
+            return self
+        problems = self.check(platform)
+        if problems:
+            raise ValueError("invalid engine configuration:\n  - " + "\n  - ".join(problems))
+        self.finalized = True
+        return self
 
-        mc = self.model_config
-        if mc.hf_config is None:
-            mc.hf_config = load_hf_config(mc.model, trust_remote_code=mc.trust_remote_code)
-        mc.torch_dtype = _resolve_dtype(mc.dtype, mc.hf_config, platform)
-        model_limit = getattr(mc.hf_config, "max_position_embeddings", None)
-        if mc.max_model_len is None:
-            if model_limit is None:
-                raise ValueError(
-                    "max_model_len is not set and the model config has no max_position_embeddings"
+    def check(self, platform: Platform, load_model: bool = True) -> list[str]:
+        """Complete the config for ``platform`` and return every problem (empty when valid).
+
+        With ``load_model=False`` (or when the model's config cannot be read)
+        only the checks that do not need the model run; the unreadable model is
+        itself reported as a problem when ``load_model`` is True.
+        """
+        from backplane.config.levels import apply_optimization_level
+
+        self.notes.clear()
+        self.platform_name = platform.name
+        problems = self.problems()
+        mc, sc = self.model_config, self.scheduler_config
+
+        model_limit = None
+        if load_model and mc.hf_config is None:
+            try:
+                from backplane.core.loader.hf_config import load_hf_config
+
+                mc.hf_config = load_hf_config(mc.model, trust_remote_code=mc.trust_remote_code)
+            except Exception as exc:  # noqa: BLE001 - reported with the rest, not raised alone
+                problems.append(f"model {mc.model!r}: cannot read its config ({exc})")
+        hf = mc.hf_config
+
+        dtype_problem = self._resolve_dtype(platform)
+        if dtype_problem:
+            problems.append(dtype_problem)
+        if hf is not None:
+            model_limit = getattr(hf, "max_position_embeddings", None)
+            if mc.max_model_len is None:
+                if model_limit is None:
+                    problems.append(
+                        "max_model_len is not set and the model config has no "
+                        "max_position_embeddings; set --max-model-len"
+                    )
+                else:
+                    mc.max_model_len = int(model_limit)
+            elif model_limit is not None and mc.max_model_len > model_limit:
+                problems.append(
+                    f"max_model_len ({mc.max_model_len}) exceeds the model's "
+                    f"max_position_embeddings ({model_limit}); lower --max-model-len"
                 )
-            mc.max_model_len = int(model_limit)
-        sc = self.scheduler_config
-        if sc.max_num_batched_tokens is None:
+        if sc.max_num_batched_tokens is None and (
+            mc.max_model_len is not None or sc.enable_chunked_prefill
+        ):
             sc.max_num_batched_tokens = (
                 max(DEFAULT_MAX_NUM_BATCHED_TOKENS, sc.max_num_seqs)
                 if sc.enable_chunked_prefill
                 else max(mc.max_model_len, DEFAULT_MAX_NUM_BATCHED_TOKENS)
             )
-        decision = platform.config_policy.check_and_update_config(self)
-        for change in decision.changes:
-            logger.info("platform %s: %s", platform.name, change)
-        problems = list(decision.refusals) + self.problems(model_limit)
-        if problems:
-            raise ValueError("invalid engine configuration:\n  - " + "\n  - ".join(problems))
-        return self
+            self.notes.append(f"max_num_batched_tokens defaults to {sc.max_num_batched_tokens}")
+        elif hf is not None:
+            problems += self._batched_tokens_problems()  # max_model_len may come from the model
+
+        problems += apply_optimization_level(self, platform)
+        try:
+            decision = platform.config_policy.check_and_update_config(self)
+        except Exception as exc:  # noqa: BLE001 - a policy bug must not hide other problems
+            problems.append(f"platform {platform.name!r} config policy failed: {exc}")
+        else:
+            self.notes += [f"platform {platform.name}: {c}" for c in decision.changes]
+            problems += decision.refusals
+        if hf is not None:
+            problems += self._model_problems(hf)
+            if mc.torch_dtype is not None:
+                problems += self._select_attention_backend(platform)
+        for note in self.notes:
+            logger.info("config: %s", note)
+        # The same conflict may be found by two checks (e.g. core and policy).
+        return list(dict.fromkeys(problems))
 
     def problems(self, model_limit: int | None = None) -> list[str]:
-        """Every inconsistency in the config, as messages saying how to fix it."""
+        """Checks that need neither the model nor a platform (ranges, names, combinations)."""
         mc, cc, sc, pc = (
             self.model_config, self.cache_config, self.scheduler_config, self.parallel_config
         )
@@ -95,51 +172,146 @@ class EngineConfig:
             out.append(f"block_size ({cc.block_size}) must be >= 1")
         if not 0.0 < cc.memory_utilization <= 1.0:
             out.append(f"memory_utilization ({cc.memory_utilization}) must be in (0, 1]")
+        if cc.kv_cache_memory_bytes is not None and cc.kv_cache_memory_bytes < 1:
+            out.append(f"kv_cache_memory_bytes ({cc.kv_cache_memory_bytes}) must be >= 1")
         if cc.num_kv_blocks is not None and cc.num_kv_blocks < 1:
             out.append(f"num_kv_blocks ({cc.num_kv_blocks}) must be >= 1")
+        if cc.kv_cache_dtype not in KNOWN_KV_CACHE_DTYPES:
+            out.append(
+                f"kv_cache_dtype ({cc.kv_cache_dtype!r}) is not one of {list(KNOWN_KV_CACHE_DTYPES)}"
+            )
+        if mc.dtype != "auto":
+            try:
+                parse_dtype(mc.dtype)
+            except ValueError as exc:
+                out.append(str(exc))
         if sc.max_num_seqs < 1:
             out.append(f"max_num_seqs ({sc.max_num_seqs}) must be >= 1")
         if sc.scheduling_policy not in ("fcfs", "priority"):
             out.append(
                 f"scheduling_policy ({sc.scheduling_policy!r}) must be 'fcfs' or 'priority'"
             )
-        if sc.max_num_batched_tokens is not None:
-            if sc.max_num_batched_tokens < 1:
-                out.append(f"max_num_batched_tokens ({sc.max_num_batched_tokens}) must be >= 1")
-            elif (
-                not sc.enable_chunked_prefill
-                and mc.max_model_len is not None
-                and sc.max_num_batched_tokens < mc.max_model_len
-            ):
-                out.append(
-                    f"max_num_batched_tokens ({sc.max_num_batched_tokens}) is smaller than "
-                    f"max_model_len ({mc.max_model_len}) with chunked prefill disabled: a long "
-                    "prompt could never be scheduled; enable chunked prefill or raise "
-                    "max_num_batched_tokens"
-                )
-        hf = mc.hf_config
-        if hf is not None and pc.tensor_parallel_size > 1:
-            heads = getattr(hf, "num_attention_heads", None)
-            if heads and heads % pc.tensor_parallel_size:
-                out.append(
-                    f"tensor_parallel_size ({pc.tensor_parallel_size}) must divide "
-                    f"num_attention_heads ({heads})"
-                )
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            if getattr(pc, name) < 1:
+                out.append(f"{name} ({getattr(pc, name)}) must be >= 1")
+        if self.optimization_level is not None and self.optimization_level not in (0, 1, 2, 3):
+            out.append(f"optimization_level ({self.optimization_level}) must be 0, 1, 2 or 3")
+        out += self._batched_tokens_problems()
         return out
 
+    def _batched_tokens_problems(self) -> list[str]:
+        mc, sc = self.model_config, self.scheduler_config
+        if sc.max_num_batched_tokens is None:
+            return []
+        if sc.max_num_batched_tokens < 1:
+            return [f"max_num_batched_tokens ({sc.max_num_batched_tokens}) must be >= 1"]
+        if (
+            not sc.enable_chunked_prefill
+            and mc.max_model_len is not None
+            and sc.max_num_batched_tokens < mc.max_model_len
+        ):
+            return [
+                f"max_num_batched_tokens ({sc.max_num_batched_tokens}) is smaller than "
+                f"max_model_len ({mc.max_model_len}) with chunked prefill disabled: a long "
+                "prompt could never be scheduled; enable chunked prefill or raise "
+                "max_num_batched_tokens"
+            ]
+        return []
 
-def _resolve_dtype(dtype: str, hf_config, platform: Platform) -> torch.dtype:
-    supported = platform.runtime.supported_dtypes
-    if dtype == "auto":
-        ckpt = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
-        resolved = parse_dtype(ckpt) if ckpt is not None else torch.float32
-        if resolved not in supported:
-            resolved = platform.runtime.default_dtype()
-        return resolved
-    resolved = parse_dtype(dtype)
-    if resolved not in supported:
+    def _resolve_dtype(self, platform: Platform) -> str | None:
+        """Set model_config.torch_dtype; return a problem message when impossible."""
+        mc = self.model_config
+        supported = platform.runtime.supported_dtypes
         names = [str(d).removeprefix("torch.") for d in supported]
-        raise ValueError(
-            f"dtype {dtype!r} is not supported by platform {platform.name!r}; supported: {names}"
-        )
-    return resolved
+        if mc.dtype == "auto":
+            if mc.hf_config is None:
+                return None  # decided once the model is known
+            ckpt = getattr(mc.hf_config, "torch_dtype", None) or getattr(
+                mc.hf_config, "dtype", None
+            )
+            try:
+                resolved = parse_dtype(ckpt) if ckpt is not None else torch.float32
+            except ValueError:
+                resolved = platform.runtime.default_dtype()
+            if resolved not in supported:
+                fallback = platform.runtime.default_dtype()
+                self.notes.append(
+                    f"dtype auto: the checkpoint's {resolved} is not supported by platform "
+                    f"{platform.name!r}; using {fallback}"
+                )
+                resolved = fallback
+            mc.torch_dtype = resolved
+            return None
+        try:
+            resolved = parse_dtype(mc.dtype)
+        except ValueError:
+            return None  # reported by problems()
+        if resolved not in supported:
+            return (
+                f"dtype {mc.dtype!r} is not supported by platform {platform.name!r}; "
+                f"supported: {names} (or 'auto')"
+            )
+        mc.torch_dtype = resolved
+        return None
+
+    def _model_problems(self, hf: Any) -> list[str]:
+        """Checks of the parallel layout against the model's shape."""
+        pc = self.parallel_config
+        out = []
+        tp = pc.tensor_parallel_size
+        heads = getattr(hf, "num_attention_heads", None)
+        kv_heads = getattr(hf, "num_key_value_heads", None) or heads
+        if tp > 1 and heads:
+            if heads % tp:
+                out.append(
+                    f"tensor_parallel_size ({tp}) must divide num_attention_heads ({heads}); "
+                    f"use one of {[d for d in range(1, heads + 1) if heads % d == 0]}"
+                )
+            elif kv_heads and kv_heads % tp and tp % kv_heads:
+                out.append(
+                    f"tensor_parallel_size ({tp}) and num_key_value_heads ({kv_heads}) must "
+                    "divide one another"
+                )
+        layers = getattr(hf, "num_hidden_layers", None)
+        if layers and pc.pipeline_parallel_size > layers:
+            out.append(
+                f"pipeline_parallel_size ({pc.pipeline_parallel_size}) exceeds "
+                f"num_hidden_layers ({layers})"
+            )
+        return out
+
+    def attention_spec(self) -> AttentionSpec:
+        """The AttentionSpec of the model as configured (needs the HF config and dtype)."""
+        from backplane.config.attention_spec import attention_spec_from_config
+
+        return attention_spec_from_config(self)
+
+    def _select_attention_backend(self, platform: Platform) -> list[str]:
+        try:
+            spec = self.attention_spec()
+        except ValueError as exc:
+            return [str(exc)]
+        try:
+            backend = platform.select_attention_backend(
+                spec, forced=self.device_config.attention_backend
+            )
+        except ValueError as exc:
+            return [
+                f"attention: {exc}. Change the setting named in the reason (e.g. --block-size, "
+                "--kv-cache-dtype, --dtype) or pick another backend with --attention-backend"
+            ]
+        self.attention_backend_name = backend.name
+        return []
+
+    def compute_hash(self) -> str:
+        """Stable sha256 of what changes compiled artefacts or numerics (see config.hashing)."""
+        from backplane.config.hashing import compute_config_hash
+
+        return compute_config_hash(self)
+
+    def pad_for_graph(self, batch_size: int) -> int | None:
+        """Smallest captured graph batch size >= ``batch_size``; None when no graph fits."""
+        sizes = self.compilation_config.graph_capture_sizes
+        if not self.compilation_config.use_graphs or not sizes:
+            return None
+        return next((s for s in sizes if s >= batch_size), None)

@@ -66,7 +66,6 @@ class EngineArgs:
 
     def create_engine_config(self) -> EngineConfig:
         """Split the flat options into config sections (not yet finalized)."""
-        level = 0 if self.enforce_eager else self.optimization_level
         return EngineConfig(
             model_config=ModelConfig(
                 model=self.model,
@@ -99,7 +98,10 @@ class EngineArgs:
             device_config=DeviceConfig(device=self.device, attention_backend=self.attention_backend),
             load_config=LoadConfig(load_format=self.load_format),
             compilation_config=_compilation_config(self.compilation_config),
-            optimization_level=level,
+            # enforce_eager and the level are resolved together in finalize, which
+            # reports a conflict between them instead of silently dropping one.
+            optimization_level=self.optimization_level,
+            enforce_eager=self.enforce_eager,
         )
 
 

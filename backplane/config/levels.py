@@ -1,0 +1,139 @@
+"""Optimization levels O0..O3 and how they fill in the compilation settings.
+
+- O0: eager PyTorch; no torch.compile, no graphs. Fastest start.
+- O1: torch.compile with the platform's compile backend; no graphs.
+- O2: O1 plus graph capture of decode steps at padded batch sizes. The default
+  on platforms that can capture graphs.
+- O3: currently the same as O2 (reserved for optimizations that trade more
+  start-up time or memory for speed).
+
+A level only fills CompilationConfig fields the user left as None; a field set
+explicitly wins and the difference is recorded in ``config.notes`` (and logged).
+When the user sets no level, the platform chooses: its ConfigPolicy may define
+``default_optimization_level``; otherwise platforms with graph capture get O2
+and the others O0 (compiling without graphs costs start-up time for a gain that
+is not measured yet; a platform opts into O1 through its policy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any
+
+from backplane.config.configs import CompilationConfig
+
+if TYPE_CHECKING:
+    from backplane.config.engine import EngineConfig
+    from backplane.plugins_sdk import Platform
+
+MAX_GRAPH_BATCH_SIZE = 512
+LEVELS = (0, 1, 2, 3)
+
+# What each level implies; backend None means "the platform's compile backend".
+LEVEL_DEFAULTS: dict[int, dict[str, Any]] = {
+    0: {"compile": False, "use_graphs": False},
+    1: {"compile": True, "use_graphs": False},
+    2: {"compile": True, "use_graphs": True},
+    3: {"compile": True, "use_graphs": True},
+}
+
+
+def default_optimization_level(platform: Platform) -> int:
+    """The level used when the user sets none: the policy's choice, else 2 with graphs, else 0."""
+    chosen = getattr(platform.config_policy, "default_optimization_level", None)
+    if chosen is not None:
+        return int(chosen)
+    return 2 if platform.supports_graph_capture else 0
+
+
+def default_graph_capture_sizes(max_num_seqs: int) -> list[int]:
+    """Batch sizes to capture: 1, 2, 4, then every 8 up to min(max_num_seqs, 512).
+
+    A running batch is padded up to the next captured size, so the ladder
+    bounds padding waste to 7 rows past 8 while keeping capture count small.
+    """
+    cap = max(1, min(max_num_seqs, MAX_GRAPH_BATCH_SIZE))
+    sizes = [s for s in (1, 2, 4) if s <= cap]
+    sizes += list(range(8, cap + 1, 8))
+    if sizes[-1] < cap:
+        sizes.append(cap)
+    return sizes
+
+
+def apply_optimization_level(config: EngineConfig, platform: Platform) -> list[str]:
+    """Resolve ``config.optimization_level`` and fill the compilation settings it implies.
+
+    Returns problems (settings the platform cannot honour); appends notes about
+    every decision to ``config.notes``.
+    """
+    cc = config.compilation_config
+    notes = config.notes
+    problems: list[str] = []
+    explicit = {
+        f.name: getattr(cc, f.name) for f in fields(CompilationConfig)
+        if getattr(cc, f.name) is not None
+    }
+
+    level = config.optimization_level
+    if config.enforce_eager:
+        if level not in (None, 0):
+            notes.append(f"enforce_eager=True overrides optimization_level={level}: running O0")
+        level = 0
+    elif level is None:
+        level = default_optimization_level(platform)
+        notes.append(f"optimization level O{level} (default of platform {platform.name!r})")
+    if level not in LEVELS:
+        problems.append(f"optimization_level ({level}) must be one of 0, 1, 2, 3")
+        return problems
+    if level == 3:
+        notes.append("O3 currently equals O2")
+    config.optimization_level = level
+
+    implied = dict(LEVEL_DEFAULTS[level])
+    if implied["compile"] and platform.compile_backend is None and "backend" not in explicit:
+        implied["compile"] = False
+        notes.append(
+            f"O{level} implies torch.compile, but platform {platform.name!r} has no compile "
+            "backend: running without compilation"
+        )
+    if implied["use_graphs"] and not platform.supports_graph_capture:
+        implied["use_graphs"] = False
+        notes.append(
+            f"O{level} implies graph capture, which platform {platform.name!r} does not offer: "
+            "running without graphs"
+        )
+    compiles = explicit.get("compile", implied["compile"])
+    implied["backend"] = platform.compile_backend if compiles else None
+
+    for name, value in implied.items():
+        if name not in explicit:
+            setattr(cc, name, value)
+        elif explicit[name] != value and not (name == "backend" and not compiles):
+            notes.append(
+                f"compilation_config.{name}={explicit[name]!r} set explicitly; it wins over "
+                f"O{level}'s default ({value!r})"
+            )
+
+    if cc.use_graphs and not platform.supports_graph_capture:
+        problems.append(
+            f"graph capture (compilation_config.use_graphs=True) is not available on platform "
+            f"{platform.name!r}; use -O0 or -O1, or drop use_graphs"
+        )
+        cc.use_graphs = False  # so the platform policy does not report it a second time
+    if cc.compile and cc.backend is None:
+        problems.append(
+            f"torch.compile was requested (compilation_config.compile=True) but platform "
+            f"{platform.name!r} has no compile backend; set compilation_config.backend or use -O0"
+        )
+    if cc.use_graphs and cc.graph_capture_sizes is None:
+        cc.graph_capture_sizes = default_graph_capture_sizes(config.scheduler_config.max_num_seqs)
+    if cc.graph_capture_sizes is not None:
+        bad = [s for s in cc.graph_capture_sizes if not isinstance(s, int) or s < 1]
+        if bad:
+            problems.append(
+                f"compilation_config.graph_capture_sizes has invalid sizes {bad}; "
+                "use positive integers"
+            )
+        else:
+            cc.graph_capture_sizes = sorted(set(cc.graph_capture_sizes))
+    return problems

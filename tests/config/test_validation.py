@@ -1,0 +1,103 @@
+"""Each validation message of EngineConfig.finalize, and all problems reported at once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backplane.platforms.cpu.attention import CpuSdpaAttentionBackend
+from tests.config.helpers import GraphPlatform, cpu_platform, engine_config, llama_hf_config
+
+
+def _problems(platform=None, hf=None, **args) -> list[str]:
+    return engine_config(hf=hf, **args).check(platform or cpu_platform())
+
+
+def test_valid_config_finalizes_and_selects_backend():
+    cfg = engine_config(max_model_len=256).finalize(cpu_platform())
+    assert cfg.attention_backend_name == "cpu_sdpa"
+    assert cfg.model_config.torch_dtype == torch.float32
+    assert cfg.scheduler_config.max_num_batched_tokens == 2048
+    assert cfg.attention_spec().head_size == 16
+
+
+def test_batched_tokens_below_max_model_len_without_chunked_prefill():
+    (msg,) = _problems(max_model_len=512, max_num_batched_tokens=100,
+                       enable_chunked_prefill=False)
+    assert "max_num_batched_tokens (100) is smaller than max_model_len (512)" in msg
+    assert "enable chunked prefill or raise max_num_batched_tokens" in msg
+    # the model's own limit counts too when max_model_len is not set
+    (msg,) = _problems(max_num_batched_tokens=100, enable_chunked_prefill=False)
+    assert "max_model_len (512)" in msg
+
+
+def test_block_size_refused_by_backend(monkeypatch):
+    monkeypatch.setattr(CpuSdpaAttentionBackend, "supported_block_sizes", (16, 32))
+    (msg,) = _problems(block_size=8)
+    assert msg.startswith("attention: no attention backend of platform 'cpu'")
+    assert "block_size 8 not in (16, 32)" in msg and "--block-size" in msg
+
+
+def test_dtype_unsupported_by_platform(monkeypatch):
+    from backplane.platforms.cpu.runtime import CpuRuntime
+
+    monkeypatch.setattr(CpuRuntime, "supported_dtypes", (torch.float32,))
+    (msg,) = _problems(dtype="float16")
+    assert msg == ("dtype 'float16' is not supported by platform 'cpu'; "
+                   "supported: ['float32'] (or 'auto')")
+
+
+def test_graph_capture_on_platform_without_it():
+    (msg,) = _problems(compilation_config={"use_graphs": True})
+    assert "graph capture (compilation_config.use_graphs=True) is not available on platform " \
+           "'cpu'" in msg
+    assert not _problems(GraphPlatform(), compilation_config={"use_graphs": True})
+
+
+def test_tensor_parallel_must_divide_heads():
+    (msg,) = _problems(hf=llama_hf_config(num_attention_heads=4, num_key_value_heads=4),
+                       tensor_parallel_size=3)
+    assert msg == ("tensor_parallel_size (3) must divide num_attention_heads (4); "
+                   "use one of [1, 2, 4]")
+
+
+def test_kv_cache_dtype_unknown_and_unsupported():
+    problems = _problems(kv_cache_dtype="int3")
+    assert any("kv_cache_dtype ('int3') is not one of" in p for p in problems)
+    problems = _problems(kv_cache_dtype="fp8")
+    assert any("kv_cache_dtype 'fp8' is not supported on the cpu platform" in p
+               for p in problems)
+
+
+def test_max_model_len_above_model_limit():
+    (msg,) = _problems(max_model_len=4096)
+    assert "max_model_len (4096) exceeds the model's max_position_embeddings (512)" in msg
+
+
+def test_unknown_forced_attention_backend():
+    (msg,) = _problems(attention_backend="flash")
+    assert "attention_backend 'flash' is not offered by platform 'cpu'" in msg
+
+
+def test_every_problem_in_one_error():
+    cfg = engine_config(
+        hf=llama_hf_config(num_attention_heads=4, num_key_value_heads=4),
+        max_num_seqs=0, memory_utilization=1.5, tensor_parallel_size=3,
+        kv_cache_dtype="fp8", compilation_config={"use_graphs": True},
+    )
+    with pytest.raises(ValueError) as err:
+        cfg.finalize(cpu_platform())
+    text = str(err.value)
+    for needle in ("max_num_seqs (0) must be >= 1", "memory_utilization (1.5)",
+                   "tensor_parallel_size (3)", "kv_cache_dtype 'fp8'", "graph capture"):
+        assert needle in text
+    assert text.count("\n  - ") >= 5
+
+
+def test_unreadable_model_is_a_problem(tmp_path):
+    from backplane.config import EngineArgs
+
+    cfg = EngineArgs(model=str(tmp_path / "missing")).create_engine_config()
+    problems = cfg.check(cpu_platform())
+    assert any("cannot read its config" in p and "missing" in p for p in problems)
+    assert cfg.check(cpu_platform(), load_model=False) == []
