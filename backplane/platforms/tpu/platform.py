@@ -1,0 +1,29 @@
+"""The tpu Platform: torch_xla device, XLA collectives, portable paged SDPA attention.
+
+Attention uses the device-agnostic ``torch_sdpa_paged`` backend of the cuda
+plugin package (plain torch ops that XLA lowers). Its per-step shapes follow
+the batch, so XLA compiles once per distinct shape; a Pallas paged-attention
+backend with bucketed shapes would be the faster successor.
+"""
+
+from __future__ import annotations
+
+from backplane.platforms.cuda.sdpa_attention import TorchSdpaPagedAttentionBackend
+from backplane.platforms.tpu.policy import TpuConfigPolicy
+from backplane.platforms.tpu.runtime import TpuRuntime
+from backplane.plugins_sdk import AttentionBackend, Platform
+
+
+class TpuPlatform(Platform):
+    """Google TPUs through PyTorch/XLA."""
+
+    name = "tpu"
+    dist_backend = "xla"
+    compile_backend = "openxla"
+    supports_graph_capture = False
+
+    def __init__(self) -> None:
+        super().__init__(TpuRuntime(), TpuConfigPolicy())
+
+    def attention_backends(self) -> list[type[AttentionBackend]]:
+        return [TorchSdpaPagedAttentionBackend]

@@ -1,0 +1,127 @@
+"""cuda and rocm Platform objects on a machine without a GPU: parts, backends, config policy.
+
+Loading a platform must not touch the device (only probing decides availability),
+so all of this runs on the CPU; device calls are exercised in test_cuda_device.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from backplane.config import CacheConfig, CompilationConfig, ParallelConfig, SchedulerConfig
+from backplane.platforms.cuda import descriptor as cuda_descriptor
+from backplane.platforms.cuda.graph_runner import CudaGraphRunner
+from backplane.platforms.cuda.policy import default_graph_capture_sizes
+from backplane.platforms.cuda.sdpa_attention import TorchSdpaPagedAttentionBackend
+from backplane.platforms.cuda.triton_attention import TritonPagedAttentionBackend
+from backplane.platforms.rocm import descriptor as rocm_descriptor
+from backplane.plugins_sdk import AttentionSpec
+from tests.platforms.gpu.paged_cases import CASES, check_backend_on_case, make_case
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _config(**sections):
+    defaults = dict(
+        cache_config=CacheConfig(),
+        compilation_config=CompilationConfig(),
+        scheduler_config=SchedulerConfig(),
+        parallel_config=ParallelConfig(),
+    )
+    return SimpleNamespace(**(defaults | sections))
+
+
+@pytest.fixture(params=["cuda", "rocm"])
+def platform(request, monkeypatch):
+    loaded = {"cuda": cuda_descriptor, "rocm": rocm_descriptor}[request.param].load()
+    # Pretend one GPU is visible so the policy's device-count check stays quiet
+    # unless a test wants it.
+    monkeypatch.setattr(loaded.runtime, "device_count", lambda: 1)
+    return loaded
+
+
+def test_platform_parts(platform):
+    assert platform.dist_backend == "nccl"
+    assert platform.compile_backend == "inductor"
+    assert platform.supports_graph_capture
+    assert platform.device_type == "cuda"
+    assert platform.runtime.pin_memory_available()
+    assert isinstance(platform.make_graph_runner(), CudaGraphRunner)
+    names = [b.name for b in platform.attention_backends()]
+    assert names[:2] == ["triton_paged", "torch_sdpa_paged"]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_triton_is_selected_first(platform):
+    spec = AttentionSpec(num_heads=8, num_kv_heads=2, head_size=128, dtype=torch.bfloat16,
+                         block_size=16)
+    assert platform.select_attention_backend(spec) is TritonPagedAttentionBackend
+
+
+def test_sdpa_serves_what_triton_refuses(platform):
+    spec = AttentionSpec(num_heads=2, num_kv_heads=2, head_size=512, dtype=torch.float16,
+                         block_size=16)
+    assert "head_size 512 exceeds 256" in TritonPagedAttentionBackend.unsupported_reasons(spec)
+    assert platform.select_attention_backend(spec) is TorchSdpaPagedAttentionBackend
+    forced = platform.select_attention_backend(spec, forced="torch_sdpa_paged")
+    assert forced is TorchSdpaPagedAttentionBackend
+
+
+def test_triton_refusal_names_missing_triton(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec",
+        lambda name, *a: None if name == "triton" else real_find_spec(name, *a),
+    )
+    spec = AttentionSpec(num_heads=2, num_kv_heads=2, head_size=64, dtype=torch.float16,
+                         block_size=16)
+    reasons = TritonPagedAttentionBackend.unsupported_reasons(spec)
+    assert any("triton is not installed" in r for r in reasons)
+
+
+def test_policy_refuses_quantized_kv_cache(platform):
+    config = _config(cache_config=CacheConfig(kv_cache_dtype="fp8"))
+    decision = platform.config_policy.check_and_update_config(config)
+    assert decision.refusals == [
+        f"kv_cache_dtype 'fp8' is not supported on the {platform.name} platform "
+        "(no quantized KV cache kernels yet); use 'auto'"
+    ]
+
+
+def test_policy_fills_graph_capture_ladder(platform):
+    config = _config(
+        compilation_config=CompilationConfig(use_graphs=True),
+        scheduler_config=SchedulerConfig(max_num_seqs=20),
+    )
+    decision = platform.config_policy.check_and_update_config(config)
+    assert config.compilation_config.graph_capture_sizes == [1, 2, 4, 8, 16, 20]
+    assert any("graph_capture_sizes" in c for c in decision.changes)
+    assert not decision.refusals
+    assert default_graph_capture_sizes(512)[-3:] == [496, 504, 512]
+
+
+def test_policy_refuses_more_ranks_than_gpus(platform, monkeypatch):
+    monkeypatch.setattr(platform.runtime, "device_count", lambda: 2)
+    config = _config(parallel_config=ParallelConfig(tensor_parallel_size=4))
+    decision = platform.config_policy.check_and_update_config(config)
+    assert decision.refusals == [
+        "tensor_parallel_size (4) x pipeline_parallel_size (1) = 4 exceeds the 2 GPU(s) "
+        f"visible to the {platform.name} platform on this host"
+    ]
+    # A multi-host executor may place ranks elsewhere: no local count check.
+    config = _config(
+        parallel_config=ParallelConfig(tensor_parallel_size=4, distributed_executor_backend="ray")
+    )
+    assert not platform.config_policy.check_and_update_config(config).refusals
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("spec", CASES, ids=lambda s: s.name)
+def test_torch_sdpa_paged_matches_reference_on_cpu(spec, dtype):
+    check_backend_on_case(TorchSdpaPagedAttentionBackend, make_case(dataclasses.replace(
+        spec, dtype=dtype)))
