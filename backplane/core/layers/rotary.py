@@ -39,6 +39,10 @@ def rope_parameters(hf_config: Any) -> dict[str, Any]:
 def _llama3_inv_freq(inv_freq: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
     """Llama 3.1 frequency scaling: long wavelengths slowed by ``factor``, short
     ones kept, and a smooth blend between the two bands."""
+    required = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    missing = [key for key in required if key not in params]
+    if missing:
+        raise ValueError(f"llama3 rope scaling needs {', '.join(missing)} in rope_parameters")
     factor = float(params["factor"])
     low = float(params["low_freq_factor"])
     high = float(params["high_freq_factor"])
@@ -58,6 +62,8 @@ def compute_inv_freq(head_dim: int, params: dict[str, Any]) -> torch.Tensor:
         raise ValueError(
             f"rope_type {rope_type!r} is not supported; supported: {list(SUPPORTED_ROPE_TYPES)}"
         )
+    if rope_type == "linear" and "factor" not in params:
+        raise ValueError("linear rope scaling needs 'factor' in rope_parameters")
     base = float(params["rope_theta"])
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
     inv_freq = 1.0 / (base**exponents)
