@@ -20,7 +20,6 @@ import concurrent.futures
 import logging
 import queue
 import threading
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -52,7 +51,7 @@ class _AddCommand:
     prompt: str | list[int]
     params: SamplingParams
     priority: int
-    arrival_time: float
+    arrival_time: float | None
     stream: RequestStream
     accepted: concurrent.futures.Future
 
@@ -199,7 +198,8 @@ class AsyncEngine:
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop accepting requests, abort those in flight, and join the loop thread.
 
-        In-flight requests' consumers get `RequestAbortedError`. The server
+        In-flight requests end with finish_reason "abort" (or `RequestAbortedError`
+        if the engine has no final output for them). The server
         first lets uvicorn drain open connections, so normally none are left.
         """
         self._accepting = False
@@ -239,8 +239,7 @@ class AsyncEngine:
         self._streams[request_id] = stream
         self._commands.put(
             _AddCommand(
-                request_id, prompt, params, priority,
-                arrival_time if arrival_time is not None else time.time(), stream, accepted,
+                request_id, prompt, params, priority, arrival_time, stream, accepted,
             )
         )
         self._wakeup.set()
@@ -370,7 +369,8 @@ class AsyncEngine:
         ids = list(self._streams)
         if ids:
             logger.info("shutdown: aborting %d in-flight request(s)", len(ids))
-            self.engine.abort_request(ids)
+            # Their consumers get the final outputs, with finish_reason "abort".
+            self._dispatch(self.engine.abort_request(ids) or [])
         self._fail_all(RequestAbortedError("request aborted: the server is shutting down"))
         self._refresh_stats()
 

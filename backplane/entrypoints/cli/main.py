@@ -12,6 +12,9 @@ from backplane.version import __version__
 # Each module defines register(subparsers) and sets a `func(args) -> int` default.
 SUBCOMMAND_MODULES = [
     "platforms",
+    "serve",
+    "generate",
+    "chat",
 ]
 
 

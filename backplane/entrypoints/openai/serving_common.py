@@ -1,0 +1,378 @@
+"""What the completion and chat handlers share: model check, prompt limits,
+SamplingParams from a request, logprob text, SSE framing, disconnect handling."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any
+
+import anyio
+from fastapi import Request
+from starlette.responses import StreamingResponse
+
+from backplane.core.engine.async_engine import AsyncEngine, RequestAbortedError, RequestStream
+from backplane.entrypoints.openai.errors import (
+    OpenAIServingError,
+    bad_request,
+    from_value_error,
+)
+from backplane.entrypoints.openai.metrics import ServerMetrics
+from backplane.entrypoints.openai.protocol import MAX_LOGPROBS, UsageInfo
+from backplane.outputs import Logprob, RequestOutput
+from backplane.sampling_params import SamplingParams
+
+# How often a non-streaming handler checks whether its client is still there.
+DISCONNECT_POLL_S = 0.2
+# JSON has no -inf; a token with probability 0 is reported with this logprob.
+MIN_LOGPROB = -9999.0
+
+
+@dataclass
+class ServingContext:
+    """Everything a handler needs about the server and its engine."""
+
+    engine: AsyncEngine
+    served_model_names: list[str]
+    metrics: ServerMetrics
+    chat_template: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model_name(self) -> str:
+        """The name responses report (the first served name)."""
+        return self.served_model_names[0]
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self.engine.config.max_model_len)
+
+    @property
+    def vocab_size(self) -> int:
+        hf = getattr(self.engine.config.model_config, "hf_config", None)
+        size = getattr(hf, "vocab_size", None)
+        return int(size) if size else len(self.tokenizer)
+
+    def check_model(self, name: str | None) -> None:
+        """404 unless ``name`` is one of the served names (None means the default)."""
+        if name is not None and name not in self.served_model_names:
+            raise OpenAIServingError(
+                f"The model `{name}` does not exist; this server serves "
+                f"{', '.join(repr(n) for n in self.served_model_names)}",
+                HTTPStatus.NOT_FOUND,
+                param="model",
+                code="model_not_found",
+            )
+
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        """400 if any token id is outside the vocabulary."""
+        vocab = self.vocab_size
+        for tid in ids:
+            if tid < 0 or tid >= vocab:
+                raise bad_request(
+                    f"{param} contains token id {tid}, outside the vocabulary [0, {vocab})", param
+                )
+
+    def resolve_max_tokens(
+        self, prompt_len: int, requested: int | None, param: str, prompt_param: str
+    ) -> int:
+        """The number of tokens to generate, checked against max_model_len.
+
+        ``None`` means "as many as fit" (max_model_len - prompt length).
+        """
+        limit = self.max_model_len
+        if requested is not None and requested < 1:
+            raise bad_request(f"{param} must be >= 1, got {requested}", param)
+        if prompt_len >= limit:
+            raise bad_request(
+                f"prompt ({prompt_len} tokens) is too long: max_model_len is {limit} and at "
+                "least 1 token must be left to generate; shorten the prompt",
+                prompt_param,
+            )
+        if requested is None:
+            return limit - prompt_len
+        if prompt_len + requested > limit:
+            raise bad_request(
+                f"{param} ({requested}) + prompt ({prompt_len} tokens) = "
+                f"{prompt_len + requested} exceeds max_model_len ({limit}); lower {param} "
+                "or shorten the prompt",
+                param,
+            )
+        return requested
+
+
+def build_sampling_params(
+    req, *, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
+) -> SamplingParams:
+    """SamplingParams from a completion/chat request; 400 naming the field if invalid."""
+    for name, value in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+        if value is not None and not 0 <= value <= MAX_LOGPROBS:
+            raise bad_request(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}", name)
+    bias = None
+    if req.logit_bias:
+        try:
+            bias = {int(k): float(v) for k, v in req.logit_bias.items()}
+        except ValueError:
+            raise bad_request(
+                f"logit_bias keys must be token ids (integers as strings), got "
+                f"{list(req.logit_bias)[:5]}",
+                "logit_bias",
+            ) from None
+    kwargs: dict[str, Any] = dict(
+        n=req.n,
+        max_tokens=max_tokens,
+        min_tokens=req.min_tokens,
+        seed=req.seed,
+        stop=req.stop,
+        stop_token_ids=req.stop_token_ids,
+        ignore_eos=req.ignore_eos,
+        logit_bias=bias,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+        skip_special_tokens=req.skip_special_tokens,
+        spaces_between_special_tokens=req.spaces_between_special_tokens,
+        include_stop_str_in_output=req.include_stop_str_in_output,
+    )
+    # Only pass what the client set, so SamplingParams' defaults apply otherwise.
+    for name in (
+        "temperature", "top_p", "top_k", "min_p",
+        "presence_penalty", "frequency_penalty", "repetition_penalty",
+    ):
+        value = getattr(req, name)
+        if value is not None:
+            kwargs[name] = value
+    try:
+        return SamplingParams(**kwargs)
+    except ValueError as exc:
+        raise from_value_error(exc) from None
+
+
+def usage_of(outputs: list[RequestOutput]) -> UsageInfo:
+    """Token usage summed over the final outputs of a response's requests."""
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    return UsageInfo(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
+
+
+# ----- logprobs -----
+
+
+def token_text(tokenizer, token_id: int, logprob: Logprob | None) -> str:
+    """The text of one token, as shown in logprobs."""
+    if logprob is not None and logprob.decoded_token is not None:
+        return logprob.decoded_token
+    return tokenizer.decode([token_id])
+
+
+def chosen_logprob(entry: dict[int, Logprob] | None, token_id: int) -> float | None:
+    """The logprob of the sampled token at one position (None if not reported)."""
+    if not entry or token_id not in entry:
+        return None
+    return max(entry[token_id].logprob, MIN_LOGPROB)
+
+
+def ranked(entry: dict[int, Logprob] | None, limit: int) -> list[tuple[int, Logprob]]:
+    """The ``limit`` most likely tokens of one position, best first."""
+    if not entry:
+        return []
+    items = sorted(entry.items(), key=lambda kv: -kv[1].logprob)
+    return items[:limit]
+
+
+# ----- async plumbing -----
+
+
+class ClientDisconnected(Exception):
+    """The HTTP client went away before the response was ready."""
+
+
+async def run_unless_disconnected(raw_request: Request, work: Awaitable):
+    """Await ``work``, but cancel it (aborting its requests) if the client disconnects."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while not await raw_request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+    if task in done:
+        return task.result()
+    raise ClientDisconnected()
+
+
+async def iterate_request(engine: AsyncEngine, stream: RequestStream) -> AsyncIterator:
+    """Iterate a RequestStream, aborting the request if the consumer stops early."""
+    try:
+        async for output in stream:
+            yield output
+    finally:
+        if not stream.finished:
+            engine.abort_nowait(stream.request_id)
+
+
+async def merge_streams(
+    iterators: list[AsyncIterator[RequestOutput]],
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several output streams as ``(index, output)`` in arrival order.
+
+    Closing the merged iterator closes every source (so their requests are aborted).
+    """
+    if len(iterators) == 1:
+        async with contextlib.aclosing(iterators[0]) as only:
+            async for item in only:
+                yield 0, item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, it: AsyncIterator) -> None:
+        try:
+            async with contextlib.aclosing(it) as source:
+                async for item in source:
+                    await queue.put((i, item))
+            await queue.put((i, done))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # hand the error to the consumer
+            await queue.put((i, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, it)) for i, it in enumerate(iterators)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def submit_all(
+    ctx: ServingContext,
+    request_ids: list[str],
+    prompts: list[list[int]],
+    params: list[SamplingParams],
+    priority: int,
+) -> list[AsyncIterator[RequestOutput]]:
+    """Add one engine request per prompt; metered output iterators in the same order.
+
+    If any is refused, the ones already added are aborted and the error is
+    raised (ValueError becomes a 400).
+    """
+    arrived = time.time()
+    iterators: list[AsyncIterator[RequestOutput]] = []
+    try:
+        for rid, ids, sp in zip(request_ids, prompts, params, strict=True):
+            stream = await ctx.engine.add_request(rid, ids, sp, priority=priority)
+            iterators.append(ctx.metrics.track(iterate_request(ctx.engine, stream), arrived))
+    except BaseException as exc:
+        abort_all(ctx, request_ids)
+        if isinstance(exc, ValueError):
+            raise from_value_error(exc) from None
+        raise
+    return iterators
+
+
+def abort_all(ctx: ServingContext, request_ids: list[str]) -> None:
+    """Abort every request still running among ``request_ids`` (finished ones are skipped)."""
+    for rid in request_ids:
+        ctx.engine.abort_nowait(rid)
+
+
+async def collect_finals(iterators: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
+    """The final output of each request, in submission order."""
+    finals: list[RequestOutput | None] = [None] * len(iterators)
+    merged = merge_streams(iterators)
+    async with contextlib.aclosing(merged):
+        async for i, out in merged:
+            finals[i] = out
+    missing = [i for i, f in enumerate(finals) if f is None or not f.finished]
+    if missing:
+        raise RequestAbortedError(f"request(s) {missing} ended without a final output")
+    return finals  # type: ignore[return-value]
+
+
+def sse(payload: dict | str) -> str:
+    """One Server-Sent Event line pair."""
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+class SSEResponse(StreamingResponse):
+    """A text/event-stream response that notices client disconnects promptly.
+
+    It listens for the disconnect while streaming (whatever ASGI version the
+    server speaks), always closes the body generator, and then calls
+    ``on_close`` (which aborts the response's engine requests; a no-op for
+    requests that finished), even if the body was never iterated.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self, content: AsyncIterator[str], on_close: Callable[[], None] | None = None
+    ) -> None:
+        super().__init__(
+            content,
+            media_type=self.media_type,
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        async with anyio.create_task_group() as tg:
+
+            async def stream() -> None:
+                try:
+                    await self.stream_response(send)
+                except OSError:
+                    pass  # client gone mid-write
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(stream)
+            await self.listen_for_disconnect(receive)
+            tg.cancel_scope.cancel()
+
+    async def stream_response(self, send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                with anyio.CancelScope(shield=True):
+                    await aclose()
+            if self._on_close is not None:
+                self._on_close()
+
+
+def error_event(err: OpenAIServingError) -> str:
+    """An SSE event carrying an error (once a stream has started, the status is sent)."""
+    return sse(err.body())
