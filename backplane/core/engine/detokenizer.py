@@ -56,6 +56,13 @@ class IncrementalDetokenizer:
                 return self._check_stop(before)
         return None
 
+    def flush(self) -> None:
+        """At the end of generation, emit text held back for an incomplete character."""
+        if self.read_offset < len(self.ids) and self.stopped_by is None:
+            prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
+            self.text += self._decode(self.ids[self.prefix_offset :])[len(prefix_text) :]
+            self.prefix_offset = self.read_offset = len(self.ids)
+
     def _check_stop(self, previous_len: int) -> str | None:
         search_from = max(0, previous_len - self.max_stop_len + 1)
         best = None

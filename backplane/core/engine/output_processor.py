@@ -97,9 +97,10 @@ class OutputProcessor:
                 if out.logprobs is not None and seq.logprobs is not None:
                     self._add_logprobs(seq, out.logprobs)
                 stop = seq.detok.add_tokens(out.new_token_ids)
-                if out.finish_status is not None:
+                if out.finish_status is not None and stop is None:
                     seq.finish_reason = out.finish_status.finish_reason
                     seq.stop_reason = out.stop_reason
+                    seq.detok.flush()
                 elif stop is not None:
                     seq.finish_reason, seq.stop_reason = "stop", stop
                     stopped_by_string.append(seq.seq_id)
