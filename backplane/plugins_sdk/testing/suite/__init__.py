@@ -1,0 +1,1 @@
+"""Conformance test modules; collected only when a platform is requested (see ..plugin)."""

@@ -1,0 +1,129 @@
+"""Conformance: every attention backend against a float64 reference on paged inputs.
+
+Each case runs up to three steps through `PagedAttentionHarness`: a prefill
+that writes the cached prefixes (when the case has any), the case's own step
+(optionally followed by padding tokens with slot -1), then one decode step for
+every request, which reads back everything written before, so a backend that
+writes padding or misplaces keys fails there even if the step itself looked right.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from backplane.plugins_sdk.attention import AttentionSpec
+from backplane.plugins_sdk.testing.paged import PagedAttentionHarness, tolerance
+from backplane.plugins_sdk.testing.plugin import platform_for
+
+pytestmark = pytest.mark.backplane_conformance
+
+
+@dataclass(frozen=True)
+class Case:
+    """(cached prefix length, new tokens) per request, plus the head and block layout."""
+
+    id: str
+    requests: tuple[tuple[int, int], ...]
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    block_size: int = 16
+    num_padding: int = 0
+
+
+CASES = [
+    Case("prefill", ((0, 7), (0, 19), (0, 1))),
+    Case("prefill_with_prefix", ((16, 5), (5, 12), (33, 2)), num_padding=3),
+    Case("decode", ((9, 1), (30, 1), (1, 1), (16, 1)), num_padding=4),
+    Case("mixed", ((12, 1), (0, 9), (20, 6), (3, 1)), num_padding=5),
+    Case("mixed_mha", ((12, 1), (0, 9), (20, 6)), num_heads=4, num_kv_heads=4),
+    Case("mixed_mqa", ((12, 1), (0, 9), (20, 6)), num_heads=4, num_kv_heads=1, num_padding=2),
+    Case("gqa_4to1_decode", ((40, 1), (7, 1)), num_heads=8, num_kv_heads=2),
+    Case("block_size_1", ((5, 1), (0, 4), (3, 3)), block_size=1, num_padding=2),
+    Case("block_size_8", ((12, 1), (0, 9), (20, 6)), block_size=8, num_padding=1),
+    Case("block_size_32", ((40, 1), (0, 33), (31, 3)), block_size=32, num_padding=3),
+]
+
+
+def _backends(config):
+    return platform_for(config).attention_backends()
+
+
+def pytest_generate_tests(metafunc):
+    if "backend_cls" in metafunc.fixturenames:
+        backends = _backends(metafunc.config)
+        metafunc.parametrize("backend_cls", backends, ids=[b.name for b in backends])
+    if "case" in metafunc.fixturenames:
+        metafunc.parametrize("case", CASES, ids=[c.id for c in CASES])
+
+
+def _head_size(backend_cls) -> int:
+    sizes = backend_cls.supported_head_sizes
+    return 32 if sizes is None or 32 in sizes else min(sizes)
+
+
+def _spec(backend_cls, case: Case, dtype: torch.dtype) -> AttentionSpec:
+    return AttentionSpec(
+        num_heads=case.num_heads, num_kv_heads=case.num_kv_heads,
+        head_size=_head_size(backend_cls), dtype=dtype, block_size=case.block_size,
+    )
+
+
+def _run_case(backend_cls, case: Case, dtype: torch.dtype, device) -> None:
+    spec = _spec(backend_cls, case, dtype)
+    reasons = backend_cls.unsupported_reasons(spec)
+    if reasons:
+        pytest.skip(f"{backend_cls.name} declares it cannot serve this case: {'; '.join(reasons)}")
+    # +1: the final decode step appends one token to every request.
+    harness = PagedAttentionHarness(
+        backend_cls, spec, device, [ctx + q + 1 for ctx, q in case.requests], seed=len(case.id))
+    tol = tolerance(dtype)
+    steps = []
+    prefixes = {i: ctx for i, (ctx, _) in enumerate(case.requests) if ctx}
+    if prefixes:
+        steps.append(("prefix prefill", prefixes, 0))
+    steps.append((case.id, {i: q for i, (_, q) in enumerate(case.requests)}, case.num_padding))
+    steps.append(("decode after", {i: 1 for i in range(len(case.requests))}, 0))
+    for name, query_lens, padding in steps:
+        result = harness.step(query_lens, num_padding=padding)
+        assert torch.isfinite(result.output).all(), f"step {name!r}: non-finite output"
+        err = (result.output - result.expected).abs().max().item()
+        assert torch.allclose(result.output, result.expected, **tol), (
+            f"{backend_cls.name}, case {case.id}, step {name!r}: max abs error {err:.3g} "
+            f"exceeds atol={tol['atol']} rtol={tol['rtol']} ({str(dtype)})")
+
+
+def test_attention_matches_reference_float32(backplane_device, backend_cls, case):
+    if torch.float32 not in backend_cls.supported_dtypes:
+        pytest.skip(f"{backend_cls.name} does not support float32")
+    _run_case(backend_cls, case, torch.float32, backplane_device)
+
+
+@pytest.mark.parametrize("case_id", ["mixed", "prefill_with_prefix"])
+def test_attention_matches_reference_default_dtype(backplane_platform, backplane_device,
+                                                   backend_cls, case_id):
+    dtype = backplane_platform.runtime.default_dtype()
+    if dtype not in backend_cls.supported_dtypes:
+        pytest.skip(f"{backend_cls.name} does not support the platform default dtype {dtype}")
+    case = next(c for c in CASES if c.id == case_id)
+    _run_case(backend_cls, case, dtype, backplane_device)
+
+
+def test_attention_kv_cache_shape_holds_every_slot(backend_cls):
+    shape = backend_cls.kv_cache_shape(7, 16, 2, 32)
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    assert numel >= 2 * 7 * 16 * 2 * 32, f"kv_cache_shape {shape} is too small for K and V"
+
+
+def test_attention_declares_unsupported_configs_with_reasons(backend_cls):
+    spec = AttentionSpec(num_heads=4, num_kv_heads=2, head_size=_head_size(backend_cls),
+                         dtype=torch.int32, block_size=16, kv_cache_dtype="no_such_dtype")
+    reasons = backend_cls.unsupported_reasons(spec)
+    assert isinstance(reasons, list) and all(isinstance(r, str) and r for r in reasons)
+    text = " ".join(reasons)
+    assert "dtype" in text, f"int32 compute should be refused with a reason, got {reasons}"
+    assert "kv_cache_dtype" in text, f"unknown kv_cache_dtype should be refused, got {reasons}"
