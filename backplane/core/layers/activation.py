@@ -12,4 +12,6 @@ class SiluAndMul(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = x.shape[-1] // 2
-        return F.silu(x[..., :d]) * x[..., d:]
+        # silu allocates the result once; the product is written into it in place.
+        out = F.silu(x[..., :d])
+        return out.mul_(x[..., d:])
