@@ -1,0 +1,84 @@
+"""The Acme Platform: device runtime, config policy and attention backend.
+
+Written only against `backplane.plugins_sdk`, like every Backplane platform.
+"""
+
+from __future__ import annotations
+
+import torch
+from backplane.plugins_sdk import ConfigDecision, ConfigPolicy, DeviceRuntime, Platform
+
+from backplane_acme import visible_devices
+from backplane_acme.attention import AcmeAttentionBackend
+
+# Simulated memory per Acme device.
+ACME_DEVICE_MEMORY_BYTES = 8 * 1024**3
+# KV cache budget used when the user sets none (the "device" is really host RAM).
+DEFAULT_KV_CACHE_BYTES = 512 * 1024**2
+
+
+class AcmeRuntime(DeviceRuntime):
+    """The visible Acme devices; tensors live in host memory (torch device "cpu")."""
+
+    device_type = "cpu"
+    supported_dtypes = (torch.float32, torch.bfloat16)
+
+    def device_count(self) -> int:
+        return len(visible_devices())
+
+    def device_name(self, index: int = 0) -> str:
+        return f"Acme Simulated Accelerator #{index}"
+
+    def total_memory(self, index: int = 0) -> int:
+        return ACME_DEVICE_MEMORY_BYTES
+
+    def available_memory(self, index: int = 0) -> int:
+        return ACME_DEVICE_MEMORY_BYTES
+
+    def default_dtype(self) -> torch.dtype:
+        return torch.bfloat16
+
+
+class AcmeConfigPolicy(ConfigPolicy):
+    """Acme's defaults and refusals, each with its reason."""
+
+    def check_and_update_config(self, config) -> ConfigDecision:
+        decision = ConfigDecision()
+        cache = config.cache_config
+        if cache.kv_cache_memory_bytes is None and cache.num_kv_blocks is None:
+            cache.kv_cache_memory_bytes = DEFAULT_KV_CACHE_BYTES
+            decision.changes.append(
+                "kv_cache_memory_bytes defaults to 512 MiB on acme (set kv_cache_memory_bytes "
+                "or num_kv_blocks to change it)")
+        if cache.kv_cache_dtype != "auto":
+            decision.refusals.append(
+                f"kv_cache_dtype {cache.kv_cache_dtype!r} is not supported on acme; use 'auto'")
+        if config.compilation_config.use_graphs:
+            decision.refusals.append(
+                "graph capture (use_graphs=True) is not available on acme; use optimization "
+                "level O0 or O1")
+        dtype = config.model_config.torch_dtype
+        if dtype is not None and dtype not in AcmeRuntime.supported_dtypes:
+            decision.refusals.append(
+                f"dtype {str(dtype).removeprefix('torch.')} is not supported on acme; use "
+                "dtype='float32' or 'bfloat16'")
+        if cache.block_size not in AcmeAttentionBackend.supported_block_sizes:
+            decision.refusals.append(
+                f"block_size {cache.block_size} is not supported on acme; use one of "
+                f"{AcmeAttentionBackend.supported_block_sizes}")
+        return decision
+
+
+class AcmePlatform(Platform):
+    """Acme as Backplane sees it."""
+
+    name = "acme"
+    dist_backend = "gloo"
+    compile_backend = None
+    supports_graph_capture = False
+
+    def __init__(self) -> None:
+        super().__init__(AcmeRuntime(), AcmeConfigPolicy())
+
+    def attention_backends(self):
+        return [AcmeAttentionBackend]

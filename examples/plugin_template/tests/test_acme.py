@@ -1,0 +1,55 @@
+"""Acme's own tests; Backplane's conformance suite runs next to them (see pyproject.toml)."""
+
+from __future__ import annotations
+
+import torch
+from backplane.plugins_sdk import AttentionSpec, check_sdk_compatibility
+
+import backplane_acme
+
+
+def test_descriptor_is_written_for_a_compatible_sdk():
+    assert check_sdk_compatibility(backplane_acme.descriptor.sdk_version) is None
+
+
+def test_probe_needs_a_visible_device(monkeypatch):
+    monkeypatch.delenv("ACME_VISIBLE_DEVICES", raising=False)
+    result = backplane_acme.descriptor.probe()
+    assert not result.available and "ACME_VISIBLE_DEVICES" in result.reason
+    monkeypatch.setenv("ACME_VISIBLE_DEVICES", "0,1")
+    result = backplane_acme.descriptor.probe()
+    assert result.available and "2 Acme device(s)" in result.reason
+
+
+def test_probe_reports_a_malformed_device_list(monkeypatch):
+    monkeypatch.setenv("ACME_VISIBLE_DEVICES", "zero")
+    result = backplane_acme.descriptor.probe()
+    assert not result.available and "'zero'" in result.reason
+
+
+def test_backplane_selects_acme_by_name():
+    from backplane.platforms import explain_selection
+
+    report = explain_selection("acme")
+    assert report.chosen == "acme", report.error
+    assert report.plugin("acme").attention_backends == ["acme_paged"]
+
+
+def test_attention_backend_refuses_unsupported_block_size():
+    from backplane_acme.attention import AcmeAttentionBackend
+
+    spec = AttentionSpec(4, 2, 32, torch.float32, block_size=64)
+    assert AcmeAttentionBackend.unsupported_reasons(spec) == ["block_size 64 not in (8, 16, 32)"]
+
+
+def test_policy_refuses_float16():
+    from backplane.config import EngineConfig
+    from backplane.config.configs import ModelConfig
+
+    from backplane_acme.platform import AcmePlatform
+
+    config = EngineConfig(model_config=ModelConfig(model="m", dtype="float16"))
+    config.model_config.torch_dtype = torch.float16
+    decision = AcmePlatform().config_policy.check_and_update_config(config)
+    assert decision.refusals == [
+        "dtype float16 is not supported on acme; use dtype='float32' or 'bfloat16'"]
