@@ -131,13 +131,18 @@ def reset_warnings() -> None:
 
 
 def resolve_deprecated(
-    values: dict[str, Any], where: str, problems: list[str] | None = None
+    values: dict[str, Any],
+    where: str,
+    problems: list[str] | None = None,
+    warnings_out: list[str] | None = None,
 ) -> dict[str, Any]:
     """Rewrite deprecated names in ``values`` (underscore keys) to their replacements.
 
     Warns once per option while it still works; at/after its removal release the
     option is an error. Errors are appended to ``problems`` when given (so callers
-    can report everything at once), otherwise the first one raises ValueError.
+    can report everything at once), otherwise they are raised as one ValueError.
+    With ``warnings_out`` the warnings are appended there instead of being
+    emitted (for reports such as `backplane config validate`).
     Removed-without-replacement options are dropped.
     """
     out: dict[str, Any] = {}
@@ -150,7 +155,10 @@ def resolve_deprecated(
         if is_removed(entry):
             errors.append(removal_message(entry, where))
             continue
-        warn_deprecated(entry, where)
+        if warnings_out is not None:
+            warnings_out.append(warning_message(entry, where))
+        else:
+            warn_deprecated(entry, where)
         if entry.new is None:
             continue
         if entry.new in values:

@@ -92,6 +92,7 @@ def normalize_options(
     *,
     extra_keys: frozenset[str] | set[str] = SERVER_OPTION_KEYS,
     problems: list[str] | None = None,
+    warnings_out: list[str] | None = None,
 ) -> dict[str, Any]:
     """Turn one source's raw options into typed EngineArgs field values.
 
@@ -99,6 +100,7 @@ def normalize_options(
     ``extra_keys`` (options of other components, e.g. the server's ``port``) and
     converts values to the fields' types. Unknown keys and bad values are
     collected: appended to ``problems`` when given, else raised as one ValueError.
+    Deprecation warnings go to ``warnings_out`` when given, else are emitted.
     """
     errors: list[str] = []
     values: dict[str, Any] = {}
@@ -122,7 +124,7 @@ def normalize_options(
             errors.append(f"{where}: {norm!r} is given twice (also as an alias)")
             continue
         values[norm] = value
-    values = resolve_deprecated(values, where, errors)
+    values = resolve_deprecated(values, where, errors, warnings_out)
     typed: dict[str, Any] = {}
     for name, value in values.items():
         try:

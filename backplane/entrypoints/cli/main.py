@@ -15,6 +15,9 @@ SUBCOMMAND_MODULES = [
     "serve",
     "generate",
     "chat",
+    "config_cmd",
+    "collect_env",
+    "bench",
 ]
 
 
