@@ -80,15 +80,19 @@ class PagedAttentionHarness:
         bs = spec.block_size
         needed = [math.ceil(n / bs) for n in max_seq_lens]
         self.num_blocks = sum(needed) + spare_blocks
-        # Random, non-contiguous block ids; the highest id is always in use so that a
-        # backend writing padding tokens to slot -1 (the cache's last slot) is caught.
+        # Random, non-contiguous block ids. The highest id becomes the first block of the
+        # longest request, whose last slot is then in use: a backend that writes padding
+        # tokens (slot -1, i.e. the cache's last slot) corrupts a real key and is caught.
         order = torch.randperm(self.num_blocks, generator=self.generator).tolist()
         order.remove(self.num_blocks - 1)
-        order.insert(0, self.num_blocks - 1)
+        longest = max(range(len(needed)), key=lambda i: max_seq_lens[i])
         self.requests, start = [], 0
-        for n in needed:
-            self.requests.append(_Request(order[start : start + n]))
-            start += n
+        for i, n in enumerate(needed):
+            if i == longest:
+                blocks, start = [self.num_blocks - 1, *order[start : start + n - 1]], start + n - 1
+            else:
+                blocks, start = order[start : start + n], start + n
+            self.requests.append(_Request(blocks))
         shape = backend_cls.kv_cache_shape(self.num_blocks, bs, spec.num_kv_heads, spec.head_size)
         self.kv_cache = torch.zeros(shape, dtype=spec.dtype, device=device)
         if self.kv_cache.is_floating_point():
