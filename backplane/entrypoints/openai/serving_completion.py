@@ -144,11 +144,13 @@ class CompletionServing:
             text = token_text(tok, tid, entry.get(tid) if entry else None)
             result.tokens.append(text)
             result.token_logprobs.append(chosen_logprob(entry, tid))
-            result.top_logprobs.append(
-                {token_text(tok, t, lp): chosen_logprob(entry, t) for t, lp in ranked(entry, len(entry))}
-                if entry
-                else None
-            )
+            top: dict[str, float] | None = None
+            if entry:
+                top = {}
+                # best first; tokens that decode to the same text keep the best logprob
+                for t, _lp in ranked(entry, len(entry)):
+                    top.setdefault(token_text(tok, t, _lp), chosen_logprob(entry, t))
+            result.top_logprobs.append(top)
             result.text_offset.append(offset)
             offset += len(text)
         return result

@@ -1,0 +1,93 @@
+"""Run the real OpenAI server (uvicorn) in a background thread on a free loopback port."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from dataclasses import dataclass
+
+import httpx
+import uvicorn
+
+from backplane.config import EngineArgs
+from backplane.core.engine.async_engine import AsyncEngine
+from backplane.entrypoints.openai.api_server import build_app
+
+API_KEY = "test-key"
+MAX_MODEL_LEN = 128
+
+
+def tiny_engine_args(model_dir: str, **overrides) -> EngineArgs:
+    """Small limits so that tests run fast and exercise the length checks."""
+    kwargs = dict(
+        model=model_dir, max_model_len=MAX_MODEL_LEN, num_kv_blocks=160, block_size=16,
+        max_num_seqs=64, seed=0,
+    )
+    kwargs.update(overrides)
+    return EngineArgs(**kwargs)
+
+
+@dataclass
+class RunningServer:
+    """A live server: its base URL, its AsyncEngine, and the uvicorn server."""
+
+    url: str
+    engine: AsyncEngine
+    server: uvicorn.Server
+    thread: threading.Thread
+    api_key: str | None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers=self.headers, timeout=30, **kwargs)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def start_server(engine: AsyncEngine, api_key: str | None = API_KEY, **app_kwargs) -> RunningServer:
+    """Start uvicorn in a thread (port 0: the OS picks a free port) and wait until it serves."""
+    app = build_app(engine, api_key=api_key, **app_kwargs)
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        if not thread.is_alive() or time.time() > deadline:
+            raise RuntimeError("test server did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    return RunningServer(f"http://127.0.0.1:{port}", engine, server, thread, api_key)
+
+
+def metric(text: str, name: str, **labels) -> float:
+    """The value of one sample in Prometheus text (labels given must match)."""
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', line.split(" ")[0]))
+        if all(found.get(k) == v for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(f"{name}{labels} not in metrics")
+
+
+def wait_until_idle(server: RunningServer, timeout: float = 10.0) -> str:
+    """Poll /metrics until nothing runs or waits and no KV block is held; return the text."""
+    deadline = time.time() + timeout
+    with server.client() as c:
+        while True:
+            text = c.get("/metrics").text
+            idle = (
+                metric(text, "backplane:num_requests_running") == 0
+                and metric(text, "backplane:num_requests_waiting") == 0
+                and metric(text, "backplane:kv_cache_usage_perc") == 0
+            )
+            if idle or time.time() > deadline:
+                return text
+            time.sleep(0.05)
