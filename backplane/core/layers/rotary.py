@@ -91,6 +91,13 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin_cache", torch.empty(0), persistent=False)
         self.build_cache()
 
+    def ensure_positions(self, max_positions: int) -> None:
+        """Grow the tables to cover ``max_positions`` (e.g. a max_model_len past the
+        config's limit, where RoPE extrapolates), so lookups never go out of range."""
+        if max_positions > self.max_positions:
+            self.max_positions = max_positions
+            self.build_cache()
+
     def init_buffers(self, device: torch.device | str) -> None:
         """Loader hook: recompute the tables on ``device`` after meta materialisation."""
         self.build_cache(device)

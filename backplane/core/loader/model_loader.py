@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from backplane.config.configs import ModelConfig, parse_dtype
+from backplane.core.layers.rotary import RotaryEmbedding
 from backplane.core.loader.hf_config import load_hf_config
 from backplane.core.loader.weights import iterate_weights, resolve_model_dir, safetensors_files
 from backplane.core.models.registry import resolve_model_class
@@ -80,6 +81,10 @@ def load_model(model_config: ModelConfig, device: torch.device | str) -> nn.Modu
         model = model_cls(hf_config, dtype)
     model.to_empty(device=device)
     init_buffers(model, device)
+    if model_config.max_model_len:
+        for module in model.modules():
+            if isinstance(module, RotaryEmbedding):
+                module.ensure_positions(model_config.max_model_len)
     loaded = model.load_weights(iterate_weights(files))
     missing = sorted(model.expected_weight_names() - loaded)
     if missing:

@@ -110,3 +110,14 @@ def test_sliding_window_reported_only_when_it_matters():
         model = MistralForCausalLM(make_config("mistral", sliding_window=128), torch.float32)
     assert model.attention_spec(16, torch.float32).sliding_window == 128
     assert model.attention_spec(16, torch.float32, max_model_len=128).sliding_window is None
+
+
+def test_rotary_tables_grow_for_longer_max_model_len(tiny_model_factory):
+    from backplane.config.configs import ModelConfig
+    from backplane.core.loader import load_model
+
+    config = ModelConfig(model=tiny_model_factory("llama"), max_model_len=700)
+    rotary = load_model(config, "cpu").model.rotary_emb
+    assert rotary.max_positions == 700 and rotary.cos_cache.shape[0] == 700
+    short = RotaryEmbedding(16, 512, rotary.params)
+    torch.testing.assert_close(rotary.cos_cache[:512], short.cos_cache)
