@@ -1,0 +1,170 @@
+"""The linear-layer ceiling of a decode step: the model's matmuls alone.
+
+A decode step of a dense decoder must at least multiply every layer's weight
+matrices by a [batch, in] activation: q/k/v/o, gate/up/down, then the
+lm_head for one row per sequence. Timing exactly those `F.linear` calls on
+weights of the real shapes and dtype, one distinct tensor per layer so that
+they stream from memory as in a real step rather than staying in cache,
+gives the floor a decode step cannot beat on this machine with these
+kernels. An engine's decode step time divided into this is its fraction of
+the ceiling.
+
+Two layouts are timed: separate projections, and fused qkv / gate_up (what
+an engine may do); the faster is the ceiling.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from backplane.config.configs import parse_dtype
+
+
+@dataclass
+class LayerShapes:
+    """Matmul shapes of one decoder layer and the lm_head."""
+
+    hidden: int
+    q_out: int
+    kv_out: int
+    intermediate: int
+    vocab: int
+    num_layers: int
+    qkv_bias: bool
+
+    @classmethod
+    def from_hf_config(cls, hf_config) -> LayerShapes:
+        get = getattr(hf_config, "get_text_config", None)
+        cfg = get() if callable(get) else hf_config
+        heads = cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        return cls(
+            hidden=cfg.hidden_size,
+            q_out=heads * head_dim,
+            kv_out=kv_heads * head_dim,
+            intermediate=cfg.intermediate_size,
+            vocab=cfg.vocab_size,
+            num_layers=cfg.num_hidden_layers,
+            qkv_bias=bool(getattr(cfg, "attention_bias", False)) or cfg.model_type == "qwen2",
+        )
+
+
+class _Weights:
+    """Fused per-layer weights; the separate layout uses contiguous row slices of them."""
+
+    def __init__(self, shapes: LayerShapes, dtype: torch.dtype) -> None:
+        s = shapes
+        qkv_out = s.q_out + 2 * s.kv_out
+
+        def mat(rows: int, cols: int) -> torch.Tensor:
+            # Values do not change matmul speed, but uninitialised memory may hold
+            # denormals or NaNs that do on some CPUs.
+            return torch.empty(rows, cols, dtype=dtype).uniform_(-0.02, 0.02)
+
+        self.layers = []
+        for _ in range(s.num_layers):
+            qkv = mat(qkv_out, s.hidden)
+            bias = torch.zeros(qkv_out, dtype=dtype) if s.qkv_bias else None
+            self.layers.append(
+                {
+                    "qkv": qkv,
+                    "qkv_bias": bias,
+                    "o": mat(s.hidden, s.q_out),
+                    "gate_up": mat(2 * s.intermediate, s.hidden),
+                    "down": mat(s.hidden, s.intermediate),
+                }
+            )
+        self.lm_head = mat(s.vocab, s.hidden)
+        self.shapes = s
+
+    def bytes(self) -> int:
+        total = self.lm_head.numel() * self.lm_head.element_size()
+        for layer in self.layers:
+            for t in layer.values():
+                if t is not None:
+                    total += t.numel() * t.element_size()
+        return total
+
+
+def _step_separate(w: _Weights, x_h, x_q, x_i) -> None:
+    s = w.shapes
+    for layer in w.layers:
+        qkv, b = layer["qkv"], layer["qkv_bias"]
+        q_end, k_end = s.q_out, s.q_out + s.kv_out
+        F.linear(x_h, qkv[:q_end], None if b is None else b[:q_end])
+        F.linear(x_h, qkv[q_end:k_end], None if b is None else b[q_end:k_end])
+        F.linear(x_h, qkv[k_end:], None if b is None else b[k_end:])
+        F.linear(x_q, layer["o"])
+        F.linear(x_h, layer["gate_up"][: s.intermediate])
+        F.linear(x_h, layer["gate_up"][s.intermediate :])
+        F.linear(x_i, layer["down"])
+    F.linear(x_h, w.lm_head)
+
+
+def _step_fused(w: _Weights, x_h, x_q, x_i) -> None:
+    for layer in w.layers:
+        F.linear(x_h, layer["qkv"], layer["qkv_bias"])
+        F.linear(x_q, layer["o"])
+        F.linear(x_h, layer["gate_up"])
+        F.linear(x_i, layer["down"])
+    F.linear(x_h, w.lm_head)
+
+
+def _time(fn, min_iters: int, min_seconds: float) -> list[float]:
+    fn()  # warm-up: first-call kernel selection and page faults
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_iters or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 200:
+            break
+    return times
+
+
+def measure_ceiling(
+    hf_config,
+    dtype: str,
+    batch_sizes: list[int],
+    min_iters: int = 5,
+    min_seconds: float = 0.5,
+) -> dict[int, dict]:
+    """Median seconds of one decode step's linear layers at each batch size.
+
+    Returns {batch: {"step_s", "separate_s", "fused_s", "per_token_s",
+    "weight_bytes", "gb_per_s"}} where ``step_s`` is the faster layout.
+    """
+    torch_dtype = parse_dtype(dtype)
+    shapes = LayerShapes.from_hf_config(hf_config)
+    weights = _Weights(shapes, torch_dtype)
+    weight_bytes = weights.bytes()
+    results: dict[int, dict] = {}
+    with torch.inference_mode():
+        for batch in sorted(set(batch_sizes)):
+            if batch < 1:
+                raise ValueError(f"batch size ({batch}) must be at least 1")
+            x_h = torch.randn(batch, shapes.hidden, dtype=torch_dtype)
+            x_q = torch.randn(batch, shapes.q_out, dtype=torch_dtype)
+            x_i = torch.randn(batch, shapes.intermediate, dtype=torch_dtype)
+            sep = statistics.median(_time(
+                partial(_step_separate, weights, x_h, x_q, x_i), min_iters, min_seconds))
+            fused = statistics.median(_time(
+                partial(_step_fused, weights, x_h, x_q, x_i), min_iters, min_seconds))
+            best = min(sep, fused)
+            results[batch] = {
+                "step_s": best,
+                "separate_s": sep,
+                "fused_s": fused,
+                "per_token_s": best / batch,
+                "weight_bytes": weight_bytes,
+                "gb_per_s": weight_bytes / best / 1e9,
+            }
+    return results

@@ -1,0 +1,263 @@
+"""`backplane bench throughput`: offline engine throughput on a synthetic request set.
+
+Every comparison is a ratio measured in the same process run: the engine
+against transformers `generate` (`--baseline transformers`), the engine's
+decode steps against the linear-layer ceiling (`--ceiling`), prefix caching
+on against off (`--compare-prefix-caching`). With `--repeat K` each figure is
+measured K times on fresh prompts (so prefix caching cannot reuse an earlier
+repeat's blocks) and the median and range are quoted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from backplane.benchmarks import memory
+from backplane.benchmarks.ceiling import measure_ceiling
+from backplane.benchmarks.engine_runner import (
+    EngineRun,
+    create_engine,
+    engine_dtype,
+    engine_hf_config,
+    kv_cache_tokens,
+    run_requests,
+    warm_up,
+)
+from backplane.benchmarks.hf_baseline import DEFAULT_BATCH_SIZES, TransformersBaseline
+from backplane.benchmarks.report import dump_json, median_and_range, print_table
+from backplane.benchmarks.step_timing import decode_step_summary
+from backplane.benchmarks.workload import WorkloadSpec, build_requests, token_id_range
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ThroughputOptions:
+    """Everything `bench throughput` was asked to do (the parsed command line)."""
+
+    engine_args: Any  # backplane.config.EngineArgs
+    workload: WorkloadSpec
+    repeat: int = 1
+    baseline: str | None = None
+    baseline_batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
+    ceiling: bool = False
+    ceiling_batch_sizes: tuple[int, ...] | None = None
+    compare_prefix_caching: bool = False
+    temperature: float = 0.0
+    progress: bool = True
+
+
+def _engine_figures(runs: list[EngineRun]) -> dict:
+    return {
+        "requests_per_s": median_and_range([r.requests_per_s for r in runs]),
+        "output_tokens_per_s": median_and_range([r.output_tokens_per_s for r in runs]),
+        "total_tokens_per_s": median_and_range([r.total_tokens_per_s for r in runs]),
+        "seconds": median_and_range([r.seconds for r in runs]),
+    }
+
+
+def _run_engine_repeats(opts: ThroughputOptions, engine_args: Any, label: str
+                        ) -> tuple[Any, list[EngineRun], list]:
+    """Build one engine, warm it up, run the workload `repeat` times on fresh prompts."""
+    engine = create_engine(engine_args)
+    low, high = token_id_range(engine.tokenizer)
+    warm_up(engine, low, high)
+    runs, request_sets = [], []
+    for rep in range(opts.repeat):
+        spec = WorkloadSpec(**{**vars(opts.workload), "seed": opts.workload.seed + rep})
+        requests = build_requests(spec, low, high)
+        request_sets.append(requests)
+        run = run_requests(engine, requests, opts.temperature, progress=opts.progress,
+                           desc=f"{label} {rep + 1}/{opts.repeat}")
+        logger.info("%s run %d: %.1f output tok/s", label, rep + 1, run.output_tokens_per_s)
+        runs.append(run)
+    return engine, runs, request_sets
+
+
+def run_throughput(opts: ThroughputOptions) -> dict:
+    """Run the benchmark described by ``opts``; returns the result dictionary."""
+    import torch
+
+    opts.workload.validate()
+    if opts.repeat < 1:
+        raise ValueError(f"repeat ({opts.repeat}) must be at least 1")
+    if opts.baseline not in (None, "transformers"):
+        raise ValueError(f"baseline {opts.baseline!r} is not supported; use 'transformers'")
+
+    model = opts.engine_args.model
+    rss_before = memory.current_rss_bytes()
+    engine, runs, request_sets = _run_engine_repeats(opts, opts.engine_args, "backplane")
+    threads = torch.get_num_threads()
+    dtype = engine_dtype(engine)
+    hf_config = engine_hf_config(engine, model)
+    kv_tokens = kv_cache_tokens(engine)
+    # Peak RSS now, before the baseline or ceiling allocate their own copies of the weights.
+    mem = memory.memory_report(hf_config, dtype, kv_tokens, memory.peak_rss_bytes())
+    mem["kv_cache_tokens"] = kv_tokens
+    # What the process held before the engine existed (interpreter, torch, transformers).
+    mem["rss_before_engine_bytes"] = rss_before
+    mem["kv_tokens_needed_by_workload"] = max(
+        sum(r.prompt_len + r.output_len for r in reqs) for reqs in request_sets
+    )
+    steps = [s for run in runs for s in run.steps]
+    decode = decode_step_summary(steps)
+    all_steps = [s for s in steps if s.model_seconds is not None]
+    result: dict[str, Any] = {
+        "model": model,
+        "dtype": dtype,
+        "torch_threads": threads,
+        "workload": {**vars(opts.workload), "repeat": opts.repeat},
+        "engine_args": dataclasses.asdict(opts.engine_args),
+        "timing_source": runs[0].timing_source,
+        "backplane": _engine_figures(runs),
+        "num_steps": len(steps),
+        "overhead_pct_all_steps": (
+            100.0 * sum(s.seconds - s.model_seconds for s in all_steps)
+            / sum(s.seconds for s in all_steps) if all_steps else None
+        ),
+        "decode_steps": decode,
+        "engine_stats": runs[-1].stats,
+        "memory": mem,
+    }
+    del engine
+    gc.collect()
+
+    if opts.compare_prefix_caching:
+        # The main run above used the given setting; run the other one now so that
+        # both are measured in this process on the same prompts.
+        main_on = bool(opts.engine_args.enable_prefix_caching)
+        other_args = dataclasses.replace(opts.engine_args, enable_prefix_caching=not main_on)
+        other_engine, other_runs, _ = _run_engine_repeats(
+            opts, other_args, "prefix caching " + ("off" if main_on else "on"))
+        del other_engine
+        gc.collect()
+        on_runs, off_runs = (runs, other_runs) if main_on else (other_runs, runs)
+        ratios = [a.output_tokens_per_s / b.output_tokens_per_s
+                  for a, b in zip(on_runs, off_runs, strict=True)]
+        result["prefix_caching"] = {
+            "on": _engine_figures(on_runs),
+            "off": _engine_figures(off_runs),
+            "speedup_on_over_off": median_and_range(ratios),
+        }
+
+    if opts.baseline == "transformers":
+        baseline = TransformersBaseline(model, dtype, num_threads=threads)
+        sweep = baseline.sweep(request_sets[0], opts.baseline_batch_sizes, progress=opts.progress)
+        best = max(sweep, key=lambda r: r.output_tokens_per_s)
+        hf_runs = [best] + [
+            baseline.run(reqs, best.batch_size, progress=opts.progress)
+            for reqs in request_sets[1:]
+        ]
+        ratios = [e.output_tokens_per_s / h.output_tokens_per_s
+                  for e, h in zip(runs, hf_runs, strict=True)]
+        result["transformers"] = {
+            "best_batch_size": best.batch_size,
+            "sweep": {r.batch_size: r.output_tokens_per_s for r in sweep},
+            "requests_per_s": median_and_range([r.requests_per_s for r in hf_runs]),
+            "output_tokens_per_s": median_and_range([r.output_tokens_per_s for r in hf_runs]),
+            "total_tokens_per_s": median_and_range([r.total_tokens_per_s for r in hf_runs]),
+        }
+        result["speedup_over_transformers"] = median_and_range(ratios)
+        del baseline
+        gc.collect()
+
+    if opts.ceiling:
+        sizes = list(opts.ceiling_batch_sizes or [])
+        if not sizes:
+            # The engine's most and least loaded decode batches that were seen often enough.
+            sizes = sorted({min(decode), max(decode)}) if decode else [1]
+        ceiling = measure_ceiling(hf_config, dtype, sizes)
+        for batch, entry in ceiling.items():
+            if batch in decode:
+                entry["engine_step_s"] = decode[batch]["median_step_s"]
+                entry["engine_fraction_of_ceiling"] = entry["step_s"] / decode[batch]["median_step_s"]
+        result["ceiling"] = ceiling
+    return result
+
+
+def result_rows(result: dict) -> list[tuple[str, Any]]:
+    """The human-readable table rows of a throughput result."""
+    bp = result["backplane"]
+    wl = result["workload"]
+    lens = (f"{wl['input_len_range'][0]}..{wl['input_len_range'][1]}"
+            if wl.get("input_len_range") else str(wl["input_len"]))
+    rows: list[tuple[str, Any]] = [
+        ("model", result["model"]),
+        ("dtype / torch threads", f"{result['dtype']} / {result['torch_threads']}"),
+        ("requests x input x output", f"{wl['num_prompts']} x "
+         f"{(str(wl['prefix_len']) + '+') if wl['prefix_len'] else ''}{lens} x {wl['output_len']}"),
+        ("repeats (median quoted)", wl["repeat"]),
+        ("requests/s", bp["requests_per_s"]["median"]),
+        ("output tokens/s", bp["output_tokens_per_s"]["median"]),
+        ("total tokens/s", bp["total_tokens_per_s"]["median"]),
+    ]
+    if wl["repeat"] > 1:
+        r = bp["output_tokens_per_s"]
+        rows.append(("output tokens/s range", f"{r['min']:.1f} .. {r['max']:.1f}"))
+    if result.get("overhead_pct_all_steps") is not None:
+        rows.append(("CPU overhead outside model, all steps %", result["overhead_pct_all_steps"]))
+    for batch, d in result["decode_steps"].items():
+        rows.append((f"decode bs={batch}: step ms", 1e3 * d["median_step_s"]))
+        if "overhead_pct" in d:
+            rows.append((f"decode bs={batch}: outside model %", d["overhead_pct"]))
+        if "sampler_pct" in d:
+            rows.append((f"decode bs={batch}: sampler %", d["sampler_pct"]))
+    if "prefix_caching" in result:
+        pc = result["prefix_caching"]
+        rows.append(("prefix caching on: output tok/s", pc["on"]["output_tokens_per_s"]["median"]))
+        rows.append(("prefix caching off: output tok/s",
+                     pc["off"]["output_tokens_per_s"]["median"]))
+        rows.append(("prefix caching speedup (on/off)", pc["speedup_on_over_off"]["median"]))
+    if "transformers" in result:
+        hf = result["transformers"]
+        rows.append((f"transformers output tok/s (bs={hf['best_batch_size']})",
+                     hf["output_tokens_per_s"]["median"]))
+        rows.append(("speedup over transformers", result["speedup_over_transformers"]["median"]))
+    for batch, c in result.get("ceiling", {}).items():
+        rows.append((f"ceiling bs={batch}: linear layers ms", 1e3 * c["step_s"]))
+        if "engine_fraction_of_ceiling" in c:
+            rows.append((f"ceiling bs={batch}: engine fraction", c["engine_fraction_of_ceiling"]))
+    mem = result["memory"]
+    rows.append(("peak RSS MiB", mem["peak_rss_bytes"] / 2**20))
+    rows.append(("weights + KV cache MiB", (mem["weight_bytes"] + mem["kv_cache_bytes"]) / 2**20))
+    rows.append(("peak RSS / (weights + KV)", mem["rss_over_weights_plus_kv"]))
+    rows.append(("RSS before the engine MiB", mem["rss_before_engine_bytes"] / 2**20))
+    return rows
+
+
+def main(args) -> int:
+    """Entry point of `backplane bench throughput` (args from the CLI parser)."""
+    from backplane.config.cli_args import engine_args_from_cli
+
+    engine_args = engine_args_from_cli(args)
+    spec = WorkloadSpec(
+        num_prompts=args.num_prompts,
+        output_len=args.output_len,
+        input_len=args.input_len,
+        input_len_range=tuple(args.input_len_range) if args.input_len_range else None,
+        prefix_len=args.prefix_len,
+        seed=engine_args.seed,
+    )
+    opts = ThroughputOptions(
+        engine_args=engine_args,
+        workload=spec,
+        repeat=args.repeat,
+        baseline=args.baseline,
+        baseline_batch_sizes=tuple(args.baseline_batch_sizes),
+        ceiling=args.ceiling,
+        ceiling_batch_sizes=tuple(args.ceiling_batch_sizes) if args.ceiling_batch_sizes else None,
+        compare_prefix_caching=args.compare_prefix_caching,
+        temperature=args.temperature,
+        progress=not args.no_progress,
+    )
+    result = run_throughput(opts)
+    table_out = sys.stderr if args.json == "-" else sys.stdout
+    print_table("backplane bench throughput", result_rows(result), out=table_out)
+    if args.json:
+        dump_json(result, args.json)
+    return 0

@@ -1,0 +1,215 @@
+"""`backplane bench ...`: make-model, throughput, latency, serve (and consistency if present).
+
+Each tool lives in `backplane.benchmarks`; this module only declares flags.
+Heavy imports (torch, transformers, httpx) happen when a tool runs, so
+`backplane --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} must be a comma-separated list of integers, e.g. 1,2,4"
+        ) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must list positive integers")
+    return values
+
+
+def _rate(text: str) -> float:
+    value = float(text)  # accepts "inf"
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"request rate {text!r} must be positive or inf")
+    return value
+
+
+def _add_output_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--json", nargs="?", const="-", default=None, metavar="PATH",
+        help="also write the results as JSON to PATH (no PATH: JSON on stdout, table on stderr)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _run(module: str):
+    def func(args: argparse.Namespace) -> int:
+        return importlib.import_module(f"backplane.benchmarks.{module}").main(args)
+
+    return func
+
+
+def _register_make_model(sub) -> None:
+    from backplane.benchmarks.make_model import SHAPES
+
+    p = sub.add_parser(
+        "make-model", help="write a random model of a real shape (no download)",
+        description="Write a randomly initialised model of a real shape plus a locally "
+        "trained tokenizer to DIR. "
+        + "; ".join(f"{name}: {shape.description}" for name, shape in SHAPES.items()),
+    )
+    p.add_argument("dir", metavar="DIR", help="output directory (created if missing)")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    p.add_argument("--dtype", default="bfloat16", help="weight dtype [default: bfloat16]")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                   help="write the summary as JSON")
+    p.set_defaults(func=_make_model)
+
+
+def _make_model(args: argparse.Namespace) -> int:
+    from backplane.benchmarks.make_model import make_model
+    from backplane.benchmarks.report import dump_json, print_table
+
+    summary = make_model(args.dir, shape=args.shape, dtype=args.dtype, seed=args.seed)
+    rows = [(k, v) for k, v in summary.items()]
+    print_table("backplane bench make-model", rows)
+    if args.json:
+        dump_json(summary, args.json)
+    return 0
+
+
+def _register_throughput(sub) -> None:
+    from backplane.config.cli_args import add_engine_args
+
+    p = sub.add_parser(
+        "throughput", help="offline engine throughput (optionally vs transformers, ceiling)",
+        description="Push NUM_PROMPTS random-token requests through an offline engine and "
+        "report requests/s and tokens/s. Every engine flag of `backplane serve` is accepted.",
+    )
+    w = p.add_argument_group("workload")
+    w.add_argument("--num-prompts", type=_positive_int, default=64)
+    lens = w.add_mutually_exclusive_group()
+    lens.add_argument("--input-len", type=_positive_int, default=None,
+                      help="prompt length of every request [default: 128 without a range]")
+    lens.add_argument("--input-len-range", type=_positive_int, nargs=2, metavar=("LOW", "HIGH"),
+                      help="prompt lengths uniform in [LOW, HIGH]")
+    w.add_argument("--output-len", type=_positive_int, default=128,
+                   help="tokens generated per request (EOS ignored)")
+    w.add_argument("--prefix-len", type=int, default=0,
+                   help="tokens of a random prefix shared by every prompt")
+    w.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature (0 = greedy, like the baseline)")
+    m = p.add_argument_group("measurement")
+    m.add_argument("--repeat", type=_positive_int, default=1,
+                   help="run the workload K times on fresh prompts; medians quoted")
+    m.add_argument("--baseline", choices=["transformers"], default=None,
+                   help="also run the requests through transformers generate and print the ratio")
+    m.add_argument("--baseline-batch-sizes", type=_int_list, default=[8, 16, 32, 64],
+                   help="batch sizes the baseline sweeps; the best is quoted [default: 8,16,32,64]")
+    m.add_argument("--ceiling", action="store_true",
+                   help="time the model's linear layers alone and print the engine's fraction")
+    m.add_argument("--ceiling-batch-sizes", type=_int_list, default=None,
+                   help="batch sizes for --ceiling [default: smallest and largest decode batch]")
+    m.add_argument("--compare-prefix-caching", action="store_true",
+                   help="also run with prefix caching flipped and print on/off speedup")
+    _add_output_flags(p)
+    add_engine_args(p)
+    p.set_defaults(func=_throughput)
+
+
+def _throughput(args: argparse.Namespace) -> int:
+    if args.input_len is None and args.input_len_range is None:
+        args.input_len = 128
+    return _run("throughput")(args)
+
+
+def _register_latency(sub) -> None:
+    from backplane.config.cli_args import add_engine_args
+
+    p = sub.add_parser(
+        "latency", help="decode step time per batch size, prefill time per prompt length",
+        description="Time decode steps at each batch size and prefill at each prompt length "
+        "with an offline engine. Every engine flag of `backplane serve` is accepted.",
+    )
+    p.add_argument("--batch-sizes", type=_int_list, default=[1, 2, 4, 8, 16, 32, 64],
+                   help="decode batch sizes [default: 1,2,4,8,16,32,64]")
+    p.add_argument("--input-len", type=_positive_int, default=128,
+                   help="prompt length of the decode measurements [default: 128]")
+    p.add_argument("--output-len", type=_positive_int, default=32,
+                   help="tokens generated per request in the decode measurements [default: 32]")
+    p.add_argument("--input-lens", type=_int_list, default=[128, 512],
+                   help="prompt lengths whose prefill is timed [default: 128,512]")
+    p.add_argument("--num-iters", type=_positive_int, default=3,
+                   help="iterations per measurement; medians quoted [default: 3]")
+    p.add_argument("--ceiling", action="store_true",
+                   help="also time the linear-layer ceiling at each batch size")
+    _add_output_flags(p)
+    add_engine_args(p)
+    p.set_defaults(func=_run("latency"))
+
+
+def _register_serve(sub) -> None:
+    from backplane.benchmarks.serve import ENDPOINTS
+
+    p = sub.add_parser(
+        "serve", help="online load test of an OpenAI-compatible server",
+        description="Send requests with Poisson (or burst) arrivals to any OpenAI-compatible "
+        "server and report TTFT, TPOT, ITL, E2E latency percentiles, throughput and goodput.",
+    )
+    p.add_argument("--base-url", default="http://127.0.0.1:8000",
+                   help="server root, without /v1 [default: http://127.0.0.1:8000]")
+    p.add_argument("--endpoint", choices=ENDPOINTS, default="/v1/completions")
+    p.add_argument("--model", required=True, help="model name the server answers to")
+    p.add_argument("--api-key", default=None, help="bearer token, if the server wants one")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer directory: exact prompt token counts (else words ~ tokens)")
+    p.add_argument("--num-prompts", type=_positive_int, default=100)
+    p.add_argument("--request-rate", type=_rate, default=math.inf,
+                   help="requests per second, or inf [default: inf]")
+    p.add_argument("--burst", action="store_true", help="send every request at once")
+    p.add_argument("--burstiness", type=float, default=1.0,
+                   help="gamma shape of the arrival gaps: 1 = Poisson, <1 burstier")
+    p.add_argument("--max-concurrency", type=_positive_int, default=None,
+                   help="most requests in flight at once [default: unlimited]")
+    p.add_argument("--input-len", type=_positive_int, default=128)
+    p.add_argument("--output-len", type=_positive_int, default=128)
+    p.add_argument("--dataset", default=None, metavar="SHAREGPT.json",
+                   help="ShareGPT-style JSON: first human turn as prompt, reply length as output")
+    p.add_argument("--output-len-override", type=_positive_int, default=None,
+                   help="with --dataset: fixed output length instead of the reply's")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--no-ignore-eos", action="store_true",
+                   help="do not send ignore_eos (for servers that reject it)")
+    p.add_argument("--goodput", nargs="+", default=None, metavar="METRIC:MS",
+                   help="SLOs for goodput, e.g. ttft:500 tpot:50 e2el:10000")
+    p.add_argument("--seed", type=int, default=0)
+    _add_output_flags(p)
+    p.set_defaults(func=_run("serve"))
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``bench`` and its tools."""
+    parser = subparsers.add_parser("bench", help="benchmarks: throughput, latency, serve, ...")
+    sub = parser.add_subparsers(dest="bench_command", metavar="TOOL")
+    _register_make_model(sub)
+    _register_throughput(sub)
+    _register_latency(sub)
+    _register_serve(sub)
+    try:
+        consistency = importlib.import_module("backplane.entrypoints.cli.bench_consistency")
+    except ModuleNotFoundError as exc:
+        if exc.name != "backplane.entrypoints.cli.bench_consistency":
+            raise
+    else:
+        consistency.register_consistency(sub)
+
+    def no_tool(args: argparse.Namespace) -> int:
+        parser.print_help()
+        return 2
+
+    parser.set_defaults(func=no_tool)
