@@ -133,11 +133,19 @@ async def _last(gen):
     return last
 
 
-def test_health_is_open_and_fast(engine_args):
+def test_health_open_and_server_info_in_dev_mode(engine_args, monkeypatch):
+    monkeypatch.setenv("BACKPLANE_SERVER_DEV_MODE", "1")
     engine = AsyncEngine.from_engine_args(engine_args)
     server = start_server(engine, api_key="k")
     try:
         assert httpx.get(server.url + "/health", timeout=5).status_code == 200
+        info = httpx.get(server.url + "/server_info", headers={"Authorization": "Bearer k"})
+        assert info.status_code == 200
+        data = info.json()
+        assert data["platform"]["name"] == "cpu"
+        assert data["config"]["model_config"]["max_model_len"] == engine_args.max_model_len
+        assert data["config"]["cache_config"]["num_kv_blocks"] == 32
+        assert data["stats"]["num_total_blocks"] == 32
     finally:
         server.stop()
     assert not engine._thread.is_alive()  # the app's lifespan shut the engine down

@@ -1,0 +1,108 @@
+"""`backplane serve` as a real process (YAML server keys, start-up log, SIGTERM), and
+`backplane generate` / `backplane chat` in-process."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from backplane import LLM, SamplingParams
+from backplane.entrypoints.cli.main import main
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_process_yaml_api_key_startup_log_and_sigterm(llama_model_dir, tmp_path):
+    port = _free_port()
+    config = tmp_path / "serve.yaml"
+    config.write_text(
+        f"host: 127.0.0.1\nport: {port}\napi-key: yaml-key\nserved-model-name: demo\n"
+        "max-model-len: 64\nnum-kv-blocks: 16\n"
+    )
+    log = tmp_path / "serve.log"
+    env = dict(os.environ, BACKPLANE_LOGGING_LEVEL="INFO")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "backplane.entrypoints.cli.main", "serve", llama_model_dir,
+             "--config", str(config), "--block-size", "8"],
+            stdout=out, stderr=subprocess.STDOUT, env=env,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 90
+        while True:
+            assert proc.poll() is None, log.read_text()
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "server did not come up:\n" + log.read_text()
+            time.sleep(0.2)
+        body = {"model": "demo", "prompt": "Hello", "max_tokens": 3}
+        assert httpx.post(url + "/v1/completions", json=body).status_code == 401
+        ok = httpx.post(
+            url + "/v1/completions", json=body, headers={"Authorization": "Bearer yaml-key"}
+        )
+        assert ok.status_code == 200 and ok.json()["model"] == "demo"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert "platform cpu chosen" in text
+    assert f"model {llama_model_dir} (served as 'demo'), dtype float32, max_model_len 64" in text
+    assert "KV cache: 16 blocks of 8 tokens = 128 tokens" in text
+    assert f"http://127.0.0.1:{port}/v1" in text and "API key required" in text
+    assert "shutting down the engine" in text
+
+
+def test_serve_rejects_bad_config(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("port: not-a-number\n")
+    assert main(["serve", "/nonexistent", "--config", str(config)]) == 2
+    assert "port must be int" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def greedy_reference(llama_model_dir) -> LLM:
+    return LLM(model=llama_model_dir, max_model_len=64, num_kv_blocks=16)
+
+
+def test_generate_prints_the_completion(llama_model_dir, greedy_reference, capsys):
+    rc = main(["generate", "The quick brown fox", "--model", llama_model_dir,
+               "--max-tokens", "6", "--temperature", "0", "--max-model-len", "64",
+               "--num-kv-blocks", "16"])
+    assert rc == 0
+    expected = greedy_reference.generate(
+        "The quick brown fox", SamplingParams(max_tokens=6, temperature=0), use_tqdm=False
+    )[0].outputs[0].text
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_chat_streams_replies_until_exit(llama_model_dir, greedy_reference, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\n\nWhat next?\n/exit\nignored\n"))
+    rc = main(["chat", "--model", llama_model_dir, "--max-tokens", "4", "--temperature", "0",
+               "--max-model-len", "64", "--num-kv-blocks", "16"])
+    assert rc == 0
+    lines = capsys.readouterr().out.splitlines()
+    first = greedy_reference.chat(
+        [{"role": "user", "content": "Hello there"}], SamplingParams(max_tokens=4, temperature=0),
+        use_tqdm=False,
+    )[0].outputs[0].text
+    assert len(lines) == 2  # one reply per user line; the empty line and /exit get none
+    assert lines[0] == first
