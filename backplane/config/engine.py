@@ -226,8 +226,9 @@ class EngineConfig:
         if mc.dtype == "auto":
             if mc.hf_config is None:
                 return None  # decided once the model is known
-            ckpt = getattr(mc.hf_config, "torch_dtype", None) or getattr(
-                mc.hf_config, "dtype", None
+            # `dtype` first: transformers 5 warns when `torch_dtype` is read.
+            ckpt = getattr(mc.hf_config, "dtype", None) or getattr(
+                mc.hf_config, "torch_dtype", None
             )
             try:
                 resolved = parse_dtype(ckpt) if ckpt is not None else torch.float32
