@@ -72,9 +72,9 @@ def build_engine(args: argparse.Namespace):
     except ValueError as exc:
         if "model is required" not in str(exc):
             raise
-        from backplane.demo_model import default_model_path
+        from backplane.entrypoints.cli.serve import demo_model_path
 
-        engine_args = engine_args_from_cli(args, model=default_model_path())
+        engine_args = engine_args_from_cli(args, model=demo_model_path())
     return LLMEngine.from_engine_args(engine_args)
 
 

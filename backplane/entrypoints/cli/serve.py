@@ -137,11 +137,20 @@ def build_engine_args(args: argparse.Namespace):
     except ValueError as exc:
         if "model is required" not in str(exc):
             raise
-    from backplane.demo_model import default_model_path
-
-    path = default_model_path()
+    path = demo_model_path()
     logger.info("no model given: serving the bundled demo model at %s", path)
     return engine_args_from_sources(cli=args, kwargs={"model": path}, extra_keys=extra)
+
+
+def demo_model_path() -> str:
+    """The bundled demo model's directory (built on first use by `backplane.demo_model`)."""
+    try:
+        from backplane.demo_model import default_model_path
+    except ImportError as exc:
+        raise RuntimeError(
+            f"no model given and the bundled demo model is unavailable ({exc}); pass MODEL"
+        ) from None
+    return str(default_model_path())
 
 
 class _Terminated(Exception):

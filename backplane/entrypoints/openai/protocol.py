@@ -36,7 +36,6 @@ class StreamOptions(BaseModel):
     """``stream_options``: ask for a final chunk carrying token usage."""
 
     include_usage: bool = False
-    continuous_usage_stats: bool = False
 
 
 class _SamplingFields(_Request):
@@ -101,7 +100,6 @@ class ChatCompletionRequest(_SamplingFields):
     continue_final_message: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    echo: bool = False
 
 
 class TokenizeRequest(_Request):
