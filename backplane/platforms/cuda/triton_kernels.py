@@ -4,15 +4,18 @@ Both kernels take the cache in the SDK's default layout, one tensor per K and V
 shaped ``[num_blocks, block_size, num_kv_heads, head_size]`` (contiguous), so a
 cache slot ``s`` starts ``s * num_kv_heads * head_size`` elements in.
 
-The attention kernel runs one program per (request, query head, tile of
-``BLOCK_M`` query tokens). It walks the request's keys in tiles of ``BLOCK_N``
-positions, looks each position's block up in the block table (so any cache
-block size works), and keeps a running max / sum (online softmax) so the full
-score row is never materialised. Prefill chunks with cached context, decode
+The attention kernel runs one program per (request, KV head, tile of
+``BLOCK_Q`` query tokens). The rows of its score tile are (query token, query
+head) pairs over every query head sharing that KV head, so with grouped-query
+attention each key/value tile is read once for the whole group rather than
+once per query head (decode is bound by those reads). It walks the request's
+keys in tiles of ``BLOCK_N`` positions, looks each position's block up in the
+block table (so any cache block size works), and keeps a running max / sum
+(online softmax) so the full score row is never materialised. Prefill chunks with cached context, decode
 tokens and a mix of both are the same code path: a query token at position
 ``p`` of its request sees keys ``0..p``. Every per-request length is read from
 device memory, so a launch is CUDA-graph capturable as long as the grid
-(``num_reqs``, heads, query tiles) is unchanged between capture and replay.
+(``num_reqs``, KV heads, query tiles) is unchanged between capture and replay.
 
 Importing this module imports triton; it runs on CPU tensors only under
 ``TRITON_INTERPRET=1`` (used by the tests).
@@ -70,30 +73,35 @@ def _paged_attention_kernel(
     HEAD_SIZE: tl.constexpr,
     CACHE_BLOCK_SIZE: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     IEEE_DOT: tl.constexpr,
 ):
     req = tl.program_id(0)
-    head = tl.program_id(1)
+    kv_head = tl.program_id(1)
     tile = tl.program_id(2)
-    kv_head = head // QUERIES_PER_KV
 
     query_start = tl.load(query_start_loc_ptr + req)
     query_len = tl.load(query_start_loc_ptr + req + 1) - query_start
     seq_len = tl.load(seq_lens_ptr + req)
     context_len = seq_len - query_len
 
-    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Row r of the tile is query token r // QUERIES_PER_KV of the tile, for query
+    # head r % QUERIES_PER_KV of this KV head's group; BLOCK_M >= BLOCK_Q * group
+    # is padded to a power of two (and >= 16 for tl.dot).
+    rows = tl.arange(0, BLOCK_M)
+    token = tile * BLOCK_Q + rows // QUERIES_PER_KV
+    head = kv_head * QUERIES_PER_KV + rows % QUERIES_PER_KV
+    row_valid = (rows < BLOCK_Q * QUERIES_PER_KV) & (token < query_len)
     offs_d = tl.arange(0, BLOCK_D)
-    row_valid = offs_m < query_len
     d_valid = offs_d < HEAD_SIZE
-    query_pos = context_len + offs_m
+    query_pos = context_len + token
 
     q = tl.load(
         query_ptr
-        + (query_start + offs_m)[:, None].to(tl.int64) * query_token_stride
-        + head * query_head_stride
+        + (query_start + token)[:, None].to(tl.int64) * query_token_stride
+        + head[:, None] * query_head_stride
         + offs_d[None, :],
         mask=row_valid[:, None] & d_valid[None, :],
         other=0.0,
@@ -107,8 +115,8 @@ def _paged_attention_kernel(
 
     # Causality bounds the keys this tile needs: none past its last query position.
     # An empty tile (past the request's queries) runs no iterations.
-    key_end = tl.minimum(seq_len, context_len + (tile + 1) * BLOCK_M)
-    key_end = tl.where(tile * BLOCK_M < query_len, key_end, 0)
+    key_end = tl.minimum(seq_len, context_len + (tile + 1) * BLOCK_Q)
+    key_end = tl.where(tile * BLOCK_Q < query_len, key_end, 0)
     kv_slot_stride = NUM_KV_HEADS * HEAD_SIZE
     for key_start in range(0, key_end, BLOCK_N):
         offs_n = key_start + tl.arange(0, BLOCK_N)
@@ -145,8 +153,8 @@ def _paged_attention_kernel(
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(
         out_ptr
-        + (query_start + offs_m)[:, None].to(tl.int64) * out_token_stride
-        + head * out_head_stride
+        + (query_start + token)[:, None].to(tl.int64) * out_token_stride
+        + head[:, None] * out_head_stride
         + offs_d[None, :],
         acc.to(out_ptr.dtype.element_ty),
         mask=row_valid[:, None] & d_valid[None, :],
@@ -188,10 +196,11 @@ def write_kv_cache(
     )
 
 
-def default_tiles(max_query_len: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) for a step: tl.dot needs >= 16; decode wastes least with 16 rows."""
-    block_m = 16 if max_query_len <= 16 else 64
-    return block_m, 64
+def default_tiles(max_query_len: int, queries_per_kv: int) -> tuple[int, int]:
+    """(BLOCK_Q, BLOCK_N) for a step: about 64 score rows for prefill, 16 for decode."""
+    target_rows = 16 if max_query_len <= 16 else 64
+    block_q = max(1, target_rows // queries_per_kv)
+    return min(block_q, triton.next_power_of_2(max_query_len)), 64
 
 
 def paged_attention(
@@ -205,7 +214,7 @@ def paged_attention(
     num_reqs: int,
     max_query_len: int,
     scale: float,
-    block_m: int | None = None,
+    block_q: int | None = None,
     block_n: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of a flat varlen batch over the paged cache, written into ``out``.
@@ -217,7 +226,8 @@ def paged_attention(
         block_table: [>= num_reqs, max_blocks] int32 block ids per request.
         query_start_loc: [num_reqs + 1] int32; seq_lens: [num_reqs] int32 (context + query).
         num_reqs, max_query_len: host-side grid sizes.
-        block_m, block_n: query/key tile sizes (powers of two >= 16); defaults by step shape.
+        block_q: query tokens per program; block_n: keys per inner step (a power of
+            two >= 16). Both default by step shape (`default_tiles`).
     """
     if num_reqs == 0 or max_query_len == 0:
         return out
@@ -231,9 +241,10 @@ def paged_attention(
         raise ValueError("paged_attention: key_cache and value_cache must be contiguous")
     if query.stride(2) != 1 or out.stride(2) != 1:
         raise ValueError("paged_attention: query and out must be contiguous in head_size")
-    default_m, default_n = default_tiles(max_query_len)
-    block_m, block_n = block_m or default_m, block_n or default_n
-    grid = (num_reqs, num_heads, triton.cdiv(max_query_len, block_m))
+    queries_per_kv = num_heads // num_kv_heads
+    default_q, default_n = default_tiles(max_query_len, queries_per_kv)
+    block_q, block_n = block_q or default_q, block_n or default_n
+    grid = (num_reqs, num_kv_heads, triton.cdiv(max_query_len, block_q))
     _paged_attention_kernel[grid](
         query,
         key_cache,
@@ -249,11 +260,12 @@ def paged_attention(
         out.stride(1),
         block_table.stride(0),
         NUM_KV_HEADS=num_kv_heads,
-        QUERIES_PER_KV=num_heads // num_kv_heads,
+        QUERIES_PER_KV=queries_per_kv,
         HEAD_SIZE=head_size,
         CACHE_BLOCK_SIZE=cache_block_size,
         BLOCK_D=max(16, triton.next_power_of_2(head_size)),
-        BLOCK_M=block_m,
+        BLOCK_Q=block_q,
+        BLOCK_M=max(16, triton.next_power_of_2(block_q * queries_per_kv)),
         BLOCK_N=block_n,
         IEEE_DOT=query.dtype == torch.float32,
     )

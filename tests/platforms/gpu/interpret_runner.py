@@ -32,11 +32,11 @@ def case_ids() -> list[str]:
     """Every check this runner performs, in order."""
     ids = [f"{spec.name}-{str(dt).removeprefix('torch.')}"
            for dt in INTERPRETED_DTYPES for spec in CASES]
-    return ids + [f"{spec.name}-float32-tiles16" for spec in CASES]
+    return ids + [f"{spec.name}-float32-small-tiles" for spec in CASES]
 
 
 def _check_small_tiles(spec) -> None:
-    """The kernel with 16-row/16-key tiles, so every case spans several tiles."""
+    """The kernel with 2-token/16-key tiles, so every case spans several tiles."""
     from backplane.platforms.cuda import triton_kernels
 
     case = make_case(spec, seed=1)
@@ -45,7 +45,7 @@ def _check_small_tiles(spec) -> None:
     out = torch.zeros_like(case.query)
     triton_kernels.paged_attention(
         case.query, kv_cache[0], kv_cache[1], out, c.block_table, c.query_start_loc,
-        c.seq_lens, c.num_reqs, c.max_query_len, case.scale, block_m=16, block_n=16,
+        c.seq_lens, c.num_reqs, c.max_query_len, case.scale, block_q=2, block_n=16,
     )
     n = c.num_actual_tokens
     torch.testing.assert_close(
@@ -72,7 +72,7 @@ def main() -> int:
             except Exception:
                 results[case_id] = traceback.format_exc(limit=3)
     for spec in CASES:
-        case_id = f"{spec.name}-float32-tiles16"
+        case_id = f"{spec.name}-float32-small-tiles"
         try:
             _check_small_tiles(spec)
             results[case_id] = "ok"

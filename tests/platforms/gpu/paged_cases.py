@@ -39,6 +39,7 @@ CASES = [
     CaseSpec("decode", (9, 33, 16), (1, 1, 1)),
     CaseSpec("mixed", (40, 0, 3), (1, 18, 1)),
     CaseSpec("gqa", (17, 5), (1, 9), num_heads=4, num_kv_heads=2),
+    CaseSpec("gqa_group3", (20, 0, 7), (3, 17, 1), num_heads=6, num_kv_heads=2),
     CaseSpec("mqa_block32", (35, 0), (1, 20), num_heads=4, num_kv_heads=1, block_size=32),
     CaseSpec("block32_mixed", (31, 64), (2, 1), block_size=32),
     CaseSpec("padded_slots", (12, 4), (1, 6), num_pad_tokens=3),
