@@ -21,8 +21,12 @@ MAX_MODEL_LEN = 128
 def tiny_engine_args(model_dir: str, **overrides) -> EngineArgs:
     """Small limits so that tests run fast and exercise the length checks."""
     kwargs = dict(
-        model=model_dir, max_model_len=MAX_MODEL_LEN, num_kv_blocks=160, block_size=16,
-        max_num_seqs=64, seed=0,
+        model=model_dir,
+        max_model_len=MAX_MODEL_LEN,
+        num_kv_blocks=160,
+        block_size=16,
+        max_num_seqs=64,
+        seed=0,
     )
     kwargs.update(overrides)
     return EngineArgs(**kwargs)

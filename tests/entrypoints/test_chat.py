@@ -35,8 +35,13 @@ def test_chat_equals_llm_chat(client, reference_llm):
 
 def test_max_completion_tokens_and_n(client):
     resp = client.chat.completions.create(
-        model=SERVED_NAME, messages=MESSAGES, max_completion_tokens=4, n=2, temperature=1.0,
-        seed=3, extra_body={"ignore_eos": True},
+        model=SERVED_NAME,
+        messages=MESSAGES,
+        max_completion_tokens=4,
+        n=2,
+        temperature=1.0,
+        seed=3,
+        extra_body={"ignore_eos": True},
     )
     assert [c.index for c in resp.choices] == [0, 1]
     assert all(c.finish_reason == "length" for c in resp.choices)
@@ -45,7 +50,11 @@ def test_max_completion_tokens_and_n(client):
 
 def test_chat_logprobs(client):
     resp = client.chat.completions.create(
-        model=SERVED_NAME, messages=MESSAGES, max_tokens=4, temperature=0, logprobs=True,
+        model=SERVED_NAME,
+        messages=MESSAGES,
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
         top_logprobs=2,
     )
     content = resp.choices[0].logprobs.content
@@ -63,7 +72,11 @@ def test_chat_streaming_role_first_and_usage(client):
     )
     chunks = list(
         client.chat.completions.create(
-            model=SERVED_NAME, messages=MESSAGES, max_tokens=6, temperature=0, stream=True,
+            model=SERVED_NAME,
+            messages=MESSAGES,
+            max_tokens=6,
+            temperature=0,
+            stream=True,
             stream_options={"include_usage": True},
         )
     )

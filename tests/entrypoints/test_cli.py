@@ -35,9 +35,20 @@ def test_serve_process_yaml_api_key_startup_log_and_sigterm(llama_model_dir, tmp
     env = dict(os.environ, BACKPLANE_LOGGING_LEVEL="INFO")
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "backplane.entrypoints.cli.main", "serve", llama_model_dir,
-             "--config", str(config), "--block-size", "8"],
-            stdout=out, stderr=subprocess.STDOUT, env=env,
+            [
+                sys.executable,
+                "-m",
+                "backplane.entrypoints.cli.main",
+                "serve",
+                llama_model_dir,
+                "--config",
+                str(config),
+                "--block-size",
+                "8",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -84,25 +95,60 @@ def greedy_reference(llama_model_dir) -> LLM:
 
 
 def test_generate_prints_the_completion(llama_model_dir, greedy_reference, capsys):
-    rc = main(["generate", "The quick brown fox", "--model", llama_model_dir,
-               "--max-tokens", "6", "--temperature", "0", "--max-model-len", "64",
-               "--num-kv-blocks", "16"])
+    rc = main(
+        [
+            "generate",
+            "The quick brown fox",
+            "--model",
+            llama_model_dir,
+            "--max-tokens",
+            "6",
+            "--temperature",
+            "0",
+            "--max-model-len",
+            "64",
+            "--num-kv-blocks",
+            "16",
+        ]
+    )
     assert rc == 0
-    expected = greedy_reference.generate(
-        "The quick brown fox", SamplingParams(max_tokens=6, temperature=0), use_tqdm=False
-    )[0].outputs[0].text
+    expected = (
+        greedy_reference.generate(
+            "The quick brown fox", SamplingParams(max_tokens=6, temperature=0), use_tqdm=False
+        )[0]
+        .outputs[0]
+        .text
+    )
     assert capsys.readouterr().out == expected + "\n"
 
 
 def test_chat_streams_replies_until_exit(llama_model_dir, greedy_reference, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\n\nWhat next?\n/exit\nignored\n"))
-    rc = main(["chat", "--model", llama_model_dir, "--max-tokens", "4", "--temperature", "0",
-               "--max-model-len", "64", "--num-kv-blocks", "16"])
+    rc = main(
+        [
+            "chat",
+            "--model",
+            llama_model_dir,
+            "--max-tokens",
+            "4",
+            "--temperature",
+            "0",
+            "--max-model-len",
+            "64",
+            "--num-kv-blocks",
+            "16",
+        ]
+    )
     assert rc == 0
     lines = capsys.readouterr().out.splitlines()
-    first = greedy_reference.chat(
-        [{"role": "user", "content": "Hello there"}], SamplingParams(max_tokens=4, temperature=0),
-        use_tqdm=False,
-    )[0].outputs[0].text
+    first = (
+        greedy_reference.chat(
+            [{"role": "user", "content": "Hello there"}],
+            SamplingParams(max_tokens=4, temperature=0),
+            use_tqdm=False,
+        )[0]
+        .outputs[0]
+        .text
+    )
     assert len(lines) == 2  # one reply per user line; the empty line and /exit get none
     assert lines[0] == first

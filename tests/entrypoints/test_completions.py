@@ -18,8 +18,11 @@ def reference_llm(llama_model_dir) -> LLM:
     """The offline API on the same model and limits: the server must match it."""
     args = tiny_engine_args(llama_model_dir)
     return LLM(
-        model=args.model, max_model_len=args.max_model_len, num_kv_blocks=args.num_kv_blocks,
-        block_size=args.block_size, seed=args.seed,
+        model=args.model,
+        max_model_len=args.max_model_len,
+        num_kv_blocks=args.num_kv_blocks,
+        block_size=args.block_size,
+        seed=args.seed,
     )
 
 
@@ -31,7 +34,9 @@ def test_models_lists_served_name(client):
 
 def test_greedy_completion_equals_llm_generate(client, reference_llm):
     resp = client.completions.create(model=SERVED_NAME, prompt=PROMPT, max_tokens=12, temperature=0)
-    ref = reference_llm.generate(PROMPT, SamplingParams(max_tokens=12, temperature=0), use_tqdm=False)
+    ref = reference_llm.generate(
+        PROMPT, SamplingParams(max_tokens=12, temperature=0), use_tqdm=False
+    )
     choice = resp.choices[0]
     assert choice.text == ref[0].outputs[0].text
     assert choice.finish_reason == ref[0].outputs[0].finish_reason
@@ -44,14 +49,13 @@ def test_greedy_completion_equals_llm_generate(client, reference_llm):
 
 
 def test_seeded_sampling_is_reproducible_and_matches_llm(client, reference_llm):
-    kwargs = dict(
-        max_tokens=10, temperature=1.0, top_p=0.9, seed=1234, extra_body={"top_k": 50}
-    )
+    kwargs = dict(max_tokens=10, temperature=1.0, top_p=0.9, seed=1234, extra_body={"top_k": 50})
     a = client.completions.create(model=SERVED_NAME, prompt=PROMPT, **kwargs)
     b = client.completions.create(model=SERVED_NAME, prompt=PROMPT, **kwargs)
     assert a.choices[0].text == b.choices[0].text
     ref = reference_llm.generate(
-        PROMPT, SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=1234),
+        PROMPT,
+        SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=1234),
         use_tqdm=False,
     )
     assert a.choices[0].text == ref[0].outputs[0].text
@@ -64,7 +68,8 @@ def test_n2_and_prompt_list_and_token_ids(client, reference_llm):
     )
     assert [c.index for c in resp.choices] == [0, 1, 2, 3]
     ref = reference_llm.generate(
-        [PROMPT, "Hello"], SamplingParams(n=2, max_tokens=6, temperature=0.8, seed=7),
+        [PROMPT, "Hello"],
+        SamplingParams(n=2, max_tokens=6, temperature=0.8, seed=7),
         use_tqdm=False,
     )
     expected = [c.text for r in ref for c in r.outputs]
@@ -108,15 +113,26 @@ def test_logprobs_and_echo(client, reference_llm):
 
 
 def test_stop_string_and_stop_token_ids(client, server):
-    base = client.completions.create(
-        model=SERVED_NAME, prompt=PROMPT, max_tokens=20, temperature=0,
-        extra_body={"ignore_eos": True},
-    ).choices[0].text
+    base = (
+        client.completions.create(
+            model=SERVED_NAME,
+            prompt=PROMPT,
+            max_tokens=20,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        .choices[0]
+        .text
+    )
     # stop at a word of the greedy continuation: the text ends just before it
     stop = re.findall(r"[A-Za-z]{2,}", base)[1]
     cut = base[: base.index(stop)]
     resp = client.completions.create(
-        model=SERVED_NAME, prompt=PROMPT, max_tokens=20, temperature=0, stop=[stop],
+        model=SERVED_NAME,
+        prompt=PROMPT,
+        max_tokens=20,
+        temperature=0,
+        stop=[stop],
         extra_body={"ignore_eos": True},
     )
     assert resp.choices[0].text == cut
@@ -133,8 +149,13 @@ def test_stop_string_and_stop_token_ids(client, server):
         # the third generated token as a stop token id: generation stops there
         cut = c.post(
             "/v1/completions",
-            json={"prompt": prompt_ids, "max_tokens": 6, "temperature": 0,
-                  "stop_token_ids": [third], "ignore_eos": True},
+            json={
+                "prompt": prompt_ids,
+                "max_tokens": 6,
+                "temperature": 0,
+                "stop_token_ids": [third],
+                "ignore_eos": True,
+            },
         ).json()["choices"][0]
     assert cut["finish_reason"] == "stop"
     assert cut["stop_reason"] == third
@@ -142,10 +163,16 @@ def test_stop_string_and_stop_token_ids(client, server):
 
 
 def test_streaming_with_usage_matches_whole(client):
-    whole = client.completions.create(model=SERVED_NAME, prompt=PROMPT, max_tokens=10, temperature=0)
+    whole = client.completions.create(
+        model=SERVED_NAME, prompt=PROMPT, max_tokens=10, temperature=0
+    )
     chunks = list(
         client.completions.create(
-            model=SERVED_NAME, prompt=PROMPT, max_tokens=10, temperature=0, stream=True,
+            model=SERVED_NAME,
+            prompt=PROMPT,
+            max_tokens=10,
+            temperature=0,
+            stream=True,
             stream_options={"include_usage": True},
         )
     )
@@ -161,7 +188,8 @@ def test_streaming_with_usage_matches_whole(client):
 def test_sse_wire_format_ends_with_done(server):
     with server.client() as c:
         with c.stream(
-            "POST", "/v1/completions",
+            "POST",
+            "/v1/completions",
             json={"prompt": PROMPT, "max_tokens": 3, "stream": True, "temperature": 0},
         ) as resp:
             assert resp.headers["content-type"].startswith("text/event-stream")
@@ -178,9 +206,7 @@ def test_tokenize_detokenize_version(server, reference_llm):
         assert t["count"] == len(t["tokens"]) and t["max_model_len"] == MAX_MODEL_LEN
         d = c.post("/detokenize", json={"tokens": t["tokens"][1:]}).json()
         assert d["prompt"] == tok.decode(t["tokens"][1:])
-        chat = c.post(
-            "/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}
-        ).json()
+        chat = c.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
         rendered = tok.apply_chat_template(
             [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
         )

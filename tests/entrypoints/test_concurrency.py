@@ -21,8 +21,13 @@ def test_32_concurrent_streams_complete_and_free_everything(server):
 
         async def one(i: int):
             stream = await client.completions.create(
-                model=SERVED_NAME, prompt=f"Request number {i} says", max_tokens=16 + i % 5,
-                temperature=0.7, seed=i, stream=True, stream_options={"include_usage": True},
+                model=SERVED_NAME,
+                prompt=f"Request number {i} says",
+                max_tokens=16 + i % 5,
+                temperature=0.7,
+                seed=i,
+                stream=True,
+                stream_options={"include_usage": True},
                 extra_body={"ignore_eos": True},
             )
             text, usage, finish = [], None, None
@@ -55,9 +60,11 @@ def test_32_concurrent_streams_complete_and_free_everything(server):
     done = metric(text, "backplane:request_success_total", finished_reason="length")
     assert done - _maybe(before, "backplane:request_success_total", finished_reason="length") == 32
     generated = sum(16 + i % 5 for i in range(32))
-    assert metric(text, "backplane:generation_tokens_total") - _maybe(
-        before, "backplane:generation_tokens_total"
-    ) == generated
+    assert (
+        metric(text, "backplane:generation_tokens_total")
+        - _maybe(before, "backplane:generation_tokens_total")
+        == generated
+    )
     assert metric(text, "backplane:time_to_first_token_seconds_count") >= 32
     assert metric(text, "backplane:e2e_request_latency_seconds_count") >= 32
     assert metric(text, "backplane:inter_token_latency_seconds_count") > 0
@@ -86,18 +93,25 @@ def slow_engine(server, monkeypatch):
 
 def _aborts(server) -> float:
     with server.client() as c:
-        return _maybe(c.get("/metrics").text, "backplane:request_success_total",
-                      finished_reason="abort")
+        return _maybe(
+            c.get("/metrics").text, "backplane:request_success_total", finished_reason="abort"
+        )
 
 
 def test_streaming_client_disconnect_aborts_and_frees_blocks(slow_engine):
     server = slow_engine
     aborts = _aborts(server)
     with server.client() as c:
-        with c.stream("POST", "/v1/completions", json={
-            "prompt": "Tell me a long story", "max_tokens": 100, "stream": True,
-            "ignore_eos": True,
-        }) as resp:
+        with c.stream(
+            "POST",
+            "/v1/completions",
+            json={
+                "prompt": "Tell me a long story",
+                "max_tokens": 100,
+                "stream": True,
+                "ignore_eos": True,
+            },
+        ) as resp:
             lines = resp.iter_lines()
             got = [next(lines) for _ in range(3)]
             assert any(line.startswith("data: {") for line in got)
@@ -116,9 +130,14 @@ def test_non_streaming_client_disconnect_aborts(slow_engine):
     aborts = _aborts(server)
     with httpx.Client(base_url=server.url, headers=server.headers, timeout=0.5) as c:
         with pytest.raises(httpx.ReadTimeout):
-            c.post("/v1/completions", json={
-                "prompt": "Tell me a long story", "max_tokens": 100, "ignore_eos": True,
-            })
+            c.post(
+                "/v1/completions",
+                json={
+                    "prompt": "Tell me a long story",
+                    "max_tokens": 100,
+                    "ignore_eos": True,
+                },
+            )
     text = wait_until_idle(server)
     assert metric(text, "backplane:num_requests_running") == 0
     assert metric(text, "backplane:kv_cache_usage_perc") == 0

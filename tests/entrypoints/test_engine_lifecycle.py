@@ -24,7 +24,9 @@ def test_dead_engine_loop_fails_requests_fast_and_health_says_so(engine_args):
     try:
         with server.client() as c:
             assert c.get("/health").status_code == 200
-            assert c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+            assert (
+                c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+            )
 
             def broken_step():
                 raise RuntimeError("injected failure")
@@ -37,9 +39,14 @@ def test_dead_engine_loop_fails_requests_fast_and_health_says_so(engine_args):
             err = pending.json()["error"]
             assert "injected failure" in err["message"] and err["type"] == "server_error"
             health = c.get("/health")
-            assert health.status_code == 503 and "injected failure" in health.json()["error"]["message"]
+            assert (
+                health.status_code == 503
+                and "injected failure" in health.json()["error"]["message"]
+            )
             assert engine.errored and isinstance(engine.dead_error, RuntimeError)
-            later = c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "stream": True})
+            later = c.post(
+                "/v1/completions", json={"prompt": "hi", "max_tokens": 2, "stream": True}
+            )
             assert later.status_code == 503
             assert metric(c.get("/metrics").text, "backplane:engine_healthy") == 0
     finally:
@@ -85,6 +92,7 @@ def test_shutdown_aborts_in_flight_requests_and_joins_thread(engine_args):
 def test_cancelled_consumer_aborts_request(engine_args):
     engine = AsyncEngine.from_engine_args(engine_args)
     try:
+
         async def main():
             params = SamplingParams(max_tokens=100, ignore_eos=True)
             gen = engine.generate("c1", "Hello there", params)
@@ -101,6 +109,7 @@ def test_cancelled_consumer_aborts_request(engine_args):
         stats = asyncio.run(main())
         assert stats.num_running == 0 and stats.num_free_blocks == stats.num_total_blocks
         assert engine.num_unfinished_requests == 0
+
         # the same id can be used again once the first request is gone
         async def again():
             return [o async for o in engine.generate("c1", "Hi", SamplingParams(max_tokens=2))]
@@ -113,6 +122,7 @@ def test_cancelled_consumer_aborts_request(engine_args):
 def test_engine_refuses_bad_request_without_disturbing_others(engine_args):
     engine = AsyncEngine.from_engine_args(engine_args)
     try:
+
         async def main():
             good = engine.generate("g", "Hello", SamplingParams(max_tokens=8, temperature=0))
             task = asyncio.ensure_future(_last(good))

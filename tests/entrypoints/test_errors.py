@@ -64,14 +64,23 @@ def test_length_limits_name_the_numbers(server):
     err = _error(
         _post(server, "/v1/completions", json={"prompt": [5] * 100, "max_tokens": 50}), 400
     )
-    assert "max_tokens (50) + prompt (100 tokens) = 150 exceeds max_model_len (128)" in err["message"]
+    assert (
+        "max_tokens (50) + prompt (100 tokens) = 150 exceeds max_model_len (128)" in err["message"]
+    )
     err = _error(
-        _post(server, "/v1/chat/completions", json={
-            "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 500,
-        }),
+        _post(
+            server,
+            "/v1/chat/completions",
+            json={
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_completion_tokens": 500,
+            },
+        ),
         400,
     )
-    assert err["param"] == "max_completion_tokens" and "exceeds max_model_len (128)" in err["message"]
+    assert (
+        err["param"] == "max_completion_tokens" and "exceeds max_model_len (128)" in err["message"]
+    )
 
 
 def test_chat_validation(server):
@@ -80,9 +89,14 @@ def test_chat_validation(server):
     err = _error(_post(server, "/v1/chat/completions", json={"messages": []}), 400)
     assert err["param"] == "messages"
     err = _error(
-        _post(server, "/v1/chat/completions", json={
-            "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2,
-        }),
+        _post(
+            server,
+            "/v1/chat/completions",
+            json={
+                "messages": [{"role": "user", "content": "hi"}],
+                "top_logprobs": 2,
+            },
+        ),
         400,
     )
     assert err["param"] == "top_logprobs"
@@ -116,7 +130,9 @@ def test_api_key_required_except_health(server):
     with httpx.Client(base_url=server.url) as c:
         assert c.get("/health").status_code == 200
         assert c.get("/v1/models").status_code == 401
-        assert c.get("/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+        assert (
+            c.get("/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+        )
     bad_client = openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad_client.models.list()
@@ -127,12 +143,20 @@ def test_bad_requests_do_not_disturb_others(server):
 
     async def main():
         async with httpx.AsyncClient(base_url=server.url, headers=server.headers, timeout=60) as c:
+
             async def good(i):
                 text = []
-                async with c.stream("POST", "/v1/completions", json={
-                    "prompt": f"Hello {i}", "max_tokens": 12, "temperature": 0,
-                    "stream": True, "ignore_eos": True,
-                }) as resp:
+                async with c.stream(
+                    "POST",
+                    "/v1/completions",
+                    json={
+                        "prompt": f"Hello {i}",
+                        "max_tokens": 12,
+                        "temperature": 0,
+                        "stream": True,
+                        "ignore_eos": True,
+                    },
+                ) as resp:
                     assert resp.status_code == 200
                     async for line in resp.aiter_lines():
                         if line.startswith("data: {"):
@@ -143,15 +167,23 @@ def test_bad_requests_do_not_disturb_others(server):
                 resp = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": -i - 1})
                 return resp.status_code
 
-            results = await asyncio.gather(*[good(i) for i in range(4)], *[bad(i) for i in range(4)])
+            results = await asyncio.gather(
+                *[good(i) for i in range(4)], *[bad(i) for i in range(4)]
+            )
             return results
 
     results = asyncio.run(main())
     assert results[4:] == [400] * 4
     with server.client() as c:
         for i in range(4):
-            alone = c.post("/v1/completions", json={
-                "prompt": f"Hello {i}", "max_tokens": 12, "temperature": 0, "ignore_eos": True,
-            })
+            alone = c.post(
+                "/v1/completions",
+                json={
+                    "prompt": f"Hello {i}",
+                    "max_tokens": 12,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                },
+            )
             assert alone.status_code == 200
             assert alone.json()["choices"][0]["text"] == results[i]

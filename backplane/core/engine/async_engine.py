@@ -96,9 +96,7 @@ class RequestStream:
             raise StopAsyncIteration
         item = await self._queue.get()
         # Skip ahead to the newest output; stop at an error or the final output.
-        while (
-            isinstance(item, RequestOutput) and not item.finished and not self._queue.empty()
-        ):
+        while isinstance(item, RequestOutput) and not item.finished and not self._queue.empty():
             item = self._queue.get_nowait()
         if isinstance(item, BaseException):
             self.finished = True
@@ -228,9 +226,9 @@ class AsyncEngine:
         EngineDeadError (engine not running). Waiting for acceptance lets the
         server answer 400 before it starts a streaming response.
         """
-        self.check_health()
-        if not self._accepting:
-            raise EngineDeadError("server is shutting down; not accepting new requests")
+        stopped = self._stopped_error()
+        if stopped is not None:
+            raise stopped
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
         loop = asyncio.get_running_loop()
@@ -239,10 +237,21 @@ class AsyncEngine:
         self._streams[request_id] = stream
         self._commands.put(
             _AddCommand(
-                request_id, prompt, params, priority, arrival_time, stream, accepted,
+                request_id,
+                prompt,
+                params,
+                priority,
+                arrival_time,
+                stream,
+                accepted,
             )
         )
         self._wakeup.set()
+        # The loop may have stopped or died between the checks above and the put; it
+        # sets its state before draining the queue, so one of us fails the add.
+        stopped = self._stopped_error()
+        if stopped is not None:
+            _set_future(accepted, exc=stopped)
         try:
             await asyncio.wrap_future(accepted)
         except asyncio.CancelledError:
@@ -286,6 +295,16 @@ class AsyncEngine:
             self._wakeup.set()
 
     # ----- the loop thread -----
+
+    def _stopped_error(self) -> EngineDeadError | None:
+        """Why a new request cannot be accepted now, or None if it can."""
+        if self._dead_error is not None:
+            return self._unavailable()
+        if not self._accepting:
+            return EngineDeadError("server is shutting down; not accepting new requests")
+        if not self._thread.is_alive():
+            return EngineDeadError("engine loop thread is not running")
+        return None
 
     def _unavailable(self) -> EngineDeadError:
         err = self._dead_error
@@ -345,8 +364,11 @@ class AsyncEngine:
             return
         try:
             self.engine.add_request(
-                cmd.request_id, cmd.prompt, cmd.params,
-                priority=cmd.priority, arrival_time=cmd.arrival_time,
+                cmd.request_id,
+                cmd.prompt,
+                cmd.params,
+                priority=cmd.priority,
+                arrival_time=cmd.arrival_time,
             )
         except Exception as exc:  # bad input: report to that caller only
             self._streams.pop(cmd.request_id, None)

@@ -26,7 +26,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("chat", help="chat with a model in the terminal")
     parser.add_argument("--system", default=None, help="system message starting the conversation")
     parser.add_argument(
-        "--chat-template", dest="chat_template", default=None, metavar="FILE",
+        "--chat-template",
+        dest="chat_template",
+        default=None,
+        metavar="FILE",
         help="Jinja chat template file overriding the tokenizer's",
     )
     add_sampling_args(parser)
@@ -56,8 +59,11 @@ def run(args: argparse.Namespace) -> int:
         with open(args.chat_template, encoding="utf-8") as f:
             template = f.read()
     if template is None and not getattr(engine.tokenizer, "chat_template", None):
-        print("backplane chat: error: the model has no chat template; pass --chat-template FILE "
-              "or use `backplane generate`", file=sys.stderr)
+        print(
+            "backplane chat: error: the model has no chat template; pass --chat-template FILE "
+            "or use `backplane generate`",
+            file=sys.stderr,
+        )
         return 2
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
@@ -83,8 +89,11 @@ def run(args: argparse.Namespace) -> int:
         prompt_ids = _render(engine, messages, template)
         room = engine.max_model_len - len(prompt_ids)
         if room < 1:
-            print(f"[the conversation ({len(prompt_ids)} tokens) fills max_model_len "
-                  f"({engine.max_model_len}); /reset to start over]", file=sys.stderr)
+            print(
+                f"[the conversation ({len(prompt_ids)} tokens) fills max_model_len "
+                f"({engine.max_model_len}); /reset to start over]",
+                file=sys.stderr,
+            )
             messages.pop()
             continue
         params = sampling_params_from_args(args, max_tokens=min(args.max_tokens, room))

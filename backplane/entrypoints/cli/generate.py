@@ -32,17 +32,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     """Sampling flags shared by ``generate`` and ``chat`` (the engine's --seed seeds sampling)."""
     group = parser.add_argument_group("sampling")
-    group.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
-                       help=f"most tokens to generate [default: {DEFAULT_MAX_TOKENS}]")
-    group.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
-                       help=f"0 is greedy [default: {DEFAULT_TEMPERATURE}]")
-    group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass [default: 1.0]")
-    group.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = all")
-    group.add_argument("--min-p", type=float, default=0.0, help="minimum probability relative to the best")
-    group.add_argument("--repetition-penalty", type=float, default=1.0,
-                       help="> 1 discourages repeating tokens [default: 1.0]")
-    group.add_argument("--stop", action="append", default=None, metavar="TEXT",
-                       help="stop when this text is generated (repeatable)")
+    group.add_argument(
+        "--max-tokens",
+        type=int,
+        default=DEFAULT_MAX_TOKENS,
+        help=f"most tokens to generate [default: {DEFAULT_MAX_TOKENS}]",
+    )
+    group.add_argument(
+        "--temperature",
+        type=float,
+        default=DEFAULT_TEMPERATURE,
+        help=f"0 is greedy [default: {DEFAULT_TEMPERATURE}]",
+    )
+    group.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling mass [default: 1.0]"
+    )
+    group.add_argument(
+        "--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = all"
+    )
+    group.add_argument(
+        "--min-p", type=float, default=0.0, help="minimum probability relative to the best"
+    )
+    group.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="> 1 discourages repeating tokens [default: 1.0]",
+    )
+    group.add_argument(
+        "--stop",
+        action="append",
+        default=None,
+        metavar="TEXT",
+        help="stop when this text is generated (repeatable)",
+    )
     group.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence")
 
 

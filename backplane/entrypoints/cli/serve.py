@@ -70,21 +70,33 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--host", default=sup, help="address to bind [default: 0.0.0.0]")
     group.add_argument("--port", type=int, default=sup, help="port to bind [default: 8000]")
     group.add_argument(
-        "--api-key", dest="api_key", default=sup,
+        "--api-key",
+        dest="api_key",
+        default=sup,
         help="require 'Authorization: Bearer KEY' on the API routes (also BACKPLANE_API_KEY)",
     )
     group.add_argument(
-        "--chat-template", dest="chat_template", default=sup, metavar="FILE_OR_TEMPLATE",
+        "--chat-template",
+        dest="chat_template",
+        default=sup,
+        metavar="FILE_OR_TEMPLATE",
         help="Jinja chat template (a file path or the template itself) overriding the tokenizer's",
     )
     group.add_argument(
-        "--uvicorn-log-level", dest="uvicorn_log_level", default=sup,
+        "--uvicorn-log-level",
+        dest="uvicorn_log_level",
+        default=sup,
         choices=["critical", "error", "warning", "info", "debug", "trace"],
         help="uvicorn's log level [default: info]",
     )
-    group.add_argument("--root-path", dest="root_path", default=sup, help="ASGI root_path behind a proxy")
     group.add_argument(
-        "--graceful-shutdown-timeout", dest="graceful_shutdown_timeout", type=float, default=sup,
+        "--root-path", dest="root_path", default=sup, help="ASGI root_path behind a proxy"
+    )
+    group.add_argument(
+        "--graceful-shutdown-timeout",
+        dest="graceful_shutdown_timeout",
+        type=float,
+        default=sup,
         help="seconds in-flight requests may take to finish after SIGINT/SIGTERM before they "
         "are aborted [default: 10]",
     )
@@ -219,17 +231,25 @@ def log_startup(engine, opts: ServerOptions) -> None:
     mc = cfg.model_config
     logger.info(
         "model %s (served as %r), dtype %s, max_model_len %d",
-        mc.model, mc.name, str(mc.torch_dtype).removeprefix("torch."), cfg.max_model_len,
+        mc.model,
+        mc.name,
+        str(mc.torch_dtype).removeprefix("torch."),
+        cfg.max_model_len,
     )
     stats = engine.get_stats()
     if stats is not None:
         logger.info(
             "KV cache: %d blocks of %d tokens = %d tokens; prefix caching %s",
-            stats.num_total_blocks, stats.block_size, stats.num_total_blocks * stats.block_size,
+            stats.num_total_blocks,
+            stats.block_size,
+            stats.num_total_blocks * stats.block_size,
             "on" if cfg.cache_config.enable_prefix_caching else "off",
         )
     host = opts.host if opts.host not in ("0.0.0.0", "::", "") else "localhost"
     logger.info(
         "serving the OpenAI API at http://%s:%d/v1 (bound to %s)%s",
-        host, opts.port, opts.host, "; API key required" if opts.api_key else "",
+        host,
+        opts.port,
+        opts.host,
+        "; API key required" if opts.api_key else "",
     )

@@ -82,7 +82,9 @@ def build_app(
             logger.info("shutting down the engine")
             engine.shutdown()
 
-    app = FastAPI(title="Backplane OpenAI-compatible server", version=__version__, lifespan=lifespan)
+    app = FastAPI(
+        title="Backplane OpenAI-compatible server", version=__version__, lifespan=lifespan
+    )
     app.state.serving = ctx
     install_error_handlers(app)
     if api_key:

@@ -21,16 +21,65 @@ from backplane.outputs import RequestOutput
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _TTFT_BUCKETS = (
-    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
-    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
 )
 _ITL_BUCKETS = (
-    0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
-    0.75, 1.0, 2.5, 5.0, 10.0,
+    0.001,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
 )
 _E2E_BUCKETS = (
-    0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
-    40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
+    0.1,
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
 )
 
 
@@ -57,7 +106,8 @@ class _EngineStatsCollector(Collector):
             return c
 
         yield gauge(
-            "engine_healthy", "1 while the engine loop is running, 0 once it died or stopped",
+            "engine_healthy",
+            "1 while the engine loop is running, 0 once it died or stopped",
             0.0 if self._engine.errored else 1.0,
         )
         if stats is None:
@@ -95,24 +145,30 @@ class ServerMetrics:
         )
         self.request_success = Counter(
             "backplane:request_success",
-            "Requests finished, by finish reason (stop, length, abort; first completion when n > 1)",
+            "Requests finished, by finish reason (first completion's when n > 1)",
             labels + ["finished_reason"],
             registry=self.registry,
         )
         self.ttft = Histogram(
             "backplane:time_to_first_token_seconds",
             "Seconds from arrival to the first generated token",
-            labels, buckets=_TTFT_BUCKETS, registry=self.registry,
+            labels,
+            buckets=_TTFT_BUCKETS,
+            registry=self.registry,
         )
         self.itl = Histogram(
             "backplane:inter_token_latency_seconds",
             "Seconds between successive generated tokens of a request",
-            labels, buckets=_ITL_BUCKETS, registry=self.registry,
+            labels,
+            buckets=_ITL_BUCKETS,
+            registry=self.registry,
         )
         self.e2e = Histogram(
             "backplane:e2e_request_latency_seconds",
             "Seconds from arrival to the last token",
-            labels, buckets=_E2E_BUCKETS, registry=self.registry,
+            labels,
+            buckets=_E2E_BUCKETS,
+            registry=self.registry,
         )
 
     def render(self) -> bytes:
@@ -152,7 +208,7 @@ class ServerMetrics:
                     finished = True
                     self.e2e.labels(name).observe(now - arrival_time)
                     # one count per request; with n > 1 the first completion's reason
-                    reason = (output.outputs[0].finish_reason if output.outputs else None)
+                    reason = output.outputs[0].finish_reason if output.outputs else None
                     self.request_success.labels(name, reason or "abort").inc()
                 yield output
         finally:

@@ -184,7 +184,9 @@ class ChatServing:
             ChatChoice(
                 index=comp.index,
                 message=ChatResponseMessage(content=comp.text),
-                logprobs=self._logprobs(req, comp.token_ids, comp.logprobs) if req.logprobs else None,
+                logprobs=self._logprobs(req, comp.token_ids, comp.logprobs)
+                if req.logprobs
+                else None,
                 finish_reason=comp.finish_reason,
                 stop_reason=comp.stop_reason,
             )
@@ -235,7 +237,9 @@ class ChatServing:
                             continue
                         lps = None
                         if req.logprobs:
-                            entries = comp.logprobs[n0:len(comp.token_ids)] if comp.logprobs else None
+                            entries = (
+                                comp.logprobs[n0 : len(comp.token_ids)] if comp.logprobs else None
+                            )
                             lps = self._logprobs(req, new_ids, entries)
                         sent_text[comp.index] = len(comp.text)
                         sent_tokens[comp.index] = len(comp.token_ids)
@@ -255,7 +259,10 @@ class ChatServing:
             if include_usage and final is not None:
                 yield sse(
                     ChatCompletionChunk(
-                        id=base_id, created=created, model=model, choices=[],
+                        id=base_id,
+                        created=created,
+                        model=model,
+                        choices=[],
                         usage=usage_of([final]),
                     ).model_dump()
                 )

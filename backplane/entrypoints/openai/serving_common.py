@@ -144,8 +144,13 @@ def build_sampling_params(
     )
     # Only pass what the client set, so SamplingParams' defaults apply otherwise.
     for name in (
-        "temperature", "top_p", "top_k", "min_p",
-        "presence_penalty", "frequency_penalty", "repetition_penalty",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
     ):
         value = getattr(req, name)
         if value is not None:

@@ -73,7 +73,9 @@ class CompletionServing:
         base_id = req.request_id or random_id("cmpl")
         params = []
         for p in prompts:
-            max_tokens = ctx.resolve_max_tokens(len(p.token_ids), req.max_tokens, "max_tokens", "prompt")
+            max_tokens = ctx.resolve_max_tokens(
+                len(p.token_ids), req.max_tokens, "max_tokens", "prompt"
+            )
             params.append(
                 build_sampling_params(
                     req,
@@ -83,7 +85,9 @@ class CompletionServing:
                 )
             )
         request_ids = [f"{base_id}-{i}" for i in range(len(prompts))]
-        iterators = await submit_all(ctx, request_ids, [p.token_ids for p in prompts], params, req.priority)
+        iterators = await submit_all(
+            ctx, request_ids, [p.token_ids for p in prompts], params, req.priority
+        )
         if req.stream:
             return SSEResponse(
                 self._stream(req, base_id, prompts, iterators),
@@ -221,7 +225,9 @@ class CompletionServing:
                         if choice is None:
                             continue
                         chunk = CompletionResponse(
-                            id=base_id, created=created, model=self.ctx.model_name,
+                            id=base_id,
+                            created=created,
+                            model=self.ctx.model_name,
                             choices=[choice],
                         )
                         yield sse(chunk.model_dump())
@@ -251,8 +257,8 @@ class CompletionServing:
         """The chunk choice with what ``comp`` added since the last one, or None if nothing."""
         if state.finished:
             return None
-        delta_text = comp.text[state.text_len:]
-        new_ids = comp.token_ids[state.num_tokens:]
+        delta_text = comp.text[state.text_len :]
+        new_ids = comp.token_ids[state.num_tokens :]
         # Nothing new yet (e.g. a prefill chunk); echo waits for the first token, when
         # the prompt logprobs are complete.
         if not delta_text and not new_ids and not comp.finished:
@@ -265,9 +271,13 @@ class CompletionServing:
                 lps = self._echo_logprobs(prompt, out.prompt_logprobs)
             state.text_offset = len(prefix)
         if req.logprobs is not None:
-            entries = comp.logprobs[state.num_tokens:len(comp.token_ids)] if comp.logprobs else None
+            entries = (
+                comp.logprobs[state.num_tokens : len(comp.token_ids)] if comp.logprobs else None
+            )
             gen = self._logprobs(new_ids, entries, state.text_offset)
-            state.text_offset = (gen.text_offset[-1] + len(gen.tokens[-1])) if gen.tokens else state.text_offset
+            state.text_offset = (
+                (gen.text_offset[-1] + len(gen.tokens[-1])) if gen.tokens else state.text_offset
+            )
             lps = _concat(lps, gen)
         state.started = True
         state.text_len = len(comp.text)

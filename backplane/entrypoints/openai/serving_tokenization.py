@@ -33,7 +33,9 @@ class TokenizationServing:
                 add_generation_prompt=req.add_generation_prompt,
             )
         else:
-            ids = list(ctx.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens).input_ids)
+            ids = list(
+                ctx.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens).input_ids
+            )
         strs = ctx.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
         return TokenizeResponse(
             count=len(ids), max_model_len=ctx.max_model_len, tokens=ids, token_strs=strs
