@@ -42,6 +42,8 @@ DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
 KNOWN_KV_CACHE_DTYPES = (
     "auto", "float32", "float16", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2",
 )
+# Weight formats the loader reads ("auto" = safetensors today).
+LOAD_FORMATS = ("auto", "safetensors")
 
 
 @dataclass
@@ -179,6 +181,11 @@ class EngineConfig:
         if cc.kv_cache_dtype not in KNOWN_KV_CACHE_DTYPES:
             out.append(
                 f"kv_cache_dtype ({cc.kv_cache_dtype!r}) is not one of {list(KNOWN_KV_CACHE_DTYPES)}"
+            )
+        if self.load_config.load_format not in LOAD_FORMATS:
+            out.append(
+                f"load_format ({self.load_config.load_format!r}) is not one of "
+                f"{list(LOAD_FORMATS)}; convert the checkpoint to safetensors"
             )
         if mc.dtype != "auto":
             try:

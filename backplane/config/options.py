@@ -23,7 +23,8 @@ from backplane.config.configs import _DTYPES
 # options. The engine ignores them; `serve` reads them (see
 # `backplane.config.sources.load_yaml_config`).
 SERVER_OPTION_KEYS = frozenset(
-    {"host", "port", "api_key", "chat_template", "uvicorn_log_level", "root_path"}
+    {"host", "port", "api_key", "chat_template", "uvicorn_log_level", "root_path",
+     "graceful_shutdown_timeout"}
 )
 
 # Alternative spellings that are *not* deprecated: vLLM's name for an option
@@ -33,7 +34,8 @@ ALIASES = {"gpu_memory_utilization": "memory_utilization"}
 # BACKPLANE_* variables that are not engine options (read elsewhere); environment
 # parsing skips them instead of warning about an unknown option.
 NON_OPTION_ENV_VARS = frozenset(
-    {"BACKPLANE_LOGGING_LEVEL", "BACKPLANE_PLATFORM", "BACKPLANE_CONFIG"}
+    {"BACKPLANE_LOGGING_LEVEL", "BACKPLANE_PLATFORM", "BACKPLANE_CONFIG", "BACKPLANE_API_KEY",
+     "BACKPLANE_PLUGINS", "BACKPLANE_SERVER_DEV_MODE", "BACKPLANE_CONFORMANCE_PLATFORM"}
 )
 ENV_PREFIX = "BACKPLANE_"
 
