@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import httpx
 import pytest
@@ -152,3 +153,19 @@ def test_chat_streams_replies_until_exit(llama_model_dir, greedy_reference, monk
     )
     assert len(lines) == 2  # one reply per user line; the empty line and /exit get none
     assert lines[0] == first
+
+
+def test_serve_without_model_uses_the_demo_model(monkeypatch, tmp_path):
+    from backplane.entrypoints.cli.main import build_parser
+    from backplane.entrypoints.cli.serve import build_engine_args
+
+    demo = types.ModuleType("backplane.demo_model")
+    demo.default_model_path = lambda: str(tmp_path / "demo")
+    monkeypatch.setitem(sys.modules, "backplane.demo_model", demo)
+    monkeypatch.delenv("BACKPLANE_MODEL", raising=False)
+    monkeypatch.delenv("BACKPLANE_CONFIG", raising=False)
+    args = build_parser().parse_args(["serve", "--max-model-len", "64", "--port", "9"])
+    engine_args = build_engine_args(args)
+    assert engine_args.model == str(tmp_path / "demo") and engine_args.max_model_len == 64
+    named = build_engine_args(build_parser().parse_args(["serve", "/some/model"]))
+    assert named.model == "/some/model"
