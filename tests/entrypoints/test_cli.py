@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import socket
@@ -69,7 +70,23 @@ def test_serve_process_yaml_api_key_startup_log_and_sigterm(llama_model_dir, tmp
             url + "/v1/completions", json=body, headers={"Authorization": "Bearer yaml-key"}
         )
         assert ok.status_code == 200 and ok.json()["model"] == "demo"
-        proc.send_signal(signal.SIGTERM)
+        # SIGTERM while a stream is in flight: uvicorn stops accepting, lets the stream
+        # finish (within --graceful-shutdown-timeout), then the engine stops; exit status 0.
+        auth = {"Authorization": "Bearer yaml-key"}
+        with httpx.stream(
+            "POST",
+            url + "/v1/completions",
+            headers=auth,
+            timeout=30,
+            json={"prompt": "Hello", "max_tokens": 40, "stream": True, "ignore_eos": True},
+        ) as resp:
+            lines = resp.iter_lines()
+            first = next(line for line in lines if line)
+            proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]
+        assert first.startswith("data: {")
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
         assert proc.wait(30) == 0
     finally:
         if proc.poll() is None:
