@@ -197,7 +197,8 @@ def engine_args_from_sources(
             ``$BACKPLANE_CONFIG`` is used when set.
         env: environment to read ``BACKPLANE_*`` from; None to ignore the environment.
         kwargs: Python keyword arguments (``LLM(**kwargs)``).
-        extra_keys: keys allowed in the YAML/kwargs that are not engine options.
+        extra_keys: keys allowed in the YAML file that are not engine options
+            (default: the server's, see `SERVER_OPTION_KEYS`).
 
     Raises:
         ValueError listing every problem (unknown keys with close matches, bad
@@ -226,7 +227,8 @@ def engine_args_from_sources(
         merged.update(options_from_env(env, problems))
     merged.update(normalize_options(cli_raw, "command line", problems=problems))
     merged.update(
-        normalize_options(kwargs, "keyword arguments", extra_keys=extra_keys, problems=problems)
+        # A server option passed to LLM(...) would do nothing: reject it like any unknown name.
+        normalize_options(kwargs, "keyword arguments", extra_keys=frozenset(), problems=problems)
     )
     if "model" not in merged:
         problems.append(

@@ -122,3 +122,23 @@ def test_compilation_config_json_flag():
     args = engine_args_from_cli(ns)
     assert args.compilation_config == {"use_graphs": False}
     assert args.create_engine_config().compilation_config.use_graphs is False
+
+
+def test_server_options_allowed_in_yaml_but_not_as_kwargs(yaml_file):
+    assert engine_args_from_sources(yaml_path=yaml_file, env={}).model == "/models/from-yaml"
+    with pytest.raises(ValueError, match="unknown option 'port' in keyword arguments"):
+        engine_args_from_sources(kwargs={"model": "m", "port": 8000}, env={})
+
+
+def test_unknown_env_var_only_warns(caplog, monkeypatch):
+    import logging
+
+    # configure_logging() (run by any in-process CLI test) stops propagation to root.
+    monkeypatch.setattr(logging.getLogger("backplane"), "propagate", True)
+    args = engine_args_from_sources(kwargs={"model": "m"},
+                                    env={"BACKPLANE_MAX_MODEL_LENGTH": "5",
+                                         "BACKPLANE_API_KEY": "k"})
+    assert args.max_model_len is None
+    assert "BACKPLANE_MAX_MODEL_LENGTH is not a Backplane option" in caplog.text
+    assert "BACKPLANE_MAX_MODEL_LEN?" in caplog.text
+    assert "BACKPLANE_API_KEY" not in caplog.text
