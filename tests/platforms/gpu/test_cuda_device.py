@@ -192,3 +192,15 @@ def test_tiny_llama_on_gpu_matches_transformers(request):
     ref_b = ref(torch.tensor([b])).logits[0]
     torch.testing.assert_close(logits[0], ref_a[-1], atol=1e-3, rtol=0)
     torch.testing.assert_close(logits[1:], ref_b[30:], atol=1e-3, rtol=0)
+
+
+def test_cuda_passes_the_conformance_kit(tmp_path):
+    """The plugin conformance kit, run against cuda as a third-party plugin would run it."""
+    from tests.plugins.kit_runner import failures, run_kit
+
+    outcomes = run_kit(tmp_path, "backplane.platforms.cuda:descriptor")
+    assert not failures(outcomes), failures(outcomes)
+    passed = {name for name, o in outcomes.items() if o == "passed"}
+    assert "test_graph_replay_equals_eager" in passed
+    assert any(n.startswith("test_attention_matches_reference_float32[triton_paged-")
+               for n in passed)
