@@ -93,7 +93,9 @@ def run_requests(engine, requests: list[BenchRequest], temperature: float = 0.0,
     from tqdm import tqdm
 
     timer = StepTimer(engine, instrument_model=instrument)
-    bar = tqdm(total=len(requests), desc=desc, disable=not progress, leave=False)
+    # Counted in output tokens: requests of a batch finish together, tokens flow every step.
+    bar = tqdm(total=sum(r.output_len for r in requests), desc=desc, unit="tok",
+               disable=not progress, leave=False)
     output_tokens = 0
     first_token: dict[str, float] = {}
     try:
@@ -106,13 +108,13 @@ def run_requests(engine, requests: list[BenchRequest], temperature: float = 0.0,
         while pending:
             outputs = timer.step()
             now = time.perf_counter() - start
+            bar.update(timer.records[-1].new_tokens)
             for out in outputs:
                 if out.request_id not in first_token and any(c.token_ids for c in out.outputs):
                     first_token[out.request_id] = now
                 if out.finished and out.request_id in pending:
                     pending.discard(out.request_id)
                     output_tokens += sum(len(c.token_ids) for c in out.outputs)
-                    bar.update(1)
             if not outputs and not engine.has_unfinished_requests():
                 raise RuntimeError(f"engine stopped with {len(pending)} requests unfinished")
         seconds = time.perf_counter() - start
