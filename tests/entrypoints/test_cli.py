@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import os
@@ -176,13 +177,16 @@ def test_serve_without_model_uses_the_demo_model(monkeypatch, tmp_path):
     from backplane.entrypoints.cli.main import build_parser
     from backplane.entrypoints.cli.serve import build_engine_args
 
+    importlib.import_module("backplane.demo_model")  # the fake must win even after the real
     demo = types.ModuleType("backplane.demo_model")
     demo.default_model_path = lambda: str(tmp_path / "demo")
+    demo.DEMO_MODEL_NAME = "demo-name"
     monkeypatch.setitem(sys.modules, "backplane.demo_model", demo)
     monkeypatch.delenv("BACKPLANE_MODEL", raising=False)
     monkeypatch.delenv("BACKPLANE_CONFIG", raising=False)
     args = build_parser().parse_args(["serve", "--max-model-len", "64", "--port", "9"])
     engine_args = build_engine_args(args)
     assert engine_args.model == str(tmp_path / "demo") and engine_args.max_model_len == 64
+    assert engine_args.served_model_name == "demo-name"
     named = build_engine_args(build_parser().parse_args(["serve", "/some/model"]))
     assert named.model == "/some/model"

@@ -11,6 +11,7 @@ spellings), plus the server's own: --host, --port, --api-key,
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import signal
@@ -151,7 +152,11 @@ def build_engine_args(args: argparse.Namespace):
             raise
     path = demo_model_path()
     logger.info("no model given: serving the bundled demo model at %s", path)
-    return engine_args_from_sources(cli=args, kwargs={"model": path}, extra_keys=extra)
+    engine_args = engine_args_from_sources(cli=args, kwargs={"model": path}, extra_keys=extra)
+    if engine_args.served_model_name is None:
+        demo = importlib.import_module("backplane.demo_model")
+        engine_args.served_model_name = getattr(demo, "DEMO_MODEL_NAME", None)
+    return engine_args
 
 
 def demo_model_path() -> str:
