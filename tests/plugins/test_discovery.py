@@ -26,28 +26,29 @@ def test_cpu_is_discovered_with_its_distribution(clean_plugin_env):
 
 
 def test_fake_plugin_reports_distribution_and_descriptor(fake_site):
-    fake_site.platform("alpha", priority=10)
+    fake_site.platform("alpha", priority=1010)
     alpha = _plugin("alpha")
     assert (alpha.distribution, alpha.dist_version) == ("fake-alpha", "1.2.3")
-    assert (alpha.device_type, alpha.priority, alpha.status) == ("cpu", 10, "available")
+    assert (alpha.device_type, alpha.priority, alpha.status) == ("cpu", 1010, "available")
     assert alpha.reason == "alpha device found"
     assert alpha.to_dict()["target"].endswith("_alpha:descriptor")
 
 
 def test_highest_priority_available_wins(fake_site):
-    fake_site.platform("alpha", priority=10)
-    fake_site.platform("beta", priority=20)
+    fake_site.platform("alpha", priority=1010)
+    fake_site.platform("beta", priority=1020)
     report = explain_selection()
     assert report.chosen == "beta"
-    assert report.reason == "highest-priority available (priority 20)"
-    assert [p.display_name for p in report.also_available] == ["alpha", "cpu"]
+    assert report.reason == "highest-priority available (priority 1020)"
+    also = [p.display_name for p in report.also_available]
+    assert also[0] == "alpha" and also[-1] == "cpu"
     assert resolve_platform().name == "beta"
-    assert "platform beta chosen: highest-priority available (priority 20)" in report.summary()
+    assert "platform beta chosen: highest-priority available (priority 1020)" in report.summary()
 
 
 def test_explicit_device_overrides_priority(fake_site):
-    fake_site.platform("alpha", priority=10)
-    fake_site.platform("beta", priority=20)
+    fake_site.platform("alpha", priority=1010)
+    fake_site.platform("beta", priority=1020)
     report = explain_selection("alpha")
     assert report.chosen == "alpha" and report.source == "device argument"
     assert report.reason == "requested by device argument (alpha device found)"
@@ -56,8 +57,8 @@ def test_explicit_device_overrides_priority(fake_site):
 
 
 def test_env_var_selects_and_device_argument_beats_it(fake_site, monkeypatch):
-    fake_site.platform("alpha", priority=10)
-    fake_site.platform("beta", priority=20)
+    fake_site.platform("alpha", priority=1010)
+    fake_site.platform("beta", priority=1020)
     monkeypatch.setenv("BACKPLANE_PLATFORM", "alpha")
     report = explain_selection()
     assert report.chosen == "alpha" and report.source == "BACKPLANE_PLATFORM"
@@ -68,7 +69,7 @@ def test_env_var_selects_and_device_argument_beats_it(fake_site, monkeypatch):
 
 
 def test_explicit_missing_platform_fails_listing_installed(fake_site):
-    fake_site.platform("alpha", priority=10)
+    fake_site.platform("alpha", priority=1010)
     with pytest.raises(PlatformSelectionError) as info:
         resolve_platform("nope")
     text = str(info.value)
@@ -79,7 +80,7 @@ def test_explicit_missing_platform_fails_listing_installed(fake_site):
 
 
 def test_explicit_unavailable_platform_fails_with_probe_reason(fake_site):
-    fake_site.platform("gamma", priority=50, available=False, reason="no gamma device on bus 0")
+    fake_site.platform("gamma", priority=1050, available=False, reason="no gamma device on bus 0")
     with pytest.raises(PlatformSelectionError,
                        match=r"platform 'gamma' was requested \(device argument\) but cannot be "
                              r"used: unavailable: no gamma device on bus 0\. Installed platforms"):
@@ -91,20 +92,20 @@ def test_explicit_unavailable_platform_fails_with_probe_reason(fake_site):
 
 
 def test_two_available_accelerators_tie_broken_by_name(fake_site):
-    fake_site.platform("acc_b", priority=30)
-    fake_site.platform("acc_a", priority=30)
+    fake_site.platform("acc_b", priority=1030)
+    fake_site.platform("acc_a", priority=1030)
     report = explain_selection()
     assert report.chosen == "acc_a"
     assert report.tie == ["acc_a", "acc_b"]
     assert report.reason == (
-        "highest-priority available (priority 30); tie at priority 30 between acc_a, acc_b "
+        "highest-priority available (priority 1030); tie at priority 1030 between acc_a, acc_b "
         "broken by name (alphabetical order)")
     assert [p.display_name for p in report.also_available][0] == "acc_b"
 
 
 def test_plugin_whose_import_raises_is_reported_and_skipped(fake_site):
-    fake_site.platform("broken", priority=99, import_error="driver library libbroken.so missing")
-    fake_site.platform("alpha", priority=10)
+    fake_site.platform("broken", priority=1099, import_error="driver library libbroken.so missing")
+    fake_site.platform("alpha", priority=1010)
     broken = _plugin("broken")
     assert broken.status == "import_error"
     assert broken.reason == "import failed: RuntimeError: driver library libbroken.so missing"
@@ -117,23 +118,25 @@ def test_plugin_whose_import_raises_is_reported_and_skipped(fake_site):
 
 
 def test_plugin_whose_probe_raises_is_reported_and_skipped(fake_site):
-    fake_site.platform("flaky", priority=99, probe_error="ioctl failed")
+    baseline = explain_selection().chosen  # what this machine picks without the fakes
+    fake_site.platform("flaky", priority=1099, probe_error="ioctl failed")
     report = explain_selection()
     flaky = report.plugin("flaky")
     assert flaky.status == "probe_error" and flaky.reason == "probe() raised ValueError: ioctl failed"
-    assert report.chosen == "cpu"
+    assert report.chosen == baseline
     with pytest.raises(PlatformSelectionError, match="probe_error: probe\\(\\) raised ValueError"):
         resolve_platform("flaky")
 
 
 def test_incompatible_sdk_major_is_refused_with_needed_versions(fake_site):
-    fake_site.platform("future", priority=99, sdk_version="2.0")
+    baseline = explain_selection().chosen
+    fake_site.platform("future", priority=1099, sdk_version="2.0")
     future = _plugin("future")
     assert future.status == "incompatible"
     assert future.reason == (
         f"refused: written for plugin SDK 2.0 (needs >=2.0,<3); this Backplane provides SDK "
         f"{SDK_VERSION}: upgrade backplane-llm")
-    assert explain_selection().chosen == "cpu"
+    assert explain_selection().chosen == baseline
     with pytest.raises(PlatformSelectionError, match="incompatible: refused: written for plugin SDK 2.0"):
         resolve_platform("future")
 
@@ -149,8 +152,8 @@ def test_newer_minor_and_old_major_are_refused(fake_site):
 
 
 def test_plugin_whose_load_raises_falls_back_when_automatic(fake_site):
-    fake_site.platform("heavy", priority=99, load_error="firmware not loaded")
-    fake_site.platform("alpha", priority=10)
+    fake_site.platform("heavy", priority=1099, load_error="firmware not loaded")
+    fake_site.platform("alpha", priority=1010)
     report = explain_selection()
     assert report.chosen == "alpha"
     assert report.reason.endswith("; higher-priority heavy failed to load")
@@ -164,12 +167,13 @@ def test_plugin_whose_load_raises_falls_back_when_automatic(fake_site):
 
 
 def test_same_platform_name_from_two_distributions_is_a_conflict(fake_site):
-    source = fake_site.platform("dup", priority=40)
+    baseline = explain_selection().chosen
+    source = fake_site.platform("dup", priority=1040)
     fake_site.dist("other-dup", "0.9", {}, {"backplane.platforms": {"dup": f"{source}:descriptor"}})
     dups = [p for p in discover_platforms() if p.display_name == "dup"]
     assert len(dups) == 2 and {p.status for p in dups} == {"conflict"}
     assert "provided by 2 distributions" in dups[0].reason
-    assert explain_selection().chosen == "cpu"
+    assert explain_selection().chosen == baseline
 
 
 def test_malformed_descriptors_are_invalid(fake_site):
@@ -199,7 +203,7 @@ def test_malformed_descriptors_are_invalid(fake_site):
 
 
 def test_resolution_is_cached_per_process_and_shared_between_requests(fake_site):
-    fake_site.platform("alpha", priority=10)
+    fake_site.platform("alpha", priority=1010)
     first = resolve_platform()
     assert resolve_platform() is first
     assert resolve_platform("alpha") is first  # same platform, same instance
