@@ -213,3 +213,27 @@ def test_tokenize_detokenize_version(server, reference_llm):
         assert chat["tokens"] == tok(rendered, add_special_tokens=False).input_ids
         assert c.get("/version").json()["version"]
         assert c.get("/server_info").status_code == 404  # dev mode is off
+
+
+def test_prefix_cache_metrics_count_a_repeated_prompt(server):
+    from tests.entrypoints.server_utils import metric
+
+    prompt = list(range(20, 60))  # 40 tokens: two full 16-token blocks can be reused
+    with server.client() as c:
+        before = c.get("/metrics").text
+        for _ in range(2):
+            r = c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2})
+            assert r.status_code == 200
+        after = c.get("/metrics").text
+    queries = metric(after, "backplane:prefix_cache_queries_total") - metric(
+        before, "backplane:prefix_cache_queries_total"
+    )
+    hits = metric(after, "backplane:prefix_cache_hits_total") - metric(
+        before, "backplane:prefix_cache_hits_total"
+    )
+    assert queries >= 80
+    assert hits >= 32
+    prompt_tokens = metric(after, "backplane:prompt_tokens_total") - metric(
+        before, "backplane:prompt_tokens_total"
+    )
+    assert prompt_tokens == 80

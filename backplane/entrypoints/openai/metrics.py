@@ -170,6 +170,11 @@ class ServerMetrics:
             buckets=_E2E_BUCKETS,
             registry=self.registry,
         )
+        # Create the labelled series now, so that they read 0 (not absent) before traffic.
+        for metric in (self.prompt_tokens, self.generation_tokens, self.ttft, self.itl, self.e2e):
+            metric.labels(model_name)
+        for reason in ("stop", "length", "abort"):
+            self.request_success.labels(model_name, reason)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
