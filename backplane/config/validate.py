@@ -59,8 +59,11 @@ def validate_options(
     if "model" not in options and not any(
         str(k).replace("-", "_").lower() in ("model", "model_tag") for k in raw
     ):
-        report.errors.append(f"{where}: 'model' is not set (required)")
-        options["model"] = "<unset>"
+        # Allowed: serve files often leave the model to the command line.
+        report.warnings.append(
+            f"{where}: 'model' is not set; it must then be given on the command line"
+        )
+        options["model"] = ""
     try:
         config = EngineArgs(**options).create_engine_config()
     except (TypeError, ValueError) as exc:
@@ -77,8 +80,8 @@ def validate_options(
             return report
     report.platform = platform.name
     model = config.model_config.model
-    report.model_checked = check_model and os.path.isdir(model)
-    if check_model and not report.model_checked:
+    report.model_checked = check_model and bool(model) and os.path.isdir(model)
+    if check_model and model and not report.model_checked:
         report.notes.append(
             f"model {model!r} is not a local directory here: model-dependent checks "
             "(heads vs tensor_parallel_size, attention backend, max_model_len limit) skipped"

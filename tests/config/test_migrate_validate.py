@@ -122,3 +122,11 @@ def test_validate_unreadable_file(tmp_path, capsys):
     assert "must be a mapping" in capsys.readouterr().out
     assert main(["config", "validate", str(tmp_path / "nope.yaml")]) == 1
     assert "does not exist" in capsys.readouterr().out
+
+
+def test_validate_file_without_model_only_warns(tmp_path, capsys):
+    path = tmp_path / "serve.yaml"
+    path.write_text("port: 8000\nmax-num-seqs: 4\n")
+    assert main(["config", "validate", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "warning:" in out and "'model' is not set" in out
