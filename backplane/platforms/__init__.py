@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from backplane.platforms.discovery import (
     AVAILABLE,
     ENTRY_POINT_GROUP,
+    LOAD_ERROR,
     DiscoveredPlatform,
     discover_platforms,
 )
@@ -103,7 +104,7 @@ def explain_selection(device: str | None = None, *, load_all: bool = False) -> P
                     try:
                         _load(plugin)
                     except Exception as exc:  # reported, like any other load failure
-                        plugin.status = "load_error"
+                        plugin.status = LOAD_ERROR
                         plugin.reason = f"load() failed: {type(exc).__name__}: {exc}"
         return report
 
