@@ -11,7 +11,8 @@ batched SDPA call over keys padded to the longest decode sequence; each
 prefill chunk is attended on its own with a causal mask shifted by the
 request's cached context. Host-side loops run over requests, never tokens, and
 read only the ``_cpu`` copies of the metadata, so building the plan does not
-wait for the device.
+wait for the device. Sliding windows follow transformers: a query at position
+p sees keys p - window + 1 .. p.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class _PrefillChunk:
     start: int
     end: int
     key_slots: torch.Tensor  # [seq_len]
-    mask: torch.Tensor | None  # [q, seq_len] True = attend; None = plain causal (no context)
+    mask: torch.Tensor | None  # [q, seq_len] True = attend; None = plain causal
 
 
 @dataclass
@@ -53,10 +54,12 @@ class TorchSdpaPagedAttentionBackend(AttentionBackend):
     """Device-agnostic paged attention (gather + torch SDPA)."""
 
     name = "torch_sdpa_paged"
+    supports_sliding_window = True
 
     def build_metadata(self, common: CommonAttentionMetadata) -> SdpaPagedMetadata:
         device = common.block_table.device
         block_size = self.spec.block_size
+        window = self.spec.sliding_window
         num_reqs = common.num_reqs
         qsl = common.query_start_loc_cpu[: num_reqs + 1].to(torch.int64)
         seq_lens = common.seq_lens_cpu[:num_reqs].to(torch.int64)
@@ -71,10 +74,13 @@ class TorchSdpaPagedAttentionBackend(AttentionBackend):
             rows_dev = decode_rows.to(device)
             pos_dev = positions.to(device)
             blocks = block_table[rows_dev][:, pos_dev // block_size].to(torch.int64)
+            visible = positions[None, :] < lens[:, None]
+            if window is not None:
+                visible &= positions[None, :] >= lens[:, None] - window
             decode = _DecodeBatch(
                 token_rows=qsl[decode_rows].to(device),
                 key_slots=blocks * block_size + pos_dev % block_size,
-                mask=(positions[None, :] < lens[:, None])[:, None, None, :].to(device),
+                mask=visible[:, None, None, :].to(device),
             )
 
         prefills = []
@@ -87,10 +93,14 @@ class TorchSdpaPagedAttentionBackend(AttentionBackend):
                 + positions % block_size
             )
             mask = None
-            if context:
+            if context or window is not None:
                 # query i sits at position context + i and may see keys 0..context + i
-                key_pos = torch.arange(seq_len)
-                mask = (key_pos[None, :] <= torch.arange(context, seq_len)[:, None]).to(device)
+                key_pos = torch.arange(seq_len)[None, :]
+                query_pos = torch.arange(context, seq_len)[:, None]
+                visible = key_pos <= query_pos
+                if window is not None:
+                    visible &= key_pos > query_pos - window
+                mask = visible.to(device)
             prefills.append(_PrefillChunk(start, end, key_slots, mask))
 
         return SdpaPagedMetadata(

@@ -7,7 +7,8 @@ no per-step host work beyond reading two integers, which keeps decode steps
 cheap and graph-capturable.
 
 Block sizes: the kernel looks every key position up in the block table, so any
-cache block size works; head sizes up to 256 fit its register tile.
+cache block size works; head sizes up to 256 fit its register tile. Sliding
+windows follow transformers: a query at position p sees keys p - window + 1 .. p.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class TritonPagedAttentionBackend(AttentionBackend):
 
     name = "triton_paged"
     supported_dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    supports_sliding_window = True
 
     @classmethod
     def unsupported_reasons(cls, spec: AttentionSpec) -> list[str]:
@@ -92,5 +94,6 @@ class TritonPagedAttentionBackend(AttentionBackend):
             num_reqs=metadata.num_reqs,
             max_query_len=metadata.max_query_len,
             scale=scale,
+            sliding_window=self.spec.sliding_window,
         )
         return out

@@ -63,6 +63,7 @@ def _paged_attention_kernel(
     query_start_loc_ptr,
     seq_lens_ptr,
     scale,
+    window,
     query_token_stride,
     query_head_stride,
     out_token_stride,
@@ -77,6 +78,7 @@ def _paged_attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     IEEE_DOT: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
 ):
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -118,7 +120,14 @@ def _paged_attention_kernel(
     key_end = tl.minimum(seq_len, context_len + (tile + 1) * BLOCK_Q)
     key_end = tl.where(tile * BLOCK_Q < query_len, key_end, 0)
     kv_slot_stride = NUM_KV_HEADS * HEAD_SIZE
-    for key_start in range(0, key_end, BLOCK_N):
+    if HAS_WINDOW:
+        # Sliding window: a query at position p sees keys p - window + 1 .. p, so the
+        # tile's first query bounds the oldest key it needs.
+        key_begin = tl.maximum(context_len + tile * BLOCK_Q - window + 1, 0)
+        key_begin = (key_begin // BLOCK_N) * BLOCK_N
+    else:
+        key_begin = 0
+    for key_start in range(key_begin, key_end, BLOCK_N):
         offs_n = key_start + tl.arange(0, BLOCK_N)
         n_valid = offs_n < key_end
         block_ids = tl.load(
@@ -136,6 +145,8 @@ def _paged_attention_kernel(
             scores = tl.dot(q, tl.trans(k))
         scores = scores * scale
         allowed = (offs_n[None, :] <= query_pos[:, None]) & n_valid[None, :]
+        if HAS_WINDOW:
+            allowed = allowed & (offs_n[None, :] > query_pos[:, None] - window)
         scores = tl.where(allowed, scores, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -216,6 +227,7 @@ def paged_attention(
     scale: float,
     block_q: int | None = None,
     block_n: int | None = None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of a flat varlen batch over the paged cache, written into ``out``.
 
@@ -228,6 +240,8 @@ def paged_attention(
         num_reqs, max_query_len: host-side grid sizes.
         block_q: query tokens per program; block_n: keys per inner step (a power of
             two >= 16). Both default by step shape (`default_tiles`).
+        sliding_window: when set, a query at position p attends to keys
+            p - sliding_window + 1 .. p only (the transformers convention).
     """
     if num_reqs == 0 or max_query_len == 0:
         return out
@@ -254,6 +268,7 @@ def paged_attention(
         query_start_loc,
         seq_lens,
         scale,
+        sliding_window or 0,
         query.stride(0),
         query.stride(1),
         out.stride(0),
@@ -268,5 +283,6 @@ def paged_attention(
         BLOCK_M=max(16, triton.next_power_of_2(block_q * queries_per_kv)),
         BLOCK_N=block_n,
         IEEE_DOT=query.dtype == torch.float32,
+        HAS_WINDOW=sliding_window is not None,
     )
     return out

@@ -46,6 +46,7 @@ def _check_small_tiles(spec) -> None:
     triton_kernels.paged_attention(
         case.query, kv_cache[0], kv_cache[1], out, c.block_table, c.query_start_loc,
         c.seq_lens, c.num_reqs, c.max_query_len, case.scale, block_q=2, block_n=16,
+        sliding_window=spec.sliding_window,
     )
     n = c.num_actual_tokens
     torch.testing.assert_close(

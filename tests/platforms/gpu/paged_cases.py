@@ -30,6 +30,7 @@ class CaseSpec:
     block_size: int = 16
     num_pad_tokens: int = 0
     dtype: torch.dtype = torch.float32
+    sliding_window: int | None = None
 
 
 # Tiny on purpose: the Triton interpreter runs every program instance in numpy.
@@ -44,6 +45,8 @@ CASES = [
     CaseSpec("block32_mixed", (31, 64), (2, 1), block_size=32),
     CaseSpec("padded_slots", (12, 4), (1, 6), num_pad_tokens=3),
     CaseSpec("head_size_24", (10,), (5,), head_size=24, num_heads=2, num_kv_heads=2),
+    CaseSpec("sliding_window", (40, 30, 0), (1, 9, 26), num_heads=4, num_kv_heads=2,
+             sliding_window=11),
 ]
 
 
@@ -70,6 +73,7 @@ class PagedCase:
             head_size=s.head_size,
             dtype=s.dtype,
             block_size=s.block_size,
+            sliding_window=s.sliding_window,
         )
 
     def to(self, device: str | torch.device) -> PagedCase:
@@ -101,9 +105,13 @@ class PagedCase:
 
 
 def reference_attention(
-    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, context_len: int, scale: float
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, context_len: int,
+    scale: float, window: int | None = None,
 ) -> torch.Tensor:
-    """Causal attention of one request in float64: query i sees keys 0..context_len + i."""
+    """Causal attention of one request in float64: query i sees keys 0..context_len + i.
+
+    With ``window``, only the last ``window`` of those keys (transformers' convention).
+    """
     q_len, num_heads, _ = query.shape
     group = num_heads // keys.shape[1]
     k = keys.double().repeat_interleave(group, dim=1)  # [L, H, D]
@@ -111,7 +119,10 @@ def reference_attention(
     scores = torch.einsum("qhd,khd->hqk", query.double(), k) * scale
     key_pos = torch.arange(keys.shape[0])
     query_pos = torch.arange(context_len, context_len + q_len)
-    scores = scores.masked_fill(key_pos[None, None, :] > query_pos[None, :, None], float("-inf"))
+    hidden = key_pos[None, :] > query_pos[:, None]
+    if window is not None:
+        hidden |= key_pos[None, :] <= query_pos[:, None] - window
+    scores = scores.masked_fill(hidden[None], float("-inf"))
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
 
@@ -151,7 +162,7 @@ def make_case(spec: CaseSpec, seed: int = 0) -> PagedCase:
         keys.append(all_k[ctx:])
         values.append(all_v[ctx:])
         slots.append(req_slots[ctx:])
-        outs.append(reference_attention(q, all_k, all_v, ctx, hd**-0.5))
+        outs.append(reference_attention(q, all_k, all_v, ctx, hd**-0.5, spec.sliding_window))
 
     pad = spec.num_pad_tokens
     query = torch.cat(queries + [rand(pad, spec.num_heads, hd)])
