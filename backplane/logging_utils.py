@@ -4,8 +4,21 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 _configured = False
+
+
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (pytest and CLIs swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; ignore
+        pass
 
 
 def configure_logging() -> None:
@@ -20,7 +33,7 @@ def configure_logging() -> None:
             f"BACKPLANE_LOGGING_LEVEL={level_name!r} is not one of DEBUG, INFO, WARNING, ERROR"
         )
     logger = logging.getLogger("backplane")
-    handler = logging.StreamHandler()
+    handler = _CurrentStderrHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(name)s: %(message)s"))
     logger.addHandler(handler)
     logger.setLevel(level)

@@ -14,13 +14,14 @@ import numpy as np
 import torch
 
 from backplane.config import EngineConfig
+from backplane.config.attention_spec import attention_spec_from_config
 from backplane.core.layers.attention import AttentionContext
 from backplane.core.model_runner.input_batch import InputBatch
 from backplane.core.model_runner.kv_cache_sizing import KVCacheShape, determine_num_blocks
 from backplane.core.sampling.metadata import SamplingMetadata
 from backplane.core.sampling.sampler import Sampler, gather_logprobs
 from backplane.core.scheduler.output import SchedulerOutput
-from backplane.plugins_sdk import AttentionSpec, CommonAttentionMetadata, Platform
+from backplane.plugins_sdk import CommonAttentionMetadata, Platform
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +69,8 @@ class ModelRunner:
 
         self.model = load_model(mc, self.device)
         num_layers, heads, kv_heads, head_size = model_attention_geometry(mc.hf_config)
-        spec = AttentionSpec(
-            num_heads=heads, num_kv_heads=kv_heads, head_size=head_size, dtype=self.dtype,
-            block_size=cc.block_size, kv_cache_dtype=cc.kv_cache_dtype,
-        )
+        # The same spec validation used, so a backend accepted there is the one used here.
+        spec = attention_spec_from_config(config)
         backend_cls = platform.select_attention_backend(
             spec, forced=config.device_config.attention_backend
         )

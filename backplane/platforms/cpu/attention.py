@@ -58,6 +58,7 @@ class CpuSdpaAttentionBackend(AttentionBackend):
     """Paged attention for the CPU from torch matmuls (the name is kept for configs)."""
 
     name = "cpu_sdpa"
+    supports_sliding_window = True
 
     @classmethod
     def kv_cache_shape(cls, num_blocks, block_size, num_kv_heads, head_size):
@@ -80,8 +81,11 @@ class CpuSdpaAttentionBackend(AttentionBackend):
             decode_block_ids = block_table[decode_rows, :decode_num_blocks].flatten()
             positions = torch.arange(decode_num_blocks * block_size)
             decode_bias = torch.zeros(len(decode_rows), 1, len(positions), dtype=torch.float32)
-            decode_bias.masked_fill_((positions[None, :] >= lens[:, None])[:, None, :],
-                                     float("-inf"))
+            hidden = positions[None, :] >= lens[:, None]
+            if self.spec.sliding_window is not None:
+                # A query at position p sees keys in (p - window, p], as transformers does.
+                hidden |= positions[None, :] <= lens[:, None] - 1 - self.spec.sliding_window
+            decode_bias.masked_fill_(hidden[:, None, :], float("-inf"))
             decode_token_idx = qsl[decode_rows].to(torch.int64)
 
         prefills = []
@@ -152,8 +156,11 @@ class CpuSdpaAttentionBackend(AttentionBackend):
             scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
             scores = scores.view(num_kv_heads, group, rows, seq_len)
             query_pos = torch.arange(chunk.context_len + lo, chunk.context_len + hi)
-            future = torch.arange(seq_len)[None, :] > query_pos[:, None]
-            scores.masked_fill_(future, float("-inf"))
+            key_pos = torch.arange(seq_len)[None, :]
+            hidden = key_pos > query_pos[:, None]
+            if self.spec.sliding_window is not None:
+                hidden |= key_pos <= query_pos[:, None] - self.spec.sliding_window
+            scores.masked_fill_(hidden, float("-inf"))
             probs = torch.softmax(scores, dim=-1).to(v.dtype).view(
                 num_kv_heads, group * rows, seq_len)
             o = torch.matmul(probs, v).view(num_kv_heads, group, rows, head_size)

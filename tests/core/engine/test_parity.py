@@ -86,3 +86,13 @@ def test_prefix_cache_hits_and_same_output(llama_model_dir):
     assert stats.prefix_cache_hits >= 2 * 16, stats
     assert rest[0].num_cached_tokens >= 16
     assert first[0].num_cached_tokens == 0
+
+
+def test_sliding_window_matches_transformers(tmp_path):
+    from tests.fixtures.tiny_models import make_tiny_model
+
+    model_dir = make_tiny_model(tmp_path / "mistral-sw", "mistral", sliding_window=8)
+    llm = LLM(model=model_dir, max_model_len=128, num_kv_blocks=64, block_size=4,
+              max_num_batched_tokens=16)
+    assert llm.llm_engine.config.attention_spec().sliding_window == 8
+    _check_parity(llm, model_dir, max_tokens=16)
