@@ -11,9 +11,10 @@ attention each key/value tile is read once for the whole group rather than
 once per query head (decode is bound by those reads). It walks the request's
 keys in tiles of ``BLOCK_N`` positions, looks each position's block up in the
 block table (so any cache block size works), and keeps a running max / sum
-(online softmax) so the full score row is never materialised. Prefill chunks with cached context, decode
-tokens and a mix of both are the same code path: a query token at position
-``p`` of its request sees keys ``0..p``. Every per-request length is read from
+(online softmax) so the full score row is never materialised. Prefill chunks
+with cached context, decode tokens and a mix of both are the same code path: a
+query token at position ``p`` of its request sees keys ``0..p`` (the last
+``window`` of them with a sliding window). Every per-request length is read from
 device memory, so a launch is CUDA-graph capturable as long as the grid
 (``num_reqs``, KV heads, query tiles) is unchanged between capture and replay.
 
