@@ -105,6 +105,9 @@ class ModelRunner:
             self.vocab_size,
         )
         self.sampler = Sampler()
+        from backplane.plugins import get_logits_processors
+
+        self.logits_processors = tuple(get_logits_processors())
 
     # ------------------------------------------------------------ batch update
     def _update_batch(self, out: SchedulerOutput) -> None:
@@ -223,7 +226,15 @@ class ModelRunner:
         def as_tensor(values, dtype):
             return None if values is None else torch.tensor(values, dtype=dtype)
 
+        output_token_ids = None
+        if self.logits_processors:
+            output_token_ids = [
+                batch.token_ids[r, batch.num_prompt_tokens[r] : batch.num_tokens[r]].tolist()
+                for r in rows.tolist()
+            ]
         return SamplingMetadata(
+            logits_processors=self.logits_processors,
+            output_token_ids=output_token_ids,
             all_greedy=all_greedy,
             temperature=torch.from_numpy(batch.temperature[rows]),
             greedy_mask=None if not greedy.any() else torch.from_numpy(greedy),

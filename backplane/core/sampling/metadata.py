@@ -33,3 +33,7 @@ class SamplingMetadata:
     banned_token_ids: list[list[int]] | None
     generators: dict[int, torch.Generator]  # row -> generator of seeded requests
     max_num_logprobs: int | None  # largest `logprobs` among rows, None if no row asks
+    # General-plugin logits processors: processor(logits, output_token_ids) -> logits,
+    # applied after logprobs are taken and before penalties.
+    logits_processors: tuple = ()
+    output_token_ids: list[list[int]] | None = None

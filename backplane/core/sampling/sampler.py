@@ -1,6 +1,7 @@
 """Turns logits into next tokens, applying each request's sampling parameters.
 
-Order (as vLLM and the OpenAI API define it): penalties, logit bias, forbidden
+Order (as vLLM and the OpenAI API define it): plugin logits processors, penalties,
+logit bias, forbidden
 tokens (min_tokens), temperature, min_p, top-k, top-p, then draw. Logprobs are
 taken from the raw logits before any of that, so they describe the model, not
 the sampling settings.
@@ -55,6 +56,8 @@ class Sampler:
         raw_logprobs = None
         if meta.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits, dim=-1)
+        for processor in meta.logits_processors:
+            logits = processor(logits, meta.output_token_ids)
         logits = self._apply_penalties(logits, meta)
 
         if meta.all_greedy:

@@ -131,3 +131,24 @@ def test_invalid_sampling_params_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field) as info:
         SamplingParams(**kwargs)
     assert str(list(kwargs.values())[0]) in str(info.value)
+
+
+def test_plugin_logits_processors_apply_after_raw_logprobs(llama_model_dir):
+    llm = LLM(model=llama_model_dir, max_model_len=128, num_kv_blocks=32)
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=0)
+    (plain,) = llm.generate([PROMPTS[0]], params, use_tqdm=False)
+    banned = plain.outputs[0].token_ids[0]
+    seen_outputs = []
+
+    def ban_first_choice(logits, output_token_ids):
+        seen_outputs.append([list(t) for t in output_token_ids])
+        logits[:, banned] = float("-inf")
+        return logits
+
+    llm.llm_engine.engine_core.model_runner.logits_processors = (ban_first_choice,)
+    (out,) = llm.generate([PROMPTS[0]], params, use_tqdm=False)
+    assert banned not in out.outputs[0].token_ids
+    # Logprobs still describe the model's raw distribution.
+    first = out.outputs[0].logprobs[0][out.outputs[0].token_ids[0]]
+    assert first.rank == 2
+    assert seen_outputs[0] == [[]] and len(seen_outputs[1][0]) == 1
