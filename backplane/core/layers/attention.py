@@ -43,6 +43,10 @@ class Attention(nn.Module):
         self.scale = scale
         self.layer_idx = layer_idx
 
+    # Under torch.compile (optimization level O1+) the graph is split here: the
+    # backend's paged kernels, with their per-step Python planning, run eagerly
+    # between the compiled pieces (the "piecewise" scheme vLLM uses too).
+    @torch.compiler.disable
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext
     ) -> torch.Tensor:

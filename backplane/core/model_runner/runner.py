@@ -67,7 +67,7 @@ class ModelRunner:
         self.block_size = cc.block_size
         self.max_model_len = config.max_model_len
 
-        self.model = load_model(mc, self.device)
+        self.model = self._maybe_compile(load_model(mc, self.device), config, platform)
         num_layers, heads, kv_heads, head_size = model_attention_geometry(mc.hf_config)
         # The same spec validation used, so a backend accepted there is the one used here.
         spec = attention_spec_from_config(config)
@@ -108,6 +108,29 @@ class ModelRunner:
         from backplane.plugins import get_logits_processors
 
         self.logits_processors = tuple(get_logits_processors())
+
+    @staticmethod
+    def _maybe_compile(model, config: EngineConfig, platform: Platform):
+        """torch.compile the model at O1+ (the attention layers stay eager, see Attention)."""
+        comp = config.compilation_config
+        if not comp.compile:
+            return model
+        backend = comp.backend or platform.compile_backend
+        if backend is None:
+            raise ValueError(
+                f"compilation was requested but platform {platform.name!r} names no "
+                "torch.compile backend; use optimization level O0"
+            )
+        # One compiled graph per decoder layer piece: allow as many recompiles as
+        # there are layers, with dynamic token counts so shapes do not add more.
+        import torch._dynamo
+
+        num_layers = config.model_config.hf_config.num_hidden_layers
+        torch._dynamo.config.cache_size_limit = max(
+            torch._dynamo.config.cache_size_limit, 2 * num_layers + 8
+        )
+        logger.info("compiling the model with torch.compile(backend=%r, dynamic=True)", backend)
+        return torch.compile(model, backend=backend, dynamic=True)
 
     # ------------------------------------------------------------ batch update
     def _update_batch(self, out: SchedulerOutput) -> None:

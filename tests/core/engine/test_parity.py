@@ -96,3 +96,12 @@ def test_sliding_window_matches_transformers(tmp_path):
               max_num_batched_tokens=16)
     assert llm.llm_engine.config.attention_spec().sliding_window == 8
     _check_parity(llm, model_dir, max_tokens=16)
+
+
+def test_optimization_level_o1_compiles_and_matches(llama_model_dir):
+    """O1 = torch.compile with the platform's backend; greedy tokens stay identical."""
+    llm = LLM(model=llama_model_dir, max_model_len=128, num_kv_blocks=48, optimization_level=1)
+    runner = llm.llm_engine.engine_core.model_runner
+    assert llm.llm_engine.config.compilation_config.compile
+    assert hasattr(runner.model, "_orig_mod"), "model was not compiled at O1"
+    _check_parity(llm, llama_model_dir, prompts=PROMPTS[:2], max_tokens=6)
