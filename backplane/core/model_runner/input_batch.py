@@ -17,7 +17,9 @@ class InputBatch:
     """Token ids, progress, block tables and sampling settings of running requests."""
 
     def __init__(self, max_num_reqs: int, max_model_len: int, max_blocks_per_req: int,
-                 vocab_size: int) -> None:
+                 vocab_size: int, device: torch.device | None = None) -> None:
+        # Seeded generators live where the sampler draws its noise.
+        self.device = device or torch.device("cpu")
         self.max_num_reqs = max_num_reqs
         self.vocab_size = vocab_size
         self.req_ids: list[str | None] = [None] * max_num_reqs
@@ -56,11 +58,12 @@ class InputBatch:
         self.temperature[row] = 1.0 if params.greedy else params.temperature
         generator = None
         if params.seed is not None and not params.greedy:
-            generator = torch.Generator().manual_seed(params.seed)
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
             # A resumed (preempted) request replays its draws so far, so the
             # continuation is the same as if it had never been preempted.
             for _ in range(n - num_prompt_tokens):
-                torch.empty(self.vocab_size).exponential_(generator=generator)
+                torch.empty(self.vocab_size, device=self.device).exponential_(
+                    generator=generator)
         self.generators[row] = generator
 
     def append_blocks(self, row: int, block_ids: list[int]) -> None:

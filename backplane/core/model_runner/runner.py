@@ -102,7 +102,7 @@ class ModelRunner:
         max_blocks_per_req = -(-self.max_model_len // cc.block_size)
         self.input_batch = InputBatch(
             config.scheduler_config.max_num_seqs, self.max_model_len, max_blocks_per_req,
-            self.vocab_size,
+            self.vocab_size, self.device,
         )
         self.sampler = Sampler()
         from backplane.plugins import get_logits_processors
@@ -201,7 +201,8 @@ class ModelRunner:
         self._prompt_logprobs(rows, computed, counts, starts, hidden, result)
         if sample_mask.any():
             sample_rows = rows[sample_mask]
-            logits = self.model.compute_logits(hidden[torch.from_numpy(cu[sample_mask] - 1)])
+            logits = self.model.compute_logits(
+                hidden[torch.from_numpy(cu[sample_mask] - 1).to(device)])
             meta = self._sampling_metadata(sample_rows)
             sampled = self.sampler(logits, meta)
             token_ids = sampled.token_ids.tolist()
@@ -247,7 +248,8 @@ class ModelRunner:
         max_logprobs = [p.logprobs for p in params if p.logprobs is not None]
 
         def as_tensor(values, dtype):
-            return None if values is None else torch.tensor(values, dtype=dtype)
+            return None if values is None else torch.tensor(values, dtype=dtype,
+                                                            device=self.device)
 
         output_token_ids = None
         if self.logits_processors:
@@ -259,8 +261,8 @@ class ModelRunner:
             logits_processors=self.logits_processors,
             output_token_ids=output_token_ids,
             all_greedy=all_greedy,
-            temperature=torch.from_numpy(batch.temperature[rows]),
-            greedy_mask=None if not greedy.any() else torch.from_numpy(greedy),
+            temperature=torch.from_numpy(batch.temperature[rows]).to(self.device),
+            greedy_mask=None if not greedy.any() else torch.from_numpy(greedy).to(self.device),
             top_k=as_tensor(top_k, torch.int64),
             top_p=as_tensor(top_p, torch.float32),
             min_p=as_tensor(min_p, torch.float32),
@@ -280,19 +282,20 @@ class ModelRunner:
         batch = self.input_batch
         counts = torch.zeros(len(rows), self.vocab_size, dtype=torch.float32)
         seen = torch.zeros(len(rows), self.vocab_size, dtype=torch.bool) if need_seen else None
+        # Built on the host (cheap scatter of small index lists), moved once.
         for i, row in enumerate(rows.tolist()):
             prompt_len, total = batch.num_prompt_tokens[row], batch.num_tokens[row]
             outputs = torch.from_numpy(batch.token_ids[row, prompt_len:total])
             counts[i].index_add_(0, outputs, torch.ones(len(outputs)))
             if seen is not None:
                 seen[i, torch.from_numpy(batch.token_ids[row, :total])] = True
-        return counts, seen
+        return counts.to(self.device), None if seen is None else seen.to(self.device)
 
     def _collect_logprobs(self, rows: np.ndarray, sampled, result: ModelRunnerOutput) -> None:
         batch = self.input_batch
-        ids = sampled.logprob_token_ids.numpy()
-        lps = sampled.logprobs.numpy()
-        ranks = sampled.sampled_ranks.numpy()
+        ids = sampled.logprob_token_ids.cpu().numpy()
+        lps = sampled.logprobs.cpu().numpy()
+        ranks = sampled.sampled_ranks.cpu().numpy()
         for i, row in enumerate(rows.tolist()):
             k = batch.params[row].logprobs
             if k is None:
@@ -312,9 +315,9 @@ class ModelRunner:
             first, last = int(computed[i]), min(int(computed[i] + counts[i]), prompt_len - 1)
             if last <= first:
                 continue
-            flat = torch.arange(first, last) - first + int(starts[i])
+            flat = torch.arange(first, last, device=self.device) - first + int(starts[i])
             logprobs = torch.log_softmax(self.model.compute_logits(hidden[flat]).float(), dim=-1)
-            targets = torch.from_numpy(batch.token_ids[row, first + 1 : last + 1])
+            targets = torch.from_numpy(batch.token_ids[row, first + 1 : last + 1]).to(self.device)
             ids, lps, ranks = gather_logprobs(logprobs, k, targets)
-            chunk = TokenLogprobs(ids.numpy(), lps.numpy(), ranks.numpy())
+            chunk = TokenLogprobs(ids.cpu().numpy(), lps.cpu().numpy(), ranks.cpu().numpy())
             result.prompt_logprobs[batch.req_ids[row]] = chunk

@@ -86,9 +86,10 @@ class Sampler:
         if meta.logit_bias is not None:
             for row, bias in enumerate(meta.logit_bias):
                 if bias:
-                    ids = torch.tensor(list(bias.keys()), dtype=torch.long)
+                    ids = torch.tensor(list(bias.keys()), dtype=torch.long, device=logits.device)
                     valid = ids < logits.shape[1]
-                    vals = torch.tensor(list(bias.values()), dtype=logits.dtype)
+                    vals = torch.tensor(list(bias.values()), dtype=logits.dtype,
+                                        device=logits.device)
                     logits[row, ids[valid]] += vals[valid]
         if meta.banned_token_ids is not None:
             for row, banned in enumerate(meta.banned_token_ids):
@@ -125,7 +126,7 @@ def _top_k_top_p(
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     keep = torch.ones_like(sorted_probs, dtype=torch.bool)
     if top_k is not None:
-        ranks = torch.arange(probs.shape[1])[None, :]
+        ranks = torch.arange(probs.shape[1], device=probs.device)[None, :]
         k = torch.where(top_k > 0, top_k, probs.shape[1])
         keep &= ranks < k[:, None]
     if top_p is not None:
