@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 
@@ -13,6 +14,31 @@ from backplane.platforms.cpu.runtime import CpuRuntime, usable_cores
 from backplane.plugins_sdk import Platform
 
 logger = logging.getLogger(__name__)
+
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def tune_allocator() -> bool:
+    """Keep freed large buffers in the heap instead of returning them to the OS.
+
+    By default glibc serves every allocation above 32 MiB with a fresh mmap and
+    unmaps it on free, so each step's logits and activations page-fault anew:
+    measured here, converting [64, 151936] bf16 logits to float32 took 22.8 ms
+    that way and 3.3 ms with reuse. (vLLM's CPU backend gets the same effect by
+    preloading tcmalloc.) Set BACKPLANE_CPU_MALLOC_TUNING=0 to leave malloc alone.
+    Returns whether the setting was applied.
+    """
+    if os.environ.get("BACKPLANE_CPU_MALLOC_TUNING", "1") == "0":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl, macOS, Windows): nothing to tune
+        return False
+    ok = libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) == 1
+    ok &= libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1) == 1
+    return bool(ok)
 
 
 class CpuPlatform(Platform):
@@ -29,7 +55,9 @@ class CpuPlatform(Platform):
         # otherwise use every core the affinity mask grants this process.
         if "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(usable_cores())
-        logger.debug("cpu platform: %d torch threads", torch.get_num_threads())
+        self.malloc_tuned = tune_allocator()
+        logger.debug("cpu platform: %d torch threads, malloc tuned: %s",
+                     torch.get_num_threads(), self.malloc_tuned)
 
     def attention_backends(self):
         return [CpuSdpaAttentionBackend]
