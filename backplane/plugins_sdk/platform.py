@@ -192,6 +192,16 @@ class Platform:
         """A GraphRunner, or None when the platform cannot capture graphs."""
         return None
 
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Adapt a loaded model to this platform's kernels (SDK 1.1+); identity by default.
+
+        Called once after the weights are loaded and before any compilation. A
+        platform may, for example, repack linear weights into its GEMM library's
+        blocked layout. It must keep the module's call signature and numerics
+        (within the dtype's rounding) and should release the weights it replaces.
+        """
+        return model
+
 
 def _registered(platform: Platform) -> list[type[AttentionBackend]]:
     # __dict__.get: a subclass may not have called Platform.__init__.

@@ -9,6 +9,7 @@ import os
 import torch
 
 from backplane.platforms.cpu.attention import CpuSdpaAttentionBackend
+from backplane.platforms.cpu.linear import prepack_linear_weights, prepacking_supported
 from backplane.platforms.cpu.policy import CpuConfigPolicy
 from backplane.platforms.cpu.runtime import CpuRuntime, usable_cores
 from backplane.plugins_sdk import Platform
@@ -61,3 +62,15 @@ class CpuPlatform(Platform):
 
     def attention_backends(self):
         return [CpuSdpaAttentionBackend]
+
+    def prepare_model(self, model):
+        """Prepack bf16 linear weights for oneDNN (see platforms/cpu/linear.py).
+
+        BACKPLANE_CPU_PREPACK=0 keeps torch's plain kernels.
+        """
+        if os.environ.get("BACKPLANE_CPU_PREPACK", "1") == "0" or not prepacking_supported():
+            return model
+        count = prepack_linear_weights(model)
+        if count:
+            logger.info("cpu platform: %d bf16 linear layers prepacked for oneDNN", count)
+        return model

@@ -1,0 +1,71 @@
+"""The CPU platform's oneDNN-prepacked linear layers: same math, packed once at load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from backplane import LLM, SamplingParams
+from backplane.platforms.cpu.linear import (
+    PackedLinear,
+    PackedLogitsProjection,
+    prepack_linear_weights,
+    prepacking_supported,
+)
+
+pytestmark = pytest.mark.skipif(not prepacking_supported(),
+                                reason="oneDNN bf16 kernels not available on this CPU")
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64])
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_linear_matches_torch(batch, bias):
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 160, bias=bias, dtype=torch.bfloat16)
+    x = torch.randn(batch, 96, dtype=torch.bfloat16)
+    expected = linear(x).float()
+    got = PackedLinear(linear)(x).float()
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, atol=3e-2, rtol=2e-2)
+
+
+def test_only_bf16_layers_are_packed_and_logits_projection_too():
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(50, 16, dtype=torch.bfloat16))
+
+        @property
+        def logits_weight(self):
+            return self.weight
+
+    model = nn.Sequential(nn.Linear(16, 16, dtype=torch.bfloat16), nn.Linear(16, 16), Head())
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    expected = torch.nn.functional.linear(model[0](x), model[2].weight).float()
+    assert prepack_linear_weights(model) == 2
+    assert isinstance(model[0], PackedLinear)
+    assert type(model[1]) is nn.Linear  # float32 stays on torch's kernels
+    assert isinstance(model[2], PackedLogitsProjection)
+    logits = model[2](model[0](x))
+    assert logits.dtype == torch.float32
+    assert torch.allclose(logits, expected, atol=5e-2, rtol=2e-2)
+
+
+def test_engine_in_bf16_packs_and_agrees_with_unpacked(llama_model_dir, monkeypatch):
+    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+    prompt = "the quick brown fox jumps over the lazy dog and runs into the forest"
+    packed = LLM(model=llama_model_dir, dtype="bfloat16", max_model_len=128, num_kv_blocks=32)
+    runner = packed.llm_engine.engine_core.model_runner
+    assert any(isinstance(m, PackedLinear) for m in runner.model.modules())
+    monkeypatch.setenv("BACKPLANE_CPU_PREPACK", "0")
+    plain = LLM(model=llama_model_dir, dtype="bfloat16", max_model_len=128, num_kv_blocks=32)
+    plain_runner = plain.llm_engine.engine_core.model_runner
+    assert not any(isinstance(m, PackedLinear) for m in plain_runner.model.modules())
+    (a,), (b,) = (llm.generate([prompt], params, use_tqdm=False) for llm in (packed, plain))
+    ids = a.prompt_token_ids
+    diffs = [
+        abs(x[t].logprob - y[t].logprob)
+        for x, y, t in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:], ids[1:], strict=True)
+    ]
+    assert max(diffs) < 0.1, diffs
