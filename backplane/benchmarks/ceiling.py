@@ -9,14 +9,19 @@ gives the floor a decode step cannot beat on this machine with these
 kernels. An engine's decode step time divided into this is its fraction of
 the ceiling.
 
-Two layouts are timed: separate projections, and fused qkv / gate_up (what
-an engine may do); the faster is the ceiling.
+Layouts timed: separate projections and fused qkv / gate_up with plain
+`F.linear`, and, when the engine's platform has a `prepare_model` hook (the
+CPU plugin prepacks bf16 weights for oneDNN there), the fused layout as
+`nn.Linear` modules passed through that hook, i.e. with the platform's own
+linear kernels. The fastest layout is the ceiling, so an engine using the
+platform's kernels is compared with the best those kernels can do.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -117,17 +122,55 @@ def _step_fused(w: _Weights, x_h, x_q, x_i) -> None:
     F.linear(x_h, w.lm_head)
 
 
-def _time(fn, min_iters: int, min_seconds: float) -> list[float]:
+class _ModuleStack(torch.nn.Module):
+    """The fused layout as nn.Linear modules sharing the weights, for a platform hook."""
+
+    def __init__(self, w: _Weights) -> None:
+        super().__init__()
+
+        def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.nn.Linear:
+            mod = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
+                                  device="meta", dtype=weight.dtype)
+            mod.weight = torch.nn.Parameter(weight, requires_grad=False)
+            if bias is not None:
+                mod.bias = torch.nn.Parameter(bias, requires_grad=False)
+            return mod
+
+        self.layers = torch.nn.ModuleList(
+            torch.nn.ModuleDict({
+                "qkv": linear(layer["qkv"], layer["qkv_bias"]),
+                "o": linear(layer["o"]),
+                "gate_up": linear(layer["gate_up"]),
+                "down": linear(layer["down"]),
+            })
+            for layer in w.layers
+        )
+        self.lm_head = linear(w.lm_head)
+
+
+def _step_modules(stack: torch.nn.Module, x_h, x_q, x_i) -> None:
+    for layer in stack.layers:
+        layer["qkv"](x_h)
+        layer["o"](x_q)
+        layer["gate_up"](x_h)
+        layer["down"](x_i)
+    stack.lm_head(x_h)
+
+
+def _time(fn, min_iters: int, min_seconds: float) -> tuple[float, float]:
+    """Median wall and median process-CPU seconds of ``fn()`` after one warm-up call."""
     fn()  # warm-up: first-call kernel selection and page faults
-    times: list[float] = []
+    walls: list[float] = []
+    cpus: list[float] = []
     start = time.perf_counter()
-    while len(times) < min_iters or time.perf_counter() - start < min_seconds:
-        t0 = time.perf_counter()
+    while len(walls) < min_iters or time.perf_counter() - start < min_seconds:
+        c0, t0 = time.process_time(), time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-        if len(times) >= 200:
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+        if len(walls) >= 200:
             break
-    return times
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def measure_ceiling(
@@ -136,16 +179,27 @@ def measure_ceiling(
     batch_sizes: list[int],
     min_iters: int = 5,
     min_seconds: float = 0.5,
+    prepare_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
 ) -> dict[int, dict]:
     """Median seconds of one decode step's linear layers at each batch size.
 
-    Returns {batch: {"step_s", "separate_s", "fused_s", "per_token_s",
-    "weight_bytes", "gb_per_s"}} where ``step_s`` is the faster layout.
+    ``prepare_model`` is the engine platform's model hook (e.g. weight
+    prepacking); when given, a third layout runs through it.
+
+    Returns {batch: {"step_s", "step_cpu_s", "separate_s", "fused_s",
+    ["platform_s"], "layout", "per_token_s", "weight_bytes", "gb_per_s",
+    "cpu_util"}} where ``step_s`` is the fastest layout's median wall time,
+    ``step_cpu_s`` its median process CPU time (all threads), and
+    ``cpu_util`` = CPU / (wall x threads): well below 1 means the cores were
+    shared with other processes (or the kernels ran on fewer threads).
     """
     torch_dtype = parse_dtype(dtype)
     shapes = LayerShapes.from_hf_config(hf_config)
     weights = _Weights(shapes, torch_dtype)
     weight_bytes = weights.bytes()
+    stack = None
+    if prepare_model is not None:
+        stack = prepare_model(_ModuleStack(weights).eval())
     results: dict[int, dict] = {}
     with torch.inference_mode():
         for batch in sorted(set(batch_sizes)):
@@ -154,17 +208,40 @@ def measure_ceiling(
             x_h = torch.randn(batch, shapes.hidden, dtype=torch_dtype)
             x_q = torch.randn(batch, shapes.q_out, dtype=torch_dtype)
             x_i = torch.randn(batch, shapes.intermediate, dtype=torch_dtype)
-            sep = statistics.median(_time(
-                partial(_step_separate, weights, x_h, x_q, x_i), min_iters, min_seconds))
-            fused = statistics.median(_time(
-                partial(_step_fused, weights, x_h, x_q, x_i), min_iters, min_seconds))
-            best = min(sep, fused)
+            timed = {
+                "separate": _time(
+                    partial(_step_separate, weights, x_h, x_q, x_i), min_iters, min_seconds),
+                "fused": _time(
+                    partial(_step_fused, weights, x_h, x_q, x_i), min_iters, min_seconds),
+            }
+            if stack is not None:
+                timed["platform"] = _time(
+                    partial(_step_modules, stack, x_h, x_q, x_i), min_iters, min_seconds)
+            layout = min(timed, key=lambda name: timed[name][0])
+            best, best_cpu = timed[layout]
+            cpu_util = best_cpu / (best * torch.get_num_threads())
             results[batch] = {
                 "step_s": best,
-                "separate_s": sep,
-                "fused_s": fused,
+                "step_cpu_s": best_cpu,
+                **{f"{name}_s": wall for name, (wall, _) in timed.items()},
+                "layout": layout,
                 "per_token_s": best / batch,
                 "weight_bytes": weight_bytes,
                 "gb_per_s": weight_bytes / best / 1e9,
+                "cpu_util": cpu_util,
             }
     return results
+
+
+def compare_with_engine(entry: dict, engine_decode: dict) -> None:
+    """Add the engine's fraction of the ceiling to a ceiling ``entry`` (in place).
+
+    ``engine_fraction_of_ceiling`` compares wall times; ``..._cpu`` compares
+    process CPU times, which stay meaningful when other processes share the
+    cores (a descheduled process accrues no CPU time).
+    """
+    entry["engine_step_s"] = engine_decode["median_step_s"]
+    entry["engine_fraction_of_ceiling"] = entry["step_s"] / engine_decode["median_step_s"]
+    if engine_decode.get("median_cpu_s"):
+        entry["engine_step_cpu_s"] = engine_decode["median_cpu_s"]
+        entry["engine_fraction_of_ceiling_cpu"] = entry["step_cpu_s"] / engine_decode["median_cpu_s"]

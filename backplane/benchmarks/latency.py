@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from backplane.benchmarks.ceiling import compare_with_engine as _compare
 from backplane.benchmarks.ceiling import measure_ceiling
 from backplane.benchmarks.engine_runner import (
     create_engine,
@@ -122,12 +123,12 @@ def run_latency(opts: LatencyOptions) -> dict:
     }
     if opts.ceiling:
         hf_config = engine_hf_config(engine, opts.engine_args.model)
+        prepare_model = getattr(getattr(engine, "platform", None), "prepare_model", None)
         del engine
         gc.collect()
-        ceiling = measure_ceiling(hf_config, dtype, opts.batch_sizes)
+        ceiling = measure_ceiling(hf_config, dtype, opts.batch_sizes, prepare_model=prepare_model)
         for batch, entry in ceiling.items():
-            entry["engine_step_s"] = decode[batch]["median_step_s"]
-            entry["engine_fraction_of_ceiling"] = entry["step_s"] / decode[batch]["median_step_s"]
+            _compare(entry, decode[batch])
         result["ceiling"] = ceiling
     return result
 
@@ -145,10 +146,16 @@ def result_rows(result: dict) -> list[tuple[str, Any]]:
         rows.append((f"{line}: ms per token", 1e3 * d["median_per_token_s"]))
         if "overhead_pct" in d:
             rows.append((f"{line}: outside model %", d["overhead_pct"]))
+        if "cpu_util" in d:
+            rows.append((f"{line}: CPU utilisation", d["cpu_util"]))
         c = result.get("ceiling", {}).get(batch)
         if c:
-            rows.append((f"{line}: ceiling ms", 1e3 * c["step_s"]))
+            rows.append((f"{line}: ceiling ms ({c['layout']})", 1e3 * c["step_s"]))
+            rows.append((f"{line}: ceiling CPU utilisation", c["cpu_util"]))
             rows.append((f"{line}: fraction of ceiling", c["engine_fraction_of_ceiling"]))
+            if "engine_fraction_of_ceiling_cpu" in c:
+                rows.append((f"{line}: fraction of ceiling (CPU time)",
+                             c["engine_fraction_of_ceiling_cpu"]))
     for length, p in result["prefill"].items():
         rows.append((f"prefill {length} tokens: ms", 1e3 * p["median_s"]))
         rows.append((f"prefill {length} tokens: tokens/s", p["tokens_per_s"]))

@@ -40,6 +40,7 @@ class StepRecord:
         model_seconds: time inside the model (forward + logits), None when unknown.
         sampler_seconds: time inside the sampler module, None when unknown.
         phases: the engine's own phase timings for this step, when it records them.
+        cpu_seconds: CPU time of this process during the step (all threads).
     """
 
     seconds: float
@@ -49,6 +50,7 @@ class StepRecord:
     model_seconds: float | None = None
     sampler_seconds: float | None = None
     phases: dict[str, float] = field(default_factory=dict)
+    cpu_seconds: float | None = None
 
 
 def _record_to_dict(record: Any) -> dict[str, float]:
@@ -222,9 +224,11 @@ class StepTimer:
             self._model_timer.take()
         if self._sampler_timer:
             self._sampler_timer.take()
+        cpu_begin = time.process_time()
         begin = time.perf_counter()
         outputs = self.engine.step()
         seconds = time.perf_counter() - begin
+        cpu_seconds = time.process_time() - cpu_begin
         new_tokens = 0
         advanced_by_one = 0
         for out in outputs:
@@ -242,6 +246,7 @@ class StepTimer:
             batch_size=batch,
             decode_only=bool(batch) and all_started and advanced_by_one == batch,
             new_tokens=new_tokens,
+            cpu_seconds=cpu_seconds,
         )
         engine_timing = getattr(self.engine, "last_step_timing", None)
         if engine_timing is not None:
@@ -297,6 +302,14 @@ def decode_step_summary(records: list[StepRecord], min_steps: int = 3) -> dict[i
             overhead = [(r.seconds - r.model_seconds) / r.seconds for r in recs
                         if r.model_seconds is not None and r.seconds > 0]
             entry["overhead_pct"] = 100.0 * statistics.median(overhead)
+        cpu = [r.cpu_seconds / r.seconds for r in recs if r.cpu_seconds is not None and r.seconds]
+        if cpu:
+            import torch
+
+            # Near 1: the step had the cores to itself; well below: other processes ran.
+            entry["cpu_util"] = statistics.median(cpu) / torch.get_num_threads()
+            entry["median_cpu_s"] = statistics.median(
+                r.cpu_seconds for r in recs if r.cpu_seconds is not None)
         sampler = [r.sampler_seconds for r in recs if r.sampler_seconds is not None]
         if sampler:
             entry["median_sampler_s"] = statistics.median(sampler)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from backplane.benchmarks import memory
+from backplane.benchmarks.ceiling import compare_with_engine as _compare
 from backplane.benchmarks.ceiling import measure_ceiling
 from backplane.benchmarks.engine_runner import (
     EngineRun,
@@ -96,6 +97,7 @@ def run_throughput(opts: ThroughputOptions) -> dict:
     dtype = engine_dtype(engine)
     hf_config = engine_hf_config(engine, model)
     kv_tokens = kv_cache_tokens(engine)
+    prepare_model = getattr(getattr(engine, "platform", None), "prepare_model", None)
     # Peak RSS now, before the baseline or ceiling allocate their own copies of the weights.
     mem = memory.memory_report(hf_config, dtype, kv_tokens, memory.peak_rss_bytes())
     mem["kv_cache_tokens"] = kv_tokens
@@ -171,11 +173,10 @@ def run_throughput(opts: ThroughputOptions) -> dict:
         if not sizes:
             # The engine's most and least loaded decode batches that were seen often enough.
             sizes = sorted({min(decode), max(decode)}) if decode else [1]
-        ceiling = measure_ceiling(hf_config, dtype, sizes)
+        ceiling = measure_ceiling(hf_config, dtype, sizes, prepare_model=prepare_model)
         for batch, entry in ceiling.items():
             if batch in decode:
-                entry["engine_step_s"] = decode[batch]["median_step_s"]
-                entry["engine_fraction_of_ceiling"] = entry["step_s"] / decode[batch]["median_step_s"]
+                _compare(entry, decode[batch])
         result["ceiling"] = ceiling
     return result
 
@@ -207,6 +208,8 @@ def result_rows(result: dict) -> list[tuple[str, Any]]:
             rows.append((f"decode bs={batch}: outside model %", d["overhead_pct"]))
         if "sampler_pct" in d:
             rows.append((f"decode bs={batch}: sampler %", d["sampler_pct"]))
+        if "cpu_util" in d:
+            rows.append((f"decode bs={batch}: CPU utilisation", d["cpu_util"]))
     if "prefix_caching" in result:
         pc = result["prefix_caching"]
         rows.append(("prefix caching on: output tok/s", pc["on"]["output_tokens_per_s"]["median"]))
@@ -219,9 +222,13 @@ def result_rows(result: dict) -> list[tuple[str, Any]]:
                      hf["output_tokens_per_s"]["median"]))
         rows.append(("speedup over transformers", result["speedup_over_transformers"]["median"]))
     for batch, c in result.get("ceiling", {}).items():
-        rows.append((f"ceiling bs={batch}: linear layers ms", 1e3 * c["step_s"]))
+        rows.append((f"ceiling bs={batch}: linear layers ms ({c['layout']})", 1e3 * c["step_s"]))
+        rows.append((f"ceiling bs={batch}: CPU utilisation", c["cpu_util"]))
         if "engine_fraction_of_ceiling" in c:
             rows.append((f"ceiling bs={batch}: engine fraction", c["engine_fraction_of_ceiling"]))
+        if "engine_fraction_of_ceiling_cpu" in c:
+            rows.append((f"ceiling bs={batch}: engine fraction (CPU time)",
+                         c["engine_fraction_of_ceiling_cpu"]))
     mem = result["memory"]
     rows.append(("peak RSS MiB", mem["peak_rss_bytes"] / 2**20))
     rows.append(("weights + KV cache MiB", (mem["weight_bytes"] + mem["kv_cache_bytes"]) / 2**20))

@@ -69,6 +69,9 @@ def test_throughput_tiny_with_baseline_ceiling_and_prefix_compare(bench_tiny_mod
     assert result["speedup_over_transformers"]["median"] > 0
     ceiling = next(iter(result["ceiling"].values()))
     assert ceiling["step_s"] > 0 and ceiling["engine_fraction_of_ceiling"] > 0
+    assert ceiling["layout"] in {"separate", "fused", "platform"}
+    assert "platform_s" in ceiling  # the CPU platform's prepare_model hook was timed
+    assert ceiling["engine_fraction_of_ceiling_cpu"] > 0 and decode["cpu_util"] > 0
     pc = result["prefix_caching"]
     assert pc["on"]["output_tokens_per_s"]["median"] > 0
     assert pc["speedup_on_over_off"]["median"] > 0
