@@ -35,7 +35,9 @@ ALIASES = {"gpu_memory_utilization": "memory_utilization"}
 # parsing skips them instead of warning about an unknown option.
 NON_OPTION_ENV_VARS = frozenset(
     {"BACKPLANE_LOGGING_LEVEL", "BACKPLANE_PLATFORM", "BACKPLANE_CONFIG", "BACKPLANE_API_KEY",
-     "BACKPLANE_PLUGINS", "BACKPLANE_SERVER_DEV_MODE", "BACKPLANE_CONFORMANCE_PLATFORM"}
+     "BACKPLANE_PLUGINS", "BACKPLANE_SERVER_DEV_MODE", "BACKPLANE_CONFORMANCE_PLATFORM",
+     # Read by the cpu platform plugin.
+     "BACKPLANE_CPU_PREPACK", "BACKPLANE_CPU_MALLOC_TUNING"}
 )
 ENV_PREFIX = "BACKPLANE_"
 

@@ -192,9 +192,11 @@ class Platform:
         """A GraphRunner, or None when the platform cannot capture graphs."""
         return None
 
-    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+    def prepare_model(self, model: torch.nn.Module, config: Any) -> torch.nn.Module:
         """Adapt a loaded model to this platform's kernels (SDK 1.1+); identity by default.
 
+        ``config`` is the finalized engine config (e.g. to leave the model alone
+        when ``config.compilation_config.compile`` hands it to torch.compile).
         Called once after the weights are loaded and before any compilation. A
         platform may, for example, repack linear weights into its GEMM library's
         blocked layout. It must keep the module's call signature and numerics

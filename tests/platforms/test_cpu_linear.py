@@ -69,3 +69,14 @@ def test_engine_in_bf16_packs_and_agrees_with_unpacked(llama_model_dir, monkeypa
         for x, y, t in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:], ids[1:], strict=True)
     ]
     assert max(diffs) < 0.1, diffs
+
+
+def test_compiled_level_skips_prepacking_and_runs(llama_model_dir):
+    """At O1 torch.compile owns the kernels: weights stay plain, and bf16 generation works."""
+    llm = LLM(model=llama_model_dir, dtype="bfloat16", max_model_len=64, num_kv_blocks=16,
+              optimization_level=1)
+    runner = llm.llm_engine.engine_core.model_runner
+    assert not any(isinstance(m, PackedLinear) for m in runner.model.modules())
+    (out,) = llm.generate(["the quick brown fox"], SamplingParams(temperature=0.0, max_tokens=2),
+                          use_tqdm=False)
+    assert len(out.outputs[0].token_ids) >= 1

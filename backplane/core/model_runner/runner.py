@@ -67,7 +67,7 @@ class ModelRunner:
         self.block_size = cc.block_size
         self.max_model_len = config.max_model_len
 
-        model = platform.prepare_model(load_model(mc, self.device))
+        model = platform.prepare_model(load_model(mc, self.device), config)
         self.model = self._maybe_compile(model, config, platform)
         num_layers, heads, kv_heads, head_size = model_attention_geometry(mc.hf_config)
         # The same spec validation used, so a backend accepted there is the one used here.

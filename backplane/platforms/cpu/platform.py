@@ -42,6 +42,14 @@ def tune_allocator() -> bool:
     return bool(ok)
 
 
+def release_free_heap() -> None:
+    """Return freed heap memory to the OS (glibc malloc_trim); no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class CpuPlatform(Platform):
     """Runs everything on the host CPU with PyTorch kernels."""
 
@@ -63,14 +71,21 @@ class CpuPlatform(Platform):
     def attention_backends(self):
         return [CpuSdpaAttentionBackend]
 
-    def prepare_model(self, model):
+    def prepare_model(self, model, config):
         """Prepack bf16 linear weights for oneDNN (see platforms/cpu/linear.py).
 
-        BACKPLANE_CPU_PREPACK=0 keeps torch's plain kernels.
+        Skipped at O1+ (inductor cannot lower the packed-weight op; compiled code
+        brings its own kernels) and with BACKPLANE_CPU_PREPACK=0.
         """
+        if config.compilation_config.compile:
+            logger.info("cpu platform: weights not prepacked (torch.compile is on)")
+            return model
         if os.environ.get("BACKPLANE_CPU_PREPACK", "1") == "0" or not prepacking_supported():
             return model
         count = prepack_linear_weights(model)
         if count:
             logger.info("cpu platform: %d bf16 linear layers prepacked for oneDNN", count)
+            # The plain weights just freed would otherwise stay in malloc's heap
+            # (tune_allocator keeps freed buffers): hand them back to the OS.
+            release_free_heap()
         return model
