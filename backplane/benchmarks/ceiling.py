@@ -173,6 +173,16 @@ def _time(fn, min_iters: int, min_seconds: float) -> tuple[float, float]:
     return statistics.median(walls), statistics.median(cpus)
 
 
+def platform_model_hook(engine) -> Callable[[torch.nn.Module], torch.nn.Module] | None:
+    """The engine platform's ``prepare_model`` bound to the engine's config, if it has one."""
+    platform = getattr(engine, "platform", None)
+    hook = getattr(platform, "prepare_model", None)
+    if hook is None:
+        return None
+    config = engine.config
+    return lambda model: hook(model, config)
+
+
 def measure_ceiling(
     hf_config,
     dtype: str,

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backplane.benchmarks.ceiling import compare_with_engine as _compare
-from backplane.benchmarks.ceiling import measure_ceiling
+from backplane.benchmarks.ceiling import measure_ceiling, platform_model_hook
 from backplane.benchmarks.engine_runner import (
     create_engine,
     engine_dtype,
@@ -123,7 +123,7 @@ def run_latency(opts: LatencyOptions) -> dict:
     }
     if opts.ceiling:
         hf_config = engine_hf_config(engine, opts.engine_args.model)
-        prepare_model = getattr(getattr(engine, "platform", None), "prepare_model", None)
+        prepare_model = platform_model_hook(engine)
         del engine
         gc.collect()
         ceiling = measure_ceiling(hf_config, dtype, opts.batch_sizes, prepare_model=prepare_model)

@@ -19,7 +19,7 @@ from typing import Any
 
 from backplane.benchmarks import memory
 from backplane.benchmarks.ceiling import compare_with_engine as _compare
-from backplane.benchmarks.ceiling import measure_ceiling
+from backplane.benchmarks.ceiling import measure_ceiling, platform_model_hook
 from backplane.benchmarks.engine_runner import (
     EngineRun,
     create_engine,
@@ -97,7 +97,7 @@ def run_throughput(opts: ThroughputOptions) -> dict:
     dtype = engine_dtype(engine)
     hf_config = engine_hf_config(engine, model)
     kv_tokens = kv_cache_tokens(engine)
-    prepare_model = getattr(getattr(engine, "platform", None), "prepare_model", None)
+    prepare_model = platform_model_hook(engine)
     # Peak RSS now, before the baseline or ceiling allocate their own copies of the weights.
     mem = memory.memory_report(hf_config, dtype, kv_tokens, memory.peak_rss_bytes())
     mem["kv_cache_tokens"] = kv_tokens
