@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import fields
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from backplane.config import EngineArgs
+from backplane.config.sources import engine_args_from_sources
 from backplane.core.engine.llm_engine import LLMEngine
 from backplane.outputs import RequestOutput
 from backplane.sampling_params import SamplingParams
@@ -22,7 +22,8 @@ class LLM:
 
     Keyword arguments are EngineArgs fields (model, dtype, max_model_len,
     block_size, enable_prefix_caching, max_num_seqs, max_num_batched_tokens,
-    seed, device, ...). Unknown keywords raise TypeError naming them.
+    seed, device, ...). Unknown keywords raise ValueError naming them and the
+    closest known options.
     """
 
     def __init__(self, model: str, **kwargs: Any) -> None:
@@ -32,17 +33,9 @@ class LLM:
 
     @staticmethod
     def _engine_args(model: str, kwargs: dict[str, Any]) -> EngineArgs:
-        try:
-            from backplane.config.cli_args import engine_args_from_sources
-        except ImportError:
-            engine_args_from_sources = None
-        if engine_args_from_sources is not None:
-            return engine_args_from_sources(kwargs={"model": model, **kwargs})
-        known = {f.name for f in fields(EngineArgs)}
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise TypeError(f"LLM() got unknown engine arguments: {unknown}")
-        return EngineArgs(model=model, **kwargs)
+        # Keyword arguments rank with CLI flags: above BACKPLANE_* variables, a
+        # config file and the defaults (docs/configuration.md).
+        return engine_args_from_sources(kwargs={"model": model, **kwargs})
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
