@@ -68,7 +68,8 @@ class EngineCore:
             self.model_runner.execute(sched_out)
             return []
         result = self.model_runner.execute(sched_out)
-        progressed, finished = self.scheduler.update_from_output(sched_out, result.sampled)
+        # Finished requests are among the progressed ones, with a finish_status.
+        progressed, _ = self.scheduler.update_from_output(sched_out, result.sampled)
         outputs = []
         for request in progressed:
             rid = request.request_id
@@ -93,5 +94,4 @@ class EngineCore:
             num_tokens=sched_out.total_num_scheduled_tokens,
             num_reqs=len(sched_out.num_scheduled_tokens),
         )
-        del finished  # their outputs are in `progressed` with a finish_status
         return outputs

@@ -11,8 +11,8 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class KVCacheShape:
-    """Per-layer KV geometry of a model."""
+class KVBlockLayout:
+    """What one KV block holds across all layers, for sizing the pool in bytes."""
 
     num_layers: int
     num_kv_heads: int
@@ -27,7 +27,7 @@ class KVCacheShape:
 
 
 def determine_num_blocks(
-    shape: KVCacheShape,
+    shape: KVBlockLayout,
     *,
     num_kv_blocks: int | None,
     kv_cache_memory_bytes: int | None,

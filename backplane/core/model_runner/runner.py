@@ -17,7 +17,7 @@ from backplane.config import EngineConfig
 from backplane.config.attention_spec import attention_spec_from_config
 from backplane.core.layers.attention import AttentionContext
 from backplane.core.model_runner.input_batch import InputBatch
-from backplane.core.model_runner.kv_cache_sizing import KVCacheShape, determine_num_blocks
+from backplane.core.model_runner.kv_cache_sizing import KVBlockLayout, determine_num_blocks
 from backplane.core.sampling.metadata import SamplingMetadata
 from backplane.core.sampling.sampler import Sampler, gather_logprobs
 from backplane.core.scheduler.output import SchedulerOutput
@@ -45,14 +45,6 @@ class ModelRunnerOutput:
     forward_seconds: float = 0.0
 
 
-def model_attention_geometry(hf_config) -> tuple[int, int, int, int]:
-    """(num_layers, num_heads, num_kv_heads, head_size) from a transformers config."""
-    heads = hf_config.num_attention_heads
-    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
-    head_size = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
-    return hf_config.num_hidden_layers, heads, kv_heads, head_size
-
-
 class ModelRunner:
     """Owns the model, its KV cache and the persistent batch on one device."""
 
@@ -68,17 +60,19 @@ class ModelRunner:
         self.max_model_len = config.max_model_len
 
         model = platform.prepare_model(load_model(mc, self.device), config)
+        geometry = model.kv_cache_shape()  # layers and heads, as the model defines them
+        num_layers, kv_heads, head_size = (
+            geometry.num_layers, geometry.num_kv_heads, geometry.head_size)
         self.model = self._maybe_compile(model, config, platform)
-        num_layers, heads, kv_heads, head_size = model_attention_geometry(mc.hf_config)
         # The same spec validation used, so a backend accepted there is the one used here.
         spec = attention_spec_from_config(config)
         backend_cls = platform.select_attention_backend(
             spec, forced=config.device_config.attention_backend
         )
         self.attn_backend = backend_cls(spec)
-        self.kv_shape = KVCacheShape(num_layers, kv_heads, head_size, cc.block_size, self.dtype)
+        self.kv_layout = KVBlockLayout(num_layers, kv_heads, head_size, cc.block_size, self.dtype)
         self.num_blocks = determine_num_blocks(
-            self.kv_shape,
+            self.kv_layout,
             num_kv_blocks=cc.num_kv_blocks,
             kv_cache_memory_bytes=cc.kv_cache_memory_bytes,
             memory_utilization=cc.memory_utilization,
@@ -93,7 +87,7 @@ class ModelRunner:
             torch.zeros(cache_shape, dtype=self.dtype, device=self.device)
             for _ in range(num_layers)
         ]
-        self.kv_cache_bytes = self.num_blocks * self.kv_shape.bytes_per_block
+        self.kv_cache_bytes = self.num_blocks * self.kv_layout.bytes_per_block
         logger.info(
             "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB), attention backend %s",
             self.num_blocks, cc.block_size, self.num_blocks * cc.block_size,
