@@ -15,7 +15,7 @@ def _problems(platform=None, hf=None, **args) -> list[str]:
 
 def test_valid_config_finalizes_and_selects_backend():
     cfg = engine_config(max_model_len=256).finalize(cpu_platform())
-    assert cfg.attention_backend_name == "cpu_sdpa"
+    assert cfg.attention_backend_name == "cpu_paged"
     assert cfg.model_config.torch_dtype == torch.float32
     assert cfg.scheduler_config.max_num_batched_tokens == 2048
     assert cfg.attention_spec().head_size == 16
@@ -32,7 +32,10 @@ def test_batched_tokens_below_max_model_len_without_chunked_prefill():
 
 
 def test_block_size_refused_by_backend(monkeypatch):
-    monkeypatch.setattr(CpuSdpaAttentionBackend, "supported_block_sizes", (16, 32))
+    from backplane.platforms.cpu.paged_attention import CpuPagedAttentionBackend
+
+    for backend in (CpuPagedAttentionBackend, CpuSdpaAttentionBackend):
+        monkeypatch.setattr(backend, "supported_block_sizes", (16, 32))
     (msg,) = _problems(block_size=8)
     assert msg.startswith("attention: no attention backend of platform 'cpu'")
     assert "block_size 8 not in (16, 32)" in msg and "--block-size" in msg

@@ -9,9 +9,10 @@ def test_cpu_platform_passes_the_conformance_suite(tmp_path):
     outcomes = run_kit(tmp_path, "cpu")
     assert not failures(outcomes)
     passed = [name for name, o in outcomes.items() if o == "passed"]
-    # Every attention case ran on cpu_sdpa; collectives and config checks ran.
-    assert sum(n.startswith("test_attention_matches_reference_float32[cpu_sdpa-")
-               for n in passed) == 10
+    # Every attention case ran on both backends; collectives and config checks ran.
+    for backend in ("cpu_paged", "cpu_sdpa"):
+        assert sum(n.startswith(f"test_attention_matches_reference_float32[{backend}-")
+                   for n in passed) == 10, backend
     assert "test_communicator_collective[send_recv]" in passed
     assert "test_runtime_descriptor_is_discovered_available_and_compatible" in passed
     assert "test_config_policy_refuses_graphs_without_runner" in passed

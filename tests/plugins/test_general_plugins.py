@@ -93,7 +93,7 @@ def test_attention_backend_is_appended_to_the_named_platform(good_plugin):
 
     cpu = resolve_platform("cpu")
     names = [b.name for b in cpu.attention_backends()]
-    assert names == ["cpu_sdpa", "plugin_reference"]
+    assert names == ["cpu_paged", "cpu_sdpa", "plugin_reference"]
     assert explain_selection("cpu").plugin("cpu").attention_backends == names
 
 
@@ -152,7 +152,7 @@ def test_platforms_cli_lists_general_plugins(good_plugin, capsys):
     plugins = {g["name"]: g for g in data["general_plugins"]}
     assert plugins["goodplug"]["status"] == "loaded"
     cpu = next(p for p in data["plugins"] if p["name"] == "cpu")
-    assert cpu["attention_backends"] == ["cpu_sdpa", "plugin_reference"]
+    assert cpu["attention_backends"] == ["cpu_paged", "cpu_sdpa", "plugin_reference"]
 
 
 def test_llm_serves_a_model_architecture_registered_by_a_plugin(good_plugin, llama_model_dir,

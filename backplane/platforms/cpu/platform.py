@@ -1,4 +1,4 @@
-"""The CPU Platform: torch SDPA paged attention, gloo collectives, no graphs."""
+"""The CPU Platform: compiled (or torch) paged attention, gloo collectives, no graphs."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 
 from backplane.platforms.cpu.attention import CpuSdpaAttentionBackend
 from backplane.platforms.cpu.linear import prepack_linear_weights, prepacking_supported
+from backplane.platforms.cpu.paged_attention import CpuPagedAttentionBackend
 from backplane.platforms.cpu.policy import CpuConfigPolicy
 from backplane.platforms.cpu.runtime import CpuRuntime, usable_cores
 from backplane.plugins_sdk import Platform
@@ -69,7 +70,8 @@ class CpuPlatform(Platform):
                      torch.get_num_threads(), self.malloc_tuned)
 
     def attention_backends(self):
-        return [CpuSdpaAttentionBackend]
+        # The compiled kernel first; the torch one serves where no C compiler is.
+        return [CpuPagedAttentionBackend, CpuSdpaAttentionBackend]
 
     def prepare_model(self, model, config):
         """Prepack bf16 linear weights for oneDNN (see platforms/cpu/linear.py).

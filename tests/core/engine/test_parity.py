@@ -105,3 +105,13 @@ def test_optimization_level_o1_compiles_and_matches(llama_model_dir):
     assert llm.llm_engine.config.compilation_config.compile
     assert hasattr(runner.model, "_orig_mod"), "model was not compiled at O1"
     _check_parity(llm, llama_model_dir, prompts=PROMPTS[:2], max_tokens=6)
+
+
+@pytest.mark.parametrize("backend", ["cpu_paged", "cpu_sdpa"])
+def test_each_cpu_attention_backend_matches_transformers(tiny_model_factory, backend):
+    """The compiled kernel is the default; the torch backend is the no-compiler fallback."""
+    model_dir = tiny_model_factory("qwen2")
+    llm = LLM(model=model_dir, max_model_len=256, num_kv_blocks=96, block_size=4,
+              max_num_batched_tokens=9, attention_backend=backend)
+    assert llm.llm_engine.config.attention_backend_name == backend
+    _check_parity(llm, model_dir)

@@ -1,0 +1,144 @@
+"""The compiled CPU attention kernel (cpu_paged) against the torch backend (cpu_sdpa).
+
+Both backends are driven through the SDK surface the model runner uses: a first
+step writes each request's context, a second mixes decode tokens and prefill
+chunks over that context. The torch backend is the reference; the kernel must
+agree to float32 rounding (float32) or to one rounding of the output (bf16/fp16).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backplane.platforms.cpu import native
+from backplane.platforms.cpu.attention import CpuSdpaAttentionBackend
+from backplane.platforms.cpu.paged_attention import CpuPagedAttentionBackend, _kernel
+from backplane.plugins_sdk import AttentionSpec, CommonAttentionMetadata
+
+needs_compiler = pytest.mark.skipif(native.compiler() is None, reason="no C compiler")
+
+TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def _step(backend, cache, lens, table, block_size, q, k, v):
+    """Run one step where request r has context ctx_r and query_r new tokens."""
+    ctx, qlens = zip(*lens, strict=True)
+    seqs = torch.tensor([c + n for c, n in lens], dtype=torch.int32)
+    qsl = torch.tensor([0, *torch.tensor(qlens).cumsum(0).tolist()], dtype=torch.int32)
+    slots = torch.tensor([int(table[r, p // block_size]) * block_size + p % block_size
+                          for r, (c, n) in enumerate(lens) for p in range(c, c + n)])
+    common = CommonAttentionMetadata(
+        num_reqs=len(lens), num_actual_tokens=len(slots), max_query_len=max(qlens),
+        max_seq_len=int(seqs.max()), query_start_loc=qsl, seq_lens=seqs, block_table=table,
+        slot_mapping=slots, query_start_loc_cpu=qsl, seq_lens_cpu=seqs)
+    return backend.forward(q, k, v, cache, backend.build_metadata(common), 0.125)
+
+
+def _attend(backend_cls, spec, contexts, queries, num_blocks=200, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    bs, heads, kv_heads, d = spec.block_size, spec.num_heads, spec.num_kv_heads, spec.head_size
+    per_req = max(-(-(c + n) // bs) for c, n in zip(contexts, queries, strict=True))
+    table = (torch.randperm(num_blocks - 1, generator=gen)[: len(contexts) * per_req] + 1)
+    table = table.view(len(contexts), per_req).to(torch.int32)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(spec.dtype)
+
+    backend = backend_cls(spec)
+    cache = torch.zeros(backend_cls.kv_cache_shape(num_blocks, bs, kv_heads, d), dtype=spec.dtype)
+    first = [(0, c) for c in contexts]
+    t = sum(contexts)
+    _step(backend, cache, first, table, bs, rand(t, heads, d), rand(t, kv_heads, d),
+          rand(t, kv_heads, d))
+    t = sum(queries)
+    return _step(backend, cache, list(zip(contexts, queries, strict=True)), table, bs,
+                 rand(t, heads, d), rand(t, kv_heads, d), rand(t, kv_heads, d)).float()
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_size", "block_size"),
+                         [(14, 2, 64, 16), (4, 4, 32, 4), (8, 1, 128, 8)])
+@pytest.mark.parametrize("window", [None, 7])
+def test_kernel_matches_torch_backend(dtype, heads, kv_heads, head_size, block_size, window):
+    spec = AttentionSpec(heads, kv_heads, head_size, dtype, block_size, sliding_window=window)
+    # decode tokens at several lengths, a prefill chunk over a context, a fresh prompt
+    contexts, queries = [30, 1, 7, 100, 3, 16], [1, 1, 5, 1, 17, 1]
+    expected = _attend(CpuSdpaAttentionBackend, spec, contexts, queries)
+    got = _attend(CpuPagedAttentionBackend, spec, contexts, queries)
+    scale = expected.abs().max().item()
+    assert (got - expected).abs().max().item() <= TOLERANCE[dtype] * max(1.0, scale)
+
+
+@needs_compiler
+def test_padding_slots_are_not_written():
+    spec = AttentionSpec(4, 2, 32, torch.float32, 4)
+    backend = CpuPagedAttentionBackend(spec)
+    cache = torch.zeros(CpuPagedAttentionBackend.kv_cache_shape(8, 4, 2, 32))
+    qsl = torch.tensor([0, 1], dtype=torch.int32)
+    seqs = torch.tensor([1], dtype=torch.int32)
+    table = torch.tensor([[3]], dtype=torch.int32)
+    common = CommonAttentionMetadata(1, 2, 1, 1, qsl, seqs, table, torch.tensor([12, -1]),
+                                     qsl, seqs)
+    metadata = backend.build_metadata(common)
+    metadata.num_actual_tokens = 2  # a padded row rides along with slot -1
+    metadata.token_reqs = torch.tensor([0, 0], dtype=torch.int32)
+    metadata.token_seq_lens = torch.tensor([1, 1], dtype=torch.int32)
+    metadata.slot_mapping = torch.tensor([12, -1])
+    q = torch.randn(2, 4, 32)
+    kv = torch.ones(2, 2, 32)
+    out = backend.forward(q, kv, kv, cache, metadata, 0.125)
+    written = (cache != 0).nonzero()
+    assert set(written[:, 2].tolist()) == {3}, "only block 3 (slot 12) may be written"
+    # one key per head, so attention returns its value exactly
+    assert torch.allclose(out[0], torch.ones(4, 32))
+
+
+def test_without_a_compiler_the_platform_falls_back_to_torch(monkeypatch, tmp_path):
+    from backplane.platforms.cpu.platform import CpuPlatform
+
+    monkeypatch.setattr(native, "compiler", lambda: None)
+    native.load_kernel.cache_clear()
+    _kernel.cache_clear()
+    try:
+        spec = AttentionSpec(4, 2, 32, torch.float32, 16)
+        reasons = CpuPagedAttentionBackend.unsupported_reasons(spec)
+        assert any("no C compiler" in r for r in reasons), reasons
+        chosen = CpuPlatform().select_attention_backend(spec)
+        assert chosen is CpuSdpaAttentionBackend
+    finally:
+        native.load_kernel.cache_clear()
+        _kernel.cache_clear()
+
+
+@needs_compiler
+def test_build_is_cached_under_backplane_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("BACKPLANE_CACHE_DIR", str(tmp_path))
+    native.load_kernel.cache_clear()
+    try:
+        native.load_kernel("paged_attention.c", (("SCALAR_KIND", 0), ("HEAD_SIZE", 16),
+                                                 ("BLOCK_SIZE", 4), ("GROUP", 3)))
+        built = list((tmp_path / "cpu_kernels").glob("paged_attention-*.so"))
+        assert len(built) == 1
+        stamp = built[0].stat().st_mtime_ns
+        native.load_kernel.cache_clear()
+        native.load_kernel("paged_attention.c", (("SCALAR_KIND", 0), ("HEAD_SIZE", 16),
+                                                 ("BLOCK_SIZE", 4), ("GROUP", 3)))
+        assert built[0].stat().st_mtime_ns == stamp, "a cached build was compiled again"
+    finally:
+        native.load_kernel.cache_clear()
+
+
+def test_a_compiler_error_is_reported_with_its_output(monkeypatch, tmp_path):
+    monkeypatch.setenv("BACKPLANE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "compiler", lambda: "false")  # exits 1, prints nothing
+    native.load_kernel.cache_clear()
+    native._machine_fingerprint.cache_clear()
+    try:
+        with pytest.raises(native.KernelBuildError, match="exited with 1"):
+            native.load_kernel("paged_attention.c", (("SCALAR_KIND", 0),))
+        assert not list((tmp_path / "cpu_kernels").glob("*.so")), "a failed build left a file"
+    finally:
+        native.load_kernel.cache_clear()
+        native._machine_fingerprint.cache_clear()
