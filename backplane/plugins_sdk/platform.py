@@ -201,6 +201,18 @@ class Platform:
         platform may, for example, repack linear weights into its GEMM library's
         blocked layout. It must keep the module's call signature and numerics
         (within the dtype's rounding) and should release the weights it replaces.
+
+        Core layers a platform may swap for its own kernels say what they are in
+        a ``layer_kind`` class attribute (match on it, not on core classes, which
+        platforms do not import):
+
+        * ``"rms_norm"``: attributes ``weight``, ``eps``, ``hidden_size``;
+          ``x -> weight * rms_normalise(x)``, statistics in float32, the
+          normalised value rounded to ``x.dtype`` before the scale.
+        * ``"silu_and_mul"``: ``[..., 2d] -> silu(x[..., :d]) * x[..., d:]``.
+
+        Output projections expose their ``[vocab, hidden]`` matrix as
+        ``logits_weight``.
         """
         return model
 

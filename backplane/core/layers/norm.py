@@ -15,6 +15,9 @@ class RMSNorm(nn.Module):
     Qwen norms bit for bit in half precision.
     """
 
+    # Platforms may swap this layer for their own kernel (see Platform.prepare_model).
+    layer_kind = "rms_norm"
+
     def __init__(self, hidden_size: int, eps: float = 1e-6, dtype: torch.dtype | None = None):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype))

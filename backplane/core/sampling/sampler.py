@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from backplane.core.sampling.argmax import argmax_rows
 from backplane.core.sampling.metadata import SamplingMetadata
 
 
@@ -61,7 +62,7 @@ class Sampler:
         logits = self._apply_penalties(logits, meta)
 
         if meta.all_greedy:
-            token_ids = logits.argmax(dim=-1)
+            token_ids = argmax_rows(logits)
         else:
             token_ids = self._sample(logits, meta)
 
@@ -99,7 +100,7 @@ class Sampler:
 
     @staticmethod
     def _sample(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-        greedy_tokens = logits.argmax(dim=-1) if meta.greedy_mask is not None else None
+        greedy_tokens = argmax_rows(logits) if meta.greedy_mask is not None else None
         logits = logits / meta.temperature[:, None]
         probs = torch.softmax(logits, dim=-1)
         if meta.min_p is not None:
@@ -113,7 +114,7 @@ class Sampler:
         noise = torch.empty_like(probs).exponential_()
         for row, generator in meta.generators.items():
             noise[row].exponential_(generator=generator)
-        token_ids = (probs / noise).argmax(dim=-1)
+        token_ids = argmax_rows(probs / noise)
         if greedy_tokens is not None:
             token_ids = torch.where(meta.greedy_mask, greedy_tokens, token_ids)
         return token_ids

@@ -84,8 +84,10 @@ def load_kernel(source: str, defines: tuple[tuple[str, int], ...]) -> ctypes.CDL
     cc = compiler()
     if cc is None:
         raise KernelBuildError("no C compiler found (set CC, or install gcc or clang)")
-    text = (KERNEL_DIR / source).read_bytes()
-    flags = [*_BASE_FLAGS, *(f"-D{name}={value}" for name, value in defines)]
+    # The source and every header it may include decide the build.
+    text = b"".join(path.read_bytes() for path in
+                    [KERNEL_DIR / source, *sorted(KERNEL_DIR.glob("*.h"))])
+    flags = [*_BASE_FLAGS, f"-I{KERNEL_DIR}", *(f"-D{name}={value}" for name, value in defines)]
     key = hashlib.sha256(text + "\0".join(flags).encode() + _machine_fingerprint(cc).encode())
     target = cache_dir() / f"{Path(source).stem}-{key.hexdigest()[:20]}.so"
     if not target.exists():

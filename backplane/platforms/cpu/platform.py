@@ -9,7 +9,9 @@ import os
 import torch
 
 from backplane.platforms.cpu.attention import CpuSdpaAttentionBackend
+from backplane.platforms.cpu.fused_layers import cpu_ops, fuse_layers
 from backplane.platforms.cpu.linear import prepack_linear_weights, prepacking_supported
+from backplane.platforms.cpu.native import KernelBuildError
 from backplane.platforms.cpu.paged_attention import CpuPagedAttentionBackend
 from backplane.platforms.cpu.policy import CpuConfigPolicy
 from backplane.platforms.cpu.runtime import CpuRuntime, usable_cores
@@ -51,6 +53,11 @@ def release_free_heap() -> None:
         pass
 
 
+def model_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """dtype of the model's first floating-point parameter."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
 class CpuPlatform(Platform):
     """Runs everything on the host CPU with PyTorch kernels."""
 
@@ -74,14 +81,26 @@ class CpuPlatform(Platform):
         return [CpuPagedAttentionBackend, CpuSdpaAttentionBackend]
 
     def prepare_model(self, model, config):
-        """Prepack bf16 linear weights for oneDNN (see platforms/cpu/linear.py).
+        """Prepack bf16 linear weights for oneDNN (linear.py) and swap bf16 RMSNorm
+        and SiLU-and-mul for compiled loops (fused_layers.py).
 
-        Skipped at O1+ (inductor cannot lower the packed-weight op; compiled code
-        brings its own kernels) and with BACKPLANE_CPU_PREPACK=0.
+        Skipped at O1+ (inductor can neither lower the packed-weight op nor trace
+        ctypes calls; compiled code brings its own kernels). BACKPLANE_CPU_PREPACK=0
+        and BACKPLANE_CPU_FUSED_LAYERS=0 turn each off.
         """
         if config.compilation_config.compile:
-            logger.info("cpu platform: weights not prepacked (torch.compile is on)")
+            logger.info("cpu platform: weights not prepacked, layers not fused "
+                        "(torch.compile is on)")
             return model
+        if model_dtype(model) == torch.bfloat16 and os.environ.get(
+                "BACKPLANE_CPU_FUSED_LAYERS", "1") != "0":
+            try:
+                cpu_ops()  # build now, so that a compiler problem is reported here
+                count = fuse_layers(model)
+            except KernelBuildError as exc:
+                logger.warning("cpu platform: layers not fused: %s", exc)
+            else:
+                logger.info("cpu platform: %d RMSNorm/SiLU layers use compiled kernels", count)
         if os.environ.get("BACKPLANE_CPU_PREPACK", "1") == "0" or not prepacking_supported():
             return model
         count = prepack_linear_weights(model)

@@ -7,20 +7,17 @@
  *   BLOCK_SIZE   tokens per KV block
  *   GROUP        query heads per KV head (grouped-query attention)
  *
- * Cache layout, per KV head and block (see CpuPagedAttentionBackend):
- *   key   [HEAD_SIZE][BLOCK_SIZE]  transposed: the block's keys are contiguous
- *                                  for each head element, so q.K for the whole
- *                                  block is BLOCK_SIZE-wide vector FMAs with no
- *                                  horizontal sums;
- *   value [BLOCK_SIZE][HEAD_SIZE]  row-major: p.V is HEAD_SIZE-wide FMAs.
+ * Cache layout, per KV head and block (see key_index/value_index below): keys
+ * are stored so that a block's keys are contiguous for each head element, so
+ * q.K for the whole block is block-wide vector FMAs with no horizontal sums;
+ * values are row-major, so p.V is head-wide FMAs.
  *
  * Every query token is one work item per KV head: it reads the blocks of its
  * own request in place (no gather copy) with an online softmax, so decode
  * tokens and prefill tokens (each seeing its causal prefix) share one loop.
  * Math is float32 throughout; inputs are widened on load.
  */
-#include <stdint.h>
-#include <string.h>
+#include "common.h"
 
 #if SCALAR_KIND == 0
 typedef float scalar_t;
@@ -28,58 +25,132 @@ static inline float to_float(scalar_t x) { return x; }
 static inline scalar_t from_float(float x) { return x; }
 #elif SCALAR_KIND == 1
 typedef uint16_t scalar_t;
-static inline float to_float(scalar_t x) {
-    uint32_t bits = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-static inline scalar_t from_float(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (scalar_t)((bits >> 16) | 0x40u); /* NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u); /* round to nearest even, as torch does */
-    return (scalar_t)(bits >> 16);
-}
+static inline float to_float(scalar_t x) { return bf16_to_float(x); }
+static inline scalar_t from_float(float x) { return float_to_bf16(x); }
 #else
 typedef _Float16 scalar_t;
 static inline float to_float(scalar_t x) { return (float)x; }
 static inline scalar_t from_float(float x) { return (scalar_t)x; }
 #endif
 
-/* exp(x) for x <= 0 (scores minus their running max): Cephes' expf reduction
- * and polynomial, written branch-free so the compiler vectorises it (libm's
- * expf is not vectorised without -ffast-math, which would also switch the
- * whole process to flush-to-zero). Relative error ~2e-7. */
-static inline float exp_nonpositive(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    float n = __builtin_rintf(x * 1.44269504088896341f);
-    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
+/* Scores minus their running max are <= 0; exp_clamped maps them to [0, 1]. */
+static inline float exp_nonpositive(float x) { return exp_clamped(x); }
 
 #define MASKED (-1e30f)
+
+/* Where key/value element (token j of the block, head element d) lives in a block.
+ * bf16 with AVX512-BF16 uses the dot-product instruction's pair layout:
+ *   key   [HEAD_SIZE/2][BLOCK_SIZE][2]  (two head elements of a key side by side)
+ *   value [BLOCK_SIZE/2][HEAD_SIZE][2]  (the same element of two keys side by side)
+ * so one vdpbf16ps does 16 keys x 2 elements of q.K, or 16 elements x 2 keys of p.V.
+ * Otherwise keys are [HEAD_SIZE][BLOCK_SIZE] and values [BLOCK_SIZE][HEAD_SIZE]. */
+#if SCALAR_KIND == 1 && defined(__AVX512BF16__) && BLOCK_SIZE % 16 == 0 && HEAD_SIZE % 16 == 0
+#define PAIR_LAYOUT 1
+#include <immintrin.h>
+static inline int64_t key_index(int j, int d) { return ((int64_t)(d >> 1) * BLOCK_SIZE + j) * 2 + (d & 1); }
+static inline int64_t value_index(int j, int d) { return ((int64_t)(j >> 1) * HEAD_SIZE + d) * 2 + (j & 1); }
+#else
+#define PAIR_LAYOUT 0
+static inline int64_t key_index(int j, int d) { return (int64_t)d * BLOCK_SIZE + j; }
+static inline int64_t value_index(int j, int d) { return (int64_t)j * HEAD_SIZE + d; }
+#endif
+
+/* Online softmax over one block's scores s (masked outside [lo, hi)): writes the
+ * block's unnormalised weights p and the factor that rescales what was
+ * accumulated so far, and updates the running max and sum. */
+static inline void softmax_block(float s[GROUP][BLOCK_SIZE], float p[GROUP][BLOCK_SIZE], int lo,
+                                 int hi, float run_max[GROUP], float run_sum[GROUP],
+                                 float correction[GROUP]) {
+    for (int g = 0; g < GROUP; g++) {
+        for (int j = 0; j < BLOCK_SIZE; j++)
+            if (j < lo || j >= hi) s[g][j] = MASKED;
+        float block_max = run_max[g];
+        for (int j = 0; j < BLOCK_SIZE; j++) block_max = s[g][j] > block_max ? s[g][j] : block_max;
+        correction[g] = exp_nonpositive(run_max[g] - block_max);
+        float block_sum = 0.0f;
+        for (int j = 0; j < BLOCK_SIZE; j++) {
+            float e = exp_nonpositive(s[g][j] - block_max);
+            p[g][j] = (j < lo || j >= hi) ? 0.0f : e;
+            block_sum += p[g][j];
+        }
+        run_sum[g] = run_sum[g] * correction[g] + block_sum;
+        run_max[g] = block_max;
+    }
+}
+
+#if PAIR_LAYOUT
+/* exp_nonpositive on 16 lanes; scalef applies 2^n without building exponent bits. */
+static inline __m512 exp_nonpositive_avx512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* Lanes c .. c+15 of a block that lie in [lo, hi). */
+static inline __mmask16 valid_lanes(int c, int lo, int hi) {
+    int from = lo - c, to = hi - c;
+    from = from < 0 ? 0 : (from > 16 ? 16 : from);
+    to = to < 0 ? 0 : (to > 16 ? 16 : to);
+    uint32_t below_to = (1u << to) - 1u, below_from = (1u << from) - 1u;
+    return (__mmask16)(below_to & ~below_from);
+}
+
+/* softmax_block for the pair layout, writing the weights as bf16 key pairs. */
+static inline void softmax_block_avx512(float s[GROUP][BLOCK_SIZE], int lo, int hi,
+                                        float run_max[GROUP], float run_sum[GROUP],
+                                        float correction[GROUP],
+                                        uint32_t p_pairs[GROUP][BLOCK_SIZE / 2]) {
+    for (int g = 0; g < GROUP; g++) {
+        float block_max = run_max[g];
+        for (int c = 0; c < BLOCK_SIZE; c += 16) {
+            __mmask16 valid = valid_lanes(c, lo, hi);
+            if (valid) {
+                float m = _mm512_mask_reduce_max_ps(valid, _mm512_loadu_ps(&s[g][c]));
+                block_max = m > block_max ? m : block_max;
+            }
+        }
+        correction[g] = exp_nonpositive(run_max[g] - block_max);
+        __m512 sum = _mm512_setzero_ps();
+        for (int c = 0; c < BLOCK_SIZE; c += 16) {
+            __m512 e = exp_nonpositive_avx512(
+                _mm512_sub_ps(_mm512_loadu_ps(&s[g][c]), _mm512_set1_ps(block_max)));
+            e = _mm512_maskz_mov_ps(valid_lanes(c, lo, hi), e);
+            sum = _mm512_add_ps(sum, e);
+            _mm256_storeu_si256((__m256i *)&p_pairs[g][c / 2], (__m256i)_mm512_cvtneps_pbh(e));
+        }
+        run_sum[g] = run_sum[g] * correction[g] + _mm512_reduce_add_ps(sum);
+        run_max[g] = block_max;
+    }
+}
+#endif
 
 static void attend_one(const scalar_t *q_row, const scalar_t *key_cache,
                        const scalar_t *value_cache, int64_t num_blocks_total,
                        const int32_t *block_table, int32_t seq_len, int32_t window,
                        int64_t kv_head, float scale, scalar_t *out_row) {
-    float q[GROUP][HEAD_SIZE];
     float acc[GROUP][HEAD_SIZE];
-    float run_max[GROUP], run_sum[GROUP];
+    float run_max[GROUP], run_sum[GROUP], correction[GROUP];
+#if PAIR_LAYOUT
+    uint32_t q_pairs[GROUP][HEAD_SIZE / 2]; /* bf16 pairs, broadcast as 32-bit lanes */
+    memcpy(q_pairs, q_row, sizeof q_pairs);
+#else
+    float q[GROUP][HEAD_SIZE];
+#endif
     for (int g = 0; g < GROUP; g++) {
         for (int d = 0; d < HEAD_SIZE; d++) {
+#if !PAIR_LAYOUT
             q[g][d] = to_float(q_row[g * HEAD_SIZE + d]) * scale;
+#endif
             acc[g][d] = 0.0f;
         }
         run_max[g] = MASKED;
@@ -97,39 +168,54 @@ static void attend_one(const scalar_t *q_row, const scalar_t *key_cache,
         int hi = seq_len - b * BLOCK_SIZE;
         hi = hi > BLOCK_SIZE ? BLOCK_SIZE : hi;
 
+#if PAIR_LAYOUT
         float s[GROUP][BLOCK_SIZE];
+        for (int c = 0; c < BLOCK_SIZE; c += 16) {
+            __m512 dot[GROUP];
+            for (int g = 0; g < GROUP; g++) dot[g] = _mm512_setzero_ps();
+            for (int dp = 0; dp < HEAD_SIZE / 2; dp++) {
+                __m512bh keys = (__m512bh)_mm512_loadu_si512(kb + key_index(c, 2 * dp));
+                for (int g = 0; g < GROUP; g++)
+                    dot[g] = _mm512_dpbf16_ps(dot[g], keys,
+                                              (__m512bh)_mm512_set1_epi32((int)q_pairs[g][dp]));
+            }
+            for (int g = 0; g < GROUP; g++)
+                _mm512_storeu_ps(&s[g][c], _mm512_mul_ps(dot[g], _mm512_set1_ps(scale)));
+        }
+        uint32_t p_pairs[GROUP][BLOCK_SIZE / 2]; /* bf16 weights, read as key pairs */
+        softmax_block_avx512(s, lo, hi, run_max, run_sum, correction, p_pairs);
+        for (int dc = 0; dc < HEAD_SIZE; dc += 16) {
+            __m512 out[GROUP];
+            for (int g = 0; g < GROUP; g++)
+                out[g] = _mm512_mul_ps(_mm512_loadu_ps(&acc[g][dc]), _mm512_set1_ps(correction[g]));
+            for (int jp = lo / 2; jp < (hi + 1) / 2; jp++) {
+                __m512bh values = (__m512bh)_mm512_loadu_si512(vb + value_index(2 * jp, dc));
+                for (int g = 0; g < GROUP; g++)
+                    out[g] = _mm512_dpbf16_ps(out[g], values,
+                                              (__m512bh)_mm512_set1_epi32((int)p_pairs[g][jp]));
+            }
+            for (int g = 0; g < GROUP; g++) _mm512_storeu_ps(&acc[g][dc], out[g]);
+        }
+#else
+        float s[GROUP][BLOCK_SIZE], p[GROUP][BLOCK_SIZE];
         for (int g = 0; g < GROUP; g++)
             for (int j = 0; j < BLOCK_SIZE; j++) s[g][j] = 0.0f;
         for (int d = 0; d < HEAD_SIZE; d++) {
             float k[BLOCK_SIZE];
-            for (int j = 0; j < BLOCK_SIZE; j++) k[j] = to_float(kb[d * BLOCK_SIZE + j]);
+            for (int j = 0; j < BLOCK_SIZE; j++) k[j] = to_float(kb[key_index(j, d)]);
             for (int g = 0; g < GROUP; g++)
                 for (int j = 0; j < BLOCK_SIZE; j++) s[g][j] += q[g][d] * k[j];
         }
-
-        float p[GROUP][BLOCK_SIZE];
-        for (int g = 0; g < GROUP; g++) {
-            for (int j = 0; j < BLOCK_SIZE; j++)
-                if (j < lo || j >= hi) s[g][j] = MASKED;
-            float block_max = run_max[g];
-            for (int j = 0; j < BLOCK_SIZE; j++) block_max = s[g][j] > block_max ? s[g][j] : block_max;
-            float correction = exp_nonpositive(run_max[g] - block_max);
-            float block_sum = 0.0f;
-            for (int j = 0; j < BLOCK_SIZE; j++) {
-                float e = exp_nonpositive(s[g][j] - block_max);
-                p[g][j] = (j < lo || j >= hi) ? 0.0f : e;
-                block_sum += p[g][j];
-            }
-            run_sum[g] = run_sum[g] * correction + block_sum;
-            run_max[g] = block_max;
-            for (int d = 0; d < HEAD_SIZE; d++) acc[g][d] *= correction;
-        }
+        softmax_block(s, p, lo, hi, run_max, run_sum, correction);
+        for (int g = 0; g < GROUP; g++)
+            for (int d = 0; d < HEAD_SIZE; d++) acc[g][d] *= correction[g];
         for (int j = lo; j < hi; j++) {
             float v[HEAD_SIZE];
-            for (int d = 0; d < HEAD_SIZE; d++) v[d] = to_float(vb[j * HEAD_SIZE + d]);
+            for (int d = 0; d < HEAD_SIZE; d++) v[d] = to_float(vb[value_index(j, d)]);
             for (int g = 0; g < GROUP; g++)
                 for (int d = 0; d < HEAD_SIZE; d++) acc[g][d] += p[g][j] * v[d];
         }
+#endif
     }
     for (int g = 0; g < GROUP; g++) {
         float inv = run_sum[g] > 0.0f ? 1.0f / run_sum[g] : 0.0f;
@@ -175,8 +261,8 @@ void write_kv(const scalar_t *key, int64_t key_token_stride, const scalar_t *val
             const scalar_t *k = key + t * key_token_stride + h * HEAD_SIZE;
             const scalar_t *v = value + t * value_token_stride + h * HEAD_SIZE;
             for (int d = 0; d < HEAD_SIZE; d++) {
-                key_cache[base + d * BLOCK_SIZE + offset] = k[d];
-                value_cache[base + offset * HEAD_SIZE + d] = v[d];
+                key_cache[base + key_index((int)offset, d)] = k[d];
+                value_cache[base + value_index((int)offset, d)] = v[d];
             }
         }
     }

@@ -1,0 +1,101 @@
+"""bf16 RMSNorm and SiLU-and-mul as single compiled loops (kernels/cpu_ops.c).
+
+In bf16, torch runs RMSNorm as five ops with two dtype conversions and
+SiLU-and-mul as two, each reading and writing the whole activation and
+paying dispatch. Measured at batch 64 on a Qwen2-0.5B shape (2 threads):
+~300 us per RMSNorm call and ~290 us per SiLU-and-mul, 49 and 24 calls a
+decode step. The platform swaps the core's layers for these at load time
+(``CpuPlatform.prepare_model``), recognising them by their ``layer_kind``
+(the SDK's duck-typed layer contract); any input the kernels do not cover
+(another dtype, a non-row-strided view) goes to the original layer.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+from torch import nn
+
+from backplane.platforms.cpu.native import load_kernel
+
+_P, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_ops() -> ctypes.CDLL:
+    lib = load_kernel("cpu_ops.c", ())
+    lib.rms_norm_bf16.argtypes = [_P, _I64, _P, _P, _I64, _I64, _I64, _F32]
+    lib.rms_norm_bf16.restype = None
+    lib.silu_and_mul_bf16.argtypes = [_P, _I64, _P, _I64, _I64, _I64]
+    lib.silu_and_mul_bf16.restype = None
+    return lib
+
+
+def _row_stride(x: torch.Tensor) -> int | None:
+    """Stride between rows of the last dimension, or None if rows are not evenly spaced."""
+    if x.stride(-1) != 1:
+        return None
+    if x.is_contiguous():
+        return x.shape[-1]
+    return x.stride(0) if x.dim() == 2 else None
+
+
+class FusedRMSNorm(nn.Module):
+    """The core RMSNorm (same weight), one pass per row for bf16 input."""
+
+    layer_kind = "rms_norm"
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.weight = norm.weight
+        self.eps, self.hidden_size = float(norm.eps), int(norm.hidden_size)
+        self._original_forward = norm.forward  # a bound method: not registered as a child
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stride = _row_stride(x)
+        if x.dtype != torch.bfloat16 or self.weight.dtype != torch.bfloat16 or stride is None:
+            return self._original_forward(x)
+        out = torch.empty(x.shape, dtype=x.dtype)
+        rows = x.numel() // self.hidden_size
+        cpu_ops().rms_norm_bf16(x.data_ptr(), stride, self.weight.data_ptr(), out.data_ptr(),
+                                self.hidden_size, rows, self.hidden_size, self.eps)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{self.hidden_size}, eps={self.eps}, fused=cpu_ops"
+
+
+class FusedSiluAndMul(nn.Module):
+    """``silu(gate) * up`` in one pass for bf16 input."""
+
+    layer_kind = "silu_and_mul"
+
+    def __init__(self, act: nn.Module) -> None:
+        super().__init__()
+        self._original_forward = act.forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stride = _row_stride(x)
+        if x.dtype != torch.bfloat16 or stride is None:
+            return self._original_forward(x)
+        d = x.shape[-1] // 2
+        out = torch.empty(*x.shape[:-1], d, dtype=x.dtype)
+        cpu_ops().silu_and_mul_bf16(x.data_ptr(), stride, out.data_ptr(), d, x.numel() // x.shape[-1], d)
+        return out
+
+
+_FUSED = {"rms_norm": FusedRMSNorm, "silu_and_mul": FusedSiluAndMul}
+
+
+def fuse_layers(model: nn.Module) -> int:
+    """Swap every core layer whose ``layer_kind`` has a fused version; returns how many."""
+    replaced = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            fused = _FUSED.get(getattr(type(child), "layer_kind", None))
+            if fused is not None and not isinstance(child, fused):
+                setattr(module, name, fused(child))
+                replaced += 1
+    return replaced

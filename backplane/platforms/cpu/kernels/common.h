@@ -1,0 +1,45 @@
+/* Helpers shared by the CPU platform's C kernels (included, not compiled alone). */
+#ifndef BACKPLANE_CPU_KERNELS_COMMON_H
+#define BACKPLANE_CPU_KERNELS_COMMON_H
+#include <stdint.h>
+#include <string.h>
+
+static inline float bf16_to_float(uint16_t x) {
+    uint32_t bits = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    uint32_t rounded = bits + 0x7fffu + ((bits >> 16) & 1u); /* round to nearest even */
+    uint32_t quiet_nan = bits | 0x400000u;
+    /* a select, not a branch, so that loops calling this vectorise */
+    return (uint16_t)((((bits & 0x7fffffffu) > 0x7f800000u) ? quiet_nan : rounded) >> 16);
+}
+
+/* exp(x) on [-87, 88.7] (clamped outside): Cephes' expf, branch-free so loops
+ * vectorise (libm's expf is only vectorised under -ffast-math). */
+static inline float exp_clamped(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.7f ? 88.7f : x);
+    float n = __builtin_rintf(x * 1.44269504088896341f);
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    /* 2^n as 2^(n/2) twice: n reaches 128 at x = 88, past float's exponent range */
+    int32_t half = (int32_t)n / 2;
+    uint32_t a = (uint32_t)(half + 127) << 23, b = (uint32_t)((int32_t)n - half + 127) << 23;
+    float sa, sb;
+    memcpy(&sa, &a, sizeof sa);
+    memcpy(&sb, &b, sizeof sb);
+    return p * sa * sb;
+}
+
+#endif

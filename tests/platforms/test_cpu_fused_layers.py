@@ -1,0 +1,83 @@
+"""The CPU platform's compiled bf16 RMSNorm and SiLU-and-mul: same rounding as the core layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backplane import LLM, SamplingParams
+from backplane.core.layers.activation import SiluAndMul
+from backplane.core.layers.norm import RMSNorm
+from backplane.platforms.cpu import native
+from backplane.platforms.cpu.fused_layers import FusedRMSNorm, FusedSiluAndMul, fuse_layers
+
+pytestmark = pytest.mark.skipif(native.compiler() is None, reason="no C compiler")
+
+
+def _bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Largest distance between two bf16 tensors in units of the last place."""
+    ia, ib = (t.view(torch.int16).to(torch.int32) for t in (a, b))
+    return int((ia - ib).abs().max())
+
+
+@pytest.mark.parametrize("shape", [(1, 896), (64, 896), (5, 3, 64)])
+def test_rms_norm_matches_the_core_layer(shape):
+    gen = torch.Generator().manual_seed(0)
+    norm = RMSNorm(shape[-1], eps=1e-6, dtype=torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(shape[-1], generator=gen) * 2)
+    x = (torch.randn(*shape, generator=gen) * 3).to(torch.bfloat16)
+    expected, got = norm(x), FusedRMSNorm(norm)(x)
+    assert got.dtype == torch.bfloat16 and got.shape == expected.shape
+    # float32 sums in another order may move a value across a rounding boundary
+    assert _bf16_ulps(got, expected) <= 1
+    assert (got == expected).float().mean() > 0.99
+
+
+def test_rms_norm_on_a_row_strided_view_and_a_fallback_view():
+    norm = RMSNorm(64, dtype=torch.bfloat16)
+    fused = FusedRMSNorm(norm)
+    qkv = torch.randn(7, 3 * 64, dtype=torch.bfloat16)
+    rows = qkv[:, 64:128]  # evenly strided rows: the kernel reads them in place
+    assert _bf16_ulps(fused(rows), norm(rows)) <= 1
+    heads = qkv[:, :128].view(7, 2, 64)  # per-head rows of a wider tensor: torch path
+    assert torch.equal(fused(heads), norm(heads))
+    x32 = torch.randn(4, 64)
+    norm32 = RMSNorm(64)
+    assert torch.equal(FusedRMSNorm(norm32)(x32), norm32(x32))  # float32 stays on torch
+
+
+@pytest.mark.parametrize("rows", [1, 64])
+def test_silu_and_mul_matches_the_core_layer(rows):
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(rows, 2 * 4864, generator=gen) * 4).to(torch.bfloat16)
+    x[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])  # exp clamping at both ends
+    expected, got = SiluAndMul()(x), FusedSiluAndMul(SiluAndMul())(x)
+    assert got.shape == expected.shape == (rows, 4864)
+    assert _bf16_ulps(got, expected) <= 1
+    assert (got == expected).float().mean() > 0.99
+
+
+def test_fuse_layers_swaps_by_layer_kind():
+    model = torch.nn.Sequential(RMSNorm(8, dtype=torch.bfloat16), SiluAndMul(), torch.nn.ReLU())
+    assert fuse_layers(model) == 2
+    assert isinstance(model[0], FusedRMSNorm) and isinstance(model[1], FusedSiluAndMul)
+    assert model[0].weight is not None and fuse_layers(model) == 0  # idempotent
+
+
+def test_engine_in_bf16_fuses_and_agrees_with_torch_layers(llama_model_dir, monkeypatch):
+    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+    prompt = "the quick brown fox jumps over the lazy dog and runs into the forest"
+    fused = LLM(model=llama_model_dir, dtype="bfloat16", max_model_len=128, num_kv_blocks=32)
+    modules = list(fused.llm_engine.engine_core.model_runner.model.modules())
+    assert any(isinstance(m, FusedRMSNorm) for m in modules)
+    assert any(isinstance(m, FusedSiluAndMul) for m in modules)
+    monkeypatch.setenv("BACKPLANE_CPU_FUSED_LAYERS", "0")
+    plain = LLM(model=llama_model_dir, dtype="bfloat16", max_model_len=128, num_kv_blocks=32)
+    plain_modules = plain.llm_engine.engine_core.model_runner.model.modules()
+    assert not any(isinstance(m, FusedRMSNorm) for m in plain_modules)
+    (a,), (b,) = (llm.generate([prompt], params, use_tqdm=False) for llm in (fused, plain))
+    diffs = [abs(x[t].logprob - y[t].logprob) for x, y, t in
+             zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:], a.prompt_token_ids[1:],
+                 strict=True)]
+    assert max(diffs) < 0.1, diffs
