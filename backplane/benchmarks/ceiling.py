@@ -98,7 +98,7 @@ class _Weights:
         return total
 
 
-def _step_separate(w: _Weights, x_h, x_q, x_i) -> None:
+def _step_separate(w: _Weights, x_h, x_q, x_i, lm_head: bool = True) -> None:
     s = w.shapes
     for layer in w.layers:
         qkv, b = layer["qkv"], layer["qkv_bias"]
@@ -110,16 +110,18 @@ def _step_separate(w: _Weights, x_h, x_q, x_i) -> None:
         F.linear(x_h, layer["gate_up"][: s.intermediate])
         F.linear(x_h, layer["gate_up"][s.intermediate :])
         F.linear(x_i, layer["down"])
-    F.linear(x_h, w.lm_head)
+    if lm_head:
+        F.linear(x_h, w.lm_head)
 
 
-def _step_fused(w: _Weights, x_h, x_q, x_i) -> None:
+def _step_fused(w: _Weights, x_h, x_q, x_i, lm_head: bool = True) -> None:
     for layer in w.layers:
         F.linear(x_h, layer["qkv"], layer["qkv_bias"])
         F.linear(x_q, layer["o"])
         F.linear(x_h, layer["gate_up"])
         F.linear(x_i, layer["down"])
-    F.linear(x_h, w.lm_head)
+    if lm_head:
+        F.linear(x_h, w.lm_head)
 
 
 class _ModuleStack(torch.nn.Module):
@@ -148,13 +150,14 @@ class _ModuleStack(torch.nn.Module):
         self.lm_head = linear(w.lm_head)
 
 
-def _step_modules(stack: torch.nn.Module, x_h, x_q, x_i) -> None:
+def _step_modules(stack: torch.nn.Module, x_h, x_q, x_i, lm_head: bool = True) -> None:
     for layer in stack.layers:
         layer["qkv"](x_h)
         layer["o"](x_q)
         layer["gate_up"](x_h)
         layer["down"](x_i)
-    stack.lm_head(x_h)
+    if lm_head:
+        stack.lm_head(x_h)
 
 
 def _time(fn, min_iters: int, min_seconds: float) -> tuple[float, float]:
@@ -190,11 +193,14 @@ def measure_ceiling(
     min_iters: int = 5,
     min_seconds: float = 0.5,
     prepare_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+    lm_head: bool = True,
 ) -> dict[int, dict]:
     """Median seconds of one decode step's linear layers at each batch size.
 
     ``prepare_model`` is the engine platform's model hook (e.g. weight
-    prepacking); when given, a third layout runs through it.
+    prepacking); when given, a third layout runs through it. ``lm_head=False``
+    leaves out the output projection: the floor of a prefill chunk of ``batch``
+    tokens, of which only the last rows need logits.
 
     Returns {batch: {"step_s", "step_cpu_s", "separate_s", "fused_s",
     ["platform_s"], "layout", "per_token_s", "weight_bytes", "gb_per_s",
@@ -219,14 +225,14 @@ def measure_ceiling(
             x_q = torch.randn(batch, shapes.q_out, dtype=torch_dtype)
             x_i = torch.randn(batch, shapes.intermediate, dtype=torch_dtype)
             timed = {
-                "separate": _time(
-                    partial(_step_separate, weights, x_h, x_q, x_i), min_iters, min_seconds),
-                "fused": _time(
-                    partial(_step_fused, weights, x_h, x_q, x_i), min_iters, min_seconds),
+                "separate": _time(partial(_step_separate, weights, x_h, x_q, x_i, lm_head),
+                                  min_iters, min_seconds),
+                "fused": _time(partial(_step_fused, weights, x_h, x_q, x_i, lm_head),
+                               min_iters, min_seconds),
             }
             if stack is not None:
-                timed["platform"] = _time(
-                    partial(_step_modules, stack, x_h, x_q, x_i), min_iters, min_seconds)
+                timed["platform"] = _time(partial(_step_modules, stack, x_h, x_q, x_i, lm_head),
+                                          min_iters, min_seconds)
             layout = min(timed, key=lambda name: timed[name][0])
             best, best_cpu = timed[layout]
             cpu_util = best_cpu / (best * torch.get_num_threads())

@@ -103,6 +103,11 @@ def run_throughput(opts: ThroughputOptions) -> dict:
     mem["kv_cache_tokens"] = kv_tokens
     # What the process held before the engine existed (interpreter, torch, transformers).
     mem["rss_before_engine_bytes"] = rss_before
+    # The same ratio without what the interpreter held before the engine existed:
+    # what serving this model costs on top of an idle Python process.
+    budget = mem["weight_bytes"] + mem["kv_cache_bytes"]
+    mem["engine_rss_over_weights_plus_kv"] = (
+        (mem["peak_rss_bytes"] - rss_before) / budget if budget else float("nan"))
     mem["kv_tokens_needed_by_workload"] = max(
         sum(r.prompt_len + r.output_len for r in reqs) for reqs in request_sets
     )
@@ -147,6 +152,7 @@ def run_throughput(opts: ThroughputOptions) -> dict:
             "speedup_on_over_off": median_and_range(ratios),
         }
 
+    hf_runs = None
     if opts.baseline == "transformers":
         baseline = TransformersBaseline(model, dtype, num_threads=threads)
         sweep = baseline.sweep(request_sets[0], opts.baseline_batch_sizes, progress=opts.progress)
@@ -178,7 +184,48 @@ def run_throughput(opts: ThroughputOptions) -> dict:
             if batch in decode:
                 _compare(entry, decode[batch])
         result["ceiling"] = ceiling
+        prefill = measure_ceiling(hf_config, dtype, [PREFILL_CEILING_TOKENS],
+                                  prepare_model=prepare_model, lm_head=False)
+        result["prefill_ceiling"] = prefill[PREFILL_CEILING_TOKENS]
+        result["workload_floor"] = workload_floor(
+            runs, request_sets, prefill[PREFILL_CEILING_TOKENS]["per_token_s"],
+            ceiling[max(ceiling)]["per_token_s"], hf_runs)
     return result
+
+
+# Tokens per forward of the prefill floor: a typical chunk under the default token budget.
+PREFILL_CEILING_TOKENS = 512
+
+
+def workload_floor(runs: list[EngineRun], request_sets: list, prefill_token_s: float,
+                   decode_token_s: float, hf_runs: list | None = None) -> dict:
+    """The least time the linear layers alone need for each run's work, and what that allows.
+
+    Each prompt token the engine computed (prefix-cache hits left out) costs the
+    prefill ceiling per token (no lm_head); each output token costs the decode
+    ceiling per token at the largest decode batch (one lm_head row). Attention,
+    norms and per-step Python are left out, and the batch shrinks as a run ends,
+    so this is a lower bound on a run's time: it gives the engine's fraction of
+    the floor, and the highest speedup over transformers this machine allows.
+    """
+    floors, fractions, hits_before = [], [], 0
+    for run, requests in zip(runs, request_sets, strict=True):
+        hits = int(run.stats.get("prefix_cache_hits", 0))
+        computed = sum(r.prompt_len for r in requests) - (hits - hits_before)
+        hits_before = hits
+        floor = computed * prefill_token_s + sum(r.output_len for r in requests) * decode_token_s
+        floors.append(floor)
+        fractions.append(floor / run.seconds)
+    out = {
+        "prefill_s_per_token": prefill_token_s,
+        "decode_s_per_token": decode_token_s,
+        "seconds": median_and_range(floors),
+        "engine_fraction": median_and_range(fractions),
+    }
+    if hf_runs:
+        out["max_speedup_over_transformers"] = median_and_range(
+            [h.seconds / f for h, f in zip(hf_runs, floors, strict=True)])
+    return out
 
 
 def result_rows(result: dict) -> list[tuple[str, Any]]:
@@ -229,11 +276,22 @@ def result_rows(result: dict) -> list[tuple[str, Any]]:
         if "engine_fraction_of_ceiling_cpu" in c:
             rows.append((f"ceiling bs={batch}: engine fraction (CPU time)",
                          c["engine_fraction_of_ceiling_cpu"]))
+    if "workload_floor" in result:
+        floor = result["workload_floor"]
+        rows.append((f"prefill ceiling ms/token ({PREFILL_CEILING_TOKENS}-token forward, no lm_head)",
+                     1e3 * floor["prefill_s_per_token"]))
+        rows.append(("workload floor s (linear layers only)", floor["seconds"]["median"]))
+        rows.append(("engine fraction of the workload floor", floor["engine_fraction"]["median"]))
+        if "max_speedup_over_transformers" in floor:
+            rows.append(("speedup over transformers at the floor",
+                         floor["max_speedup_over_transformers"]["median"]))
     mem = result["memory"]
     rows.append(("peak RSS MiB", mem["peak_rss_bytes"] / 2**20))
     rows.append(("weights + KV cache MiB", (mem["weight_bytes"] + mem["kv_cache_bytes"]) / 2**20))
     rows.append(("peak RSS / (weights + KV)", mem["rss_over_weights_plus_kv"]))
     rows.append(("RSS before the engine MiB", mem["rss_before_engine_bytes"] / 2**20))
+    if "engine_rss_over_weights_plus_kv" in mem:
+        rows.append(("(peak - before) / (weights + KV)", mem["engine_rss_over_weights_plus_kv"]))
     return rows
 
 

@@ -72,6 +72,11 @@ def test_throughput_tiny_with_baseline_ceiling_and_prefix_compare(bench_tiny_mod
     assert ceiling["layout"] in {"separate", "fused", "platform"}
     assert "platform_s" in ceiling  # the CPU platform's prepare_model hook was timed
     assert ceiling["engine_fraction_of_ceiling_cpu"] > 0 and decode["cpu_util"] > 0
+    floor = result["workload_floor"]
+    # the floor leaves out everything but the matmuls, so the engine cannot beat it
+    assert 0 < floor["prefill_s_per_token"] and 0 < floor["decode_s_per_token"]
+    assert 0 < floor["seconds"]["median"] < bp["seconds"]["median"]
+    assert floor["max_speedup_over_transformers"]["median"] > 0
     pc = result["prefix_caching"]
     assert pc["on"]["output_tokens_per_s"]["median"] > 0
     assert pc["speedup_on_over_off"]["median"] > 0

@@ -142,3 +142,16 @@ def test_a_compiler_error_is_reported_with_its_output(monkeypatch, tmp_path):
     finally:
         native.load_kernel.cache_clear()
         native._machine_fingerprint.cache_clear()
+
+
+@needs_compiler
+def test_an_unwritable_cache_dir_falls_back_to_the_temp_dir(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_writable", lambda directory: False)
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path))
+    native.load_kernel.cache_clear()
+    try:
+        native.load_kernel("paged_attention.c", (("SCALAR_KIND", 0), ("HEAD_SIZE", 16),
+                                                 ("BLOCK_SIZE", 4), ("GROUP", 2)))
+        assert list(tmp_path.glob("backplane-*/paged_attention-*.so"))
+    finally:
+        native.load_kernel.cache_clear()

@@ -75,6 +75,14 @@ def _machine_fingerprint(cc: str) -> str:
     return version + flags
 
 
+def _writable(directory: Path) -> bool:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(directory, os.W_OK)
+
+
 @functools.lru_cache(maxsize=None)
 def load_kernel(source: str, defines: tuple[tuple[str, int], ...]) -> ctypes.CDLL:
     """Compile (or reuse) ``kernels/<source>`` with ``defines`` and load it.
@@ -90,8 +98,11 @@ def load_kernel(source: str, defines: tuple[tuple[str, int], ...]) -> ctypes.CDL
     flags = [*_BASE_FLAGS, f"-I{KERNEL_DIR}", *(f"-D{name}={value}" for name, value in defines)]
     key = hashlib.sha256(text + "\0".join(flags).encode() + _machine_fingerprint(cc).encode())
     target = cache_dir() / f"{Path(source).stem}-{key.hexdigest()[:20]}.so"
-    if not target.exists():
+    if not target.exists() and not _writable(target.parent):
+        # read-only home (some containers): build under the temp dir instead
+        target = Path(tempfile.gettempdir()) / f"backplane-{os.getuid()}" / target.name
         target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         cmd = [cc, *flags, str(KERNEL_DIR / source), "-o", tmp]
