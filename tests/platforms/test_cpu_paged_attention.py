@@ -146,6 +146,7 @@ def test_a_compiler_error_is_reported_with_its_output(monkeypatch, tmp_path):
 
 @needs_compiler
 def test_an_unwritable_cache_dir_falls_back_to_the_temp_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("BACKPLANE_CACHE_DIR", str(tmp_path / "read-only"))  # nothing built there
     monkeypatch.setattr(native, "_writable", lambda directory: False)
     monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path))
     native.load_kernel.cache_clear()
