@@ -117,8 +117,8 @@ class RotaryEmbedding(nn.Module):
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """``(cos, sin)``, each ``[num_tokens, 1, head_dim // 2]`` in ``dtype``."""
-        cos = self.cos_cache.index_select(0, positions).unsqueeze(1)
-        sin = self.sin_cache.index_select(0, positions).unsqueeze(1)
+        cos = self.cos_cache[positions].unsqueeze(1)
+        sin = self.sin_cache[positions].unsqueeze(1)
         return cos.to(dtype), sin.to(dtype)
 
     def extra_repr(self) -> str:

@@ -20,6 +20,7 @@ import ctypes
 import functools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from backplane.platforms.cpu.native import KernelBuildError, load_kernel
@@ -90,18 +91,18 @@ class CpuPagedAttentionBackend(AttentionBackend):
 
     def build_metadata(self, common: CommonAttentionMetadata) -> CpuPagedAttentionMetadata:
         n, num_reqs = common.num_actual_tokens, common.num_reqs
-        qsl = common.query_start_loc_cpu[: num_reqs + 1].to(torch.int64)
-        query_lens = qsl[1:] - qsl[:-1]
-        token_reqs = torch.repeat_interleave(torch.arange(num_reqs), query_lens)
+        # numpy: torch.repeat_interleave took ~1.7 ms a step here for 64 requests.
+        qsl = common.query_start_loc_cpu[: num_reqs + 1].numpy().astype(np.int64)
+        seq_lens = common.seq_lens_cpu[:num_reqs].numpy().astype(np.int64)
+        token_reqs = np.repeat(np.arange(num_reqs, dtype=np.int64), np.diff(qsl))
         # Token t of a request whose query ends at e sees seq_len - (e - 1 - t) keys.
-        token_seq_lens = (common.seq_lens_cpu[:num_reqs].to(torch.int64)[token_reqs]
-                          - qsl[1:][token_reqs] + torch.arange(n) + 1)
+        token_seq_lens = seq_lens[token_reqs] - qsl[1:][token_reqs] + np.arange(n) + 1
         return CpuPagedAttentionMetadata(
             num_actual_tokens=n,
             slot_mapping=common.slot_mapping[:n].to("cpu", torch.int64).contiguous(),
             block_table=common.block_table[:num_reqs].to("cpu", torch.int32).contiguous(),
-            token_reqs=token_reqs.to(torch.int32),
-            token_seq_lens=token_seq_lens.to(torch.int32),
+            token_reqs=torch.from_numpy(token_reqs.astype(np.int32)),
+            token_seq_lens=torch.from_numpy(token_seq_lens.astype(np.int32)),
         )
 
     def forward(self, query, key, value, kv_cache, metadata: CpuPagedAttentionMetadata, scale):
