@@ -26,6 +26,7 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -35,10 +36,13 @@ logger = logging.getLogger(__name__)
 
 KERNEL_DIR = Path(__file__).with_name("kernels")
 _BASE_FLAGS = (
-    "-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-shared", "-fPIC",
+    "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC",
     # Enough freedom to vectorise the max/sum reductions, without -ffast-math
     # (whose crtfastmath would turn on flush-to-zero for the whole process).
     "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros",
+    # gcc tunes Zen 4 and others for 256-bit vectors; the kernels' loops want 512.
+    *(("-mprefer-vector-width=512",) if platform.machine().lower() in ("x86_64", "amd64")
+      else ()),
 )
 
 
