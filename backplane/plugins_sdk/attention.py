@@ -117,6 +117,18 @@ class AttentionBackend(ABC):
         """Shape of one layer's KV cache tensor. Default: [2, blocks, block_size, kv_heads, head]."""
         return (2, num_blocks, block_size, num_kv_heads, head_size)
 
+    @classmethod
+    def allocate_kv_cache(
+        cls, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """One layer's KV cache of ``shape``, zero-filled (optional; SDK 1.1+).
+
+        Zeros matter: backends read whole blocks and mask the unused tail, and
+        masked garbage (NaN x 0) would still poison the output. Override to
+        choose how the memory is obtained (huge pages, a device pool, ...).
+        """
+        return torch.zeros(shape, dtype=dtype, device=device)
+
     def __init__(self, spec: AttentionSpec) -> None:
         self.spec = spec
 

@@ -11,7 +11,10 @@ A plugin declares the SDK version it was written against (``sdk_version``,
 History:
     1.0  descriptor/probe/load, Platform parts, AttentionBackend, Communicator, GraphRunner.
     1.1  lazy imports, ReferenceAttentionBackend, Platform.register_attention_backend,
-         hookimpl/hookspec markers for general plugins, deprecation helpers.
+         hookimpl/hookspec markers for general plugins, deprecation helpers;
+         before its first release also Platform.prepare_model (with the core
+         layers' ``layer_kind``) and AttentionBackend.allocate_kv_cache, both
+         optional with defaults.
 """
 
 from __future__ import annotations

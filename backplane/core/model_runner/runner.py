@@ -80,11 +80,12 @@ class ModelRunner:
             max_model_len=self.max_model_len,
             max_num_seqs=config.scheduler_config.max_num_seqs,
         )
-        # Zero-filled: attention reads whole blocks and masks the tail, and masked
-        # garbage (NaN * 0) would still poison the output.
+        # Zero-filled (the backend decides how the memory is obtained): attention reads
+        # whole blocks and masks the tail, and masked garbage (NaN * 0) would still
+        # poison the output.
         cache_shape = backend_cls.kv_cache_shape(self.num_blocks, cc.block_size, kv_heads, head_size)
         self.kv_caches = [
-            torch.zeros(cache_shape, dtype=self.dtype, device=self.device)
+            backend_cls.allocate_kv_cache(cache_shape, self.dtype, self.device)
             for _ in range(num_layers)
         ]
         self.kv_cache_bytes = self.num_blocks * self.kv_layout.bytes_per_block

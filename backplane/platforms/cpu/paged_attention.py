@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from backplane.platforms.cpu.huge_pages import zeros_on_huge_pages
 from backplane.platforms.cpu.native import KernelBuildError, load_kernel
 from backplane.plugins_sdk import AttentionBackend, AttentionSpec, CommonAttentionMetadata
 
@@ -84,6 +85,11 @@ class CpuPagedAttentionBackend(AttentionBackend):
     @classmethod
     def kv_cache_shape(cls, num_blocks, block_size, num_kv_heads, head_size):
         return (2, num_kv_heads, num_blocks, block_size, head_size)
+
+    @classmethod
+    def allocate_kv_cache(cls, shape, dtype, device):
+        # Blocks are read at scattered places: 2 MiB pages spare most TLB misses.
+        return zeros_on_huge_pages(shape, dtype)
 
     def __init__(self, spec: AttentionSpec) -> None:
         super().__init__(spec)
