@@ -94,7 +94,14 @@ class PagedAttentionHarness:
                 blocks, start = order[start : start + n], start + n
             self.requests.append(_Request(blocks))
         shape = backend_cls.kv_cache_shape(self.num_blocks, bs, spec.num_kv_heads, spec.head_size)
-        self.kv_cache = torch.zeros(shape, dtype=spec.dtype, device=device)
+        # Through the backend's own allocator, which must give zeros of that shape.
+        self.kv_cache = backend_cls.allocate_kv_cache(shape, spec.dtype, torch.device(device))
+        if tuple(self.kv_cache.shape) != tuple(shape) or self.kv_cache.dtype != spec.dtype:
+            raise AssertionError(
+                f"{backend_cls.name}.allocate_kv_cache returned {tuple(self.kv_cache.shape)} "
+                f"{self.kv_cache.dtype}, expected {tuple(shape)} {spec.dtype}")
+        if self.kv_cache.count_nonzero():
+            raise AssertionError(f"{backend_cls.name}.allocate_kv_cache did not zero the cache")
         if self.kv_cache.is_floating_point():
             # Garbage in unused slots: a backend that reads past a request's length fails.
             self.kv_cache.copy_(torch.randn(shape, generator=self.generator) * 8)
