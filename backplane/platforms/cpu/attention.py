@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from backplane.platforms.cpu.huge_pages import zeros_on_huge_pages
-from backplane.plugins_sdk import AttentionBackend, CommonAttentionMetadata
+from backplane.platforms.cpu.huge_pages import HeadMajorCpuCache
+from backplane.plugins_sdk import CommonAttentionMetadata
 
 # Largest score matrix (query rows x keys x heads) computed at once in prefill.
 _MAX_SCORE_ELEMENTS = 1 << 24
@@ -69,20 +69,11 @@ class CpuAttentionMetadata:
 _MAX_GROUP_PADDING = 0.25
 
 
-class CpuSdpaAttentionBackend(AttentionBackend):
+class CpuSdpaAttentionBackend(HeadMajorCpuCache):
     """Paged attention for the CPU from torch matmuls (the name is kept for configs)."""
 
     name = "cpu_sdpa"
     supports_sliding_window = True
-
-    @classmethod
-    def kv_cache_shape(cls, num_blocks, block_size, num_kv_heads, head_size):
-        return (2, num_kv_heads, num_blocks, block_size, head_size)
-
-    @classmethod
-    def allocate_kv_cache(cls, shape, dtype, device):
-        # Blocks are read at scattered places: 2 MiB pages spare most TLB misses.
-        return zeros_on_huge_pages(shape, dtype)
 
     def build_metadata(self, common: CommonAttentionMetadata) -> CpuAttentionMetadata:
         block_size = self.spec.block_size

@@ -18,6 +18,7 @@ import functools
 import torch
 from torch import nn
 
+from backplane.platforms.cpu.linear import replace_children
 from backplane.platforms.cpu.native import load_kernel
 
 _P, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
@@ -89,13 +90,11 @@ class FusedSiluAndMul(nn.Module):
 _FUSED = {"rms_norm": FusedRMSNorm, "silu_and_mul": FusedSiluAndMul}
 
 
+def _fused(child: nn.Module) -> nn.Module | None:
+    fused = _FUSED.get(getattr(type(child), "layer_kind", None))
+    return None if fused is None or isinstance(child, fused) else fused(child)
+
+
 def fuse_layers(model: nn.Module) -> int:
     """Swap every core layer whose ``layer_kind`` has a fused version; returns how many."""
-    replaced = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            fused = _FUSED.get(getattr(type(child), "layer_kind", None))
-            if fused is not None and not isinstance(child, fused):
-                setattr(module, name, fused(child))
-                replaced += 1
-    return replaced
+    return replace_children(model, _fused)

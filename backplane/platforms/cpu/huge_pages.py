@@ -20,6 +20,8 @@ import mmap
 
 import torch
 
+from backplane.plugins_sdk import AttentionBackend
+
 HUGE_PAGE = 2 << 20
 # Below this a tensor spans too few pages for huge pages to matter.
 _MIN_BYTES = 4 * HUGE_PAGE
@@ -27,7 +29,7 @@ _MIN_BYTES = 4 * HUGE_PAGE
 
 def zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """``torch.zeros(shape, dtype=dtype)`` on the CPU, in 2 MiB pages when possible."""
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     advice = getattr(mmap, "MADV_HUGEPAGE", None)
     if nbytes < _MIN_BYTES or advice is None:
         return torch.zeros(shape, dtype=dtype)
@@ -41,3 +43,20 @@ def zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Ten
     raw = torch.frombuffer(mapping, dtype=torch.uint8)  # keeps ``mapping`` alive
     offset = -raw.data_ptr() % HUGE_PAGE
     return raw[offset : offset + nbytes].view(dtype).view(shape)
+
+
+class HeadMajorCpuCache(AttentionBackend):
+    """Cache shape and memory shared by the CPU backends (each fixes its own block layout).
+
+    ``[2, kv_heads, num_blocks, block_size, head_size]``: one request's blocks of
+    one KV head are in one plane, which both backends read a block at a time;
+    the memory is on 2 MiB pages (see the module docstring).
+    """
+
+    @classmethod
+    def kv_cache_shape(cls, num_blocks, block_size, num_kv_heads, head_size):
+        return (2, num_kv_heads, num_blocks, block_size, head_size)
+
+    @classmethod
+    def allocate_kv_cache(cls, shape, dtype, device):
+        return zeros_on_huge_pages(shape, dtype)

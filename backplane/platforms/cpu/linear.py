@@ -18,6 +18,7 @@ still needs the plain rows.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -74,18 +75,27 @@ class PackedLogitsProjection(nn.Module):
             hidden, self.packed_weight, None, "none", [], "").float()
 
 
-def prepack_linear_weights(model: nn.Module) -> int:
-    """Replace every bf16 ``nn.Linear`` and output projection in ``model``; returns how many."""
+def replace_children(model: nn.Module, replacement: Callable[[nn.Module], nn.Module | None]) -> int:
+    """Swap every submodule for ``replacement(child)`` where that is not None; returns how many."""
     replaced = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear) and child.weight.dtype == torch.bfloat16:
-                setattr(module, name, PackedLinear(child))
-                replaced += 1
-            elif (
-                isinstance(getattr(child, "logits_weight", None), torch.Tensor)
-                and child.logits_weight.dtype == torch.bfloat16
-            ):
-                setattr(module, name, PackedLogitsProjection(child))
+            new = replacement(child)
+            if new is not None:
+                setattr(module, name, new)
                 replaced += 1
     return replaced
+
+
+def _packed(child: nn.Module) -> nn.Module | None:
+    if isinstance(child, nn.Linear) and child.weight.dtype == torch.bfloat16:
+        return PackedLinear(child)
+    weight = getattr(child, "logits_weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dtype == torch.bfloat16:
+        return PackedLogitsProjection(child)
+    return None
+
+
+def prepack_linear_weights(model: nn.Module) -> int:
+    """Replace every bf16 ``nn.Linear`` and output projection in ``model``; returns how many."""
+    return replace_children(model, _packed)

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from backplane.platforms.cpu.huge_pages import zeros_on_huge_pages
+from backplane.platforms.cpu.huge_pages import HeadMajorCpuCache
 from backplane.platforms.cpu.native import KernelBuildError, load_kernel
-from backplane.plugins_sdk import AttentionBackend, AttentionSpec, CommonAttentionMetadata
+from backplane.plugins_sdk import AttentionSpec, CommonAttentionMetadata
 
 _SCALAR_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
@@ -66,7 +66,7 @@ def _rows(t: torch.Tensor, heads: int, head_size: int) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-class CpuPagedAttentionBackend(AttentionBackend):
+class CpuPagedAttentionBackend(HeadMajorCpuCache):
     """Compiled paged attention: no gathers, prefill and decode in one call."""
 
     name = "cpu_paged"
@@ -81,15 +81,6 @@ class CpuPagedAttentionBackend(AttentionBackend):
             except KernelBuildError as exc:
                 reasons.append(f"kernel not built: {exc}")
         return reasons
-
-    @classmethod
-    def kv_cache_shape(cls, num_blocks, block_size, num_kv_heads, head_size):
-        return (2, num_kv_heads, num_blocks, block_size, head_size)
-
-    @classmethod
-    def allocate_kv_cache(cls, shape, dtype, device):
-        # Blocks are read at scattered places: 2 MiB pages spare most TLB misses.
-        return zeros_on_huge_pages(shape, dtype)
 
     def __init__(self, spec: AttentionSpec) -> None:
         super().__init__(spec)

@@ -53,11 +53,6 @@ def release_free_heap() -> None:
         pass
 
 
-def model_dtype(model: torch.nn.Module) -> torch.dtype | None:
-    """dtype of the model's first floating-point parameter."""
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-
-
 class CpuPlatform(Platform):
     """Runs everything on the host CPU with PyTorch kernels."""
 
@@ -92,7 +87,7 @@ class CpuPlatform(Platform):
             logger.info("cpu platform: weights not prepacked, layers not fused "
                         "(torch.compile is on)")
             return model
-        if model_dtype(model) == torch.bfloat16 and os.environ.get(
+        if config.model_config.torch_dtype == torch.bfloat16 and os.environ.get(
                 "BACKPLANE_CPU_FUSED_LAYERS", "1") != "0":
             try:
                 cpu_ops()  # build now, so that a compiler problem is reported here
