@@ -7,6 +7,13 @@ from dataclasses import dataclass, field
 
 # Below this temperature sampling is treated as greedy (avoids dividing by ~0).
 _GREEDY_EPS = 1e-5
+# Integers travel to the device as int64 (top_k, seeds, token ids): anything outside
+# that range would overflow there, inside the engine loop, instead of failing here.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# Most completions one request may ask for. Each is a sequence with its own KV
+# blocks, so this bounds the work and memory a single request can claim. Servers
+# usually set a lower limit of their own (`backplane serve --max-n`).
+MAX_N = 16384
 
 
 @dataclass
@@ -68,21 +75,26 @@ class SamplingParams:
         def bad(name: str, value, allowed: str) -> ValueError:
             return ValueError(f"{name} must be {allowed}, got {value!r}")
 
-        if not isinstance(self.n, int) or self.n < 1:
-            raise bad("n", self.n, ">= 1")
+        for name in ("n", "top_k", "seed", "max_tokens", "min_tokens", "logprobs",
+                     "prompt_logprobs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or (value is not None and not isinstance(value, int)):
+                raise bad(name, value, "an integer")
+            if value is not None and not INT64_MIN <= value <= INT64_MAX:
+                raise bad(name, value, f"within the 64-bit integer range [{INT64_MIN}, {INT64_MAX}]")
+        if self.n < 1 or self.n > MAX_N:
+            raise bad("n", self.n, f"in [1, {MAX_N}]")
         if not _finite(self.temperature) or self.temperature < 0:
             raise bad("temperature", self.temperature, ">= 0")
         if not _finite(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise bad("top_p", self.top_p, "in (0, 1]")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if self.top_k < 0:
             raise bad("top_k", self.top_k, "0 or -1 (disabled) or >= 1")
         if not _finite(self.min_p) or not 0.0 <= self.min_p <= 1.0:
             raise bad("min_p", self.min_p, "in [0, 1]")
-        if self.max_tokens is not None and (
-            not isinstance(self.max_tokens, int) or self.max_tokens < 1
-        ):
+        if self.max_tokens is not None and self.max_tokens < 1:
             raise bad("max_tokens", self.max_tokens, ">= 1")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+        if self.min_tokens < 0:
             raise bad("min_tokens", self.min_tokens, ">= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise bad("min_tokens", self.min_tokens, f"<= max_tokens ({self.max_tokens})")
@@ -94,18 +106,16 @@ class SamplingParams:
             raise bad("repetition_penalty", self.repetition_penalty, "> 0")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 0):
+            if value is not None and value < 0:
                 raise bad(name, value, "None or an integer >= 0")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad("seed", self.seed, "an integer")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", self.stop, "non-empty strings")
         for tid in self.stop_token_ids:
-            if not isinstance(tid, int) or tid < 0:
-                raise bad("stop_token_ids", self.stop_token_ids, "non-negative token ids")
+            if isinstance(tid, bool) or not isinstance(tid, int) or not 0 <= tid <= INT64_MAX:
+                raise bad("stop_token_ids", tid, "a list of token ids (integers >= 0)")
         if self.logit_bias:
             for tid, bias in self.logit_bias.items():
-                if tid < 0 or not _finite(bias) or not -100.0 <= bias <= 100.0:
+                if not 0 <= tid <= INT64_MAX or not _finite(bias) or not -100.0 <= bias <= 100.0:
                     raise bad(f"logit_bias[{tid}]", bias, "in [-100, 100] for a token id >= 0")
 
     def clone_for_child(self, index: int) -> SamplingParams:
@@ -115,7 +125,8 @@ class SamplingParams:
         child = copy.copy(self)
         child.n = 1
         if self.seed is not None:
-            child.seed = self.seed + index
+            # Wrap within int64 so that a seed near the top of the range stays valid.
+            child.seed = (self.seed + index - INT64_MIN) % 2**64 + INT64_MIN
         return child
 
 

@@ -8,7 +8,11 @@ import time
 import httpx
 import pytest
 
-from backplane.core.engine.async_engine import AsyncEngine, EngineDeadError
+from backplane.core.engine.async_engine import (
+    MAX_CONSECUTIVE_STEP_FAILURES,
+    AsyncEngine,
+    EngineDeadError,
+)
 from backplane.sampling_params import SamplingParams
 from tests.entrypoints.server_utils import metric, start_server, tiny_engine_args
 
@@ -18,8 +22,38 @@ def engine_args(llama_model_dir):
     return tiny_engine_args(llama_model_dir, num_kv_blocks=32)
 
 
+def test_failed_step_fails_the_requests_in_flight_and_the_engine_serves_on(engine_args):
+    engine = AsyncEngine.from_engine_args(engine_args)
+    server = start_server(engine, api_key=None)
+    real_step = engine.engine.step
+    failures = []
+
+    def fail_once():
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("injected failure")
+        return real_step()
+
+    try:
+        with server.client() as c:
+            engine.engine.step = fail_once
+            failed = c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 5})
+            assert failed.status_code == 500
+            err = failed.json()["error"]
+            assert "injected failure" in err["message"] and err["code"] == "engine_step_failed"
+            assert c.get("/health").status_code == 200
+            ok = c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3})
+            assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+            stats = engine.engine.get_stats()
+            assert stats.num_free_blocks == stats.num_total_blocks
+    finally:
+        server.stop()
+
+
 def test_dead_engine_loop_fails_requests_fast_and_health_says_so(engine_args):
     engine = AsyncEngine.from_engine_args(engine_args)
+    deaths = []
+    engine.add_dead_callback(deaths.append)
     server = start_server(engine, api_key=None)
     try:
         with server.client() as c:
@@ -32,6 +66,12 @@ def test_dead_engine_loop_fails_requests_fast_and_health_says_so(engine_args):
                 raise RuntimeError("injected failure")
 
             engine.engine.step = broken_step  # the loop thread calls it on the next request
+            # Each failed step fails its requests; the engine is declared dead only
+            # when steps keep failing.
+            for _ in range(MAX_CONSECUTIVE_STEP_FAILURES - 1):
+                assert c.post(
+                    "/v1/completions", json={"prompt": "hi", "max_tokens": 5}
+                ).status_code == 500
             t0 = time.time()
             pending = c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 5})
             assert time.time() - t0 < 5
@@ -44,6 +84,7 @@ def test_dead_engine_loop_fails_requests_fast_and_health_says_so(engine_args):
                 and "injected failure" in health.json()["error"]["message"]
             )
             assert engine.errored and isinstance(engine.dead_error, RuntimeError)
+            assert len(deaths) == 1 and isinstance(deaths[0], RuntimeError)
             later = c.post(
                 "/v1/completions", json={"prompt": "hi", "max_tokens": 2, "stream": True}
             )

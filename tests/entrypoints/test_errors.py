@@ -40,7 +40,7 @@ def _error(resp, status: int) -> dict:
         ({"prompt": "hi", "max_tokens": -3}, "max_tokens", ["max_tokens", ">= 1", "-3"]),
         ({"prompt": "hi", "temperature": -1}, "temperature", ["temperature", ">= 0"]),
         ({"prompt": "hi", "top_p": 1.5}, "top_p", ["top_p"]),
-        ({"prompt": "hi", "n": 0}, "n", ["n must be >= 1"]),
+        ({"prompt": "hi", "n": 0}, "n", ["n", "greater than or equal to 1"]),
         ({"prompt": "hi", "logprobs": 99}, "logprobs", ["logprobs", "20"]),
         ({"prompt": "hi", "logit_bias": {"x": 1}}, "logit_bias", ["logit_bias"]),
         ({"prompt": [1, 2, 100000]}, "prompt", ["100000", "vocabulary"]),

@@ -8,9 +8,14 @@ fills with `loop.call_soon_threadsafe`. The thread steps while any request is
 unfinished and sleeps on an Event otherwise, so new requests join the running
 batch at the next step (continuous batching).
 
-Failure model: if `step()` raises, the thread records the exception, marks the
-engine errored, fails every pending request with `EngineDeadError` and exits.
-New requests then fail at once; the server's /health turns non-200.
+Failure model: bad input never reaches a step: it is refused by `add_request`
+and fails that request alone. If `step()` raises anyway (a bug, a device
+error), every request in flight fails with `EngineStepError`, their KV blocks
+are freed, and the loop goes on serving new requests. Only when steps keep
+failing (`MAX_CONSECUTIVE_STEP_FAILURES` in a row) or the recovery itself
+fails is the engine declared dead: the thread fails every pending request with
+`EngineDeadError`, runs the death callbacks (the server uses one to exit with a
+non-zero status so that a supervisor restarts it) and exits.
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ logger = logging.getLogger(__name__)
 # While idle the loop thread wakes this often anyway, to notice a stop request
 # even if an Event.set() were somehow lost.
 _IDLE_WAKE_S = 1.0
+# A failed step fails the requests in flight and the loop carries on; this many
+# failures in a row mean the engine itself is broken, and it is declared dead.
+MAX_CONSECUTIVE_STEP_FAILURES = 3
 
 
 class EngineDeadError(RuntimeError):
@@ -43,6 +51,10 @@ class EngineDeadError(RuntimeError):
 
 class RequestAbortedError(RuntimeError):
     """The request was aborted by the engine (shutdown) before it finished."""
+
+
+class EngineStepError(RuntimeError):
+    """An engine step failed while this request was in flight; the engine goes on serving."""
 
 
 @dataclass
@@ -66,6 +78,11 @@ class _StopCommand:
     pass
 
 
+@dataclass
+class _FailAllCommand:
+    reason: str
+
+
 class RequestStream:
     """The outputs of one request, as an async iterator of cumulative RequestOutputs.
 
@@ -77,6 +94,9 @@ class RequestStream:
     def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop) -> None:
         self.request_id = request_id
         self.finished = False
+        # Set when an abort was asked for; the loop thread then delivers the final
+        # output (finish_reason "abort") and drops the stream.
+        self.abort_requested = False
         self._loop = loop
         self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
 
@@ -123,6 +143,8 @@ class AsyncEngine:
         self._dead_error: BaseException | None = None
         self._stats = None
         self._stats_lock = threading.Lock()
+        self._dead_callbacks: list = []
+        self._consecutive_step_failures = 0
         self._thread = threading.Thread(
             target=self._run_loop, name="backplane-engine-loop", daemon=True
         )
@@ -258,7 +280,8 @@ class AsyncEngine:
             self.abort_nowait(request_id)
             raise
         except BaseException:
-            self._streams.pop(request_id, None)
+            if self._streams.get(request_id) is stream:
+                self._streams.pop(request_id, None)
             raise
         return stream
 
@@ -283,16 +306,39 @@ class AsyncEngine:
                 self.abort_nowait(request_id)
 
     async def abort(self, request_id: str) -> None:
-        """Abort a request (no-op if it already finished)."""
+        """Abort a request (no-op if it already finished).
+
+        A consumer iterating its stream then gets the final output, with
+        finish_reason "abort", and the iteration ends.
+        """
         self.abort_nowait(request_id)
 
     def abort_nowait(self, request_id: str) -> None:
         """Queue an abort for ``request_id``; safe from any thread, never blocks."""
-        if self._streams.pop(request_id, None) is None:
+        stream = self._streams.get(request_id)
+        if stream is None or stream.abort_requested:
             return
+        stream.abort_requested = True
         if self._thread.is_alive():
             self._commands.put(_AbortCommand([request_id]))
             self._wakeup.set()
+        else:
+            self._streams.pop(request_id, None)
+            stream.put(RequestAbortedError("request aborted"))
+
+    def fail_all(self, reason: str) -> None:
+        """End every request in flight with `RequestAbortedError(reason)`; keep serving.
+
+        The server calls this when a graceful shutdown runs out of time, so that
+        each open stream gets a final error event instead of being cut off.
+        """
+        if self._thread.is_alive():
+            self._commands.put(_FailAllCommand(reason))
+            self._wakeup.set()
+
+    def add_dead_callback(self, callback) -> None:
+        """Call ``callback(exc)`` from the loop thread if the engine dies (not on shutdown)."""
+        self._dead_callbacks.append(callback)
 
     # ----- the loop thread -----
 
@@ -326,9 +372,7 @@ class AsyncEngine:
                 if self._drain_commands():
                     return
                 if self.engine.has_unfinished_requests():
-                    outputs = self.engine.step()
-                    self._refresh_stats()
-                    self._dispatch(outputs)
+                    self._step()
                 else:
                     self._refresh_stats()
                     self._wakeup.wait(_IDLE_WAKE_S)
@@ -336,6 +380,39 @@ class AsyncEngine:
             logger.exception("engine loop died")
             self._dead_error = exc
             self._fail_all(self._unavailable())
+            for callback in self._dead_callbacks:
+                try:
+                    callback(exc)
+                except Exception:  # noqa: BLE001 - a callback must not hide the death
+                    logger.exception("engine death callback failed")
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:
+            self._consecutive_step_failures += 1
+            if self._consecutive_step_failures >= MAX_CONSECUTIVE_STEP_FAILURES:
+                raise
+            logger.exception(
+                "engine step failed (%d in a row); failing the %d request(s) in flight and "
+                "serving on", self._consecutive_step_failures, len(self._streams),
+            )
+            self._abort_in_flight(
+                EngineStepError(f"engine step failed: {type(exc).__name__}: {exc}")
+            )
+            return
+        self._consecutive_step_failures = 0
+        self._refresh_stats()
+        self._dispatch(outputs)
+
+    def _abort_in_flight(self, error: BaseException) -> None:
+        """Abort every request in the engine (freeing its KV blocks); streams get ``error``."""
+        ids = list(self._streams)
+        self.engine.abort_request(ids)
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream.put(error)
+        self._refresh_stats()
 
     def _drain_commands(self) -> bool:
         """Apply queued commands; True when asked to stop."""
@@ -349,17 +426,33 @@ class AsyncEngine:
                 self._apply_add(cmd)
             elif isinstance(cmd, _AbortCommand):
                 aborts.extend(cmd.request_ids)
+            elif isinstance(cmd, _FailAllCommand):
+                if self._streams:
+                    logger.info("aborting %d request(s): %s", len(self._streams), cmd.reason)
+                self._abort_in_flight(RequestAbortedError(cmd.reason))
             elif isinstance(cmd, _StopCommand):
                 self._abort_all_on_stop()
                 return True
         if aborts:
-            self.engine.abort_request(aborts)
+            self._dispatch(self.engine.abort_request(aborts))
+            # Requests the engine no longer knew (never added): end their streams too.
+            for rid in aborts:
+                stream = self._streams.get(rid)
+                if stream is not None and stream.abort_requested:
+                    self._streams.pop(rid, None)
+                    stream.put(RequestAbortedError("request aborted"))
             self._refresh_stats()
         return False
 
     def _apply_add(self, cmd: _AddCommand) -> None:
-        if cmd.accepted.cancelled() or self._streams.get(cmd.request_id) is not cmd.stream:
+        if (
+            cmd.accepted.cancelled()
+            or cmd.stream.abort_requested
+            or self._streams.get(cmd.request_id) is not cmd.stream
+        ):
             # the caller gave up (or aborted) before we got to it
+            if self._streams.get(cmd.request_id) is cmd.stream:
+                self._streams.pop(cmd.request_id, None)
             _set_future(cmd.accepted, exc=RequestAbortedError("request aborted before it started"))
             return
         try:

@@ -12,6 +12,7 @@ from backplane.config import EngineArgs, EngineConfig
 from backplane.core.engine.engine_core import EngineCore
 from backplane.core.engine.output_processor import OutputProcessor, RequestState
 from backplane.core.scheduler.request import Request, RequestStatus
+from backplane.inputs import ParsedPrompt, PromptType, parse_prompt
 from backplane.outputs import RequestOutput
 from backplane.sampling_params import SamplingParams
 
@@ -89,27 +90,23 @@ class LLMEngine:
         return self.config.max_model_len
 
     # ------------------------------------------------------------------ input
-    def tokenize_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
-        """(prompt text or None, token ids); raises ValueError for unusable prompts."""
-        if isinstance(prompt, str):
-            token_ids = self.tokenizer.encode(prompt)
-            text = prompt
-        elif isinstance(prompt, list | tuple) and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in prompt
-        ):
-            token_ids, text = list(prompt), None
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """(prompt text or None, token ids); raises ValueError/TypeError for unusable prompts."""
+        return self._tokenize(parse_prompt(prompt))
+
+    def _tokenize(self, parsed: ParsedPrompt) -> tuple[str | None, list[int]]:
+        if parsed.token_ids is None:
+            token_ids = self.tokenizer.encode(parsed.text)
+        else:
+            token_ids = parsed.token_ids
             bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
             if bad:
                 raise ValueError(
                     f"prompt token id {bad[0]} is out of range: must be in [0, {self.vocab_size})"
                 )
-        else:
-            raise ValueError(
-                f"prompt must be a string or a list of token ids, got {type(prompt).__name__}"
-            )
         if not token_ids:
             raise ValueError("prompt is empty: it must contain at least one token")
-        return text, token_ids
+        return parsed.text, token_ids
 
     def validate_lengths(self, num_prompt_tokens: int, params: SamplingParams) -> None:
         limit = self.max_model_len
@@ -132,13 +129,29 @@ class LLMEngine:
             raise ValueError(
                 f"logit_bias token id {bad_bias[0]} is out of range: must be < {self.vocab_size}"
             )
+        bad_stop = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad_stop:
+            raise ValueError(
+                f"stop_token_ids contains token id {bad_stop[0]}, outside the vocabulary "
+                f"[0, {self.vocab_size})"
+            )
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
                     priority: int = 0, arrival_time: float | None = None) -> None:
-        """Queue a request; raises ValueError (engine untouched) when it is invalid."""
+        """Queue a request; raises ValueError/TypeError (engine untouched) when it is invalid.
+
+        ``prompt`` is a string, token ids, or a TextPrompt/TokensPrompt dict
+        (`backplane.inputs`), whose ``cache_salt`` keeps its KV blocks apart
+        from requests with another salt.
+        """
+        if not isinstance(params, SamplingParams):
+            raise TypeError(
+                f"sampling params must be a SamplingParams, got {type(params).__name__}"
+            )
         if request_id in self._seq_ids:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        text, token_ids = self.tokenize_prompt(prompt)
+        parsed = parse_prompt(prompt)
+        text, token_ids = self._tokenize(parsed)
         self.validate_lengths(len(token_ids), params)
         params = copy.copy(params)
         params.eos_token_ids = self.eos_token_ids
@@ -159,6 +172,7 @@ class LLMEngine:
             self.engine_core.add_request(Request(
                 seq.seq_id, token_ids, seq.params, self.max_model_len,
                 eos_token_ids=self.eos_token_ids, priority=priority, arrival_time=arrival,
+                cache_salt=parsed.cache_salt,
             ))
         self._seq_ids[request_id] = seq_ids
 

@@ -96,7 +96,14 @@ class OutputProcessor:
                 seq.token_ids.extend(out.new_token_ids)
                 if out.logprobs is not None and seq.logprobs is not None:
                     self._add_logprobs(seq, out.logprobs)
-                stop = seq.detok.add_tokens(out.new_token_ids)
+                text_ids = out.new_token_ids
+                if (out.finish_status is not None and out.finish_status.finish_reason == "stop"
+                        and not seq.params.include_stop_str_in_output):
+                    # The EOS or stop token that ended generation is not part of the
+                    # text (its special-token text would otherwise show with
+                    # skip_special_tokens=False), unless include_stop_str_in_output.
+                    text_ids = text_ids[:-1]
+                stop = seq.detok.add_tokens(text_ids) if text_ids else None
                 if out.finish_status is not None and stop is None:
                     seq.finish_reason = out.finish_status.finish_reason
                     seq.stop_reason = out.stop_reason

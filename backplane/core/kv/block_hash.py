@@ -22,13 +22,22 @@ def hash_block(parent: int, token_ids: Sequence[int], extra_keys: tuple = ()) ->
 
 
 def extend_block_hashes(
-    hashes: list[int], token_ids: Sequence[int], block_size: int, extra_keys: tuple = ()
+    hashes: list[int],
+    token_ids: Sequence[int],
+    block_size: int,
+    extra_keys: tuple = (),
+    cache_salt: str | None = None,
 ) -> list[int]:
-    """Append hashes for every full block of ``token_ids`` not hashed yet; returns ``hashes``."""
+    """Append hashes for every full block of ``token_ids`` not hashed yet; returns ``hashes``.
+
+    ``cache_salt`` enters the first block's hash only; since every later hash
+    chains through it, the whole prefix is then private to that salt.
+    """
     num_full = len(token_ids) // block_size
     parent = hashes[-1] if hashes else ROOT_HASH
     for index in range(len(hashes), num_full):
         start = index * block_size
-        parent = hash_block(parent, token_ids[start : start + block_size], extra_keys)
+        keys = extra_keys if index or cache_salt is None else (*extra_keys, ("salt", cache_salt))
+        parent = hash_block(parent, token_ids[start : start + block_size], keys)
         hashes.append(parent)
     return hashes

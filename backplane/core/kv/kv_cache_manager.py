@@ -54,7 +54,10 @@ class KVCacheManager:
         """
         if not self.enable_prefix_caching or request.params.prompt_logprobs is not None:
             return [], 0
-        extend_block_hashes(request.block_hashes, request.all_token_ids, self.block_size)
+        extend_block_hashes(
+            request.block_hashes, request.all_token_ids, self.block_size,
+            cache_salt=request.cache_salt,
+        )
         max_hit_blocks = (request.num_tokens - 1) // self.block_size
         hits = []
         for block_hash in request.block_hashes[:max_hit_blocks]:
@@ -108,7 +111,10 @@ class KVCacheManager:
         done = self._num_cached_blocks.get(request.request_id, 0)
         if num_full <= done:
             return
-        hashes = extend_block_hashes(request.block_hashes, request.all_token_ids, self.block_size)
+        hashes = extend_block_hashes(
+            request.block_hashes, request.all_token_ids, self.block_size,
+            cache_salt=request.cache_salt,
+        )
         for index in range(done, num_full):
             self.pool.cache_full_block(blocks[index], hashes[index])
         self._num_cached_blocks[request.request_id] = num_full

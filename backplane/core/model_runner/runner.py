@@ -244,7 +244,9 @@ class ModelRunner:
             produced = batch.num_tokens[row] - batch.num_prompt_tokens[row]
             if produced < p.min_tokens:
                 banned = banned or [[] for _ in params]
-                banned[i] = sorted(p.all_stop_token_ids | (set() if p.ignore_eos else p.eos_token_ids))
+                # EOS is banned even with ignore_eos, as vLLM does: min_tokens promises
+                # that many tokens of real output, not EOS tokens that fail to stop.
+                banned[i] = sorted(p.all_stop_token_ids | p.eos_token_ids)
         generators = {
             i: batch.generators[r] for i, r in enumerate(rows.tolist())
             if batch.generators[r] is not None

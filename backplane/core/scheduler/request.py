@@ -51,12 +51,15 @@ class Request:
         max_total_tokens: prompt + max_tokens, capped by max_model_len.
         block_hashes: chained hashes of this request's full blocks, grown lazily
             by the KV cache manager (prefix caching).
+        cache_salt: mixed into the first block's hash, so that only requests with
+            the same salt share cached blocks.
     """
 
     __slots__ = (
         "request_id", "prompt_token_ids", "output_token_ids", "all_token_ids", "params",
         "priority", "arrival_time", "status", "num_computed_tokens", "num_cached_tokens",
         "max_total_tokens", "eos_token_ids", "stop_reason", "block_hashes", "num_preemptions",
+        "cache_salt",
     )
 
     def __init__(
@@ -68,8 +71,10 @@ class Request:
         eos_token_ids: frozenset[int] = frozenset(),
         priority: int = 0,
         arrival_time: float | None = None,
+        cache_salt: str | None = None,
     ) -> None:
         self.request_id = request_id
+        self.cache_salt = cache_salt
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(prompt_token_ids)

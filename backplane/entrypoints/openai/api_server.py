@@ -2,15 +2,18 @@
 
 Routes:
     GET  /v1/models               served model names
+    GET  /v1/models/{model_id}    one served model's card (404 if not served)
     POST /v1/completions          text completions (JSON or SSE)
     POST /v1/chat/completions     chat completions (JSON or SSE)
+    POST /v1/responses            OpenAI Responses API, text only (JSON or typed SSE events)
     POST /tokenize, /detokenize   the model's tokenizer
     GET  /health                  200 while the engine loop runs, 503 otherwise
+    GET  /ping, POST /ping        the same as /health (vLLM / SageMaker liveness probe)
     GET  /version                 Backplane's version
     GET  /metrics                 Prometheus text (``backplane:*``)
     GET  /server_info             resolved config and platform; only with
                                   BACKPLANE_SERVER_DEV_MODE=1
-With an API key, every route except /health, /version and /metrics needs
+With an API key, every route except /health, /ping, /version and /metrics needs
 ``Authorization: Bearer <key>``.
 """
 
@@ -37,9 +40,11 @@ from backplane.entrypoints.openai.protocol import (
     ModelList,
     TokenizeRequest,
 )
+from backplane.entrypoints.openai.protocol_responses import ResponsesRequest
 from backplane.entrypoints.openai.serving_chat import ChatServing
 from backplane.entrypoints.openai.serving_common import ServingContext
 from backplane.entrypoints.openai.serving_completion import CompletionServing
+from backplane.entrypoints.openai.serving_responses import ResponsesServing
 from backplane.entrypoints.openai.serving_tokenization import TokenizationServing
 from backplane.version import __version__
 
@@ -72,6 +77,7 @@ def build_app(
     metrics = ServerMetrics(engine, names[0])
     ctx = ServingContext(engine, list(names), metrics, chat_template)
     completions, chats, tokens = CompletionServing(ctx), ChatServing(ctx), TokenizationServing(ctx)
+    responses = ResponsesServing(ctx)
     if dev_mode is None:
         dev_mode = os.environ.get(DEV_MODE_ENV, "0") == "1"
 
@@ -91,6 +97,7 @@ def build_app(
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
 
     @app.get("/health")
+    @app.api_route("/ping", methods=["GET", "POST"])  # vLLM's (SageMaker's) name for /health
     async def health() -> Response:
         try:
             engine.check_health()
@@ -106,12 +113,18 @@ def build_app(
     async def metrics_endpoint() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
+    def model_card(name: str) -> ModelCard:
+        root = engine.config.model_config.model
+        return ModelCard(id=name, root=root, max_model_len=ctx.max_model_len)
+
     @app.get("/v1/models")
     async def list_models() -> ModelList:
-        root = engine.config.model_config.model
-        return ModelList(
-            data=[ModelCard(id=n, root=root, max_model_len=ctx.max_model_len) for n in names]
-        )
+        return ModelList(data=[model_card(n) for n in names])
+
+    @app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(model_id: str) -> ModelCard:
+        ctx.check_model(model_id)  # 404 model_not_found otherwise
+        return model_card(model_id)
 
     @app.post("/v1/completions")
     async def create_completion(body: CompletionRequest, raw_request: Request):
@@ -120,6 +133,10 @@ def build_app(
     @app.post("/v1/chat/completions")
     async def create_chat_completion(body: ChatCompletionRequest, raw_request: Request):
         return await chats.create(body, raw_request)
+
+    @app.post("/v1/responses")
+    async def create_response(body: ResponsesRequest, raw_request: Request):
+        return await responses.create(body, raw_request)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):

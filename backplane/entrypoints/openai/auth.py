@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from backplane.entrypoints.openai.errors import OpenAIServingError, error_response
 
 # Paths that stay reachable without the key: liveness probes and scrapers.
-OPEN_PATHS = frozenset({"/health", "/version", "/metrics"})
+OPEN_PATHS = frozenset({"/health", "/ping", "/version", "/metrics"})
 
 
 class APIKeyMiddleware:

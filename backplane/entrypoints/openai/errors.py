@@ -19,7 +19,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from backplane.core.engine.async_engine import EngineDeadError
+from backplane.core.engine.async_engine import (
+    EngineDeadError,
+    EngineStepError,
+    RequestAbortedError,
+)
+
+# What a request's stream may raise when the engine, not the request, is at fault.
+ENGINE_ERRORS = (EngineDeadError, RequestAbortedError, EngineStepError)
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +83,22 @@ def engine_dead(exc: BaseException) -> OpenAIServingError:
     )
 
 
+def engine_error(exc: BaseException) -> OpenAIServingError:
+    """The client-facing error for one of ENGINE_ERRORS.
+
+    A failed engine step is a 500 (the engine serves on); a dead or stopping
+    engine, or a request aborted by the server, is a 503 (retry elsewhere or later).
+    """
+    if isinstance(exc, EngineStepError):
+        return OpenAIServingError(
+            f"internal server error: {exc}; the request was aborted",
+            HTTPStatus.INTERNAL_SERVER_ERROR,
+            err_type="server_error",
+            code="engine_step_failed",
+        )
+    return engine_dead(exc)
+
+
 def error_response(err: OpenAIServingError) -> JSONResponse:
     """The JSONResponse carrying ``err``."""
     headers = {"WWW-Authenticate": "Bearer"} if err.status == HTTPStatus.UNAUTHORIZED else None
@@ -91,6 +114,9 @@ def _describe_validation_error(exc: RequestValidationError) -> tuple[str, str | 
     first_param = None
     for err in errors[:5]:
         kind = err.get("type", "")
+        refused = (err.get("ctx") or {}).get("error")
+        if getattr(refused, "param", None):  # protocol.FieldError: already a full sentence
+            return str(refused), refused.param
         if kind == "json_invalid":
             ctx = err.get("ctx") or {}
             return f"request body is not valid JSON: {ctx.get('error', err.get('msg'))}", None

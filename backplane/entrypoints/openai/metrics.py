@@ -1,10 +1,16 @@
-"""Prometheus metrics of the server (`GET /metrics`), all named ``backplane:*``.
+"""Prometheus metrics of the server (`GET /metrics`), named ``backplane:*`` and ``vllm:*``.
 
 Each app gets its own CollectorRegistry, so several servers in one process
 (tests) do not collide. Engine-side numbers (running/waiting requests, KV
-cache usage, prefix cache counters) are read from the engine's latest stats
-snapshot at scrape time by a custom collector; per-request numbers (token
-counters, latencies, finish reasons) are recorded as outputs stream out.
+cache usage, prefix cache counters, preemptions) are read from the engine's
+latest stats snapshot at scrape time by a custom collector; per-request
+numbers (token counters, latencies, finish reasons, request sizes) are
+recorded as outputs stream out.
+
+Every metric is recorded once, under its ``backplane:`` name; `_VLLM_ALIASES`
+maps those names to the ``vllm:`` names that vLLM's Grafana dashboard and
+other vLLM tooling query, and `_Aliased` exposes each sample again under
+them at scrape time, so both names always read the same.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from collections.abc import AsyncIterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from backplane.outputs import RequestOutput
@@ -81,6 +88,59 @@ _E2E_BUCKETS = (
     240.0,
     480.0,
 )
+_N_BUCKETS = (1, 2, 5, 10, 20)
+
+# backplane family -> the vLLM names it is also exposed as (same samples and labels).
+# vllm:gpu_cache_usage_perc and vllm:time_per_output_token_seconds are the older
+# names vLLM kept next to kv_cache_usage_perc and inter_token_latency_seconds.
+_VLLM_ALIASES: dict[str, tuple[str, ...]] = {
+    "backplane:num_requests_running": ("vllm:num_requests_running",),
+    "backplane:num_requests_waiting": ("vllm:num_requests_waiting",),
+    "backplane:kv_cache_usage_perc": ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
+    "backplane:num_preemptions": ("vllm:num_preemptions",),
+    "backplane:prefix_cache_queries": ("vllm:prefix_cache_queries",),
+    "backplane:prefix_cache_hits": ("vllm:prefix_cache_hits",),
+    "backplane:prompt_tokens": ("vllm:prompt_tokens",),
+    "backplane:generation_tokens": ("vllm:generation_tokens",),
+    "backplane:request_success": ("vllm:request_success",),
+    "backplane:time_to_first_token_seconds": ("vllm:time_to_first_token_seconds",),
+    "backplane:inter_token_latency_seconds": (
+        "vllm:inter_token_latency_seconds",
+        "vllm:time_per_output_token_seconds",
+    ),
+    "backplane:e2e_request_latency_seconds": ("vllm:e2e_request_latency_seconds",),
+    "backplane:request_decode_time_seconds": ("vllm:request_decode_time_seconds",),
+    "backplane:request_prompt_tokens": ("vllm:request_prompt_tokens",),
+    "backplane:request_generation_tokens": ("vllm:request_generation_tokens",),
+    "backplane:request_max_num_generation_tokens": ("vllm:request_max_num_generation_tokens",),
+    "backplane:request_params_n": ("vllm:request_params_n",),
+}
+
+
+def _one_two_five_buckets(limit: int) -> list[int]:
+    """1, 2, 5, 10, 20, 50, ... up to ``limit`` (>= 1), for token-count histograms."""
+    return [m * 10**e for e in range(len(str(limit))) for m in (1, 2, 5) if m * 10**e <= limit]
+
+
+def _renamed(family: Metric, name: str) -> Metric:
+    """A copy of ``family`` under ``name`` (sample suffixes such as _total, _bucket kept)."""
+    copy = Metric(name, f"{family.documentation} (same as {family.name})", family.type)
+    copy.samples = [s._replace(name=name + s.name[len(family.name) :]) for s in family.samples]
+    return copy
+
+
+class _Aliased(Collector):
+    """Collects ``sources`` and yields each family plus its copies under `_VLLM_ALIASES`."""
+
+    def __init__(self, *sources: Collector) -> None:
+        self._sources = sources
+
+    def collect(self):
+        for source in self._sources:
+            for family in source.collect():
+                yield family
+                for alias in _VLLM_ALIASES.get(family.name, ()):
+                    yield _renamed(family, alias)
 
 
 class _EngineStatsCollector(Collector):
@@ -127,6 +187,9 @@ class _EngineStatsCollector(Collector):
         yield counter(
             "prefix_cache_hits", "Prompt tokens found in the prefix cache", stats.prefix_cache_hits
         )
+        yield counter(
+            "num_preemptions", "Requests preempted (KV freed, to recompute)", stats.num_preemptions
+        )
 
 
 class ServerMetrics:
@@ -136,43 +199,74 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         labels = ["model_name"]
         self._model_name = model_name
-        self.registry.register(_EngineStatsCollector(engine, model_name))
+        token_buckets = _one_two_five_buckets(int(engine.config.max_model_len))
+        # registry=None: _Aliased below collects them, with their vllm: names, in one go.
         self.prompt_tokens = Counter(
-            "backplane:prompt_tokens", "Prompt tokens processed", labels, registry=self.registry
+            "backplane:prompt_tokens", "Prompt tokens processed", labels, registry=None
         )
         self.generation_tokens = Counter(
-            "backplane:generation_tokens", "Tokens generated", labels, registry=self.registry
+            "backplane:generation_tokens", "Tokens generated", labels, registry=None
         )
         self.request_success = Counter(
             "backplane:request_success",
             "Requests finished, by finish reason (first completion's when n > 1)",
             labels + ["finished_reason"],
-            registry=self.registry,
+            registry=None,
         )
-        self.ttft = Histogram(
-            "backplane:time_to_first_token_seconds",
+
+        def histogram(name: str, doc: str, buckets) -> Histogram:
+            return Histogram(f"backplane:{name}", doc, labels, buckets=buckets, registry=None)
+
+        self.ttft = histogram(
+            "time_to_first_token_seconds",
             "Seconds from arrival to the first generated token",
-            labels,
-            buckets=_TTFT_BUCKETS,
-            registry=self.registry,
+            _TTFT_BUCKETS,
         )
-        self.itl = Histogram(
-            "backplane:inter_token_latency_seconds",
+        self.itl = histogram(
+            "inter_token_latency_seconds",
             "Seconds between successive generated tokens of a request",
-            labels,
-            buckets=_ITL_BUCKETS,
-            registry=self.registry,
+            _ITL_BUCKETS,
         )
-        self.e2e = Histogram(
-            "backplane:e2e_request_latency_seconds",
-            "Seconds from arrival to the last token",
-            labels,
-            buckets=_E2E_BUCKETS,
-            registry=self.registry,
+        self.e2e = histogram(
+            "e2e_request_latency_seconds", "Seconds from arrival to the last token", _E2E_BUCKETS
         )
+        self.decode_time = histogram(
+            "request_decode_time_seconds",
+            "Seconds from a request's first generated token to its last",
+            _E2E_BUCKETS,
+        )
+        self.request_prompt_tokens = histogram(
+            "request_prompt_tokens", "Prompt tokens of each finished request", token_buckets
+        )
+        self.request_generation_tokens = histogram(
+            "request_generation_tokens",
+            "Tokens generated by each finished request (all n completions)",
+            token_buckets,
+        )
+        self.request_max_generation_tokens = histogram(
+            "request_max_num_generation_tokens",
+            "Tokens of the longest completion of each finished request",
+            token_buckets,
+        )
+        self.request_n = histogram("request_params_n", "The n of each finished request", _N_BUCKETS)
+        per_request = (
+            self.prompt_tokens,
+            self.generation_tokens,
+            self.request_success,
+            self.ttft,
+            self.itl,
+            self.e2e,
+            self.decode_time,
+            self.request_prompt_tokens,
+            self.request_generation_tokens,
+            self.request_max_generation_tokens,
+            self.request_n,
+        )
+        self.registry.register(_Aliased(_EngineStatsCollector(engine, model_name), *per_request))
         # Create the labelled series now, so that they read 0 (not absent) before traffic.
-        for metric in (self.prompt_tokens, self.generation_tokens, self.ttft, self.itl, self.e2e):
-            metric.labels(model_name)
+        for metric in per_request:
+            if metric is not self.request_success:
+                metric.labels(model_name)
         for reason in ("stop", "length", "abort"):
             self.request_success.labels(model_name, reason)
 
@@ -190,6 +284,7 @@ class ServerMetrics:
         """
         name = self._model_name
         seen_tokens = 0
+        first_token_time: float | None = None
         last_token_time: float | None = None
         finished = False
         try:
@@ -199,6 +294,7 @@ class ServerMetrics:
                 new = total - seen_tokens
                 if new > 0:
                     if last_token_time is None:
+                        first_token_time = now
                         self.ttft.labels(name).observe(now - arrival_time)
                         self.prompt_tokens.labels(name).inc(len(output.prompt_token_ids))
                     else:
@@ -215,7 +311,25 @@ class ServerMetrics:
                     # one count per request; with n > 1 the first completion's reason
                     reason = output.outputs[0].finish_reason if output.outputs else None
                     self.request_success.labels(name, reason or "abort").inc()
+                    self._observe_finished(output, total, first_token_time, last_token_time)
                 yield output
         finally:
             if not finished:
                 self.request_success.labels(name, "abort").inc()
+
+    def _observe_finished(
+        self,
+        output: RequestOutput,
+        num_generated: int,
+        first_token_time: float | None,
+        last_token_time: float | None,
+    ) -> None:
+        """The per-request histograms, once a request has its final output."""
+        name = self._model_name
+        decode = 0.0 if first_token_time is None else last_token_time - first_token_time
+        self.decode_time.labels(name).observe(decode)
+        self.request_prompt_tokens.labels(name).observe(len(output.prompt_token_ids))
+        self.request_generation_tokens.labels(name).observe(num_generated)
+        longest = max((len(c.token_ids) for c in output.outputs), default=0)
+        self.request_max_generation_tokens.labels(name).observe(longest)
+        self.request_n.labels(name).observe(len(output.outputs))

@@ -3,19 +3,118 @@
 Field names and defaults follow OpenAI's API; the sampling extensions
 (top_k, min_p, repetition_penalty, min_tokens, ignore_eos, priority, ...)
 follow vLLM's so that clients written for `vllm serve` work unchanged.
-Unknown fields are ignored, as OpenAI-compatible servers commonly do.
+
+Every integer is range-checked here, at the edge, so that no value can
+overflow inside the engine. Text anywhere in a request must be valid Unicode
+(a lone surrogate such as ``"\ud800"`` is a 400). Fields that OpenAI or vLLM
+define but Backplane does not implement (``response_format``, ``tools``,
+``guided_json``, ...) are refused by name unless they carry their neutral
+value; fields nobody defines are ignored with a warning in the server log,
+as vLLM does, so that clients sending extra metadata keep working.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from backplane.sampling_params import INT64_MAX, INT64_MIN
+
+logger = logging.getLogger(__name__)
 
 # Upper bound on logprobs / top_logprobs per position (OpenAI allows 5 and 20).
 MAX_LOGPROBS = 20
+
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+NonNegativeInt64 = Annotated[int, Field(ge=0, le=INT64_MAX)]
+TokenId = NonNegativeInt64
+
+
+class FieldError(ValueError):
+    """A request field the server refuses; ``param`` names it in the 400 body."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def find_lone_surrogate(value: Any, path: str = "") -> tuple[str, int, str] | None:
+    """(path, index, character) of the first lone surrogate in any string of ``value``."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return path or "body", exc.start, value[exc.start]
+        return None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        if isinstance(key, str) and (found := find_lone_surrogate(key, path)):
+            return found
+        where = f"{path}[{key}]" if isinstance(key, int) else (f"{path}.{key}" if path else key)
+        if found := find_lone_surrogate(item, where):
+            return found
+    return None
+
+
+def _is_text_format(value: Any) -> bool:
+    return value is None or value == {"type": "text"}
+
+
+# Fields OpenAI or vLLM define that Backplane does not implement. Each is refused
+# with its reason unless its value is the neutral one (the predicate says which),
+# so that clients sending defaults keep working and nothing is silently ignored.
+_STRUCTURED = (
+    "structured outputs (JSON schema, regex, choice and grammar constraints) are not "
+    "implemented yet; prompt the model for the format instead"
+)
+_TOOLS = "tool calling is not implemented yet; send tools in the prompt instead"
+UNSUPPORTED_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "response_format": (_is_text_format, _STRUCTURED),
+    "guided_json": (lambda v: v is None, _STRUCTURED),
+    "guided_regex": (lambda v: v is None, _STRUCTURED),
+    "guided_choice": (lambda v: v is None, _STRUCTURED),
+    "guided_grammar": (lambda v: v is None, _STRUCTURED),
+    "guided_decoding_backend": (lambda v: v is None, _STRUCTURED),
+    "guided_whitespace_pattern": (lambda v: v is None, _STRUCTURED),
+    "structured_outputs": (lambda v: v is None, _STRUCTURED),
+    "tools": (lambda v: not v, _TOOLS),
+    "tool_choice": (lambda v: v in (None, "none", "auto"), _TOOLS),
+    "functions": (lambda v: not v, _TOOLS),
+    "function_call": (lambda v: v in (None, "none", "auto"), _TOOLS),
+    "best_of": (lambda v: v in (None, 1), "best_of is not supported (vLLM V1 dropped it); "
+                "use n and rank the completions by their logprobs"),
+    "use_beam_search": (lambda v: not v, "beam search is not implemented yet"),
+    "length_penalty": (lambda v: v in (None, 1, 1.0), "length_penalty only applies to beam "
+                       "search, which is not implemented yet"),
+    "bad_words": (lambda v: not v, "bad_words is not implemented yet; use logit_bias to ban "
+                  "single tokens"),
+    "logits_processors": (lambda v: not v, "per-request logits processors are not supported; "
+                          "install them as a general plugin"),
+    "prompt_embeds": (lambda v: v is None, "prompt embeddings are not supported"),
+    "multi_modal_data": (lambda v: v is None, "multimodal inputs are not supported"),
+    "mm_processor_kwargs": (lambda v: not v, "multimodal inputs are not supported"),
+    "audio": (lambda v: v is None, "audio output is not supported"),
+    "modalities": (lambda v: v in (None, ["text"]), "only text output is supported"),
+    "prediction": (lambda v: v is None, "predicted outputs are not supported"),
+    "web_search_options": (lambda v: v is None, "web search is not supported"),
+    "reasoning_effort": (lambda v: v is None, "reasoning controls are not supported"),
+    "store": (lambda v: not v, "this server does not store completions"),
+    "kv_transfer_params": (lambda v: v is None, "disaggregated prefill is not supported"),
+    "vllm_xargs": (lambda v: not v, "vllm_xargs is not supported"),
+    "documents": (lambda v: not v, "documents for RAG chat templates are not supported"),
+}
+# Fields clients send that are meaningless here whatever their value (no warning).
+INERT_FIELDS = frozenset({"parallel_tool_calls", "service_tier", "metadata"})
 
 
 def random_id(prefix: str) -> str:
@@ -29,34 +128,106 @@ def now() -> int:
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """Base of request bodies: valid Unicode only; unsupported fields refused by name."""
+
+    # Extra fields are kept (in model_extra) so they can be refused or reported.
+    model_config = ConfigDict(extra="allow")
+    # Where this request's unknown fields are reported (top-level requests only).
+    _report_extra: ClassVar[bool] = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        found = find_lone_surrogate(data)
+        if found is not None:
+            path, index, char = found
+            raise FieldError(
+                path.split(".", 1)[0].split("[", 1)[0],
+                f"{path} contains a lone surrogate (U+{ord(char):04X}) at character {index}, "
+                "which is not valid Unicode text",
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _refuse_unsupported(self):
+        extra = self.model_extra or {}
+        for name, value in extra.items():
+            rule = UNSUPPORTED_FIELDS.get(name)
+            if rule is not None and not rule[0](value):
+                raise FieldError(name, f"{name} is not supported: {rule[1]}")
+        unknown = sorted(k for k in extra if k not in UNSUPPORTED_FIELDS and k not in INERT_FIELDS)
+        if unknown and self._report_extra:
+            logger.warning(
+                "%s: ignoring unknown field(s) %s", type(self).__name__, ", ".join(unknown)
+            )
+        return self
 
 
-class StreamOptions(BaseModel):
-    """``stream_options``: ask for a final chunk carrying token usage."""
+class _Request(BaseModel):
+    """Base of request bodies: valid Unicode only; unsupported fields refused by name."""
+
+    # Extra fields are kept (in model_extra) so they can be refused or reported.
+    model_config = ConfigDict(extra="allow")
+    # Where this request's unknown fields are reported (top-level requests only).
+    _report_extra: ClassVar[bool] = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        found = find_lone_surrogate(data)
+        if found is not None:
+            path, index, char = found
+            raise FieldError(
+                path.split(".", 1)[0].split("[", 1)[0],
+                f"{path} contains a lone surrogate (U+{ord(char):04X}) at character {index}, "
+                "which is not valid Unicode text",
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _refuse_unsupported(self):
+        extra = self.model_extra or {}
+        for name, value in extra.items():
+            rule = UNSUPPORTED_FIELDS.get(name)
+            if rule is not None and not rule[0](value):
+                raise FieldError(name, f"{name} is not supported: {rule[1]}")
+        unknown = sorted(k for k in extra if k not in UNSUPPORTED_FIELDS and k not in INERT_FIELDS)
+        if unknown and self._report_extra:
+            logger.warning(
+                "%s: ignoring unknown field(s) %s", type(self).__name__, ", ".join(unknown)
+            )
+        return self
+
+
+class StreamOptions(_Request):
+    """``stream_options``: token usage in a final chunk (and in every chunk, vLLM's
+    ``continuous_usage_stats``)."""
+
+    _report_extra: ClassVar[bool] = False
 
     include_usage: bool = False
+    continuous_usage_stats: bool = False
 
 
 class _SamplingFields(_Request):
     """Fields shared by completions and chat completions."""
 
     model: str | None = None
-    n: int = 1
+    n: Annotated[int, Field(ge=1, le=INT64_MAX)] = 1
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: Annotated[int, Field(ge=-1, le=INT64_MAX)] | None = None
     min_p: float | None = None
-    seed: int | None = None
+    seed: Int64 | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
     repetition_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool = False
-    min_tokens: int = 0
-    priority: int = 0
+    min_tokens: NonNegativeInt64 = 0
+    priority: Int64 = 0
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -64,24 +235,34 @@ class _SamplingFields(_Request):
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     request_id: str | None = Field(
-        default=None, description="optional caller-chosen id (must be unique while running)"
+        default=None,
+        description="caller-chosen id, shown back as the response id (engine ids stay unique)",
     )
+    prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    truncate_prompt_tokens: Annotated[int, Field(ge=-1, le=INT64_MAX)] | None = None
+    cache_salt: str | None = Field(default=None, min_length=1)
+    return_tokens_as_token_ids: bool = False
 
 
 class CompletionRequest(_SamplingFields):
     """``POST /v1/completions``."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
-    logprobs: int | None = None
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    max_tokens: Int64 | None = 16
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: bool = False
     suffix: str | None = None
+    add_special_tokens: bool = True
 
 
 class ChatMessage(_Request):
-    """One chat message; ``content`` may be a string or a list of content parts."""
+    """One chat message; ``content`` may be a string or a list of content parts.
 
-    model_config = ConfigDict(extra="allow")
+    Other keys (``tool_calls``, ``reasoning_content``, ...) are passed to the
+    chat template, which may use them.
+    """
+
+    _report_extra: ClassVar[bool] = False
 
     role: str
     content: str | list[dict[str, Any]] | None = None
@@ -92,14 +273,15 @@ class ChatCompletionRequest(_SamplingFields):
     """``POST /v1/chat/completions``."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: Int64 | None = None
+    max_completion_tokens: Int64 | None = None
     logprobs: bool = False
-    top_logprobs: int | None = 0
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = 0
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    add_special_tokens: bool = False
 
 
 class TokenizeRequest(_Request):
@@ -110,6 +292,10 @@ class TokenizeRequest(_Request):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
     return_token_strs: bool = False
 
 
@@ -126,7 +312,7 @@ class DetokenizeRequest(_Request):
     """``POST /detokenize``."""
 
     model: str | None = None
-    tokens: list[int]
+    tokens: list[TokenId]
 
 
 class DetokenizeResponse(BaseModel):
@@ -163,6 +349,8 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # vLLM's prompt_logprobs: per prompt position {token_id: {logprob, rank, decoded_token}}.
+    prompt_logprobs: list[dict[str, dict[str, Any]] | None] | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -222,6 +410,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_logprobs: list[dict[str, dict[str, Any]] | None] | None = None
 
 
 class DeltaMessage(BaseModel):

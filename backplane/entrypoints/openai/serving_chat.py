@@ -8,15 +8,19 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from backplane.core.engine.async_engine import EngineDeadError, RequestAbortedError
-from backplane.entrypoints.openai.errors import OpenAIServingError, bad_request, engine_dead
+from backplane.entrypoints.openai.errors import (
+    ENGINE_ERRORS,
+    OpenAIServingError,
+    bad_request,
+    engine_error,
+)
+from backplane.entrypoints.openai.prompt_processing import render_chat_prompt
 from backplane.entrypoints.openai.protocol import (
     ChatChoice,
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatLogprobs,
-    ChatMessage,
     ChatResponseMessage,
     ChatStreamChoice,
     ChatTokenLogprob,
@@ -27,84 +31,27 @@ from backplane.entrypoints.openai.protocol import (
 from backplane.entrypoints.openai.serving_common import (
     MIN_LOGPROB,
     SSE_DONE,
-    ClientDisconnected,
     ServingContext,
     SSEResponse,
     abort_all,
     build_sampling_params,
+    check_request_options,
     chosen_logprob,
-    collect_finals,
+    engine_prompt,
     error_event,
+    finals_unless_disconnected,
     merge_streams,
+    prompt_logprobs_json,
     ranked,
-    run_unless_disconnected,
     sse,
     submit_all,
     token_text,
     usage_of,
+    usage_options,
 )
 from backplane.outputs import RequestOutput
 
-
-def render_chat_prompt(
-    tokenizer,
-    messages: list[ChatMessage],
-    *,
-    chat_template: str | None,
-    add_generation_prompt: bool = True,
-    continue_final_message: bool = False,
-    template_kwargs: dict | None = None,
-) -> tuple[str, list[int]]:
-    """The prompt text and token ids of a conversation, through the chat template.
-
-    Raises a 400 when the tokenizer has no template or the template rejects
-    the conversation (e.g. roles that do not alternate).
-    """
-    template = chat_template or getattr(tokenizer, "chat_template", None)
-    if not template:
-        raise bad_request(
-            "this model's tokenizer has no chat template; use /v1/completions, or start the "
-            "server with --chat-template FILE",
-            "messages",
-        )
-    if add_generation_prompt and continue_final_message:
-        raise bad_request(
-            "add_generation_prompt and continue_final_message cannot both be true",
-            "continue_final_message",
-        )
-    conversation = [_message_dict(m, i) for i, m in enumerate(messages)]
-    try:
-        text = tokenizer.apply_chat_template(
-            conversation,
-            chat_template=template,
-            tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-            continue_final_message=continue_final_message,
-            **(template_kwargs or {}),
-        )
-    except Exception as exc:  # jinja errors, raise_exception() in templates
-        raise bad_request(f"chat template failed on these messages: {exc}", "messages") from None
-    # The template already places BOS and other special tokens where the model expects them.
-    ids = tokenizer(text, add_special_tokens=False).input_ids
-    return text, list(ids)
-
-
-def _message_dict(message: ChatMessage, index: int) -> dict:
-    content = message.content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise bad_request(
-                    f"messages[{index}].content: only text parts are supported, got "
-                    f"type {part.get('type')!r}",
-                    "messages",
-                )
-            texts.append(part["text"])
-        content = "\n".join(texts)
-    out = message.model_dump(exclude_none=True)
-    out["content"] = content if content is not None else ""
-    return out
+__all__ = ["ChatServing", "render_chat_prompt"]
 
 
 class ChatServing:
@@ -117,39 +64,45 @@ class ChatServing:
         """Render, validate, submit and answer (JSON or SSE)."""
         ctx = self.ctx
         ctx.check_model(req.model)
+        check_request_options(ctx, req)
+        ctx.check_n(req.n)
         if req.top_logprobs and not req.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
-        _, prompt_ids = render_chat_prompt(
-            ctx.tokenizer,
+        template_kwargs = dict(req.chat_template_kwargs or {})
+        _, prompt_ids = await ctx.prompts.render_chat(
             req.messages,
-            chat_template=req.chat_template or ctx.chat_template,
+            chat_template=ctx.chat_template_for(req.chat_template, template_kwargs),
             add_generation_prompt=req.add_generation_prompt,
             continue_final_message=req.continue_final_message,
-            template_kwargs=req.chat_template_kwargs,
+            template_kwargs=template_kwargs,
+            add_special_tokens=req.add_special_tokens,
         )
+        truncate = ctx.truncation(req.truncate_prompt_tokens, req.max_tokens)
+        if truncate is not None:
+            prompt_ids = prompt_ids[-truncate:]
         if req.max_completion_tokens is not None:
             requested, param = req.max_completion_tokens, "max_completion_tokens"
         else:
             requested, param = req.max_tokens, "max_tokens"
         max_tokens = ctx.resolve_max_tokens(len(prompt_ids), requested, param, "messages")
         params = build_sampling_params(
-            req, max_tokens=max_tokens, logprobs=(req.top_logprobs or 0) if req.logprobs else None
+            req,
+            max_tokens=max_tokens,
+            logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+            prompt_logprobs=req.prompt_logprobs,
         )
         base_id = req.request_id or random_id("chatcmpl")
-        request_ids = [base_id]
-        iterators = await submit_all(ctx, request_ids, [prompt_ids], [params], req.priority)
+        request_ids = ctx.engine_request_ids(base_id, 1)
+        iterators = await submit_all(
+            ctx, request_ids, [engine_prompt(prompt_ids, req.cache_salt)], [params], req.priority
+        )
         if req.stream:
             return SSEResponse(
                 self._stream(req, base_id, iterators), on_close=lambda: abort_all(ctx, request_ids)
             )
-        try:
-            finals = await run_unless_disconnected(raw_request, collect_finals(iterators))
-        except ClientDisconnected:
+        finals = await finals_unless_disconnected(ctx, raw_request, request_ids, iterators)
+        if finals is None:
             return Response(status_code=499)
-        except (EngineDeadError, RequestAbortedError) as exc:
-            raise engine_dead(exc) from None
-        finally:
-            abort_all(ctx, request_ids)
         return JSONResponse(self._response(req, base_id, finals[0]).model_dump())
 
     def _logprobs(self, req: ChatCompletionRequest, token_ids: list[int], entries) -> ChatLogprobs:
@@ -157,11 +110,12 @@ class ChatServing:
         content = []
         for pos, tid in enumerate(token_ids):
             entry = entries[pos] if entries is not None and pos < len(entries) else None
-            text = token_text(tok, tid, entry.get(tid) if entry else None)
+            as_ids = req.return_tokens_as_token_ids
+            text = token_text(tok, tid, entry.get(tid) if entry else None, as_ids)
             chosen = chosen_logprob(entry, tid)
             tops = [
                 TopLogprob(
-                    token=(t_text := token_text(tok, t, lp)),
+                    token=(t_text := token_text(tok, t, lp, as_ids)),
                     logprob=max(lp.logprob, MIN_LOGPROB),
                     bytes=list(t_text.encode("utf-8")),
                 )
@@ -194,7 +148,13 @@ class ChatServing:
         ]
         choices.sort(key=lambda c: c.index)
         return ChatCompletionResponse(
-            id=base_id, model=self.ctx.model_name, choices=choices, usage=usage_of([final])
+            id=base_id,
+            model=self.ctx.model_name,
+            choices=choices,
+            usage=usage_of([final]),
+            prompt_logprobs=prompt_logprobs_json(final.prompt_logprobs)
+            if req.prompt_logprobs is not None
+            else None,
         )
 
     async def _stream(
@@ -202,11 +162,16 @@ class ChatServing:
     ) -> AsyncIterator[str]:
         model = self.ctx.model_name
         created = ChatCompletionChunk(id=base_id, model=model, choices=[]).created
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        include_usage, continuous = usage_options(req)
+        latest: RequestOutput | None = None
 
         def chunk(choice: ChatStreamChoice) -> str:
             body = ChatCompletionChunk(
-                id=base_id, created=created, model=model, choices=[choice]
+                id=base_id,
+                created=created,
+                model=model,
+                choices=[choice],
+                usage=usage_of([latest]) if continuous and latest is not None else None,
             ).model_dump()
             # OpenAI's deltas carry only the keys that changed (role first, then content).
             delta = body["choices"][0]["delta"]
@@ -226,6 +191,7 @@ class ChatServing:
         try:
             async with contextlib.aclosing(merged):
                 async for _, out in merged:
+                    latest = out
                     for comp in out.outputs:
                         if comp.index in done:
                             continue
@@ -266,8 +232,8 @@ class ChatServing:
                         usage=usage_of([final]),
                     ).model_dump()
                 )
-        except (EngineDeadError, RequestAbortedError) as exc:
-            yield error_event(engine_dead(exc))
+        except ENGINE_ERRORS as exc:
+            yield error_event(engine_error(exc))
         except OpenAIServingError as exc:
             yield error_event(exc)
         yield SSE_DONE

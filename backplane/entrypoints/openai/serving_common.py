@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -18,11 +19,14 @@ from starlette.responses import StreamingResponse
 
 from backplane.core.engine.async_engine import AsyncEngine, RequestAbortedError, RequestStream
 from backplane.entrypoints.openai.errors import (
+    ENGINE_ERRORS,
     OpenAIServingError,
     bad_request,
+    engine_error,
     from_value_error,
 )
 from backplane.entrypoints.openai.metrics import ServerMetrics
+from backplane.entrypoints.openai.prompt_processing import PromptProcessor
 from backplane.entrypoints.openai.protocol import MAX_LOGPROBS, UsageInfo
 from backplane.outputs import Logprob, RequestOutput
 from backplane.sampling_params import SamplingParams
@@ -31,6 +35,30 @@ from backplane.sampling_params import SamplingParams
 DISCONNECT_POLL_S = 0.2
 # JSON has no -inf; a token with probability 0 is reported with this logprob.
 MIN_LOGPROB = -9999.0
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Per-request bounds and trust settings of the server (`backplane serve` flags).
+
+    Attributes:
+        max_n: most completions (``n``) one request may ask for.
+        max_sequences_per_request: most sequences (prompts x n) one request may start.
+        trust_request_chat_template: render ``chat_template`` sent in a request
+            (off by default: templates are code).
+        chat_template_timeout_s: longest any chat template may render.
+        expose_model_path: report the model's filesystem path as ``root`` in
+            /v1/models (off: the served name is reported).
+        enable_request_id_headers: answer with an ``X-Request-Id`` header (the
+            client's own, or the response id).
+    """
+
+    max_n: int = 128
+    max_sequences_per_request: int = 1024
+    trust_request_chat_template: bool = False
+    chat_template_timeout_s: float = 2.0
+    expose_model_path: bool = False
+    enable_request_id_headers: bool = False
 
 
 @dataclass
@@ -42,6 +70,12 @@ class ServingContext:
     metrics: ServerMetrics
     chat_template: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    limits: ServerLimits = field(default_factory=ServerLimits)
+
+    def __post_init__(self) -> None:
+        self.prompts = PromptProcessor(
+            self.engine.tokenizer, self.max_model_len, self.limits.chat_template_timeout_s
+        )
 
     @property
     def model_name(self) -> str:
@@ -72,6 +106,72 @@ class ServingContext:
                 param="model",
                 code="model_not_found",
             )
+
+    def check_n(self, n: int, num_prompts: int = 1) -> None:
+        """400 if ``n`` (times the number of prompts) exceeds the server's limits."""
+        limits = self.limits
+        if n > limits.max_n:
+            raise bad_request(
+                f"n ({n}) exceeds this server's limit of {limits.max_n} completions per "
+                "request (--max-n)",
+                "n",
+            )
+        if n * num_prompts > limits.max_sequences_per_request:
+            raise bad_request(
+                f"n ({n}) x {num_prompts} prompts = {n * num_prompts} sequences exceeds this "
+                f"server's limit of {limits.max_sequences_per_request} per request "
+                "(--max-sequences-per-request); split the request",
+                "prompt",
+            )
+
+    def check_priority(self, priority: int) -> None:
+        """400 for a non-zero ``priority`` unless the scheduler orders by priority."""
+        policy = self.engine.config.scheduler_config.scheduling_policy
+        if priority and policy != "priority":
+            raise bad_request(
+                f"priority ({priority}) has no effect under the {policy!r} scheduling policy; "
+                "start the server with --scheduling-policy priority or leave it out",
+                "priority",
+            )
+
+    def chat_template_for(self, requested: str | None, kwargs: dict | None) -> str | None:
+        """The template to render with: the server's, or the request's if trusted."""
+        if kwargs and "chat_template" in kwargs:
+            requested = requested or kwargs.pop("chat_template")
+        if requested is None:
+            return self.chat_template
+        if not self.limits.trust_request_chat_template:
+            raise bad_request(
+                "chat_template in a request is refused: templates are code, and this server "
+                "was not started with --trust-request-chat-template",
+                "chat_template",
+            )
+        return requested
+
+    def truncation(self, truncate_prompt_tokens: int | None, max_tokens: int | None) -> int | None:
+        """How many prompt tokens to keep (truncate_prompt_tokens), or None for all.
+
+        -1 keeps as many as leave room for ``max_tokens`` (or one token).
+        """
+        if truncate_prompt_tokens is None:
+            return None
+        if truncate_prompt_tokens == -1:
+            return max(1, self.max_model_len - max(max_tokens or 1, 1))
+        if truncate_prompt_tokens < 1:
+            raise bad_request(
+                f"truncate_prompt_tokens must be -1 or >= 1, got {truncate_prompt_tokens}",
+                "truncate_prompt_tokens",
+            )
+        return truncate_prompt_tokens
+
+    def engine_request_ids(self, display_id: str, count: int) -> list[str]:
+        """Unique engine ids for ``count`` requests of one response shown as ``display_id``.
+
+        A client-chosen id is only shown back: the engine ids get a random part,
+        so two clients using the same id can never touch each other's requests.
+        """
+        unique = uuid.uuid4().hex[:16]
+        return [f"{display_id}-{unique}-{i}" for i in range(count)]
 
     def check_token_ids(self, ids: list[int], param: str) -> None:
         """400 if any token id is outside the vocabulary."""
@@ -142,16 +242,28 @@ def build_sampling_params(
         spaces_between_special_tokens=req.spaces_between_special_tokens,
         include_stop_str_in_output=req.include_stop_str_in_output,
     )
-    # Only pass what the client set, so SamplingParams' defaults apply otherwise.
-    for name in (
-        "temperature",
-        "top_p",
-        "top_k",
-        "min_p",
-        "presence_penalty",
-        "frequency_penalty",
-        "repetition_penalty",
-    ):
+    return sampling_params_with(
+        req,
+        (
+            "temperature",
+            "top_p",
+            "top_k",
+            "min_p",
+            "presence_penalty",
+            "frequency_penalty",
+            "repetition_penalty",
+        ),
+        **kwargs,
+    )
+
+
+def sampling_params_with(req, names: tuple[str, ...], **kwargs: Any) -> SamplingParams:
+    """``SamplingParams(**kwargs)`` plus those of ``names`` that ``req`` sets (not None).
+
+    Only what the client set is passed, so SamplingParams' defaults apply
+    otherwise; an invalid value is a 400 naming the field.
+    """
+    for name in names:
         value = getattr(req, name)
         if value is not None:
             kwargs[name] = value
@@ -159,6 +271,47 @@ def build_sampling_params(
         return SamplingParams(**kwargs)
     except ValueError as exc:
         raise from_value_error(exc) from None
+
+
+def check_request_options(ctx: ServingContext, req) -> None:
+    """400s for option combinations the completion and chat APIs refuse."""
+    ctx.check_priority(req.priority)
+    if req.stream_options is not None and not req.stream:
+        raise bad_request("stream_options is only allowed with stream: true", "stream_options")
+
+
+def usage_options(req) -> tuple[bool, bool]:
+    """(usage in a final chunk, usage in every chunk) of a streaming request."""
+    opts = req.stream_options
+    if opts is None:
+        return False, False
+    return opts.include_usage, opts.include_usage and opts.continuous_usage_stats
+
+
+def engine_prompt(token_ids: list[int], cache_salt: str | None):
+    """What `AsyncEngine.add_request` takes: the ids, with the request's cache salt if any."""
+    if cache_salt is None:
+        return token_ids
+    return {"prompt_token_ids": token_ids, "cache_salt": cache_salt}
+
+
+def prompt_logprobs_json(entries) -> list[dict[str, dict[str, Any]] | None] | None:
+    """vLLM's JSON shape of prompt logprobs: {token_id: {logprob, rank, decoded_token}}."""
+    if entries is None:
+        return None
+    return [
+        None
+        if entry is None
+        else {
+            str(tid): {
+                "logprob": max(lp.logprob, MIN_LOGPROB),
+                "rank": lp.rank,
+                "decoded_token": lp.decoded_token,
+            }
+            for tid, lp in entry.items()
+        }
+        for entry in entries
+    ]
 
 
 def usage_of(outputs: list[RequestOutput]) -> UsageInfo:
@@ -173,8 +326,10 @@ def usage_of(outputs: list[RequestOutput]) -> UsageInfo:
 # ----- logprobs -----
 
 
-def token_text(tokenizer, token_id: int, logprob: Logprob | None) -> str:
-    """The text of one token, as shown in logprobs."""
+def token_text(tokenizer, token_id: int, logprob: Logprob | None, as_id: bool = False) -> str:
+    """The text of one token, as shown in logprobs (``token_id:N`` with ``as_id``)."""
+    if as_id:
+        return f"token_id:{token_id}"
     if logprob is not None and logprob.decoded_token is not None:
         return logprob.decoded_token
     return tokenizer.decode([token_id])
@@ -280,7 +435,7 @@ async def merge_streams(
 async def submit_all(
     ctx: ServingContext,
     request_ids: list[str],
-    prompts: list[list[int]],
+    prompts: list,
     params: list[SamplingParams],
     priority: int,
 ) -> list[AsyncIterator[RequestOutput]]:
@@ -291,12 +446,15 @@ async def submit_all(
     """
     arrived = time.time()
     iterators: list[AsyncIterator[RequestOutput]] = []
+    added: list[str] = []
     try:
         for rid, ids, sp in zip(request_ids, prompts, params, strict=True):
             stream = await ctx.engine.add_request(rid, ids, sp, priority=priority)
+            added.append(rid)
             iterators.append(ctx.metrics.track(iterate_request(ctx.engine, stream), arrived))
     except BaseException as exc:
-        abort_all(ctx, request_ids)
+        # Only what this call added: an id refused as a duplicate belongs to someone else.
+        abort_all(ctx, added)
         if isinstance(exc, ValueError):
             raise from_value_error(exc) from None
         raise
@@ -320,6 +478,27 @@ async def collect_finals(iterators: list[AsyncIterator[RequestOutput]]) -> list[
     if missing:
         raise RequestAbortedError(f"request(s) {missing} ended without a final output")
     return finals  # type: ignore[return-value]
+
+
+async def finals_unless_disconnected(
+    ctx: ServingContext,
+    raw_request: Request,
+    request_ids: list[str],
+    iterators: list[AsyncIterator[RequestOutput]],
+) -> list[RequestOutput] | None:
+    """The final outputs of a non-streaming response, or None if the client went away.
+
+    Whatever happens, the requests are aborted afterwards (a no-op for finished
+    ones); an engine failure becomes ``engine_error``'s 500 or 503.
+    """
+    try:
+        return await run_unless_disconnected(raw_request, collect_finals(iterators))
+    except ClientDisconnected:
+        return None
+    except ENGINE_ERRORS as exc:
+        raise engine_error(exc) from None
+    finally:
+        abort_all(ctx, request_ids)
 
 
 def sse(payload: dict | str) -> str:

@@ -9,8 +9,12 @@ from dataclasses import dataclass
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from backplane.core.engine.async_engine import EngineDeadError, RequestAbortedError
-from backplane.entrypoints.openai.errors import OpenAIServingError, bad_request, engine_dead
+from backplane.entrypoints.openai.errors import (
+    ENGINE_ERRORS,
+    OpenAIServingError,
+    bad_request,
+    engine_error,
+)
 from backplane.entrypoints.openai.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -20,21 +24,23 @@ from backplane.entrypoints.openai.protocol import (
 )
 from backplane.entrypoints.openai.serving_common import (
     SSE_DONE,
-    ClientDisconnected,
     ServingContext,
     SSEResponse,
     abort_all,
     build_sampling_params,
+    check_request_options,
     chosen_logprob,
-    collect_finals,
+    engine_prompt,
     error_event,
+    finals_unless_disconnected,
     merge_streams,
+    prompt_logprobs_json,
     ranked,
-    run_unless_disconnected,
     sse,
     submit_all,
     token_text,
     usage_of,
+    usage_options,
 )
 from backplane.outputs import CompletionOutput, Logprob, RequestOutput
 
@@ -56,6 +62,33 @@ class _ChoiceState:
     finished: bool = False
 
 
+@dataclass
+class _ResponseView:
+    """How the engine's outputs are shown for one request.
+
+    ``prompt_only`` (echo with max_tokens 0): the engine generates one token to
+    score the prompt; that token is not shown, and usage counts none.
+    """
+
+    req: CompletionRequest
+    prompt_only: bool = False
+
+    def visible(self, comp: CompletionOutput) -> CompletionOutput:
+        if not self.prompt_only:
+            return comp
+        return CompletionOutput(
+            index=comp.index, text="", token_ids=[], logprobs=[] if comp.logprobs else None,
+            finish_reason="length" if comp.finished else None,
+        )
+
+    def usage(self, finals: list[RequestOutput]):
+        usage = usage_of(finals)
+        if self.prompt_only:
+            usage.completion_tokens = 0
+            usage.total_tokens = usage.prompt_tokens
+        return usage
+
+
 class CompletionServing:
     """Handler of the completions API."""
 
@@ -66,47 +99,53 @@ class CompletionServing:
         """Validate, submit one engine request per prompt, and answer (JSON or SSE)."""
         ctx = self.ctx
         ctx.check_model(req.model)
+        check_request_options(ctx, req)
         if req.suffix:
             raise bad_request("suffix is not supported", "suffix")
-        prompts = self._prompts(req.prompt)
+        prompt_only = req.max_tokens == 0
+        if prompt_only and not req.echo:
+            raise bad_request(
+                "max_tokens 0 is only allowed with echo (to score the prompt); use >= 1",
+                "max_tokens",
+            )
+        prompts = await self._prompts(req)
+        ctx.check_n(req.n, len(prompts))
         logprobs = req.logprobs
         base_id = req.request_id or random_id("cmpl")
+        prompt_logprobs = req.prompt_logprobs
+        if req.echo and logprobs is not None:
+            prompt_logprobs = max(prompt_logprobs or 0, logprobs)
         params = []
         for p in prompts:
             max_tokens = ctx.resolve_max_tokens(
-                len(p.token_ids), req.max_tokens, "max_tokens", "prompt"
+                len(p.token_ids), 1 if prompt_only else req.max_tokens, "max_tokens", "prompt"
             )
             params.append(
                 build_sampling_params(
-                    req,
-                    max_tokens=max_tokens,
-                    logprobs=logprobs,
-                    prompt_logprobs=logprobs if (req.echo and logprobs is not None) else None,
+                    req, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs
                 )
             )
-        request_ids = [f"{base_id}-{i}" for i in range(len(prompts))]
+        view = _ResponseView(req, prompt_only)
+        request_ids = ctx.engine_request_ids(base_id, len(prompts))
         iterators = await submit_all(
-            ctx, request_ids, [p.token_ids for p in prompts], params, req.priority
+            ctx, request_ids, [engine_prompt(p.token_ids, req.cache_salt) for p in prompts],
+            params, req.priority,
         )
         if req.stream:
             return SSEResponse(
-                self._stream(req, base_id, prompts, iterators),
+                self._stream(view, base_id, prompts, iterators),
                 on_close=lambda: abort_all(ctx, request_ids),
             )
-        try:
-            finals = await run_unless_disconnected(raw_request, collect_finals(iterators))
-        except ClientDisconnected:
+        finals = await finals_unless_disconnected(ctx, raw_request, request_ids, iterators)
+        if finals is None:
             return Response(status_code=499)
-        except (EngineDeadError, RequestAbortedError) as exc:
-            raise engine_dead(exc) from None
-        finally:
-            abort_all(ctx, request_ids)
-        return JSONResponse(self._response(req, base_id, prompts, finals).model_dump())
+        return JSONResponse(self._response(view, base_id, prompts, finals).model_dump())
 
     # ----- prompts -----
 
-    def _prompts(self, prompt) -> list[_Prompt]:
+    async def _prompts(self, req: CompletionRequest) -> list[_Prompt]:
         ctx = self.ctx
+        prompt = req.prompt
         if isinstance(prompt, str):
             items: list = [prompt]
         elif not prompt:
@@ -115,14 +154,18 @@ class CompletionServing:
             items = [list(prompt)]
         else:
             items = list(prompt)
+        truncate = ctx.truncation(req.truncate_prompt_tokens, req.max_tokens)
         out = []
         for item in items:
             if isinstance(item, str):
-                ids = ctx.tokenizer(item).input_ids
-                out.append(_Prompt(item, list(ids)))
+                ids = await ctx.prompts.tokenize(
+                    item, "prompt", add_special_tokens=req.add_special_tokens,
+                    truncate_to=truncate,
+                )
+                out.append(_Prompt(item if truncate is None else None, ids))
             else:
                 ctx.check_token_ids(item, "prompt")
-                out.append(_Prompt(None, list(item)))
+                out.append(_Prompt(None, list(item)[-truncate:] if truncate else list(item)))
             if not out[-1].token_ids:
                 raise bad_request("prompt must not be empty (it has no tokens)", "prompt")
         return out
@@ -137,15 +180,19 @@ class CompletionServing:
         token_ids: list[int],
         entries: list | None,
         offset: int,
+        as_ids: bool = False,
     ) -> CompletionLogprobs:
-        """Completions-format logprobs for ``token_ids`` whose text starts at ``offset``."""
+        """Completions-format logprobs for ``token_ids`` whose text starts at ``offset``.
+
+        ``as_ids`` (return_tokens_as_token_ids) shows each token as ``token_id:N``.
+        """
         tok = self.ctx.tokenizer
         result = CompletionLogprobs()
         for pos, tid in enumerate(token_ids):
             entry: dict[int, Logprob] | None = (
                 entries[pos] if entries is not None and pos < len(entries) else None
             )
-            text = token_text(tok, tid, entry.get(tid) if entry else None)
+            text = token_text(tok, tid, entry.get(tid) if entry else None, as_ids)
             result.tokens.append(text)
             result.token_logprobs.append(chosen_logprob(entry, tid))
             top: dict[str, float] | None = None
@@ -153,28 +200,30 @@ class CompletionServing:
                 top = {}
                 # best first; tokens that decode to the same text keep the best logprob
                 for t, _lp in ranked(entry, len(entry)):
-                    top.setdefault(token_text(tok, t, _lp), chosen_logprob(entry, t))
+                    top.setdefault(token_text(tok, t, _lp, as_ids), chosen_logprob(entry, t))
             result.top_logprobs.append(top)
             result.text_offset.append(offset)
             offset += len(text)
         return result
 
-    def _echo_logprobs(self, p: _Prompt, prompt_logprobs) -> CompletionLogprobs:
+    def _echo_logprobs(self, p: _Prompt, prompt_logprobs, as_ids: bool) -> CompletionLogprobs:
         entries = list(prompt_logprobs) if prompt_logprobs else [None] * len(p.token_ids)
-        return self._logprobs(p.token_ids, entries, 0)
+        return self._logprobs(p.token_ids, entries, 0, as_ids)
 
     # ----- whole response -----
 
     def _response(
         self,
-        req: CompletionRequest,
+        view: _ResponseView,
         base_id: str,
         prompts: list[_Prompt],
         finals: list[RequestOutput],
     ) -> CompletionResponse:
+        req = view.req
+        as_ids = req.return_tokens_as_token_ids
         choices = []
         for i, (p, out) in enumerate(zip(prompts, finals, strict=True)):
-            for comp in out.outputs:
+            for comp in map(view.visible, out.outputs):
                 text = comp.text
                 lps = None
                 if req.echo:
@@ -183,9 +232,9 @@ class CompletionServing:
                 if req.logprobs is not None:
                     start = 0
                     if req.echo:
-                        lps = self._echo_logprobs(p, out.prompt_logprobs)
+                        lps = self._echo_logprobs(p, out.prompt_logprobs, as_ids)
                         start = len(self._prompt_text(p))
-                    gen = self._logprobs(comp.token_ids, comp.logprobs, start)
+                    gen = self._logprobs(comp.token_ids, comp.logprobs, start, as_ids)
                     lps = _concat(lps, gen)
                 choices.append(
                     CompletionChoice(
@@ -194,31 +243,37 @@ class CompletionServing:
                         logprobs=lps,
                         finish_reason=comp.finish_reason,
                         stop_reason=comp.stop_reason,
+                        prompt_logprobs=prompt_logprobs_json(out.prompt_logprobs)
+                        if req.prompt_logprobs is not None
+                        else None,
                     )
                 )
         choices.sort(key=lambda c: c.index)
         return CompletionResponse(
-            id=base_id, model=self.ctx.model_name, choices=choices, usage=usage_of(finals)
+            id=base_id, model=self.ctx.model_name, choices=choices, usage=view.usage(finals)
         )
 
     # ----- streaming -----
 
     async def _stream(
         self,
-        req: CompletionRequest,
+        view: _ResponseView,
         base_id: str,
         prompts: list[_Prompt],
         iterators: list[AsyncIterator[RequestOutput]],
     ) -> AsyncIterator[str]:
+        req = view.req
         created = CompletionResponse(id=base_id, model=self.ctx.model_name, choices=[]).created
         states: dict[int, _ChoiceState] = {}
         finals: list[RequestOutput | None] = [None] * len(prompts)
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        latest: list[RequestOutput | None] = [None] * len(prompts)
+        include_usage, continuous = usage_options(req)
         merged = merge_streams(iterators)
         try:
             async with contextlib.aclosing(merged):
                 async for i, out in merged:
-                    for comp in out.outputs:
+                    latest[i] = out
+                    for comp in map(view.visible, out.outputs):
                         idx = i * req.n + comp.index
                         state = states.setdefault(idx, _ChoiceState())
                         choice = self._delta_choice(req, prompts[i], out, comp, idx, state)
@@ -229,18 +284,21 @@ class CompletionServing:
                             created=created,
                             model=self.ctx.model_name,
                             choices=[choice],
+                            usage=view.usage([o for o in latest if o is not None])
+                            if continuous
+                            else None,
                         )
                         yield sse(chunk.model_dump())
                     if out.finished:
                         finals[i] = out
             if include_usage:
-                usage = usage_of([f for f in finals if f is not None])
+                usage = view.usage([f for f in finals if f is not None])
                 chunk = CompletionResponse(
                     id=base_id, created=created, model=self.ctx.model_name, choices=[], usage=usage
                 )
                 yield sse(chunk.model_dump())
-        except (EngineDeadError, RequestAbortedError) as exc:
-            yield error_event(engine_dead(exc))
+        except ENGINE_ERRORS as exc:
+            yield error_event(engine_error(exc))
         except OpenAIServingError as exc:
             yield error_event(exc)
         yield SSE_DONE
@@ -265,16 +323,18 @@ class CompletionServing:
             return None
         prefix = ""
         lps = None
+        first = not state.started
+        as_ids = req.return_tokens_as_token_ids
         if not state.started and req.echo:
             prefix = self._prompt_text(prompt)
             if req.logprobs is not None:
-                lps = self._echo_logprobs(prompt, out.prompt_logprobs)
+                lps = self._echo_logprobs(prompt, out.prompt_logprobs, as_ids)
             state.text_offset = len(prefix)
         if req.logprobs is not None:
             entries = (
                 comp.logprobs[state.num_tokens : len(comp.token_ids)] if comp.logprobs else None
             )
-            gen = self._logprobs(new_ids, entries, state.text_offset)
+            gen = self._logprobs(new_ids, entries, state.text_offset, as_ids)
             state.text_offset = (
                 (gen.text_offset[-1] + len(gen.tokens[-1])) if gen.tokens else state.text_offset
             )
@@ -289,6 +349,9 @@ class CompletionServing:
             logprobs=lps,
             finish_reason=comp.finish_reason,
             stop_reason=comp.stop_reason,
+            prompt_logprobs=prompt_logprobs_json(out.prompt_logprobs)
+            if req.prompt_logprobs is not None and first
+            else None,
         )
 
 
