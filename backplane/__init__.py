@@ -2,7 +2,9 @@
 
 from backplane.version import __version__
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__"]
+__all__ = [
+    "LLM", "AsyncLLM", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__",
+]
 
 
 def __getattr__(name: str):
@@ -11,6 +13,10 @@ def __getattr__(name: str):
         from backplane.entrypoints.llm import LLM
 
         return LLM
+    if name == "AsyncLLM":
+        from backplane.entrypoints.async_llm import AsyncLLM
+
+        return AsyncLLM
     if name == "SamplingParams":
         from backplane.sampling_params import SamplingParams
 

@@ -82,6 +82,11 @@ def add_engine_args(
                 *names, dest=spec.name, action=argparse.BooleanOptionalAction,
                 default=argparse.SUPPRESS, help=help_text,
             )
+        elif base is list:
+            group.add_argument(
+                *names, dest=spec.name, nargs="+", default=argparse.SUPPRESS, help=help_text,
+                metavar=spec.name.upper(),
+            )
         else:
             group.add_argument(
                 *names, dest=spec.name, type=_typed(spec.name), default=argparse.SUPPRESS,

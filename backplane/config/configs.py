@@ -44,7 +44,8 @@ class ModelConfig:
         dtype: ``"auto"`` (the checkpoint's dtype, float32 if it says none) or a dtype name.
         max_model_len: longest prompt + output; None means the model's own limit.
         seed: seed for sampling of requests that do not set their own.
-        served_model_name: name the server answers to; defaults to ``model``.
+        served_model_name: name(s) the server answers to (the first is reported);
+            defaults to ``model``.
         hf_config: the transformers config, filled by the loader.
         torch_dtype: the resolved dtype, filled by `EngineConfig.finalize`.
     """
@@ -54,7 +55,7 @@ class ModelConfig:
     dtype: str = "auto"
     max_model_len: int | None = None
     seed: int = 0
-    served_model_name: str | None = None
+    served_model_name: str | list[str] | None = None
     trust_remote_code: bool = False
     hf_config: Any = field(default=None, repr=False, compare=False)
     torch_dtype: torch.dtype | None = None
@@ -65,7 +66,16 @@ class ModelConfig:
 
     @property
     def name(self) -> str:
-        return self.served_model_name or self.model
+        """The name the server reports (the first served name)."""
+        return self.served_names[0]
+
+    @property
+    def served_names(self) -> list[str]:
+        """Every name clients may use for this model."""
+        names = self.served_model_name
+        if isinstance(names, str):
+            return [names]
+        return list(names) if names else [self.model]
 
 
 @dataclass

@@ -26,7 +26,7 @@ class EngineArgs:
     dtype: str = "auto"
     max_model_len: int | None = None
     seed: int = 0
-    served_model_name: str | None = None
+    served_model_name: list[str] | None = None
     trust_remote_code: bool = False
     block_size: int = 16
     enable_prefix_caching: bool = True

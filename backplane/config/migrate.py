@@ -170,9 +170,6 @@ def migrate_options(raw: Mapping[str, Any]) -> MigrationResult:
             result.changes.append(f"{key}: {value!r} -> {_out_key(norm[3:])}: {negated}")
             put(norm[3:], negated, key)
         elif norm in OPTIONS_BY_NAME and norm != "compilation_config":
-            if norm == "served_model_name" and isinstance(value, list):
-                result.changes.append(f"{key}: only the first name {value[0]!r} is kept")
-                value = value[0] if value else None
             put(norm, value, key)
         elif norm in ALIASES or norm in SERVER_OPTION_KEYS:
             put(norm, value, key)

@@ -20,12 +20,10 @@ from typing import Any
 from backplane.config.configs import _DTYPES
 
 # Options of `backplane serve` that may appear in the same YAML file as engine
-# options. The engine ignores them; `serve` reads them (see
-# `backplane.config.sources.load_yaml_config`).
-SERVER_OPTION_KEYS = frozenset(
-    {"host", "port", "api_key", "chat_template", "uvicorn_log_level", "root_path",
-     "graceful_shutdown_timeout"}
-)
+# options: the engine ignores them, `serve` reads them.
+from backplane.config.server_options import SERVER_OPTION_KEYS
+
+__all__ = ["SERVER_OPTION_KEYS"]
 
 # Alternative spellings that are *not* deprecated: vLLM's name for an option
 # Backplane names more generally. Both work forever.
@@ -92,7 +90,10 @@ OPTIONS: tuple[OptionSpec, ...] = (
     ),
     OptionSpec("seed", "Seed for requests that set none.", "model"),
     OptionSpec(
-        "served_model_name", "Model name the server answers to; defaults to --model.", "model"
+        "served_model_name",
+        "Name(s) the server answers to (several allowed; the first is reported in "
+        "responses); defaults to --model.",
+        "model",
     ),
     OptionSpec(
         "trust_remote_code", "Allow model code shipped with the checkpoint to run.", "model"
@@ -274,6 +275,11 @@ def coerce_value(name: str, value: Any) -> Any:
             if isinstance(value, (dict, list)):
                 raise ValueError
             out = str(value)
+        elif base is list:
+            items = [value] if isinstance(value, str) else list(value)
+            if not items or not all(isinstance(v, str) and v for v in items):
+                raise ValueError
+            out = items
         else:
             out = value
     except (ValueError, TypeError, json.JSONDecodeError):

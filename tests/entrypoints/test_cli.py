@@ -105,7 +105,7 @@ def test_serve_rejects_bad_config(tmp_path, capsys):
     config = tmp_path / "bad.yaml"
     config.write_text("port: not-a-number\n")
     assert main(["serve", "/nonexistent", "--config", str(config)]) == 2
-    assert "port must be int" in capsys.readouterr().err
+    assert "port: 'not-a-number' is not a valid int" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +187,6 @@ def test_serve_without_model_uses_the_demo_model(monkeypatch, tmp_path):
     args = build_parser().parse_args(["serve", "--max-model-len", "64", "--port", "9"])
     engine_args = build_engine_args(args)
     assert engine_args.model == str(tmp_path / "demo") and engine_args.max_model_len == 64
-    assert engine_args.served_model_name == "demo-name"
+    assert engine_args.served_model_name == ["demo-name"]
     named = build_engine_args(build_parser().parse_args(["serve", "/some/model"]))
     assert named.model == "/some/model"

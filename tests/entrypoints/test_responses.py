@@ -181,6 +181,12 @@ def test_unsupported_or_invalid_fields_are_400(server, body, param):
     assert err["type"] == "invalid_request_error"
 
 
+def test_too_long_input_is_400_naming_input(server):
+    with server.client() as c:
+        resp = c.post("/v1/responses", json={"input": "hello " * MAX_MODEL_LEN})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "input"
+
+
 def test_unsupported_field_through_the_client(client):
     with pytest.raises(openai.BadRequestError, match="previous_response_id"):
         client.responses.create(model=SERVED_NAME, input="hi", previous_response_id="resp_1")

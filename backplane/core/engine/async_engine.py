@@ -25,7 +25,7 @@ import concurrent.futures
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -81,6 +81,14 @@ class _StopCommand:
 @dataclass
 class _FailAllCommand:
     reason: str
+
+
+@dataclass
+class _CallCommand:
+    """Run ``fn(llm_engine)`` in the loop thread, between steps; its result goes to ``done``."""
+
+    fn: Callable[[Any], Any]
+    done: concurrent.futures.Future
 
 
 class RequestStream:
@@ -257,7 +265,7 @@ class AsyncEngine:
         stream = RequestStream(request_id, loop)
         accepted: concurrent.futures.Future = concurrent.futures.Future()
         self._streams[request_id] = stream
-        self._commands.put(
+        self._submit(
             _AddCommand(
                 request_id,
                 prompt,
@@ -266,14 +274,9 @@ class AsyncEngine:
                 arrival_time,
                 stream,
                 accepted,
-            )
+            ),
+            accepted,
         )
-        self._wakeup.set()
-        # The loop may have stopped or died between the checks above and the put; it
-        # sets its state before draining the queue, so one of us fails the add.
-        stopped = self._stopped_error()
-        if stopped is not None:
-            _set_future(accepted, exc=stopped)
         try:
             await asyncio.wrap_future(accepted)
         except asyncio.CancelledError:
@@ -339,6 +342,33 @@ class AsyncEngine:
     def add_dead_callback(self, callback) -> None:
         """Call ``callback(exc)`` from the loop thread if the engine dies (not on shutdown)."""
         self._dead_callbacks.append(callback)
+
+    async def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix, in the loop thread between two steps.
+
+        Returns False, changing nothing, while any request holds KV blocks (as
+        vLLM does); raises EngineDeadError when the engine is not running.
+        """
+        return await self._call_in_loop(lambda llm_engine: llm_engine.reset_prefix_cache())
+
+    async def _call_in_loop(self, fn: Callable[[Any], Any]) -> Any:
+        """``fn(llm_engine)`` run by the loop thread (the engine's only user); its result."""
+        stopped = self._stopped_error()
+        if stopped is not None:
+            raise stopped
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._submit(_CallCommand(fn, done), done)
+        return await asyncio.wrap_future(done)
+
+    def _submit(self, cmd: _AddCommand | _CallCommand, fut: concurrent.futures.Future) -> None:
+        """Queue ``cmd`` for the loop thread and wake it; ``fut`` is the command's answer."""
+        self._commands.put(cmd)
+        self._wakeup.set()
+        # The loop may have stopped or died between the caller's checks and the put; it
+        # sets its state before draining the queue, so one of us fails the command.
+        stopped = self._stopped_error()
+        if stopped is not None:
+            _set_future(fut, exc=stopped)
 
     # ----- the loop thread -----
 
@@ -415,8 +445,13 @@ class AsyncEngine:
         self._refresh_stats()
 
     def _drain_commands(self) -> bool:
-        """Apply queued commands; True when asked to stop."""
+        """Apply queued commands; True when asked to stop.
+
+        Calls run last, after the aborts queued with them, so that ``abort``
+        then ``reset_prefix_cache`` finds the aborted request's blocks free.
+        """
         aborts: list[str] = []
+        calls: list[_CallCommand] = []
         while True:
             try:
                 cmd = self._commands.get_nowait()
@@ -430,8 +465,12 @@ class AsyncEngine:
                 if self._streams:
                     logger.info("aborting %d request(s): %s", len(self._streams), cmd.reason)
                 self._abort_in_flight(RequestAbortedError(cmd.reason))
+            elif isinstance(cmd, _CallCommand):
+                calls.append(cmd)
             elif isinstance(cmd, _StopCommand):
                 self._abort_all_on_stop()
+                for call in calls:
+                    self._apply_call(call)
                 return True
         if aborts:
             self._dispatch(self.engine.abort_request(aborts))
@@ -442,7 +481,19 @@ class AsyncEngine:
                     self._streams.pop(rid, None)
                     stream.put(RequestAbortedError("request aborted"))
             self._refresh_stats()
+        for call in calls:
+            self._apply_call(call)
         return False
+
+    def _apply_call(self, cmd: _CallCommand) -> None:
+        if cmd.done.done():
+            return  # the caller gave up, or the command was failed at submission
+        try:
+            result = cmd.fn(self.engine)
+        except Exception as exc:  # report to that caller only
+            _set_future(cmd.done, exc=exc)
+        else:
+            _set_future(cmd.done, result=result)
 
     def _apply_add(self, cmd: _AddCommand) -> None:
         if (
@@ -493,7 +544,7 @@ class AsyncEngine:
         streams, self._streams = self._streams, {}
         for stream in streams.values():
             stream.put(exc)
-        # Fail adds the thread never got to.
+        # Fail adds and calls the thread never got to.
         while True:
             try:
                 cmd = self._commands.get_nowait()
@@ -501,6 +552,8 @@ class AsyncEngine:
                 break
             if isinstance(cmd, _AddCommand):
                 _set_future(cmd.accepted, exc=exc)
+            elif isinstance(cmd, _CallCommand):
+                _set_future(cmd.done, exc=exc)
 
 
 class _Stopped(EngineDeadError):

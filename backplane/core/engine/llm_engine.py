@@ -35,6 +35,7 @@ class EngineStats:
     prefix_cache_hits: int
     num_preemptions: int
     block_size: int
+    num_generated_tokens: int = 0
 
 
 def _child_id(request_id: str, index: int, n: int) -> str:
@@ -58,6 +59,7 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer)
         self.vocab_size = mc.hf_config.vocab_size
         self._seq_ids: dict[str, list[str]] = {}
+        self._num_generated_tokens = 0
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
@@ -179,6 +181,7 @@ class LLMEngine:
     # ------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
         core_outputs = self.engine_core.step()
+        self._num_generated_tokens += sum(len(o.new_token_ids) for o in core_outputs)
         outputs, stopped = self.output_processor.process(core_outputs)
         if stopped:
             self.engine_core.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
@@ -203,6 +206,10 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self._seq_ids) or self.engine_core.has_unfinished_requests()
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix; False (nothing changed) while a request holds KV blocks."""
+        return self.engine_core.scheduler.kv.reset_prefix_cache()
+
     def get_num_unfinished_requests(self) -> int:
         return len(self._seq_ids)
 
@@ -219,6 +226,7 @@ class LLMEngine:
             prefix_cache_hits=kv.prefix_stats.hits,
             num_preemptions=sched.num_preemptions,
             block_size=kv.block_size,
+            num_generated_tokens=self._num_generated_tokens,
         )
 
     @property

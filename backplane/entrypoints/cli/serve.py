@@ -1,11 +1,18 @@
 """`backplane serve [MODEL]`: the OpenAI-compatible HTTP server.
 
 Every engine flag of `backplane.config.cli_args` is accepted (vLLM's
-spellings), plus the server's own: --host, --port, --api-key,
---chat-template, --uvicorn-log-level, --root-path,
---graceful-shutdown-timeout. ``--config FILE.yaml`` may hold both kinds
-(keys are flag names); flags override the file. Without MODEL (and no
-``model:`` in the file or BACKPLANE_MODEL) the bundled demo model is served.
+spellings), plus the server's own, declared once in
+`backplane.config.server_options` (--host, --port, --api-key, --max-n,
+--max-request-body-bytes, --allowed-origins, ...). ``--config FILE.yaml`` may
+hold both kinds (keys are flag names); flags override the file. Without
+MODEL (and no ``model:`` in the file or BACKPLANE_MODEL) the bundled demo
+model is served.
+
+Shutdown: on SIGINT/SIGTERM the server stops accepting connections and lets
+requests in flight finish for ``--graceful-shutdown-timeout`` seconds; then
+every one still running gets a final error (an SSE error event and
+``[DONE]`` for streams) and the process exits 0. If the engine loop dies, the
+server shuts down and exits 1, so that a supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -16,35 +23,17 @@ import logging
 import os
 import signal
 import sys
-from dataclasses import dataclass
-from typing import Any
+
+from backplane.config.server_options import (
+    SERVER_OPTION_KEYS,
+    ServerOptions,
+    add_server_args,
+)
 
 logger = logging.getLogger("backplane.serve")
 
-# Server options, their defaults, and their types (YAML values are converted with these).
-SERVER_DEFAULTS: dict[str, Any] = {
-    "host": "0.0.0.0",
-    "port": 8000,
-    "api_key": None,
-    "chat_template": None,
-    "uvicorn_log_level": "info",
-    "root_path": "",
-    "graceful_shutdown_timeout": 10.0,
-}
-_SERVER_TYPES = {"port": int, "graceful_shutdown_timeout": float}
-
-
-@dataclass
-class ServerOptions:
-    """Resolved server (not engine) options."""
-
-    host: str
-    port: int
-    api_key: str | None
-    chat_template: str | None
-    uvicorn_log_level: str
-    root_path: str
-    graceful_shutdown_timeout: float
+# Exit status when the engine loop died (a supervisor should restart the server).
+EXIT_ENGINE_DEAD = 1
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -64,71 +53,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def add_server_args(parser: argparse.ArgumentParser) -> None:
-    """The server's own flags (defaults SUPPRESS so a config file can set them)."""
-    group = parser.add_argument_group("server")
-    sup = argparse.SUPPRESS
-    group.add_argument("--host", default=sup, help="address to bind [default: 0.0.0.0]")
-    group.add_argument("--port", type=int, default=sup, help="port to bind [default: 8000]")
-    group.add_argument(
-        "--api-key",
-        dest="api_key",
-        default=sup,
-        help="require 'Authorization: Bearer KEY' on the API routes (also BACKPLANE_API_KEY)",
-    )
-    group.add_argument(
-        "--chat-template",
-        dest="chat_template",
-        default=sup,
-        metavar="FILE_OR_TEMPLATE",
-        help="Jinja chat template (a file path or the template itself) overriding the tokenizer's",
-    )
-    group.add_argument(
-        "--uvicorn-log-level",
-        dest="uvicorn_log_level",
-        default=sup,
-        choices=["critical", "error", "warning", "info", "debug", "trace"],
-        help="uvicorn's log level [default: info]",
-    )
-    group.add_argument(
-        "--root-path", dest="root_path", default=sup, help="ASGI root_path behind a proxy"
-    )
-    group.add_argument(
-        "--graceful-shutdown-timeout",
-        dest="graceful_shutdown_timeout",
-        type=float,
-        default=sup,
-        help="seconds in-flight requests may take to finish after SIGINT/SIGTERM before they "
-        "are aborted [default: 10]",
-    )
-
-
 def resolve_server_options(args: argparse.Namespace) -> ServerOptions:
     """Server options from defaults < config file < environment (API key) < flags."""
+    from backplane.config.server_options import resolve_server_options as resolve
     from backplane.config.sources import CONFIG_ENV_VAR, load_yaml_config
 
-    values = dict(SERVER_DEFAULTS)
     path = getattr(args, "config", None) or os.environ.get(CONFIG_ENV_VAR)
-    if path:
-        from_file = load_yaml_config(path)
-        for key in SERVER_DEFAULTS:
-            if key in from_file and from_file[key] is not None:
-                convert = _SERVER_TYPES.get(key, str)
-                try:
-                    values[key] = convert(from_file[key])
-                except (TypeError, ValueError):
-                    raise ValueError(
-                        f"config file {path!r}: {key} must be {convert.__name__}, "
-                        f"got {from_file[key]!r}"
-                    ) from None
-    if os.environ.get("BACKPLANE_API_KEY"):
-        values["api_key"] = os.environ["BACKPLANE_API_KEY"]
-    for key in SERVER_DEFAULTS:
-        if hasattr(args, key):
-            values[key] = getattr(args, key)
-    if not 0 <= int(values["port"]) <= 65535:
-        raise ValueError(f"port must be in [0, 65535], got {values['port']}")
-    return ServerOptions(**values)
+    from_file = load_yaml_config(path) if path else None
+    return resolve(args, from_file, where=f"config file {path!r}")
 
 
 def load_chat_template(value: str | None) -> str | None:
@@ -141,10 +73,9 @@ def load_chat_template(value: str | None) -> str | None:
 
 def build_engine_args(args: argparse.Namespace):
     """EngineArgs from flags, config file and environment; demo model if none is named."""
-    from backplane.config.options import SERVER_OPTION_KEYS
     from backplane.config.sources import engine_args_from_sources
 
-    extra = SERVER_OPTION_KEYS | set(SERVER_DEFAULTS)
+    extra = SERVER_OPTION_KEYS
     try:
         return engine_args_from_sources(cli=args, extra_keys=extra)
     except ValueError as exc:
@@ -155,7 +86,8 @@ def build_engine_args(args: argparse.Namespace):
     engine_args = engine_args_from_sources(cli=args, kwargs={"model": path}, extra_keys=extra)
     if engine_args.served_model_name is None:
         demo = importlib.import_module("backplane.demo_model")
-        engine_args.served_model_name = getattr(demo, "DEMO_MODEL_NAME", None)
+        name = getattr(demo, "DEMO_MODEL_NAME", None)
+        engine_args.served_model_name = [name] if name else None
     return engine_args
 
 
@@ -183,44 +115,78 @@ def run(args: argparse.Namespace) -> int:
     # uvicorn re-raises the signal it caught once it has shut down gracefully; with
     # this handler (and KeyboardInterrupt for SIGINT) that ends in a clean exit 0.
     signal.signal(signal.SIGTERM, _raise_terminated)
+    engine_box: list = []
     try:
-        return _serve(args)
+        code = _serve(args, engine_box)
     except (KeyboardInterrupt, _Terminated):
         logger.info("server stopped")
-        return 0
+        code = 0
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"backplane serve: error: {exc}", file=sys.stderr)
-        return 2
+        code = 2
+    return _exit_code(engine_box, code)
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _exit_code(engine_box: list, code: int) -> int:
+    """The status to exit with; leaves at once if the engine thread is still busy.
+
+    A loop thread stuck in a long step (a first compile, say) must not hold up
+    the exit, and letting the interpreter finalize under a thread that is inside
+    native code can abort the process; so after logging, leave with os._exit.
+    """
+    engine = engine_box[0] if engine_box else None
+    if engine is not None and engine.errored:
+        code = EXIT_ENGINE_DEAD
+    loop_thread = getattr(engine, "_thread", None)
+    if loop_thread is not None and loop_thread.is_alive():
+        logger.warning("engine loop still busy at exit; leaving without waiting for it")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _serve(args: argparse.Namespace, engine_box: list) -> int:
     import uvicorn
 
     from backplane.core.engine.async_engine import AsyncEngine
     from backplane.entrypoints.openai.api_server import build_app
+    from backplane.entrypoints.openai.http_server import DrainingServer, HeaderTimeoutH11Protocol
 
     server_opts = resolve_server_options(args)
     engine_args = build_engine_args(args)
     chat_template = load_chat_template(server_opts.chat_template)
     engine = AsyncEngine.from_engine_args(engine_args)
+    engine_box.append(engine)
     try:
         log_startup(engine, server_opts)
-        app = build_app(engine, api_key=server_opts.api_key, chat_template=chat_template)
+        app = build_app(engine, options=server_opts, chat_template=chat_template)
         config = uvicorn.Config(
             app,
             host=server_opts.host,
             port=server_opts.port,
             log_level=server_opts.uvicorn_log_level,
             root_path=server_opts.root_path,
-            timeout_graceful_shutdown=server_opts.graceful_shutdown_timeout,
-            timeout_keep_alive=5,
+            # The drain below ends every request at the grace period; uvicorn's own
+            # cut-off is a backstop a little later.
+            timeout_graceful_shutdown=server_opts.graceful_shutdown_timeout + 5,
+            timeout_keep_alive=server_opts.timeout_keep_alive,
+            limit_concurrency=server_opts.limit_concurrency,
+            ssl_keyfile=server_opts.ssl_keyfile,
+            ssl_certfile=server_opts.ssl_certfile,
+            http=HeaderTimeoutH11Protocol.with_timeout(server_opts.header_timeout),
         )
-        server = uvicorn.Server(config)
+        server = DrainingServer(config, engine, server_opts.graceful_shutdown_timeout)
+        engine.add_dead_callback(server.engine_died)
         server.run()
         # lifespan shutdown stops the engine; a failed start-up (port in use) does not reach it
+        if engine.errored:
+            logger.error("the engine loop died; exiting with status %d", EXIT_ENGINE_DEAD)
+            return EXIT_ENGINE_DEAD
         return 0 if server.started else 1
     finally:
-        engine.shutdown()
+        engine.shutdown(timeout=server_opts.graceful_shutdown_timeout)
 
 
 def log_startup(engine, opts: ServerOptions) -> None:

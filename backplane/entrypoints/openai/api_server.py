@@ -13,24 +13,32 @@ Routes:
     GET  /metrics                 Prometheus text (``backplane:*``)
     GET  /server_info             resolved config and platform; only with
                                   BACKPLANE_SERVER_DEV_MODE=1
+    POST /reset_prefix_cache      drop every cached prefix block; dev mode only
 With an API key, every route except /health, /ping, /version and /metrics needs
 ``Authorization: Bearer <key>``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import importlib
+import inspect
 import logging
 import os
+import time
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
+from backplane.config.server_options import ServerOptions
 from backplane.core.engine.async_engine import AsyncEngine
-from backplane.entrypoints.openai.auth import APIKeyMiddleware
+from backplane.entrypoints.openai.auth import APIKeyMiddleware, RequestIdHeaderMiddleware
 from backplane.entrypoints.openai.errors import engine_dead, error_response, install_error_handlers
+from backplane.entrypoints.openai.http_server import BodySizeLimitMiddleware
 from backplane.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
 from backplane.entrypoints.openai.protocol import (
     ChatCompletionRequest,
@@ -42,7 +50,7 @@ from backplane.entrypoints.openai.protocol import (
 )
 from backplane.entrypoints.openai.protocol_responses import ResponsesRequest
 from backplane.entrypoints.openai.serving_chat import ChatServing
-from backplane.entrypoints.openai.serving_common import ServingContext
+from backplane.entrypoints.openai.serving_common import ServerLimits, ServingContext
 from backplane.entrypoints.openai.serving_completion import CompletionServing
 from backplane.entrypoints.openai.serving_responses import ResponsesServing
 from backplane.entrypoints.openai.serving_tokenization import TokenizationServing
@@ -59,6 +67,7 @@ def build_app(
     served_model_names: list[str] | None = None,
     api_key: str | None = None,
     chat_template: str | None = None,
+    options: ServerOptions | None = None,
     shutdown_engine_on_exit: bool = True,
     dev_mode: bool | None = None,
 ) -> FastAPI:
@@ -67,15 +76,22 @@ def build_app(
     Args:
         engine: a started AsyncEngine.
         served_model_names: names clients may pass as ``model``; the first is
-            reported in responses. Defaults to the config's served name or path.
-        api_key: require this bearer token (None: no auth).
+            reported in responses. Defaults to the config's served names or path.
+        api_key: require this bearer token (None: the options' key, or no auth).
         chat_template: Jinja chat template overriding the tokenizer's.
+        options: the server options (limits, CORS, middleware, logging...);
+            defaults to ServerOptions().
         shutdown_engine_on_exit: shut the engine down when the app's lifespan ends.
-        dev_mode: expose /server_info; None reads BACKPLANE_SERVER_DEV_MODE.
+        dev_mode: expose /server_info and /reset_prefix_cache; None reads
+            BACKPLANE_SERVER_DEV_MODE.
     """
-    names = served_model_names or [engine.config.model_config.name]
+    opts = options or ServerOptions()
+    api_key = api_key or opts.api_key
+    names = served_model_names or engine.config.model_config.served_names
     metrics = ServerMetrics(engine, names[0])
-    ctx = ServingContext(engine, list(names), metrics, chat_template)
+    ctx = ServingContext(
+        engine, list(names), metrics, chat_template, limits=ServerLimits.from_options(opts)
+    )
     completions, chats, tokens = CompletionServing(ctx), ChatServing(ctx), TokenizationServing(ctx)
     responses = ResponsesServing(ctx)
     if dev_mode is None:
@@ -83,18 +99,25 @@ def build_app(
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
+        stats_task = None if opts.disable_log_stats else asyncio.create_task(log_stats(engine))
         yield
+        if stats_task is not None:
+            stats_task.cancel()
+        ctx.prompts.close()
         if shutdown_engine_on_exit:
             logger.info("shutting down the engine")
-            engine.shutdown()
+            engine.shutdown(timeout=opts.graceful_shutdown_timeout)
 
+    docs = {} if not opts.disable_fastapi_docs else dict(
+        docs_url=None, redoc_url=None, openapi_url=None
+    )
     app = FastAPI(
-        title="Backplane OpenAI-compatible server", version=__version__, lifespan=lifespan
+        title="Backplane OpenAI-compatible server", version=__version__, lifespan=lifespan,
+        **docs,
     )
     app.state.serving = ctx
     install_error_handlers(app)
-    if api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    install_middleware(app, opts, api_key)
 
     @app.get("/health")
     @app.api_route("/ping", methods=["GET", "POST"])  # vLLM's (SageMaker's) name for /health
@@ -114,7 +137,8 @@ def build_app(
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     def model_card(name: str) -> ModelCard:
-        root = engine.config.model_config.model
+        # The filesystem path would tell every client how the server is laid out.
+        root = engine.config.model_config.model if opts.expose_model_path else names[0]
         return ModelCard(id=name, root=root, max_model_len=ctx.max_model_len)
 
     @app.get("/v1/models")
@@ -140,7 +164,7 @@ def build_app(
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
-        return tokens.tokenize(body)
+        return await tokens.tokenize(body)
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
@@ -152,7 +176,78 @@ def build_app(
         async def server_info() -> JSONResponse:
             return JSONResponse(server_info_dict(engine))
 
+        @app.post("/reset_prefix_cache")
+        async def reset_prefix_cache() -> JSONResponse:
+            reset = await engine.reset_prefix_cache()
+            return JSONResponse({"reset": reset})
+
     return app
+
+
+def install_middleware(app: FastAPI, opts: ServerOptions, api_key: str | None) -> None:
+    """The middleware stack, outermost last: user middleware, CORS, API key, body limit.
+
+    Starlette runs the last added first, so the body limit and the key are
+    checked before any user middleware or route sees the request.
+    """
+    for path in opts.middleware:
+        imported = import_attribute(path, "--middleware")
+        if inspect.isclass(imported):
+            app.add_middleware(imported)
+        elif inspect.iscoroutinefunction(imported):
+            app.middleware("http")(imported)
+        else:
+            raise ValueError(
+                f"--middleware {path!r} is neither an ASGI middleware class nor an async "
+                "function (request, call_next)"
+            )
+    if opts.enable_request_id_headers:
+        app.add_middleware(RequestIdHeaderMiddleware)
+    if opts.allowed_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=opts.allowed_origins,
+            allow_methods=opts.allowed_methods,
+            allow_headers=opts.allowed_headers,
+            allow_credentials=opts.allow_credentials,
+        )
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=opts.max_request_body_bytes)
+
+
+def import_attribute(path: str, option: str):
+    """``module.attr`` (or ``module:attr``) imported; ValueError naming ``option``."""
+    module_name, sep, attr = path.replace(":", ".").rpartition(".")
+    if not sep:
+        raise ValueError(f"{option} {path!r}: expected module.attribute")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"{option} {path!r} cannot be imported: {exc}") from None
+
+
+STATS_INTERVAL_S = 10.0
+
+
+async def log_stats(engine: AsyncEngine, interval: float = STATS_INTERVAL_S) -> None:
+    """Log load, KV cache usage and throughput every ``interval`` seconds (vLLM-style)."""
+    last_tokens, last_time = None, time.monotonic()
+    while True:
+        await asyncio.sleep(interval)
+        stats = engine.get_stats()
+        if stats is None:
+            continue
+        tokens = stats.num_generated_tokens
+        now = time.monotonic()
+        rate = 0.0 if last_tokens is None else (tokens - last_tokens) / (now - last_time)
+        last_tokens, last_time = tokens, now
+        logger.info(
+            "engine: %d running, %d waiting, generation %.1f tokens/s, KV cache %.1f%% used, "
+            "prefix cache hit rate %.1f%%",
+            stats.num_running, stats.num_waiting, rate, 100 * stats.kv_cache_usage,
+            100 * stats.prefix_cache_hits / max(stats.prefix_cache_queries, 1),
+        )
 
 
 def server_info_dict(engine: AsyncEngine) -> dict[str, Any]:

@@ -7,8 +7,9 @@ body is parsed: a client without the key learns nothing about its request.
 from __future__ import annotations
 
 import hmac
+import uuid
 
-from starlette.datastructures import Headers
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from backplane.entrypoints.openai.errors import OpenAIServingError, error_response
@@ -29,7 +30,7 @@ class APIKeyMiddleware:
         if (
             scope["type"] != "http"
             or scope.get("method") == "OPTIONS"
-            or scope.get("path") in self._open_paths
+            or route_path(scope) in self._open_paths
         ):
             await self.app(scope, receive, send)
             return
@@ -49,3 +50,41 @@ class APIKeyMiddleware:
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+
+def route_path(scope: Scope) -> str:
+    """The request path without the ASGI root_path (``--root-path /api``).
+
+    uvicorn puts the root path in front of ``path``, so ``/api/health`` must be
+    compared as ``/health``.
+    """
+    path = scope.get("path", "")
+    root = scope.get("root_path", "")
+    if root and path.startswith(root):
+        return path[len(root):] or "/"
+    return path
+
+
+class RequestIdHeaderMiddleware:
+    """``--enable-request-id-headers``: answer with ``X-Request-Id``.
+
+    The client's own ``X-Request-Id`` is echoed; without one a new id is made.
+    The handlers also show the client's id as the response id.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = Headers(scope=scope).get("x-request-id") or uuid.uuid4().hex
+
+        async def send_with_id(message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers["X-Request-Id"] = request_id
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)

@@ -137,7 +137,7 @@ class ChatServing:
         choices = [
             ChatChoice(
                 index=comp.index,
-                message=ChatResponseMessage(content=comp.text),
+                message=ChatResponseMessage(role=self.ctx.limits.response_role, content=comp.text),
                 logprobs=self._logprobs(req, comp.token_ids, comp.logprobs)
                 if req.logprobs
                 else None,
@@ -181,7 +181,7 @@ class ChatServing:
         # The role comes first, in a chunk of its own for every choice, as OpenAI does.
         for index in range(req.n):
             yield chunk(
-                ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))
+                ChatStreamChoice(index=index, delta=DeltaMessage(role=self.ctx.limits.response_role, content=""))
             )
         sent_text: dict[int, int] = {}
         sent_tokens: dict[int, int] = {}

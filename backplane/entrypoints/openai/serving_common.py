@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -31,6 +32,8 @@ from backplane.entrypoints.openai.protocol import MAX_LOGPROBS, UsageInfo
 from backplane.outputs import Logprob, RequestOutput
 from backplane.sampling_params import SamplingParams
 
+logger = logging.getLogger(__name__)
+
 # How often a non-streaming handler checks whether its client is still there.
 DISCONNECT_POLL_S = 0.2
 # JSON has no -inf; a token with probability 0 is reported with this logprob.
@@ -47,18 +50,31 @@ class ServerLimits:
         trust_request_chat_template: render ``chat_template`` sent in a request
             (off by default: templates are code).
         chat_template_timeout_s: longest any chat template may render.
-        expose_model_path: report the model's filesystem path as ``root`` in
-            /v1/models (off: the served name is reported).
-        enable_request_id_headers: answer with an ``X-Request-Id`` header (the
-            client's own, or the response id).
+        response_role: the role of generated chat messages.
+        stream_interval: a stream sends a chunk every this many tokens (and at the end).
+        log_requests: log each request's ids, prompt length and sampling parameters.
     """
 
     max_n: int = 128
     max_sequences_per_request: int = 1024
     trust_request_chat_template: bool = False
     chat_template_timeout_s: float = 2.0
-    expose_model_path: bool = False
-    enable_request_id_headers: bool = False
+    response_role: str = "assistant"
+    stream_interval: int = 1
+    log_requests: bool = False
+
+    @classmethod
+    def from_options(cls, opts) -> ServerLimits:
+        """The limits of a `ServerOptions`."""
+        return cls(
+            max_n=opts.max_n,
+            max_sequences_per_request=opts.max_sequences_per_request,
+            trust_request_chat_template=opts.trust_request_chat_template,
+            chat_template_timeout_s=opts.chat_template_timeout,
+            response_role=opts.response_role,
+            stream_interval=opts.stream_interval,
+            log_requests=opts.enable_log_requests,
+        )
 
 
 @dataclass
@@ -389,6 +405,28 @@ async def iterate_request(engine: AsyncEngine, stream: RequestStream) -> AsyncIt
             engine.abort_nowait(stream.request_id)
 
 
+async def every_n_tokens(
+    outputs: AsyncIterator[RequestOutput], interval: int
+) -> AsyncIterator[RequestOutput]:
+    """Pass on an output only once ``interval`` more tokens arrived, and the final one.
+
+    Outputs are cumulative, so skipping some loses nothing: the next one sent
+    carries their tokens too (``--stream-interval``).
+    """
+    if interval <= 1:
+        async with contextlib.aclosing(outputs) as source:
+            async for out in source:
+                yield out
+        return
+    sent = 0
+    async with contextlib.aclosing(outputs) as source:
+        async for out in source:
+            produced = sum(len(c.token_ids) for c in out.outputs)
+            if out.finished or produced - sent >= interval:
+                sent = produced
+                yield out
+
+
 async def merge_streams(
     iterators: list[AsyncIterator[RequestOutput]],
 ) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -448,10 +486,15 @@ async def submit_all(
     iterators: list[AsyncIterator[RequestOutput]] = []
     added: list[str] = []
     try:
-        for rid, ids, sp in zip(request_ids, prompts, params, strict=True):
-            stream = await ctx.engine.add_request(rid, ids, sp, priority=priority)
+        for rid, prompt, sp in zip(request_ids, prompts, params, strict=True):
+            stream = await ctx.engine.add_request(rid, prompt, sp, priority=priority)
             added.append(rid)
-            iterators.append(ctx.metrics.track(iterate_request(ctx.engine, stream), arrived))
+            if ctx.limits.log_requests:
+                ids = prompt["prompt_token_ids"] if isinstance(prompt, dict) else prompt
+                logger.info("request %s: %d prompt tokens, priority %d, %s",
+                            rid, len(ids), priority, sp)
+            metered = ctx.metrics.track(iterate_request(ctx.engine, stream), arrived)
+            iterators.append(every_n_tokens(metered, ctx.limits.stream_interval))
     except BaseException as exc:
         # Only what this call added: an id refused as a duplicate belongs to someone else.
         abort_all(ctx, added)

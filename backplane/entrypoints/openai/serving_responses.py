@@ -202,7 +202,7 @@ class ResponsesServing:
         )
         params = sampling_params_with(req, ("temperature", "top_p"), max_tokens=max_tokens)
         base = self._in_progress(req, req.request_id or response_item_id("resp"), params)
-        request_ids = [base.id]
+        request_ids = ctx.engine_request_ids(base.id, 1)
         iterators = await submit_all(ctx, request_ids, [prompt_ids], [params], req.priority)
         if req.stream:
             return SSEResponse(

@@ -9,7 +9,6 @@ from backplane.entrypoints.openai.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from backplane.entrypoints.openai.serving_chat import render_chat_prompt
 from backplane.entrypoints.openai.serving_common import ServingContext
 
 
@@ -19,22 +18,30 @@ class TokenizationServing:
     def __init__(self, ctx: ServingContext) -> None:
         self.ctx = ctx
 
-    def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
-        """Token ids of a prompt, or of chat messages rendered by the chat template."""
+    async def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
+        """Token ids of a prompt, or of chat messages rendered by the chat template.
+
+        Messages are rendered exactly as /v1/chat/completions renders them,
+        including ``chat_template`` (with --trust-request-chat-template),
+        ``chat_template_kwargs`` and ``tools`` (passed to the template).
+        """
         ctx = self.ctx
         ctx.check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise bad_request("give exactly one of prompt or messages", "prompt")
         if req.messages is not None:
-            _, ids = render_chat_prompt(
-                ctx.tokenizer,
+            template_kwargs = dict(req.chat_template_kwargs or {})
+            _, ids = await ctx.prompts.render_chat(
                 req.messages,
-                chat_template=ctx.chat_template,
+                chat_template=ctx.chat_template_for(req.chat_template, template_kwargs),
                 add_generation_prompt=req.add_generation_prompt,
+                continue_final_message=req.continue_final_message,
+                template_kwargs=template_kwargs,
+                tools=req.tools,
             )
         else:
-            ids = list(
-                ctx.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens).input_ids
+            ids = await ctx.prompts.tokenize(
+                req.prompt, "prompt", add_special_tokens=req.add_special_tokens
             )
         strs = ctx.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
         return TokenizeResponse(

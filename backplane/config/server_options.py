@@ -1,0 +1,223 @@
+"""Options of `backplane serve` that are not engine options, declared once.
+
+Each field of `ServerOptions` carries its help text (and any extra CLI
+spellings) in its metadata; the CLI flags, the YAML keys of ``--config`` and
+the docs table all come from this one declaration. Spellings are vLLM's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+API_KEY_ENV = "BACKPLANE_API_KEY"
+
+
+def _opt(default: Any, help: str, **meta: Any) -> Any:
+    """A dataclass field with its help text (and CLI extras) in the metadata."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """Every server option with its default; see each field's help."""
+
+    host: str = _opt("0.0.0.0", "address to bind")
+    port: int = _opt(8000, "port to bind")
+    api_key: str | None = _opt(
+        None, f"require 'Authorization: Bearer KEY' on the API routes (also {API_KEY_ENV})"
+    )
+    chat_template: str | None = _opt(
+        None, "Jinja chat template (a file path or the template itself) overriding the "
+        "tokenizer's", metavar="FILE_OR_TEMPLATE",
+    )
+    trust_request_chat_template: bool = _opt(
+        False, "render chat_template sent in requests (templates are code: off by default)"
+    )
+    chat_template_timeout: float = _opt(
+        2.0, "seconds a chat template may take to render before the request is refused"
+    )
+    response_role: str = _opt("assistant", "role of the generated message in chat responses")
+    uvicorn_log_level: str = _opt(
+        "info", "uvicorn's log level",
+        choices=("critical", "error", "warning", "info", "debug", "trace"),
+    )
+    root_path: str = _opt("", "ASGI root_path when served behind a path-prefixing proxy")
+    graceful_shutdown_timeout: float = _opt(
+        10.0, "seconds in-flight requests may take to finish after SIGINT/SIGTERM; past that "
+        "each gets an error and the server exits"
+    )
+    max_n: int = _opt(128, "most completions (n) one request may ask for")
+    max_sequences_per_request: int = _opt(
+        1024, "most sequences (prompts x n) one completions request may start"
+    )
+    max_request_body_bytes: int = _opt(
+        32 * 2**20, "largest request body accepted; larger ones get 413"
+    )
+    limit_concurrency: int | None = _opt(
+        None, "most connections and tasks at once; past it new connections get 503 "
+        "(uvicorn's limit)"
+    )
+    timeout_keep_alive: float = _opt(5.0, "seconds an idle keep-alive connection stays open")
+    header_timeout: float = _opt(
+        10.0, "seconds a new connection has to send its request headers before it is closed"
+    )
+    enable_request_id_headers: bool = _opt(
+        False, "answer with an X-Request-Id header (the client's own, or a new id)"
+    )
+    expose_model_path: bool = _opt(
+        False, "report the model's filesystem path as 'root' in /v1/models (off: the "
+        "served name, so the server's layout is not revealed)"
+    )
+    ssl_keyfile: str | None = _opt(None, "TLS private key file (serve HTTPS)")
+    ssl_certfile: str | None = _opt(None, "TLS certificate file (serve HTTPS)")
+    allowed_origins: list[str] = _opt(
+        [], "CORS allowed origins (JSON list or several values); CORS is off when empty"
+    )
+    allowed_methods: list[str] = _opt(["*"], "CORS allowed methods")
+    allowed_headers: list[str] = _opt(["*"], "CORS allowed headers")
+    allow_credentials: bool = _opt(False, "CORS: allow credentials")
+    enable_log_requests: bool = _opt(
+        False, "log each request's id, prompt length and sampling parameters",
+        negative=("--disable-log-requests",),
+    )
+    disable_log_stats: bool = _opt(
+        False, "do not log engine throughput and cache usage every 10 s"
+    )
+    disable_fastapi_docs: bool = _opt(False, "do not serve /docs, /redoc and /openapi.json")
+    middleware: list[str] = _opt(
+        [], "import path of an ASGI middleware class or an HTTP middleware function "
+        "(module.attr); repeatable"
+    )
+    stream_interval: int = _opt(
+        1, "stream a chunk every N generated tokens (fewer, larger chunks)"
+    )
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0 <= self.port <= 65535:
+            problems.append(f"port must be in [0, 65535], got {self.port}")
+        for name in ("max_n", "max_sequences_per_request", "max_request_body_bytes",
+                     "stream_interval"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("chat_template_timeout", "timeout_keep_alive", "header_timeout",
+                     "graceful_shutdown_timeout"):
+            if not getattr(self, name) > 0:
+                problems.append(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.limit_concurrency is not None and self.limit_concurrency < 1:
+            problems.append(f"limit_concurrency must be >= 1, got {self.limit_concurrency}")
+        if bool(self.ssl_keyfile) != bool(self.ssl_certfile):
+            problems.append("ssl_keyfile and ssl_certfile must be given together")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+SERVER_OPTION_KEYS = frozenset(f.name for f in fields(ServerOptions)) | {"disable_log_requests"}
+
+
+def _base_type(annotation: Any) -> tuple[Any, bool]:
+    args = typing.get_args(annotation)
+    if isinstance(annotation, types.UnionType):
+        non_none = [a for a in args if a is not type(None)]
+        return non_none[0], True
+    return annotation, False
+
+
+def _field_types() -> dict[str, tuple[Any, bool]]:
+    hints = typing.get_type_hints(ServerOptions)
+    return {name: _base_type(hint) for name, hint in hints.items()}
+
+
+def convert_value(name: str, value: Any) -> Any:
+    """``value`` (from YAML or a flag) as option ``name``'s type; ValueError naming it."""
+    base, optional = _field_types()[name]
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{name}: None is not allowed")
+    try:
+        if base is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                return value.lower() in ("true", "1")
+            return bool(value)
+        if typing.get_origin(base) is list:
+            items = [value] if isinstance(value, str) else list(value)
+            out: list[str] = []
+            for item in items:  # a JSON list (vLLM's spelling) or plain values
+                if isinstance(item, str) and item.lstrip().startswith("["):
+                    out.extend(str(v) for v in json.loads(item))
+                else:
+                    out.append(str(item))
+            return out
+        if base is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return base(value)
+    except (TypeError, ValueError, json.JSONDecodeError):
+        raise ValueError(f"{name}: {value!r} is not a valid {getattr(base, '__name__', base)}") \
+            from None
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per ServerOptions field (defaults SUPPRESS so a config file can set them)."""
+    group = parser.add_argument_group("server")
+    sup = argparse.SUPPRESS
+    types_ = _field_types()
+    for f in fields(ServerOptions):
+        base, _ = types_[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else f.default_factory()
+        help_text = f.metadata["help"] + (f" [default: {default}]" if default not in
+                                          (None, [], "") else "")
+        if base is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=sup, help=help_text)
+            for negative in f.metadata.get("negative", ()):
+                group.add_argument(negative, dest=f.name, action="store_false", default=sup,
+                                   help=f"same as --no-{flag[2:]}")
+        elif typing.get_origin(base) is list:
+            group.add_argument(flag, dest=f.name, nargs="+", action="extend", default=sup,
+                               metavar=f.name.upper(), help=help_text)
+        else:
+            group.add_argument(
+                flag, dest=f.name, default=sup, help=help_text,
+                type=lambda text, name=f.name: _argparse_convert(name, text),
+                choices=f.metadata.get("choices"), metavar=f.metadata.get("metavar"),
+            )
+
+
+def _argparse_convert(name: str, text: str) -> Any:
+    try:
+        return convert_value(name, text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def resolve_server_options(args: argparse.Namespace, from_file: dict | None = None,
+                           where: str = "config file") -> ServerOptions:
+    """Server options from defaults < config file < environment (API key) < flags."""
+    values: dict[str, Any] = {}
+    for key, value in (from_file or {}).items():
+        if key == "disable_log_requests":
+            key, value = "enable_log_requests", not convert_value("enable_log_requests", value)
+        if key in _field_types() and value is not None:
+            try:
+                values[key] = convert_value(key, value)
+            except ValueError as exc:
+                raise ValueError(f"{where}: {exc}") from None
+    if os.environ.get(API_KEY_ENV):
+        values["api_key"] = os.environ[API_KEY_ENV]
+    for f in fields(ServerOptions):
+        if hasattr(args, f.name):
+            value = getattr(args, f.name)
+            values[f.name] = convert_value(f.name, value) if isinstance(value, list) else value
+    return ServerOptions(**values)
