@@ -11,10 +11,9 @@ from tqdm.auto import tqdm
 from backplane.config import EngineArgs
 from backplane.config.sources import engine_args_from_sources
 from backplane.core.engine.llm_engine import LLMEngine
+from backplane.inputs import PromptType, parse_prompt
 from backplane.outputs import RequestOutput
 from backplane.sampling_params import SamplingParams
-
-PromptType = str | list[int]
 
 
 class LLM:
@@ -49,8 +48,11 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate completions for every prompt; outputs come back in input order.
 
-        ``prompts`` may be a string, a list of token ids, or a list mixing both.
+        ``prompts`` may be a string, a list of token ids, a TextPrompt or
+        TokensPrompt dict (`backplane.inputs`), or a list of any of these.
         ``sampling_params`` is one SamplingParams for all prompts or one per prompt.
+        Every prompt and parameter set is checked before any request is queued:
+        a bad one raises TypeError/ValueError naming it.
         """
         prompt_list = self._normalize_prompts(prompts)
         if sampling_params is None:
@@ -58,12 +60,25 @@ class LLM:
         if isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * len(prompt_list)
         else:
+            if isinstance(sampling_params, str | bytes | dict) or not hasattr(
+                sampling_params, "__iter__"
+            ):
+                raise TypeError(
+                    "sampling_params must be a SamplingParams or a list of them, got "
+                    f"{type(sampling_params).__name__}"
+                )
             params_list = list(sampling_params)
             if len(params_list) != len(prompt_list):
                 raise ValueError(
                     f"got {len(params_list)} sampling_params for {len(prompt_list)} prompts; "
                     "pass one SamplingParams or one per prompt"
                 )
+            for i, params in enumerate(params_list):
+                if not isinstance(params, SamplingParams):
+                    raise TypeError(
+                        f"sampling_params[{i}] must be a SamplingParams, got "
+                        f"{type(params).__name__}"
+                    )
         if priority is not None and len(priority) != len(prompt_list):
             raise ValueError(f"got {len(priority)} priorities for {len(prompt_list)} prompts")
         engine = self.llm_engine
@@ -100,11 +115,22 @@ class LLM:
 
     @staticmethod
     def _normalize_prompts(prompts) -> list[PromptType]:
-        if isinstance(prompts, str):
-            return [prompts]
-        prompts = list(prompts)
-        if prompts and all(isinstance(t, int) for t in prompts):
-            return [prompts]  # a single token-id prompt
+        """The prompts as a list, each checked for type and shape (nothing queued yet)."""
+        if isinstance(prompts, str | dict):
+            prompts = [prompts]
+        elif isinstance(prompts, list | tuple):
+            prompts = list(prompts)
+            if prompts and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
+                prompts = [prompts]  # a single token-id prompt
+        else:
+            raise TypeError(
+                "prompts must be a string, a list of token ids, a prompt dict, or a list of "
+                f"those, got {type(prompts).__name__}"
+            )
+        if not prompts:
+            raise ValueError("prompts is empty: pass at least one prompt")
+        for i, prompt in enumerate(prompts):
+            parse_prompt(prompt, f"prompts[{i}]")
         return prompts
 
     def chat(

@@ -54,10 +54,22 @@ class RunningServer:
         self.thread.join(30)
 
 
-def start_server(engine: AsyncEngine, api_key: str | None = API_KEY, **app_kwargs) -> RunningServer:
-    """Start uvicorn in a thread (port 0: the OS picks a free port) and wait until it serves."""
+def start_server(
+    engine: AsyncEngine,
+    api_key: str | None = API_KEY,
+    *,
+    uvicorn_options: dict | None = None,
+    **app_kwargs,
+) -> RunningServer:
+    """Start uvicorn in a thread (port 0: the OS picks a free port) and wait until it serves.
+
+    ``uvicorn_options`` go to ``uvicorn.Config`` (e.g. ``http=`` a protocol class);
+    ``app_kwargs`` to ``build_app``.
+    """
     app = build_app(engine, api_key=api_key, **app_kwargs)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=0, log_level="warning", **(uvicorn_options or {})
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
     thread.start()

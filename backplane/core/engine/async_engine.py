@@ -3,10 +3,10 @@
 `LLMEngine.step()` is blocking CPU/device work, so it must not run on the
 server's event loop. One dedicated thread owns the LLMEngine; nothing else
 touches it. Callers talk to that thread through a thread-safe command queue
-(add, abort, stop), and each request gets an asyncio queue that the thread
-fills with `loop.call_soon_threadsafe`. The thread steps while any request is
-unfinished and sleeps on an Event otherwise, so new requests join the running
-batch at the next step (continuous batching).
+(add, abort, stop, reset_prefix_cache), and each request gets an asyncio
+queue that the thread fills with `loop.call_soon_threadsafe`. The thread
+steps while any request is unfinished and sleeps on an Event otherwise, so new
+requests join the running batch at the next step (continuous batching).
 
 Failure model: bad input never reaches a step: it is refused by `add_request`
 and fails that request alone. If `step()` raises anyway (a bug, a device

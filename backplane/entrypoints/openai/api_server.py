@@ -120,7 +120,10 @@ def build_app(
     install_middleware(app, opts, api_key)
 
     @app.get("/health")
-    @app.api_route("/ping", methods=["GET", "POST"])  # vLLM's (SageMaker's) name for /health
+    # vLLM's (SageMaker's) name for /health; one route per method, so that each
+    # gets its own OpenAPI operation id.
+    @app.get("/ping")
+    @app.post("/ping")
     async def health() -> Response:
         try:
             engine.check_health()

@@ -64,16 +64,23 @@ def bad_request(message: str, param: str | None = None) -> OpenAIServingError:
     return OpenAIServingError(message, HTTPStatus.BAD_REQUEST, param=param)
 
 
+# One-word request fields that may start an error message (field names with an
+# underscore are recognised by their shape).
+_PLAIN_FIELDS = frozenset({"prompt", "messages", "n", "seed", "stop", "input", "model"})
+
+
 def from_value_error(exc: ValueError) -> OpenAIServingError:
     """A 400 for a ValueError from SamplingParams or the engine.
 
-    Their messages start with the field name (``"max_tokens must be >= 1, got -1"``),
-    which becomes the error's ``param``.
+    Their messages start with the field name (``"max_tokens must be >= 1, got -1"``,
+    ``"stop_token_ids contains token id ..."``), which becomes the error's ``param``.
     """
     message = str(exc)
-    first = message.split(" ", 1)[0].split("[", 1)[0]
-    param = first if first.isidentifier() and " must " in message else None
-    return bad_request(message, param)
+    first = message.split(" ", 1)[0].split("[", 1)[0].split(".", 1)[0]
+    named = first.isidentifier() and first.islower() and (
+        " must " in message or "_" in first or first in _PLAIN_FIELDS
+    )
+    return bad_request(message, first if named else None)
 
 
 def engine_dead(exc: BaseException) -> OpenAIServingError:

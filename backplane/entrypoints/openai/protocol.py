@@ -163,42 +163,6 @@ class _Request(BaseModel):
         return self
 
 
-class _Request(BaseModel):
-    """Base of request bodies: valid Unicode only; unsupported fields refused by name."""
-
-    # Extra fields are kept (in model_extra) so they can be refused or reported.
-    model_config = ConfigDict(extra="allow")
-    # Where this request's unknown fields are reported (top-level requests only).
-    _report_extra: ClassVar[bool] = True
-
-    @model_validator(mode="before")
-    @classmethod
-    def _valid_unicode(cls, data: Any) -> Any:
-        found = find_lone_surrogate(data)
-        if found is not None:
-            path, index, char = found
-            raise FieldError(
-                path.split(".", 1)[0].split("[", 1)[0],
-                f"{path} contains a lone surrogate (U+{ord(char):04X}) at character {index}, "
-                "which is not valid Unicode text",
-            )
-        return data
-
-    @model_validator(mode="after")
-    def _refuse_unsupported(self):
-        extra = self.model_extra or {}
-        for name, value in extra.items():
-            rule = UNSUPPORTED_FIELDS.get(name)
-            if rule is not None and not rule[0](value):
-                raise FieldError(name, f"{name} is not supported: {rule[1]}")
-        unknown = sorted(k for k in extra if k not in UNSUPPORTED_FIELDS and k not in INERT_FIELDS)
-        if unknown and self._report_extra:
-            logger.warning(
-                "%s: ignoring unknown field(s) %s", type(self).__name__, ", ".join(unknown)
-            )
-        return self
-
-
 class StreamOptions(_Request):
     """``stream_options``: token usage in a final chunk (and in every chunk, vLLM's
     ``continuous_usage_stats``)."""

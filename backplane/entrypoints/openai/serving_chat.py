@@ -26,6 +26,7 @@ from backplane.entrypoints.openai.protocol import (
     ChatTokenLogprob,
     DeltaMessage,
     TopLogprob,
+    UsageInfo,
     random_id,
 )
 from backplane.entrypoints.openai.serving_common import (
@@ -77,13 +78,14 @@ class ChatServing:
             template_kwargs=template_kwargs,
             add_special_tokens=req.add_special_tokens,
         )
-        truncate = ctx.truncation(req.truncate_prompt_tokens, req.max_tokens)
-        if truncate is not None:
-            prompt_ids = prompt_ids[-truncate:]
         if req.max_completion_tokens is not None:
             requested, param = req.max_completion_tokens, "max_completion_tokens"
         else:
             requested, param = req.max_tokens, "max_tokens"
+        # -1 keeps what fits with the tokens asked for (either spelling) left to generate.
+        truncate = ctx.truncation(req.truncate_prompt_tokens, requested)
+        if truncate is not None:
+            prompt_ids = prompt_ids[-truncate:]
         max_tokens = ctx.resolve_max_tokens(len(prompt_ids), requested, param, "messages")
         params = build_sampling_params(
             req,
@@ -98,7 +100,8 @@ class ChatServing:
         )
         if req.stream:
             return SSEResponse(
-                self._stream(req, base_id, iterators), on_close=lambda: abort_all(ctx, request_ids)
+                self._stream(req, base_id, iterators, len(prompt_ids)),
+                on_close=lambda: abort_all(ctx, request_ids),
             )
         finals = await finals_unless_disconnected(ctx, raw_request, request_ids, iterators)
         if finals is None:
@@ -158,20 +161,27 @@ class ChatServing:
         )
 
     async def _stream(
-        self, req: ChatCompletionRequest, base_id: str, iterators: list[AsyncIterator]
+        self,
+        req: ChatCompletionRequest,
+        base_id: str,
+        iterators: list[AsyncIterator],
+        num_prompt_tokens: int,
     ) -> AsyncIterator[str]:
         model = self.ctx.model_name
         created = ChatCompletionChunk(id=base_id, model=model, choices=[]).created
         include_usage, continuous = usage_options(req)
         latest: RequestOutput | None = None
+        # continuous_usage_stats: every chunk has usage, the role chunks the prompt's alone.
+        before_output = UsageInfo(prompt_tokens=num_prompt_tokens, total_tokens=num_prompt_tokens)
 
         def chunk(choice: ChatStreamChoice) -> str:
+            running = usage_of([latest]) if latest is not None else before_output
             body = ChatCompletionChunk(
                 id=base_id,
                 created=created,
                 model=model,
                 choices=[choice],
-                usage=usage_of([latest]) if continuous and latest is not None else None,
+                usage=running if continuous else None,
             ).model_dump()
             # OpenAI's deltas carry only the keys that changed (role first, then content).
             delta = body["choices"][0]["delta"]
