@@ -3,7 +3,8 @@
 from backplane.version import __version__
 
 __all__ = [
-    "LLM", "AsyncLLM", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__",
+    "LLM", "AsyncLLM", "SamplingParams", "BeamSearchParams", "RequestOutput", "CompletionOutput",
+    "__version__",
 ]
 
 
@@ -17,10 +18,10 @@ def __getattr__(name: str):
         from backplane.entrypoints.async_llm import AsyncLLM
 
         return AsyncLLM
-    if name == "SamplingParams":
-        from backplane.sampling_params import SamplingParams
+    if name in ("SamplingParams", "BeamSearchParams"):
+        from backplane import sampling_params
 
-        return SamplingParams
+        return getattr(sampling_params, name)
     if name in ("RequestOutput", "CompletionOutput"):
         from backplane import outputs
 

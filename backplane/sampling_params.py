@@ -132,3 +132,48 @@ class SamplingParams:
 
 def _finite(x) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass
+class BeamSearchParams:
+    """Parameters of `LLM.beam_search` (vLLM's names and meanings).
+
+    Attributes:
+        beam_width: beams kept per prompt, and sequences returned. Each step asks
+            the engine for 2 * beam_width top logprobs per beam, so beam_width can
+            be at most half the engine's max_logprobs (20 by default: 10).
+        max_tokens: tokens generated at most per sequence.
+        ignore_eos: keep going after an end-of-sequence token (it then counts as
+            an ordinary token instead of finishing the beam).
+        temperature: 0 is deterministic. The candidates are always ranked by
+            raw logprobs; a temperature above 0 only adds each step's sampled
+            token to a beam's candidates.
+        length_penalty: the final ranking divides a sequence's cumulative
+            logprob by its length (prompt included, a final EOS not) to this power.
+        include_stop_str_in_output: keep the EOS token that finished a sequence
+            in its ``tokens`` (the text never shows it).
+    """
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("beam_width", "max_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        if not 1 <= self.beam_width <= INT64_MAX:
+            raise ValueError(f"beam_width must be >= 1, got {self.beam_width}")
+        if not 1 <= self.max_tokens <= INT64_MAX:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens!r}")
+        for name in ("ignore_eos", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a boolean, got {getattr(self, name)!r}")
+        if not _finite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not _finite(self.length_penalty):
+            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty!r}")

@@ -46,6 +46,12 @@ class ModelConfig:
         seed: seed for sampling of requests that do not set their own.
         served_model_name: name(s) the server answers to (the first is reported);
             defaults to ``model``.
+        tokenizer_mode: ``"auto"`` (the fast tokenizer when there is one) or
+            ``"slow"`` (the Python tokenizer).
+        hf_overrides: attributes set on the model's HF config after it is read.
+        max_logprobs: most logprobs a request may ask for per position (-1: the vocabulary).
+        revision, max_seq_len_to_capture: vLLM options kept so that their use is
+            refused with a reason instead of being ignored.
         hf_config: the transformers config, filled by the loader.
         torch_dtype: the resolved dtype, filled by `EngineConfig.finalize`.
     """
@@ -57,6 +63,11 @@ class ModelConfig:
     seed: int = 0
     served_model_name: str | list[str] | None = None
     trust_remote_code: bool = False
+    tokenizer_mode: str = "auto"
+    hf_overrides: dict[str, Any] | None = None
+    max_logprobs: int = 20
+    revision: str | None = None
+    max_seq_len_to_capture: int | None = None
     hf_config: Any = field(default=None, repr=False, compare=False)
     torch_dtype: torch.dtype | None = None
 

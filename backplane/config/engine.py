@@ -113,6 +113,8 @@ class EngineConfig:
                 mc.hf_config = load_hf_config(mc.model, trust_remote_code=mc.trust_remote_code)
             except Exception as exc:  # noqa: BLE001 - reported with the rest, not raised alone
                 problems.append(f"model {mc.model!r}: cannot read its config ({exc})")
+            else:
+                problems += apply_hf_overrides(mc.hf_config, mc.hf_overrides)
         hf = mc.hf_config
 
         dtype_problem = self._resolve_dtype(platform)
@@ -201,6 +203,34 @@ class EngineConfig:
         for name in ("tensor_parallel_size", "pipeline_parallel_size"):
             if getattr(pc, name) < 1:
                 out.append(f"{name} ({getattr(pc, name)}) must be >= 1")
+        if mc.max_logprobs < -1:
+            out.append(f"max_logprobs ({mc.max_logprobs}) must be -1 (no limit) or >= 0")
+        if mc.revision is not None:
+            out.append(
+                f"revision ({mc.revision!r}) is not supported: Backplane loads local model "
+                "directories only; check out that revision and pass its directory"
+            )
+        if self.load_config.download_dir is not None:
+            out.append(
+                f"download_dir ({self.load_config.download_dir!r}) is not supported: Backplane "
+                "never downloads weights; pass a local model directory"
+            )
+        if mc.max_seq_len_to_capture is not None:
+            out.append(
+                f"max_seq_len_to_capture ({mc.max_seq_len_to_capture}) is not supported: the "
+                "model runner does not capture graphs yet, so there is nothing to limit"
+            )
+        if pc.tensor_parallel_size > 1 or pc.pipeline_parallel_size > 1:
+            out.append(
+                f"tensor_parallel_size ({pc.tensor_parallel_size}) and pipeline_parallel_size "
+                f"({pc.pipeline_parallel_size}) must be 1: distributed execution is not "
+                "implemented yet; run one engine per device"
+            )
+        if pc.distributed_executor_backend != "uni":
+            out.append(
+                f"distributed_executor_backend ({pc.distributed_executor_backend!r}) is not "
+                "implemented yet; only 'uni' (in-process) runs"
+            )
         if self.optimization_level is not None and self.optimization_level not in (0, 1, 2, 3):
             out.append(f"optimization_level ({self.optimization_level}) must be 0, 1, 2 or 3")
         out += self._batched_tokens_problems()
@@ -323,3 +353,25 @@ class EngineConfig:
         if not self.compilation_config.use_graphs or not sizes:
             return None
         return next((s for s in sizes if s >= batch_size), None)
+
+
+def apply_hf_overrides(hf_config: Any, overrides: dict[str, Any] | None) -> list[str]:
+    """Set ``overrides`` on the HF config (``--hf-overrides``); problems for unknown keys.
+
+    A mapping value for an attribute that is itself a config (``text_config``)
+    is applied inside it. Keys the config does not have are refused: an
+    override that nothing reads would be silently ignored.
+    """
+    problems = []
+    for key, value in (overrides or {}).items():
+        current = getattr(hf_config, key, _MISSING)
+        if current is _MISSING:
+            problems.append(f"hf_overrides: the model config has no attribute {key!r}")
+        elif isinstance(value, dict) and hasattr(current, "to_dict"):
+            problems += apply_hf_overrides(current, value)
+        else:
+            setattr(hf_config, key, value)
+    return problems
+
+
+_MISSING = object()

@@ -28,6 +28,12 @@ class EngineArgs:
     seed: int = 0
     served_model_name: list[str] | None = None
     trust_remote_code: bool = False
+    tokenizer_mode: str = "auto"
+    hf_overrides: dict[str, Any] | None = None
+    max_logprobs: int = 20
+    revision: str | None = None
+    max_seq_len_to_capture: int | None = None
+    download_dir: str | None = None
     block_size: int = 16
     enable_prefix_caching: bool = True
     memory_utilization: float = 0.9
@@ -75,6 +81,11 @@ class EngineArgs:
                 seed=self.seed,
                 served_model_name=self.served_model_name,
                 trust_remote_code=self.trust_remote_code,
+                tokenizer_mode=self.tokenizer_mode,
+                hf_overrides=dict(self.hf_overrides) if self.hf_overrides else None,
+                max_logprobs=self.max_logprobs,
+                revision=self.revision,
+                max_seq_len_to_capture=self.max_seq_len_to_capture,
             ),
             cache_config=CacheConfig(
                 block_size=self.block_size,
@@ -96,7 +107,7 @@ class EngineArgs:
                 distributed_executor_backend=self.distributed_executor_backend,
             ),
             device_config=DeviceConfig(device=self.device, attention_backend=self.attention_backend),
-            load_config=LoadConfig(load_format=self.load_format),
+            load_config=LoadConfig(load_format=self.load_format, download_dir=self.download_dir),
             compilation_config=_compilation_config(self.compilation_config),
             # enforce_eager and the level are resolved together in finalize, which
             # reports a conflict between them instead of silently dropping one.

@@ -72,6 +72,7 @@ class OptionSpec:
 
 DTYPE_CHOICES = ("auto", *_DTYPES)
 EXECUTOR_BACKENDS = ("uni", "mp", "ray", "external_launcher")
+TOKENIZER_MODES = ("auto", "slow")
 
 OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("model", "Local model directory (or an already cached hub id).", "model"),
@@ -97,6 +98,42 @@ OPTIONS: tuple[OptionSpec, ...] = (
     ),
     OptionSpec(
         "trust_remote_code", "Allow model code shipped with the checkpoint to run.", "model"
+    ),
+    OptionSpec(
+        "tokenizer_mode",
+        "'auto' (the fast tokenizer when there is one) or 'slow' (the Python one).",
+        "model",
+        choices=TOKENIZER_MODES,
+    ),
+    OptionSpec(
+        "hf_overrides",
+        "JSON mapping of attributes to set on the model's Hugging Face config after reading "
+        "it (e.g. '{\"max_position_embeddings\": 4096}').",
+        "model",
+    ),
+    OptionSpec(
+        "max_logprobs",
+        "Most logprobs (and prompt_logprobs) a request may ask for per position; -1: the "
+        "whole vocabulary.",
+        "model",
+    ),
+    OptionSpec(
+        "revision",
+        "Model revision on the Hugging Face Hub; refused: Backplane loads local "
+        "directories (check out the revision first).",
+        "model",
+    ),
+    OptionSpec(
+        "max_seq_len_to_capture",
+        "vLLM's graph-capture length limit; refused: the model runner does not capture "
+        "graphs yet.",
+        "model",
+    ),
+    OptionSpec(
+        "download_dir",
+        "Where to download weights; refused: Backplane never downloads, pass a local "
+        "model directory.",
+        "load",
     ),
     OptionSpec("block_size", "Tokens per KV-cache block.", "cache"),
     OptionSpec(

@@ -8,12 +8,19 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from backplane.beam_search import (
+    BeamSearch,
+    BeamSearchOutput,
+    check_beam_width,
+    run_beam_search,
+    step_result,
+)
 from backplane.config import EngineArgs
 from backplane.config.sources import engine_args_from_sources
 from backplane.core.engine.llm_engine import LLMEngine
 from backplane.inputs import PromptType, parse_prompt
 from backplane.outputs import RequestOutput
-from backplane.sampling_params import SamplingParams
+from backplane.sampling_params import BeamSearchParams, SamplingParams
 
 
 class LLM:
@@ -112,6 +119,42 @@ class LLM:
         finally:
             bar.close()
         return [finished[r] for r in request_ids]
+
+    def beam_search(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        params: BeamSearchParams,
+        use_tqdm: bool = False,
+    ) -> list[BeamSearchOutput]:
+        """Beam search for every prompt (vLLM's algorithm); one output per prompt, in order.
+
+        ``prompts`` are what `generate` takes. Each output's ``sequences`` are
+        the ``params.beam_width`` best, best first; see `backplane.beam_search`
+        for the algorithm. Every step submits all live beams of all prompts
+        together as one-token requests; prompts and lengths are checked before
+        the first one is queued.
+        """
+        if not isinstance(params, BeamSearchParams):
+            raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}")
+        engine = self.llm_engine
+        check_beam_width(params.beam_width, engine.max_logprobs)
+        limits = SamplingParams(max_tokens=params.max_tokens)
+        beam_prompts = []
+        for i, prompt in enumerate(self._normalize_prompts(prompts)):
+            _, token_ids = engine.tokenize_prompt(prompt)
+            engine.validate_lengths(len(token_ids), limits)
+            beam_prompts.append((token_ids, parse_prompt(prompt, f"prompts[{i}]").cache_salt))
+        search = BeamSearch(beam_prompts, params, engine.eos_token_ids, engine.tokenizer)
+        bar = tqdm(total=params.max_tokens, desc="Beam search steps", disable=not use_tqdm,
+                   dynamic_ncols=True)
+
+        def step(step_prompts: list, step_params: list[SamplingParams]):
+            outputs = self.generate(step_prompts, step_params, use_tqdm=False)
+            bar.update(1)
+            return [step_result(out) for out in outputs]
+
+        with bar:
+            return run_beam_search(search, step).outputs()
 
     @staticmethod
     def _normalize_prompts(prompts) -> list[PromptType]:

@@ -29,3 +29,14 @@ def test_every_deprecated_option_is_documented_with_its_versions():
 def test_non_option_env_vars_are_documented():
     for var in NON_OPTION_ENV_VARS - {"BACKPLANE_CONFORMANCE_PLATFORM"}:
         assert f"`{var}`" in DOC, var
+
+
+def test_every_server_option_is_documented_in_serving_md():
+    from dataclasses import fields
+
+    from backplane.config.server_options import ServerOptions
+
+    serving = (Path(__file__).parents[2] / "docs" / "serving.md").read_text()
+    for f in fields(ServerOptions):
+        flag = "--" + f.name.replace("_", "-")
+        assert f"`{flag}`" in serving, f"{flag} missing from docs/serving.md"

@@ -58,10 +58,25 @@ def test_graph_capture_on_platform_without_it():
 
 
 def test_tensor_parallel_must_divide_heads():
-    (msg,) = _problems(hf=llama_hf_config(num_attention_heads=4, num_key_value_heads=4),
-                       tensor_parallel_size=3)
-    assert msg == ("tensor_parallel_size (3) must divide num_attention_heads (4); "
-                   "use one of [1, 2, 4]")
+    problems = _problems(hf=llama_hf_config(num_attention_heads=4, num_key_value_heads=4),
+                         tensor_parallel_size=3)
+    assert "tensor_parallel_size (3) must divide num_attention_heads (4); use one of [1, 2, 4]" \
+        in problems
+
+
+def test_parallelism_is_refused_before_anything_is_built():
+    problems = _problems(tensor_parallel_size=2)
+    assert any("tensor_parallel_size (2)" in p and "not implemented yet" in p for p in problems)
+    problems = _problems(distributed_executor_backend="mp")
+    assert any("distributed_executor_backend ('mp') is not implemented yet" in p
+               for p in problems)
+
+
+def test_unsupported_vllm_options_are_refused_with_a_reason():
+    problems = _problems(revision="main", download_dir="/tmp/x", max_seq_len_to_capture=8192)
+    assert any("revision ('main') is not supported" in p for p in problems)
+    assert any("download_dir ('/tmp/x') is not supported" in p for p in problems)
+    assert any("max_seq_len_to_capture (8192) is not supported" in p for p in problems)
 
 
 def test_kv_cache_dtype_unknown_and_unsupported():

@@ -297,8 +297,6 @@ def test_cache_salt_isolates_the_prefix_cache(server, http):
         (CHAT, "guided_json", {"type": "object"}),
         (COMPLETIONS, "guided_json", {"type": "object"}),
         (COMPLETIONS, "response_format", {"type": "json_object"}),
-        (COMPLETIONS, "use_beam_search", True),
-        (CHAT, "use_beam_search", True),
         (COMPLETIONS, "best_of", 2),
         (COMPLETIONS, "bad_words", ["x"]),
         (CHAT, "bad_words", ["x"]),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 
 import httpx
 
@@ -82,9 +83,30 @@ def assert_openai_error(resp: httpx.Response, low: int = 400, high: int = 499) -
     return err
 
 
-def sse_events(lines: list[str]) -> list[str]:
-    """The ``data:`` payloads of SSE lines, in order."""
-    return [line[len("data: "):] for line in lines if line.startswith("data: ")]
+async def stream_events(
+    client: httpx.AsyncClient,
+    path: str,
+    body: dict,
+    *,
+    keep: int | None = None,
+    on_event: Callable[[str], None] | None = None,
+) -> list[str]:
+    """POST ``body`` (a streaming request) to ``path``; the SSE ``data:`` payloads in order.
+
+    With ``keep``, the connection is dropped after that many payloads, mid-stream
+    as far as the server knows; ``on_event`` is called with each payload.
+    """
+    events: list[str] = []
+    async with client.stream("POST", path, json=body) as resp:
+        assert resp.status_code == 200, (await resp.aread())[:500]
+        async for line in resp.aiter_lines():
+            if line.startswith("data: "):
+                events.append(line.removeprefix("data: "))
+                if on_event is not None:
+                    on_event(events[-1])
+                if keep is not None and len(events) >= keep:
+                    break  # leaving the block closes the connection
+    return events
 
 
 def last_finish_reason(events: list[str]) -> str | None:

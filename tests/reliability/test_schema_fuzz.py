@@ -10,14 +10,12 @@ server must serve exactly as before (see support.assert_serving_as_before).
 from __future__ import annotations
 
 import pytest
+import requests
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
+from schemathesis import GenerationMode
 
-schemathesis = pytest.importorskip("schemathesis")
-requests = pytest.importorskip("requests")
-
-from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
-from schemathesis import GenerationMode  # noqa: E402
-
-from tests.reliability.support import assert_serving_as_before  # noqa: E402
+from tests.reliability.support import assert_serving_as_before
 
 OPERATIONS = [
     "/v1/completions",

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 
 from tests.reliability.slow_serve import DELAY_ENV
-from tests.reliability.support import sse_events
+from tests.reliability.support import stream_events
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GRACE_S = 2
@@ -52,21 +52,21 @@ def _wait_healthy(url: str, proc: subprocess.Popen, logs) -> None:
         time.sleep(0.2)
 
 
-async def _stream(client: httpx.AsyncClient, i: int, max_tokens: int, started: asyncio.Event,
+async def _stream(client: httpx.AsyncClient, i: int, started: asyncio.Event,
                   signalled: asyncio.Event) -> dict:
+    """Stream ``i`` (the first NUM_LONG are long); sets ``started`` at its first event."""
+    max_tokens = LONG_TOKENS if i < NUM_LONG else SHORT_TOKENS
     body = {"prompt": f"Stream {i} begins", "max_tokens": max_tokens, "ignore_eos": True,
             "stream": True}
-    lines: list[str] = []
     done_before_signal = False
-    async with client.stream("POST", "/v1/completions", json=body) as resp:
-        assert resp.status_code == 200
-        async for line in resp.aiter_lines():
-            if line:
-                lines.append(line)
-                started.set()
-                if line == "data: [DONE]" and not signalled.is_set():
-                    done_before_signal = True
-    return {"events": sse_events(lines), "done_before_signal": done_before_signal}
+
+    def seen(event: str) -> None:
+        nonlocal done_before_signal
+        started.set()
+        done_before_signal |= event == "[DONE]" and not signalled.is_set()
+
+    events = await stream_events(client, "/v1/completions", body, on_event=seen)
+    return {"events": events, "done_before_signal": done_before_signal}
 
 
 async def _load_then_sigterm(url: str, proc: subprocess.Popen) -> tuple[list[dict], float]:
@@ -74,9 +74,7 @@ async def _load_then_sigterm(url: str, proc: subprocess.Popen) -> tuple[list[dic
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(60, connect=10)) as client:
         started = [asyncio.Event() for _ in range(NUM_LONG + NUM_SHORT)]
         tasks = [
-            asyncio.ensure_future(_stream(
-                client, i, LONG_TOKENS if i < NUM_LONG else SHORT_TOKENS, started[i], signalled
-            ))
+            asyncio.ensure_future(_stream(client, i, started[i], signalled))
             for i in range(NUM_LONG + NUM_SHORT)
         ]
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), timeout=60)

@@ -13,6 +13,7 @@ from tests.reliability.support import (
     last_finish_reason,
     mib,
     rss_bytes,
+    stream_events,
 )
 
 NUM_STREAMS = 200
@@ -42,14 +43,7 @@ def _request(i: int) -> tuple[str, dict, bool, int]:
 
 async def _one(client: httpx.AsyncClient, i: int) -> dict:
     path, body, disconnect, keep = _request(i)
-    events: list[str] = []
-    async with client.stream("POST", path, json=body) as resp:
-        assert resp.status_code == 200, await resp.aread()
-        async for line in resp.aiter_lines():
-            if line.startswith("data: "):
-                events.append(line[len("data: "):])
-                if disconnect and len(events) >= keep:
-                    break  # leaving the block closes the connection mid-stream
+    events = await stream_events(client, path, body, keep=keep if disconnect else None)
     return {"i": i, "disconnect": disconnect, "events": events}
 
 

@@ -18,8 +18,6 @@ from backplane.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-# Most top logprobs a request may ask for (vLLM's default max_logprobs).
-MAX_LOGPROBS = 20
 
 
 @dataclass
@@ -53,7 +51,12 @@ class LLMEngine:
         self.platform = resolve_platform(config.device_config.device)
         self.config = config.finalize(self.platform)
         mc = config.model_config
-        self.tokenizer = load_tokenizer(mc.tokenizer_path, trust_remote_code=mc.trust_remote_code)
+        self.tokenizer = load_tokenizer(
+            mc.tokenizer_path, trust_remote_code=mc.trust_remote_code,
+            use_fast=mc.tokenizer_mode != "slow",
+        )
+        # Unseeded sampling draws from the global generator: --seed makes runs repeatable.
+        self.platform.runtime.seed_everything(mc.seed)
         self.eos_token_ids = self._eos_token_ids()
         self.engine_core = EngineCore(self.config, self.platform)
         self.output_processor = OutputProcessor(self.tokenizer)
@@ -91,6 +94,12 @@ class LLMEngine:
     def max_model_len(self) -> int:
         return self.config.max_model_len
 
+    @property
+    def max_logprobs(self) -> int:
+        """Most logprobs per position a request may ask for (--max-logprobs; -1: vocab)."""
+        limit = self.config.model_config.max_logprobs
+        return self.vocab_size if limit == -1 else limit
+
     # ------------------------------------------------------------------ input
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         """(prompt text or None, token ids); raises ValueError/TypeError for unusable prompts."""
@@ -122,10 +131,13 @@ class LLMEngine:
                 f"max_tokens ({params.max_tokens}) + prompt ({num_prompt_tokens} tokens) = "
                 f"{params.max_tokens + num_prompt_tokens} exceeds max_model_len ({limit})"
             )
+        limit = self.max_logprobs
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(params, name)
-            if value is not None and value > MAX_LOGPROBS:
-                raise ValueError(f"{name} ({value}) exceeds the maximum of {MAX_LOGPROBS}")
+            if value is not None and value > limit:
+                raise ValueError(
+                    f"{name} ({value}) exceeds the maximum of {limit} (--max-logprobs)"
+                )
         bad_bias = [t for t in (params.logit_bias or {}) if t >= self.vocab_size]
         if bad_bias:
             raise ValueError(

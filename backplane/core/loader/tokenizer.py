@@ -13,7 +13,7 @@ _TOKENIZER_FILES = (
 )
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
+def load_tokenizer(path: str, trust_remote_code: bool = False, use_fast: bool = True):
     """The Hugging Face tokenizer stored at ``path`` (a directory or a cached hub id).
 
     Raises FileNotFoundError naming the directory when it holds no tokenizer
@@ -29,6 +29,14 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
             "point the tokenizer option at the directory that has them"
         )
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, trust_remote_code=trust_remote_code, use_fast=use_fast
+        )
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot load the tokenizer from {path!r}: {exc}") from exc
+    if not use_fast and getattr(tokenizer, "is_fast", False):
+        raise ValueError(
+            f"tokenizer_mode 'slow': the tokenizer in {path!r} has no slow (Python) "
+            "implementation; use tokenizer_mode 'auto'"
+        )
+    return tokenizer

@@ -66,7 +66,9 @@ def bad_request(message: str, param: str | None = None) -> OpenAIServingError:
 
 # One-word request fields that may start an error message (field names with an
 # underscore are recognised by their shape).
-_PLAIN_FIELDS = frozenset({"prompt", "messages", "n", "seed", "stop", "input", "model"})
+_PLAIN_FIELDS = frozenset(
+    {"prompt", "messages", "n", "seed", "stop", "input", "model", "logprobs"}
+)
 
 
 def from_value_error(exc: ValueError) -> OpenAIServingError:

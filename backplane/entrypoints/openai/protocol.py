@@ -27,9 +27,6 @@ from backplane.sampling_params import INT64_MAX, INT64_MIN
 
 logger = logging.getLogger(__name__)
 
-# Upper bound on logprobs / top_logprobs per position (OpenAI allows 5 and 20).
-MAX_LOGPROBS = 20
-
 Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
 NonNegativeInt64 = Annotated[int, Field(ge=0, le=INT64_MAX)]
 TokenId = NonNegativeInt64
@@ -93,9 +90,6 @@ UNSUPPORTED_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "function_call": (lambda v: v in (None, "none", "auto"), _TOOLS),
     "best_of": (lambda v: v in (None, 1), "best_of is not supported (vLLM V1 dropped it); "
                 "use n and rank the completions by their logprobs"),
-    "use_beam_search": (lambda v: not v, "beam search is not implemented yet"),
-    "length_penalty": (lambda v: v in (None, 1, 1.0), "length_penalty only applies to beam "
-                       "search, which is not implemented yet"),
     "bad_words": (lambda v: not v, "bad_words is not implemented yet; use logit_bias to ban "
                   "single tokens"),
     "logits_processors": (lambda v: not v, "per-request logits processors are not supported; "
@@ -202,10 +196,21 @@ class _SamplingFields(_Request):
         default=None,
         description="caller-chosen id, shown back as the response id (engine ids stay unique)",
     )
-    prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    prompt_logprobs: NonNegativeInt64 | None = None
     truncate_prompt_tokens: Annotated[int, Field(ge=-1, le=INT64_MAX)] | None = None
     cache_salt: str | None = Field(default=None, min_length=1)
     return_tokens_as_token_ids: bool = False
+    # vLLM's beam search: n beams, ranked with length_penalty (see serving_beam_search).
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+
+    @model_validator(mode="after")
+    def _length_penalty_needs_beam_search(self):
+        if self.length_penalty != 1.0 and not self.use_beam_search:
+            raise FieldError(
+                "length_penalty", "length_penalty only applies with use_beam_search: true"
+            )
+        return self
 
 
 class CompletionRequest(_SamplingFields):
@@ -213,7 +218,7 @@ class CompletionRequest(_SamplingFields):
 
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     max_tokens: Int64 | None = 16
-    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    logprobs: NonNegativeInt64 | None = None
     echo: bool = False
     suffix: str | None = None
     add_special_tokens: bool = True
@@ -240,7 +245,7 @@ class ChatCompletionRequest(_SamplingFields):
     max_tokens: Int64 | None = None
     max_completion_tokens: Int64 | None = None
     logprobs: bool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = 0
+    top_logprobs: NonNegativeInt64 | None = 0
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template: str | None = None

@@ -29,6 +29,7 @@ from backplane.entrypoints.openai.protocol import (
     UsageInfo,
     random_id,
 )
+from backplane.entrypoints.openai.serving_beam_search import beam_search_response
 from backplane.entrypoints.openai.serving_common import (
     MIN_LOGPROB,
     SSE_DONE,
@@ -69,6 +70,12 @@ class ChatServing:
         ctx.check_n(req.n)
         if req.top_logprobs and not req.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
+        if req.top_logprobs and req.top_logprobs > ctx.engine.engine.max_logprobs:
+            raise bad_request(
+                f"top_logprobs ({req.top_logprobs}) exceeds the maximum of "
+                f"{ctx.engine.engine.max_logprobs} (--max-logprobs)",
+                "top_logprobs",
+            )
         template_kwargs = dict(req.chat_template_kwargs or {})
         _, prompt_ids = await ctx.prompts.render_chat(
             req.messages,
@@ -94,6 +101,11 @@ class ChatServing:
             prompt_logprobs=req.prompt_logprobs,
         )
         base_id = req.request_id or random_id("chatcmpl")
+        if req.use_beam_search:
+            return await beam_search_response(
+                ctx, raw_request, req, base_id, [prompt_ids], [params],
+                lambda finals: self._response(req, base_id, finals[0]),
+            )
         request_ids = ctx.engine_request_ids(base_id, 1)
         iterators = await submit_all(
             ctx, request_ids, [engine_prompt(prompt_ids, req.cache_salt)], [params], req.priority

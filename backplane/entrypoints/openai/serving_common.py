@@ -28,7 +28,7 @@ from backplane.entrypoints.openai.errors import (
 )
 from backplane.entrypoints.openai.metrics import ServerMetrics
 from backplane.entrypoints.openai.prompt_processing import PromptProcessor
-from backplane.entrypoints.openai.protocol import MAX_LOGPROBS, UsageInfo
+from backplane.entrypoints.openai.protocol import UsageInfo
 from backplane.outputs import Logprob, RequestOutput
 from backplane.sampling_params import SamplingParams
 
@@ -230,9 +230,7 @@ def build_sampling_params(
     req, *, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
 ) -> SamplingParams:
     """SamplingParams from a completion/chat request; 400 naming the field if invalid."""
-    for name, value in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
-        if value is not None and not 0 <= value <= MAX_LOGPROBS:
-            raise bad_request(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}", name)
+    # Upper bounds (--max-logprobs) are the engine's to check; it names the field.
     bias = None
     if req.logit_bias:
         try:
@@ -544,10 +542,21 @@ async def finals_unless_disconnected(
         abort_all(ctx, request_ids)
 
 
+# SSE breaks lines only at CR and LF, but readers that split like str.splitlines()
+# (httpx's iter_lines, for one) also break at these; in JSON text they can only
+# stand inside strings, where the escape means the same character.
+_SPLITLINES_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def one_line_json(data: str) -> str:
+    """JSON text ``data`` with the line separators str.splitlines() knows escaped."""
+    return data.translate(_SPLITLINES_BREAKS)
+
+
 def sse(payload: dict | str) -> str:
     """One Server-Sent Event line pair."""
     data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
-    return f"data: {data}\n\n"
+    return f"data: {one_line_json(data)}\n\n"
 
 
 SSE_DONE = "data: [DONE]\n\n"

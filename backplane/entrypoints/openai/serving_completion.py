@@ -22,6 +22,7 @@ from backplane.entrypoints.openai.protocol import (
     CompletionResponse,
     random_id,
 )
+from backplane.entrypoints.openai.serving_beam_search import beam_search_response
 from backplane.entrypoints.openai.serving_common import (
     SSE_DONE,
     ServingContext,
@@ -126,6 +127,11 @@ class CompletionServing:
                 )
             )
         view = _ResponseView(req, prompt_only)
+        if req.use_beam_search:
+            return await beam_search_response(
+                ctx, raw_request, req, base_id, [p.token_ids for p in prompts], params,
+                lambda finals: self._response(view, base_id, prompts, finals),
+            )
         request_ids = ctx.engine_request_ids(base_id, len(prompts))
         iterators = await submit_all(
             ctx, request_ids, [engine_prompt(p.token_ids, req.cache_salt) for p in prompts],

@@ -56,6 +56,7 @@ from backplane.entrypoints.openai.serving_common import (
     abort_all,
     finals_unless_disconnected,
     merge_streams,
+    one_line_json,
     sampling_params_with,
     submit_all,
 )
@@ -174,7 +175,7 @@ class _Events:
     def __call__(self, event) -> str:
         event.sequence_number = self.next
         self.next += 1
-        return f"event: {event.type}\ndata: {event.model_dump_json()}\n\n"
+        return f"event: {event.type}\ndata: {one_line_json(event.model_dump_json())}\n\n"
 
 
 class ResponsesServing:

@@ -1,0 +1,49 @@
+"""Engine options from vLLM that change behaviour: hf_overrides, max_logprobs,
+tokenizer_mode and seed (each shown by its effect)."""
+
+from __future__ import annotations
+
+import pytest
+
+from backplane import LLM, SamplingParams
+
+
+def _llm(model_dir, **kwargs) -> LLM:
+    kwargs.setdefault("max_model_len", 64)
+    return LLM(model=model_dir, num_kv_blocks=32, block_size=4, **kwargs)
+
+
+def test_hf_overrides_change_the_model_config(llama_model_dir):
+    llm = _llm(llama_model_dir, max_model_len=None, hf_overrides={"max_position_embeddings": 96})
+    assert llm.llm_engine.config.model_config.hf_config.max_position_embeddings == 96
+    assert llm.llm_engine.max_model_len == 96  # the default follows the overridden limit
+    with pytest.raises(ValueError, match="hf_overrides: the model config has no attribute 'nope'"):
+        _llm(llama_model_dir, hf_overrides={"nope": 1})
+
+
+def test_max_logprobs_bounds_requests(llama_model_dir):
+    prompt = "In the beginning"
+    default = _llm(llama_model_dir)
+    with pytest.raises(ValueError, match=r"logprobs \(25\) exceeds the maximum of 20"):
+        default.generate(prompt, SamplingParams(max_tokens=2, logprobs=25), use_tqdm=False)
+    wide = _llm(llama_model_dir, max_logprobs=30)
+    out = wide.generate(prompt, SamplingParams(max_tokens=2, logprobs=25), use_tqdm=False)
+    assert all(len(entry) >= 25 for entry in out[0].outputs[0].logprobs)
+
+
+def test_slow_tokenizer_mode_is_refused_when_there_is_none(llama_model_dir):
+    # The fixture ships only tokenizer.json (a fast tokenizer), so "slow" cannot be honoured.
+    with pytest.raises(ValueError, match="tokenizer_mode 'slow'"):
+        _llm(llama_model_dir, tokenizer_mode="slow")
+
+
+def test_seed_makes_unseeded_sampling_repeatable(llama_model_dir):
+    params = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True)
+
+    def sample(seed):
+        llm = _llm(llama_model_dir, seed=seed)
+        return llm.generate("In the beginning", params, use_tqdm=False)[0].outputs[0].token_ids
+
+    first = sample(7)
+    assert sample(7) == first
+    assert sample(8) != first
