@@ -429,3 +429,31 @@ def test_max_request_body_bytes(opts_http):
     assert set(err) == {"message", "type", "param", "code"} and "2000" in err["message"]
     ok(opts_http, COMPLETIONS, body_of(COMPLETIONS, model=OPTS_NAME))
 
+
+
+def test_engine_stats_are_logged_periodically_and_quiet_when_idle(server):
+    import asyncio
+
+    from backplane.entrypoints.openai.api_server import log_stats
+
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("backplane.entrypoints.openai.api_server")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+
+    async def run():
+        task = asyncio.create_task(log_stats(server.engine, interval=0.05))
+        await asyncio.sleep(0.5)
+        task.cancel()
+
+    try:
+        asyncio.run(run())
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    stats = [line for line in lines if line.startswith("engine:")]
+    assert len(stats) == 1  # idle: logged once, not every interval
+    assert "KV cache" in stats[0] and "tokens/s" in stats[0]

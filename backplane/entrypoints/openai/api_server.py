@@ -235,7 +235,7 @@ STATS_INTERVAL_S = 10.0
 
 async def log_stats(engine: AsyncEngine, interval: float = STATS_INTERVAL_S) -> None:
     """Log load, KV cache usage and throughput every ``interval`` seconds (vLLM-style)."""
-    last_tokens, last_time = None, time.monotonic()
+    last_tokens, last_time, was_idle = None, time.monotonic(), False
     while True:
         await asyncio.sleep(interval)
         stats = engine.get_stats()
@@ -245,6 +245,10 @@ async def log_stats(engine: AsyncEngine, interval: float = STATS_INTERVAL_S) -> 
         now = time.monotonic()
         rate = 0.0 if last_tokens is None else (tokens - last_tokens) / (now - last_time)
         last_tokens, last_time = tokens, now
+        idle = stats.num_running == 0 and stats.num_waiting == 0 and rate == 0
+        if idle and was_idle:
+            continue  # one line when the engine goes idle, then quiet until work arrives
+        was_idle = idle
         logger.info(
             "engine: %d running, %d waiting, generation %.1f tokens/s, KV cache %.1f%% used, "
             "prefix cache hit rate %.1f%%",
