@@ -20,7 +20,9 @@ MAX_N = 16384
 class SamplingParams:
     """Sampling parameters with vLLM's names and meanings.
 
-    Processing order in the sampler: penalties, logit_bias, temperature, min_p,
+    Processing order in the sampler: penalties, logit_bias, allowed_token_ids
+    and bad_words (tokens outside the allowed set, and the last token of a bad
+    word whose other tokens were just generated, get -inf), temperature, min_p,
     top_k, top_p. ``temperature=0`` is greedy. ``logprobs=k`` returns the top-k
     log-probabilities of each generated token plus the chosen one, computed from
     the raw logits (before any processing); ``prompt_logprobs=k`` likewise for
@@ -42,6 +44,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
@@ -51,6 +55,8 @@ class SamplingParams:
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
     # Filled by the engine from the tokenizer/generation config (kept out of repr).
     eos_token_ids: frozenset[int] = field(default_factory=frozenset, repr=False)
+    # Filled by the engine: each bad word as token ids (with and without a leading space).
+    bad_words_token_ids: list[list[int]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -62,6 +68,11 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.logit_bias:
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(self.allowed_token_ids)
+        if self.bad_words is not None:
+            self.bad_words = [self.bad_words] if isinstance(self.bad_words, str) else list(
+                self.bad_words)
         if self.top_k is None or self.top_k == -1:
             self.top_k = 0
         self._validate()
@@ -113,6 +124,16 @@ class SamplingParams:
         for tid in self.stop_token_ids:
             if isinstance(tid, bool) or not isinstance(tid, int) or not 0 <= tid <= INT64_MAX:
                 raise bad("stop_token_ids", tid, "a list of token ids (integers >= 0)")
+        if self.allowed_token_ids is not None:
+            if not self.allowed_token_ids:
+                raise bad("allowed_token_ids", [], "a non-empty list of token ids, or None")
+            for tid in self.allowed_token_ids:
+                if isinstance(tid, bool) or not isinstance(tid, int) or not 0 <= tid <= INT64_MAX:
+                    raise bad("allowed_token_ids", tid, "a list of token ids (integers >= 0)")
+        if self.bad_words is not None and any(
+            not isinstance(w, str) or not w.strip() for w in self.bad_words
+        ):
+            raise bad("bad_words", self.bad_words, "a list of non-empty strings")
         if self.logit_bias:
             for tid, bias in self.logit_bias.items():
                 if not 0 <= tid <= INT64_MAX or not _finite(bias) or not -100.0 <= bias <= 100.0:

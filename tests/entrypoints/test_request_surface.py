@@ -298,8 +298,6 @@ def test_cache_salt_isolates_the_prefix_cache(server, http):
         (COMPLETIONS, "guided_json", {"type": "object"}),
         (COMPLETIONS, "response_format", {"type": "json_object"}),
         (COMPLETIONS, "best_of", 2),
-        (COMPLETIONS, "bad_words", ["x"]),
-        (CHAT, "bad_words", ["x"]),
     ],
 )
 def test_unsupported_fields_are_400(http, path, field, value):
@@ -457,3 +455,19 @@ def test_engine_stats_are_logged_periodically_and_quiet_when_idle(server):
     stats = [line for line in lines if line.startswith("engine:")]
     assert len(stats) == 1  # idle: logged once, not every interval
     assert "KV cache" in stats[0] and "tokens/s" in stats[0]
+
+
+def test_allowed_token_ids_and_bad_words_shape_the_output(http):
+    allowed = [40, 41, 42]
+    body = body_of(COMPLETIONS, max_tokens=8, allowed_token_ids=allowed, ignore_eos=True,
+                   logprobs=0, return_tokens_as_token_ids=True)
+    tokens = ok(http, COMPLETIONS, body)["choices"][0]["logprobs"]["tokens"]
+    assert {int(t.split(":")[1]) for t in tokens} <= set(allowed)
+    free = ok(http, COMPLETIONS, body_of(COMPLETIONS, max_tokens=8, temperature=0))
+    text = free["choices"][0]["text"]
+    word = text.split()[0] if text.split() else text
+    banned = ok(http, COMPLETIONS, body_of(COMPLETIONS, max_tokens=8, temperature=0,
+                                            bad_words=[word]))
+    assert word not in banned["choices"][0]["text"].split()
+    refused(http, COMPLETIONS, body_of(COMPLETIONS, allowed_token_ids=[10**6]),
+            "allowed_token_ids")

@@ -143,6 +143,12 @@ class LLMEngine:
             raise ValueError(
                 f"logit_bias token id {bad_bias[0]} is out of range: must be < {self.vocab_size}"
             )
+        bad_allowed = [t for t in params.allowed_token_ids or () if t >= self.vocab_size]
+        if bad_allowed:
+            raise ValueError(
+                f"allowed_token_ids contains token id {bad_allowed[0]}, outside the vocabulary "
+                f"[0, {self.vocab_size})"
+            )
         bad_stop = [t for t in params.stop_token_ids if t >= self.vocab_size]
         if bad_stop:
             raise ValueError(
@@ -169,6 +175,7 @@ class LLMEngine:
         self.validate_lengths(len(token_ids), params)
         params = copy.copy(params)
         params.eos_token_ids = self.eos_token_ids
+        params.bad_words_token_ids = self._bad_words_token_ids(params.bad_words)
         params.all_stop_token_ids = set(params.stop_token_ids)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         sequences, seq_ids = [], []
@@ -189,6 +196,16 @@ class LLMEngine:
                 cache_salt=parsed.cache_salt,
             ))
         self._seq_ids[request_id] = seq_ids
+
+    def _bad_words_token_ids(self, words: list[str] | None) -> list[list[int]]:
+        """Each bad word as token ids, alone and after a space (as it appears mid-text)."""
+        out: list[list[int]] = []
+        for word in words or ():
+            for text in (word, " " + word.lstrip()):
+                ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+                if ids and ids not in out:
+                    out.append(ids)
+        return out
 
     # ------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:

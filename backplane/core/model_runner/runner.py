@@ -240,13 +240,25 @@ class ModelRunner:
             counts, seen = self._token_statistics(rows, need_seen=repetition is not None)
         bias = [p.logit_bias for p in params]
         banned = None
+        allowed = None
         for i, (p, row) in enumerate(zip(params, rows.tolist(), strict=True)):
             produced = batch.num_tokens[row] - batch.num_prompt_tokens[row]
+            forbid: set[int] = set()
             if produced < p.min_tokens:
-                banned = banned or [[] for _ in params]
                 # EOS is banned even with ignore_eos, as vLLM does: min_tokens promises
                 # that many tokens of real output, not EOS tokens that fail to stop.
-                banned[i] = sorted(p.all_stop_token_ids | p.eos_token_ids)
+                forbid |= p.all_stop_token_ids | p.eos_token_ids
+            if p.bad_words_token_ids:
+                output = batch.token_ids[row, batch.num_prompt_tokens[row] : batch.num_tokens[row]]
+                forbid |= _bad_word_completions(p.bad_words_token_ids, output)
+            if forbid:
+                banned = banned or [[] for _ in params]
+                banned[i] = sorted(forbid)
+            if p.allowed_token_ids is not None:
+                if allowed is None:
+                    allowed = torch.ones(len(params), self.vocab_size, dtype=torch.bool)
+                allowed[i] = False
+                allowed[i, p.allowed_token_ids] = True
         generators = {
             i: batch.generators[r] for i, r in enumerate(rows.tolist())
             if batch.generators[r] is not None
@@ -279,6 +291,7 @@ class ModelRunner:
             seen_token_mask=seen,
             logit_bias=bias if any(bias) else None,
             banned_token_ids=banned,
+            allowed_token_mask=None if allowed is None else allowed.to(self.device),
             generators=generators,
             max_num_logprobs=max(max_logprobs) if max_logprobs else None,
         )
@@ -327,3 +340,14 @@ class ModelRunner:
             ids, lps, ranks = gather_logprobs(logprobs, k, targets)
             chunk = TokenLogprobs(ids.cpu().numpy(), lps.cpu().numpy(), ranks.cpu().numpy())
             result.prompt_logprobs[batch.req_ids[row]] = chunk
+
+
+def _bad_word_completions(bad_words: list[list[int]], output: np.ndarray) -> set[int]:
+    """Last tokens of the bad words whose other tokens end ``output`` (to be banned now)."""
+    banned = set()
+    n = len(output)
+    for word in bad_words:
+        prefix = word[:-1]
+        if len(prefix) <= n and (not prefix or output[n - len(prefix):].tolist() == prefix):
+            banned.add(word[-1])
+    return banned

@@ -29,7 +29,8 @@ class SamplingMetadata:
     output_token_counts: torch.Tensor | None  # [B, V] float32
     seen_token_mask: torch.Tensor | None  # [B, V] bool
     logit_bias: list[dict[int, float] | None] | None
-    # Rows that must not end yet (min_tokens): token ids to forbid, per row.
+    # Token ids to forbid this step, per row: EOS and stop tokens of rows that must
+    # not end yet (min_tokens), and the next token of a bad word being completed.
     banned_token_ids: list[list[int]] | None
     generators: dict[int, torch.Generator]  # row -> generator of seeded requests
     max_num_logprobs: int | None  # largest `logprobs` among rows, None if no row asks
@@ -37,3 +38,5 @@ class SamplingMetadata:
     # applied after logprobs are taken and before penalties.
     logits_processors: tuple = ()
     output_token_ids: list[list[int]] | None = None
+    # [B, V] bool, True where a token may be sampled (allowed_token_ids); None: all may.
+    allowed_token_mask: torch.Tensor | None = None

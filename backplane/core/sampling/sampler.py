@@ -1,8 +1,8 @@
 """Turns logits into next tokens, applying each request's sampling parameters.
 
 Order (as vLLM and the OpenAI API define it): plugin logits processors, penalties,
-logit bias, forbidden
-tokens (min_tokens), temperature, min_p, top-k, top-p, then draw. Logprobs are
+logit bias, forbidden tokens (min_tokens, bad words), allowed tokens,
+temperature, min_p, top-k, top-p, then draw. Logprobs are
 taken from the raw logits before any of that, so they describe the model, not
 the sampling settings.
 """
@@ -96,6 +96,8 @@ class Sampler:
             for row, banned in enumerate(meta.banned_token_ids):
                 if banned:
                     logits[row, banned] = float("-inf")
+        if meta.allowed_token_mask is not None:
+            logits = logits.masked_fill(~meta.allowed_token_mask, float("-inf"))
         return logits
 
     @staticmethod

@@ -90,8 +90,6 @@ UNSUPPORTED_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "function_call": (lambda v: v in (None, "none", "auto"), _TOOLS),
     "best_of": (lambda v: v in (None, 1), "best_of is not supported (vLLM V1 dropped it); "
                 "use n and rank the completions by their logprobs"),
-    "bad_words": (lambda v: not v, "bad_words is not implemented yet; use logit_bias to ban "
-                  "single tokens"),
     "logits_processors": (lambda v: not v, "per-request logits processors are not supported; "
                           "install them as a general plugin"),
     "prompt_embeds": (lambda v: v is None, "prompt embeddings are not supported"),
@@ -200,6 +198,8 @@ class _SamplingFields(_Request):
     truncate_prompt_tokens: Annotated[int, Field(ge=-1, le=INT64_MAX)] | None = None
     cache_salt: str | None = Field(default=None, min_length=1)
     return_tokens_as_token_ids: bool = False
+    allowed_token_ids: list[TokenId] | None = None
+    bad_words: list[str] | None = None
     # vLLM's beam search: n beams, ranked with length_penalty (see serving_beam_search).
     use_beam_search: bool = False
     length_penalty: float = 1.0

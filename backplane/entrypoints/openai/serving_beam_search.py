@@ -50,7 +50,8 @@ from backplane.sampling_params import BeamSearchParams, SamplingParams
 logger = logging.getLogger(__name__)
 
 # Request fields beam search does not use: each must keep a value that changes
-# nothing (its default or neutral one), or the request is a 400 naming it.
+# nothing (its default or neutral one), or the request is a 400 naming it. A field
+# a request model does not declare reads as None, which every check takes as neutral.
 _NEUTRAL: dict[str, Callable[[Any], bool]] = {
     "logprobs": lambda v: v is None or v is False,
     "prompt_logprobs": lambda v: v is None,
@@ -64,6 +65,8 @@ _NEUTRAL: dict[str, Callable[[Any], bool]] = {
     "stop": lambda v: not v,
     "stop_token_ids": lambda v: not v,
     "min_tokens": lambda v: not v,
+    "bad_words": lambda v: not v,
+    "allowed_token_ids": lambda v: v is None,
     "skip_special_tokens": lambda v: v is not False,
 }
 
@@ -85,7 +88,7 @@ def check_beam_search_request(ctx: ServingContext, req) -> None:
     if getattr(req, "max_tokens", None) == 0:
         raise bad_request("max_tokens must be >= 1 with use_beam_search", "max_tokens")
     for name, neutral in _NEUTRAL.items():
-        if not neutral(getattr(req, name)):
+        if not neutral(getattr(req, name, None)):
             raise bad_request(
                 f"{name} is not supported with use_beam_search; leave it out", name
             )

@@ -255,6 +255,8 @@ def build_sampling_params(
         skip_special_tokens=req.skip_special_tokens,
         spaces_between_special_tokens=req.spaces_between_special_tokens,
         include_stop_str_in_output=req.include_stop_str_in_output,
+        allowed_token_ids=req.allowed_token_ids,
+        bad_words=req.bad_words,
     )
     return sampling_params_with(
         req,

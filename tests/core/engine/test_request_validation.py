@@ -142,3 +142,27 @@ def test_cache_salt_isolates_the_prefix_cache(llm):
     assert cached("bob") == 0  # another salt: not shared
     assert cached(None) == 0  # unsalted requests do not see salted blocks
     assert cached(None) == 36
+
+
+def test_allowed_token_ids_restrict_sampling(llm):
+    allowed = [7, 8, 9]
+    params = SamplingParams(temperature=1.0, seed=1, max_tokens=10, ignore_eos=True,
+                            allowed_token_ids=allowed)
+    out = llm.generate("In the beginning", params, use_tqdm=False)[0].outputs[0]
+    assert set(out.token_ids) <= set(allowed) and len(out.token_ids) == 10
+    with pytest.raises(ValueError, match="allowed_token_ids contains token id 4096"):
+        llm.generate("x", SamplingParams(allowed_token_ids=[4096]), use_tqdm=False)
+
+
+def test_bad_words_are_never_completed(llm):
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    ids = llm.generate("In the beginning", greedy, use_tqdm=False)[0].outputs[0].token_ids
+    # Ban the two-token sequence greedy decoding produces at positions 2..3.
+    word = llm.get_tokenizer().decode(ids[2:4])
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, bad_words=[word])
+    out = llm.generate("In the beginning", params, use_tqdm=False)[0].outputs[0].token_ids
+    for seq in llm.llm_engine._bad_words_token_ids([word]):
+        n = len(seq)
+        assert all(out[i:i + n] != seq for i in range(len(out) - n + 1)), (seq, out)
+    assert out != ids  # the ban changed the output
+    assert out[:2] == ids[:2]  # unchanged up to the banned completion
