@@ -12,6 +12,7 @@ from backplane.core.engine.async_engine import (
     MAX_CONSECUTIVE_STEP_FAILURES,
     AsyncEngine,
     EngineDeadError,
+    RequestAbortedError,
 )
 from backplane.sampling_params import SamplingParams
 from tests.entrypoints.server_utils import metric, start_server, tiny_engine_args
@@ -128,6 +129,49 @@ def test_shutdown_aborts_in_flight_requests_and_joins_thread(engine_args):
     assert stats.num_running == 0 and stats.num_free_blocks == stats.num_total_blocks
     with pytest.raises(EngineDeadError, match="shut down"):
         asyncio.run(engine.add_request("r2", "hi", SamplingParams(max_tokens=2)))
+
+
+def test_fail_all_reaches_every_request_while_the_loop_is_stuck_in_a_long_step(engine_args):
+    """A drain at shutdown must not wait for a step that takes long (a first compile)."""
+    engine = AsyncEngine.from_engine_args(engine_args)
+    real_step = engine.engine.step
+    stuck = {"on": False}
+
+    def step():
+        if stuck["on"]:
+            time.sleep(3)
+        return real_step()
+
+    engine.engine.step = step
+    params = SamplingParams(max_tokens=50, ignore_eos=True, temperature=0)
+
+    async def main():
+        first = await engine.add_request("running", "Once upon a time", params)
+        stuck["on"] = True
+        await asyncio.sleep(0.2)  # the loop thread is now inside the long step
+        pending = asyncio.ensure_future(engine.add_request("pending", "hi", params))
+        await asyncio.sleep(0.1)
+        t0 = time.time()
+        engine.fail_all("draining")
+        with pytest.raises(RequestAbortedError, match="draining"):
+            async for _ in first:
+                pass
+        with pytest.raises(RequestAbortedError, match="draining"):
+            await pending
+        return time.time() - t0
+
+    try:
+        assert asyncio.run(main()) < 1.0
+        stuck["on"] = False
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            stats = engine.get_stats()
+            if stats.num_running == 0 and stats.num_free_blocks == stats.num_total_blocks:
+                break
+            time.sleep(0.05)
+        assert stats.num_free_blocks == stats.num_total_blocks
+    finally:
+        engine.shutdown()
 
 
 def test_cancelled_consumer_aborts_request(engine_args):

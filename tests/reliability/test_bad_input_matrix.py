@@ -24,7 +24,16 @@ from tests.reliability.support import (
 )
 
 HUGE_INTS = [2**63, 2**64, -(2**63) - 1]
-MALFORMED = [b'{"prompt": "hi", ', b"{", b"not json", b"", b"[1, 2]", b"null", b'"text"', b"\xff\xfe"]
+MALFORMED = [
+    b'{"prompt": "hi", ',
+    b"{",
+    b"not json",
+    b"",
+    b"[1, 2]",
+    b"null",
+    b'"text"',
+    b"\xff\xfe",
+]
 LONE = "\ud800"
 OUT_OF_VOCAB = 999999
 
@@ -48,15 +57,23 @@ def _sampling_cases(base: dict, int_fields: list[str]) -> list[tuple[str, object
     for value in HUGE_INTS:
         cases.append((f"stop_token_ids=[{value}]", _with(base, stop_token_ids=[value])))
         cases.append((f"logit_bias key {value}", _with(base, logit_bias={str(value): 1})))
-    for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
-                 "repetition_penalty"):
+    for name in (
+        "temperature",
+        "top_p",
+        "min_p",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+    ):
         for value in (float("nan"), float("inf"), float("-inf")):
             cases.append((f"{name}={value}", _with(base, **{name: value})))
     for value in (float("nan"), float("inf")):
         cases.append((f"logit_bias value {value}", _with(base, logit_bias={"5": value})))
     cases += [
-        ("stop_token_ids out of vocab with min_tokens",
-         _with(base, max_tokens=8, min_tokens=2, stop_token_ids=[OUT_OF_VOCAB])),
+        (
+            "stop_token_ids out of vocab with min_tokens",
+            _with(base, max_tokens=8, min_tokens=2, stop_token_ids=[OUT_OF_VOCAB]),
+        ),
         ("logit_bias key out of vocab", _with(base, logit_bias={str(OUT_OF_VOCAB): 1})),
         ("logit_bias key not a number", _with(base, logit_bias={"abc": 1})),
         ("lone surrogate in stop", _with(base, stop=[LONE])),
@@ -80,8 +97,17 @@ def _sampling_cases(base: dict, int_fields: list[str]) -> list[tuple[str, object
 
 
 def completion_cases() -> list[tuple[str, object]]:
-    fields = ["n", "top_k", "seed", "max_tokens", "min_tokens", "priority", "logprobs",
-              "truncate_prompt_tokens", "prompt_logprobs"]
+    fields = [
+        "n",
+        "top_k",
+        "seed",
+        "max_tokens",
+        "min_tokens",
+        "priority",
+        "logprobs",
+        "truncate_prompt_tokens",
+        "prompt_logprobs",
+    ]
     return _sampling_cases(COMPLETION, fields) + [
         ("missing prompt", {"max_tokens": 4}),
         ("empty body object", {}),
@@ -103,8 +129,17 @@ def completion_cases() -> list[tuple[str, object]]:
 
 
 def chat_cases() -> list[tuple[str, object]]:
-    fields = ["n", "top_k", "seed", "max_tokens", "max_completion_tokens", "min_tokens",
-              "priority", "top_logprobs", "truncate_prompt_tokens"]
+    fields = [
+        "n",
+        "top_k",
+        "seed",
+        "max_tokens",
+        "max_completion_tokens",
+        "min_tokens",
+        "priority",
+        "top_logprobs",
+        "truncate_prompt_tokens",
+    ]
     return _sampling_cases(CHAT, fields) + [
         ("missing messages", {"max_tokens": 4}),
         ("empty body object", {}),
@@ -113,10 +148,14 @@ def chat_cases() -> list[tuple[str, object]]:
         ("message a number", _with(CHAT, messages=[5])),
         ("message without role", _with(CHAT, messages=[{"content": "hi"}])),
         ("content a number", _with(CHAT, messages=[{"role": "user", "content": 5}])),
-        ("lone surrogate in content",
-         _with(CHAT, messages=[{"role": "user", "content": "hi " + LONE}])),
-        ("lone surrogate in content part",
-         _with(CHAT, messages=[{"role": "user", "content": [{"type": "text", "text": LONE}]}])),
+        (
+            "lone surrogate in content",
+            _with(CHAT, messages=[{"role": "user", "content": "hi " + LONE}]),
+        ),
+        (
+            "lone surrogate in content part",
+            _with(CHAT, messages=[{"role": "user", "content": [{"type": "text", "text": LONE}]}]),
+        ),
         ("lone surrogate in role", _with(CHAT, messages=[{"role": LONE, "content": "hi"}])),
         ("logprobs not a bool", _with(CHAT, logprobs="perhaps")),
     ]
@@ -138,8 +177,7 @@ def responses_cases() -> list[tuple[str, object]]:
         ("input item a string", _with(RESPONSES, input=["hi"])),
         ("input item without role", _with(RESPONSES, input=[{"content": "hi"}])),
         ("lone surrogate in input", _with(RESPONSES, input="hi " + LONE)),
-        ("lone surrogate in message",
-         _with(RESPONSES, input=[{"role": "user", "content": LONE}])),
+        ("lone surrogate in message", _with(RESPONSES, input=[{"role": "user", "content": LONE}])),
         ("lone surrogate in instructions", _with(RESPONSES, instructions=LONE)),
         ("max_output_tokens as text", _with(RESPONSES, max_output_tokens="many")),
         ("max_output_tokens zero", _with(RESPONSES, max_output_tokens=0)),
@@ -153,8 +191,7 @@ def responses_cases() -> list[tuple[str, object]]:
 def tokenize_cases() -> list[tuple[str, object]]:
     return [
         ("neither prompt nor messages", {}),
-        ("both prompt and messages",
-         _with(TOKENIZE, messages=[{"role": "user", "content": "hi"}])),
+        ("both prompt and messages", _with(TOKENIZE, messages=[{"role": "user", "content": "hi"}])),
         ("prompt a number", {"prompt": 5}),
         ("prompt huge number", {"prompt": 2**64}),
         ("prompt NaN", {"prompt": float("nan")}),
@@ -164,8 +201,10 @@ def tokenize_cases() -> list[tuple[str, object]]:
         ("lone surrogate in prompt", {"prompt": LONE}),
         ("lone surrogate in messages", {"messages": [{"role": "user", "content": LONE}]}),
         ("add_special_tokens not a bool", _with(TOKENIZE, add_special_tokens="maybe")),
-        ("chat_template from an untrusted request",
-         {"messages": [{"role": "user", "content": "hi"}], "chat_template": "{{ 1 }}"}),
+        (
+            "chat_template from an untrusted request",
+            {"messages": [{"role": "user", "content": "hi"}], "chat_template": "{{ 1 }}"},
+        ),
         ("unknown model", _with(TOKENIZE, model="no-such-model")),
     ]
 
@@ -266,8 +305,9 @@ def test_oversized_numeric_fields_from_the_report_are_400(server, greedy_referen
                 ("/v1/completions", body),
                 ("/v1/chat/completions", _as_chat(body)),
             ):
-                resp = c.post(path, content=_encode(request),
-                              headers={"content-type": "application/json"})
+                resp = c.post(
+                    path, content=_encode(request), headers={"content-type": "application/json"}
+                )
                 err = assert_openai_error(resp, 400, 400)
                 assert err["param"] == param, (path, request, err)
                 assert err["type"] == "invalid_request_error"

@@ -95,8 +95,10 @@ def test_partial_request_head_is_closed_after_header_timeout(limited_server, tri
     counts_before = finished_counts(limited_server)
     with socket.create_connection((host, int(port)), timeout=5) as slow:
         opened = time.monotonic()
-        slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                     b"Content-Type: application/json\r\n")
+        slow.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\n"
+        )
         # meanwhile, another connection is served as usual, and nothing runs for the slow one
         with limited_server.client() as c:
             assert metric(c.get("/metrics").text, "backplane:num_requests_running") == 0
@@ -106,8 +108,10 @@ def test_partial_request_head_is_closed_after_header_timeout(limited_server, tri
         closed = _closed_by_server(slow, opened + 6, trickle)
     assert closed is not None, "the server kept a connection with a partial request head open"
     waited = closed - opened
-    print(f"partial request head ({'trickling' if trickle else 'stalled'}) closed after "
-          f"{waited:.2f} s (header timeout {HEADER_TIMEOUT_S:g} s)")
+    print(
+        f"partial request head ({'trickling' if trickle else 'stalled'}) closed after "
+        f"{waited:.2f} s (header timeout {HEADER_TIMEOUT_S:g} s)"
+    )
     assert HEADER_TIMEOUT_S - 0.2 <= waited <= 3 * HEADER_TIMEOUT_S
     # exactly one engine request ran: the normal one
     counts = finished_counts(limited_server)

@@ -52,12 +52,17 @@ def _wait_healthy(url: str, proc: subprocess.Popen, logs) -> None:
         time.sleep(0.2)
 
 
-async def _stream(client: httpx.AsyncClient, i: int, started: asyncio.Event,
-                  signalled: asyncio.Event) -> dict:
+async def _stream(
+    client: httpx.AsyncClient, i: int, started: asyncio.Event, signalled: asyncio.Event
+) -> dict:
     """Stream ``i`` (the first NUM_LONG are long); sets ``started`` at its first event."""
     max_tokens = LONG_TOKENS if i < NUM_LONG else SHORT_TOKENS
-    body = {"prompt": f"Stream {i} begins", "max_tokens": max_tokens, "ignore_eos": True,
-            "stream": True}
+    body = {
+        "prompt": f"Stream {i} begins",
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "stream": True,
+    }
     done_before_signal = False
 
     def seen(event: str) -> None:
@@ -94,10 +99,24 @@ def test_sigterm_under_load_finishes_short_streams_errors_long_ones_and_exits_0(
     env = dict(os.environ, BACKPLANE_LOGGING_LEVEL="INFO", **{DELAY_ENV: str(STEP_DELAY_S)})
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     command = [
-        sys.executable, "-m", "tests.reliability.slow_serve", "serve", llama_model_dir,
-        "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "256",
-        "--num-kv-blocks", "160", "--block-size", "16",
-        "--graceful-shutdown-timeout", str(GRACE_S), "--disable-log-stats",
+        sys.executable,
+        "-m",
+        "tests.reliability.slow_serve",
+        "serve",
+        llama_model_dir,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-model-len",
+        "256",
+        "--num-kv-blocks",
+        "160",
+        "--block-size",
+        "16",
+        "--graceful-shutdown-timeout",
+        str(GRACE_S),
+        "--disable-log-stats",
     ]
 
     def logs() -> str:

@@ -43,9 +43,17 @@ async def _mixed_request(client: httpx.AsyncClient, i: int) -> None:
         r = await client.post("/v1/completions", json={"prompt": f"Soak {i}", "max_tokens": 16})
         assert r.status_code == 200, r.text
     elif kind == 1:
-        events = await stream_events(client, "/v1/chat/completions", {
-            "messages": MESSAGES, "max_tokens": 16, "stream": True, "ignore_eos": True,
-            "stream_options": {"include_usage": True}})
+        events = await stream_events(
+            client,
+            "/v1/chat/completions",
+            {
+                "messages": MESSAGES,
+                "max_tokens": 16,
+                "stream": True,
+                "ignore_eos": True,
+                "stream_options": {"include_usage": True},
+            },
+        )
         assert events[-1] == "[DONE]" and last_finish_reason(events) == "length", events[-3:]
     elif kind == 2:
         r = await client.post("/v1/responses", json={"input": f"Soak {i}", "max_output_tokens": 12})
@@ -59,16 +67,29 @@ async def _mixed_request(client: httpx.AsyncClient, i: int) -> None:
         r = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": -1})
         assert r.status_code == 400, r.text
     elif kind == 5:  # dropped mid-stream
-        await stream_events(client, "/v1/completions", {
-            "prompt": f"Soak {i}", "max_tokens": 64, "stream": True, "ignore_eos": True}, keep=2)
+        await stream_events(
+            client,
+            "/v1/completions",
+            {"prompt": f"Soak {i}", "max_tokens": 64, "stream": True, "ignore_eos": True},
+            keep=2,
+        )
     elif kind == 6:
-        r = await client.post("/v1/completions", json={
-            "prompt": f"Soak {i}", "max_tokens": 8, "n": 2, "logprobs": 2, "temperature": 0.7,
-            "seed": i})
+        r = await client.post(
+            "/v1/completions",
+            json={
+                "prompt": f"Soak {i}",
+                "max_tokens": 8,
+                "n": 2,
+                "logprobs": 2,
+                "temperature": 0.7,
+                "seed": i,
+            },
+        )
         assert r.status_code == 200 and len(r.json()["choices"]) == 2, r.text
     else:
-        events = await stream_events(client, "/v1/responses", {
-            "input": MESSAGES, "max_output_tokens": 12, "stream": True})
+        events = await stream_events(
+            client, "/v1/responses", {"input": MESSAGES, "max_output_tokens": 12, "stream": True}
+        )
         assert '"response.completed"' in events[-1] or '"response.incomplete"' in events[-1]
 
 
@@ -109,14 +130,18 @@ def test_soak_mixed_traffic_rss_flattens(server, engine, greedy_reference):
     kv_bytes = engine.engine.engine_core.model_runner.kv_cache_bytes
 
     base = samples[0][1]
-    print(f"\nsoak {SOAK_S:g} s, {WORKERS} workers: {served} requests "
-          f"({served / SOAK_S:.0f}/s); RSS samples (s, MiB, growth since start):")
+    print(
+        f"\nsoak {SOAK_S:g} s, {WORKERS} workers: {served} requests "
+        f"({served / SOAK_S:.0f}/s); RSS samples (s, MiB, growth since start):"
+    )
     for t, rss in samples:
         print(f"  {t:6.1f} s  {mib(rss):8.1f}  {mib(rss - base):+7.1f}")
     for key in ("Rss", "Anonymous", "AnonHugePages"):
         if key in rollup_before and key in rollup_after:
-            print(f"  smaps_rollup {key}: {rollup_before[key] / 1024:.1f} -> "
-                  f"{rollup_after[key] / 1024:.1f} MiB")
+            print(
+                f"  smaps_rollup {key}: {rollup_before[key] / 1024:.1f} -> "
+                f"{rollup_after[key] / 1024:.1f} MiB"
+            )
     print(f"  KV cache: {mib(kv_bytes):.1f} MiB, the most first-touched KV pages can add")
     mid = samples[len(samples) // 2][1]
     first_half, second_half = mib(mid - base), mib(samples[-1][1] - mid)

@@ -33,8 +33,13 @@ def test_line_separators_in_a_completion_stream_do_not_split_events(server):
 
 
 def test_line_separators_in_a_responses_stream_do_not_split_events(server):
-    body = {"input": "hi", "instructions": TEXT, "metadata": {"note": TEXT},
-            "max_output_tokens": 2, "stream": True}
+    body = {
+        "input": "hi",
+        "instructions": TEXT,
+        "metadata": {"note": TEXT},
+        "max_output_tokens": 2,
+        "stream": True,
+    }
     lines = _lines(server, "/v1/responses", body)
     assert all(line.startswith(("event: ", "data: ")) for line in lines), lines
     events = [json.loads(line.removeprefix("data: ")) for line in lines[1::2]]

@@ -105,6 +105,8 @@ class RequestStream:
         # Set when an abort was asked for; the loop thread then delivers the final
         # output (finish_reason "abort") and drops the stream.
         self.abort_requested = False
+        # The future `add_request` waits on until the loop thread has added it.
+        self.accepted: concurrent.futures.Future | None = None
         self._loop = loop
         self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
 
@@ -152,6 +154,7 @@ class AsyncEngine:
         self._stats = None
         self._stats_lock = threading.Lock()
         self._dead_callbacks: list = []
+        self._stop_sent = False
         self._consecutive_step_failures = 0
         self._thread = threading.Thread(
             target=self._run_loop, name="backplane-engine-loop", daemon=True
@@ -231,7 +234,10 @@ class AsyncEngine:
         first lets uvicorn drain open connections, so normally none are left.
         """
         self._accepting = False
-        if self._thread.is_alive():
+        # A second call (the server's lifespan, then its exit path) does not wait again
+        # for a thread that is stuck in a long step.
+        if self._thread.is_alive() and not self._stop_sent:
+            self._stop_sent = True
             self._commands.put(_StopCommand())
             self._wakeup.set()
             self._thread.join(timeout)
@@ -264,6 +270,7 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         stream = RequestStream(request_id, loop)
         accepted: concurrent.futures.Future = concurrent.futures.Future()
+        stream.accepted = accepted
         self._streams[request_id] = stream
         self._submit(
             _AddCommand(
@@ -333,8 +340,16 @@ class AsyncEngine:
         """End every request in flight with `RequestAbortedError(reason)`; keep serving.
 
         The server calls this when a graceful shutdown runs out of time, so that
-        each open stream gets a final error event instead of being cut off.
+        each open stream gets a final error event instead of being cut off. The
+        streams get their error at once, from this thread, even if the loop thread
+        is busy in a long step (a first compile); it aborts the requests (and
+        frees their KV blocks) when it gets to the command.
         """
+        for stream in list(self._streams.values()):
+            stream.abort_requested = True
+            if stream.accepted is not None:  # still waiting to be added: fail the add
+                _set_future(stream.accepted, exc=RequestAbortedError(reason))
+            stream.put(RequestAbortedError(reason))
         if self._thread.is_alive():
             self._commands.put(_FailAllCommand(reason))
             self._wakeup.set()

@@ -500,6 +500,8 @@ async def submit_all(
         abort_all(ctx, added)
         if isinstance(exc, ValueError):
             raise from_value_error(exc) from None
+        if isinstance(exc, ENGINE_ERRORS):
+            raise engine_error(exc) from None
         raise
     return iterators
 
