@@ -320,6 +320,9 @@ def test_request_id_is_the_response_id(http, path):
     assert ok(http, path, body_of(path, request_id=rid))["id"] == rid
     chunks = stream_chunks(http, path, body_of(path, request_id=rid))
     assert {c["id"] for c in chunks} == {rid}
+    # Without a request_id in the body, the X-Request-Id header is the id shown.
+    header_id = f"hdr-{uuid.uuid4().hex}"
+    assert ok(http, path, body_of(path), headers={"X-Request-Id": header_id})["id"] == header_id
 
 
 def test_same_request_id_twice_concurrently_both_complete(server, http):

@@ -39,6 +39,7 @@ from backplane.entrypoints.openai.serving_common import (
     build_sampling_params,
     check_request_options,
     chosen_logprob,
+    display_id,
     engine_prompt,
     error_event,
     finals_unless_disconnected,
@@ -100,7 +101,7 @@ class ChatServing:
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
             prompt_logprobs=req.prompt_logprobs,
         )
-        base_id = req.request_id or random_id("chatcmpl")
+        base_id = display_id(req, raw_request) or random_id("chatcmpl")
         if req.use_beam_search:
             return await beam_search_response(
                 ctx, raw_request, req, base_id, [prompt_ids], [params],

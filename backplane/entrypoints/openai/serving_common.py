@@ -289,6 +289,14 @@ def sampling_params_with(req, names: tuple[str, ...], **kwargs: Any) -> Sampling
         raise from_value_error(exc) from None
 
 
+def display_id(req, raw_request: Request) -> str | None:
+    """The id to show for a response: the body's ``request_id``, else ``X-Request-Id``.
+
+    Only shown: engine ids are made unique separately (`engine_request_ids`).
+    """
+    return getattr(req, "request_id", None) or raw_request.headers.get("x-request-id") or None
+
+
 def check_request_options(ctx: ServingContext, req) -> None:
     """400s for option combinations the completion and chat APIs refuse."""
     ctx.check_priority(req.priority)

@@ -31,6 +31,7 @@ from backplane.entrypoints.openai.serving_common import (
     build_sampling_params,
     check_request_options,
     chosen_logprob,
+    display_id,
     engine_prompt,
     error_event,
     finals_unless_disconnected,
@@ -112,7 +113,7 @@ class CompletionServing:
         prompts = await self._prompts(req)
         ctx.check_n(req.n, len(prompts))
         logprobs = req.logprobs
-        base_id = req.request_id or random_id("cmpl")
+        base_id = display_id(req, raw_request) or random_id("cmpl")
         prompt_logprobs = req.prompt_logprobs
         if req.echo and logprobs is not None:
             prompt_logprobs = max(prompt_logprobs or 0, logprobs)

@@ -54,6 +54,7 @@ from backplane.entrypoints.openai.serving_common import (
     ServingContext,
     SSEResponse,
     abort_all,
+    display_id,
     finals_unless_disconnected,
     merge_streams,
     one_line_json,
@@ -202,7 +203,8 @@ class ResponsesServing:
             len(prompt_ids), req.max_output_tokens, "max_output_tokens", "input"
         )
         params = sampling_params_with(req, ("temperature", "top_p"), max_tokens=max_tokens)
-        base = self._in_progress(req, req.request_id or response_item_id("resp"), params)
+        shown_id = display_id(req, raw_request) or response_item_id("resp")
+        base = self._in_progress(req, shown_id, params)
         request_ids = ctx.engine_request_ids(base.id, 1)
         iterators = await submit_all(ctx, request_ids, [prompt_ids], [params], req.priority)
         if req.stream:
