@@ -14,6 +14,9 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # blocks, so this bounds the work and memory a single request can claim. Servers
 # usually set a lower limit of their own (`backplane serve --max-n`).
 MAX_N = 16384
+# The smallest normal and the largest finite float32: the sampler's tensors are float32.
+FLOAT32_TINY = 1.1754943508222875e-38
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 @dataclass
@@ -95,10 +98,13 @@ class SamplingParams:
                 raise bad(name, value, f"within the 64-bit integer range [{INT64_MIN}, {INT64_MAX}]")
         if self.n < 1 or self.n > MAX_N:
             raise bad("n", self.n, f"in [1, {MAX_N}]")
-        if not _finite(self.temperature) or self.temperature < 0:
-            raise bad("temperature", self.temperature, ">= 0")
-        if not _finite(self.top_p) or not 0.0 < self.top_p <= 1.0:
-            raise bad("top_p", self.top_p, "in (0, 1]")
+        # The sampler works in float32: values that round to 0 or overflow there
+        # would silently change meaning (top_p 0 keeps no token, a penalty of 0
+        # divides by zero), so they are refused here.
+        if not _finite(self.temperature) or self.temperature < 0 or self.temperature > FLOAT32_MAX:
+            raise bad("temperature", self.temperature, f"in [0, {FLOAT32_MAX:g}]")
+        if not _finite(self.top_p) or not FLOAT32_TINY <= self.top_p <= 1.0:
+            raise bad("top_p", self.top_p, f"in [{FLOAT32_TINY:g}, 1] (float32)")
         if self.top_k < 0:
             raise bad("top_k", self.top_k, "0 or -1 (disabled) or >= 1")
         if not _finite(self.min_p) or not 0.0 <= self.min_p <= 1.0:
@@ -113,8 +119,13 @@ class SamplingParams:
             value = getattr(self, name)
             if not _finite(value) or not -2.0 <= value <= 2.0:
                 raise bad(name, value, "in [-2, 2]")
-        if not _finite(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise bad("repetition_penalty", self.repetition_penalty, "> 0")
+        if not _finite(self.repetition_penalty) or not (
+            FLOAT32_TINY <= self.repetition_penalty <= FLOAT32_MAX
+        ):
+            raise bad(
+                "repetition_penalty", self.repetition_penalty,
+                f"in [{FLOAT32_TINY:g}, {FLOAT32_MAX:g}] (> 0, as a float32)",
+            )
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and value < 0:

@@ -74,7 +74,7 @@ def _load(plugin: DiscoveredPlatform) -> Platform:
         _add_general_plugin_backends(platform, name)
         _loaded[name] = platform
     plugin.platform = platform
-    plugin.attention_backends = [b.name for b in platform.attention_backends()]
+    plugin.attention_backends = [b.name for b in platform.all_attention_backends()]
     return platform
 
 

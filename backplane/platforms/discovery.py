@@ -57,7 +57,8 @@ class DiscoveredPlatform:
         reason: why (the probe's reason, or the error).
         descriptor: the descriptor object (not serialised).
         platform: the loaded Platform, once selection or the CLI loaded it.
-        attention_backends: names of the loaded platform's backends, best first.
+        attention_backends: names of the loaded platform's backends, best first (its own,
+            then those general plugins registered: `Platform.all_attention_backends`).
     """
 
     entry_point: str

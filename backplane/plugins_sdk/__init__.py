@@ -31,6 +31,7 @@ _EXPORTS = {
     "PlatformDescriptor": "descriptor",
     "ProbeResult": "descriptor",
     "ReferenceAttentionBackend": "reference",
+    "TorchSdpaPagedAttentionBackend": "torch_sdpa",
     "deprecated": "deprecation",
     "deprecated_alias": "deprecation",
     "hookimpl": "hooks",
@@ -52,6 +53,7 @@ __all__ = [
     "ReferenceAttentionBackend",
     "SDK_VERSION",
     "SdkVersion",
+    "TorchSdpaPagedAttentionBackend",
     "check_sdk_compatibility",
     "deprecated",
     "deprecated_alias",
@@ -77,6 +79,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         Platform,
     )
     from backplane.plugins_sdk.reference import ReferenceAttentionBackend
+    from backplane.plugins_sdk.torch_sdpa import TorchSdpaPagedAttentionBackend
     from backplane.plugins_sdk.version import SDK_VERSION, SdkVersion, check_sdk_compatibility
 
 

@@ -2,14 +2,13 @@
 
 Instead of one object with dozens of members, a platform is a bundle of parts,
 each with one job. The core talks to the part it needs
-(``platform.runtime.total_memory()``, ``platform.attention_backends()``), so a
-plugin author implements a handful of small classes and inherits defaults for
+(``platform.runtime.total_memory()``, ``platform.all_attention_backends()``), so
+a plugin author implements a handful of small classes and inherits defaults for
 the rest.
 """
 
 from __future__ import annotations
 
-import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -115,37 +114,44 @@ class Platform:
         self.config_policy = config_policy or ConfigPolicy()
         self._extra_attention_backends: list[type[AttentionBackend]] = []
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        own = cls.__dict__.get("attention_backends")
-        if own is not None and not getattr(own, "_appends_registered", False):
-            # A plugin overrides attention_backends() with its own list; backends that
-            # general plugins registered for this platform are appended after it, so
-            # every caller sees the same list without the plugin doing anything.
-            @functools.wraps(own)
-            def attention_backends(self: Platform) -> list[type[AttentionBackend]]:
-                return _append_unique(own(self), _registered(self))
-
-            attention_backends._appends_registered = True  # type: ignore[attr-defined]
-            cls.attention_backends = attention_backends  # type: ignore[method-assign]
-
     @property
     def device_type(self) -> str:
         return self.runtime.device_type
 
     def attention_backends(self) -> list[type[AttentionBackend]]:
-        """Backends in priority order (best first).
+        """The platform's own backends in priority order (best first); none by default.
 
-        Subclasses return their own backends; those registered through
-        `register_attention_backend` (by general plugins) are appended after them.
+        Subclasses override this with their list, and it returns exactly that:
+        backends that general plugins registered are not in it. Selection and
+        listings use `all_attention_backends`.
         """
-        return _append_unique([], _registered(self))
+        return []
+
+    def registered_attention_backends(self) -> list[type[AttentionBackend]]:
+        """Backends registered with `register_attention_backend`, in registration order."""
+        # __dict__.get: a subclass may not have called Platform.__init__.
+        return list(self.__dict__.get("_extra_attention_backends", ()))
+
+    def all_attention_backends(self) -> list[type[AttentionBackend]]:
+        """Every backend this platform offers, best first (SDK 1.1).
+
+        The platform's own `attention_backends()`, then the registered ones whose
+        name the platform does not already offer (the platform's wins). This is
+        the list `select_attention_backend` chooses from and the one the core,
+        ``backplane platforms`` and the conformance kit show.
+        """
+        own = list(self.attention_backends())
+        names = {b.name for b in own}
+        return own + [b for b in self.registered_attention_backends() if b.name not in names]
 
     def register_attention_backend(self, backend: type[AttentionBackend]) -> None:
         """Offer ``backend`` after the platform's own ones (SDK 1.1).
 
-        Used by the general-plugin hook ``register_attention_backends``; a backend
-        whose name the platform already offers is ignored (the platform's wins).
+        Used by the general-plugin hook ``register_attention_backends``. The
+        backend then appears in `all_attention_backends` (never in
+        `attention_backends`); one whose name the platform already offers is
+        ignored there (the platform's wins). Registering the same class twice
+        is a no-op.
         """
         if not (isinstance(backend, type) and issubclass(backend, AttentionBackend)):
             raise TypeError(
@@ -160,11 +166,12 @@ class Platform:
     def select_attention_backend(
         self, spec: AttentionSpec, forced: str | None = None
     ) -> type[AttentionBackend]:
-        """First backend that can serve ``spec`` (or the one named ``forced``).
+        """First backend of `all_attention_backends` that can serve ``spec``.
 
+        With ``forced``, the backend of that name (own or registered) or an error.
         Raises ValueError listing every backend and why it was refused.
         """
-        backends = self.attention_backends()
+        backends = self.all_attention_backends()
         if forced is not None:
             by_name = {b.name: b for b in backends}
             if forced not in by_name:
@@ -216,14 +223,3 @@ class Platform:
         """
         return model
 
-
-def _registered(platform: Platform) -> list[type[AttentionBackend]]:
-    # __dict__.get: a subclass may not have called Platform.__init__.
-    return list(platform.__dict__.get("_extra_attention_backends", ()))
-
-
-def _append_unique(
-    own: list[type[AttentionBackend]], extra: list[type[AttentionBackend]]
-) -> list[type[AttentionBackend]]:
-    names = {b.name for b in own}
-    return list(own) + [b for b in extra if b.name not in names]

@@ -92,8 +92,9 @@ def test_attention_backend_is_appended_to_the_named_platform(good_plugin):
     from backplane.platforms import explain_selection, resolve_platform
 
     cpu = resolve_platform("cpu")
-    names = [b.name for b in cpu.attention_backends()]
+    names = [b.name for b in cpu.all_attention_backends()]
     assert names == ["cpu_paged", "cpu_sdpa", "plugin_reference"]
+    assert [b.name for b in cpu.attention_backends()] == ["cpu_paged", "cpu_sdpa"]  # own only
     assert explain_selection("cpu").plugin("cpu").attention_backends == names
 
 
@@ -177,4 +178,4 @@ def test_llm_serves_a_model_architecture_registered_by_a_plugin(good_plugin, lla
     builtin_out = LLM(model=llama_model_dir, **common).generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in plugin_out] == [
         o.outputs[0].token_ids for o in builtin_out]
-    assert plugin_llm.llm_engine.platform.attention_backends()[-1].name == "plugin_reference"
+    assert plugin_llm.llm_engine.platform.all_attention_backends()[-1].name == "plugin_reference"

@@ -129,15 +129,51 @@ def test_registered_backends_follow_the_platform_own():
     own = _OwnBackendPlatform(CpuRuntime())
     own.register_attention_backend(_PluginBackend)
     own.register_attention_backend(_PluginBackend)  # idempotent
-    assert own.attention_backends() == [ReferenceAttentionBackend, _PluginBackend]
+    assert own.attention_backends() == [ReferenceAttentionBackend]  # the subclass's own, as is
+    assert own.registered_attention_backends() == [_PluginBackend]
+    assert own.all_attention_backends() == [ReferenceAttentionBackend, _PluginBackend]
     spec = AttentionSpec(4, 2, 32, torch.float32, 16)
     assert own.select_attention_backend(spec, forced="from_plugin") is _PluginBackend
     bare = _NoBackendPlatform(CpuRuntime())
-    assert bare.attention_backends() == []
+    assert bare.attention_backends() == bare.all_attention_backends() == []
     bare.register_attention_backend(_PluginBackend)
+    assert bare.attention_backends() == []
+    assert bare.all_attention_backends() == [_PluginBackend]
     assert bare.select_attention_backend(spec) is _PluginBackend
     other = _OwnBackendPlatform(CpuRuntime())
-    assert other.attention_backends() == [ReferenceAttentionBackend]  # per instance
+    assert other.all_attention_backends() == [ReferenceAttentionBackend]  # per instance
+
+
+class _SameNameBackend(ReferenceAttentionBackend):
+    name = "reference"  # the name _OwnBackendPlatform already offers
+
+
+def test_platform_own_backend_wins_a_name_clash():
+    from backplane.platforms.cpu.runtime import CpuRuntime
+
+    platform = _OwnBackendPlatform(CpuRuntime())
+    platform.register_attention_backend(_SameNameBackend)
+    assert platform.all_attention_backends() == [ReferenceAttentionBackend]
+    spec = AttentionSpec(4, 2, 32, torch.float32, 16)
+    assert platform.select_attention_backend(spec, forced="reference") is ReferenceAttentionBackend
+
+
+def test_subclass_attention_backends_is_not_rewritten():
+    # Registration is explicit (all_attention_backends); the class keeps the method it defines.
+    method = vars(_OwnBackendPlatform)["attention_backends"]
+    assert method.__qualname__ == "_OwnBackendPlatform.attention_backends"
+    assert "attention_backends" not in vars(_NoBackendPlatform)
+
+
+def test_registration_works_without_platform_init():
+    class NoInit(_OwnBackendPlatform):
+        def __init__(self):  # a plugin that forgot super().__init__()
+            pass
+
+    platform = NoInit()
+    assert platform.all_attention_backends() == [ReferenceAttentionBackend]
+    platform.register_attention_backend(_PluginBackend)
+    assert platform.all_attention_backends() == [ReferenceAttentionBackend, _PluginBackend]
 
 
 def test_register_attention_backend_rejects_non_backends():

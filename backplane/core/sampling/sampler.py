@@ -136,5 +136,6 @@ def _top_k_top_p(
         # Keep the smallest prefix whose mass reaches top_p (always at least one token).
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
         keep &= mass_before < top_p[:, None] * sorted_probs.sum(dim=-1, keepdim=True)
+        keep[:, 0] = True  # the most likely token survives even a top_p that rounds to 0
     sorted_probs = sorted_probs.masked_fill(~keep, 0.0)
     return torch.zeros_like(probs).scatter_(1, order, sorted_probs)

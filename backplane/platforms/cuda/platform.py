@@ -1,13 +1,20 @@
-"""The cuda Platform: Triton paged attention, NCCL collectives, CUDA graphs, inductor."""
+"""The cuda Platform: Triton paged attention, NCCL collectives, CUDA graphs, inductor.
+
+Attention falls back to the plugin SDK's portable ``torch_sdpa_paged`` backend.
+"""
 
 from __future__ import annotations
 
 from backplane.platforms.cuda.graph_runner import CudaGraphRunner
 from backplane.platforms.cuda.policy import CudaConfigPolicy
 from backplane.platforms.cuda.runtime import CudaRuntime
-from backplane.platforms.cuda.sdpa_attention import TorchSdpaPagedAttentionBackend
 from backplane.platforms.cuda.triton_attention import TritonPagedAttentionBackend
-from backplane.plugins_sdk import AttentionBackend, GraphRunner, Platform
+from backplane.plugins_sdk import (
+    AttentionBackend,
+    GraphRunner,
+    Platform,
+    TorchSdpaPagedAttentionBackend,
+)
 
 
 class CudaPlatform(Platform):

@@ -1,17 +1,17 @@
 """The tpu Platform: torch_xla device, XLA collectives, portable paged SDPA attention.
 
-Attention uses the device-agnostic ``torch_sdpa_paged`` backend of the cuda
-plugin package (plain torch ops that XLA lowers). Its per-step shapes follow
+Attention uses the device-agnostic ``torch_sdpa_paged`` backend of the plugin
+SDK (`backplane.plugins_sdk.TorchSdpaPagedAttentionBackend`: plain torch ops
+that XLA lowers). Its per-step shapes follow
 the batch, so XLA compiles once per distinct shape; a Pallas paged-attention
 backend with bucketed shapes would be the faster successor.
 """
 
 from __future__ import annotations
 
-from backplane.platforms.cuda.sdpa_attention import TorchSdpaPagedAttentionBackend
 from backplane.platforms.tpu.policy import TpuConfigPolicy
 from backplane.platforms.tpu.runtime import TpuRuntime
-from backplane.plugins_sdk import AttentionBackend, Platform
+from backplane.plugins_sdk import AttentionBackend, Platform, TorchSdpaPagedAttentionBackend
 
 
 class TpuPlatform(Platform):

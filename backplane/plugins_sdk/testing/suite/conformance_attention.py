@@ -48,7 +48,7 @@ CASES = [
 
 
 def _backends(config):
-    return platform_for(config).attention_backends()
+    return platform_for(config).all_attention_backends()
 
 
 def pytest_generate_tests(metafunc):

@@ -72,7 +72,7 @@ def test_config_forced_unknown_backend_is_refused_with_choices(backplane_platfor
         backplane_platform.select_attention_backend(spec, forced="no_such_backend")
     text = str(info.value)
     assert "no_such_backend" in text
-    for backend in backplane_platform.attention_backends():
+    for backend in backplane_platform.all_attention_backends():
         assert backend.name in text, f"refusal should list available backend {backend.name!r}"
 
 
@@ -81,6 +81,6 @@ def test_config_unservable_spec_lists_every_backend_reason(backplane_platform):
     with pytest.raises(ValueError) as info:
         backplane_platform.select_attention_backend(spec)
     text = str(info.value)
-    for backend in backplane_platform.attention_backends():
+    for backend in backplane_platform.all_attention_backends():
         assert backend.name in text
     assert "dtype" in text

@@ -74,7 +74,11 @@ def test_runtime_platform_declares_backends_and_names(backplane_platform):
     assert isinstance(backplane_platform.dist_backend, str) and backplane_platform.dist_backend
     assert backplane_platform.compile_backend is None or isinstance(
         backplane_platform.compile_backend, str)
-    backends = backplane_platform.attention_backends()
+    backends = backplane_platform.all_attention_backends()
     assert backends, "a platform must offer at least one attention backend"
     names = [b.name for b in backends]
     assert len(set(names)) == len(names), f"duplicate attention backend names: {names}"
+    own = list(backplane_platform.attention_backends())
+    assert backends[: len(own)] == own, (
+        "all_attention_backends() must list the platform's own attention_backends() first, "
+        f"unchanged: own {[b.name for b in own]}, all {names}")
