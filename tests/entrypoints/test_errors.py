@@ -38,7 +38,7 @@ def _error(resp, status: int) -> dict:
         ({"max_tokens": 4}, "prompt", ["prompt", "required"]),
         ({"prompt": "hi", "max_tokens": "many"}, "max_tokens", ["max_tokens", "integer"]),
         ({"prompt": "hi", "max_tokens": -3}, "max_tokens", ["max_tokens", ">= 1", "-3"]),
-        ({"prompt": "hi", "temperature": -1}, "temperature", ["temperature", ">= 0"]),
+        ({"prompt": "hi", "temperature": -1}, "temperature", ["temperature", "in [0,", "-1"]),
         ({"prompt": "hi", "top_p": 1.5}, "top_p", ["top_p"]),
         ({"prompt": "hi", "n": 0}, "n", ["n", "greater than or equal to 1"]),
         ({"prompt": "hi", "logprobs": 99}, "logprobs", ["logprobs", "20"]),
