@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import copy
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from backplane.config.configs import (
+    _DTYPES,
     CacheConfig,
     CompilationConfig,
     DeviceConfig,
@@ -16,43 +18,214 @@ from backplane.config.configs import (
 )
 from backplane.config.engine import EngineConfig
 
+DTYPE_CHOICES = ("auto", *_DTYPES)
+TOKENIZER_MODES = ("auto", "slow")
+SCHEDULING_POLICIES = ("fcfs", "priority")
+EXECUTOR_BACKENDS = ("uni", "mp", "ray", "external_launcher")
+OPTIMIZATION_LEVELS = (0, 1, 2, 3)
+# EngineConfig section (by an option's "section" metadata) -> (attribute, class).
+_SECTIONS = {
+    "model": ("model_config", ModelConfig),
+    "cache": ("cache_config", CacheConfig),
+    "scheduler": ("scheduler_config", SchedulerConfig),
+    "parallel": ("parallel_config", ParallelConfig),
+    "device": ("device_config", DeviceConfig),
+    "load": ("load_config", LoadConfig),
+}
+
+
+def _opt(
+    default: Any,
+    section: str,
+    help: str,
+    *,
+    flags: tuple[str, ...] = (),
+    choices: tuple[Any, ...] | None = None,
+    default_doc: str | None = None,
+    flags_doc: str | None = None,
+) -> Any:
+    """An EngineArgs field and its whole user-facing declaration (in the metadata).
+
+    Args:
+        default: the default (MISSING for a required option).
+        section: the EngineConfig section the option belongs to.
+        help: the one description used by ``--help`` and docs/configuration.md.
+        flags: CLI spellings besides ``--name-with-dashes``.
+        choices: the allowed values, when the set is closed.
+        default_doc: how the docs show the default, when not just the value.
+        flags_doc: how the docs show the flags, when not just the flag list.
+    """
+    meta = {"section": section, "help": help, "flags": flags, "choices": choices,
+            "default_doc": default_doc, "flags_doc": flags_doc}
+    return field(default=default, metadata=meta)
+
 
 @dataclass
 class EngineArgs:
-    """Every engine option as one flat record (what `LLM(**kwargs)` and the CLI take)."""
+    """Every engine option as one flat record (what `LLM(**kwargs)` and the CLI take).
 
-    model: str
-    tokenizer: str | None = None
-    dtype: str = "auto"
-    max_model_len: int | None = None
-    seed: int = 0
-    served_model_name: list[str] | None = None
-    trust_remote_code: bool = False
-    tokenizer_mode: str = "auto"
-    hf_overrides: dict[str, Any] | None = None
-    max_logprobs: int = 20
-    revision: str | None = None
-    max_seq_len_to_capture: int | None = None
-    download_dir: str | None = None
-    block_size: int = 16
-    enable_prefix_caching: bool = True
-    memory_utilization: float = 0.9
-    kv_cache_memory_bytes: int | None = None
-    num_kv_blocks: int | None = None
-    kv_cache_dtype: str = "auto"
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None
-    enable_chunked_prefill: bool = True
-    scheduling_policy: str = "fcfs"
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    distributed_executor_backend: str = "uni"
-    device: str = "auto"
-    attention_backend: str | None = None
-    load_format: str = "safetensors"
-    optimization_level: int | None = None
-    enforce_eager: bool = False
-    compilation_config: dict[str, Any] | None = None
+    Each field is declared once, here: its metadata (see `_opt`) gives the
+    CLI flags, the ``BACKPLANE_*`` variable, the help text and the row of the
+    table in docs/configuration.md (`backplane.config.options.OPTIONS` and
+    `backplane.config.docs` read it).
+    """
+
+    model: str = _opt(
+        MISSING, 'model',
+        'Local model directory (or an already cached hub id).',
+        flags_doc='`--model`, positional `MODEL` of `serve`',
+    )
+    tokenizer: str | None = _opt(
+        None, 'model',
+        "Tokenizer directory; defaults to the model's.",
+    )
+    dtype: str = _opt(
+        "auto", 'model',
+        'Weight and activation dtype: `auto`, `float32`, `bfloat16`, `float16` (and the short'
+        " names `fp32`, `bf16`, `half`, `fp16`). `auto` takes the checkpoint's dtype when the"
+        ' platform supports it, else the platform default.',
+        choices=DTYPE_CHOICES,
+    )
+    max_model_len: int | None = _opt(
+        None, 'model',
+        'Longest prompt + output in tokens.',
+        default_doc="the model's `max_position_embeddings`",
+    )
+    seed: int = _opt(
+        0, 'model',
+        'Seed of the global random generator: sampling without a per-request `seed` is repeatable from run to run.',
+    )
+    served_model_name: list[str] | None = _opt(
+        None, 'model',
+        'Name(s) the server answers to: `--served-model-name a b` serves both, the first is '
+        'reported in responses.',
+        default_doc='`None` (= `model`)',
+    )
+    trust_remote_code: bool = _opt(
+        False, 'model',
+        'Allow model code shipped with the checkpoint to run.',
+    )
+    tokenizer_mode: str = _opt(
+        "auto", 'model',
+        '`auto` (the fast tokenizer when there is one) or `slow` (the Python one; refused '
+        'when the model has none).',
+        choices=TOKENIZER_MODES,
+    )
+    hf_overrides: dict[str, Any] | None = _opt(
+        None, 'model',
+        "JSON mapping set on the model's Hugging Face config after reading it, e.g. "
+        '`{"max_position_embeddings": 4096}`; a key the config does not have is refused.',
+    )
+    max_logprobs: int = _opt(
+        20, 'model',
+        'Most logprobs / prompt_logprobs / top_logprobs a request may ask for per position; '
+        '`-1` allows the whole vocabulary.',
+    )
+    revision: str | None = _opt(
+        None, 'model',
+        'Refused when set: Backplane loads local directories only (check the revision out first).',
+    )
+    max_seq_len_to_capture: int | None = _opt(
+        None, 'model',
+        'Refused when set: the model runner does not capture graphs yet.',
+    )
+    download_dir: str | None = _opt(
+        None, 'load',
+        'Refused when set: Backplane never downloads weights; pass a local model directory.',
+    )
+    block_size: int = _opt(
+        16, 'cache',
+        'Tokens per KV-cache block; must be one the attention backend supports.',
+    )
+    enable_prefix_caching: bool = _opt(
+        True, 'cache',
+        'Reuse KV blocks of identical prompt prefixes.',
+    )
+    memory_utilization: float = _opt(
+        0.9, 'cache',
+        'Fraction of the device memory the KV cache may take.',
+        flags=('--gpu-memory-utilization',),
+    )
+    kv_cache_memory_bytes: int | None = _opt(
+        None, 'cache',
+        'Explicit KV-cache size in bytes; overrides `memory_utilization`.',
+        default_doc='`None` (cpu: 4 GiB)',
+    )
+    num_kv_blocks: int | None = _opt(
+        None, 'cache',
+        'Explicit number of KV blocks; overrides both sizes above.',
+    )
+    kv_cache_dtype: str = _opt(
+        "auto", 'cache',
+        'KV-cache storage dtype; `auto` uses the model dtype. Known names: `auto`, `float32`,'
+        ' `float16`, `bfloat16`, `fp8`, `fp8_e4m3`, `fp8_e5m2`; the platform decides which it'
+        ' runs.',
+    )
+    max_num_seqs: int = _opt(
+        256, 'scheduler',
+        'Most requests running in one step.',
+    )
+    max_num_batched_tokens: int | None = _opt(
+        None, 'scheduler',
+        'Token budget of one step (prompt and output tokens alike).',
+        default_doc='2048 with chunked prefill, else max(`max_model_len`, 2048)',
+    )
+    enable_chunked_prefill: bool = _opt(
+        True, 'scheduler',
+        'Split long prompts over several steps.',
+    )
+    scheduling_policy: str = _opt(
+        "fcfs", 'scheduler',
+        '`fcfs` (arrival order) or `priority` (lower priority value first, then arrival).',
+        choices=SCHEDULING_POLICIES,
+    )
+    tensor_parallel_size: int = _opt(
+        1, 'parallel',
+        'Devices one layer is split over. Only 1 runs today: larger values are refused before'
+        ' anything is built (distributed execution is not implemented yet).',
+        flags=('-tp',),
+    )
+    pipeline_parallel_size: int = _opt(
+        1, 'parallel',
+        'Pipeline stages the layers are split into. Only 1 runs today; larger values are refused.',
+        flags=('-pp',),
+    )
+    distributed_executor_backend: str = _opt(
+        "uni", 'parallel',
+        'How worker processes run. Only `uni` (in-process) runs today; `mp`, `ray`, '
+        '`external_launcher` are refused.',
+        choices=EXECUTOR_BACKENDS,
+    )
+    device: str = _opt(
+        "auto", 'device',
+        'Platform plugin to run on (`backplane platforms` lists them); `auto` picks the best '
+        'available one.',
+    )
+    attention_backend: str | None = _opt(
+        None, 'device',
+        "Force one of the platform's attention backends by name.",
+    )
+    load_format: str = _opt(
+        "safetensors", 'load',
+        'How weights are read: `safetensors` (or `auto`).',
+    )
+    optimization_level: int | None = _opt(
+        None, 'compilation',
+        '`0`..`3`, see below.',
+        flags=('-O',),
+        choices=OPTIMIZATION_LEVELS,
+        default_doc="the platform's",
+    )
+    enforce_eager: bool = _opt(
+        False, 'compilation',
+        'Never compile or capture graphs; the same as `-O0`.',
+    )
+    compilation_config: dict[str, Any] | None = _opt(
+        None, 'compilation',
+        'Explicit compilation settings: `compile`, `backend`, `use_graphs`, '
+        "`graph_capture_sizes`. They win over the level's defaults.",
+        flags=('-cc',),
+    )
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -71,46 +244,22 @@ class EngineArgs:
         return engine_args_from_sources(kwargs=kwargs)
 
     def create_engine_config(self) -> EngineConfig:
-        """Split the flat options into config sections (not yet finalized)."""
+        """Split the flat options into config sections (not yet finalized).
+
+        Each option goes to the section its declaration names, under the same
+        field name; the compilation options are resolved together in finalize,
+        which reports a conflict between enforce_eager and the level instead of
+        silently dropping one.
+        """
+        by_section: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+        for f in fields(self):
+            section = f.metadata["section"]
+            if section in by_section:
+                by_section[section][f.name] = copy.deepcopy(getattr(self, f.name))
+        sections = {attr: cls(**by_section[name]) for name, (attr, cls) in _SECTIONS.items()}
         return EngineConfig(
-            model_config=ModelConfig(
-                model=self.model,
-                tokenizer=self.tokenizer,
-                dtype=self.dtype,
-                max_model_len=self.max_model_len,
-                seed=self.seed,
-                served_model_name=self.served_model_name,
-                trust_remote_code=self.trust_remote_code,
-                tokenizer_mode=self.tokenizer_mode,
-                hf_overrides=dict(self.hf_overrides) if self.hf_overrides else None,
-                max_logprobs=self.max_logprobs,
-                revision=self.revision,
-                max_seq_len_to_capture=self.max_seq_len_to_capture,
-            ),
-            cache_config=CacheConfig(
-                block_size=self.block_size,
-                enable_prefix_caching=self.enable_prefix_caching,
-                memory_utilization=self.memory_utilization,
-                kv_cache_memory_bytes=self.kv_cache_memory_bytes,
-                num_kv_blocks=self.num_kv_blocks,
-                kv_cache_dtype=self.kv_cache_dtype,
-            ),
-            scheduler_config=SchedulerConfig(
-                max_num_seqs=self.max_num_seqs,
-                max_num_batched_tokens=self.max_num_batched_tokens,
-                enable_chunked_prefill=self.enable_chunked_prefill,
-                scheduling_policy=self.scheduling_policy,  # type: ignore[arg-type]
-            ),
-            parallel_config=ParallelConfig(
-                tensor_parallel_size=self.tensor_parallel_size,
-                pipeline_parallel_size=self.pipeline_parallel_size,
-                distributed_executor_backend=self.distributed_executor_backend,
-            ),
-            device_config=DeviceConfig(device=self.device, attention_backend=self.attention_backend),
-            load_config=LoadConfig(load_format=self.load_format, download_dir=self.download_dir),
+            **sections,
             compilation_config=_compilation_config(self.compilation_config),
-            # enforce_eager and the level are resolved together in finalize, which
-            # reports a conflict between them instead of silently dropping one.
             optimization_level=self.optimization_level,
             enforce_eager=self.enforce_eager,
         )

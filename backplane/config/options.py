@@ -1,10 +1,11 @@
 """The table of user-facing engine options: one entry per `EngineArgs` field.
 
-Everything that turns user input into `EngineArgs` (CLI flags, YAML files,
-``BACKPLANE_*`` environment variables, ``LLM(**kwargs)``) reads this table, so an
-option has one name, one type, one help text and one set of spellings. The
-names are vLLM's where vLLM has the same option, so that a vLLM user's flags and
-config files keep working.
+The table is read off the fields' declarations in `EngineArgs` (nothing is
+listed twice). Everything that turns user input into `EngineArgs` (CLI flags,
+YAML files, ``BACKPLANE_*`` environment variables, ``LLM(**kwargs)``) and the
+docs table read it, so an option has one name, one type, one help text and one
+set of spellings. The names are vLLM's where vLLM has the same option, so that
+a vLLM user's flags and config files keep working.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ import types
 import typing
 from dataclasses import MISSING, dataclass, fields
 from typing import Any
-
-from backplane.config.configs import _DTYPES
 
 # Options of `backplane serve` that may appear in the same YAML file as engine
 # options: the engine ignores them, `serve` reads them.
@@ -70,147 +69,23 @@ class OptionSpec:
         return ENV_PREFIX + self.name.upper()
 
 
-DTYPE_CHOICES = ("auto", *_DTYPES)
-EXECUTOR_BACKENDS = ("uni", "mp", "ray", "external_launcher")
-TOKENIZER_MODES = ("auto", "slow")
+def _declared_options() -> tuple[OptionSpec, ...]:
+    """One OptionSpec per EngineArgs field, read from the field's declaration."""
+    from backplane.config.engine_args import EngineArgs
 
-OPTIONS: tuple[OptionSpec, ...] = (
-    OptionSpec("model", "Local model directory (or an already cached hub id).", "model"),
-    OptionSpec("tokenizer", "Tokenizer directory; defaults to the model's.", "model"),
-    OptionSpec(
-        "dtype",
-        "Weight and activation dtype; 'auto' takes the checkpoint's dtype when the "
-        "platform supports it, else the platform default.",
-        "model",
-        choices=DTYPE_CHOICES,
-    ),
-    OptionSpec(
-        "max_model_len",
-        "Longest prompt + output in tokens; defaults to the model's max_position_embeddings.",
-        "model",
-    ),
-    OptionSpec("seed", "Seed for requests that set none.", "model"),
-    OptionSpec(
-        "served_model_name",
-        "Name(s) the server answers to (several allowed; the first is reported in "
-        "responses); defaults to --model.",
-        "model",
-    ),
-    OptionSpec(
-        "trust_remote_code", "Allow model code shipped with the checkpoint to run.", "model"
-    ),
-    OptionSpec(
-        "tokenizer_mode",
-        "'auto' (the fast tokenizer when there is one) or 'slow' (the Python one).",
-        "model",
-        choices=TOKENIZER_MODES,
-    ),
-    OptionSpec(
-        "hf_overrides",
-        "JSON mapping of attributes to set on the model's Hugging Face config after reading "
-        "it (e.g. '{\"max_position_embeddings\": 4096}').",
-        "model",
-    ),
-    OptionSpec(
-        "max_logprobs",
-        "Most logprobs (and prompt_logprobs) a request may ask for per position; -1: the "
-        "whole vocabulary.",
-        "model",
-    ),
-    OptionSpec(
-        "revision",
-        "Model revision on the Hugging Face Hub; refused: Backplane loads local "
-        "directories (check out the revision first).",
-        "model",
-    ),
-    OptionSpec(
-        "max_seq_len_to_capture",
-        "vLLM's graph-capture length limit; refused: the model runner does not capture "
-        "graphs yet.",
-        "model",
-    ),
-    OptionSpec(
-        "download_dir",
-        "Where to download weights; refused: Backplane never downloads, pass a local "
-        "model directory.",
-        "load",
-    ),
-    OptionSpec("block_size", "Tokens per KV-cache block.", "cache"),
-    OptionSpec(
-        "enable_prefix_caching", "Reuse KV blocks of identical prompt prefixes.", "cache"
-    ),
-    OptionSpec(
-        "memory_utilization",
-        "Fraction of the device memory the KV cache may take "
-        "(vLLM spelling --gpu-memory-utilization works too).",
-        "cache",
-        flags=("--gpu-memory-utilization",),
-    ),
-    OptionSpec(
-        "kv_cache_memory_bytes",
-        "Explicit KV-cache size in bytes; overrides --memory-utilization.",
-        "cache",
-    ),
-    OptionSpec(
-        "num_kv_blocks", "Explicit number of KV blocks; overrides both sizes above.", "cache"
-    ),
-    OptionSpec(
-        "kv_cache_dtype", "KV-cache storage dtype; 'auto' uses the model dtype.", "cache"
-    ),
-    OptionSpec("max_num_seqs", "Most requests running in one step.", "scheduler"),
-    OptionSpec(
-        "max_num_batched_tokens",
-        "Token budget of one step (prompt and output tokens alike).",
-        "scheduler",
-    ),
-    OptionSpec(
-        "enable_chunked_prefill", "Split long prompts over several steps.", "scheduler"
-    ),
-    OptionSpec(
-        "scheduling_policy",
-        "'fcfs' (arrival order) or 'priority' (lower priority value first).",
-        "scheduler",
-        choices=("fcfs", "priority"),
-    ),
-    OptionSpec(
-        "tensor_parallel_size", "Devices one layer is split over.", "parallel", flags=("-tp",)
-    ),
-    OptionSpec(
-        "pipeline_parallel_size", "Pipeline stages the layers are split into.", "parallel",
-        flags=("-pp",),
-    ),
-    OptionSpec(
-        "distributed_executor_backend",
-        "How worker processes are run.",
-        "parallel",
-        choices=EXECUTOR_BACKENDS,
-    ),
-    OptionSpec(
-        "device",
-        "Platform plugin to run on ('auto' picks the best available one).",
-        "device",
-    ),
-    OptionSpec(
-        "attention_backend", "Force an attention backend of the platform by name.", "device"
-    ),
-    OptionSpec("load_format", "How weights are read.", "load"),
-    OptionSpec(
-        "optimization_level",
-        "0: eager; 1: torch.compile; 2: compile + graph capture; 3: same as 2. "
-        "Default: the platform's (graph platforms 2, cpu 0).",
-        "compilation",
-        flags=("-O",),
-        choices=(0, 1, 2, 3),
-    ),
-    OptionSpec("enforce_eager", "Never compile or capture graphs (same as -O0).", "compilation"),
-    OptionSpec(
-        "compilation_config",
-        "Explicit compilation settings as JSON/mapping (compile, backend, use_graphs, "
-        "graph_capture_sizes); they win over the optimization level's defaults.",
-        "compilation",
-        flags=("-cc",),
-    ),
-)
+    return tuple(
+        OptionSpec(
+            f.name,
+            f.metadata["help"],
+            f.metadata["section"],
+            flags=f.metadata["flags"],
+            choices=f.metadata["choices"],
+        )
+        for f in fields(EngineArgs)
+    )
+
+
+OPTIONS: tuple[OptionSpec, ...] = _declared_options()
 
 OPTIONS_BY_NAME: dict[str, OptionSpec] = {o.name: o for o in OPTIONS}
 
@@ -352,3 +227,4 @@ def known_option_names() -> set[str]:
     from backplane.config.deprecation import DEPRECATED_OPTIONS
 
     return set(OPTIONS_BY_NAME) | set(ALIASES) | set(DEPRECATED_OPTIONS)
+

@@ -36,7 +36,7 @@ class ServerOptions:
     )
     chat_template: str | None = _opt(
         None, "Jinja chat template (a file path or the template itself) overriding the "
-        "tokenizer's", metavar="FILE_OR_TEMPLATE",
+        "tokenizer's", metavar="FILE_OR_TEMPLATE", default_doc="the tokenizer's",
     )
     trust_request_chat_template: bool = _opt(
         False, "render chat_template sent in requests (templates are code: off by default)"
@@ -44,9 +44,12 @@ class ServerOptions:
     chat_template_timeout: float = _opt(
         2.0, "seconds a chat template may take to render before the request is refused"
     )
-    response_role: str = _opt("assistant", "role of the generated message in chat responses")
+    response_role: str = _opt(
+        "assistant", "role of the generated message in chat responses (streamed and not)"
+    )
     uvicorn_log_level: str = _opt(
-        "info", "uvicorn's log level",
+        "info", "uvicorn's log level (`critical`, `error`, `warning`, `info`, `debug`, "
+        "`trace`)",
         choices=("critical", "error", "warning", "info", "debug", "trace"),
     )
     root_path: str = _opt("", "ASGI root_path when served behind a path-prefixing proxy")
@@ -59,7 +62,8 @@ class ServerOptions:
         1024, "most sequences (prompts x n) one completions request may start"
     )
     max_request_body_bytes: int = _opt(
-        32 * 2**20, "largest request body accepted; larger ones get 413"
+        32 * 2**20, "largest request body accepted; larger ones get 413 (with an OpenAI "
+        "error body)", default_doc="`33554432` (32 MiB)",
     )
     limit_concurrency: int | None = _opt(
         None, "most connections and tasks at once; past it new connections get 503 "
@@ -94,7 +98,7 @@ class ServerOptions:
     disable_fastapi_docs: bool = _opt(False, "do not serve /docs, /redoc and /openapi.json")
     middleware: list[str] = _opt(
         [], "import path of an ASGI middleware class or an HTTP middleware function "
-        "(module.attr); repeatable"
+        "(`module.attr`, an `async def (request, call_next)`); repeatable"
     )
     stream_interval: int = _opt(
         1, "stream a chunk every N generated tokens (fewer, larger chunks)"

@@ -40,3 +40,11 @@ def test_every_server_option_is_documented_in_serving_md():
     for f in fields(ServerOptions):
         flag = "--" + f.name.replace("_", "-")
         assert f"`{flag}`" in serving, f"{flag} missing from docs/serving.md"
+
+
+def test_generated_option_tables_are_current():
+    """docs tables are generated from the declarations: regenerate with
+    `python -m backplane.config.docs` after changing an option."""
+    from backplane.config.docs import main
+
+    assert main(["--check"]) == 0
