@@ -24,6 +24,29 @@ _DTYPES = {
 }
 
 
+class Freezable:
+    """A config section that becomes read-only once the configuration is resolved.
+
+    `backplane.config.resolve` freezes every section of the ResolvedConfig it
+    returns: a later assignment raises instead of silently changing a setting
+    that other parts already read.
+    """
+
+    _frozen: bool = False
+
+    def freeze(self) -> None:
+        """Refuse any further assignment to this section's fields."""
+        object.__setattr__(self, "_frozen", True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self._frozen:
+            raise AttributeError(
+                f"{type(self).__name__}.{name} cannot change: the configuration is resolved "
+                "(build a new one with backplane.config.resolve)"
+            )
+        super().__setattr__(name, value)
+
+
 def parse_dtype(value: str | torch.dtype) -> torch.dtype:
     """Map a dtype name (``"bfloat16"``, ``"half"``...) or torch.dtype to a torch.dtype."""
     if isinstance(value, torch.dtype):
@@ -35,7 +58,7 @@ def parse_dtype(value: str | torch.dtype) -> torch.dtype:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Freezable):
     """Which model to run and how its numbers are represented.
 
     Attributes:
@@ -90,7 +113,7 @@ class ModelConfig:
 
 
 @dataclass
-class CacheConfig:
+class CacheConfig(Freezable):
     """Paged KV cache settings.
 
     Attributes:
@@ -112,7 +135,7 @@ class CacheConfig:
 
 
 @dataclass
-class SchedulerConfig:
+class SchedulerConfig(Freezable):
     """Token-budget scheduler settings.
 
     Attributes:
@@ -129,7 +152,7 @@ class SchedulerConfig:
 
 
 @dataclass
-class ParallelConfig:
+class ParallelConfig(Freezable):
     """How the model is split over devices and processes."""
 
     tensor_parallel_size: int = 1
@@ -138,7 +161,7 @@ class ParallelConfig:
 
 
 @dataclass
-class DeviceConfig:
+class DeviceConfig(Freezable):
     """Which platform runs the engine: ``"auto"`` or a platform name."""
 
     device: str = "auto"
@@ -146,7 +169,7 @@ class DeviceConfig:
 
 
 @dataclass
-class LoadConfig:
+class LoadConfig(Freezable):
     """How weights are read."""
 
     load_format: str = "safetensors"
@@ -154,7 +177,7 @@ class LoadConfig:
 
 
 @dataclass
-class LoRAConfig:
+class LoRAConfig(Freezable):
     """LoRA adapter serving (optional section)."""
 
     max_loras: int = 1
@@ -162,7 +185,7 @@ class LoRAConfig:
 
 
 @dataclass
-class SpeculativeConfig:
+class SpeculativeConfig(Freezable):
     """Speculative decoding (optional section)."""
 
     method: str = "ngram"
@@ -170,7 +193,7 @@ class SpeculativeConfig:
 
 
 @dataclass
-class CompilationConfig:
+class CompilationConfig(Freezable):
     """Compilation and graph capture; defaults come from the optimization level.
 
     Attributes:

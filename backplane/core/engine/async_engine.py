@@ -174,7 +174,7 @@ class AsyncEngine:
 
     @property
     def config(self):
-        """The finalized EngineConfig."""
+        """The engine's ResolvedConfig (frozen; `backplane.config.resolve`)."""
         return self.engine.config
 
     @property

@@ -6,7 +6,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from backplane.config import EngineConfig
+from backplane.config.resolve import ResolvedConfig
 from backplane.core.model_runner.runner import ModelRunner, TokenLogprobs
 from backplane.core.scheduler.request import Request, RequestStatus
 from backplane.core.scheduler.scheduler import Scheduler
@@ -41,7 +41,7 @@ class StepTiming:
 class EngineCore:
     """Owns the scheduler and the model runner; advances every request by one step."""
 
-    def __init__(self, config: EngineConfig, platform: Platform) -> None:
+    def __init__(self, config: ResolvedConfig, platform: Platform) -> None:
         self.config = config
         self.model_runner = ModelRunner(config, platform)
         self.scheduler = Scheduler(

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import time
 from dataclasses import dataclass
 
 from backplane.config import EngineArgs, EngineConfig
+from backplane.config.resolve import ResolvedConfig, resolve
 from backplane.core.engine.engine_core import EngineCore
 from backplane.core.engine.output_processor import OutputProcessor, RequestState
 from backplane.core.scheduler.request import Request, RequestStatus
@@ -43,14 +43,23 @@ def _child_id(request_id: str, index: int, n: int) -> str:
 class LLMEngine:
     """Synchronous engine: add requests, call `step()` until none are left."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig | ResolvedConfig) -> None:
         from backplane.core.loader.tokenizer import load_tokenizer
-        from backplane.platforms import resolve_platform
+        from backplane.platforms import log_platform_choice, resolve_platform
 
         self._load_general_plugins()
-        self.platform = resolve_platform(config.device_config.device)
-        self.config = config.finalize(self.platform)
-        mc = config.model_config
+        # A ResolvedConfig names its platform; an EngineConfig is resolved for the
+        # platform its device option selects.
+        device = (
+            config.platform_name if isinstance(config, ResolvedConfig)
+            else config.device_config.device
+        )
+        self.platform = resolve_platform(device)
+        log_platform_choice(device)  # which platform, and asked by whom
+        self.config = (
+            config if isinstance(config, ResolvedConfig) else resolve(config, self.platform)
+        )
+        mc = self.config.model_config
         self.tokenizer = load_tokenizer(
             mc.tokenizer_path, trust_remote_code=mc.trust_remote_code,
             use_fast=mc.tokenizer_mode != "slow",
@@ -60,12 +69,13 @@ class LLMEngine:
         self.eos_token_ids = self._eos_token_ids()
         self.engine_core = EngineCore(self.config, self.platform)
         self.output_processor = OutputProcessor(self.tokenizer)
-        self.vocab_size = mc.hf_config.vocab_size
+        self.vocab_size = self.config.model_spec.vocab_size
         self._seq_ids: dict[str, list[str]] = {}
         self._num_generated_tokens = 0
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
+        """Build the engine: the options are resolved for the selected platform first."""
         return cls(args.create_engine_config())
 
     @staticmethod
@@ -77,17 +87,10 @@ class LLMEngine:
         load_general_plugins()
 
     def _eos_token_ids(self) -> frozenset[int]:
-        ids = set()
+        """The model's EOS ids (config and generation_config) plus the tokenizer's."""
+        ids = set(self.config.model_spec.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             ids.add(int(self.tokenizer.eos_token_id))
-        gen_path = os.path.join(self.config.model_config.model, "generation_config.json")
-        if os.path.isfile(gen_path):
-            from transformers import GenerationConfig
-
-            gen = GenerationConfig.from_pretrained(self.config.model_config.model)
-            eos = gen.eos_token_id
-            if eos is not None:
-                ids.update([eos] if isinstance(eos, int) else eos)
         return frozenset(ids)
 
     @property

@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from backplane.config import EngineConfig
-from backplane.config.attention_spec import attention_spec_from_config
+from backplane.config.resolve import ResolvedConfig
 from backplane.core.layers.attention import AttentionContext
 from backplane.core.model_runner.input_batch import InputBatch
 from backplane.core.model_runner.kv_cache_sizing import KVBlockLayout, determine_num_blocks
@@ -48,7 +47,7 @@ class ModelRunnerOutput:
 class ModelRunner:
     """Owns the model, its KV cache and the persistent batch on one device."""
 
-    def __init__(self, config: EngineConfig, platform: Platform) -> None:
+    def __init__(self, config: ResolvedConfig, platform: Platform) -> None:
         from backplane.core.loader.model_loader import load_model
 
         self.config = config
@@ -65,7 +64,7 @@ class ModelRunner:
             geometry.num_layers, geometry.num_kv_heads, geometry.head_size)
         self.model = self._maybe_compile(model, config, platform)
         # The same spec validation used, so a backend accepted there is the one used here.
-        spec = attention_spec_from_config(config)
+        spec = config.attention_spec()
         backend_cls = platform.select_attention_backend(
             spec, forced=config.device_config.attention_backend
         )
@@ -94,7 +93,7 @@ class ModelRunner:
             self.num_blocks, cc.block_size, self.num_blocks * cc.block_size,
             self.kv_cache_bytes / 2**20, backend_cls.name,
         )
-        self.vocab_size = mc.hf_config.vocab_size
+        self.vocab_size = config.model_spec.vocab_size
         max_blocks_per_req = -(-self.max_model_len // cc.block_size)
         self.input_batch = InputBatch(
             config.scheduler_config.max_num_seqs, self.max_model_len, max_blocks_per_req,
@@ -106,7 +105,7 @@ class ModelRunner:
         self.logits_processors = tuple(get_logits_processors())
 
     @staticmethod
-    def _maybe_compile(model, config: EngineConfig, platform: Platform):
+    def _maybe_compile(model, config: ResolvedConfig, platform: Platform):
         """torch.compile the model at O1+ (the attention layers stay eager, see Attention)."""
         comp = config.compilation_config
         if comp.use_graphs:
@@ -129,7 +128,7 @@ class ModelRunner:
         # there are layers, with dynamic token counts so shapes do not add more.
         import torch._dynamo
 
-        num_layers = config.model_config.hf_config.num_hidden_layers
+        num_layers = config.model_spec.num_layers
         torch._dynamo.config.cache_size_limit = max(
             torch._dynamo.config.cache_size_limit, 2 * num_layers + 8
         )

@@ -27,6 +27,7 @@ import inspect
 import logging
 import os
 import time
+from collections.abc import Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -284,7 +285,7 @@ def _jsonable(value: Any) -> Any:
             for f in dataclasses.fields(value)
             if f.name != "hf_config"
         }
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set):
         return [_jsonable(v) for v in value]

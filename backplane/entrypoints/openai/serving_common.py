@@ -108,9 +108,7 @@ class ServingContext:
 
     @property
     def vocab_size(self) -> int:
-        hf = getattr(self.engine.config.model_config, "hf_config", None)
-        size = getattr(hf, "vocab_size", None)
-        return int(size) if size else len(self.tokenizer)
+        return self.engine.config.model_spec.vocab_size
 
     def check_model(self, name: str | None) -> None:
         """404 unless ``name`` is one of the served names (None means the default)."""

@@ -1,0 +1,143 @@
+"""ModelSpec: the model's geometry and defaults, computed once from its HF config.
+
+Everything that needs the number of layers, heads, the head size, the
+vocabulary, the sliding window, the rope settings or the EOS ids reads them
+here instead of re-deriving them from ``hf_config`` (which is how a halved
+head count once reached the attention spec but not the model or the cache).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from backplane.config.attention_spec import head_size_of, sliding_window_of
+
+if TYPE_CHECKING:
+    from backplane.config.engine import EngineConfig
+    from backplane.plugins_sdk import AttentionSpec
+
+# generation_config.json keys that are sampling defaults (vLLM applies the same ones).
+GENERATION_DEFAULT_KEYS = (
+    "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens",
+)
+# kv_cache_dtype names -> the dtype stored in the cache ("auto": the model's dtype).
+_KV_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the engine needs to know about the model, per tensor-parallel rank where it matters.
+
+    Attributes:
+        architecture: the HF ``architectures[0]`` (the registry key).
+        dtype: the resolved weight/activation dtype.
+        vocab_size, num_layers: from the HF config.
+        num_heads, num_kv_heads: whole-model head counts.
+        num_heads_per_rank, num_kv_heads_per_rank: what one tensor-parallel rank holds.
+        head_size: per-head dimension.
+        sliding_window: the attention window, or None for full attention.
+        max_position_embeddings: the model's context limit, if it states one.
+        rope: the rope parameters (theta and scaling) as the HF config gives them.
+        eos_token_ids: end-of-sequence ids from config.json and generation_config.json
+            (the engine adds the tokenizer's).
+        generation_defaults: sampling defaults from generation_config.json.
+        block_size: tokens per KV block.
+        kv_cache_dtype: the dtype stored in the KV cache.
+        tie_word_embeddings: the LM head shares the embedding weights.
+    """
+
+    architecture: str
+    dtype: torch.dtype
+    vocab_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    num_heads_per_rank: int
+    num_kv_heads_per_rank: int
+    head_size: int
+    sliding_window: int | None
+    max_position_embeddings: int | None
+    rope: MappingProxyType = field(repr=False)
+    eos_token_ids: frozenset[int]
+    generation_defaults: MappingProxyType = field(repr=False)
+    block_size: int
+    kv_cache_dtype: torch.dtype
+    tie_word_embeddings: bool
+
+    @property
+    def kv_bytes_per_block(self) -> int:
+        """Bytes one KV block takes over all layers of one rank (keys and values)."""
+        itemsize = torch.empty((), dtype=self.kv_cache_dtype).element_size()
+        per_layer = 2 * self.block_size * self.num_kv_heads_per_rank * self.head_size
+        return self.num_layers * per_layer * itemsize
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> ModelSpec:
+        """The spec of a finalized config's model (reads generation_config.json if present)."""
+        from backplane.core.layers.rotary import rope_parameters
+
+        mc, cc = config.model_config, config.cache_config
+        hf = mc.hf_config
+        tp = max(1, config.parallel_config.tensor_parallel_size)
+        heads = int(hf.num_attention_heads)
+        kv_heads = int(getattr(hf, "num_key_value_heads", None) or heads)
+        architectures = getattr(hf, "architectures", None) or [type(hf).__name__]
+        eos, defaults = _generation_config(mc.model)
+        eos |= _ids(getattr(hf, "eos_token_id", None))
+        max_positions = getattr(hf, "max_position_embeddings", None)
+        return cls(
+            architecture=str(architectures[0]),
+            dtype=mc.torch_dtype,
+            vocab_size=int(hf.vocab_size),
+            num_layers=int(hf.num_hidden_layers),
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            num_heads_per_rank=max(1, heads // tp),
+            num_kv_heads_per_rank=max(1, kv_heads // tp),
+            head_size=head_size_of(hf),
+            sliding_window=sliding_window_of(hf, mc.max_model_len),
+            max_position_embeddings=int(max_positions) if max_positions else None,
+            rope=MappingProxyType(rope_parameters(hf)),
+            eos_token_ids=frozenset(eos),
+            generation_defaults=MappingProxyType(defaults),
+            block_size=cc.block_size,
+            kv_cache_dtype=_KV_DTYPES.get(cc.kv_cache_dtype, mc.torch_dtype),
+            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        )
+
+    def attention_spec(self, kv_cache_dtype: str = "auto") -> AttentionSpec:
+        """The per-rank AttentionSpec the platform's backends are asked about."""
+        from backplane.plugins_sdk import AttentionSpec
+
+        return AttentionSpec(
+            num_heads=self.num_heads_per_rank,
+            num_kv_heads=self.num_kv_heads_per_rank,
+            head_size=self.head_size,
+            dtype=self.dtype,
+            block_size=self.block_size,
+            kv_cache_dtype=kv_cache_dtype,
+            sliding_window=self.sliding_window,
+        )
+
+
+def _ids(value: Any) -> set[int]:
+    if value is None:
+        return set()
+    return {int(value)} if isinstance(value, int) else {int(v) for v in value}
+
+
+def _generation_config(model_dir: str) -> tuple[set[int], dict[str, Any]]:
+    """(EOS ids, sampling defaults) of the model's generation_config.json, if any."""
+    path = os.path.join(model_dir, "generation_config.json")
+    if not os.path.isfile(path):
+        return set(), {}
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    defaults = {k: data[k] for k in GENERATION_DEFAULT_KEYS if data.get(k) is not None}
+    return _ids(data.get("eos_token_id")), defaults
