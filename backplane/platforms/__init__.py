@@ -8,6 +8,9 @@ per process and per requested name. Worker processes resolve again on first use
 
 `explain_selection()` returns the `PlatformReport` behind a choice; the CLI
 (`backplane platforms`) and the server's start-up log print it.
+`log_platform_choice()` logs the cached choice (which platform, why, and whether
+the ``device`` argument, ``BACKPLANE_PLATFORM`` or auto-detection asked for it)
+at INFO on the library logger; every LLMEngine calls it once when it is built.
 ``backplane.platforms.current_platform`` is `resolve_platform()` with no argument.
 """
 
@@ -46,14 +49,17 @@ __all__ = [
     "PlatformSelectionError",
     "discover_platforms",
     "explain_selection",
+    "log_platform_choice",
     "resolve_platform",
+    "selection_report",
 ]
 
 _lock = threading.RLock()
 # platform name -> loaded Platform (one instance per process, whatever the request path).
 _loaded: dict[str, Platform] = {}
-# requested name (None = automatic) -> the report that chose for it.
-_reports: dict[str | None, PlatformReport] = {}
+# (requested name or None = automatic, source of the request) -> the report that chose
+# for it. The source is part of the key so that each report names the request it answered.
+_reports: dict[tuple[str | None, str], PlatformReport] = {}
 
 
 def _load(plugin: DiscoveredPlatform) -> Platform:
@@ -112,26 +118,41 @@ def explain_selection(device: str | None = None, *, load_all: bool = False) -> P
 def resolve_platform(device: str | None = None) -> Platform:
     """The platform named by ``device`` / ``BACKPLANE_PLATFORM``, else the best available.
 
-    Cached per process and per requested name; the choice is logged once with
-    its reasons. Raises `PlatformSelectionError` (a RuntimeError) listing every
-    installed plugin when an explicit request cannot be met or nothing is available.
+    Cached per process and per request (name and source); the choice is logged
+    at DEBUG when it is made (`log_platform_choice` logs it at INFO). Raises
+    `PlatformSelectionError` (a RuntimeError) listing every installed plugin
+    when an explicit request cannot be met or nothing is available.
     """
-    requested, _source = requested_platform(device, dict(os.environ))
+    key = requested_platform(device, dict(os.environ))
     with _lock:
-        report = _reports.get(requested)
+        report = _reports.get(key)
         if report is None:
-            report = explain_selection(requested)
+            report = explain_selection(device)
             if report.chosen is None:
                 raise PlatformSelectionError(report.error or "no platform selected", report)
-            _reports[requested] = report
-            logger.info("%s", report.summary())
+            _reports[key] = report
+            logger.debug("%s", report.summary())
         return _loaded[report.chosen]
 
 
 def selection_report(device: str | None = None) -> PlatformReport | None:
     """The report behind the cached `resolve_platform(device)` choice, if it was made."""
-    requested, _source = requested_platform(device, dict(os.environ))
-    return _reports.get(requested)
+    return _reports.get(requested_platform(device, dict(os.environ)))
+
+
+def log_platform_choice(device: str | None = None) -> PlatformReport | None:
+    """Log the `resolve_platform(device)` choice at INFO: the platform, why, what was skipped.
+
+    The line is the report's summary, e.g. ``platform cpu chosen: requested by
+    BACKPLANE_PLATFORM (...)``; its reason names the source of the choice (the
+    ``device`` argument, the ``BACKPLANE_PLATFORM`` environment variable, or
+    auto-detection). Returns the report, None (and logs nothing) when no
+    choice has been made for ``device`` yet.
+    """
+    report = selection_report(device)
+    if report is not None:
+        logger.info("%s", report.summary())
+    return report
 
 
 def reset_platform_cache() -> None:

@@ -85,8 +85,12 @@ class PlatformReport:
         return [p for p in self.plugins if p.status == AVAILABLE and p.name != self.chosen]
 
     def summary(self) -> str:
-        """One line for logs, e.g. ``platform cuda chosen: highest-priority available
-        (priority 10); skipped: foo (unavailable: no device)``."""
+        """One line for logs, e.g. ``platform cuda chosen: auto-detected: highest-priority
+        available (priority 100); skipped: foo (unavailable: no device)``.
+
+        The reason names where the choice came from: ``requested by device argument``,
+        ``requested by BACKPLANE_PLATFORM`` (the environment variable) or ``auto-detected``.
+        """
         if self.chosen is None:
             return f"no platform selected: {self.error}"
         text = f"platform {self.chosen} chosen: {self.reason}"
@@ -202,7 +206,7 @@ def _select_auto(report: PlatformReport,
             load_failures.append(plugin.display_name)
             continue
         report.chosen = plugin.display_name
-        reason = f"highest-priority available (priority {plugin.priority})"
+        reason = f"auto-detected: highest-priority available (priority {plugin.priority})"
         if report.tie and plugin.display_name in report.tie:
             reason += (
                 f"; tie at priority {plugin.priority} between {', '.join(report.tie)} "

@@ -121,7 +121,10 @@ def _register_models(manager: GeneralPluginManager) -> None:
 
 
 def register_platform_attention_backends(platform: Platform, platform_name: str) -> None:
-    """Append the backends general plugins offer for ``platform_name`` to ``platform``."""
+    """Register on ``platform`` the backends general plugins offer for ``platform_name``.
+
+    They then follow the platform's own in ``platform.all_attention_backends()``.
+    """
     manager = load_general_plugins()
     for plugin_name, backends in manager.call_each(
         "register_attention_backends", platform_name=platform_name

@@ -29,9 +29,12 @@ def register_attention_backends(platform_name: str) -> list[type] | None:
     """Attention backends (AttentionBackend subclasses) to offer on ``platform_name``.
 
     Called once per process when that platform is loaded; the returned backends
-    are appended after the platform's own (so they are used when forced by name
-    with ``attention_backend=...`` or when no built-in backend can serve a model).
-    Return None or [] for platforms the plugin does not target.
+    are registered on it (`Platform.register_attention_backend`) and listed by
+    ``platform.all_attention_backends()`` after the platform's own, so they are
+    used when forced by name with ``attention_backend=...`` or when no built-in
+    backend can serve a model. The platform's ``attention_backends()`` is left
+    as its class defines it. Return None or [] for platforms the plugin does
+    not target.
     """
 
 

@@ -12,12 +12,21 @@ class Communicator:
     The default implementation uses torch.distributed with whatever backend the
     group was created with (gloo, nccl, xla...). Platforms with a faster path
     (custom all-reduce, shared memory) subclass and override single methods.
+
+    Without a group (``group=None``) and without an initialised default process
+    group, as in a single-process engine, the communicator is rank 0 of a world
+    of size 1 and never calls torch.distributed: every collective returns its
+    input (each rank's contribution is the whole result), ``broadcast`` from
+    rank 0 is a no-op, and ``send``/``recv`` raise because there is no peer.
     """
 
     def __init__(self, group: dist.ProcessGroup | None = None) -> None:
         self.group = group
-        self.rank = dist.get_rank(group)
-        self.world_size = dist.get_world_size(group)
+        if group is None and not (dist.is_available() and dist.is_initialized()):
+            self.rank, self.world_size = 0, 1
+        else:
+            self.rank = dist.get_rank(group)
+            self.world_size = dist.get_world_size(group)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` across ranks; returns the reduced tensor (in place when possible)."""
@@ -48,19 +57,35 @@ class Communicator:
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Copy ``tensor`` from rank ``src`` (group-local) to every rank."""
+        self._check_peer("broadcast", "src", src, allow_self=True)
         if self.world_size == 1:
             return tensor
-        dist.broadcast(tensor, src=dist.get_global_rank(self.group, src) if self.group else src,
-                       group=self.group)
+        dist.broadcast(tensor, src=self._global_rank(src), group=self.group)
         return tensor
 
     def send(self, tensor: torch.Tensor, dst: int) -> None:
         """Point-to-point send to group-local rank ``dst``."""
-        dist.send(tensor, dst=dist.get_global_rank(self.group, dst) if self.group else dst,
-                  group=self.group)
+        self._check_peer("send", "dst", dst)
+        dist.send(tensor, dst=self._global_rank(dst), group=self.group)
 
     def recv(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
         """Receive into ``tensor`` from group-local rank ``src``."""
-        dist.recv(tensor, src=dist.get_global_rank(self.group, src) if self.group else src,
-                  group=self.group)
+        self._check_peer("recv", "src", src)
+        dist.recv(tensor, src=self._global_rank(src), group=self.group)
         return tensor
+
+    def _global_rank(self, group_rank: int) -> int:
+        return dist.get_global_rank(self.group, group_rank) if self.group else group_rank
+
+    def _check_peer(self, op: str, field: str, rank: int, allow_self: bool = False) -> None:
+        """Refuse a peer rank outside the group (or this rank itself, for point-to-point)."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(
+                f"{op}: {field} {rank} is not a rank of the group: ranks are 0..{self.world_size - 1}"
+                f" (world_size {self.world_size})"
+            )
+        if not allow_self and rank == self.rank:
+            raise ValueError(
+                f"{op}: {field} {rank} is this process's own rank; point-to-point needs another "
+                f"rank (world_size {self.world_size})"
+            )

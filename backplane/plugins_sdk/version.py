@@ -14,7 +14,12 @@ History:
          hookimpl/hookspec markers for general plugins, deprecation helpers;
          before its first release also Platform.prepare_model (with the core
          layers' ``layer_kind``) and AttentionBackend.allocate_kv_cache, both
-         optional with defaults.
+         optional with defaults; TorchSdpaPagedAttentionBackend (moved from the
+         cuda plugin, whose old module keeps deprecated aliases until 1.2);
+         Platform.all_attention_backends / registered_attention_backends
+         (registered backends no longer rewrite a subclass's
+         attention_backends); Communicator at world size 1 without a process
+         group.
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ def test_visible_acme_device_wins_automatically(acme_env, capsys):
         assert data["chosen"] == higher[0]
     else:
         assert data["chosen"] == "acme"
-        assert data["reason"] == "highest-priority available (priority 50)"
+        assert data["reason"] == "auto-detected: highest-priority available (priority 50)"
     acme = next(p for p in data["plugins"] if p["name"] == "acme")
     assert acme["attention_backends"] == ["acme_paged"]
 

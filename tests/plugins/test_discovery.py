@@ -39,11 +39,12 @@ def test_highest_priority_available_wins(fake_site):
     fake_site.platform("beta", priority=1020)
     report = explain_selection()
     assert report.chosen == "beta"
-    assert report.reason == "highest-priority available (priority 1020)"
+    assert report.reason == "auto-detected: highest-priority available (priority 1020)"
     also = [p.display_name for p in report.also_available]
     assert also[0] == "alpha" and also[-1] == "cpu"
     assert resolve_platform().name == "beta"
-    assert "platform beta chosen: highest-priority available (priority 1020)" in report.summary()
+    assert ("platform beta chosen: auto-detected: highest-priority available (priority 1020)"
+            in report.summary())
 
 
 def test_explicit_device_overrides_priority(fake_site):
@@ -98,8 +99,8 @@ def test_two_available_accelerators_tie_broken_by_name(fake_site):
     assert report.chosen == "acc_a"
     assert report.tie == ["acc_a", "acc_b"]
     assert report.reason == (
-        "highest-priority available (priority 1030); tie at priority 1030 between acc_a, acc_b "
-        "broken by name (alphabetical order)")
+        "auto-detected: highest-priority available (priority 1030); tie at priority 1030 "
+        "between acc_a, acc_b broken by name (alphabetical order)")
     assert [p.display_name for p in report.also_available][0] == "acc_b"
 
 
@@ -212,6 +213,22 @@ def test_resolution_is_cached_per_process_and_shared_between_requests(fake_site)
     import backplane.platforms as platforms
 
     assert platforms.current_platform is first
+
+
+def test_cached_report_names_the_source_of_each_request(fake_site, monkeypatch):
+    fake_site.platform("alpha", priority=1010)
+    monkeypatch.setenv("BACKPLANE_PLATFORM", "alpha")
+    env_platform = resolve_platform()
+    assert selection_report().source == "BACKPLANE_PLATFORM"
+    assert selection_report().reason == "requested by BACKPLANE_PLATFORM (alpha device found)"
+    # The same platform asked for by the device argument: same instance, its own report.
+    assert resolve_platform("alpha") is env_platform
+    assert selection_report("alpha").reason == "requested by device argument (alpha device found)"
+    assert selection_report().source == "BACKPLANE_PLATFORM"
+    monkeypatch.delenv("BACKPLANE_PLATFORM")
+    assert selection_report() is None  # automatic selection was not made yet
+    assert resolve_platform() is env_platform
+    assert selection_report().reason.startswith("auto-detected: ")
 
 
 def test_no_platform_available_is_an_error(fake_site, monkeypatch):

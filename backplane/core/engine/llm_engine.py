@@ -48,12 +48,9 @@ class LLMEngine:
         from backplane.platforms import log_platform_choice, resolve_platform
 
         self._load_general_plugins()
-        # A ResolvedConfig names its platform; an EngineConfig is resolved for the
-        # platform its device option selects.
-        device = (
-            config.platform_name if isinstance(config, ResolvedConfig)
-            else config.device_config.device
-        )
+        # The device option selects the platform (and the log names who asked for it);
+        # an EngineConfig is then resolved for it, a ResolvedConfig already was.
+        device = config.device_config.device
         self.platform = resolve_platform(device)
         log_platform_choice(device)  # which platform, and asked by whom
         self.config = (

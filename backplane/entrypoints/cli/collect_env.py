@@ -223,7 +223,7 @@ def accelerators(report: dict[str, Any]) -> dict[str, Any] | None:
         "dist_backend": platform.dist_backend,
         "compile_backend": platform.compile_backend,
         "supports_graph_capture": platform.supports_graph_capture,
-        "attention_backends": [b.name for b in platform.attention_backends()],
+        "attention_backends": [b.name for b in platform.all_attention_backends()],
         "supported_dtypes": [str(d).removeprefix("torch.") for d in runtime.supported_dtypes],
         "devices": devices,
     }

@@ -148,11 +148,9 @@ def _exit_code(engine_box: list, code: int) -> int:
 
 
 def _serve(args: argparse.Namespace, engine_box: list) -> int:
-    import uvicorn
-
     from backplane.core.engine.async_engine import AsyncEngine
     from backplane.entrypoints.openai.api_server import build_app
-    from backplane.entrypoints.openai.http_server import DrainingServer, HeaderTimeoutH11Protocol
+    from backplane.entrypoints.openai.http_server import DrainingServer
 
     server_opts = resolve_server_options(args)
     engine_args = build_engine_args(args)
@@ -162,21 +160,7 @@ def _serve(args: argparse.Namespace, engine_box: list) -> int:
     try:
         log_startup(engine, server_opts)
         app = build_app(engine, options=server_opts, chat_template=chat_template)
-        config = uvicorn.Config(
-            app,
-            host=server_opts.host,
-            port=server_opts.port,
-            log_level=server_opts.uvicorn_log_level,
-            root_path=server_opts.root_path,
-            # The drain below ends every request at the grace period; uvicorn's own
-            # cut-off is a backstop a little later.
-            timeout_graceful_shutdown=server_opts.graceful_shutdown_timeout + 5,
-            timeout_keep_alive=server_opts.timeout_keep_alive,
-            limit_concurrency=server_opts.limit_concurrency,
-            ssl_keyfile=server_opts.ssl_keyfile,
-            ssl_certfile=server_opts.ssl_certfile,
-            http=HeaderTimeoutH11Protocol.with_timeout(server_opts.header_timeout),
-        )
+        config = uvicorn_config(app, server_opts)
         server = DrainingServer(config, engine, server_opts.graceful_shutdown_timeout)
         engine.add_dead_callback(server.engine_died)
         server.run()
@@ -189,16 +173,32 @@ def _serve(args: argparse.Namespace, engine_box: list) -> int:
         engine.shutdown(timeout=server_opts.graceful_shutdown_timeout)
 
 
-def log_startup(engine, opts: ServerOptions) -> None:
-    """Log the platform and why, the model, dtype, KV cache size and the URL."""
-    from backplane.platforms import selection_report
+def uvicorn_config(app, opts: ServerOptions):
+    """The uvicorn configuration of ``opts`` (bind address, TLS, HTTP limits, shutdown)."""
+    import uvicorn
 
+    from backplane.entrypoints.openai.http_server import HeaderTimeoutH11Protocol
+
+    return uvicorn.Config(
+        app,
+        host=opts.host,
+        port=opts.port,
+        log_level=opts.uvicorn_log_level,
+        root_path=opts.root_path,
+        # The drain (DrainingServer) ends every request at the grace period;
+        # uvicorn's own cut-off is a backstop a little later.
+        timeout_graceful_shutdown=opts.graceful_shutdown_timeout + 5,
+        timeout_keep_alive=opts.timeout_keep_alive,
+        limit_concurrency=opts.limit_concurrency,
+        ssl_keyfile=opts.ssl_keyfile,
+        ssl_certfile=opts.ssl_certfile,
+        http=HeaderTimeoutH11Protocol.with_timeout(opts.header_timeout),
+    )
+
+
+def log_startup(engine, opts: ServerOptions) -> None:
+    """Log the model, dtype, KV cache size and the URL (the engine logged the platform)."""
     cfg = engine.config
-    report = selection_report(cfg.device_config.device)
-    if report is not None:
-        logger.info("%s", report.summary())
-    else:
-        logger.info("platform %s", getattr(engine.platform, "name", "?"))
     mc = cfg.model_config
     logger.info(
         "model %s (served as %r), dtype %s, max_model_len %d",

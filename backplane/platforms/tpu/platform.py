@@ -2,9 +2,9 @@
 
 Attention uses the device-agnostic ``torch_sdpa_paged`` backend of the plugin
 SDK (`backplane.plugins_sdk.TorchSdpaPagedAttentionBackend`: plain torch ops
-that XLA lowers). Its per-step shapes follow
-the batch, so XLA compiles once per distinct shape; a Pallas paged-attention
-backend with bucketed shapes would be the faster successor.
+that XLA lowers). Its per-step shapes follow the batch, so XLA compiles once
+per distinct shape; a Pallas paged-attention backend with bucketed shapes
+would be the faster successor.
 """
 
 from __future__ import annotations

@@ -16,10 +16,9 @@ import torch
 from backplane.config import CacheConfig, CompilationConfig, ParallelConfig, SchedulerConfig
 from backplane.platforms.cuda import descriptor as cuda_descriptor
 from backplane.platforms.cuda.graph_runner import CudaGraphRunner
-from backplane.platforms.cuda.sdpa_attention import TorchSdpaPagedAttentionBackend
 from backplane.platforms.cuda.triton_attention import TritonPagedAttentionBackend
 from backplane.platforms.rocm import descriptor as rocm_descriptor
-from backplane.plugins_sdk import AttentionSpec
+from backplane.plugins_sdk import AttentionSpec, TorchSdpaPagedAttentionBackend
 from tests.platforms.gpu.paged_cases import CASES, check_backend_on_case, make_case
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None

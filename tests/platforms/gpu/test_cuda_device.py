@@ -13,12 +13,11 @@ import pytest
 import torch
 
 from backplane.platforms.cuda import descriptor
-from backplane.platforms.cuda.sdpa_attention import TorchSdpaPagedAttentionBackend
 from backplane.platforms.cuda.triton_attention import (
     TritonAttentionMetadata,
     TritonPagedAttentionBackend,
 )
-from backplane.plugins_sdk import CommonAttentionMetadata
+from backplane.plugins_sdk import CommonAttentionMetadata, TorchSdpaPagedAttentionBackend
 from tests.platforms.gpu.paged_cases import CASES, CaseSpec, check_backend_on_case, make_case
 
 pytestmark = [

@@ -17,7 +17,7 @@ import torch
 
 from backplane.config import CacheConfig, CompilationConfig
 from backplane.platforms import tpu
-from backplane.plugins_sdk import ProbeResult
+from backplane.plugins_sdk import ProbeResult, TorchSdpaPagedAttentionBackend
 
 
 @pytest.fixture
@@ -85,7 +85,7 @@ def test_loaded_platform_parts(fake_xla):
     assert (platform.name, platform.dist_backend, platform.compile_backend) == (
         "tpu", "xla", "openxla")
     assert platform.make_graph_runner() is None and not platform.supports_graph_capture
-    assert [b.name for b in platform.attention_backends()] == ["torch_sdpa_paged"]
+    assert platform.attention_backends() == [TorchSdpaPagedAttentionBackend]  # the SDK's
     rt = platform.runtime
     assert rt.device_type == "xla" and rt.device_count() == 4
     assert rt.default_dtype() == torch.bfloat16 and torch.float16 not in rt.supported_dtypes
