@@ -47,3 +47,51 @@ def test_seed_makes_unseeded_sampling_repeatable(llama_model_dir):
     first = sample(7)
     assert sample(7) == first
     assert sample(8) != first
+
+
+def test_kv_cache_memory_bytes_and_num_kv_blocks_size_the_cache(llama_model_dir):
+    llm = LLM(model=llama_model_dir, max_model_len=64, block_size=4, kv_cache_memory_bytes=2**20)
+    spec = llm.llm_engine.config.model_spec
+    runner = llm.llm_engine.engine_core.model_runner
+    assert runner.num_blocks == 2**20 // spec.kv_bytes_per_block
+    assert runner.kv_cache_bytes == runner.num_blocks * spec.kv_bytes_per_block
+    fixed = _llm(llama_model_dir, kv_cache_memory_bytes=2**20)  # num_kv_blocks=32 wins
+    assert fixed.llm_engine.engine_core.model_runner.num_blocks == 32
+
+
+def test_trust_remote_code_reaches_transformers(llama_model_dir, monkeypatch):
+    import transformers
+
+    seen = []
+    real = transformers.AutoConfig.from_pretrained
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("trust_remote_code"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", recording)
+    _llm(llama_model_dir, trust_remote_code=True)
+    assert seen and all(flag is True for flag in seen)
+
+
+def test_load_format_auto_and_safetensors_load_others_are_refused(llama_model_dir):
+    assert _llm(llama_model_dir, load_format="auto").generate(
+        "In", SamplingParams(max_tokens=1), use_tqdm=False)
+    with pytest.raises(ValueError, match="load_format \\('pt'\\) is not one of"):
+        _llm(llama_model_dir, load_format="pt")
+
+
+def test_separate_tokenizer_directory_is_used(llama_model_dir, tmp_path):
+    import os
+    import shutil
+
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        src = f"{llama_model_dir}/{name}"
+        if os.path.exists(src):
+            shutil.copy(src, tok_dir / name)
+    llm = _llm(llama_model_dir, tokenizer=str(tok_dir))
+    assert llm.get_tokenizer().name_or_path == str(tok_dir)
+    with pytest.raises((FileNotFoundError, ValueError), match="tokenizer"):
+        _llm(llama_model_dir, tokenizer=str(tmp_path))
