@@ -59,9 +59,20 @@ class ModelRunner:
         self.max_model_len = config.max_model_len
 
         model = platform.prepare_model(load_model(mc, self.device), config)
-        geometry = model.kv_cache_shape()  # layers and heads, as the model defines them
+        # The cache is laid out from the resolved ModelSpec; the model built from the
+        # same HF config must agree, or attention, cache and model disagree on shapes.
+        spec_model = config.model_spec
         num_layers, kv_heads, head_size = (
-            geometry.num_layers, geometry.num_kv_heads, geometry.head_size)
+            spec_model.num_layers, spec_model.num_kv_heads_per_rank, spec_model.head_size)
+        geometry = model.kv_cache_shape()
+        if (geometry.num_layers, geometry.num_kv_heads, geometry.head_size) != (
+            num_layers, kv_heads, head_size
+        ):
+            raise ValueError(
+                f"model {spec_model.architecture} builds KV layers x heads x head size "
+                f"{geometry.num_layers} x {geometry.num_kv_heads} x {geometry.head_size}, but "
+                f"the resolved config says {num_layers} x {kv_heads} x {head_size}"
+            )
         self.model = self._maybe_compile(model, config, platform)
         # The same spec validation used, so a backend accepted there is the one used here.
         spec = config.attention_spec()
