@@ -33,7 +33,7 @@ SHOWN_BY = {
     "max_logprobs": "tests/core/engine/test_engine_options.py::test_max_logprobs_bounds_requests",
     "block_size": "tests/config/test_resolve.py::test_resolve_returns_a_frozen_config_with_the_model_spec",
     "enable_prefix_caching": "tests/core/kv/test_kv_cache_manager.py::test_prompt_logprob_requests_skip_the_cache_and_disabled_cache_never_hits",
-    "memory_utilization": "tests/config/test_validation.py::test_every_problem_in_one_error",
+    "memory_utilization": "tests/core/engine/test_engine_options.py::test_memory_utilization_sizes_the_cache_from_available_memory",
     "kv_cache_memory_bytes": "tests/core/engine/test_engine_options.py::test_kv_cache_memory_bytes_and_num_kv_blocks_size_the_cache",
     "num_kv_blocks": "tests/core/engine/test_engine_options.py::test_kv_cache_memory_bytes_and_num_kv_blocks_size_the_cache",
     "kv_cache_dtype": "tests/config/test_validation.py::test_kv_cache_dtype_unknown_and_unsupported",

@@ -120,7 +120,8 @@ class CacheConfig(Freezable):
         block_size: tokens per KV block.
         enable_prefix_caching: reuse KV blocks of identical prompt prefixes.
         memory_utilization: fraction of the device memory the platform reports as
-            available that the KV cache may take (vLLM: gpu_memory_utilization).
+            available that the KV cache may take (vLLM: gpu_memory_utilization);
+            None until resolution, which applies the platform's choice or 0.9.
         kv_cache_memory_bytes: explicit KV cache size in bytes; overrides memory_utilization.
         num_kv_blocks: explicit number of KV blocks; overrides both of the above.
         kv_cache_dtype: ``"auto"`` stores KV in the model dtype.
@@ -128,7 +129,7 @@ class CacheConfig(Freezable):
 
     block_size: int = 16
     enable_prefix_caching: bool = True
-    memory_utilization: float = 0.9
+    memory_utilization: float | None = None
     kv_cache_memory_bytes: int | None = None
     num_kv_blocks: int | None = None
     kv_cache_dtype: str = "auto"

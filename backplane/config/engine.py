@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# Share of the device's available memory the KV cache takes when nothing else sizes it.
+DEFAULT_MEMORY_UTILIZATION = 0.9
 # Step token budget when the user sets none and chunked prefill is on.
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
 
@@ -99,6 +101,7 @@ class EngineConfig:
         itself reported as a problem when ``load_model`` is True.
         """
         from backplane.config.levels import apply_optimization_level
+        from backplane.config.policy_view import run_platform_policy
 
         self.notes.clear()
         self.platform_name = platform.name
@@ -149,12 +152,21 @@ class EngineConfig:
 
         problems += apply_optimization_level(self, platform)
         try:
-            decision = platform.config_policy.check_and_update_config(self)
+            # Through the SDK's PlatformConfigView; changed writable fields are copied back.
+            decision = run_platform_policy(self, platform)
         except Exception as exc:  # noqa: BLE001 - a policy bug must not hide other problems
             problems.append(f"platform {platform.name!r} config policy failed: {exc}")
         else:
             self.notes += [f"platform {platform.name}: {c}" for c in decision.changes]
             problems += decision.refusals
+        cc = self.cache_config
+        if cc.memory_utilization is None:
+            cc.memory_utilization = DEFAULT_MEMORY_UTILIZATION
+            if cc.kv_cache_memory_bytes is None and cc.num_kv_blocks is None:
+                self.notes.append(
+                    f"memory_utilization defaults to {DEFAULT_MEMORY_UTILIZATION} of the "
+                    "device's available memory"
+                )
         if hf is not None:
             problems += self._model_problems(hf)
             if mc.torch_dtype is not None:
@@ -174,7 +186,7 @@ class EngineConfig:
             out.append(f"max_model_len ({mc.max_model_len}) must be >= 1")
         if cc.block_size < 1:
             out.append(f"block_size ({cc.block_size}) must be >= 1")
-        if not 0.0 < cc.memory_utilization <= 1.0:
+        if cc.memory_utilization is not None and not 0.0 < cc.memory_utilization <= 1.0:
             out.append(f"memory_utilization ({cc.memory_utilization}) must be in (0, 1]")
         if cc.kv_cache_memory_bytes is not None and cc.kv_cache_memory_bytes < 1:
             out.append(f"kv_cache_memory_bytes ({cc.kv_cache_memory_bytes}) must be >= 1")

@@ -141,10 +141,12 @@ class EngineArgs:
         True, 'cache',
         'Reuse KV blocks of identical prompt prefixes.',
     )
-    memory_utilization: float = _opt(
-        0.9, 'cache',
-        'Fraction of the device memory the KV cache may take.',
+    memory_utilization: float | None = _opt(
+        None, 'cache',
+        'Fraction of the device memory the KV cache may take. Unset: 0.9 on accelerators; '
+        'on the cpu a fixed 4 GiB cache (host memory is shared), unless set explicitly.',
         flags=('--gpu-memory-utilization',),
+        default_doc='`0.9` (cpu: unset)',
     )
     kv_cache_memory_bytes: int | None = _opt(
         None, 'cache',

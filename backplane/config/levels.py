@@ -9,10 +9,11 @@
 
 A level only fills CompilationConfig fields the user left as None; a field set
 explicitly wins and the difference is recorded in ``config.notes`` (and logged).
-When the user sets no level, the platform chooses: its ConfigPolicy may define
-``default_optimization_level``; otherwise platforms with graph capture get O2
-and the others O0 (compiling without graphs costs start-up time for a gain that
-is not measured yet; a platform opts into O1 through its policy).
+When the user sets no level, the platform chooses: its ConfigPolicy may set
+``default_optimization_level`` (an SDK class attribute, None by default);
+otherwise platforms with graph capture get O2 and the others O0 (compiling
+without graphs costs start-up time for a gain that is not measured yet; a
+platform opts into O1 through its policy).
 """
 
 from __future__ import annotations

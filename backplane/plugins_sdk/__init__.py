@@ -28,6 +28,7 @@ _EXPORTS = {
     "DeviceRuntime": "platform",
     "GraphRunner": "graph",
     "Platform": "platform",
+    "PlatformConfigView": "config_view",
     "PlatformDescriptor": "descriptor",
     "ProbeResult": "descriptor",
     "ReferenceAttentionBackend": "reference",
@@ -48,6 +49,7 @@ __all__ = [
     "DeviceRuntime",
     "GraphRunner",
     "Platform",
+    "PlatformConfigView",
     "PlatformDescriptor",
     "ProbeResult",
     "ReferenceAttentionBackend",
@@ -68,6 +70,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         CommonAttentionMetadata,
     )
     from backplane.plugins_sdk.communicator import Communicator
+    from backplane.plugins_sdk.config_view import PlatformConfigView
     from backplane.plugins_sdk.deprecation import deprecated, deprecated_alias
     from backplane.plugins_sdk.descriptor import PlatformDescriptor, ProbeResult
     from backplane.plugins_sdk.graph import GraphRunner

@@ -22,7 +22,25 @@ import torch
 
 @dataclass(frozen=True)
 class AttentionSpec:
-    """The shape of attention a model needs; backends say whether they can serve it."""
+    """The shape of attention a model needs; backends say whether they can serve it.
+
+    Attributes:
+        num_heads, num_kv_heads: query and key/value heads of one tensor-parallel
+            rank (num_heads is a multiple of num_kv_heads: MHA, GQA or MQA).
+        head_size: dimension of one head.
+        dtype: dtype of queries, keys, values and the output.
+        block_size: tokens per KV cache block.
+        kv_cache_dtype: ``"auto"`` stores K/V in ``dtype``; other names are
+            quantized formats a backend declares in ``supported_kv_cache_dtypes``.
+        sliding_window: None for full causal attention. Otherwise the query at
+            (0-based) position p of its request sees only the keys at positions
+            ``p - sliding_window + 1 .. p``: itself and the ``sliding_window - 1``
+            tokens before it (the transformers convention; the cpu kernels
+            compute it as ``max(0, seq_len - sliding_window) .. seq_len - 1`` with
+            ``seq_len = p + 1``). The core sets it only when requests can be
+            longer than the window. A backend that does not declare
+            ``supports_sliding_window`` is never given one.
+    """
 
     num_heads: int
     num_kv_heads: int
@@ -74,6 +92,14 @@ class AttentionBackend(ABC):
 
     Subclasses declare what they support as class attributes; `unsupported_reasons`
     turns those into human-readable refusals for a given spec.
+
+    Instances: the model runner creates one instance per model
+    (``backend_cls(spec)`` with the model's per-rank `AttentionSpec`, once, when
+    the engine loads the model) and that one instance serves every attention
+    layer: each step it calls `build_metadata` once, then every layer calls
+    `forward` with its own ``kv_cache`` tensor (one per layer, allocated with
+    `allocate_kv_cache`) and its own ``scale``. Keep no per-layer state on the
+    instance; per-step state belongs in the metadata.
     """
 
     name: ClassVar[str]
@@ -130,6 +156,7 @@ class AttentionBackend(ABC):
         return torch.zeros(shape, dtype=dtype, device=device)
 
     def __init__(self, spec: AttentionSpec) -> None:
+        """One instance per model, shared by all its attention layers (see the class)."""
         self.spec = spec
 
     def build_metadata(self, common: CommonAttentionMetadata) -> Any:
@@ -153,7 +180,12 @@ class AttentionBackend(ABC):
             key, value: [num_tokens, num_kv_heads, head_size]
             kv_cache: this layer's cache, shaped by `kv_cache_shape`.
             metadata: what `build_metadata` returned for this step.
-            scale: softmax scale.
+            scale: softmax scale: the output is ``softmax(scale * q.k^T) v`` over
+                the keys the query may see (causal, and within
+                ``spec.sliding_window`` when set). The layer passes what the
+                model gives it: the in-tree models pass ``1 / sqrt(head_size)``;
+                a model may define another, so use this value, never a
+                constant derived from the head size.
 
         Returns:
             [num_tokens, num_heads, head_size]; rows past num_actual_tokens are undefined.

@@ -2,11 +2,15 @@
 
 The SDK promise (docs/plugins.md): a member that is going away keeps working
 for one minor release, emitting a `DeprecationWarning` that names its
-replacement and the SDK version that removes it. Two helpers implement it:
+replacement and the SDK version that removes it. These helpers implement it:
 
 - `deprecated(since=..., replacement=...)` decorates a function, method or class;
 - `deprecated_alias(...)` + `module_getattr(...)` keep an old module-level name
-  importable (PEP 562 ``__getattr__``) while pointing at the new object.
+  importable (PEP 562 ``__getattr__``) while pointing at the new object;
+- `deprecated_override(base, old, new, since=...)` covers a method plugins
+  override that gives way to a new one: the caller asks whether an object still
+  implements only the old method, and if so calls it the old way and warns
+  (used for ``ConfigPolicy.check_and_update_config``).
 
 Every deprecation is recorded in `DEPRECATIONS`, so Backplane's own tests can
 check that nothing outlives its announced removal version.
@@ -154,3 +158,50 @@ def module_getattr(
         raise AttributeError(f"module {module_name!r} has no attribute {name!r}")
 
     return __getattr__
+
+
+@dataclass(frozen=True)
+class DeprecatedOverride:
+    """A method subclasses used to override, replaced by ``new_name`` on ``base``.
+
+    The code that calls the hook asks `implements_only_old` and, when true,
+    calls the old method the old way after `warn`.
+    """
+
+    base: type
+    old_name: str
+    new_name: str
+    deprecation: Deprecation
+
+    def implements_only_old(self, obj: Any) -> bool:
+        """True when ``obj``'s class overrides the old method but not the new one."""
+        return _overrides(type(obj), self.base, self.old_name) and not self.implements_new(obj)
+
+    def implements_new(self, obj: Any) -> bool:
+        """True when ``obj``'s class overrides the new method."""
+        return _overrides(type(obj), self.base, self.new_name)
+
+    def warn(self, obj: Any, stacklevel: int = 3) -> None:
+        """DeprecationWarning naming ``obj``'s class, the replacement and the removal version."""
+        cls = type(obj)
+        warnings.warn(f"{cls.__module__}.{cls.__qualname__}: {self.deprecation.message()}",
+                      DeprecationWarning, stacklevel=stacklevel)
+
+
+def _overrides(cls: type, base: type, name: str) -> bool:
+    return getattr(cls, name, None) is not base.__dict__.get(name)
+
+
+def deprecated_override(
+    base: type, old_name: str, new_name: str, *, since: str, replacement: str | None = None,
+    removed_in: str | None = None,
+) -> DeprecatedOverride:
+    """Declare that overriding ``base.old_name`` is deprecated in favour of ``base.new_name``.
+
+    ``replacement`` (default ``"<base>.<new_name>"``) is what the warning tells
+    plugin authors to implement instead.
+    """
+    qualified = f"{base.__qualname__}.{{}}"
+    entry = _record(qualified.format(old_name), since,
+                    replacement or qualified.format(new_name), removed_in)
+    return DeprecatedOverride(base, old_name, new_name, entry)

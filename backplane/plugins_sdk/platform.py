@@ -17,6 +17,8 @@ import torch
 
 from backplane.plugins_sdk.attention import AttentionBackend, AttentionSpec
 from backplane.plugins_sdk.communicator import Communicator
+from backplane.plugins_sdk.config_view import PlatformConfigView
+from backplane.plugins_sdk.deprecation import deprecated_override
 from backplane.plugins_sdk.graph import GraphRunner
 
 if TYPE_CHECKING:
@@ -81,14 +83,85 @@ class ConfigDecision:
 class ConfigPolicy:
     """Platform defaults and refusals applied to an engine config during validation.
 
-    ``check_and_update_config`` may change fields of ``config`` (recording each
-    change with its reason) and returns refusals for settings the platform cannot
-    run. The core raises one error listing every refusal.
+    Implement `check_and_update`: it gets a `PlatformConfigView` (the fields a
+    policy may read, and the few it may change, documented on that class),
+    may change writable fields (recording each change with its reason in
+    ``ConfigDecision.changes``) and returns refusals for settings the platform
+    cannot run, each a sentence naming the field, the value and what to use
+    instead. The core copies the changed fields back and raises one error
+    listing every refusal together with every other problem of the config.
+
+    Attributes:
+        default_optimization_level: the optimization level (0..3) the core uses
+            when the user sets none (no ``-O``, no ``--enforce-eager``), or None
+            (the default) to let the core choose: O2 on a platform with graph
+            capture (``Platform.supports_graph_capture``), else O0. The core
+            reads it before calling the policy (``backplane.config.levels``) and
+            fills the compilation settings the user left unset from the level:
+            O0 neither torch.compile nor graphs; O1 torch.compile with
+            ``Platform.compile_backend`` (none when that is None); O2 and O3
+            also graph capture (only with ``supports_graph_capture``). So the
+            view the policy gets already holds the resulting
+            ``optimization_level``, ``compile``, ``use_graphs`` and
+            ``graph_capture_sizes``. Compilation settings the user set
+            explicitly win over the level's.
+
+    Deprecated: overriding ``check_and_update_config(config)`` (the whole mutable
+    engine config, SDK 1.0) instead of `check_and_update`. Through SDK 1.1 a
+    policy class that overrides only that method is still called the old way,
+    with a DeprecationWarning naming `check_and_update`; SDK 1.2 removes it.
     """
 
-    def check_and_update_config(self, config: Any) -> ConfigDecision:
-        """Adjust ``config`` in place and report changes and refusals."""
+    default_optimization_level: int | None = None
+
+    def check_and_update(self, view: PlatformConfigView) -> ConfigDecision:
+        """Adjust the writable fields of ``view`` and report changes and refusals (SDK 1.1)."""
         return ConfigDecision()
+
+    def check_and_update_config(self, config: Any) -> ConfigDecision:
+        """Deprecated (SDK 1.0): adjust the engine ``config`` in place; use `check_and_update`.
+
+        Called by the core only on a policy that overrides this method and not
+        `check_and_update`. Given a `PlatformConfigView`, this default forwards
+        to `check_and_update`.
+        """
+        LEGACY_CONFIG_HOOK.warn(self)
+        if isinstance(config, PlatformConfigView):
+            return self.check_and_update(config)
+        if LEGACY_CONFIG_HOOK.implements_new(self):
+            raise TypeError(
+                f"{type(self).__qualname__} implements ConfigPolicy.check_and_update(view); "
+                "pass it a PlatformConfigView instead of an engine config"
+            )
+        return ConfigDecision()
+
+
+LEGACY_CONFIG_HOOK = deprecated_override(
+    ConfigPolicy, "check_and_update_config", "check_and_update", since="1.1",
+    replacement="ConfigPolicy.check_and_update(view: PlatformConfigView)",
+)
+
+
+def run_config_policy(
+    policy: ConfigPolicy, view: PlatformConfigView, legacy_config: Any = None
+) -> ConfigDecision:
+    """Call ``policy`` the way it is written: the core's (and the conformance kit's) one door.
+
+    A policy that implements `ConfigPolicy.check_and_update` (or neither
+    method) gets ``view``. One that overrides only the deprecated
+    ``check_and_update_config`` gets ``legacy_config`` (the engine config)
+    after a DeprecationWarning; without one, TypeError says to port it.
+    """
+    if not LEGACY_CONFIG_HOOK.implements_only_old(policy):
+        return policy.check_and_update(view)
+    LEGACY_CONFIG_HOOK.warn(policy)
+    if legacy_config is None:
+        raise TypeError(
+            f"{type(policy).__qualname__} implements only the deprecated "
+            "ConfigPolicy.check_and_update_config(config); implement "
+            "check_and_update(view: PlatformConfigView) instead"
+        )
+    return policy.check_and_update_config(legacy_config)
 
 
 class Platform:

@@ -19,7 +19,16 @@ History:
          Platform.all_attention_backends / registered_attention_backends
          (registered backends no longer rewrite a subclass's
          attention_backends); Communicator at world size 1 without a process
-         group.
+         group; PlatformConfigView and ConfigPolicy.check_and_update(view)
+         (with PlatformConfigView.for_testing and
+         ConfigPolicy.default_optimization_level declared on the class), which
+         deprecates overriding ConfigPolicy.check_and_update_config(config)
+         (still called in 1.1, with a DeprecationWarning; removed in 1.2);
+         deprecation.deprecated_override.
+
+Members added to a minor before its first release (as listed for 1.1) need
+no new version: a plugin declaring that minor only ever meets a Backplane that
+has all of them. Once a minor has shipped, the next addition opens the next one.
 """
 
 from __future__ import annotations

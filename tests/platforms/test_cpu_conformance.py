@@ -12,9 +12,12 @@ def test_cpu_platform_passes_the_conformance_suite(tmp_path):
     # Every attention case ran on both backends; collectives and config checks ran.
     for backend in ("cpu_paged", "cpu_sdpa"):
         assert sum(n.startswith(f"test_attention_matches_reference_float32[{backend}-")
-                   for n in passed) == 10, backend
+                   for n in passed) == 12, backend
+        for case in ("scale_0_3", "sliding_window_8"):
+            assert f"test_attention_matches_reference_float32[{backend}-{case}]" in passed
     assert "test_communicator_collective[send_recv]" in passed
     assert "test_runtime_descriptor_is_discovered_available_and_compatible" in passed
     assert "test_config_policy_refuses_graphs_without_runner" in passed
+    assert "test_config_policy_changes_are_reported" in passed
     # No graph runner on the cpu: skipped with a reason, not failed.
     assert outcomes["test_graph_replay_equals_eager"] == "skipped"

@@ -2,10 +2,13 @@
 
 `good` implements the contract (with a simple graph runner, so the graph tests
 run); `buggy` breaks it in ways the kit must catch: an attention backend that
-writes padding tokens into the cache, one that ignores the cached prefix, a
-reduce_scatter that returns the wrong shard, a graph runner that replays the
-capture-time inputs and disagrees with its own flag, and a policy that accepts
-graph capture it cannot do.
+writes padding tokens into the cache, one that ignores the cached prefix, one
+that ignores the softmax scale it is given, one that claims a sliding window
+but attends to everything, a reduce_scatter that returns the wrong shard, a
+graph runner that replays the capture-time inputs and disagrees with its own
+flag, and a policy that accepts graph capture it cannot do. `silent_policy`
+changes a setting without a reason; `legacy_policy` still implements only the
+deprecated ``check_and_update_config``.
 """
 
 from __future__ import annotations
@@ -85,6 +88,23 @@ class PrefixIgnorerBackend(ReferenceAttentionBackend):
         return meta
 
 
+class FixedScaleBackend(ReferenceAttentionBackend):
+    """Bug: uses 1/sqrt(head_size) whatever softmax scale forward is given."""
+
+    name = "fixed_scale"
+
+    def forward(self, query, key, value, kv_cache, metadata, scale):
+        return super().forward(query, key, value, kv_cache, metadata,
+                               self.spec.head_size**-0.5)
+
+
+class WindowIgnorerBackend(ReferenceAttentionBackend):
+    """Bug: claims sliding-window support but attends to the whole context."""
+
+    name = "ignores_window"
+    supports_sliding_window = True
+
+
 class WrongShardCommunicator(Communicator):
     """Bug: every rank gets shard 0 of reduce_scatter."""
 
@@ -94,6 +114,21 @@ class WrongShardCommunicator(Communicator):
 
 class PermissivePolicy(ConfigPolicy):
     """Bug: refuses nothing."""
+
+    def check_and_update(self, view):
+        return ConfigDecision()
+
+
+class SilentPolicy(ConfigPolicy):
+    """Bug: changes the KV cache size without saying so in ConfigDecision.changes."""
+
+    def check_and_update(self, view):
+        view.kv_cache_memory_bytes = 1 << 30
+        return ConfigDecision()
+
+
+class LegacyPolicy(ConfigPolicy):
+    """Written for SDK 1.0: overrides only the deprecated check_and_update_config(config)."""
 
     def check_and_update_config(self, config):
         return ConfigDecision()
@@ -121,10 +156,25 @@ class BuggyPlatform(Platform):
         super().__init__(_runtime(), PermissivePolicy())
 
     def attention_backends(self):
-        return [PaddingWriterBackend, PrefixIgnorerBackend]
+        return [PaddingWriterBackend, PrefixIgnorerBackend, FixedScaleBackend,
+                WindowIgnorerBackend]
 
     def make_communicator(self, group=None):
         return WrongShardCommunicator(group)
 
     def make_graph_runner(self):
         return StaleGraphRunner()
+
+
+class SilentPolicyPlatform(GoodPlatform):
+    name = "silent_policy"
+
+    def __init__(self):
+        Platform.__init__(self, _runtime(), SilentPolicy())
+
+
+class LegacyPolicyPlatform(GoodPlatform):
+    name = "legacy_policy"
+
+    def __init__(self):
+        Platform.__init__(self, _runtime(), LegacyPolicy())

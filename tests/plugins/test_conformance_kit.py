@@ -32,8 +32,8 @@ def test_kit_passes_a_correct_platform_including_graphs(tmp_path):
 def test_kit_catches_planted_bugs(tmp_path):
     outcomes = run_kit(
         tmp_path, "tests.plugins.kit_platforms:BuggyPlatform",
-        "-k", "float32 and (mixed or prefill_with_prefix or decode) or communicator or graph "
-              "or config_policy")
+        "-k", "float32 and (mixed or prefill_with_prefix or decode or scale or sliding_window) "
+              "or communicator or graph or config_policy")
     expected_failures = [
         "test_attention_matches_reference_float32[writes_padding-mixed]",
         "test_attention_matches_reference_float32[writes_padding-prefill_with_prefix]",
@@ -41,6 +41,8 @@ def test_kit_catches_planted_bugs(tmp_path):
         "test_attention_matches_reference_float32[ignores_prefix-prefill_with_prefix]",
         "test_attention_matches_reference_float32[ignores_prefix-decode]",
         "test_attention_matches_reference_float32[ignores_prefix-mixed]",
+        "test_attention_matches_reference_float32[fixed_scale-scale_0_3]",
+        "test_attention_matches_reference_float32[ignores_window-sliding_window_8]",
         "test_communicator_collective[reduce_scatter]",
         "test_graph_flag_matches_runner",
         "test_graph_replay_equals_eager",
@@ -51,8 +53,25 @@ def test_kit_catches_planted_bugs(tmp_path):
     # The parts that are right still pass: failures point at the bug, not everywhere.
     for name in ("test_communicator_collective[all_reduce]", "test_communicator_collective[broadcast]",
                  "test_communicator_collective[send_recv]", "test_graph_captured_sizes",
-                 "test_config_policy_accepts_defaults"):
+                 "test_config_policy_accepts_defaults",
+                 "test_attention_matches_reference_float32[fixed_scale-mixed]",
+                 "test_attention_matches_reference_float32[ignores_window-mixed]"):
         assert outcomes.get(name) == "passed", (name, outcomes.get(name))
+    # A backend that does not declare sliding-window support is skipped there, not failed.
+    name = "test_attention_matches_reference_float32[fixed_scale-sliding_window_8]"
+    assert outcomes.get(name) == "skipped"
+
+
+def test_kit_config_checks_use_the_view(tmp_path):
+    silent = run_kit(tmp_path, "tests.plugins.kit_platforms:SilentPolicyPlatform",
+                     "-k", "config_policy")
+    assert silent["test_config_policy_changes_are_reported"] == "failed"
+    assert silent["test_config_policy_accepts_defaults"] == "passed"
+    # A policy written for SDK 1.0 still loads; the view-based checks are skipped, saying why.
+    legacy = run_kit(tmp_path, "tests.plugins.kit_platforms:LegacyPolicyPlatform",
+                     "-k", "config_policy", "-rs")
+    assert legacy["test_config_policy_accepts_defaults"] == "skipped"
+    assert not failures(legacy)
 
 
 @pytest.mark.parametrize("flag", [[], ["--backplane-platform", ""]])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from backplane.plugins_sdk import ConfigDecision, ConfigPolicy
+from backplane.plugins_sdk import ConfigDecision, ConfigPolicy, PlatformConfigView
 
 # Like vLLM's VLLM_CPU_KVCACHE_SPACE default: host RAM is shared with everything
 # else on the machine, so a fraction of "available" memory is not a safe default.
@@ -12,22 +12,21 @@ DEFAULT_CPU_KV_CACHE_BYTES = 4 * 1024**3
 class CpuConfigPolicy(ConfigPolicy):
     """CPU defaults: a bounded KV cache, no graph capture, no quantized KV cache."""
 
-    def check_and_update_config(self, config) -> ConfigDecision:
+    def check_and_update(self, view: PlatformConfigView) -> ConfigDecision:
         decision = ConfigDecision()
-        cc = config.cache_config
-        if cc.kv_cache_memory_bytes is None and cc.num_kv_blocks is None:
-            cc.kv_cache_memory_bytes = DEFAULT_CPU_KV_CACHE_BYTES
+        if (view.kv_cache_memory_bytes is None and view.num_kv_blocks is None
+                and view.memory_utilization is None):
+            view.kv_cache_memory_bytes = DEFAULT_CPU_KV_CACHE_BYTES
             decision.changes.append(
-                "kv_cache_memory_bytes defaults to 4 GiB on the CPU (set kv_cache_memory_bytes "
-                "or num_kv_blocks to change it)"
+                "kv_cache_memory_bytes defaults to 4 GiB on the CPU (set kv_cache_memory_bytes, "
+                "num_kv_blocks or memory_utilization to change it)"
             )
-        if cc.kv_cache_dtype != "auto":
+        if view.kv_cache_dtype != "auto":
             decision.refusals.append(
-                f"kv_cache_dtype {cc.kv_cache_dtype!r} is not supported on the cpu platform; "
+                f"kv_cache_dtype {view.kv_cache_dtype!r} is not supported on the cpu platform; "
                 "use 'auto'"
             )
-        comp = config.compilation_config
-        if comp.use_graphs:
+        if view.use_graphs:
             decision.refusals.append(
                 "graph capture (use_graphs=True) is not available on the cpu platform; "
                 "use optimization level O0 or O1"

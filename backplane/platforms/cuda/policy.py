@@ -6,7 +6,7 @@ O2+ for platforms with a GraphRunner and fills the capture-size ladder.
 
 from __future__ import annotations
 
-from backplane.plugins_sdk import ConfigDecision, ConfigPolicy, DeviceRuntime
+from backplane.plugins_sdk import ConfigDecision, ConfigPolicy, DeviceRuntime, PlatformConfigView
 
 # Executors that keep every rank on this host, so the local GPU count bounds them.
 _SINGLE_HOST_EXECUTORS = ("uni", "mp")
@@ -19,23 +19,22 @@ class CudaConfigPolicy(ConfigPolicy):
         self.runtime = runtime
         self.platform_name = platform_name
 
-    def check_and_update_config(self, config) -> ConfigDecision:
+    def check_and_update(self, view: PlatformConfigView) -> ConfigDecision:
         decision = ConfigDecision()
-        cc = config.cache_config
-        if cc.kv_cache_dtype != "auto":
+        if view.kv_cache_dtype != "auto":
             decision.refusals.append(
-                f"kv_cache_dtype {cc.kv_cache_dtype!r} is not supported on the "
+                f"kv_cache_dtype {view.kv_cache_dtype!r} is not supported on the "
                 f"{self.platform_name} platform (no quantized KV cache kernels yet); use 'auto'"
             )
 
-        pc = config.parallel_config
-        world = pc.tensor_parallel_size * pc.pipeline_parallel_size
-        if pc.distributed_executor_backend in _SINGLE_HOST_EXECUTORS:
+        tp, pp = view.tensor_parallel_size, view.pipeline_parallel_size
+        world = tp * pp
+        if view.distributed_executor_backend in _SINGLE_HOST_EXECUTORS:
             visible = self.runtime.device_count()
             if world > visible:
                 decision.refusals.append(
-                    f"tensor_parallel_size ({pc.tensor_parallel_size}) x pipeline_parallel_size "
-                    f"({pc.pipeline_parallel_size}) = {world} exceeds the {visible} GPU(s) "
+                    f"tensor_parallel_size ({tp}) x pipeline_parallel_size "
+                    f"({pp}) = {world} exceeds the {visible} GPU(s) "
                     f"visible to the {self.platform_name} platform on this host"
                 )
         return decision

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-from backplane.plugins_sdk import ConfigDecision, ConfigPolicy
+from backplane.plugins_sdk import ConfigDecision, ConfigPolicy, PlatformConfigView
 
 
 class TpuConfigPolicy(ConfigPolicy):
     """TPU refusals: no quantized KV cache, no graph capture (XLA compiles traces itself)."""
 
-    def check_and_update_config(self, config) -> ConfigDecision:
+    def check_and_update(self, view: PlatformConfigView) -> ConfigDecision:
         decision = ConfigDecision()
-        if config.cache_config.kv_cache_dtype != "auto":
+        if view.kv_cache_dtype != "auto":
             decision.refusals.append(
-                f"kv_cache_dtype {config.cache_config.kv_cache_dtype!r} is not supported on "
+                f"kv_cache_dtype {view.kv_cache_dtype!r} is not supported on "
                 "the tpu platform; use 'auto'"
             )
-        comp = config.compilation_config
-        if comp.use_graphs:
+        if view.use_graphs:
             decision.refusals.append(
                 "graph capture (use_graphs=True) does not apply on the tpu platform: XLA "
                 "compiles and caches each traced step itself; leave use_graphs unset"

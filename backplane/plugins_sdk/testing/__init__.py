@@ -8,11 +8,14 @@ and gets Backplane's contract checked against the installed plugin: the
 descriptor and device runtime, every attention backend against a float64
 reference on random paged inputs (prefill, prefill over a cached prefix,
 decode, mixed batches, GQA/MQA, several block sizes, padding tokens with slot
--1), the communicator's collectives in a two-process group, graph replay
-against eager execution, and config-policy refusals carrying reasons.
+-1, a softmax scale other than 1/sqrt(head_size), a sliding window), the
+communicator's collectives in a two-process group, graph replay against eager
+execution, and config-policy refusals carrying reasons (on
+`PlatformConfigView.for_testing` views, as the core calls the policy).
 
 Helpers for writing more tests of the same kind are importable from here:
-`PagedAttentionHarness`, `reference_attention`, `tolerance`, `load_platform`.
+`PagedAttentionHarness`, `reference_attention`, `tolerance`, `load_platform`;
+a policy's own tests build views with `PlatformConfigView.for_testing(...)`.
 """
 
 from __future__ import annotations

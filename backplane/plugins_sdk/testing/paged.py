@@ -3,8 +3,9 @@
 `PagedAttentionHarness` plays the core's role for one attention layer: it owns
 a KV cache shaped by the backend, hands out non-contiguous random blocks,
 builds `CommonAttentionMetadata` for a step (optionally with padding tokens
-whose ``slot_mapping`` is -1), runs the backend, and computes what the output
-must be with `reference_attention`, which works on plain per-request K/V
+whose ``slot_mapping`` is -1), runs the backend (with the harness's softmax
+``scale``, and the spec's sliding window), and computes what the output must
+be with `reference_attention`, which works on plain per-request K/V
 tensors and so does not depend on the backend's cache layout.
 """
 
@@ -19,13 +20,17 @@ from backplane.plugins_sdk.attention import AttentionBackend, AttentionSpec, Com
 
 
 def reference_attention(
-    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of one request's new queries over all its keys, in float64.
 
     Args:
         query: [q_len, num_heads, head_size], the last q_len positions of the request.
         keys, values: [seq_len, num_kv_heads, head_size], every position so far.
+        scale: softmax scale: softmax(scale * q.k) weights the values.
+        sliding_window: when set, the query at position p sees only the keys at
+            positions p - sliding_window + 1 .. p (`AttentionSpec.sliding_window`).
     Returns:
         [q_len, num_heads, head_size] float64.
     """
@@ -37,7 +42,10 @@ def reference_attention(
     v = values.double().cpu().repeat_interleave(group, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q, k) * scale
     query_pos = torch.arange(seq_len - q_len, seq_len)
-    allowed = torch.arange(seq_len)[None, :] <= query_pos[:, None]  # [q, L]
+    key_pos = torch.arange(seq_len)[None, :]
+    allowed = key_pos <= query_pos[:, None]  # [q, L]
+    if sliding_window is not None:
+        allowed &= key_pos > query_pos[:, None] - sliding_window
     scores = scores.masked_fill(~allowed[None], float("-inf"))
     return torch.einsum("hqk,khd->qhd", torch.softmax(scores, dim=-1), v)
 
@@ -72,6 +80,7 @@ class PagedAttentionHarness:
         max_seq_lens: list[int],
         seed: int = 0,
         spare_blocks: int = 3,
+        scale: float | None = None,
     ) -> None:
         self.spec = spec
         self.device = device
@@ -105,7 +114,8 @@ class PagedAttentionHarness:
         if self.kv_cache.is_floating_point():
             # Garbage in unused slots: a backend that reads past a request's length fails.
             self.kv_cache.copy_(torch.randn(shape, generator=self.generator) * 8)
-        self.scale = 1.0 / math.sqrt(spec.head_size)
+        # The models' usual softmax scale unless the case asks for another.
+        self.scale = 1.0 / math.sqrt(spec.head_size) if scale is None else scale
 
     def _randn(self, *shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=self.generator)
@@ -135,7 +145,7 @@ class PagedAttentionHarness:
             req.values.append(value[start : start + q_len].to(spec.dtype))
             expected.append(reference_attention(
                 query[start : start + q_len].to(spec.dtype), torch.cat(req.keys),
-                torch.cat(req.values), self.scale))
+                torch.cat(req.values), self.scale, spec.sliding_window))
             qsl.append(start + q_len)
             seq_lens.append(seq_len)
         slots += [-1] * num_padding

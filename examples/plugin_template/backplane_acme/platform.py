@@ -6,7 +6,13 @@ Written only against `backplane.plugins_sdk`, like every Backplane platform.
 from __future__ import annotations
 
 import torch
-from backplane.plugins_sdk import ConfigDecision, ConfigPolicy, DeviceRuntime, Platform
+from backplane.plugins_sdk import (
+    ConfigDecision,
+    ConfigPolicy,
+    DeviceRuntime,
+    Platform,
+    PlatformConfigView,
+)
 
 from backplane_acme import visible_devices
 from backplane_acme.attention import AcmeAttentionBackend
@@ -40,31 +46,35 @@ class AcmeRuntime(DeviceRuntime):
 
 
 class AcmeConfigPolicy(ConfigPolicy):
-    """Acme's defaults and refusals, each with its reason."""
+    """Acme's defaults and refusals, each with its reason.
 
-    def check_and_update_config(self, config) -> ConfigDecision:
+    The view lists every field a policy may read and the few it may change
+    (``PlatformConfigView``'s docstring has the table); assigning any other
+    field raises AttributeError.
+    """
+
+    def check_and_update(self, view: PlatformConfigView) -> ConfigDecision:
         decision = ConfigDecision()
-        cache = config.cache_config
-        if cache.kv_cache_memory_bytes is None and cache.num_kv_blocks is None:
-            cache.kv_cache_memory_bytes = DEFAULT_KV_CACHE_BYTES
+        # Acme's memory is host RAM: a fixed KV budget, not a share of "available" memory.
+        if view.kv_cache_memory_bytes is None and view.num_kv_blocks is None:
+            view.kv_cache_memory_bytes = DEFAULT_KV_CACHE_BYTES
             decision.changes.append(
                 "kv_cache_memory_bytes defaults to 512 MiB on acme (set kv_cache_memory_bytes "
                 "or num_kv_blocks to change it)")
-        if cache.kv_cache_dtype != "auto":
+        if view.kv_cache_dtype != "auto":
             decision.refusals.append(
-                f"kv_cache_dtype {cache.kv_cache_dtype!r} is not supported on acme; use 'auto'")
-        if config.compilation_config.use_graphs:
+                f"kv_cache_dtype {view.kv_cache_dtype!r} is not supported on acme; use 'auto'")
+        if view.use_graphs:
             decision.refusals.append(
                 "graph capture (use_graphs=True) is not available on acme; use optimization "
                 "level O0 or O1")
-        dtype = config.model_config.torch_dtype
-        if dtype is not None and dtype not in AcmeRuntime.supported_dtypes:
+        if view.dtype is not None and view.dtype not in AcmeRuntime.supported_dtypes:
             decision.refusals.append(
-                f"dtype {str(dtype).removeprefix('torch.')} is not supported on acme; use "
+                f"dtype {str(view.dtype).removeprefix('torch.')} is not supported on acme; use "
                 "dtype='float32' or 'bfloat16'")
-        if cache.block_size not in AcmeAttentionBackend.supported_block_sizes:
+        if view.block_size not in AcmeAttentionBackend.supported_block_sizes:
             decision.refusals.append(
-                f"block_size {cache.block_size} is not supported on acme; use one of "
+                f"block_size {view.block_size} is not supported on acme; use one of "
                 f"{AcmeAttentionBackend.supported_block_sizes}")
         return decision
 

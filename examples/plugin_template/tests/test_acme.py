@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from backplane.plugins_sdk import AttentionSpec, check_sdk_compatibility
+from backplane.plugins_sdk import AttentionSpec, PlatformConfigView, check_sdk_compatibility
 
 import backplane_acme
 
@@ -43,13 +43,31 @@ def test_attention_backend_refuses_unsupported_block_size():
 
 
 def test_policy_refuses_float16():
-    from backplane.config import EngineConfig
-    from backplane.config.configs import ModelConfig
-
     from backplane_acme.platform import AcmePlatform
 
-    config = EngineConfig(model_config=ModelConfig(model="m", dtype="float16"))
-    config.model_config.torch_dtype = torch.float16
-    decision = AcmePlatform().config_policy.check_and_update_config(config)
+    view = PlatformConfigView.for_testing(dtype=torch.float16)
+    decision = AcmePlatform().config_policy.check_and_update(view)
     assert decision.refusals == [
         "dtype float16 is not supported on acme; use dtype='float32' or 'bfloat16'"]
+
+
+def test_policy_sets_a_fixed_kv_cache_size_unless_one_is_given():
+    from backplane_acme.platform import DEFAULT_KV_CACHE_BYTES, AcmePlatform
+
+    policy = AcmePlatform().config_policy
+    view = PlatformConfigView.for_testing(dtype=torch.bfloat16)
+    decision = policy.check_and_update(view)
+    assert not decision.refusals
+    assert view.kv_cache_memory_bytes == DEFAULT_KV_CACHE_BYTES
+    assert view.updates() == {"kv_cache_memory_bytes": DEFAULT_KV_CACHE_BYTES}
+    assert len(decision.changes) == 1 and "512 MiB" in decision.changes[0]
+    view = PlatformConfigView.for_testing(num_kv_blocks=64)
+    assert not policy.check_and_update(view).changes and view.updates() == {}
+
+
+def test_policy_refuses_graphs_quantized_kv_cache_and_block_size():
+    from backplane_acme.platform import AcmePlatform
+
+    view = PlatformConfigView.for_testing(use_graphs=True, kv_cache_dtype="fp8", block_size=64)
+    refusals = AcmePlatform().config_policy.check_and_update(view).refusals
+    assert [r.split()[0] for r in refusals] == ["kv_cache_dtype", "graph", "block_size"]

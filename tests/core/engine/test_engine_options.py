@@ -95,3 +95,16 @@ def test_separate_tokenizer_directory_is_used(llama_model_dir, tmp_path):
     assert llm.get_tokenizer().name_or_path == str(tok_dir)
     with pytest.raises((FileNotFoundError, ValueError), match="tokenizer"):
         _llm(llama_model_dir, tokenizer=str(tmp_path))
+
+
+def test_memory_utilization_sizes_the_cache_from_available_memory(llama_model_dir, monkeypatch):
+    from backplane.platforms.cpu.runtime import CpuRuntime
+
+    monkeypatch.setattr(CpuRuntime, "available_memory", lambda self, index=0: 8 * 2**20)
+    llm = LLM(model=llama_model_dir, max_model_len=64, block_size=4, max_num_seqs=256,
+              memory_utilization=0.25)
+    spec = llm.llm_engine.config.model_spec
+    assert llm.llm_engine.engine_core.model_runner.num_blocks == 2 * 2**20 // spec.kv_bytes_per_block
+    # Unset on the cpu: a fixed-size cache, not a share of host memory.
+    default = LLM(model=llama_model_dir, max_model_len=64, block_size=4, max_num_seqs=1)
+    assert default.llm_engine.config.cache_config.kv_cache_memory_bytes == 4 * 2**30

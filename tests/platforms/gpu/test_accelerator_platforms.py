@@ -8,30 +8,22 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from backplane.config import CacheConfig, CompilationConfig, ParallelConfig, SchedulerConfig
 from backplane.platforms.cuda import descriptor as cuda_descriptor
 from backplane.platforms.cuda.graph_runner import CudaGraphRunner
 from backplane.platforms.cuda.triton_attention import TritonPagedAttentionBackend
 from backplane.platforms.rocm import descriptor as rocm_descriptor
-from backplane.plugins_sdk import AttentionSpec, TorchSdpaPagedAttentionBackend
+from backplane.plugins_sdk import (
+    AttentionSpec,
+    PlatformConfigView,
+    TorchSdpaPagedAttentionBackend,
+)
 from tests.platforms.gpu.paged_cases import CASES, check_backend_on_case, make_case
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-
-
-def _config(**sections):
-    defaults = dict(
-        cache_config=CacheConfig(),
-        compilation_config=CompilationConfig(),
-        scheduler_config=SchedulerConfig(),
-        parallel_config=ParallelConfig(),
-    )
-    return SimpleNamespace(**(defaults | sections))
 
 
 @pytest.fixture(params=["cuda", "rocm"])
@@ -83,8 +75,8 @@ def test_triton_refusal_names_missing_triton(monkeypatch):
 
 
 def test_policy_refuses_quantized_kv_cache(platform):
-    config = _config(cache_config=CacheConfig(kv_cache_dtype="fp8"))
-    decision = platform.config_policy.check_and_update_config(config)
+    view = PlatformConfigView.for_testing(kv_cache_dtype="fp8")
+    decision = platform.config_policy.check_and_update(view)
     assert decision.refusals == [
         f"kv_cache_dtype 'fp8' is not supported on the {platform.name} platform "
         "(no quantized KV cache kernels yet); use 'auto'"
@@ -92,24 +84,25 @@ def test_policy_refuses_quantized_kv_cache(platform):
 
 
 def test_policy_accepts_graphs_and_defaults(platform):
-    config = _config(compilation_config=CompilationConfig(use_graphs=True))
-    decision = platform.config_policy.check_and_update_config(config)
+    view = PlatformConfigView.for_testing(
+        optimization_level=2, compile=True, compile_backend="inductor", use_graphs=True,
+        graph_capture_sizes=(1, 2, 4, 8))
+    decision = platform.config_policy.check_and_update(view)
     assert decision.refusals == [] and decision.changes == []
 
 
 def test_policy_refuses_more_ranks_than_gpus(platform, monkeypatch):
     monkeypatch.setattr(platform.runtime, "device_count", lambda: 2)
-    config = _config(parallel_config=ParallelConfig(tensor_parallel_size=4))
-    decision = platform.config_policy.check_and_update_config(config)
+    view = PlatformConfigView.for_testing(tensor_parallel_size=4)
+    decision = platform.config_policy.check_and_update(view)
     assert decision.refusals == [
         "tensor_parallel_size (4) x pipeline_parallel_size (1) = 4 exceeds the 2 GPU(s) "
         f"visible to the {platform.name} platform on this host"
     ]
     # A multi-host executor may place ranks elsewhere: no local count check.
-    config = _config(
-        parallel_config=ParallelConfig(tensor_parallel_size=4, distributed_executor_backend="ray")
-    )
-    assert not platform.config_policy.check_and_update_config(config).refusals
+    view = PlatformConfigView.for_testing(tensor_parallel_size=4,
+                                          distributed_executor_backend="ray")
+    assert not platform.config_policy.check_and_update(view).refusals
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

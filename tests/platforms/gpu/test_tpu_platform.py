@@ -15,9 +15,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from backplane.config import CacheConfig, CompilationConfig
 from backplane.platforms import tpu
-from backplane.plugins_sdk import ProbeResult, TorchSdpaPagedAttentionBackend
+from backplane.plugins_sdk import (
+    PlatformConfigView,
+    ProbeResult,
+    TorchSdpaPagedAttentionBackend,
+)
 
 
 @pytest.fixture
@@ -99,11 +102,10 @@ def test_loaded_platform_parts(fake_xla):
 
 def test_policy_refusals(fake_xla):
     platform = tpu.descriptor.load()
-    config = SimpleNamespace(cache_config=CacheConfig(kv_cache_dtype="fp8"),
-                             compilation_config=CompilationConfig(use_graphs=True))
-    refusals = platform.config_policy.check_and_update_config(config).refusals
+    view = PlatformConfigView.for_testing(kv_cache_dtype="fp8", use_graphs=True)
+    refusals = platform.config_policy.check_and_update(view).refusals
     assert len(refusals) == 2
     assert "kv_cache_dtype 'fp8' is not supported on the tpu platform" in refusals[0]
     assert "graph capture (use_graphs=True) does not apply on the tpu platform" in refusals[1]
-    ok = SimpleNamespace(cache_config=CacheConfig(), compilation_config=CompilationConfig())
-    assert not platform.config_policy.check_and_update_config(ok).refusals
+    ok = PlatformConfigView.for_testing(dtype=torch.bfloat16)
+    assert not platform.config_policy.check_and_update(ok).refusals

@@ -1,10 +1,13 @@
 """Conformance: every attention backend against a float64 reference on paged inputs.
 
-Each case runs up to three steps through `PagedAttentionHarness`: a prefill
-that writes the cached prefixes (when the case has any), the case's own step
-(optionally followed by padding tokens with slot -1), then one decode step for
-every request, which reads back everything written before, so a backend that
-writes padding or misplaces keys fails there even if the step itself looked right.
+The cases cover prefill, prefill over a cached prefix, decode, mixed batches,
+MHA/GQA/MQA, block sizes 1 to 32, a softmax scale other than 1/sqrt(head_size)
+(``scale_0_3``) and a sliding window (``sliding_window_8``). Each case runs up
+to three steps through `PagedAttentionHarness`: a prefill that writes the
+cached prefixes (when the case has any), the case's own step (optionally
+followed by padding tokens with slot -1), then one decode step for every
+request, which reads back everything written before, so a backend that writes
+padding or misplaces keys fails there even if the step itself looked right.
 """
 
 from __future__ import annotations
@@ -23,7 +26,11 @@ pytestmark = pytest.mark.backplane_conformance
 
 @dataclass(frozen=True)
 class Case:
-    """(cached prefix length, new tokens) per request, plus the head and block layout."""
+    """(cached prefix length, new tokens) per request, plus the head and block layout.
+
+    ``scale`` is the softmax scale passed to ``forward`` (None: 1/sqrt(head_size),
+    what the models pass); ``sliding_window`` goes into the AttentionSpec.
+    """
 
     id: str
     requests: tuple[tuple[int, int], ...]
@@ -31,6 +38,8 @@ class Case:
     num_kv_heads: int = 2
     block_size: int = 16
     num_padding: int = 0
+    scale: float | None = None
+    sliding_window: int | None = None
 
 
 CASES = [
@@ -44,6 +53,11 @@ CASES = [
     Case("block_size_1", ((5, 1), (0, 4), (3, 3)), block_size=1, num_padding=2),
     Case("block_size_8", ((12, 1), (0, 9), (20, 6)), block_size=8, num_padding=1),
     Case("block_size_32", ((40, 1), (0, 33), (31, 3)), block_size=32, num_padding=3),
+    # A softmax scale other than 1/sqrt(head_size): a backend must use the one it is given.
+    Case("scale_0_3", ((12, 1), (0, 9), (20, 6)), scale=0.3, num_padding=2),
+    # Window of 8 keys (p - 7 .. p), crossing block boundaries, with prefixes longer than it.
+    Case("sliding_window_8", ((40, 1), (0, 23), (20, 6), (3, 1)), sliding_window=8,
+         num_padding=2),
 ]
 
 
@@ -68,6 +82,7 @@ def _spec(backend_cls, case: Case, dtype: torch.dtype) -> AttentionSpec:
     return AttentionSpec(
         num_heads=case.num_heads, num_kv_heads=case.num_kv_heads,
         head_size=_head_size(backend_cls), dtype=dtype, block_size=case.block_size,
+        sliding_window=case.sliding_window,
     )
 
 
@@ -78,7 +93,8 @@ def _run_case(backend_cls, case: Case, dtype: torch.dtype, device) -> None:
         pytest.skip(f"{backend_cls.name} declares it cannot serve this case: {'; '.join(reasons)}")
     # +1: the final decode step appends one token to every request.
     harness = PagedAttentionHarness(
-        backend_cls, spec, device, [ctx + q + 1 for ctx, q in case.requests], seed=len(case.id))
+        backend_cls, spec, device, [ctx + q + 1 for ctx, q in case.requests], seed=len(case.id),
+        scale=case.scale)
     tol = tolerance(dtype)
     steps = []
     prefixes = {i: ctx for i, (ctx, _) in enumerate(case.requests) if ctx}

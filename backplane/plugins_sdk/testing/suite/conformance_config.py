@@ -1,4 +1,8 @@
-"""Conformance: the config policy accepts defaults and refuses with reasons."""
+"""Conformance: the config policy accepts defaults and refuses with reasons.
+
+The policy gets a `PlatformConfigView`, as the core hands it over
+(`ConfigPolicy.check_and_update`); nothing here builds an engine config.
+"""
 
 from __future__ import annotations
 
@@ -6,57 +10,53 @@ import pytest
 import torch
 
 from backplane.plugins_sdk.attention import AttentionSpec
+from backplane.plugins_sdk.config_view import PlatformConfigView
+from backplane.plugins_sdk.platform import LEGACY_CONFIG_HOOK, run_config_policy
 
 pytestmark = pytest.mark.backplane_conformance
 
 
-def _config(platform):
-    """An engine config for a small Llama-shaped model, as the core hands it to the policy."""
-    from transformers import LlamaConfig
-
-    from backplane.config import EngineConfig
-    from backplane.config.configs import ModelConfig
-
-    hf = LlamaConfig(hidden_size=128, intermediate_size=256, num_attention_heads=4,
-                     num_key_value_heads=2, num_hidden_layers=2, vocab_size=256,
-                     max_position_embeddings=256)
-    model = ModelConfig(model="conformance-tiny-llama", max_model_len=256)
-    model.hf_config = hf
-    model.torch_dtype = platform.runtime.default_dtype()
-    config = EngineConfig(model_config=model)
-    config.scheduler_config.max_num_batched_tokens = 256
-    return config
-
-
-def _check_decision(decision) -> None:
+def _decide(platform, **overrides):
+    """(view, decision) of the platform's policy on a small Llama-shaped model's view."""
+    policy = platform.config_policy
+    if LEGACY_CONFIG_HOOK.implements_only_old(policy):
+        pytest.skip(f"{type(policy).__qualname__} implements only the deprecated "
+                    "check_and_update_config(config) (removed in SDK "
+                    f"{LEGACY_CONFIG_HOOK.deprecation.removed_in}); implement "
+                    "check_and_update(view: PlatformConfigView) to run the config checks")
+    fields = {"dtype": platform.runtime.default_dtype(), "max_num_batched_tokens": 256}
+    view = PlatformConfigView.for_testing(**(fields | overrides))
+    decision = run_config_policy(policy, view)
     assert isinstance(decision.changes, list) and isinstance(decision.refusals, list)
     for text in decision.changes + decision.refusals:
         assert isinstance(text, str) and text.strip(), f"empty reason in {decision}"
+    return view, decision
 
 
 def test_config_policy_accepts_defaults(backplane_platform):
-    decision = backplane_platform.config_policy.check_and_update_config(_config(backplane_platform))
-    _check_decision(decision)
+    _, decision = _decide(backplane_platform)
     assert not decision.refusals, f"default config refused: {decision.refusals}"
+
+
+def test_config_policy_changes_are_reported(backplane_platform):
+    view, decision = _decide(backplane_platform)
+    if view.updates():
+        assert decision.changes, (
+            f"the policy changed {sorted(view.updates())} without a reason in "
+            "ConfigDecision.changes")
 
 
 def test_config_policy_refuses_graphs_without_runner(backplane_platform):
     if backplane_platform.supports_graph_capture:
         pytest.skip("platform captures graphs; nothing to refuse")
-    config = _config(backplane_platform)
-    config.compilation_config.use_graphs = True
-    decision = backplane_platform.config_policy.check_and_update_config(config)
-    _check_decision(decision)
+    _, decision = _decide(backplane_platform, use_graphs=True, graph_capture_sizes=(1, 2, 4))
     assert any("graph" in r.lower() for r in decision.refusals), (
         f"use_graphs=True on a platform without a GraphRunner must be refused with a reason "
         f"mentioning graphs; refusals: {decision.refusals}")
 
 
 def test_config_refuses_unknown_kv_cache_dtype_with_reason(backplane_platform):
-    config = _config(backplane_platform)
-    config.cache_config.kv_cache_dtype = "no_such_kv_dtype"
-    decision = backplane_platform.config_policy.check_and_update_config(config)
-    _check_decision(decision)
+    _, decision = _decide(backplane_platform, kv_cache_dtype="no_such_kv_dtype")
     if any("kv_cache_dtype" in r for r in decision.refusals):
         return
     # Not refused by the policy: backend selection must then refuse it, with a reason.
