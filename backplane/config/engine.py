@@ -387,3 +387,4 @@ def apply_hf_overrides(hf_config: Any, overrides: dict[str, Any] | None) -> list
 
 
 _MISSING = object()
+

@@ -22,6 +22,7 @@ from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
 from backplane.config.configs import CompilationConfig
+from backplane.plugins_sdk.descriptor import GRAPH_CAPTURE, TORCH_COMPILE
 
 if TYPE_CHECKING:
     from backplane.config.engine import EngineConfig
@@ -119,12 +120,14 @@ def apply_optimization_level(config: EngineConfig, platform: Platform) -> list[s
         problems.append(
             f"graph capture (compilation_config.use_graphs=True) is not available on platform "
             f"{platform.name!r}; use -O0 or -O1, or drop use_graphs"
+            + _runs_on("graph capture", GRAPH_CAPTURE, platform.name)
         )
         cc.use_graphs = False  # so the platform policy does not report it a second time
     if cc.compile and cc.backend is None:
         problems.append(
             f"torch.compile was requested (compilation_config.compile=True) but platform "
             f"{platform.name!r} has no compile backend; set compilation_config.backend or use -O0"
+            + _runs_on("torch.compile", TORCH_COMPILE, platform.name)
         )
     if cc.use_graphs and cc.graph_capture_sizes is None:
         cc.graph_capture_sizes = default_graph_capture_sizes(config.scheduler_config.max_num_seqs)
@@ -138,3 +141,26 @@ def apply_optimization_level(config: EngineConfig, platform: Platform) -> list[s
         else:
             cc.graph_capture_sizes = sorted(set(cc.graph_capture_sizes))
     return problems
+
+
+def platforms_with(feature: str, exclude: str | None = None) -> list[str]:
+    """Names of the installed platform plugins whose descriptor declares ``feature``.
+
+    Read from the descriptors alone (no plugin is loaded), so it also lists
+    platforms that are not usable on this machine.
+    """
+    from backplane.platforms.discovery import discover_platforms
+
+    return sorted({
+        p.display_name for p in discover_platforms()
+        if feature in (getattr(p.descriptor, "features", None) or ())
+        and p.display_name != exclude
+    })
+
+
+def _runs_on(what: str, feature: str, current: str) -> str:
+    """``"; graph capture runs on the cuda, rocm platforms"`` (empty when none has it)."""
+    others = platforms_with(feature, exclude=current)
+    if not others:
+        return ""
+    return f"; {what} runs on the {', '.join(others)} platform{'s' if len(others) > 1 else ''}"

@@ -14,6 +14,12 @@ if TYPE_CHECKING:
     from backplane.plugins_sdk.platform import Platform
 
 
+# Feature names a descriptor may declare (SDK 1.1).
+GRAPH_CAPTURE = "graph_capture"  # make_graph_runner returns a GraphRunner
+TORCH_COMPILE = "torch_compile"  # compile_backend names a torch.compile backend
+FEATURES = frozenset({GRAPH_CAPTURE, TORCH_COMPILE})
+
+
 @dataclass(frozen=True)
 class ProbeResult:
     """Whether a platform can run in this process, and why (or why not)."""
@@ -33,6 +39,9 @@ class PlatformDescriptor:
         sdk_version: the plugins_sdk version the plugin was written against.
         probe: cheap check, must not raise (discovery guards it anyway).
         load: imports the heavy parts and returns the Platform instance.
+        features: what the platform can run, by the names in `FEATURES` (SDK 1.1).
+            Read without loading the plugin, so that a configuration another
+            platform could run is refused with the platforms that have the feature.
     """
 
     name: str
@@ -41,3 +50,13 @@ class PlatformDescriptor:
     sdk_version: str
     probe: Callable[[], ProbeResult]
     load: Callable[[], Platform]
+    features: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        unknown = set(self.features) - FEATURES
+        if unknown:
+            raise ValueError(
+                f"platform {self.name!r}: unknown feature(s) {sorted(unknown)}; "
+                f"known: {sorted(FEATURES)}"
+            )
+        object.__setattr__(self, "features", frozenset(self.features))

@@ -55,3 +55,18 @@ def test_the_engine_runs_on_the_resolved_config(llama_model_dir):
     assert llm.llm_engine.vocab_size == config.model_spec.vocab_size
     runner = llm.llm_engine.engine_core.model_runner
     assert runner.attn_backend.spec == config.attention_spec()
+
+
+def test_a_feature_another_platform_has_is_refused_naming_it(llama_model_dir, cpu):
+    found = problems(
+        EngineArgs(model=llama_model_dir, compilation_config={"use_graphs": True}), cpu
+    )
+    assert any("graph capture" in p and "runs on the cuda, rocm platforms" in p for p in found)
+
+
+def test_descriptor_features_are_checked():
+    from backplane.plugins_sdk.descriptor import PlatformDescriptor, ProbeResult
+
+    with pytest.raises(ValueError, match="unknown feature"):
+        PlatformDescriptor("x", "cpu", 0, "1.1", lambda: ProbeResult(True, ""), lambda: None,
+                           features=frozenset({"teleport"}))

@@ -3,7 +3,11 @@
 Only this descriptor is imported at discovery; `load()` pulls in torch.
 """
 
-from backplane.plugins_sdk.descriptor import PlatformDescriptor, ProbeResult
+from backplane.plugins_sdk.descriptor import (
+    TORCH_COMPILE,
+    PlatformDescriptor,
+    ProbeResult,
+)
 from backplane.plugins_sdk.version import SDK_VERSION
 
 
@@ -24,4 +28,5 @@ descriptor = PlatformDescriptor(
     sdk_version=SDK_VERSION,
     probe=_probe,
     load=_load,
+    features=frozenset({TORCH_COMPILE}),
 )

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import importlib.util
 
-from backplane.plugins_sdk.descriptor import PlatformDescriptor, ProbeResult
+from backplane.plugins_sdk.descriptor import (
+    GRAPH_CAPTURE,
+    TORCH_COMPILE,
+    PlatformDescriptor,
+    ProbeResult,
+)
 from backplane.plugins_sdk.version import SDK_VERSION
 
 
@@ -48,4 +53,5 @@ descriptor = PlatformDescriptor(
     sdk_version=SDK_VERSION,
     probe=_probe,
     load=_load,
+    features=frozenset({GRAPH_CAPTURE, TORCH_COMPILE}),
 )

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import importlib.util
 
-from backplane.plugins_sdk.descriptor import PlatformDescriptor, ProbeResult
+from backplane.plugins_sdk.descriptor import (
+    TORCH_COMPILE,
+    PlatformDescriptor,
+    ProbeResult,
+)
 from backplane.plugins_sdk.version import SDK_VERSION
 
 INSTALL_HINT = "install backplane-llm[tpu] on a TPU VM"
@@ -64,4 +68,5 @@ descriptor = PlatformDescriptor(
     sdk_version=SDK_VERSION,
     probe=_probe,
     load=_load,
+    features=frozenset({TORCH_COMPILE}),
 )
