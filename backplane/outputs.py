@@ -52,3 +52,61 @@ class RequestOutput:
     finished: bool
     metrics: dict[str, float] = field(default_factory=dict)
     num_cached_tokens: int = 0
+
+
+# ---------------------------------------------------------------------- pooling
+@dataclass
+class PoolingOutput:
+    """The pooler's output for one prompt: ``data`` is a 1-D float32 tensor."""
+
+    data: object  # torch.Tensor (kept untyped so this module stays torch-free)
+
+
+@dataclass
+class PoolingRequestOutput:
+    """A finished pooling request (vLLM's shape): the prompt and its pooled output."""
+
+    request_id: str
+    outputs: PoolingOutput
+    prompt_token_ids: list[int]
+    finished: bool = True
+    prompt: str | None = None
+
+
+@dataclass
+class EmbeddingOutput:
+    """One embedding as a list of floats."""
+
+    embedding: list[float]
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+@dataclass
+class EmbeddingRequestOutput(PoolingRequestOutput):
+    """What `LLM.embed` returns per prompt: ``outputs`` is an `EmbeddingOutput`
+    (``outputs.embedding``, a list of floats)."""
+
+    @classmethod
+    def from_base(cls, out: PoolingRequestOutput) -> EmbeddingRequestOutput:
+        return cls(out.request_id, EmbeddingOutput(out.outputs.data.tolist()),
+                   out.prompt_token_ids, out.finished, out.prompt)
+
+
+@dataclass
+class ScoringOutput:
+    """The similarity score of one text pair."""
+
+    score: float
+
+
+@dataclass
+class ScoringRequestOutput:
+    """What `LLM.score` returns per pair: ``outputs.score``."""
+
+    request_id: str
+    outputs: ScoringOutput
+    prompt_token_ids: list[int]
+    finished: bool = True

@@ -40,13 +40,20 @@ def num_parameters(hf_config) -> int:
     inter = cfg.intermediate_size
     layers = cfg.num_hidden_layers
     vocab = cfg.vocab_size
-    bias = bool(getattr(cfg, "attention_bias", False)) or cfg.model_type == "qwen2"
+    bias = bool(getattr(cfg, "attention_bias", False)) or cfg.model_type in ("qwen2", "qwen2_moe")
     attn = hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim + heads * head_dim * hidden
     if bias:
         attn += heads * head_dim + 2 * kv_heads * head_dim
     mlp = 3 * hidden * inter
+    experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None) or 0
+    if experts:  # MoE (every layer sparse): the experts, the router, a gated shared expert
+        moe_inter = getattr(cfg, "moe_intermediate_size", None) or inter
+        mlp = experts * 3 * hidden * moe_inter + experts * hidden
+        shared = getattr(cfg, "shared_expert_intermediate_size", None) or 0
+        if shared:
+            mlp += 3 * hidden * shared + hidden
     norms = 2 * hidden
-    if cfg.model_type == "qwen3":
+    if cfg.model_type in ("qwen3", "qwen3_moe"):
         norms += 2 * head_dim  # q_norm and k_norm
     embed = vocab * hidden
     lm_head = 0 if getattr(cfg, "tie_word_embeddings", False) else vocab * hidden

@@ -45,6 +45,19 @@ def sliding_window_of(hf_config: Any, max_model_len: int | None) -> int | None:
     return int(window)
 
 
+def logits_soft_cap_of(hf_config: Any) -> float | None:
+    """The attention logit soft-cap (``attn_logit_softcapping``, Gemma 2), or None.
+
+    Gemma 3 configs carry the field too, but transformers' Gemma 3 never applies
+    it, so neither does Backplane (the model-wide spec keeps the cap only for
+    Gemma 2; a model's `layer_attention_specs` is the final word per layer).
+    """
+    cap = getattr(hf_config, "attn_logit_softcapping", None)
+    if not cap or str(getattr(hf_config, "model_type", "")).startswith("gemma3"):
+        return None
+    return float(cap)
+
+
 def attention_spec_from_hf(
     hf_config: Any,
     dtype: torch.dtype,
@@ -65,6 +78,7 @@ def attention_spec_from_hf(
         block_size=block_size,
         kv_cache_dtype=kv_cache_dtype,
         sliding_window=sliding_window_of(hf_config, max_model_len),
+        logits_soft_cap=logits_soft_cap_of(hf_config),
     )
 
 

@@ -73,6 +73,11 @@ class ModelConfig(Freezable):
             ``"slow"`` (the Python tokenizer).
         hf_overrides: attributes set on the model's HF config after it is read.
         max_logprobs: most logprobs a request may ask for per position (-1: the vocabulary).
+        runner: ``"auto"``, ``"generate"`` or ``"pooling"`` (see `backplane.config.runner`).
+        generation_config: where the sampling defaults come from: ``"auto"`` (the
+            model's generation_config.json), ``"vllm"`` (none: Backplane's own) or a
+            directory holding a generation_config.json.
+        override_generation_config: sampling defaults merged over the loaded ones.
         revision, max_seq_len_to_capture: vLLM options kept so that their use is
             refused with a reason instead of being ignored.
         hf_config: the transformers config, filled by the loader.
@@ -89,6 +94,9 @@ class ModelConfig(Freezable):
     tokenizer_mode: str = "auto"
     hf_overrides: dict[str, Any] | None = None
     max_logprobs: int = 20
+    runner: str = "auto"
+    generation_config: str = "auto"
+    override_generation_config: dict[str, Any] | None = None
     revision: str | None = None
     max_seq_len_to_capture: int | None = None
     hf_config: Any = field(default=None, repr=False, compare=False)

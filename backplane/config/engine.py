@@ -28,6 +28,11 @@ from backplane.config.configs import (
     SpeculativeConfig,
     parse_dtype,
 )
+from backplane.config.model_spec import (
+    generation_config_problems,
+    generation_defaults,
+    sampling_defaults_problems,
+)
 
 if TYPE_CHECKING:
     from backplane.plugins_sdk import AttentionSpec, Platform
@@ -107,6 +112,8 @@ class EngineConfig:
         self.platform_name = platform.name
         problems = self.problems()
         mc, sc = self.model_config, self.scheduler_config
+        if load_model and not generation_config_problems(mc.generation_config, None):
+            problems += self._generation_defaults_problems()
 
         model_limit = None
         if load_model and mc.hf_config is None:
@@ -169,6 +176,9 @@ class EngineConfig:
                 )
         if hf is not None:
             problems += self._model_problems(hf)
+            from backplane.config.runner import runner_problems
+
+            problems += runner_problems(mc.runner, mc.model, hf)
             if mc.torch_dtype is not None:
                 problems += self._select_attention_backend(platform)
         for note in self.notes:
@@ -245,8 +255,22 @@ class EngineConfig:
             )
         if self.optimization_level is not None and self.optimization_level not in (0, 1, 2, 3):
             out.append(f"optimization_level ({self.optimization_level}) must be 0, 1, 2 or 3")
+        out += generation_config_problems(mc.generation_config, mc.override_generation_config)
         out += self._batched_tokens_problems()
         return out
+
+    def _generation_defaults_problems(self) -> list[str]:
+        """Problems of the sampling defaults the model's (or the chosen) file sets."""
+        mc = self.model_config
+        source = mc.generation_config
+        if source == "vllm":
+            return []
+        where = mc.model if source == "auto" else source
+        try:
+            defaults = generation_defaults(where, "auto")
+        except (OSError, ValueError) as exc:
+            return [f"generation_config: cannot read {where}/generation_config.json ({exc})"]
+        return sampling_defaults_problems(defaults, f"{where}/generation_config.json")
 
     def _batched_tokens_problems(self) -> list[str]:
         mc, sc = self.model_config, self.scheduler_config

@@ -21,6 +21,7 @@ from backplane.config.engine import EngineConfig
 DTYPE_CHOICES = ("auto", *_DTYPES)
 TOKENIZER_MODES = ("auto", "slow")
 SCHEDULING_POLICIES = ("fcfs", "priority")
+RUNNER_CHOICES = ("auto", "generate", "pooling")
 EXECUTOR_BACKENDS = ("uni", "mp", "ray", "external_launcher")
 OPTIMIZATION_LEVELS = (0, 1, 2, 3)
 # EngineConfig section (by an option's "section" metadata) -> (attribute, class).
@@ -120,6 +121,29 @@ class EngineArgs:
         20, 'model',
         'Most logprobs / prompt_logprobs / top_logprobs a request may ask for per position; '
         '`-1` allows the whole vocabulary.',
+    )
+    generation_config: str = _opt(
+        "auto", 'model',
+        'Where the default sampling parameters come from: `auto` reads the model\'s '
+        'generation_config.json (`temperature`, `top_p`, `top_k`, `min_p`, '
+        '`repetition_penalty`, `max_new_tokens`), `vllm` ignores it (Backplane\'s own '
+        'defaults), a directory reads its generation_config.json. They apply to request '
+        'fields the client leaves unset.',
+    )
+    override_generation_config: dict[str, Any] | None = _opt(
+        None, 'model',
+        'JSON mapping of sampling defaults merged over the loaded ones, e.g. '
+        '`{"temperature": 0.5}`; keys as in generation_config.json (`max_new_tokens` is the '
+        'default `max_tokens`).',
+    )
+    runner: str = _opt(
+        "auto", 'model',
+        'What the model is run for (vLLM\'s `--runner`): `generate` (text generation), '
+        '`pooling` (embeddings: `LLM.embed` / `encode`, `/v1/embeddings`, `/pooling`; '
+        'prefill-only, no KV cache) or `auto`: `pooling` for embedding checkpoints (a '
+        'sentence-transformers `modules.json`, or an encoder architecture such as `BertModel`), '
+        'else `generate`.',
+        choices=RUNNER_CHOICES,
     )
     revision: str | None = _opt(
         None, 'model',

@@ -46,7 +46,8 @@ VLLM_UNMAPPABLE = {
     "cpu_offload_gb": "weight offloading is not available",
     "guided_decoding_backend": "structured output is not available yet",
     "disable_custom_all_reduce": "collectives are chosen by the platform plugin",
-    "task": "Backplane serves generative models",
+    "task": "vLLM's older spelling; use `runner` (`generate` or `pooling`; `auto` detects "
+            "embedding checkpoints)",
     "tokenizer_mode": "tokenizers are always loaded with transformers' fast tokenizer",
     "max_logprobs": "the logprobs limit is not configurable",
 }

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from backplane.config.attention_spec import head_size_of, sliding_window_of
+from backplane.config.attention_spec import head_size_of, logits_soft_cap_of, sliding_window_of
 
 if TYPE_CHECKING:
     from backplane.config.engine import EngineConfig
@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 GENERATION_DEFAULT_KEYS = (
     "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens",
 )
+# --generation-config values besides a directory: the model's file, or none at all.
+GENERATION_CONFIG_MODES = ("auto", "vllm")
 # kv_cache_dtype names -> the dtype stored in the cache ("auto": the model's dtype).
 _KV_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -46,10 +48,14 @@ class ModelSpec:
         rope: the rope parameters (theta and scaling) as the HF config gives them.
         eos_token_ids: end-of-sequence ids from config.json and generation_config.json
             (the engine adds the tokenizer's).
-        generation_defaults: sampling defaults from generation_config.json.
+        generation_defaults: sampling defaults under their generation_config.json
+            names, from the file ``--generation-config`` selects, with
+            ``--override-generation-config`` merged over them (`sampling_defaults`
+            gives them under SamplingParams' names).
         block_size: tokens per KV block.
         kv_cache_dtype: the dtype stored in the KV cache.
         tie_word_embeddings: the LM head shares the embedding weights.
+        logits_soft_cap: attention logit soft-cap (Gemma 2), None without one.
     """
 
     architecture: str
@@ -69,6 +75,7 @@ class ModelSpec:
     block_size: int
     kv_cache_dtype: torch.dtype
     tie_word_embeddings: bool
+    logits_soft_cap: float | None = None
 
     @property
     def kv_bytes_per_block(self) -> int:
@@ -76,6 +83,11 @@ class ModelSpec:
         itemsize = torch.empty((), dtype=self.kv_cache_dtype).element_size()
         per_layer = 2 * self.block_size * self.num_kv_heads_per_rank * self.head_size
         return self.num_layers * per_layer * itemsize
+
+    @property
+    def sampling_defaults(self) -> dict[str, Any]:
+        """`generation_defaults` under SamplingParams' names (max_new_tokens -> max_tokens)."""
+        return sampling_defaults(self.generation_defaults)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> ModelSpec:
@@ -88,7 +100,10 @@ class ModelSpec:
         heads = int(hf.num_attention_heads)
         kv_heads = int(getattr(hf, "num_key_value_heads", None) or heads)
         architectures = getattr(hf, "architectures", None) or [type(hf).__name__]
-        eos, defaults = _generation_config(mc.model)
+        eos, _ = _generation_config(mc.model)
+        defaults = generation_defaults(
+            mc.model, mc.generation_config, mc.override_generation_config
+        )
         eos |= _ids(getattr(hf, "eos_token_id", None))
         max_positions = getattr(hf, "max_position_embeddings", None)
         return cls(
@@ -109,6 +124,7 @@ class ModelSpec:
             block_size=cc.block_size,
             kv_cache_dtype=_KV_DTYPES.get(cc.kv_cache_dtype, mc.torch_dtype),
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+            logits_soft_cap=logits_soft_cap_of(hf),
         )
 
     def attention_spec(self, kv_cache_dtype: str = "auto") -> AttentionSpec:
@@ -123,6 +139,7 @@ class ModelSpec:
             block_size=self.block_size,
             kv_cache_dtype=kv_cache_dtype,
             sliding_window=self.sliding_window,
+            logits_soft_cap=self.logits_soft_cap,
         )
 
 
@@ -141,3 +158,81 @@ def _generation_config(model_dir: str) -> tuple[set[int], dict[str, Any]]:
         data = json.load(f)
     defaults = {k: data[k] for k in GENERATION_DEFAULT_KEYS if data.get(k) is not None}
     return _ids(data.get("eos_token_id")), defaults
+
+
+def sampling_defaults(defaults: Any) -> dict[str, Any]:
+    """Generation defaults under SamplingParams' names (vLLM's ``get_diff_sampling_param``)."""
+    out = dict(defaults)
+    if "max_new_tokens" in out:
+        out["max_tokens"] = out.pop("max_new_tokens")
+    return out
+
+
+def generation_defaults(
+    model_dir: str, source: str = "auto", override: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The sampling defaults in force (generation_config.json names).
+
+    ``source``: ``"auto"`` reads ``model_dir``'s generation_config.json,
+    ``"vllm"`` reads nothing, anything else is a directory whose
+    generation_config.json is read. ``override`` is merged over the result (a
+    None value drops that default).
+    """
+    if source == "vllm":
+        defaults: dict[str, Any] = {}
+    else:
+        _, defaults = _generation_config(model_dir if source == "auto" else source)
+    for key, value in (override or {}).items():
+        if value is None:
+            defaults.pop(key, None)
+        else:
+            defaults[key] = value
+    return defaults
+
+
+def generation_config_problems(source: Any, override: Any) -> list[str]:
+    """Problems of ``--generation-config`` / ``--override-generation-config`` (no model needed)."""
+    out = []
+    if not isinstance(source, str) or not source:
+        out.append(
+            f"generation_config ({source!r}) must be 'auto', 'vllm' or a directory holding a "
+            "generation_config.json"
+        )
+    elif source not in GENERATION_CONFIG_MODES:
+        if not os.path.isdir(source):
+            out.append(
+                f"generation_config ({source!r}) is neither 'auto', 'vllm' nor a directory"
+            )
+        elif not os.path.isfile(os.path.join(source, "generation_config.json")):
+            out.append(
+                f"generation_config ({source!r}): the directory has no generation_config.json; "
+                "pass a directory that has one, or 'auto' / 'vllm'"
+            )
+    if override is None:
+        return out
+    if not isinstance(override, dict):
+        return out + [
+            f"override_generation_config must be a JSON object, got {type(override).__name__}"
+        ]
+    unknown = sorted(set(override) - set(GENERATION_DEFAULT_KEYS))
+    if unknown:
+        out.append(
+            f"override_generation_config: unknown key(s) {unknown}; known: "
+            f"{list(GENERATION_DEFAULT_KEYS)}"
+        )
+    else:
+        out += sampling_defaults_problems(
+            {k: v for k, v in override.items() if v is not None}, "override_generation_config"
+        )
+    return out
+
+
+def sampling_defaults_problems(defaults: dict[str, Any], origin: str) -> list[str]:
+    """Why ``defaults`` (generation_config.json names) would make every request invalid."""
+    from backplane.sampling_params import SamplingParams
+
+    try:
+        SamplingParams(**sampling_defaults(defaults))
+    except (TypeError, ValueError) as exc:
+        return [f"{origin}: {str(exc).replace('max_tokens', 'max_new_tokens')}"]
+    return []

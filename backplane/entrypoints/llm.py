@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Sequence
 from typing import Any
@@ -19,7 +20,14 @@ from backplane.config import EngineArgs
 from backplane.config.sources import engine_args_from_sources
 from backplane.core.engine.llm_engine import LLMEngine
 from backplane.inputs import PromptType, parse_prompt
-from backplane.outputs import RequestOutput
+from backplane.outputs import (
+    EmbeddingRequestOutput,
+    PoolingRequestOutput,
+    RequestOutput,
+    ScoringOutput,
+    ScoringRequestOutput,
+)
+from backplane.pooling_params import PoolingParams
 from backplane.sampling_params import BeamSearchParams, SamplingParams
 
 
@@ -57,13 +65,16 @@ class LLM:
 
         ``prompts`` may be a string, a list of token ids, a TextPrompt or
         TokensPrompt dict (`backplane.inputs`), or a list of any of these.
-        ``sampling_params`` is one SamplingParams for all prompts or one per prompt.
+        ``sampling_params`` is one SamplingParams for all prompts or one per prompt;
+        None uses `get_default_sampling_params()` (the model's generation defaults),
+        with a default max_tokens from ``max_new_tokens`` capped to fit max_model_len.
         Every prompt and parameter set is checked before any request is queued:
         a bad one raises TypeError/ValueError naming it.
         """
         prompt_list = self._normalize_prompts(prompts)
-        if sampling_params is None:
-            sampling_params = SamplingParams()
+        defaulted = sampling_params is None
+        if defaulted:
+            sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * len(prompt_list)
         else:
@@ -86,6 +97,8 @@ class LLM:
                         f"sampling_params[{i}] must be a SamplingParams, got "
                         f"{type(params).__name__}"
                     )
+        if defaulted:
+            params_list = self._fit_default_max_tokens(prompt_list, params_list)
         if priority is not None and len(priority) != len(prompt_list):
             raise ValueError(f"got {len(priority)} priorities for {len(prompt_list)} prompts")
         engine = self.llm_engine
@@ -100,6 +113,33 @@ class LLM:
             engine.abort_request(request_ids)  # leave the engine clean for the next call
             raise
         return self._run(request_ids, use_tqdm)
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What `generate` and `chat` use when no SamplingParams is passed (vLLM's method).
+
+        ``SamplingParams()`` with the model's generation defaults (its
+        generation_config.json, as ``generation_config`` and
+        ``override_generation_config`` select them) applied; ``max_new_tokens``
+        becomes ``max_tokens``.
+        """
+        return SamplingParams(**self.llm_engine.config.model_spec.sampling_defaults)
+
+    def _fit_default_max_tokens(
+        self, prompts: list[PromptType], params_list: list[SamplingParams]
+    ) -> list[SamplingParams]:
+        """Cap a default max_tokens from max_new_tokens so that each prompt fits max_model_len."""
+        if "max_tokens" not in self.llm_engine.config.model_spec.sampling_defaults:
+            return params_list
+        engine = self.llm_engine
+        fitted = []
+        for prompt, params in zip(prompts, params_list, strict=True):
+            _, token_ids = engine.tokenize_prompt(prompt)
+            room = engine.max_model_len - len(token_ids)
+            if params.max_tokens is not None and 1 <= room < params.max_tokens:
+                params = copy.copy(params)
+                params.max_tokens = room
+            fitted.append(params)
+        return fitted
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine
@@ -119,6 +159,98 @@ class LLM:
         finally:
             bar.close()
         return [finished[r] for r in request_ids]
+
+    # ---------------------------------------------------------------- pooling
+    def encode(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        use_tqdm: bool = True,
+        pooling_task: str = "encode",
+    ) -> list[PoolingRequestOutput]:
+        """Run a pooling model (``--runner pooling``) over every prompt; outputs in input order.
+
+        Each output's ``outputs.data`` is a float32 tensor: the pooled hidden
+        state (``pooling_task="encode"``: never normalised; ``"embed"``: as
+        `embed`). A generation model refuses with ValueError.
+        """
+        prompt_list = self._normalize_prompts(prompts)
+        if pooling_params is None:
+            pooling_params = PoolingParams()
+        if isinstance(pooling_params, PoolingParams):
+            params_list = [pooling_params] * len(prompt_list)
+        else:
+            params_list = list(pooling_params)
+            if len(params_list) != len(prompt_list):
+                raise ValueError(f"got {len(params_list)} pooling_params for "
+                                 f"{len(prompt_list)} prompts; pass one or one per prompt")
+        for i, params in enumerate(params_list):
+            if not isinstance(params, PoolingParams):
+                raise TypeError(f"pooling_params[{i}] must be a PoolingParams, got "
+                                f"{type(params).__name__}")
+        params_list = [
+            p if p.task is not None else PoolingParams(pooling_task, p.dimensions, p.normalize)
+            for p in params_list
+        ]
+        engine = self.llm_engine
+        request_ids = []
+        try:
+            for prompt, params in zip(prompt_list, params_list, strict=True):
+                request_id = str(next(self._counter))
+                engine.add_request(request_id, prompt, params)
+                request_ids.append(request_id)
+        except Exception:
+            engine.abort_request(request_ids)
+            raise
+        return self._run(request_ids, use_tqdm)
+
+    def embed(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[EmbeddingRequestOutput]:
+        """One embedding per prompt (``outputs.embedding``, a list of floats), in input order.
+
+        The model's pooling (sentence-transformers' modules.json, else CLS for
+        encoders / last token for decoders) and normalisation apply;
+        ``PoolingParams(dimensions=k)`` shortens matryoshka embeddings.
+        """
+        outs = self.encode(prompts, pooling_params, use_tqdm=use_tqdm, pooling_task="embed")
+        return [EmbeddingRequestOutput.from_base(o) for o in outs]
+
+    def score(
+        self,
+        text_1: str | Sequence[str],
+        text_2: str | Sequence[str],
+        use_tqdm: bool = True,
+    ) -> list[ScoringRequestOutput]:
+        """Cosine similarity of embeddings (vLLM's scoring for embedding models).
+
+        ``text_1`` is one text (scored against each of ``text_2``) or as many
+        texts as ``text_2`` (scored pairwise). Cross-encoder (sequence
+        classification) models are not supported.
+        """
+        first = [text_1] if isinstance(text_1, str) else list(text_1)
+        second = [text_2] if isinstance(text_2, str) else list(text_2)
+        if not first or not second:
+            raise ValueError("score needs at least one text on each side")
+        if len(first) == 1:
+            first = first * len(second)
+        if len(first) != len(second):
+            raise ValueError(f"text_1 has {len(first)} texts and text_2 {len(second)}: pass one "
+                             "text_1 or as many as text_2")
+        outs = self.encode(first + second, PoolingParams(task="embed", normalize=True),
+                           use_tqdm=use_tqdm)
+        n = len(first)
+        results = []
+        for i in range(n):
+            a, b = outs[i], outs[n + i]
+            value = float((a.outputs.data * b.outputs.data).sum())
+            results.append(ScoringRequestOutput(
+                f"{a.request_id}_{b.request_id}", ScoringOutput(value),
+                a.prompt_token_ids + b.prompt_token_ids, True))
+        return results
 
     def beam_search(
         self,

@@ -27,6 +27,7 @@ _EXPORTS = {
     "ConfigPolicy": "platform",
     "DeviceRuntime": "platform",
     "GraphRunner": "graph",
+    "MOE_ACTIVATIONS": "fused_moe",
     "Platform": "platform",
     "PlatformConfigView": "config_view",
     "PlatformDescriptor": "descriptor",
@@ -35,6 +36,7 @@ _EXPORTS = {
     "TorchSdpaPagedAttentionBackend": "torch_sdpa",
     "deprecated": "deprecation",
     "deprecated_alias": "deprecation",
+    "fused_moe_torch": "fused_moe",
     "hookimpl": "hooks",
     "hookspec": "hooks",
 }
@@ -48,6 +50,7 @@ __all__ = [
     "ConfigPolicy",
     "DeviceRuntime",
     "GraphRunner",
+    "MOE_ACTIVATIONS",
     "Platform",
     "PlatformConfigView",
     "PlatformDescriptor",
@@ -59,6 +62,7 @@ __all__ = [
     "check_sdk_compatibility",
     "deprecated",
     "deprecated_alias",
+    "fused_moe_torch",
     "hookimpl",
     "hookspec",
 ]
@@ -73,6 +77,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from backplane.plugins_sdk.config_view import PlatformConfigView
     from backplane.plugins_sdk.deprecation import deprecated, deprecated_alias
     from backplane.plugins_sdk.descriptor import PlatformDescriptor, ProbeResult
+    from backplane.plugins_sdk.fused_moe import MOE_ACTIVATIONS, fused_moe_torch
     from backplane.plugins_sdk.graph import GraphRunner
     from backplane.plugins_sdk.hooks import hookimpl, hookspec
     from backplane.plugins_sdk.platform import (

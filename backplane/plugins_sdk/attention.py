@@ -9,6 +9,14 @@ request up to and including itself (causal).
 
 KV cache layout is backend-owned (`kv_cache_shape`); the core only allocates a
 tensor of that shape per layer and hands it back.
+
+Only causal attention is asked of a backend. Non-causal, prefill-only work
+(pooling models run with ``--runner pooling``: BERT-style encoders, and decoder
+embedders, which are causal but never decode) never reaches a backend: the
+core's pooling runner computes it without a KV cache, with plain
+``torch.nn.functional.scaled_dot_product_attention`` on a padded dense batch
+(`backplane.core.pooling.attention`). A backend therefore needs no flag or
+refusal for it (docs/plugins.md, "Pooling models and non-causal attention").
 """
 
 from __future__ import annotations
@@ -40,6 +48,12 @@ class AttentionSpec:
             ``seq_len = p + 1``). The core sets it only when requests can be
             longer than the window. A backend that does not declare
             ``supports_sliding_window`` is never given one.
+        logits_soft_cap: None for plain softmax attention. Otherwise every
+            scaled score ``s = scale * q.k`` is soft-capped to
+            ``logits_soft_cap * tanh(s / logits_soft_cap)`` before the mask and
+            the softmax (Gemma 2's ``attn_logit_softcapping``). A backend that
+            does not declare ``supports_logits_soft_cap`` is never given one
+            (SDK 1.1).
     """
 
     num_heads: int
@@ -49,6 +63,7 @@ class AttentionSpec:
     block_size: int
     kv_cache_dtype: str = "auto"
     sliding_window: int | None = None
+    logits_soft_cap: float | None = None
 
 
 @dataclass
@@ -93,11 +108,15 @@ class AttentionBackend(ABC):
     Subclasses declare what they support as class attributes; `unsupported_reasons`
     turns those into human-readable refusals for a given spec.
 
-    Instances: the model runner creates one instance per model
-    (``backend_cls(spec)`` with the model's per-rank `AttentionSpec`, once, when
-    the engine loads the model) and that one instance serves every attention
-    layer: each step it calls `build_metadata` once, then every layer calls
-    `forward` with its own ``kv_cache`` tensor (one per layer, allocated with
+    Instances: the model runner creates one instance per distinct layer spec
+    (``backend_cls(spec)`` with a per-rank `AttentionSpec`, once, when the
+    engine loads the model). Most models have one spec, so one instance serves
+    every attention layer; a model whose layers differ (Gemma's local layers
+    with a sliding window next to global ones) gets one instance per distinct
+    spec, all of the one class selected for the model-wide spec (which carries
+    every feature any layer uses). Each step the runner calls `build_metadata`
+    once per instance, then every layer calls `forward` on its spec's instance
+    with its own ``kv_cache`` tensor (one per layer, allocated with
     `allocate_kv_cache`) and its own ``scale``. Keep no per-layer state on the
     instance; per-step state belongs in the metadata.
     """
@@ -113,6 +132,8 @@ class AttentionBackend(ABC):
     supported_block_sizes: ClassVar[tuple[int, ...] | None] = None
     supported_kv_cache_dtypes: ClassVar[tuple[str, ...]] = ("auto",)
     supports_sliding_window: ClassVar[bool] = False
+    # SDK 1.1: whether `AttentionSpec.logits_soft_cap` is implemented.
+    supports_logits_soft_cap: ClassVar[bool] = False
 
     @classmethod
     def unsupported_reasons(cls, spec: AttentionSpec) -> list[str]:
@@ -134,6 +155,8 @@ class AttentionBackend(ABC):
             )
         if spec.sliding_window is not None and not cls.supports_sliding_window:
             reasons.append("sliding window attention is not supported")
+        if spec.logits_soft_cap is not None and not cls.supports_logits_soft_cap:
+            reasons.append("attention logit soft-capping (logits_soft_cap) is not supported")
         return reasons
 
     @classmethod
@@ -182,7 +205,8 @@ class AttentionBackend(ABC):
             metadata: what `build_metadata` returned for this step.
             scale: softmax scale: the output is ``softmax(scale * q.k^T) v`` over
                 the keys the query may see (causal, and within
-                ``spec.sliding_window`` when set). The layer passes what the
+                ``spec.sliding_window`` when set; with ``spec.logits_soft_cap``
+                the scaled scores are soft-capped first). The layer passes what the
                 model gives it: the in-tree models pass ``1 / sqrt(head_size)``;
                 a model may define another, so use this value, never a
                 constant derived from the head size.

@@ -272,6 +272,29 @@ class Platform:
         """A GraphRunner, or None when the platform cannot capture graphs."""
         return None
 
+    def fused_moe(
+        self,
+        hidden: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        activation: str = "silu",
+    ) -> torch.Tensor:
+        """The experts of a mixture-of-experts layer in one call (SDK 1.1).
+
+        ``hidden [n, H]``, ``w13 [E, 2I, H]`` (gate rows then up rows), ``w2
+        [E, H, I]``, ``topk_weights [n, k]``, ``topk_ids [n, k]`` -> ``[n, H]``:
+        each token's sum over its k experts of weight * down(act(gate) * up).
+        The full contract is in `backplane.plugins_sdk.fused_moe`. The default
+        is `fused_moe_torch` (tokens sorted by expert, two matmuls per expert
+        group, any torch device); override it with a fused kernel. The core
+        hands this method to every MoE layer after loading the model.
+        """
+        from backplane.plugins_sdk.fused_moe import fused_moe_torch
+
+        return fused_moe_torch(hidden, w13, w2, topk_weights, topk_ids, activation)
+
     def prepare_model(self, model: torch.nn.Module, config: Any) -> torch.nn.Module:
         """Adapt a loaded model to this platform's kernels (SDK 1.1+); identity by default.
 
@@ -292,7 +315,8 @@ class Platform:
         * ``"silu_and_mul"``: ``[..., 2d] -> silu(x[..., :d]) * x[..., d:]``.
 
         Output projections expose their ``[vocab, hidden]`` matrix as
-        ``logits_weight``.
+        ``logits_weight``. Mixture-of-experts layers (``layer_kind`` ``"fused_moe"``)
+        call the platform's `fused_moe` through their ``moe_op`` attribute.
         """
         return model
 

@@ -33,6 +33,7 @@ class ReferenceAttentionBackend(AttentionBackend):
     """Paged causal attention as a loop over requests (any torch device)."""
 
     name = "reference"
+    supports_logits_soft_cap = True
 
     def build_metadata(self, common: CommonAttentionMetadata) -> ReferenceAttentionMetadata:
         block_size = self.spec.block_size
@@ -72,6 +73,9 @@ class ReferenceAttentionBackend(AttentionBackend):
             k = key_cache[slots].float().transpose(0, 1).repeat_interleave(group, dim=0)
             v = value_cache[slots].float().transpose(0, 1).repeat_interleave(group, dim=0)
             scores = torch.matmul(q, k.transpose(1, 2)) * scale  # [H, q, L]
+            cap = self.spec.logits_soft_cap
+            if cap is not None:
+                scores = torch.tanh(scores / cap) * cap
             # Query i sits at absolute position (seq_len - q_len + i) and sees keys <= it.
             query_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
             key_pos = torch.arange(seq_len, device=q.device)

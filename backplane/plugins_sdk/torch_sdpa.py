@@ -16,7 +16,9 @@ prefill chunk is attended on its own with a causal mask shifted by the
 request's cached context. Host-side loops run over requests, never tokens, and
 read only the ``_cpu`` copies of the metadata, so building the plan does not
 wait for the device. Sliding windows follow transformers: a query at position
-p sees keys p - window + 1 .. p.
+p sees keys p - window + 1 .. p. With ``AttentionSpec.logits_soft_cap`` (which
+SDPA cannot apply) the same plan runs through explicit matmuls, tanh capping
+and a softmax instead of SDPA.
 """
 
 from __future__ import annotations
@@ -54,11 +56,29 @@ class SdpaPagedMetadata:
     prefills: list[_PrefillChunk]
 
 
+def _attend(q, k, v, mask, is_causal: bool, scale: float, gqa: bool, soft_cap: float | None):
+    """SDPA, or (with a soft cap) the same computation in explicit float32 ops."""
+    if soft_cap is None:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=gqa)
+    if gqa:
+        group = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / soft_cap) * soft_cap
+    if is_causal:
+        mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(q.dtype)
+
+
 class TorchSdpaPagedAttentionBackend(AttentionBackend):
     """Device-agnostic paged attention (gather + torch SDPA)."""
 
     name = "torch_sdpa_paged"
     supports_sliding_window = True
+    supports_logits_soft_cap = True
 
     def build_metadata(self, common: CommonAttentionMetadata) -> SdpaPagedMetadata:
         device = common.block_table.device
@@ -130,17 +150,13 @@ class TorchSdpaPagedAttentionBackend(AttentionBackend):
             q = query[d.token_rows].unsqueeze(2)  # [B, H, 1, D]
             k = key_cache[d.key_slots].transpose(1, 2)  # [B, Hkv, L, D]
             v = value_cache[d.key_slots].transpose(1, 2)
-            o = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=d.mask, scale=scale, enable_gqa=gqa
-            )
+            o = _attend(q, k, v, d.mask, False, scale, gqa, self.spec.logits_soft_cap)
             out[d.token_rows] = o.squeeze(2)
         for chunk in metadata.prefills:
             q = query[chunk.start : chunk.end].transpose(0, 1)  # [H, q, D]
             k = key_cache[chunk.key_slots].transpose(0, 1)  # [Hkv, L, D]
             v = value_cache[chunk.key_slots].transpose(0, 1)
-            o = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=chunk.mask, is_causal=chunk.mask is None, scale=scale,
-                enable_gqa=gqa,
-            )
+            o = _attend(q, k, v, chunk.mask, chunk.mask is None, scale, gqa,
+                        self.spec.logits_soft_cap)
             out[chunk.start : chunk.end] = o.transpose(0, 1)
         return out

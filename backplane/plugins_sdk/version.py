@@ -24,7 +24,14 @@ History:
          ConfigPolicy.default_optimization_level declared on the class), which
          deprecates overriding ConfigPolicy.check_and_update_config(config)
          (still called in 1.1, with a DeprecationWarning; removed in 1.2);
-         deprecation.deprecated_override.
+         deprecation.deprecated_override; Platform.fused_moe (default
+         fused_moe_torch, contract in plugins_sdk.fused_moe);
+         AttentionSpec.logits_soft_cap (default None) with
+         AttentionBackend.supports_logits_soft_cap (default False: such a
+         backend is never given a soft-capped spec), implemented by
+         ReferenceAttentionBackend and TorchSdpaPagedAttentionBackend; the
+         runner may create one backend instance per distinct layer spec
+         (CausalLM.layer_attention_specs).
 
 Members added to a minor before its first release (as listed for 1.1) need
 no new version: a plugin declaring that minor only ever meets a Backplane that

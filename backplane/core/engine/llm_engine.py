@@ -14,6 +14,7 @@ from backplane.core.engine.output_processor import OutputProcessor, RequestState
 from backplane.core.scheduler.request import Request, RequestStatus
 from backplane.inputs import ParsedPrompt, PromptType, parse_prompt
 from backplane.outputs import RequestOutput
+from backplane.pooling_params import PoolingParams
 from backplane.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -64,11 +65,40 @@ class LLMEngine:
         # Unseeded sampling draws from the global generator: --seed makes runs repeatable.
         self.platform.runtime.seed_everything(mc.seed)
         self.eos_token_ids = self._eos_token_ids()
-        self.engine_core = EngineCore(self.config, self.platform)
+        from backplane.config.runner import resolve_runner
+
+        # "generate" or "pooling" (--runner; auto: detected from the checkpoint).
+        self.runner_type = resolve_runner(mc.runner, mc.model, mc.hf_config)
+        if self.runner_type == "pooling":
+            from backplane.core.pooling.engine_core import PoolingEngineCore
+
+            self.engine_core = PoolingEngineCore(self.config, self.platform)
+        else:
+            self.engine_core = EngineCore(self.config, self.platform)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.vocab_size = self.config.model_spec.vocab_size
+        self._log_generation_defaults()
         self._seq_ids: dict[str, list[str]] = {}
         self._num_generated_tokens = 0
+
+    def _log_generation_defaults(self) -> None:
+        """Say which sampling defaults apply to fields a request leaves unset."""
+        mc = self.config.model_config
+        defaults = self.config.model_spec.sampling_defaults
+        source = {
+            "auto": "the model's generation_config.json",
+            "vllm": "none (--generation-config vllm)",
+        }.get(mc.generation_config, f"{mc.generation_config}/generation_config.json")
+        if mc.override_generation_config:
+            source += " + --override-generation-config"
+        if defaults:
+            logger.info(
+                "default sampling parameters (from %s) for fields a request leaves unset: %s "
+                "(--generation-config vllm ignores the model's)", source,
+                ", ".join(f"{k}={v!r}" for k, v in sorted(defaults.items())),
+            )
+        else:
+            logger.info("default sampling parameters: Backplane's own (%s sets none)", source)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
@@ -164,6 +194,9 @@ class LLMEngine:
         (`backplane.inputs`), whose ``cache_salt`` keeps its KV blocks apart
         from requests with another salt.
         """
+        if self.runner_type == "pooling" or isinstance(params, PoolingParams):
+            self._add_pooling_request(request_id, prompt, params)
+            return
         if not isinstance(params, SamplingParams):
             raise TypeError(
                 f"sampling params must be a SamplingParams, got {type(params).__name__}"
@@ -197,6 +230,35 @@ class LLMEngine:
             ))
         self._seq_ids[request_id] = seq_ids
 
+    def _add_pooling_request(self, request_id: str, prompt: PromptType, params) -> None:
+        """Queue a pooling (embed / encode) request; ValueError when the model cannot pool."""
+        if self.runner_type != "pooling":
+            raise ValueError(
+                f"model {self.config.model_spec.architecture} runs as a generation model "
+                "(--runner generate): it cannot compute embeddings; start the engine with "
+                "--runner pooling"
+            )
+        if not isinstance(params, PoolingParams):
+            raise ValueError(
+                f"model {self.config.model_spec.architecture} runs as a pooling model "
+                "(--runner pooling): it computes embeddings, not text; use LLM.embed / "
+                "LLM.encode (or /v1/embeddings, /pooling) instead of generation"
+            )
+        if request_id in self._seq_ids:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        parsed = parse_prompt(prompt)
+        text, token_ids = self._tokenize(parsed)
+        if len(token_ids) > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(token_ids)} tokens) is longer than max_model_len "
+                f"({self.max_model_len})"
+            )
+        self.engine_core.check_params(params)
+        from backplane.core.pooling.engine_core import PoolingRequest
+
+        self.engine_core.add_request(PoolingRequest(request_id, text, token_ids, params))
+        self._seq_ids[request_id] = [request_id]
+
     def _bad_words_token_ids(self, words: list[str] | None) -> list[list[int]]:
         """Each bad word as token ids, alone and after a space (as it appears mid-text)."""
         out: list[list[int]] = []
@@ -209,6 +271,11 @@ class LLMEngine:
 
     # ------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
+        if self.runner_type == "pooling":
+            pooled = self.engine_core.step()
+            for out in pooled:
+                self._seq_ids.pop(out.request_id, None)
+            return pooled
         core_outputs = self.engine_core.step()
         self._num_generated_tokens += sum(len(o.new_token_ids) for o in core_outputs)
         outputs, stopped = self.output_processor.process(core_outputs)
@@ -221,6 +288,11 @@ class LLMEngine:
 
     def abort_request(self, request_ids: list[str]) -> list[RequestOutput]:
         """Stop requests now and free their KV blocks; returns their final outputs."""
+        if self.runner_type == "pooling":
+            for request_id in request_ids:
+                self._seq_ids.pop(request_id, None)
+            self.engine_core.abort(request_ids)
+            return []
         finals = []
         for request_id in request_ids:
             seq_ids = self._seq_ids.pop(request_id, None)
@@ -237,12 +309,21 @@ class LLMEngine:
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix; False (nothing changed) while a request holds KV blocks."""
+        if self.runner_type == "pooling":
+            return False  # no KV cache: nothing is cached
         return self.engine_core.scheduler.kv.reset_prefix_cache()
 
     def get_num_unfinished_requests(self) -> int:
         return len(self._seq_ids)
 
     def get_stats(self) -> EngineStats:
+        if self.runner_type == "pooling":
+            return EngineStats(
+                num_running=0, num_waiting=self.engine_core.num_waiting, num_total_blocks=0,
+                num_free_blocks=0, kv_cache_usage=0.0, prefix_cache_queries=0,
+                prefix_cache_hits=0, num_preemptions=0,
+                block_size=self.config.cache_config.block_size,
+            )
         sched = self.engine_core.scheduler
         kv = sched.kv
         return EngineStats(

@@ -23,11 +23,18 @@ class AttentionContext:
         backend: the platform attention backend instance (shared by all layers).
         metadata: ``backend.build_metadata(...)`` for this step.
         kv_caches: one cache tensor per attention layer, indexed by layer_idx.
+        layer_backends, layer_metadata: set when layers differ in their
+            AttentionSpec (e.g. Gemma's sliding-window and global layers): per
+            layer_idx, the backend instance of that layer's spec and its metadata
+            for this step (one instance and one metadata per distinct spec). None:
+            every layer uses ``backend`` and ``metadata``.
     """
 
     backend: AttentionBackend
     metadata: Any
     kv_caches: list[torch.Tensor]
+    layer_backends: list[AttentionBackend] | None = None
+    layer_metadata: list[Any] | None = None
 
 
 class Attention(nn.Module):
@@ -52,12 +59,16 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """q: [n, heads*head_size], k/v: [n, kv_heads*head_size] -> [n, heads*head_size]."""
         n = q.shape[0]
-        out = ctx.backend.forward(
+        backend, metadata = ctx.backend, ctx.metadata
+        if ctx.layer_backends is not None:
+            backend = ctx.layer_backends[self.layer_idx]
+            metadata = ctx.layer_metadata[self.layer_idx]
+        out = backend.forward(
             q.view(n, self.num_heads, self.head_size),
             k.view(n, self.num_kv_heads, self.head_size),
             v.view(n, self.num_kv_heads, self.head_size),
             ctx.kv_caches[self.layer_idx],
-            ctx.metadata,
+            metadata,
             self.scale,
         )
         return out.reshape(n, self.num_heads * self.head_size)

@@ -15,6 +15,7 @@ import torch
 
 from backplane.config.resolve import ResolvedConfig
 from backplane.core.layers.attention import AttentionContext
+from backplane.core.layers.fused_moe import bind_fused_moe
 from backplane.core.model_runner.input_batch import InputBatch
 from backplane.core.model_runner.kv_cache_sizing import KVBlockLayout, determine_num_blocks
 from backplane.core.sampling.metadata import SamplingMetadata
@@ -58,7 +59,11 @@ class ModelRunner:
         self.block_size = cc.block_size
         self.max_model_len = config.max_model_len
 
-        model = platform.prepare_model(load_model(mc, self.device), config)
+        model = load_model(mc, self.device)
+        # MoE layers compute their experts with the platform's fused-MoE op
+        # (SDK default when the platform predates it); prepare_model may still swap them.
+        bind_fused_moe(model, getattr(platform, "fused_moe", None))
+        model = platform.prepare_model(model, config)
         # The cache is laid out from the resolved ModelSpec; the model built from the
         # same HF config must agree, or attention, cache and model disagree on shapes.
         spec_model = config.model_spec
@@ -80,6 +85,7 @@ class ModelRunner:
             spec, forced=config.device_config.attention_backend
         )
         self.attn_backend = backend_cls(spec)
+        self._init_layer_backends(model, backend_cls, spec)
         self.kv_layout = KVBlockLayout(num_layers, kv_heads, head_size, cc.block_size, self.dtype)
         self.num_blocks = determine_num_blocks(
             self.kv_layout,
@@ -114,6 +120,33 @@ class ModelRunner:
         from backplane.plugins import get_logits_processors
 
         self.logits_processors = tuple(get_logits_processors())
+
+    def _init_layer_backends(self, model, backend_cls, spec) -> None:
+        """One backend instance per distinct layer spec, when the model's layers differ.
+
+        The backend class was selected for the model-wide ``spec``; each layer spec
+        must be one it serves too (the model only drops features per layer).
+        """
+        self.layer_backends = None
+        self.distinct_layer_backends = [self.attn_backend]
+        per_layer = getattr(model, "layer_attention_specs", None)  # CausalLM's, SDK-free
+        layer_specs = per_layer(spec) if per_layer is not None else []
+        if all(s == spec for s in layer_specs):
+            return
+        instances = {spec: self.attn_backend}
+        for layer_spec in layer_specs:
+            if layer_spec in instances:
+                continue
+            reasons = backend_cls.unsupported_reasons(layer_spec)
+            if reasons:
+                raise ValueError(
+                    f"attention backend {backend_cls.name} cannot serve a layer spec of "
+                    f"{type(model).__name__} ({layer_spec}): {'; '.join(reasons)}")
+            instances[layer_spec] = backend_cls(layer_spec)
+        self.layer_backends = [instances[s] for s in layer_specs]
+        self.distinct_layer_backends = list(dict.fromkeys(self.layer_backends))
+        logger.info("attention: %d distinct layer specs, one %s instance each",
+                    len(self.distinct_layer_backends), backend_cls.name)
 
     @staticmethod
     def _maybe_compile(model, config: ResolvedConfig, platform: Platform):
@@ -201,6 +234,12 @@ class ModelRunner:
         )
         ctx = AttentionContext(self.attn_backend, self.attn_backend.build_metadata(common),
                                self.kv_caches)
+        if self.layer_backends is not None:
+            # One metadata per distinct layer spec, shared by that spec's layers.
+            built = {id(b): ctx.metadata if b is self.attn_backend else b.build_metadata(common)
+                     for b in self.distinct_layer_backends}
+            ctx.layer_backends = self.layer_backends
+            ctx.layer_metadata = [built[id(b)] for b in self.layer_backends]
 
         start = time.perf_counter()
         hidden = self.model(

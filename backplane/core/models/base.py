@@ -109,6 +109,17 @@ class CausalLM(nn.Module, ABC):
             sliding_window=window,
         )
 
+    def layer_attention_specs(self, spec: AttentionSpec) -> list[AttentionSpec]:
+        """The AttentionSpec of each attention layer, given the model-wide ``spec``.
+
+        The model-wide spec (from the config) carries every feature any layer
+        uses; a model whose layers differ (Gemma: global layers without the
+        sliding window, soft-capped scores) returns per-layer variants of it,
+        each needing no feature the model-wide spec lacks. The runner makes one
+        backend instance per distinct spec. Default: every layer uses ``spec``.
+        """
+        return [spec] * self.kv_cache_shape().num_layers
+
     def skipped_weight_names(self) -> tuple[str, ...]:
         """Checkpoint names accepted but not loaded (e.g. lm_head when embeddings are tied)."""
         return ()

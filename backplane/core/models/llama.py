@@ -1,8 +1,9 @@
 """The Llama decoder, shared by every Llama-family architecture.
 
-Llama, Mistral, Qwen2 and Qwen3 differ only in small switches (biases on the
-q/k/v projections, per-head RMSNorm on queries and keys, explicit head_dim),
-collected in `DecoderOptions`; each architecture class just picks them.
+Llama, Mistral, Qwen2, Qwen3, Granite and OLMo 2 differ only in small switches
+(biases on the q/k/v projections, RMSNorm on queries and keys, explicit
+head_dim, norm placement, Granite's multipliers), collected in `DecoderOptions`;
+each architecture class just picks them.
 
 Projections are fused: q/k/v is one matmul (``qkv_proj``) and gate/up another
 (``gate_up_proj``); the loader stacks the separate checkpoint tensors into them.
@@ -35,13 +36,25 @@ class DecoderOptions:
         qkv_bias: q/k/v projections carry a bias.
         o_bias: the output projection carries a bias.
         mlp_bias: gate/up/down projections carry a bias.
-        qk_norm: RMSNorm over each query and key head before rotary (Qwen3).
+        qk_norm: RMSNorm on queries and keys before rotary (Qwen3, OLMo 2).
+        qk_norm_per_head: with qk_norm, one norm per head; False normalises the
+            whole query / key projection at once (OLMo 2).
+        post_norms: norm each sublayer's output instead of its input:
+            x + norm(attn(x)), then x + norm(mlp(x)) (OLMo 2).
+        attention_scale: softmax scale; None means ``head_dim ** -0.5``.
+        embedding_multiplier: scales the token embeddings (Granite).
+        residual_multiplier: scales each sublayer's output before the residual add (Granite).
     """
 
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False
+    qk_norm_per_head: bool = True
+    post_norms: bool = False
+    attention_scale: float | None = None
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -102,12 +115,16 @@ class DecoderAttention(nn.Module):
             dtype=dtype,
         )
         self.o_proj = nn.Linear(self.q_size, dims.hidden_size, bias=options.o_bias, dtype=dtype)
-        self.qk_norm = options.qk_norm
+        self.qk_norm, self.qk_norm_per_head = options.qk_norm, options.qk_norm_per_head
         if options.qk_norm:
-            self.q_norm = RMSNorm(dims.head_dim, dims.rms_norm_eps, dtype=dtype)
-            self.k_norm = RMSNorm(dims.head_dim, dims.rms_norm_eps, dtype=dtype)
+            per_head = options.qk_norm_per_head
+            q_width, k_width = (dims.head_dim,) * 2 if per_head else (self.q_size, self.kv_size)
+            self.q_norm = RMSNorm(q_width, dims.rms_norm_eps, dtype=dtype)
+            self.k_norm = RMSNorm(k_width, dims.rms_norm_eps, dtype=dtype)
+        scale = options.attention_scale
         self.attn = Attention(
-            dims.num_heads, dims.num_kv_heads, dims.head_dim, dims.head_dim**-0.5, layer_idx
+            dims.num_heads, dims.num_kv_heads, dims.head_dim,
+            dims.head_dim**-0.5 if scale is None else scale, layer_idx,
         )
 
     def forward(
@@ -117,8 +134,11 @@ class DecoderAttention(nn.Module):
         qkv = self.qkv_proj(x)
         qk_end = self.q_size + self.kv_size
         if self.qk_norm:
-            q = self.q_norm(qkv[:, : self.q_size].view(n, self.num_heads, self.head_dim))
-            k = self.k_norm(qkv[:, self.q_size : qk_end].view(n, self.num_kv_heads, self.head_dim))
+            q, k = qkv[:, : self.q_size], qkv[:, self.q_size : qk_end]
+            if self.qk_norm_per_head:
+                q, k = q.view(n, -1, self.head_dim), k.view(n, -1, self.head_dim)
+            q = self.q_norm(q).view(n, self.num_heads, self.head_dim)
+            k = self.k_norm(k).view(n, self.num_kv_heads, self.head_dim)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         else:
             # Queries and keys sit side by side in each row: rotate them in one op.
@@ -146,22 +166,42 @@ class DecoderMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    With ``options.post_norms`` (OLMo 2) the norms move to the sublayer outputs:
+    x + norm(attn(x)), then x + norm(mlp(x)); the checkpoint then names them
+    ``post_attention_layernorm`` and ``post_feedforward_layernorm``.
+    """
 
     def __init__(
         self, dims: DecoderDims, options: DecoderOptions, layer_idx: int, dtype: torch.dtype
     ) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(dims.hidden_size, dims.rms_norm_eps, dtype=dtype)
+        self.post_norms = options.post_norms
+        self.residual_multiplier = options.residual_multiplier
+        if not options.post_norms:
+            self.input_layernorm = RMSNorm(dims.hidden_size, dims.rms_norm_eps, dtype=dtype)
         self.self_attn = DecoderAttention(dims, options, layer_idx, dtype)
         self.post_attention_layernorm = RMSNorm(dims.hidden_size, dims.rms_norm_eps, dtype=dtype)
+        if options.post_norms:
+            self.post_feedforward_layernorm = RMSNorm(
+                dims.hidden_size, dims.rms_norm_eps, dtype=dtype
+            )
         self.mlp = DecoderMLP(dims, options, dtype)
+
+    def _residual(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if self.residual_multiplier != 1.0:
+            out = out * self.residual_multiplier
+        return x + out
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        if self.post_norms:
+            x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, ctx))
+            return x + self.post_feedforward_layernorm(self.mlp(x))
+        x = self._residual(x, self.self_attn(self.input_layernorm(x), cos, sin, ctx))
+        return self._residual(x, self.mlp(self.post_attention_layernorm(x)))
 
 
 class DecoderModel(nn.Module):
@@ -175,6 +215,7 @@ class DecoderModel(nn.Module):
             DecoderLayer(dims, options, i, dtype) for i in range(dims.num_layers)
         )
         self.norm = RMSNorm(dims.hidden_size, dims.rms_norm_eps, dtype=dtype)
+        self.embedding_multiplier = options.embedding_multiplier
         self.rotary_emb = RotaryEmbedding(
             dims.head_dim, dims.max_positions, rope_parameters(hf_config)
         )
@@ -183,6 +224,8 @@ class DecoderModel(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
+        if self.embedding_multiplier != 1.0:
+            hidden = hidden * self.embedding_multiplier
         # One table lookup per step, shared by all layers.
         cos, sin = self.rotary_emb.cos_sin(positions, hidden.dtype)
         for layer in self.layers:

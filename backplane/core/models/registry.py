@@ -16,10 +16,22 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 _BUILTIN_MODELS: dict[str, str] = {
+    "Gemma2ForCausalLM": "backplane.core.models.gemma:Gemma2ForCausalLM",
+    "Gemma3ForCausalLM": "backplane.core.models.gemma:Gemma3ForCausalLM",
     "LlamaForCausalLM": "backplane.core.models.llama:LlamaForCausalLM",
     "MistralForCausalLM": "backplane.core.models.llama:MistralForCausalLM",
     "Qwen2ForCausalLM": "backplane.core.models.qwen:Qwen2ForCausalLM",
     "Qwen3ForCausalLM": "backplane.core.models.qwen:Qwen3ForCausalLM",
+    # Encoder (pooling only: --runner pooling), see backplane.core.pooling.
+    "BertModel": "backplane.core.models.bert:BertModel",
+    "GPT2LMHeadModel": "backplane.core.models.gpt2:GPT2LMHeadModel",
+    "OPTForCausalLM": "backplane.core.models.opt:OPTForCausalLM",
+    "GraniteForCausalLM": "backplane.core.models.granite:GraniteForCausalLM",
+    "Olmo2ForCausalLM": "backplane.core.models.olmo2:Olmo2ForCausalLM",
+    "Phi3ForCausalLM": "backplane.core.models.phi3:Phi3ForCausalLM",
+    "MixtralForCausalLM": "backplane.core.models.moe:MixtralForCausalLM",
+    "Qwen2MoeForCausalLM": "backplane.core.models.moe:Qwen2MoeForCausalLM",
+    "Qwen3MoeForCausalLM": "backplane.core.models.moe:Qwen3MoeForCausalLM",
 }
 
 _models: dict[str, type[nn.Module] | str] = dict(_BUILTIN_MODELS)

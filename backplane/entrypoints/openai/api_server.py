@@ -49,10 +49,12 @@ from backplane.entrypoints.openai.protocol import (
     ModelList,
     TokenizeRequest,
 )
+from backplane.entrypoints.openai.protocol_pooling import EmbeddingRequest, PoolingRequest
 from backplane.entrypoints.openai.protocol_responses import ResponsesRequest
 from backplane.entrypoints.openai.serving_chat import ChatServing
 from backplane.entrypoints.openai.serving_common import ServerLimits, ServingContext
 from backplane.entrypoints.openai.serving_completion import CompletionServing
+from backplane.entrypoints.openai.serving_pooling import PoolingServing, require_runner
 from backplane.entrypoints.openai.serving_responses import ResponsesServing
 from backplane.entrypoints.openai.serving_tokenization import TokenizationServing
 from backplane.version import __version__
@@ -95,6 +97,7 @@ def build_app(
     )
     completions, chats, tokens = CompletionServing(ctx), ChatServing(ctx), TokenizationServing(ctx)
     responses = ResponsesServing(ctx)
+    pooling = PoolingServing(ctx)
     if dev_mode is None:
         dev_mode = os.environ.get(DEV_MODE_ENV, "0") == "1"
 
@@ -143,7 +146,10 @@ def build_app(
     def model_card(name: str) -> ModelCard:
         # The filesystem path would tell every client how the server is laid out.
         root = engine.config.model_config.model if opts.expose_model_path else names[0]
-        return ModelCard(id=name, root=root, max_model_len=ctx.max_model_len)
+        return ModelCard(
+            id=name, root=root, max_model_len=ctx.max_model_len,
+            generation_defaults=ctx.sampling_defaults,
+        )
 
     @app.get("/v1/models")
     async def list_models() -> ModelList:
@@ -156,15 +162,28 @@ def build_app(
 
     @app.post("/v1/completions")
     async def create_completion(body: CompletionRequest, raw_request: Request):
+        require_runner(ctx, "generate", "/v1/completions")
         return await completions.create(body, raw_request)
 
     @app.post("/v1/chat/completions")
     async def create_chat_completion(body: ChatCompletionRequest, raw_request: Request):
+        require_runner(ctx, "generate", "/v1/chat/completions")
         return await chats.create(body, raw_request)
 
     @app.post("/v1/responses")
     async def create_response(body: ResponsesRequest, raw_request: Request):
+        require_runner(ctx, "generate", "/v1/responses")
         return await responses.create(body, raw_request)
+
+    # Pooling models (--runner pooling); a generation model answers 400 here.
+    # /score and /rerank are not served: no cross-encoder model is implemented.
+    @app.post("/v1/embeddings")
+    async def create_embeddings(body: EmbeddingRequest, raw_request: Request):
+        return await pooling.embeddings(body, raw_request)
+
+    @app.post("/pooling")
+    async def create_pooling(body: PoolingRequest, raw_request: Request):
+        return await pooling.pooling(body, raw_request)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):

@@ -419,6 +419,9 @@ class ModelCard(BaseModel):
     owned_by: str = "backplane"
     root: str | None = None
     max_model_len: int | None = None
+    # Backplane's addition: the sampling defaults (SamplingParams names) that fill
+    # request fields the client leaves unset (--generation-config and its override).
+    generation_defaults: dict[str, Any] = Field(default_factory=dict)
 
 
 class ModelList(BaseModel):

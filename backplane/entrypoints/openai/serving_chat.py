@@ -88,7 +88,7 @@ class ChatServing:
         )
         if req.max_completion_tokens is not None:
             requested, param = req.max_completion_tokens, "max_completion_tokens"
-        else:
+        else:  # None: the model's default max_tokens, if any, else as many as fit
             requested, param = req.max_tokens, "max_tokens"
         # -1 keeps what fits with the tokens asked for (either spelling) left to generate.
         truncate = ctx.truncation(req.truncate_prompt_tokens, requested)
@@ -100,6 +100,7 @@ class ChatServing:
             max_tokens=max_tokens,
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
             prompt_logprobs=req.prompt_logprobs,
+            defaults=ctx.sampling_defaults,
         )
         base_id = display_id(req, raw_request) or random_id("chatcmpl")
         if req.use_beam_search:

@@ -110,6 +110,21 @@ class ServingContext:
     def vocab_size(self) -> int:
         return self.engine.config.model_spec.vocab_size
 
+    @property
+    def sampling_defaults(self) -> dict[str, Any]:
+        """The model's generation defaults (SamplingParams names) for unset request fields."""
+        return self.engine.config.model_spec.sampling_defaults
+
+    def requested_max_tokens(self, req, name: str) -> int | None:
+        """``req.<name>``, or None (the model's default) when the client left it unset.
+
+        A protocol default (16 for completions) applies only when the model sets no
+        ``max_new_tokens``.
+        """
+        if client_sets(req, name) or "max_tokens" not in self.sampling_defaults:
+            return getattr(req, name)
+        return None
+
     def check_model(self, name: str | None) -> None:
         """404 unless ``name`` is one of the served names (None means the default)."""
         if name is not None and name not in self.served_model_names:
@@ -201,7 +216,9 @@ class ServingContext:
     ) -> int:
         """The number of tokens to generate, checked against max_model_len.
 
-        ``None`` means "as many as fit" (max_model_len - prompt length).
+        ``None`` means the model's default max_tokens (its ``max_new_tokens``) if it
+        has one, else "as many as fit" (max_model_len - prompt length); a default
+        is capped to fit rather than refused.
         """
         limit = self.max_model_len
         if requested is not None and requested < 1:
@@ -213,7 +230,8 @@ class ServingContext:
                 prompt_param,
             )
         if requested is None:
-            return limit - prompt_len
+            default = self.sampling_defaults.get("max_tokens")
+            return limit - prompt_len if default is None else min(default, limit - prompt_len)
         if prompt_len + requested > limit:
             raise bad_request(
                 f"{param} ({requested}) + prompt ({prompt_len} tokens) = "
@@ -225,9 +243,18 @@ class ServingContext:
 
 
 def build_sampling_params(
-    req, *, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
+    req,
+    *,
+    max_tokens: int,
+    logprobs: int | None,
+    prompt_logprobs: int | None = None,
+    defaults: dict[str, Any] | None = None,
 ) -> SamplingParams:
-    """SamplingParams from a completion/chat request; 400 naming the field if invalid."""
+    """SamplingParams from a completion/chat request; 400 naming the field if invalid.
+
+    ``defaults`` (`ServingContext.sampling_defaults`) fill the sampling fields
+    the client left unset.
+    """
     # Upper bounds (--max-logprobs) are the engine's to check; it names the field.
     bias = None
     if req.logit_bias:
@@ -267,19 +294,37 @@ def build_sampling_params(
             "frequency_penalty",
             "repetition_penalty",
         ),
+        defaults=defaults,
         **kwargs,
     )
 
 
-def sampling_params_with(req, names: tuple[str, ...], **kwargs: Any) -> SamplingParams:
-    """``SamplingParams(**kwargs)`` plus those of ``names`` that ``req`` sets (not None).
+def client_sets(req, name: str) -> bool:
+    """Whether the client sent ``name`` with a value (not omitted, not null)."""
+    if getattr(req, name, None) is None:
+        return False
+    fields_set = getattr(req, "model_fields_set", None)
+    return fields_set is None or name in fields_set
 
-    Only what the client set is passed, so SamplingParams' defaults apply
-    otherwise; an invalid value is a 400 naming the field.
+
+def sampling_params_with(
+    req, names: tuple[str, ...], defaults: dict[str, Any] | None = None, **kwargs: Any
+) -> SamplingParams:
+    """``SamplingParams(**kwargs)`` plus the fields of ``names``.
+
+    A field the client set wins; one it left unset takes ``defaults``' value
+    (the model's generation defaults) when there is one, else the request's
+    own default (not None) or SamplingParams'. An invalid value is a 400
+    naming the field.
     """
+    defaults = defaults or {}
     for name in names:
         value = getattr(req, name)
-        if value is not None:
+        if client_sets(req, name):
+            kwargs[name] = value
+        elif name in defaults:
+            kwargs[name] = defaults[name]
+        elif value is not None:
             kwargs[name] = value
     try:
         return SamplingParams(**kwargs)

@@ -118,13 +118,17 @@ class CompletionServing:
         if req.echo and logprobs is not None:
             prompt_logprobs = max(prompt_logprobs or 0, logprobs)
         params = []
+        # Left unset, max_tokens is the model's max_new_tokens if it has one (else 16).
+        requested = 1 if prompt_only else ctx.requested_max_tokens(req, "max_tokens")
+        defaults = ctx.sampling_defaults
         for p in prompts:
             max_tokens = ctx.resolve_max_tokens(
-                len(p.token_ids), 1 if prompt_only else req.max_tokens, "max_tokens", "prompt"
+                len(p.token_ids), requested, "max_tokens", "prompt"
             )
             params.append(
                 build_sampling_params(
-                    req, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs
+                    req, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                    defaults=defaults,
                 )
             )
         view = _ResponseView(req, prompt_only)

@@ -202,7 +202,14 @@ class ResponsesServing:
         max_tokens = ctx.resolve_max_tokens(
             len(prompt_ids), req.max_output_tokens, "max_output_tokens", "input"
         )
-        params = sampling_params_with(req, ("temperature", "top_p"), max_tokens=max_tokens)
+        # The model's generation defaults fill what the client leaves unset (and
+        # what this API has no field for).
+        defaults = ctx.sampling_defaults
+        unexposed = {k: defaults[k] for k in ("top_k", "min_p", "repetition_penalty")
+                     if k in defaults}
+        params = sampling_params_with(
+            req, ("temperature", "top_p"), defaults, max_tokens=max_tokens, **unexposed
+        )
         shown_id = display_id(req, raw_request) or response_item_id("resp")
         base = self._in_progress(req, shown_id, params)
         request_ids = ctx.engine_request_ids(base.id, 1)

@@ -74,6 +74,7 @@ class CpuSdpaAttentionBackend(HeadMajorCpuCache):
 
     name = "cpu_sdpa"
     supports_sliding_window = True
+    supports_logits_soft_cap = True
 
     def build_metadata(self, common: CommonAttentionMetadata) -> CpuAttentionMetadata:
         block_size = self.spec.block_size
@@ -154,6 +155,9 @@ class CpuSdpaAttentionBackend(HeadMajorCpuCache):
             q = query[group.token_idx].view(num_decodes, num_kv_heads, group_size, head_size)
             q = q.transpose(0, 1)
             scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+            if self.spec.logits_soft_cap is not None:
+                # Before the -inf bias: tanh would turn a masked -inf into a finite -cap.
+                scores = torch.tanh(scores / self.spec.logits_soft_cap) * self.spec.logits_soft_cap
             scores += group.bias  # broadcasts over kv_heads and the query-head group
             probs = torch.softmax(scores, dim=-1).to(v.dtype)
             o = torch.matmul(probs, v)  # [kv_heads, decodes, group, head]
@@ -179,6 +183,8 @@ class CpuSdpaAttentionBackend(HeadMajorCpuCache):
             q = q.reshape(num_kv_heads, group * rows, head_size)
             scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
             scores = scores.view(num_kv_heads, group, rows, seq_len)
+            if self.spec.logits_soft_cap is not None:
+                scores = torch.tanh(scores / self.spec.logits_soft_cap) * self.spec.logits_soft_cap
             query_pos = torch.arange(chunk.context_len + lo, chunk.context_len + hi)
             key_pos = torch.arange(seq_len)[None, :]
             hidden = key_pos > query_pos[:, None]

@@ -37,7 +37,7 @@ def _kernel(dtype: torch.dtype, head_size: int, block_size: int, group: int) -> 
         ("SCALAR_KIND", _SCALAR_KINDS[dtype]), ("HEAD_SIZE", head_size),
         ("BLOCK_SIZE", block_size), ("GROUP", group)))
     lib.paged_attention.argtypes = [_P, _I64, _P, _P, _I64, _P, _I64, _P, _P, _I64, _I64,
-                                    _I32, _F32, _P, _I64]
+                                    _I32, _F32, _F32, _P, _I64]
     lib.paged_attention.restype = None
     lib.write_kv.argtypes = [_P, _I64, _P, _I64, _P, _I64, _I64, _I64, _P, _P]
     lib.write_kv.restype = None
@@ -71,6 +71,7 @@ class CpuPagedAttentionBackend(HeadMajorCpuCache):
 
     name = "cpu_paged"
     supports_sliding_window = True
+    supports_logits_soft_cap = True
 
     @classmethod
     def unsupported_reasons(cls, spec: AttentionSpec) -> list[str]:
@@ -123,6 +124,7 @@ class CpuPagedAttentionBackend(HeadMajorCpuCache):
             q.data_ptr(), q.stride(0), key_cache.data_ptr(), value_cache.data_ptr(),
             num_blocks, table.data_ptr(), table.stride(0), metadata.token_reqs.data_ptr(),
             metadata.token_seq_lens.data_ptr(), n, spec.num_kv_heads,
-            spec.sliding_window or 0, float(scale), out.data_ptr(),
+            spec.sliding_window or 0, float(scale), float(spec.logits_soft_cap or 0.0),
+            out.data_ptr(),
             spec.num_heads * spec.head_size)
         return out

@@ -5,6 +5,9 @@ Attention falls back to the plugin SDK's portable ``torch_sdpa_paged`` backend.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+
 from backplane.platforms.cuda.graph_runner import CudaGraphRunner
 from backplane.platforms.cuda.policy import CudaConfigPolicy
 from backplane.platforms.cuda.runtime import CudaRuntime
@@ -36,3 +39,17 @@ class CudaPlatform(Platform):
 
     def make_graph_runner(self) -> GraphRunner:
         return CudaGraphRunner()
+
+    def fused_moe(self, hidden, w13, w2, topk_weights, topk_ids, activation="silu"):
+        """MoE experts with the Triton grouped-GEMM kernels (triton_moe.py); the SDK's
+        torch implementation where triton is missing or the tensors are not on a GPU."""
+        if hidden.device.type == "cuda" and _triton_installed():
+            from backplane.platforms.cuda.triton_moe import fused_moe
+
+            return fused_moe(hidden, w13, w2, topk_weights, topk_ids, activation)
+        return super().fused_moe(hidden, w13, w2, topk_weights, topk_ids, activation)
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None

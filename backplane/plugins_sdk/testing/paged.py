@@ -4,7 +4,7 @@
 a KV cache shaped by the backend, hands out non-contiguous random blocks,
 builds `CommonAttentionMetadata` for a step (optionally with padding tokens
 whose ``slot_mapping`` is -1), runs the backend (with the harness's softmax
-``scale``, and the spec's sliding window), and computes what the output must
+``scale``, and the spec's sliding window and soft cap), and computes what the output must
 be with `reference_attention`, which works on plain per-request K/V
 tensors and so does not depend on the backend's cache layout.
 """
@@ -22,6 +22,7 @@ from backplane.plugins_sdk.attention import AttentionBackend, AttentionSpec, Com
 def reference_attention(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
     sliding_window: int | None = None,
+    logits_soft_cap: float | None = None,
 ) -> torch.Tensor:
     """Causal attention of one request's new queries over all its keys, in float64.
 
@@ -31,6 +32,8 @@ def reference_attention(
         scale: softmax scale: softmax(scale * q.k) weights the values.
         sliding_window: when set, the query at position p sees only the keys at
             positions p - sliding_window + 1 .. p (`AttentionSpec.sliding_window`).
+        logits_soft_cap: when set, scaled scores s become cap * tanh(s / cap)
+            before the mask and softmax (`AttentionSpec.logits_soft_cap`).
     Returns:
         [q_len, num_heads, head_size] float64.
     """
@@ -41,6 +44,8 @@ def reference_attention(
     k = keys.double().cpu().repeat_interleave(group, dim=1)  # [L, H, D]
     v = values.double().cpu().repeat_interleave(group, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+    if logits_soft_cap is not None:
+        scores = torch.tanh(scores / logits_soft_cap) * logits_soft_cap
     query_pos = torch.arange(seq_len - q_len, seq_len)
     key_pos = torch.arange(seq_len)[None, :]
     allowed = key_pos <= query_pos[:, None]  # [q, L]
@@ -145,7 +150,8 @@ class PagedAttentionHarness:
             req.values.append(value[start : start + q_len].to(spec.dtype))
             expected.append(reference_attention(
                 query[start : start + q_len].to(spec.dtype), torch.cat(req.keys),
-                torch.cat(req.values), self.scale, spec.sliding_window))
+                torch.cat(req.values), self.scale, spec.sliding_window,
+                getattr(spec, "logits_soft_cap", None)))
             qsl.append(start + q_len)
             seq_lens.append(seq_len)
         slots += [-1] * num_padding

@@ -44,8 +44,8 @@ def test_rotary_matches_transformers(rope):
 
 
 def test_rotary_rejects_unsupported_scaling():
-    with pytest.raises(ValueError, match="yarn"):
-        compute_inv_freq(16, {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0})
+    with pytest.raises(ValueError, match="'proportional' is not supported; supported: .*'yarn'"):
+        compute_inv_freq(16, {"rope_type": "proportional", "rope_theta": 10000.0, "factor": 2.0})
 
 
 def test_rope_parameters_reads_transformers4_style_configs():

@@ -17,6 +17,8 @@
  * tokens and prefill tokens (each seeing its causal prefix) share one loop.
  * Math is float32 throughout; inputs are widened on load.
  */
+#include <math.h>
+
 #include "common.h"
 
 #if SCALAR_KIND == 0
@@ -37,6 +39,13 @@ static inline scalar_t from_float(float x) { return (scalar_t)x; }
 static inline float exp_nonpositive(float x) { return exp_clamped(x); }
 
 #define MASKED (-1e30f)
+
+/* Soft-capping (AttentionSpec.logits_soft_cap): s -> cap * tanh(s / cap) on the
+ * scaled scores, before the mask and the softmax; cap <= 0 means none. */
+static inline void soft_cap_scores(float s[GROUP][BLOCK_SIZE], float cap) {
+    for (int g = 0; g < GROUP; g++)
+        for (int j = 0; j < BLOCK_SIZE; j++) s[g][j] = cap * tanhf(s[g][j] / cap);
+}
 
 /* Where key/value element (token j of the block, head element d) lives in a block.
  * bf16 with AVX512-BF16 uses the dot-product instruction's pair layout:
@@ -137,7 +146,7 @@ static inline void softmax_block_avx512(float s[GROUP][BLOCK_SIZE], int lo, int 
 static void attend_one(const scalar_t *q_row, const scalar_t *key_cache,
                        const scalar_t *value_cache, int64_t num_blocks_total,
                        const int32_t *block_table, int32_t seq_len, int32_t window,
-                       int64_t kv_head, float scale, scalar_t *out_row) {
+                       int64_t kv_head, float scale, float soft_cap, scalar_t *out_row) {
     float acc[GROUP][HEAD_SIZE];
     float run_max[GROUP], run_sum[GROUP], correction[GROUP];
 #if PAIR_LAYOUT
@@ -182,6 +191,7 @@ static void attend_one(const scalar_t *q_row, const scalar_t *key_cache,
             for (int g = 0; g < GROUP; g++)
                 _mm512_storeu_ps(&s[g][c], _mm512_mul_ps(dot[g], _mm512_set1_ps(scale)));
         }
+        if (soft_cap > 0.0f) soft_cap_scores(s, soft_cap);
         uint32_t p_pairs[GROUP][BLOCK_SIZE / 2]; /* bf16 weights, read as key pairs */
         softmax_block_avx512(s, lo, hi, run_max, run_sum, correction, p_pairs);
         for (int dc = 0; dc < HEAD_SIZE; dc += 16) {
@@ -206,6 +216,7 @@ static void attend_one(const scalar_t *q_row, const scalar_t *key_cache,
             for (int g = 0; g < GROUP; g++)
                 for (int j = 0; j < BLOCK_SIZE; j++) s[g][j] += q[g][d] * k[j];
         }
+        if (soft_cap > 0.0f) soft_cap_scores(s, soft_cap);
         softmax_block(s, p, lo, hi, run_max, run_sum, correction);
         for (int g = 0; g < GROUP; g++)
             for (int d = 0; d < HEAD_SIZE; d++) acc[g][d] *= correction[g];
@@ -232,7 +243,8 @@ void paged_attention(const scalar_t *query, int64_t query_token_stride,
                      int64_t num_blocks_total, const int32_t *block_tables,
                      int64_t block_table_stride, const int32_t *token_reqs,
                      const int32_t *token_seq_lens, int64_t num_tokens,
-                     int64_t num_kv_heads, int32_t window, float scale, scalar_t *out,
+                     int64_t num_kv_heads, int32_t window, float scale, float soft_cap,
+                     scalar_t *out,
                      int64_t out_token_stride) {
     const int64_t items = num_tokens * num_kv_heads;
 #pragma omp parallel for schedule(dynamic, 2)
@@ -241,7 +253,7 @@ void paged_attention(const scalar_t *query, int64_t query_token_stride,
         attend_one(query + t * query_token_stride + h * GROUP * HEAD_SIZE, key_cache,
                    value_cache, num_blocks_total,
                    block_tables + (int64_t)token_reqs[t] * block_table_stride,
-                   token_seq_lens[t], window, h, scale,
+                   token_seq_lens[t], window, h, scale, soft_cap,
                    out + t * out_token_stride + h * GROUP * HEAD_SIZE);
     }
 }

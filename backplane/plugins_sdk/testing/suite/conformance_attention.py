@@ -2,7 +2,9 @@
 
 The cases cover prefill, prefill over a cached prefix, decode, mixed batches,
 MHA/GQA/MQA, block sizes 1 to 32, a softmax scale other than 1/sqrt(head_size)
-(``scale_0_3``) and a sliding window (``sliding_window_8``). Each case runs up
+(``scale_0_3``), a sliding window (``sliding_window_8``) and attention logit
+soft-capping (``soft_cap_*``, skipped for a backend that declares it does not
+support it). Each case runs up
 to three steps through `PagedAttentionHarness`: a prefill that writes the
 cached prefixes (when the case has any), the case's own step (optionally
 followed by padding tokens with slot -1), then one decode step for every
@@ -29,7 +31,8 @@ class Case:
     """(cached prefix length, new tokens) per request, plus the head and block layout.
 
     ``scale`` is the softmax scale passed to ``forward`` (None: 1/sqrt(head_size),
-    what the models pass); ``sliding_window`` goes into the AttentionSpec.
+    what the models pass); ``sliding_window`` and ``logits_soft_cap`` go into
+    the AttentionSpec.
     """
 
     id: str
@@ -40,6 +43,7 @@ class Case:
     num_padding: int = 0
     scale: float | None = None
     sliding_window: int | None = None
+    logits_soft_cap: float | None = None
 
 
 CASES = [
@@ -58,6 +62,12 @@ CASES = [
     # Window of 8 keys (p - 7 .. p), crossing block boundaries, with prefixes longer than it.
     Case("sliding_window_8", ((40, 1), (0, 23), (20, 6), (3, 1)), sliding_window=8,
          num_padding=2),
+    # Soft-capped scores (Gemma 2): small caps so that tanh changes the result; a large
+    # scale drives scores into the saturated part of tanh.
+    Case("soft_cap_2", ((12, 1), (0, 9), (20, 6), (3, 1)), logits_soft_cap=2.0, num_padding=2),
+    Case("soft_cap_saturated", ((16, 5), (0, 1), (30, 1)), scale=2.0, logits_soft_cap=1.5),
+    Case("soft_cap_sliding_window", ((40, 1), (0, 23), (20, 6)), sliding_window=8,
+         logits_soft_cap=3.0, num_padding=1),
 ]
 
 
@@ -82,7 +92,7 @@ def _spec(backend_cls, case: Case, dtype: torch.dtype) -> AttentionSpec:
     return AttentionSpec(
         num_heads=case.num_heads, num_kv_heads=case.num_kv_heads,
         head_size=_head_size(backend_cls), dtype=dtype, block_size=case.block_size,
-        sliding_window=case.sliding_window,
+        sliding_window=case.sliding_window, logits_soft_cap=case.logits_soft_cap,
     )
 
 
@@ -143,3 +153,16 @@ def test_attention_declares_unsupported_configs_with_reasons(backend_cls):
     text = " ".join(reasons)
     assert "dtype" in text, f"int32 compute should be refused with a reason, got {reasons}"
     assert "kv_cache_dtype" in text, f"unknown kv_cache_dtype should be refused, got {reasons}"
+
+
+def test_attention_refuses_soft_cap_unless_declared(backend_cls):
+    """A backend that does not declare ``supports_logits_soft_cap`` must say so, not
+    silently attend without the cap."""
+    if getattr(backend_cls, "supports_logits_soft_cap", False):
+        pytest.skip(f"{backend_cls.name} implements logits_soft_cap (checked by soft_cap_* cases)")
+    spec = AttentionSpec(num_heads=4, num_kv_heads=2, head_size=_head_size(backend_cls),
+                         dtype=torch.float32, block_size=16, logits_soft_cap=30.0)
+    reasons = backend_cls.unsupported_reasons(spec)
+    assert any("soft" in r for r in reasons), (
+        f"{backend_cls.name} does not declare supports_logits_soft_cap but accepts a "
+        f"soft-capped spec (reasons: {reasons})")

@@ -1,0 +1,170 @@
+"""``/v1/embeddings`` and ``/pooling``: pooling models served (``--runner pooling``).
+
+Each input becomes one engine request with `PoolingParams`; the response
+carries the vectors as JSON floats or, with ``encoding_format: "base64"``,
+as base64 of little-endian float32 bytes (what the official ``openai`` client
+asks for by default and decodes). The endpoints are registered on every
+server; on a generation model they answer 400 naming the model kind, and the
+generation endpoints answer 400 on a pooling model (`require_runner`).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+
+import numpy as np
+from fastapi import Request
+
+from backplane.entrypoints.openai.errors import (
+    ENGINE_ERRORS,
+    bad_request,
+    engine_error,
+    from_value_error,
+)
+from backplane.entrypoints.openai.protocol import UsageInfo, now, random_id
+from backplane.entrypoints.openai.protocol_pooling import (
+    EmbeddingData,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    PoolingData,
+    PoolingRequest,
+    PoolingResponse,
+)
+from backplane.entrypoints.openai.serving_common import (
+    ServingContext,
+    abort_all,
+    display_id,
+    finals_unless_disconnected,
+    iterate_request,
+)
+from backplane.pooling_params import PoolingParams
+
+logger = logging.getLogger(__name__)
+
+
+def runner_type(ctx: ServingContext) -> str:
+    """``"generate"`` or ``"pooling"``: what the served model runs as."""
+    return getattr(getattr(ctx.engine, "engine", None), "runner_type", "generate")
+
+
+def require_runner(ctx: ServingContext, wanted: str, endpoint: str) -> None:
+    """400 when ``endpoint`` needs a ``wanted`` model and the served one is the other kind."""
+    kind = runner_type(ctx)
+    if kind == wanted:
+        return
+    if kind == "pooling":
+        raise bad_request(
+            f"{endpoint} needs a generation model, but model {ctx.model_name!r} is served as "
+            "a pooling (embedding) model (--runner pooling); use /v1/embeddings or /pooling",
+            "model",
+        )
+    raise bad_request(
+        f"{endpoint} needs a pooling (embedding) model, but model {ctx.model_name!r} is "
+        "served as a generation model (--runner generate); serve an embedding model or "
+        "start the server with --runner pooling",
+        "model",
+    )
+
+
+def encode_vector(values, encoding_format: str) -> list[float] | str:
+    array = np.asarray(values, dtype="<f4")
+    if encoding_format == "base64":
+        return base64.b64encode(array.tobytes()).decode("ascii")
+    return array.tolist()
+
+
+class PoolingServing:
+    """Handlers of /v1/embeddings and /pooling."""
+
+    def __init__(self, ctx: ServingContext) -> None:
+        self.ctx = ctx
+
+    async def _prompts(self, req: EmbeddingRequest) -> list[list[int]]:
+        ctx = self.ctx
+        value = req.input
+        if isinstance(value, str):
+            items: list = [value]
+        elif value and all(isinstance(t, int) for t in value):
+            items = [list(value)]
+        else:
+            items = list(value)
+        if not items:
+            raise bad_request("input is empty: give at least one text or token list", "input")
+        if req.truncate_prompt_tokens is not None and req.truncate_prompt_tokens == 0:
+            raise bad_request("truncate_prompt_tokens must be -1 or >= 1", "truncate_prompt_tokens")
+        keep = req.truncate_prompt_tokens
+        if keep == -1:
+            keep = ctx.max_model_len
+        prompts = []
+        for item in items:
+            if isinstance(item, str):
+                if not item:
+                    raise bad_request("input contains an empty string", "input")
+                ids = await ctx.prompts.tokenize(item, "input",
+                                                 add_special_tokens=req.add_special_tokens,
+                                                 truncate_to=keep)
+            else:
+                if not item:
+                    raise bad_request("input contains an empty token list", "input")
+                ctx.check_token_ids(item, "input")
+                ids = item[-keep:] if keep else item
+            if len(ids) > ctx.max_model_len:
+                raise bad_request(
+                    f"input has {len(ids)} tokens, more than max_model_len "
+                    f"({ctx.max_model_len}); shorten it or set truncate_prompt_tokens", "input")
+            prompts.append(ids)
+        return prompts
+
+    async def _run(self, req: EmbeddingRequest, raw_request: Request, task: str,
+                   endpoint: str):
+        ctx = self.ctx
+        ctx.check_model(req.model)
+        require_runner(ctx, "pooling", endpoint)
+        prompts = await self._prompts(req)
+        params = PoolingParams(task=task, dimensions=req.dimensions, normalize=req.normalize)
+        request_ids = ctx.engine_request_ids(display_id(req, raw_request) or random_id("embd"),
+                                             len(prompts))
+        added: list[str] = []
+        streams = []
+        try:
+            for rid, ids in zip(request_ids, prompts, strict=True):
+                streams.append(await ctx.engine.add_request(rid, ids, params))
+                added.append(rid)
+        except BaseException as exc:
+            abort_all(ctx, added)
+            if isinstance(exc, ValueError):
+                raise from_value_error(exc) from None
+            if isinstance(exc, ENGINE_ERRORS):
+                raise engine_error(exc) from None
+            raise
+
+        iterators = [iterate_request(ctx.engine, stream) for stream in streams]
+        outputs = await finals_unless_disconnected(ctx, raw_request, request_ids, iterators)
+        return outputs, prompts
+
+    @staticmethod
+    def _usage(prompts: list[list[int]]) -> UsageInfo:
+        n = sum(len(p) for p in prompts)
+        return UsageInfo(prompt_tokens=n, completion_tokens=0, total_tokens=n)
+
+    async def embeddings(self, req: EmbeddingRequest, raw_request: Request):
+        outputs, prompts = await self._run(req, raw_request, "embed", "/v1/embeddings")
+        if outputs is None:
+            return None
+        data = [EmbeddingData(index=i, embedding=encode_vector(o.outputs.data,
+                                                               req.encoding_format))
+                for i, o in enumerate(outputs)]
+        return EmbeddingResponse(id=random_id("embd"), created=now(),
+                                 model=self.ctx.model_name, data=data,
+                                 usage=self._usage(prompts))
+
+    async def pooling(self, req: PoolingRequest, raw_request: Request):
+        outputs, prompts = await self._run(req, raw_request, "encode", "/pooling")
+        if outputs is None:
+            return None
+        data = [PoolingData(index=i, data=encode_vector(o.outputs.data, req.encoding_format))
+                for i, o in enumerate(outputs)]
+        return PoolingResponse(id=random_id("pool"), created=now(),
+                               model=self.ctx.model_name, data=data,
+                               usage=self._usage(prompts))
