@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-POOLING_TASKS = ("embed", "encode")
+POOLING_TASKS = ("embed", "encode", "score")
 
 
 @dataclass
@@ -14,7 +14,8 @@ class PoolingParams:
     Attributes:
         task: ``"embed"`` (one pooled, optionally normalised vector per prompt)
             or ``"encode"`` (the same pooled vector, never normalised: the raw
-            pooler output). None means ``"embed"``.
+            pooler output) or ``"score"`` (a cross-encoder's activated logits for
+            a text pair: `LLM.score`, /score, /rerank). None means ``"embed"``.
         dimensions: keep only the first ``dimensions`` values of the embedding
             and re-normalise (matryoshka models only; refused otherwise).
         normalize: override the model's normalisation (None: the model's).

@@ -1,7 +1,8 @@
 """``--runner``: whether a model is run for generation or for pooling (embeddings).
 
 ``auto`` picks ``pooling`` for embedding checkpoints: a sentence-transformers
-``modules.json`` next to config.json, or an encoder architecture (BertModel);
+``modules.json`` next to config.json, or an encoder architecture (BertModel,
+BertForSequenceClassification);
 everything else generates.
 """
 
@@ -11,10 +12,12 @@ import os
 from typing import Any
 
 RUNNER_TYPES = ("generate", "pooling")
-# Architectures the pooling runner is implemented and tested for: the BERT encoder and
+# Architectures the pooling runner is implemented and tested for: the BERT encoder, the
+# BERT cross-encoder (sequence classification: `LLM.score`, /score, /rerank) and
 # the Llama-family decoders (last-token pooling over the final norm's output).
 POOLING_ARCHITECTURES = frozenset({
-    "BertModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+    "BertModel", "BertForSequenceClassification", "LlamaForCausalLM", "MistralForCausalLM",
+    "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
 })
 

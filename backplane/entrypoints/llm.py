@@ -225,11 +225,14 @@ class LLM:
         text_2: str | Sequence[str],
         use_tqdm: bool = True,
     ) -> list[ScoringRequestOutput]:
-        """Cosine similarity of embeddings (vLLM's scoring for embedding models).
+        """Relevance score of each text pair, as vLLM's ``LLM.score``.
 
         ``text_1`` is one text (scored against each of ``text_2``) or as many
-        texts as ``text_2`` (scored pairwise). Cross-encoder (sequence
-        classification) models are not supported.
+        texts as ``text_2`` (scored pairwise). A cross-encoder (sequence
+        classification, e.g. BertForSequenceClassification) reads each pair as
+        one prompt ``[CLS] a [SEP] b [SEP]`` and the score is its logit after
+        the model's activation (sigmoid for one label); an embedding model
+        scores by the cosine similarity of the two embeddings.
         """
         first = [text_1] if isinstance(text_1, str) else list(text_1)
         second = [text_2] if isinstance(text_2, str) else list(text_2)
@@ -240,6 +243,15 @@ class LLM:
         if len(first) != len(second):
             raise ValueError(f"text_1 has {len(first)} texts and text_2 {len(second)}: pass one "
                              "text_1 or as many as text_2")
+        engine = self.llm_engine
+        if getattr(engine, "is_cross_encoder", False):
+            from backplane.core.pooling.pooler import encode_pair
+
+            pairs = [encode_pair(engine.tokenizer, a, b, engine.max_model_len)
+                     for a, b in zip(first, second, strict=True)]
+            outs = self.encode(pairs, PoolingParams(task="score"), use_tqdm=use_tqdm)
+            return [ScoringRequestOutput(o.request_id, ScoringOutput(float(o.outputs.data[0])),
+                                         o.prompt_token_ids, True) for o in outs]
         outs = self.encode(first + second, PoolingParams(task="embed", normalize=True),
                            use_tqdm=use_tqdm)
         n = len(first)
@@ -305,6 +317,9 @@ class LLM:
         if not prompts:
             raise ValueError("prompts is empty: pass at least one prompt")
         for i, prompt in enumerate(prompts):
+            if isinstance(prompt, dict) and "token_type_ids" in prompt:
+                # A cross-encoder pair (`score`); the pooling engine checks the segment ids.
+                prompt = {k: v for k, v in prompt.items() if k != "token_type_ids"}
             parse_prompt(prompt, f"prompts[{i}]")
         return prompts
 

@@ -1,6 +1,7 @@
 """``/v1/embeddings`` and ``/pooling`` on a real server: the real all-MiniLM-L6-v2 through
 the official ``openai`` client against sentence-transformers, base64 and float formats,
-token-id inputs, usage, ``dimensions``, and the refusals between model kinds."""
+token-id inputs, usage, ``dimensions``, /score and /rerank by cosine similarity, and the
+refusals between model kinds."""
 
 from __future__ import annotations
 
@@ -87,9 +88,25 @@ def test_pooling_server_refusals(minilm_server, minilm_client):
             assert r.status_code == 400, (body, r.text)
         r = c.post("/v1/embeddings", json={"input": "x", "model": "nope"})
         assert r.status_code == 404
-        # No cross-encoder is implemented, so these are not served at all.
-        assert c.post("/score", json={"text_1": "a", "text_2": "b"}).status_code == 404
-        assert c.post("/rerank", json={"query": "a", "documents": ["b"]}).status_code == 404
+
+
+def test_embedding_model_scores_by_cosine(minilm_server):
+    """/score and /rerank on an embedding model: the cosine of the embeddings (vLLM's)."""
+    reference = minilm_reference()
+    expected = (reference[0] @ reference[[4, 2, 1]].T).tolist()
+    docs = [SENTENCES[4], SENTENCES[2], SENTENCES[1]]
+    with minilm_server.client() as c:
+        score = c.post("/score", json={"text_1": SENTENCES[0], "text_2": docs}).json()
+        rerank = c.post("/rerank", json={"query": SENTENCES[0], "documents": docs,
+                                         "top_n": 2}).json()
+    assert [d["object"] for d in score["data"]] == ["score"] * 3
+    np.testing.assert_allclose([d["score"] for d in score["data"]], expected, atol=1e-4)
+    order = sorted(range(3), key=lambda i: -expected[i])[:2]
+    assert [r["index"] for r in rerank["results"]] == order
+    assert [r["document"]["text"] for r in rerank["results"]] == [docs[i] for i in order]
+    np.testing.assert_allclose([r["relevance_score"] for r in rerank["results"]],
+                               [expected[i] for i in order], atol=1e-4)
+    assert rerank["usage"]["total_tokens"] == score["usage"]["total_tokens"] > 0
 
 
 def test_generation_server_refuses_embeddings(server, client):

@@ -75,6 +75,8 @@ class LLMEngine:
             self.engine_core = PoolingEngineCore(self.config, self.platform)
         else:
             self.engine_core = EngineCore(self.config, self.platform)
+        # A cross-encoder (sequence classification) scores text pairs (LLM.score, /score).
+        self.is_cross_encoder = bool(getattr(self.engine_core, "is_cross_encoder", False))
         self.output_processor = OutputProcessor(self.tokenizer)
         self.vocab_size = self.config.model_spec.vocab_size
         self._log_generation_defaults()
@@ -246,8 +248,16 @@ class LLMEngine:
             )
         if request_id in self._seq_ids:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        token_type_ids = None
+        if isinstance(prompt, dict) and "token_type_ids" in prompt:
+            # A cross-encoder's text pair: token ids with their segment ids.
+            prompt = dict(prompt)
+            token_type_ids = [int(t) for t in prompt.pop("token_type_ids")]
         parsed = parse_prompt(prompt)
         text, token_ids = self._tokenize(parsed)
+        if token_type_ids is not None and len(token_type_ids) != len(token_ids):
+            raise ValueError(f"token_type_ids has {len(token_type_ids)} entries for "
+                             f"{len(token_ids)} tokens")
         if len(token_ids) > self.max_model_len:
             raise ValueError(
                 f"prompt ({len(token_ids)} tokens) is longer than max_model_len "
@@ -256,7 +266,8 @@ class LLMEngine:
         self.engine_core.check_params(params)
         from backplane.core.pooling.engine_core import PoolingRequest
 
-        self.engine_core.add_request(PoolingRequest(request_id, text, token_ids, params))
+        self.engine_core.add_request(PoolingRequest(request_id, text, token_ids, params,
+                                                    token_type_ids))
         self._seq_ids[request_id] = [request_id]
 
     def _bad_words_token_ids(self, words: list[str] | None) -> list[list[int]]:

@@ -1,4 +1,5 @@
-"""BERT-family encoders (``BertModel``) for embeddings, e.g. all-MiniLM-L6-v2.
+"""BERT-family encoders (``BertModel``) for embeddings, e.g. all-MiniLM-L6-v2, and BERT
+cross-encoders (``BertForSequenceClassification``, rerankers) for text-pair scores.
 
 Bidirectional attention over each prompt, learned absolute position and
 token-type embeddings, post-LayerNorm residual blocks with a GELU MLP. The
@@ -165,3 +166,79 @@ class BertModel(CausalLM):
                 yield name.removeprefix("bert."), tensor
 
         return super().load_weights(strip(weights))
+
+
+def _cross_encoder_activation(config: Any):
+    """The activation applied to a cross-encoder's logits, as vLLM picks it.
+
+    sentence-transformers' ``activation_fn`` (``config.sentence_transformers``) or
+    ``sbert_ce_default_activation_function`` when the checkpoint names one
+    (``torch.nn.modules.*``); else by ``problem_type``: regression -> identity,
+    multi-label -> sigmoid, single-label -> softmax; else sigmoid for one label
+    (a relevance score) and softmax for several.
+    """
+    name = None
+    st = getattr(config, "sentence_transformers", None)
+    if isinstance(st, dict) and st.get("activation_fn"):
+        name = st["activation_fn"]
+    elif getattr(config, "sbert_ce_default_activation_function", None):
+        name = config.sbert_ce_default_activation_function
+    if name is not None:
+        known = {
+            "torch.nn.modules.activation.Sigmoid": torch.sigmoid,
+            "torch.nn.modules.linear.Identity": lambda x: x,
+            "torch.nn.modules.activation.Tanh": torch.tanh,
+            "torch.nn.modules.activation.Softmax": lambda x: torch.softmax(x, dim=-1),
+        }
+        if name not in known:
+            raise ValueError(f"cross-encoder activation {name!r} is not supported "
+                             f"({', '.join(known)} are)")
+        return known[name]
+    problem = getattr(config, "problem_type", None)
+    if problem == "regression":
+        return lambda x: x
+    if problem == "multi_label_classification":
+        return torch.sigmoid
+    if problem == "single_label_classification":
+        return lambda x: torch.softmax(x, dim=-1)
+    if int(getattr(config, "num_labels", 1)) == 1:
+        return torch.sigmoid
+    return lambda x: torch.softmax(x, dim=-1)
+
+
+class _BertPooler(nn.Module):
+    def __init__(self, config: Any, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size, dtype=dtype)
+
+
+class BertForSequenceClassification(BertModel):
+    """A BERT cross-encoder (reranker): ``[CLS] a [SEP] b [SEP]`` -> ``num_labels`` logits.
+
+    The encoder is `BertModel`'s; the head is transformers': ``tanh(pooler.dense(h_CLS))``
+    then ``classifier``. `classify` gives the raw logits, `activation` the
+    score activation (see `_cross_encoder_activation`).
+    """
+
+    is_cross_encoder: ClassVar[bool] = True
+
+    def __init__(self, hf_config: Any, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(hf_config, dtype)
+        self.num_labels = int(getattr(hf_config, "num_labels", 1))
+        self.pooler = _BertPooler(hf_config, dtype)
+        self.classifier = nn.Linear(hf_config.hidden_size, self.num_labels, dtype=dtype)
+        self.activation = _cross_encoder_activation(hf_config)
+
+    def classify(self, cls_hidden: torch.Tensor) -> torch.Tensor:
+        """``cls_hidden`` [requests, d] (each prompt's first token) -> logits [requests, labels]."""
+        return self.classifier(torch.tanh(self.pooler.dense(cls_hidden)))
+
+    def skipped_weight_names(self) -> tuple[str, ...]:
+        return ()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        def strip(items):
+            for name, tensor in items:
+                yield name.removeprefix("bert."), tensor
+
+        return CausalLM.load_weights(self, strip(weights))

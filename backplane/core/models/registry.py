@@ -24,6 +24,7 @@ _BUILTIN_MODELS: dict[str, str] = {
     "Qwen3ForCausalLM": "backplane.core.models.qwen:Qwen3ForCausalLM",
     # Encoder (pooling only: --runner pooling), see backplane.core.pooling.
     "BertModel": "backplane.core.models.bert:BertModel",
+    "BertForSequenceClassification": "backplane.core.models.bert:BertForSequenceClassification",
     "GPT2LMHeadModel": "backplane.core.models.gpt2:GPT2LMHeadModel",
     "OPTForCausalLM": "backplane.core.models.opt:OPTForCausalLM",
     "GraniteForCausalLM": "backplane.core.models.granite:GraniteForCausalLM",

@@ -37,6 +37,8 @@ class PoolingRequest:
     prompt: str | None
     token_ids: list[int]
     params: PoolingParams
+    # Segment ids of a text pair (cross-encoders: 0 for the first text, 1 for the second).
+    token_type_ids: list[int] | None = None
 
 
 class PoolingEngineCore:
@@ -54,6 +56,7 @@ class PoolingEngineCore:
             logger.info("pooling runner: the model runs eagerly (torch.compile is not used)")
         self.model = platform.prepare_model(load_model(mc, self.device), config)
         self.causal = bool(getattr(self.model, "is_causal", True))
+        self.is_cross_encoder = bool(getattr(self.model, "is_cross_encoder", False))
         self.attention = DensePrefillAttention(
             spec.num_heads_per_rank, spec.num_kv_heads_per_rank, self.causal,
             spec.sliding_window,
@@ -75,7 +78,18 @@ class PoolingEngineCore:
     # --------------------------------------------------------------- requests
     def check_params(self, params: PoolingParams) -> None:
         """ValueError for options this model cannot honour (before anything is queued)."""
+        task = params.task or "embed"
+        if self.is_cross_encoder and task == "embed":
+            raise ValueError(
+                "this model is a cross-encoder (sequence classification): it scores text "
+                "pairs and has no embeddings; use LLM.score, /score or /rerank"
+            )
+        if not self.is_cross_encoder and task == "score":
+            raise ValueError("task 'score' needs a cross-encoder (sequence classification) "
+                             "model; an embedding model scores by cosine similarity")
         dims = params.dimensions
+        if self.is_cross_encoder and dims is not None:
+            raise ValueError("dimensions is not supported by a cross-encoder")
         if dims is None or dims == self.hidden_size:
             return
         if not self.pooler_config.matryoshka:
@@ -130,13 +144,27 @@ class PoolingEngineCore:
         meta = self.attention.build_metadata(lens, device)
         ctx = AttentionContext(self.attention, meta, [None] * self.num_layers)
         forward_start = time.perf_counter()
-        hidden = self.model(input_ids, positions, ctx)
-        pooled = pool(hidden, cu, self.pooler_config.pooling_type)
+        if self.is_cross_encoder:
+            type_ids = torch.tensor(
+                [t for r in batch for t in (r.token_type_ids or [0] * len(r.token_ids))],
+                device=device)
+            hidden = self.model(input_ids, positions, ctx, type_ids)
+            logits = self.model.classify(pool(hidden, cu, "CLS").to(hidden.dtype)).float()
+        else:
+            hidden = self.model(input_ids, positions, ctx)
+            pooled = pool(hidden, cu, self.pooler_config.pooling_type)
         self.platform.runtime.synchronize()
         forward_seconds = time.perf_counter() - forward_start
         outputs = []
         for i, r in enumerate(batch):
             p = r.params
+            if self.is_cross_encoder:
+                # "score": the model's activation (sigmoid for one label); "encode": raw logits.
+                vector = (self.model.activation(logits[i]) if p.task == "score"
+                          else logits[i]).cpu()
+                outputs.append(PoolingRequestOutput(
+                    r.request_id, PoolingOutput(vector), r.token_ids, True, r.prompt))
+                continue
             vector = finish_embedding(pooled[i], self.pooler_config, p.task or "embed",
                                       p.dimensions, p.normalize).cpu()
             outputs.append(PoolingRequestOutput(

@@ -20,7 +20,9 @@ import torch.nn.functional as F
 
 POOLING_TYPES = ("LAST", "MEAN", "CLS")
 # Architectures that are encoders (bidirectional attention, no LM head).
-ENCODER_ARCHITECTURES = frozenset({"BertModel"})
+ENCODER_ARCHITECTURES = frozenset({"BertModel", "BertForSequenceClassification"})
+# Cross-encoders (sequence classification): a text pair in, relevance score(s) out.
+CROSS_ENCODER_ARCHITECTURES = frozenset({"BertForSequenceClassification"})
 
 _ST_POOLING = "sentence_transformers.models.Pooling"
 _ST_NORMALIZE = "sentence_transformers.models.Normalize"
@@ -56,6 +58,11 @@ class PoolerConfig:
 
 def is_encoder(hf_config: Any) -> bool:
     return any(a in ENCODER_ARCHITECTURES for a in getattr(hf_config, "architectures", None) or ())
+
+
+def is_cross_encoder(hf_config: Any) -> bool:
+    return any(a in CROSS_ENCODER_ARCHITECTURES
+               for a in getattr(hf_config, "architectures", None) or ())
 
 
 def has_sentence_transformers_config(model_dir: str) -> bool:
@@ -128,3 +135,18 @@ def finish_embedding(vector: torch.Tensor, config: PoolerConfig, task: str,
     wanted = config.normalize if normalize is None else normalize
     # Truncating a normalised matryoshka embedding needs re-normalising, as vLLM does.
     return F.normalize(vector, dim=-1) if wanted else vector
+
+
+def encode_pair(tokenizer: Any, text_1: str, text_2: str, max_len: int) -> dict[str, Any]:
+    """A cross-encoder prompt for a text pair: ``[CLS] a [SEP] b [SEP]`` with segment ids.
+
+    Returns a prompt dict (``prompt_token_ids``, ``token_type_ids``) for the
+    engine; ValueError when the pair is longer than ``max_len`` tokens.
+    """
+    enc = tokenizer(text_1, text_2, return_token_type_ids=True)
+    ids = list(enc["input_ids"])
+    types = list(enc.get("token_type_ids") or [0] * len(ids))
+    if len(ids) > max_len:
+        raise ValueError(f"the text pair has {len(ids)} tokens, more than max_model_len "
+                         f"({max_len})")
+    return {"prompt_token_ids": ids, "token_type_ids": types}

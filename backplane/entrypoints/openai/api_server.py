@@ -49,7 +49,12 @@ from backplane.entrypoints.openai.protocol import (
     ModelList,
     TokenizeRequest,
 )
-from backplane.entrypoints.openai.protocol_pooling import EmbeddingRequest, PoolingRequest
+from backplane.entrypoints.openai.protocol_pooling import (
+    EmbeddingRequest,
+    PoolingRequest,
+    RerankRequest,
+    ScoreRequest,
+)
 from backplane.entrypoints.openai.protocol_responses import ResponsesRequest
 from backplane.entrypoints.openai.serving_chat import ChatServing
 from backplane.entrypoints.openai.serving_common import ServerLimits, ServingContext
@@ -176,7 +181,7 @@ def build_app(
         return await responses.create(body, raw_request)
 
     # Pooling models (--runner pooling); a generation model answers 400 here.
-    # /score and /rerank are not served: no cross-encoder model is implemented.
+    # /score and /rerank: a cross-encoder's scores, or an embedding model's cosine.
     @app.post("/v1/embeddings")
     async def create_embeddings(body: EmbeddingRequest, raw_request: Request):
         return await pooling.embeddings(body, raw_request)
@@ -184,6 +189,14 @@ def build_app(
     @app.post("/pooling")
     async def create_pooling(body: PoolingRequest, raw_request: Request):
         return await pooling.pooling(body, raw_request)
+
+    @app.post("/score")
+    async def create_score(body: ScoreRequest, raw_request: Request):
+        return await pooling.score(body, raw_request)
+
+    @app.post("/rerank")
+    async def create_rerank(body: RerankRequest, raw_request: Request):
+        return await pooling.rerank(body, raw_request)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):

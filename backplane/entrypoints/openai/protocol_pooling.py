@@ -1,4 +1,5 @@
-"""Request and response bodies of ``/v1/embeddings`` (OpenAI's) and ``/pooling`` (vLLM's)."""
+"""Request and response bodies of ``/v1/embeddings`` (OpenAI's), ``/pooling``, ``/score``
+and ``/rerank`` (vLLM's)."""
 
 from __future__ import annotations
 
@@ -59,3 +60,57 @@ class PoolingResponse(BaseModel):
     model: str
     data: list[PoolingData]
     usage: UsageInfo
+
+
+class ScoreRequest(_Request):
+    """``POST /score`` (vLLM's): ``text_1`` scored against each of ``text_2`` (one text_1)
+    or pairwise (as many as text_2)."""
+
+    model: str | None = None
+    text_1: str | list[str]
+    text_2: str | list[str]
+
+
+class ScoreData(BaseModel):
+    index: int
+    object: Literal["score"] = "score"
+    score: float
+
+
+class ScoreResponse(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[ScoreData]
+    usage: UsageInfo
+
+
+class RerankRequest(_Request):
+    """``POST /rerank`` (vLLM's Jina/Cohere-style): ``documents`` ranked against ``query``."""
+
+    model: str | None = None
+    query: str
+    documents: list[str]
+    top_n: Annotated[int, Field(ge=0, le=INT64_MAX)] = 0  # 0: every document
+
+
+class RerankDocument(BaseModel):
+    text: str
+
+
+class RerankResult(BaseModel):
+    index: int
+    document: RerankDocument
+    relevance_score: float
+
+
+class RerankUsage(BaseModel):
+    total_tokens: int
+
+
+class RerankResponse(BaseModel):
+    id: str
+    model: str
+    usage: RerankUsage
+    results: list[RerankResult]

@@ -1,4 +1,8 @@
-"""``/v1/embeddings`` and ``/pooling``: pooling models served (``--runner pooling``).
+"""``/v1/embeddings``, ``/pooling``, ``/score`` and ``/rerank``: pooling models served.
+
+``/score`` and ``/rerank`` (vLLM's) score text pairs: with a cross-encoder
+(BertForSequenceClassification) each pair is one prompt and the score its
+activated logit; with an embedding model, the cosine of the two embeddings.
 
 Each input becomes one engine request with `PoolingParams`; the response
 carries the vectors as JSON floats or, with ``encoding_format: "base64"``,
@@ -16,6 +20,7 @@ import logging
 import numpy as np
 from fastapi import Request
 
+from backplane.core.pooling.pooler import encode_pair
 from backplane.entrypoints.openai.errors import (
     ENGINE_ERRORS,
     bad_request,
@@ -30,6 +35,14 @@ from backplane.entrypoints.openai.protocol_pooling import (
     PoolingData,
     PoolingRequest,
     PoolingResponse,
+    RerankDocument,
+    RerankRequest,
+    RerankResponse,
+    RerankResult,
+    RerankUsage,
+    ScoreData,
+    ScoreRequest,
+    ScoreResponse,
 )
 from backplane.entrypoints.openai.serving_common import (
     ServingContext,
@@ -123,13 +136,20 @@ class PoolingServing:
         require_runner(ctx, "pooling", endpoint)
         prompts = await self._prompts(req)
         params = PoolingParams(task=task, dimensions=req.dimensions, normalize=req.normalize)
-        request_ids = ctx.engine_request_ids(display_id(req, raw_request) or random_id("embd"),
-                                             len(prompts))
+        outputs = await self._submit(prompts, params, display_id(req, raw_request) or
+                                     random_id("embd"), raw_request)
+        return outputs, prompts
+
+    async def _submit(self, prompts: list, params: PoolingParams, base_id: str,
+                      raw_request: Request):
+        """Queue one engine request per prompt; their final outputs (None: client left)."""
+        ctx = self.ctx
+        request_ids = ctx.engine_request_ids(base_id, len(prompts))
         added: list[str] = []
         streams = []
         try:
-            for rid, ids in zip(request_ids, prompts, strict=True):
-                streams.append(await ctx.engine.add_request(rid, ids, params))
+            for rid, prompt in zip(request_ids, prompts, strict=True):
+                streams.append(await ctx.engine.add_request(rid, prompt, params))
                 added.append(rid)
         except BaseException as exc:
             abort_all(ctx, added)
@@ -140,8 +160,7 @@ class PoolingServing:
             raise
 
         iterators = [iterate_request(ctx.engine, stream) for stream in streams]
-        outputs = await finals_unless_disconnected(ctx, raw_request, request_ids, iterators)
-        return outputs, prompts
+        return await finals_unless_disconnected(ctx, raw_request, request_ids, iterators)
 
     @staticmethod
     def _usage(prompts: list[list[int]]) -> UsageInfo:
@@ -168,3 +187,92 @@ class PoolingServing:
         return PoolingResponse(id=random_id("pool"), created=now(),
                                model=self.ctx.model_name, data=data,
                                usage=self._usage(prompts))
+
+    # ------------------------------------------------------------ /score, /rerank
+    async def _scores(self, first: list[str], second: list[str], endpoint: str, field: str,
+                      raw_request: Request, base_id: str):
+        """(scores, prompt tokens) of each (first[i], second[i]); None when the client left.
+
+        A cross-encoder reads each pair as one prompt (``[CLS] a [SEP] b [SEP]``) and
+        scores it with its activated logit; an embedding model scores by the cosine
+        similarity of the two normalised embeddings (vLLM's scoring of both).
+        """
+        ctx = self.ctx
+        require_runner(ctx, "pooling", endpoint)
+        for texts in (first, second):
+            if any(not isinstance(t, str) or not t for t in texts):
+                raise bad_request(f"{endpoint}: every text must be a non-empty string", field)
+        engine = getattr(ctx.engine, "engine", None)
+        if getattr(engine, "is_cross_encoder", False):
+            try:
+                prompts = [encode_pair(ctx.engine.tokenizer, a, b, ctx.max_model_len)
+                           for a, b in zip(first, second, strict=True)]
+            except ValueError as exc:
+                raise bad_request(str(exc), field) from None
+            outputs = await self._submit(prompts, PoolingParams(task="score"), base_id,
+                                         raw_request)
+            if outputs is None:
+                return None
+            tokens = sum(len(p["prompt_token_ids"]) for p in prompts)
+            return [float(o.outputs.data[0]) for o in outputs], tokens
+        unique = list(dict.fromkeys(first + second))
+        prompts = []
+        for text in unique:
+            ids = await ctx.prompts.tokenize(text, field)
+            if len(ids) > ctx.max_model_len:
+                raise bad_request(f"a text has {len(ids)} tokens, more than max_model_len "
+                                  f"({ctx.max_model_len})", field)
+            prompts.append(ids)
+        outputs = await self._submit(prompts, PoolingParams(task="embed", normalize=True),
+                                     base_id, raw_request)
+        if outputs is None:
+            return None
+        vectors = {t: o.outputs.data for t, o in zip(unique, outputs, strict=True)}
+        scores = [float((vectors[a] * vectors[b]).sum()) for a, b in zip(first, second,
+                                                                          strict=True)]
+        return scores, sum(len(p) for p in prompts)
+
+    async def score(self, req: ScoreRequest, raw_request: Request):
+        ctx = self.ctx
+        ctx.check_model(req.model)
+        require_runner(ctx, "pooling", "/score")
+        first = [req.text_1] if isinstance(req.text_1, str) else list(req.text_1)
+        second = [req.text_2] if isinstance(req.text_2, str) else list(req.text_2)
+        if not first or not second:
+            raise bad_request("text_1 and text_2 need at least one text each", "text_1")
+        if len(first) == 1:
+            first = first * len(second)
+        if len(first) != len(second):
+            raise bad_request(f"text_1 has {len(first)} texts and text_2 {len(second)}: give "
+                              "one text_1 or as many as text_2", "text_2")
+        result = await self._scores(first, second, "/score", "text_2", raw_request,
+                                    display_id(req, raw_request) or random_id("score"))
+        if result is None:
+            return None
+        scores, tokens = result
+        return ScoreResponse(
+            id=random_id("score"), created=now(), model=ctx.model_name,
+            data=[ScoreData(index=i, score=s) for i, s in enumerate(scores)],
+            usage=UsageInfo(prompt_tokens=tokens, completion_tokens=0, total_tokens=tokens))
+
+    async def rerank(self, req: RerankRequest, raw_request: Request):
+        ctx = self.ctx
+        ctx.check_model(req.model)
+        require_runner(ctx, "pooling", "/rerank")
+        if not req.documents:
+            raise bad_request("documents is empty: give at least one document", "documents")
+        if not req.query:
+            raise bad_request("query is empty", "query")
+        result = await self._scores([req.query] * len(req.documents), list(req.documents),
+                                    "/rerank", "documents", raw_request,
+                                    display_id(req, raw_request) or random_id("rerank"))
+        if result is None:
+            return None
+        scores, tokens = result
+        order = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)
+        if req.top_n:
+            order = order[: req.top_n]
+        results = [RerankResult(index=i, document=RerankDocument(text=req.documents[i]),
+                                relevance_score=scores[i]) for i in order]
+        return RerankResponse(id=random_id("rerank"), model=ctx.model_name,
+                              usage=RerankUsage(total_tokens=tokens), results=results)
