@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from backplane.config.attention_spec import head_size_of, logits_soft_cap_of, sliding_window_of
+from backplane.config.attention_spec import attention_spec_from_config
 
 if TYPE_CHECKING:
     from backplane.config.engine import EngineConfig
@@ -56,6 +56,7 @@ class ModelSpec:
         kv_cache_dtype: the dtype stored in the KV cache.
         tie_word_embeddings: the LM head shares the embedding weights.
         logits_soft_cap: attention logit soft-cap (Gemma 2), None without one.
+        attention: the per-rank AttentionSpec (the same one backend selection used).
     """
 
     architecture: str
@@ -76,6 +77,7 @@ class ModelSpec:
     kv_cache_dtype: torch.dtype
     tie_word_embeddings: bool
     logits_soft_cap: float | None = None
+    attention: AttentionSpec | None = field(default=None, repr=False)
 
     @property
     def kv_bytes_per_block(self) -> int:
@@ -96,7 +98,9 @@ class ModelSpec:
 
         mc, cc = config.model_config, config.cache_config
         hf = mc.hf_config
-        tp = max(1, config.parallel_config.tensor_parallel_size)
+        # The per-rank geometry is the AttentionSpec backend selection already used,
+        # so the cache, the backend and the model cannot disagree on it.
+        attention = attention_spec_from_config(config)
         heads = int(hf.num_attention_heads)
         kv_heads = int(getattr(hf, "num_key_value_heads", None) or heads)
         architectures = getattr(hf, "architectures", None) or [type(hf).__name__]
@@ -113,10 +117,10 @@ class ModelSpec:
             num_layers=int(hf.num_hidden_layers),
             num_heads=heads,
             num_kv_heads=kv_heads,
-            num_heads_per_rank=max(1, heads // tp),
-            num_kv_heads_per_rank=max(1, kv_heads // tp),
-            head_size=head_size_of(hf),
-            sliding_window=sliding_window_of(hf, mc.max_model_len),
+            num_heads_per_rank=attention.num_heads,
+            num_kv_heads_per_rank=attention.num_kv_heads,
+            head_size=attention.head_size,
+            sliding_window=attention.sliding_window,
             max_position_embeddings=int(max_positions) if max_positions else None,
             rope=MappingProxyType(rope_parameters(hf)),
             eos_token_ids=frozenset(eos),
@@ -124,23 +128,13 @@ class ModelSpec:
             block_size=cc.block_size,
             kv_cache_dtype=_KV_DTYPES.get(cc.kv_cache_dtype, mc.torch_dtype),
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
-            logits_soft_cap=logits_soft_cap_of(hf),
+            logits_soft_cap=attention.logits_soft_cap,
+            attention=attention,
         )
 
-    def attention_spec(self, kv_cache_dtype: str = "auto") -> AttentionSpec:
+    def attention_spec(self) -> AttentionSpec:
         """The per-rank AttentionSpec the platform's backends are asked about."""
-        from backplane.plugins_sdk import AttentionSpec
-
-        return AttentionSpec(
-            num_heads=self.num_heads_per_rank,
-            num_kv_heads=self.num_kv_heads_per_rank,
-            head_size=self.head_size,
-            dtype=self.dtype,
-            block_size=self.block_size,
-            kv_cache_dtype=kv_cache_dtype,
-            sliding_window=self.sliding_window,
-            logits_soft_cap=self.logits_soft_cap,
-        )
+        return self.attention
 
 
 def _ids(value: Any) -> set[int]:

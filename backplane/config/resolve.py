@@ -80,20 +80,13 @@ class ResolvedConfig:
 
     def attention_spec(self) -> AttentionSpec:
         """The per-rank AttentionSpec the selected backend serves."""
-        return self.model_spec.attention_spec(self.cache_config.kv_cache_dtype)
+        return self.model_spec.attention_spec()
 
     def compute_hash(self) -> str:
         """Stable sha256 of what changes compiled artefacts or numerics (config.hashing)."""
         from backplane.config.hashing import compute_config_hash
 
         return compute_config_hash(self)  # type: ignore[arg-type]
-
-    def pad_for_graph(self, batch_size: int) -> int | None:
-        """Smallest captured graph batch size >= ``batch_size``; None when no graph fits."""
-        sizes = self.compilation_config.graph_capture_sizes
-        if not self.compilation_config.use_graphs or not sizes:
-            return None
-        return next((s for s in sizes if s >= batch_size), None)
 
 
 # EngineConfig fields that ResolvedConfig carries over as they are (frozen).

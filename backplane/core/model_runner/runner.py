@@ -290,10 +290,17 @@ class ModelRunner:
         bias = [p.logit_bias for p in params]
         banned = None
         allowed = None
-        for i, (p, row) in enumerate(zip(params, rows.tolist(), strict=True)):
-            produced = batch.num_tokens[row] - batch.num_prompt_tokens[row]
+        row_list = rows.tolist()
+        # Only rows with min_tokens, bad words or an allowed set need per-row work;
+        # the common case builds nothing.
+        special = [
+            i for i, p in enumerate(params)
+            if p.min_tokens or p.bad_words_token_ids or p.allowed_token_ids is not None
+        ]
+        for i in special:
+            p, row = params[i], row_list[i]
             forbid: set[int] = set()
-            if produced < p.min_tokens:
+            if batch.num_tokens[row] - batch.num_prompt_tokens[row] < p.min_tokens:
                 # EOS is banned even with ignore_eos, as vLLM does: min_tokens promises
                 # that many tokens of real output, not EOS tokens that fail to stop.
                 forbid |= p.all_stop_token_ids | p.eos_token_ids

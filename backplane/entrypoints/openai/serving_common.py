@@ -521,31 +521,28 @@ async def merge_streams(
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def submit_all(
+async def add_requests(
     ctx: ServingContext,
     request_ids: list[str],
     prompts: list,
-    params: list[SamplingParams],
-    priority: int,
-) -> list[AsyncIterator[RequestOutput]]:
-    """Add one engine request per prompt; metered output iterators in the same order.
+    params: list,
+    priority: int = 0,
+) -> list[RequestStream]:
+    """Add one engine request per prompt (generation or pooling); their streams, in order.
 
     If any is refused, the ones already added are aborted and the error is
-    raised (ValueError becomes a 400).
+    raised (ValueError becomes a 400, an engine error a 503/500).
     """
-    arrived = time.time()
-    iterators: list[AsyncIterator[RequestOutput]] = []
+    streams: list[RequestStream] = []
     added: list[str] = []
     try:
         for rid, prompt, sp in zip(request_ids, prompts, params, strict=True):
-            stream = await ctx.engine.add_request(rid, prompt, sp, priority=priority)
+            streams.append(await ctx.engine.add_request(rid, prompt, sp, priority=priority))
             added.append(rid)
             if ctx.limits.log_requests:
                 ids = prompt["prompt_token_ids"] if isinstance(prompt, dict) else prompt
                 logger.info("request %s: %d prompt tokens, priority %d, %s",
                             rid, len(ids), priority, sp)
-            metered = ctx.metrics.track(iterate_request(ctx.engine, stream), arrived)
-            iterators.append(every_n_tokens(metered, ctx.limits.stream_interval))
     except BaseException as exc:
         # Only what this call added: an id refused as a duplicate belongs to someone else.
         abort_all(ctx, added)
@@ -554,7 +551,26 @@ async def submit_all(
         if isinstance(exc, ENGINE_ERRORS):
             raise engine_error(exc) from None
         raise
-    return iterators
+    return streams
+
+
+async def submit_all(
+    ctx: ServingContext,
+    request_ids: list[str],
+    prompts: list,
+    params: list[SamplingParams],
+    priority: int,
+) -> list[AsyncIterator[RequestOutput]]:
+    """`add_requests`, then metered output iterators in the same order."""
+    arrived = time.time()
+    streams = await add_requests(ctx, request_ids, prompts, params, priority)
+    return [
+        every_n_tokens(
+            ctx.metrics.track(iterate_request(ctx.engine, stream), arrived),
+            ctx.limits.stream_interval,
+        )
+        for stream in streams
+    ]
 
 
 def abort_all(ctx: ServingContext, request_ids: list[str]) -> None:

@@ -22,10 +22,7 @@ from fastapi import Request
 
 from backplane.core.pooling.pooler import encode_pair
 from backplane.entrypoints.openai.errors import (
-    ENGINE_ERRORS,
     bad_request,
-    engine_error,
-    from_value_error,
 )
 from backplane.entrypoints.openai.protocol import UsageInfo, now, random_id
 from backplane.entrypoints.openai.protocol_pooling import (
@@ -46,7 +43,7 @@ from backplane.entrypoints.openai.protocol_pooling import (
 )
 from backplane.entrypoints.openai.serving_common import (
     ServingContext,
-    abort_all,
+    add_requests,
     display_id,
     finals_unless_disconnected,
     iterate_request,
@@ -145,20 +142,7 @@ class PoolingServing:
         """Queue one engine request per prompt; their final outputs (None: client left)."""
         ctx = self.ctx
         request_ids = ctx.engine_request_ids(base_id, len(prompts))
-        added: list[str] = []
-        streams = []
-        try:
-            for rid, prompt in zip(request_ids, prompts, strict=True):
-                streams.append(await ctx.engine.add_request(rid, prompt, params))
-                added.append(rid)
-        except BaseException as exc:
-            abort_all(ctx, added)
-            if isinstance(exc, ValueError):
-                raise from_value_error(exc) from None
-            if isinstance(exc, ENGINE_ERRORS):
-                raise engine_error(exc) from None
-            raise
-
+        streams = await add_requests(ctx, request_ids, prompts, [params] * len(prompts))
         iterators = [iterate_request(ctx.engine, stream) for stream in streams]
         return await finals_unless_disconnected(ctx, raw_request, request_ids, iterators)
 
