@@ -456,19 +456,21 @@ async def iterate_request(engine: AsyncEngine, stream: RequestStream) -> AsyncIt
             engine.abort_nowait(stream.request_id)
 
 
-async def every_n_tokens(
+def every_n_tokens(
     outputs: AsyncIterator[RequestOutput], interval: int
 ) -> AsyncIterator[RequestOutput]:
     """Pass on an output only once ``interval`` more tokens arrived, and the final one.
 
     Outputs are cumulative, so skipping some loses nothing: the next one sent
-    carries their tokens too (``--stream-interval``).
+    carries their tokens too (``--stream-interval``). With interval 1 the
+    iterator is returned as it is (no extra layer per output).
     """
-    if interval <= 1:
-        async with contextlib.aclosing(outputs) as source:
-            async for out in source:
-                yield out
-        return
+    return outputs if interval <= 1 else _thinned(outputs, interval)
+
+
+async def _thinned(
+    outputs: AsyncIterator[RequestOutput], interval: int
+) -> AsyncIterator[RequestOutput]:
     sent = 0
     async with contextlib.aclosing(outputs) as source:
         async for out in source:
