@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from backplane.core.structured_outputs.params import StructuredOutputsParams
+
 # Below this temperature sampling is treated as greedy (avoids dividing by ~0).
 _GREEDY_EPS = 1e-5
 # Integers travel to the device as int64 (top_k, seeds, token ids): anything outside
@@ -54,6 +56,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # A JSON schema, regex, choice list, grammar or structural tag the output must
+    # follow (vLLM's `structured_outputs`); a dict is turned into the params object.
+    structured_outputs: StructuredOutputsParams | None = None
     # Filled by the engine: token ids that end generation (EOS and friends).
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
     # Filled by the engine from the tokenizer/generation config (kept out of repr).
@@ -78,6 +83,13 @@ class SamplingParams:
                 self.bad_words)
         if self.top_k is None or self.top_k == -1:
             self.top_k = 0
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        elif self.structured_outputs is not None and not isinstance(
+                self.structured_outputs, StructuredOutputsParams):
+            raise ValueError(
+                "structured_outputs must be a StructuredOutputsParams or a dict, got "
+                f"{type(self.structured_outputs).__name__}")
         self._validate()
         self.all_stop_token_ids = set(self.stop_token_ids)
 

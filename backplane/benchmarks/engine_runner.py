@@ -71,10 +71,13 @@ class EngineRun:
         return (self.prompt_tokens + self.output_tokens) / self.seconds
 
 
-def sampling_params_for(request: BenchRequest, temperature: float = 0.0):
+def sampling_params_for(request: BenchRequest, temperature: float = 0.0,
+                        structured_outputs: dict | None = None):
     """Exactly ``output_len`` tokens, EOS ignored (the benchmark's fixed work per request).
 
     Output is detokenized as usual: detokenization is part of the per-step cost measured.
+    ``structured_outputs`` constrains every request (its grammar must not end before
+    ``output_len`` tokens, e.g. an unbounded array, so the work stays the same).
     """
     from backplane.sampling_params import SamplingParams
 
@@ -83,12 +86,13 @@ def sampling_params_for(request: BenchRequest, temperature: float = 0.0):
         max_tokens=request.output_len,
         min_tokens=request.output_len,
         ignore_eos=True,
+        structured_outputs=structured_outputs,
     )
 
 
 def run_requests(engine, requests: list[BenchRequest], temperature: float = 0.0,
                  progress: bool = False, desc: str = "backplane",
-                 instrument: bool = True) -> EngineRun:
+                 instrument: bool = True, structured_outputs: dict | None = None) -> EngineRun:
     """Add all requests at once, step until every one finished; time the whole pass."""
     from tqdm import tqdm
 
@@ -102,7 +106,7 @@ def run_requests(engine, requests: list[BenchRequest], temperature: float = 0.0,
         start = time.perf_counter()
         for req in requests:
             engine.add_request(req.request_id, req.prompt_token_ids,
-                               sampling_params_for(req, temperature))
+                               sampling_params_for(req, temperature, structured_outputs))
             timer.add(req.request_id)
         pending = {r.request_id for r in requests}
         while pending:

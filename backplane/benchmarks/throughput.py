@@ -51,6 +51,38 @@ class ThroughputOptions:
     compare_prefix_caching: bool = False
     temperature: float = 0.0
     progress: bool = True
+    # --structured-json: every request constrained by STRUCTURED_JSON_SCHEMA.
+    structured_json: bool = False
+
+
+# The --structured-json constraint: an array of small records. ``minItems`` is set to
+# output_len (`structured_json_schema`): a record takes several tokens, so the array
+# cannot close (and the grammar cannot end the request) before output_len tokens, and
+# every request does the same work as without the constraint, every token masked by a
+# real JSON-schema grammar.
+STRUCTURED_JSON_SCHEMA = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "integer", "minimum": 0, "maximum": 9999},
+            "name": {"type": "string", "maxLength": 12},
+            "ok": {"type": "boolean"},
+        },
+        "required": ["id", "name", "ok"],
+    },
+}
+
+
+def structured_json_schema(output_len: int) -> dict:
+    """`STRUCTURED_JSON_SCHEMA` that cannot end before ``output_len`` tokens."""
+    return {**STRUCTURED_JSON_SCHEMA, "minItems": output_len}
+
+
+def _structured_outputs(opts: ThroughputOptions) -> dict | None:
+    if not opts.structured_json:
+        return None
+    return {"json": structured_json_schema(opts.workload.output_len)}
 
 
 def _engine_figures(runs: list[EngineRun]) -> dict:
@@ -68,13 +100,18 @@ def _run_engine_repeats(opts: ThroughputOptions, engine_args: Any, label: str
     engine = create_engine(engine_args)
     low, high = token_id_range(engine.tokenizer)
     warm_up(engine, low, high)
+    constraint = _structured_outputs(opts)
+    if constraint is not None:  # compile (and cache) the grammar outside the timed runs
+        warm = WorkloadSpec(**{**vars(opts.workload), "num_prompts": 1, "output_len": 2})
+        run_requests(engine, build_requests(warm, low, high), opts.temperature,
+                     structured_outputs=constraint)
     runs, request_sets = [], []
     for rep in range(opts.repeat):
         spec = WorkloadSpec(**{**vars(opts.workload), "seed": opts.workload.seed + rep})
         requests = build_requests(spec, low, high)
         request_sets.append(requests)
         run = run_requests(engine, requests, opts.temperature, progress=opts.progress,
-                           desc=f"{label} {rep + 1}/{opts.repeat}")
+                           desc=f"{label} {rep + 1}/{opts.repeat}", structured_outputs=constraint)
         logger.info("%s run %d: %.1f output tok/s", label, rep + 1, run.output_tokens_per_s)
         runs.append(run)
     return engine, runs, request_sets
@@ -119,6 +156,8 @@ def run_throughput(opts: ThroughputOptions) -> dict:
         "dtype": dtype,
         "torch_threads": threads,
         "workload": {**vars(opts.workload), "repeat": opts.repeat},
+        "structured_json": (structured_json_schema(opts.workload.output_len)
+                            if opts.structured_json else None),
         "engine_args": dataclasses.asdict(opts.engine_args),
         "timing_source": runs[0].timing_source,
         "backplane": _engine_figures(runs),
@@ -240,6 +279,8 @@ def result_rows(result: dict) -> list[tuple[str, Any]]:
         ("requests x input x output", f"{wl['num_prompts']} x "
          f"{(str(wl['prefix_len']) + '+') if wl['prefix_len'] else ''}{lens} x {wl['output_len']}"),
         ("repeats (median quoted)", wl["repeat"]),
+        ("structured outputs", "JSON schema on every request (--structured-json)"
+         if result.get("structured_json") else "none"),
         ("requests/s", bp["requests_per_s"]["median"]),
         ("output tokens/s", bp["output_tokens_per_s"]["median"]),
         ("total tokens/s", bp["total_tokens_per_s"]["median"]),
@@ -319,6 +360,7 @@ def main(args) -> int:
         compare_prefix_caching=args.compare_prefix_caching,
         temperature=args.temperature,
         progress=not args.no_progress,
+        structured_json=getattr(args, "structured_json", False),
     )
     result = run_throughput(opts)
     table_out = sys.stderr if args.json == "-" else sys.stdout

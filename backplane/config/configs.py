@@ -152,21 +152,32 @@ class SchedulerConfig(Freezable):
         max_num_batched_tokens: token budget of one step (prompt and output tokens alike).
         enable_chunked_prefill: split long prompts over several steps.
         scheduling_policy: ``"fcfs"`` or ``"priority"`` (lower value first, then arrival).
+        async_scheduling: plan step N+1 while step N runs (None until resolution,
+            which applies the platform policy's ``default_async_scheduling``,
+            else False).
     """
 
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
     enable_chunked_prefill: bool = True
     scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
+    async_scheduling: bool | None = None
 
 
 @dataclass
 class ParallelConfig(Freezable):
-    """How the model is split over devices and processes."""
+    """How the model is split over devices and processes.
+
+    Attributes:
+        engine_process: run the engine core in a child process (None until
+            resolution, which applies the platform policy's
+            ``default_engine_process``, else False).
+    """
 
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     distributed_executor_backend: str = "uni"
+    engine_process: bool | None = None
 
 
 @dataclass
@@ -199,6 +210,20 @@ class SpeculativeConfig(Freezable):
 
     method: str = "ngram"
     num_speculative_tokens: int = 1
+
+
+@dataclass
+class StructuredOutputsConfig(Freezable):
+    """Structured outputs (JSON schema, regex, choice, grammar constraints).
+
+    Attributes:
+        backend: the grammar backend requests use unless they name one:
+            ``auto`` (xgrammar, falling back to guidance for specs xgrammar cannot
+            enforce), ``xgrammar`` or ``guidance`` (llguidance; ``llguidance`` is
+            accepted as an alias).
+    """
+
+    backend: str = "auto"
 
 
 @dataclass

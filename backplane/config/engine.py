@@ -26,6 +26,7 @@ from backplane.config.configs import (
     ParallelConfig,
     SchedulerConfig,
     SpeculativeConfig,
+    StructuredOutputsConfig,
     parse_dtype,
 )
 from backplane.config.model_spec import (
@@ -71,6 +72,8 @@ class EngineConfig:
     device_config: DeviceConfig = field(default_factory=DeviceConfig)
     load_config: LoadConfig = field(default_factory=LoadConfig)
     compilation_config: CompilationConfig = field(default_factory=CompilationConfig)
+    structured_outputs_config: StructuredOutputsConfig = field(
+        default_factory=StructuredOutputsConfig)
     lora_config: LoRAConfig | None = None
     speculative_config: SpeculativeConfig | None = None
     optimization_level: int | None = None
@@ -181,10 +184,69 @@ class EngineConfig:
             problems += runner_problems(mc.runner, mc.model, hf)
             if mc.torch_dtype is not None:
                 problems += self._select_attention_backend(platform)
+        problems += self._resolve_engine_process(platform)
+        problems += self._resolve_async_scheduling(platform)
         for note in self.notes:
             logger.info("config: %s", note)
         # The same conflict may be found by two checks (e.g. core and policy).
         return list(dict.fromkeys(problems))
+
+    def _resolve_async_scheduling(self, platform: Platform) -> list[str]:
+        """Set ``scheduler_config.async_scheduling`` (explicit, else the platform's default)."""
+        sc = self.scheduler_config
+        if sc.async_scheduling is not None and not isinstance(sc.async_scheduling, bool):
+            return [f"async_scheduling ({sc.async_scheduling!r}) must be true, false or unset"]
+        if sc.async_scheduling is None:
+            default = getattr(platform.config_policy, "default_async_scheduling", None)
+            sc.async_scheduling = bool(default)
+            who = f"platform {platform.name}'s default" if default is not None else (
+                "no platform default")
+            self.notes.append(
+                f"async_scheduling defaults to {'on' if sc.async_scheduling else 'off'} ({who})")
+        return []
+
+    def _resolve_engine_process(self, platform: Platform) -> list[str]:
+        """Set ``parallel_config.engine_process`` (explicit, else the platform's default).
+
+        Pooling models run in-process only: an explicit request for an engine
+        process is refused, a platform default of True is overridden with a note.
+        """
+        from backplane.config.runner import resolve_runner
+
+        pc, mc = self.parallel_config, self.model_config
+        pooling = False
+        if mc.hf_config is not None:
+            try:
+                pooling = resolve_runner(mc.runner, mc.model, mc.hf_config) == "pooling"
+            except ValueError:
+                pass  # the bad runner name is reported by runner_problems
+        explicit = pc.engine_process
+        if explicit is not None and not isinstance(explicit, bool):
+            return [f"engine_process ({explicit!r}) must be true, false or unset"]
+        if explicit is None:
+            default = getattr(platform.config_policy, "default_engine_process", None)
+            pc.engine_process = bool(default)
+            if pooling and pc.engine_process:
+                pc.engine_process = False
+                self.notes.append(
+                    f"engine_process: off (platform {platform.name}'s default is on, but "
+                    "pooling models run in-process)"
+                )
+            else:
+                who = f"platform {platform.name}'s default" if default is not None else (
+                    "no platform default")
+                self.notes.append(
+                    f"engine_process defaults to {'on' if pc.engine_process else 'off'} ({who})"
+                )
+            return []
+        if explicit and pooling:
+            return [
+                "engine_process (True) is not supported with the pooling runner: pooling "
+                "models run in the front-end process; drop --engine-process (or use "
+                "--no-engine-process)"
+            ]
+        self.notes.append(f"engine_process: {'on' if explicit else 'off'} (set explicitly)")
+        return []
 
     def problems(self, model_limit: int | None = None) -> list[str]:
         """Checks that need neither the model nor a platform (ranges, names, combinations)."""
@@ -239,8 +301,10 @@ class EngineConfig:
             )
         if mc.max_seq_len_to_capture is not None:
             out.append(
-                f"max_seq_len_to_capture ({mc.max_seq_len_to_capture}) is not supported: the "
-                "model runner does not capture graphs yet, so there is nothing to limit"
+                f"max_seq_len_to_capture ({mc.max_seq_len_to_capture}) is not supported: "
+                "Backplane's decode graphs read the block table and sequence lengths from "
+                "buffers sized for max_model_len, so they replay any length and there is "
+                "nothing to limit (vLLM V1 deprecated the option too)"
             )
         if pc.tensor_parallel_size > 1 or pc.pipeline_parallel_size > 1:
             out.append(

@@ -15,6 +15,7 @@ from backplane.config.configs import (
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
+    StructuredOutputsConfig,
 )
 from backplane.config.engine import EngineConfig
 
@@ -151,7 +152,7 @@ class EngineArgs:
     )
     max_seq_len_to_capture: int | None = _opt(
         None, 'model',
-        'Refused when set: the model runner does not capture graphs yet.',
+        'Refused when set: decode graphs replay any sequence length up to max_model_len.',
     )
     download_dir: str | None = _opt(
         None, 'load',
@@ -205,6 +206,13 @@ class EngineArgs:
         '`fcfs` (arrival order) or `priority` (lower priority value first, then arrival).',
         choices=SCHEDULING_POLICIES,
     )
+    async_scheduling: bool | None = _opt(
+        None, 'scheduler',
+        'Plan and prepare step N+1 while step N runs on the device (the model step runs on '
+        'a worker thread), and turn step N\'s tokens into outputs while N+1 runs. Outputs are '
+        "the same as without it. Unset: the platform's default.",
+        default_doc="the platform's",
+    )
     tensor_parallel_size: int = _opt(
         1, 'parallel',
         'Devices one layer is split over. Only 1 runs today: larger values are refused before'
@@ -221,6 +229,14 @@ class EngineArgs:
         'How worker processes run. Only `uni` (in-process) runs today; `mp`, `ray`, '
         '`external_launcher` are refused.',
         choices=EXECUTOR_BACKENDS,
+    )
+    engine_process: bool | None = _opt(
+        None, 'parallel',
+        'Run the engine core (scheduler and model runner) in its own process, fed over ZMQ, '
+        'so that tokenization, detokenization and HTTP in the front-end process overlap with '
+        "the model's steps. Unset: the platform's default (on for cuda and rocm). Refused "
+        'with `--runner pooling`, which runs in-process.',
+        default_doc="the platform's",
     )
     device: str = _opt(
         "auto", 'device',
@@ -251,6 +267,13 @@ class EngineArgs:
         'Explicit compilation settings: `compile`, `backend`, `use_graphs`, '
         "`graph_capture_sizes`. They win over the level's defaults.",
         flags=('-cc',),
+    )
+    structured_outputs_config: dict[str, Any] | None = _opt(
+        None, 'structured_outputs',
+        'Structured outputs: `backend` is the grammar backend requests use unless they name '
+        'one: `auto` (xgrammar, falling back to guidance for specs xgrammar cannot enforce), '
+        '`xgrammar` or `guidance` (alias `llguidance`).',
+        default_doc='`{"backend": "auto"}`',
     )
 
     @classmethod
@@ -286,9 +309,28 @@ class EngineArgs:
         return EngineConfig(
             **sections,
             compilation_config=_compilation_config(self.compilation_config),
+            structured_outputs_config=_structured_outputs_config(self.structured_outputs_config),
             optimization_level=self.optimization_level,
             enforce_eager=self.enforce_eager,
         )
+
+
+def _structured_outputs_config(value) -> StructuredOutputsConfig:
+    """StructuredOutputsConfig from ``--structured-outputs-config`` (a dict, or the object)."""
+    if value is None:
+        return StructuredOutputsConfig()
+    if isinstance(value, StructuredOutputsConfig):
+        return StructuredOutputsConfig(backend=value.backend)
+    if not isinstance(value, dict):
+        raise ValueError(f"structured_outputs_config must be a mapping, got {value!r}")
+    known = {f.name for f in fields(StructuredOutputsConfig)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ValueError(
+            f"structured_outputs_config: unknown key(s) {unknown}; known: {sorted(known)}")
+    from backplane.core.structured_outputs.params import canonical_backend_name
+
+    return StructuredOutputsConfig(backend=canonical_backend_name(str(value.get("backend", "auto"))))
 
 
 def _compilation_config(value: dict[str, Any] | CompilationConfig | None) -> CompilationConfig:

@@ -27,6 +27,7 @@ from backplane.config.configs import (
     ParallelConfig,
     SchedulerConfig,
     SpeculativeConfig,
+    StructuredOutputsConfig,
 )
 from backplane.config.engine import EngineConfig
 from backplane.config.model_spec import ModelSpec
@@ -59,6 +60,7 @@ class ResolvedConfig:
     device_config: DeviceConfig
     load_config: LoadConfig
     compilation_config: CompilationConfig
+    structured_outputs_config: StructuredOutputsConfig
     lora_config: LoRAConfig | None
     speculative_config: SpeculativeConfig | None
     optimization_level: int | None

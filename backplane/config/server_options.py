@@ -15,6 +15,9 @@ import typing
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
+from backplane.entrypoints.openai.reasoning_parsers import REASONING_PARSERS
+from backplane.entrypoints.openai.tool_parsers import TOOL_PARSERS
+
 API_KEY_ENV = "BACKPLANE_API_KEY"
 
 
@@ -103,6 +106,20 @@ class ServerOptions:
     stream_interval: int = _opt(
         1, "stream a chunk every N generated tokens (fewer, larger chunks)"
     )
+    enable_auto_tool_choice: bool = _opt(
+        False, "parse the tool calls the model writes into `tool_calls` (chat requests with "
+        "`tools` and `tool_choice` `auto`); needs --tool-call-parser"
+    )
+    tool_call_parser: str | None = _opt(
+        None, "how the model writes tool calls (see docs/tool_calling.md): "
+        + ", ".join(f"`{n}`" for n in TOOL_PARSERS),
+        choices=TOOL_PARSERS, metavar="{" + ",".join(TOOL_PARSERS) + "}",
+    )
+    reasoning_parser: str | None = _opt(
+        None, "split chat replies into `reasoning_content` and `content` (see "
+        "docs/tool_calling.md): " + ", ".join(f"`{n}`" for n in REASONING_PARSERS),
+        choices=REASONING_PARSERS, metavar="{" + ",".join(REASONING_PARSERS) + "}",
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -120,6 +137,17 @@ class ServerOptions:
             problems.append(f"limit_concurrency must be >= 1, got {self.limit_concurrency}")
         if bool(self.ssl_keyfile) != bool(self.ssl_certfile):
             problems.append("ssl_keyfile and ssl_certfile must be given together")
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            problems.append(
+                "--enable-auto-tool-choice requires --tool-call-parser to be set (one of "
+                f"{', '.join(TOOL_PARSERS)})"
+            )
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_PARSERS:
+            problems.append(f"tool_call_parser must be one of {', '.join(TOOL_PARSERS)}, got "
+                            f"{self.tool_call_parser!r}")
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            problems.append(f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)}, "
+                            f"got {self.reasoning_parser!r}")
         if problems:
             raise ValueError("; ".join(problems))
 

@@ -119,6 +119,18 @@ class AttentionBackend(ABC):
     with its own ``kv_cache`` tensor (one per layer, allocated with
     `allocate_kv_cache`) and its own ``scale``. Keep no per-layer state on the
     instance; per-step state belongs in the metadata.
+
+    Graph capture (SDK 1.1): a backend that sets ``supports_graph_capture``
+    promises that for a pure decode step (every query has length 1)
+    `build_metadata` reads nothing from the device on the host and keeps
+    references to, not copies of, the tensors of `CommonAttentionMetadata`,
+    and that `forward` launches the same work whatever values those tensors
+    hold. The runner then builds the metadata once per captured batch size over
+    its static buffers (``max_seq_len`` is then ``max_model_len``, the ``_cpu``
+    copies hold capture-time values and must not be read), records the step,
+    and before each replay rewrites the buffers in place. Padding rows of a
+    replayed batch carry slot -1 (never written), sequence length 1 and block
+    table row zeros; their output is discarded.
     """
 
     name: ClassVar[str]
@@ -134,6 +146,9 @@ class AttentionBackend(ABC):
     supports_sliding_window: ClassVar[bool] = False
     # SDK 1.1: whether `AttentionSpec.logits_soft_cap` is implemented.
     supports_logits_soft_cap: ClassVar[bool] = False
+    # SDK 1.1: whether uniform decode steps may be recorded as graphs (see
+    # "Graph capture" in the class docstring). False: those steps run eagerly.
+    supports_graph_capture: ClassVar[bool] = False
 
     @classmethod
     def unsupported_reasons(cls, spec: AttentionSpec) -> list[str]:

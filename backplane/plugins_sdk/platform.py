@@ -105,6 +105,17 @@ class ConfigPolicy:
             ``optimization_level``, ``compile``, ``use_graphs`` and
             ``graph_capture_sizes``. Compilation settings the user set
             explicitly win over the level's.
+        default_engine_process: whether the engine core (scheduler and model
+            runner) runs in its own process when the user sets neither
+            ``--engine-process`` nor ``--no-engine-process``; None (the default)
+            means in-process. Worth it where a step leaves the host CPU idle
+            (an accelerator) so that the front-end's tokenization,
+            detokenization and HTTP overlap with it. Pooling models always run
+            in-process.
+        default_async_scheduling: whether the engine plans step N+1 while step
+            N runs when the user sets neither ``--async-scheduling`` nor
+            ``--no-async-scheduling``; None (the default) means off. Worth it
+            where the device runs a step while the host is free to plan.
 
     Deprecated: overriding ``check_and_update_config(config)`` (the whole mutable
     engine config, SDK 1.0) instead of `check_and_update`. Through SDK 1.1 a
@@ -113,6 +124,8 @@ class ConfigPolicy:
     """
 
     default_optimization_level: int | None = None
+    default_engine_process: bool | None = None
+    default_async_scheduling: bool | None = None
 
     def check_and_update(self, view: PlatformConfigView) -> ConfigDecision:
         """Adjust the writable fields of ``view`` and report changes and refusals (SDK 1.1)."""

@@ -21,7 +21,9 @@ History:
          attention_backends); Communicator at world size 1 without a process
          group; PlatformConfigView and ConfigPolicy.check_and_update(view)
          (with PlatformConfigView.for_testing and
-         ConfigPolicy.default_optimization_level declared on the class), which
+         ConfigPolicy.default_optimization_level declared on the class;
+         ConfigPolicy.default_engine_process and
+         ConfigPolicy.default_async_scheduling, default None), which
          deprecates overriding ConfigPolicy.check_and_update_config(config)
          (still called in 1.1, with a DeprecationWarning; removed in 1.2);
          deprecation.deprecated_override; Platform.fused_moe (default
@@ -31,7 +33,10 @@ History:
          backend is never given a soft-capped spec), implemented by
          ReferenceAttentionBackend and TorchSdpaPagedAttentionBackend; the
          runner may create one backend instance per distinct layer spec
-         (CausalLM.layer_attention_specs).
+         (CausalLM.layer_attention_specs); graph capture in the model runner:
+         AttentionBackend.supports_graph_capture (default False),
+         GraphRunner.capture_static / replay_static (defaults fall back to
+         capture / replay) and GraphRunner.memory_bytes (default None).
 
 Members added to a minor before its first release (as listed for 1.1) need
 no new version: a plugin declaring that minor only ever meets a Backplane that

@@ -86,6 +86,23 @@ def test_throughput_tiny_with_baseline_ceiling_and_prefix_compare(bench_tiny_mod
     assert result["memory"]["peak_rss_bytes"] > result["memory"]["weight_bytes"]
 
 
+def test_throughput_structured_json(bench_tiny_model, tmp_path):
+    """--structured-json: every request is constrained, and still makes exactly
+    --output-len tokens (the schema's array never ends early)."""
+    path = tmp_path / "throughput.json"
+    code = main([
+        "bench", "throughput", "--model", bench_tiny_model, "--num-prompts", "3",
+        "--input-len", "8", "--output-len", "20", "--structured-json", "--num-kv-blocks", "64",
+        "--max-model-len", "256", "--no-progress", "--json", str(path),
+    ])
+    assert code == 0
+    result = json.loads(path.read_text())
+    assert result["structured_json"]["type"] == "array"
+    bp = result["backplane"]
+    tokens = bp["output_tokens_per_s"]["median"] * bp["seconds"]["median"]
+    assert abs(tokens - 3 * 20) < 0.5, tokens
+
+
 def test_latency_tiny(bench_tiny_model, capsys):
     code = main([
         "bench", "latency", "--model", bench_tiny_model, "--batch-sizes", "1,2",

@@ -107,3 +107,21 @@ def wait_until_idle(server: RunningServer, timeout: float = 10.0) -> str:
             if idle or time.time() > deadline:
                 return text
             time.sleep(0.05)
+
+
+def wait_healthy(url: str, proc, logs, timeout: float = 90.0) -> None:
+    """Wait until a `backplane serve` subprocess answers /health with 200.
+
+    ``logs()`` returns its output so far, for the failure message; a process
+    that exits first fails at once.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, "server exited at start-up:\n" + logs()
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "server did not come up:\n" + logs()
+        time.sleep(0.2)

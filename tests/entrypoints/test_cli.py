@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import types
 
 import httpx
@@ -19,6 +18,7 @@ import pytest
 
 from backplane import LLM, SamplingParams
 from backplane.entrypoints.cli.main import main
+from tests.entrypoints.server_utils import wait_healthy
 
 
 def _free_port() -> int:
@@ -55,16 +55,7 @@ def test_serve_process_yaml_api_key_startup_log_and_sigterm(llama_model_dir, tmp
         )
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 90
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "server did not come up:\n" + log.read_text()
-            time.sleep(0.2)
+        wait_healthy(url, proc, log.read_text)
         body = {"model": "demo", "prompt": "Hello", "max_tokens": 3}
         assert httpx.post(url + "/v1/completions", json=body).status_code == 401
         ok = httpx.post(

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 
+from tests.entrypoints.server_utils import wait_healthy
 from tests.reliability.slow_serve import DELAY_ENV
 from tests.reliability.support import stream_events
 
@@ -37,19 +38,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, logs) -> None:
-    deadline = time.monotonic() + 90
-    while True:
-        assert proc.poll() is None, "server exited at start-up:\n" + logs()
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "server did not come up:\n" + logs()
-        time.sleep(0.2)
 
 
 async def _stream(
@@ -125,7 +113,7 @@ def test_sigterm_under_load_finishes_short_streams_errors_long_ones_and_exits_0(
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=out, stderr=err)
     try:
-        _wait_healthy(url, proc, logs)
+        wait_healthy(url, proc, logs)
         results, signalled_at = asyncio.run(_load_then_sigterm(url, proc))
         try:
             code = proc.wait(timeout=max(0.1, signalled_at + GRACE_S + 10 - time.monotonic()))

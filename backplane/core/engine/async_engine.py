@@ -415,16 +415,21 @@ class AsyncEngine:
                 # again, so the wait below cannot miss it.
                 self._wakeup.clear()
                 if self._drain_commands():
+                    self._close_engine()
                     return
                 if self.engine.has_unfinished_requests():
                     self._step()
                 else:
+                    # An engine-core process may die while nothing runs: /health
+                    # must turn non-200 without waiting for the next request.
+                    self._check_engine_alive()
                     self._refresh_stats()
                     self._wakeup.wait(_IDLE_WAKE_S)
         except BaseException as exc:  # noqa: BLE001 - any failure kills the loop
             logger.exception("engine loop died")
             self._dead_error = exc
             self._fail_all(self._unavailable())
+            self._close_engine()
             for callback in self._dead_callbacks:
                 try:
                     callback(exc)
@@ -434,6 +439,8 @@ class AsyncEngine:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
+        except EngineDeadError:
+            raise  # the engine-core process is gone: no step can succeed again
         except Exception as exc:
             self._consecutive_step_failures += 1
             if self._consecutive_step_failures >= MAX_CONSECUTIVE_STEP_FAILURES:
@@ -449,6 +456,21 @@ class AsyncEngine:
         self._consecutive_step_failures = 0
         self._refresh_stats()
         self._dispatch(outputs)
+
+    def _check_engine_alive(self) -> None:
+        check = getattr(self.engine, "check_engine_alive", None)
+        if check is not None:
+            check()
+
+    def _close_engine(self) -> None:
+        """Stop the engine-core process, if the engine has one (from the loop thread)."""
+        close = getattr(self.engine, "shutdown", None)
+        if close is None:
+            return
+        try:
+            close()
+        except Exception:  # noqa: BLE001 - shutting down anyway
+            logger.exception("engine shutdown failed")
 
     def _abort_in_flight(self, error: BaseException) -> None:
         """Abort every request in the engine (freeing its KV blocks); streams get ``error``."""

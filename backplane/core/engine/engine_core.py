@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from backplane.config.resolve import ResolvedConfig
 from backplane.core.model_runner.runner import ModelRunner, TokenLogprobs
+from backplane.core.scheduler.output import SchedulerOutput
 from backplane.core.scheduler.request import Request, RequestStatus
 from backplane.core.scheduler.scheduler import Scheduler
 from backplane.plugins_sdk import Platform
@@ -49,27 +51,120 @@ class EngineCore:
             config.max_model_len,
         )
         self.last_step = StepTiming()
+        # Async scheduling: the model step runs on this worker thread while the
+        # engine thread plans the next step and processes the previous one's output.
+        self.async_scheduling = bool(config.scheduler_config.async_scheduling)
+        self._step_thread = (ThreadPoolExecutor(1, thread_name_prefix="backplane-model-step")
+                             if self.async_scheduling else None)
+        self._in_flight: tuple[SchedulerOutput, Future] | None = None
+        self._structured = None  # StructuredOutputManager, built at the first use
+        # Outputs produced outside a model step (a grammar that failed to compile).
+        self._side_outputs: list[EngineCoreOutput] = []
+
+    @property
+    def structured_outputs(self):
+        """The grammar manager of this engine core (tokenizer loaded at the first use)."""
+        if self._structured is None:
+            from backplane.core.loader.tokenizer import load_tokenizer
+            from backplane.core.structured_outputs import StructuredOutputManager
+
+            mc = self.config.model_config
+            tokenizer = load_tokenizer(mc.tokenizer_path, trust_remote_code=mc.trust_remote_code,
+                                       use_fast=mc.tokenizer_mode != "slow")
+            eos = set(self.config.model_spec.eos_token_ids)
+            if tokenizer.eos_token_id is not None:
+                eos.add(int(tokenizer.eos_token_id))
+            self._structured = StructuredOutputManager(
+                tokenizer, self.config.model_spec.vocab_size,
+                default_backend=self.config.structured_outputs_config.backend,
+                eos_token_ids=sorted(eos))
+        return self._structured
 
     def add_request(self, request: Request) -> None:
+        constraint = request.params.structured_outputs
+        if constraint is not None:
+            # Compiled off this thread; the scheduler waits for it without stalling others.
+            request.grammar_future = self.structured_outputs.submit(constraint)
         self.scheduler.add_request(request)
+
+    def _schedule(self) -> SchedulerOutput:
+        out = self.scheduler.schedule()
+        failed, self.scheduler.failed_grammars = self.scheduler.failed_grammars, []
+        for request in self.scheduler.finish_requests(dict.fromkeys(failed),
+                                                      RequestStatus.FINISHED_ABORTED):
+            self._side_outputs.append(EngineCoreOutput(
+                request.request_id, [], finish_status=request.status))
+        return out
 
     def finish_requests(self, request_ids: list[str], status: RequestStatus) -> None:
         self.scheduler.finish_requests(request_ids, status)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
 
     def step(self) -> list[EngineCoreOutput]:
+        outputs = self._step_overlapped() if self.async_scheduling else self._step_sync()
+        if self._side_outputs:
+            outputs, self._side_outputs = self._side_outputs + outputs, []
+        return outputs
+
+    def _step_sync(self) -> list[EngineCoreOutput]:
         start = time.perf_counter()
-        sched_out = self.scheduler.schedule()
+        sched_out = self._schedule()
         if sched_out.is_empty:
             # Nothing fits (should not happen with a correctly sized cache); let the
             # runner drop removed rows anyway so no state lingers.
             self.model_runner.execute(sched_out)
             return []
         result = self.model_runner.execute(sched_out)
+        return self._outputs(sched_out, result, start)
+
+    def _step_overlapped(self) -> list[EngineCoreOutput]:
+        """One step with the next one planned while it runs (``--async-scheduling``).
+
+        Order: plan step N+1 (requests sampling in step N count one placeholder
+        token), wait for step N, launch step N+1, then turn step N's tokens into
+        outputs while N+1 runs. Step N+1 reads step N's tokens from the runner's
+        batch, which step N wrote before finishing, so every request computes
+        exactly what the synchronous loop computes; a request that step N ends
+        (stop, length, abort) had one extra token computed in N+1, which is
+        dropped. Its KV blocks are freed at once: nothing can reuse them before
+        N+1 is done, since every step starts after the previous one finished.
+        """
+        start = time.perf_counter()
+        if self._in_flight is None:
+            first = self._schedule()
+            if first.is_empty:
+                self.model_runner.execute(first)  # drops removed rows, computes nothing
+                return []
+            self._in_flight = (first, self._step_thread.submit(self.model_runner.execute, first))
+        current, running = self._in_flight
+        self._in_flight = None
+        upcoming = self._schedule()  # overlaps the device work of `current`
+        result = running.result()
+        if upcoming.is_empty:
+            self.model_runner.execute(upcoming)
+        else:
+            self._in_flight = (upcoming,
+                               self._step_thread.submit(self.model_runner.execute, upcoming))
+        outputs = self._outputs(current, result, start)
+        if self._in_flight is not None and not self.scheduler.has_unfinished_requests():
+            # Every request ended with `current`: the step in flight only computed
+            # tokens nobody will read. Wait for it so the runner is idle again.
+            self._in_flight[1].result()
+            self._in_flight = None
+        return outputs
+
+    def shutdown(self) -> None:
+        """Stop the model-step thread (async scheduling), after the step in flight."""
+        if self._step_thread is not None:
+            self._step_thread.shutdown(wait=True)
+
+    def _outputs(self, sched_out: SchedulerOutput, result, start: float) -> list[EngineCoreOutput]:
+        """Apply a finished step's sampled tokens and describe what changed per request."""
         # Finished requests are among the progressed ones, with a finish_status.
-        progressed, _ = self.scheduler.update_from_output(sched_out, result.sampled)
+        progressed, _ = self.scheduler.update_from_output(
+            sched_out, result.sampled, result.grammar_finished)
         outputs = []
         for request in progressed:
             rid = request.request_id

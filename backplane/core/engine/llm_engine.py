@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from backplane.config import EngineArgs, EngineConfig
 from backplane.config.resolve import ResolvedConfig, resolve
+from backplane.core.engine.core_client import EngineCoreClient, InprocClient, MPClient
 from backplane.core.engine.engine_core import EngineCore
 from backplane.core.engine.output_processor import OutputProcessor, RequestState
 from backplane.core.scheduler.request import Request, RequestStatus
@@ -69,15 +70,24 @@ class LLMEngine:
 
         # "generate" or "pooling" (--runner; auto: detected from the checkpoint).
         self.runner_type = resolve_runner(mc.runner, mc.model, mc.hf_config)
+        # The generate runner's engine core, behind a client: in this process, or in
+        # a child process (--engine-process) fed over ZMQ. engine_core is the
+        # in-process core object itself (None when it runs in the child).
+        self.core: EngineCoreClient | None = None
         if self.runner_type == "pooling":
             from backplane.core.pooling.engine_core import PoolingEngineCore
 
             self.engine_core = PoolingEngineCore(self.config, self.platform)
+        elif self.config.parallel_config.engine_process:
+            self.engine_core = None
+            self.core = MPClient(self.config)
         else:
             self.engine_core = EngineCore(self.config, self.platform)
+            self.core = InprocClient(self.engine_core)
         # A cross-encoder (sequence classification) scores text pairs (LLM.score, /score).
         self.is_cross_encoder = bool(getattr(self.engine_core, "is_cross_encoder", False))
         self.output_processor = OutputProcessor(self.tokenizer)
+        self._structured_validator = None  # built at the first structured-output request
         self.vocab_size = self.config.model_spec.vocab_size
         self._log_generation_defaults()
         self._seq_ids: dict[str, list[str]] = {}
@@ -208,6 +218,7 @@ class LLMEngine:
         parsed = parse_prompt(prompt)
         text, token_ids = self._tokenize(parsed)
         self.validate_lengths(len(token_ids), params)
+        self.validate_structured_outputs(params)
         params = copy.copy(params)
         params.eos_token_ids = self.eos_token_ids
         params.bad_words_token_ids = self._bad_words_token_ids(params.bad_words)
@@ -224,13 +235,33 @@ class LLMEngine:
         self.output_processor.add_request(RequestState(
             request_id, text, token_ids, sequences, arrival_time=arrival,
         ))
-        for seq in sequences:
-            self.engine_core.add_request(Request(
+        self.core.add_requests([
+            Request(
                 seq.seq_id, token_ids, seq.params, self.max_model_len,
                 eos_token_ids=self.eos_token_ids, priority=priority, arrival_time=arrival,
                 cache_salt=parsed.cache_salt,
-            ))
+            )
+            for seq in sequences
+        ])
         self._seq_ids[request_id] = seq_ids
+
+    def validate_structured_outputs(self, params: SamplingParams) -> None:
+        """Raise ValueError (a 400) for a schema, regex or grammar that cannot be used.
+
+        Checked here, before the request is queued, with a grammar manager of this
+        process; the engine core compiles its own (in its process) afterwards.
+        """
+        constraint = params.structured_outputs
+        if constraint is None:
+            return
+        if self._structured_validator is None:
+            from backplane.core.structured_outputs import StructuredOutputManager
+
+            self._structured_validator = StructuredOutputManager(
+                self.tokenizer, self.vocab_size,
+                default_backend=self.config.structured_outputs_config.backend,
+                eos_token_ids=sorted(self.eos_token_ids))
+        self._structured_validator.validate(constraint)
 
     def _add_pooling_request(self, request_id: str, prompt: PromptType, params) -> None:
         """Queue a pooling (embed / encode) request; ValueError when the model cannot pool."""
@@ -287,11 +318,11 @@ class LLMEngine:
             for out in pooled:
                 self._seq_ids.pop(out.request_id, None)
             return pooled
-        core_outputs = self.engine_core.step()
+        core_outputs = self.core.step()
         self._num_generated_tokens += sum(len(o.new_token_ids) for o in core_outputs)
         outputs, stopped = self.output_processor.process(core_outputs)
         if stopped:
-            self.engine_core.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+            self.core.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         for out in outputs:
             if out.finished:
                 self._seq_ids.pop(out.request_id, None)
@@ -309,20 +340,21 @@ class LLMEngine:
             seq_ids = self._seq_ids.pop(request_id, None)
             if seq_ids is None:
                 continue
-            self.engine_core.finish_requests(seq_ids, RequestStatus.FINISHED_ABORTED)
+            self.core.finish_requests(seq_ids, RequestStatus.FINISHED_ABORTED)
             final = self.output_processor.abort(request_id)
             if final is not None:
                 finals.append(final)
         return finals
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._seq_ids) or self.engine_core.has_unfinished_requests()
+        core = self.engine_core if self.core is None else self.core
+        return bool(self._seq_ids) or core.has_unfinished_requests()
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix; False (nothing changed) while a request holds KV blocks."""
         if self.runner_type == "pooling":
             return False  # no KV cache: nothing is cached
-        return self.engine_core.scheduler.kv.reset_prefix_cache()
+        return self.core.reset_prefix_cache()
 
     def get_num_unfinished_requests(self) -> int:
         return len(self._seq_ids)
@@ -335,22 +367,27 @@ class LLMEngine:
                 prefix_cache_hits=0, num_preemptions=0,
                 block_size=self.config.cache_config.block_size,
             )
-        sched = self.engine_core.scheduler
-        kv = sched.kv
-        return EngineStats(
-            num_running=sched.num_running,
-            num_waiting=sched.num_waiting,
-            num_total_blocks=kv.pool.num_blocks,
-            num_free_blocks=kv.num_free_blocks,
-            kv_cache_usage=kv.usage,
-            prefix_cache_queries=kv.prefix_stats.queries,
-            prefix_cache_hits=kv.prefix_stats.hits,
-            num_preemptions=sched.num_preemptions,
-            block_size=kv.block_size,
-            num_generated_tokens=self._num_generated_tokens,
-        )
+        # In the engine process's case, the snapshot sent with its latest message.
+        return EngineStats(**self.core.stats(), num_generated_tokens=self._num_generated_tokens)
 
     @property
     def last_step_timing(self):
         """Timing of the most recent step (total vs model forward), for benchmarks."""
-        return self.engine_core.last_step
+        if self.core is None:
+            return self.engine_core.last_step
+        return self.core.last_step
+
+    @property
+    def engine_pid(self) -> int | None:
+        """Pid of the engine-core process (--engine-process); None when it runs in this one."""
+        return None if self.core is None else self.core.engine_pid
+
+    def check_engine_alive(self) -> None:
+        """Raise EngineDeadError when the engine core (process) can no longer serve."""
+        if self.core is not None:
+            self.core.check_alive()
+
+    def shutdown(self) -> None:
+        """Stop the engine-core process, if there is one (idempotent)."""
+        if self.core is not None:
+            self.core.shutdown()

@@ -111,6 +111,12 @@ class OutputProcessor:
                 elif stop is not None:
                     seq.finish_reason, seq.stop_reason = "stop", stop
                     stopped_by_string.append(seq.seq_id)
+            elif out.finish_status is not None:
+                # Ended by the engine core without a new token (a structured-output
+                # grammar that failed to compile: "abort").
+                seq.finish_reason = out.finish_status.finish_reason
+                seq.stop_reason = out.stop_reason
+                seq.detok.flush()
             touched[state.request_id] = state
         results = [self._make_output(state) for state in touched.values()]
         for state in touched.values():

@@ -107,7 +107,9 @@ class KVCacheManager:
         return [b.block_id for b in added]
 
     def _cache_full_blocks(self, request: Request, blocks: list[KVBlock], total: int) -> None:
-        num_full = total // self.block_size
+        # Only blocks whose tokens are all known get a hash: with async scheduling
+        # ``total`` may count a token that is still being sampled.
+        num_full = min(total, request.num_tokens) // self.block_size
         done = self._num_cached_blocks.get(request.request_id, 0)
         if num_full <= done:
             return

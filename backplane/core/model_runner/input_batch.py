@@ -32,6 +32,8 @@ class InputBatch:
         self.num_blocks = np.zeros(max_num_reqs, dtype=np.int64)
         self.params: list[SamplingParams | None] = [None] * max_num_reqs
         self.generators: list[torch.Generator | None] = [None] * max_num_reqs
+        # Structured-output matchers (None: unconstrained row).
+        self.grammars: list = [None] * max_num_reqs
         self.temperature = np.ones(max_num_reqs, dtype=np.float32)
         self.greedy = np.zeros(max_num_reqs, dtype=bool)
         self.num_reqs = 0
@@ -39,7 +41,7 @@ class InputBatch:
     # ------------------------------------------------------------- membership
     def add(self, req_id: str, token_ids: list[int], num_prompt_tokens: int,
             num_computed: int, block_ids: list[int], params: SamplingParams,
-            default_seed: int | None = None) -> None:
+            default_seed: int | None = None, grammar=None) -> None:
         row = self.num_reqs
         if row >= self.max_num_reqs:
             raise RuntimeError(f"persistent batch is full ({self.max_num_reqs} rows)")
@@ -65,6 +67,15 @@ class InputBatch:
                 torch.empty(self.vocab_size, device=self.device).exponential_(
                     generator=generator)
         self.generators[row] = generator
+        if grammar is not None:
+            # A resumed request's matcher may have run ahead (a token dropped at
+            # preemption): rebuild its state from the outputs kept.
+            grammar.reset()
+            if n > num_prompt_tokens and not grammar.accept_tokens(
+                    [int(t) for t in token_ids[num_prompt_tokens:]]):
+                raise RuntimeError(f"request {req_id}: its kept output no longer matches its "
+                                   "structured-output grammar")
+        self.grammars[row] = grammar
 
     def append_blocks(self, row: int, block_ids: list[int]) -> None:
         if block_ids:
@@ -85,6 +96,7 @@ class InputBatch:
             self.req_ids[last] = None
             self.params[last] = None
             self.generators[last] = None
+            self.grammars[last] = None
             self.num_reqs -= 1
 
     def _move(self, src: int, dst: int) -> None:
@@ -100,3 +112,4 @@ class InputBatch:
             arr[dst] = arr[src]
         self.params[dst] = self.params[src]
         self.generators[dst] = self.generators[src]
+        self.grammars[dst] = self.grammars[src]

@@ -16,6 +16,7 @@ import torch
 from backplane.config.resolve import ResolvedConfig
 from backplane.core.layers.attention import AttentionContext
 from backplane.core.layers.fused_moe import bind_fused_moe
+from backplane.core.model_runner.graph_capture import DecodeGraphs, estimate_graph_memory
 from backplane.core.model_runner.input_batch import InputBatch
 from backplane.core.model_runner.kv_cache_sizing import KVBlockLayout, determine_num_blocks
 from backplane.core.sampling.metadata import SamplingMetadata
@@ -43,6 +44,8 @@ class ModelRunnerOutput:
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     prompt_logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     forward_seconds: float = 0.0
+    # Requests whose structured-output grammar ended with this step's token.
+    grammar_finished: set[str] = field(default_factory=set)
 
 
 class ModelRunner:
@@ -87,12 +90,18 @@ class ModelRunner:
         self.attn_backend = backend_cls(spec)
         self._init_layer_backends(model, backend_cls, spec)
         self.kv_layout = KVBlockLayout(num_layers, kv_heads, head_size, cc.block_size, self.dtype)
+        max_blocks_per_req = -(-self.max_model_len // cc.block_size)
+        self.graph_sizes = self._graph_sizes(config, platform, backend_cls)
+        # Graph memory is held back before the KV cache takes its share of what is free.
+        graph_reserve = estimate_graph_memory(
+            self.graph_sizes, getattr(mc.hf_config, "hidden_size", 0),
+            getattr(mc.hf_config, "intermediate_size", 0) or 0, self.dtype)
         self.num_blocks = determine_num_blocks(
             self.kv_layout,
             num_kv_blocks=cc.num_kv_blocks,
             kv_cache_memory_bytes=cc.kv_cache_memory_bytes,
             memory_utilization=cc.memory_utilization,
-            available_memory=platform.runtime.available_memory(),
+            available_memory=max(0, platform.runtime.available_memory() - graph_reserve),
             max_model_len=self.max_model_len,
             max_num_seqs=config.scheduler_config.max_num_seqs,
         )
@@ -111,7 +120,6 @@ class ModelRunner:
             self.kv_cache_bytes / 2**20, backend_cls.name,
         )
         self.vocab_size = config.model_spec.vocab_size
-        max_blocks_per_req = -(-self.max_model_len // cc.block_size)
         self.input_batch = InputBatch(
             config.scheduler_config.max_num_seqs, self.max_model_len, max_blocks_per_req,
             self.vocab_size, self.device,
@@ -120,6 +128,53 @@ class ModelRunner:
         from backplane.plugins import get_logits_processors
 
         self.logits_processors = tuple(get_logits_processors())
+        self.decode_graphs: DecodeGraphs | None = None
+        if self.graph_sizes:
+            self.decode_graphs = DecodeGraphs(
+                platform.make_graph_runner(), self.graph_sizes, self._run_model,
+                max_blocks_per_req=max_blocks_per_req, max_model_len=self.max_model_len,
+                device=self.device,
+            )
+            with torch.inference_mode():
+                self.decode_graphs.capture(self._free_device_memory)
+            if graph_reserve and (self.decode_graphs.capture_memory_bytes or 0) > graph_reserve:
+                logger.warning(
+                    "decode graphs took %.1f MiB, more than the %.1f MiB held back for them "
+                    "before sizing the KV cache; lower memory_utilization if memory runs short",
+                    self.decode_graphs.capture_memory_bytes / 2**20, graph_reserve / 2**20)
+
+    def _free_device_memory(self) -> int:
+        self.platform.runtime.synchronize()
+        return self.platform.runtime.available_memory()
+
+    def _graph_sizes(self, config: ResolvedConfig, platform: Platform, backend_cls) -> list[int]:
+        """Batch sizes whose decode step is recorded; empty when steps run without graphs.
+
+        Says at start-up why graphs are off when the configuration asked for them.
+        """
+        comp = config.compilation_config
+        if not comp.use_graphs:
+            return []
+        max_num_seqs = config.scheduler_config.max_num_seqs
+        sizes = [s for s in comp.graph_capture_sizes or () if s <= max_num_seqs]
+        reason = None
+        if not platform.supports_graph_capture:
+            reason = f"platform {platform.name!r} offers no graph runner"
+        elif not backend_cls.supports_graph_capture:
+            reason = (f"attention backend {backend_cls.name!r} does not declare "
+                      "supports_graph_capture (its per-step metadata needs the host)")
+        elif not sizes:
+            reason = (f"no capture size is <= max_num_seqs ({max_num_seqs}); sizes: "
+                      f"{comp.graph_capture_sizes}")
+        if reason is not None:
+            logger.warning("graph capture (optimization level O%s) is off: %s; decode steps "
+                           "run without graphs", config.optimization_level, reason)
+            return []
+        dropped = sorted(set(comp.graph_capture_sizes) - set(sizes))
+        if dropped:
+            logger.info("graph capture sizes %s exceed max_num_seqs (%d): not captured",
+                        dropped, max_num_seqs)
+        return sizes
 
     def _init_layer_backends(self, model, backend_cls, spec) -> None:
         """One backend instance per distinct layer spec, when the model's layers differ.
@@ -152,14 +207,6 @@ class ModelRunner:
     def _maybe_compile(model, config: ResolvedConfig, platform: Platform):
         """torch.compile the model at O1+ (the attention layers stay eager, see Attention)."""
         comp = config.compilation_config
-        if comp.use_graphs:
-            # The platform's GraphRunner passes the conformance kit, but the runner
-            # does not pad and replay decode steps through it yet: say so plainly.
-            logger.warning(
-                "graph capture (optimization level %s) is not used by the model runner yet; "
-                "steps run %s without graphs", config.optimization_level,
-                "compiled" if comp.compile else "eagerly",
-            )
         if not comp.compile:
             return model
         backend = comp.backend or platform.compile_backend
@@ -189,7 +236,7 @@ class ModelRunner:
             batch.num_computed[row] = cached.num_computed_tokens
         for new in out.new_requests:
             batch.add(new.request_id, new.token_ids, new.num_prompt_tokens,
-                      new.num_computed_tokens, new.block_ids, new.params)
+                      new.num_computed_tokens, new.block_ids, new.params, grammar=new.grammar)
 
     # ---------------------------------------------------------------- execute
     @torch.inference_mode()
@@ -219,32 +266,31 @@ class ModelRunner:
         query_start_loc = np.concatenate(([0], cu)).astype(np.int32)
 
         device = self.device
-        common = CommonAttentionMetadata(
-            num_reqs=len(rows),
-            num_actual_tokens=total,
-            max_query_len=int(counts.max()),
-            max_seq_len=int(seq_lens.max()),
-            query_start_loc=torch.from_numpy(query_start_loc).to(device),
-            seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(device),
-            block_table=torch.from_numpy(batch.block_table[rows, :max_blocks].astype(np.int32)).to(
-                device),
-            slot_mapping=torch.from_numpy(slots).to(device),
-            query_start_loc_cpu=torch.from_numpy(query_start_loc),
-            seq_lens_cpu=torch.from_numpy(seq_lens.astype(np.int32)),
-        )
-        ctx = AttentionContext(self.attn_backend, self.attn_backend.build_metadata(common),
-                               self.kv_caches)
-        if self.layer_backends is not None:
-            # One metadata per distinct layer spec, shared by that spec's layers.
-            built = {id(b): ctx.metadata if b is self.attn_backend else b.build_metadata(common)
-                     for b in self.distinct_layer_backends}
-            ctx.layer_backends = self.layer_backends
-            ctx.layer_metadata = [built[id(b)] for b in self.layer_backends]
-
+        max_query_len = int(counts.max())
+        graph_size = (self.decode_graphs.padded_size(len(rows))
+                      if self.decode_graphs is not None and max_query_len == 1 else None)
         start = time.perf_counter()
-        hidden = self.model(
-            torch.from_numpy(input_ids).to(device), torch.from_numpy(positions).to(device), ctx
-        )
+        if graph_size is not None:
+            # Uniform decode: replay the recorded step over the static buffers.
+            hidden = self.decode_graphs.replay(
+                graph_size, input_ids, positions, slots, seq_lens.astype(np.int32),
+                batch.block_table[rows, :max_blocks])
+        else:
+            common = CommonAttentionMetadata(
+                num_reqs=len(rows),
+                num_actual_tokens=total,
+                max_query_len=max_query_len,
+                max_seq_len=int(seq_lens.max()),
+                query_start_loc=torch.from_numpy(query_start_loc).to(device),
+                seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(device),
+                block_table=torch.from_numpy(
+                    batch.block_table[rows, :max_blocks].astype(np.int32)).to(device),
+                slot_mapping=torch.from_numpy(slots).to(device),
+                query_start_loc_cpu=torch.from_numpy(query_start_loc),
+                seq_lens_cpu=torch.from_numpy(seq_lens.astype(np.int32)),
+            )
+            hidden = self._run_model(torch.from_numpy(input_ids).to(device),
+                                     torch.from_numpy(positions).to(device), common)
         self.platform.runtime.synchronize()
         forward_seconds = time.perf_counter() - start
 
@@ -264,12 +310,61 @@ class ModelRunner:
                 result.sampled[req_id] = token_ids[i]
                 batch.token_ids[row, batch.num_tokens[row]] = token_ids[i]
                 batch.num_tokens[row] += 1
+            if meta.grammar_rows is not None:
+                self._advance_grammars(sample_rows, meta.grammar_rows, token_ids, result)
             if sampled.logprobs is not None:
                 self._collect_logprobs(sample_rows, sampled, result)
         batch.num_computed[rows] = seq_lens
         return result
 
+    def _run_model(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                   common: CommonAttentionMetadata) -> torch.Tensor:
+        """The model forward for the step ``common`` describes (eager, or being recorded)."""
+        ctx = AttentionContext(self.attn_backend, self.attn_backend.build_metadata(common),
+                               self.kv_caches)
+        if self.layer_backends is not None:
+            # One metadata per distinct layer spec, shared by that spec's layers.
+            built = {id(b): ctx.metadata if b is self.attn_backend else b.build_metadata(common)
+                     for b in self.distinct_layer_backends}
+            ctx.layer_backends = self.layer_backends
+            ctx.layer_metadata = [built[id(b)] for b in self.layer_backends]
+        return self.model(input_ids, positions, ctx)
+
     # --------------------------------------------------------------- sampling
+    def _grammar_bitmask(self, rows: np.ndarray):
+        """(bitmask [k, words], row indices [k]) for the constrained rows; None when none is."""
+        grammars = [self.input_batch.grammars[r] for r in rows.tolist()]
+        constrained = [i for i, g in enumerate(grammars) if g is not None]
+        if not constrained:
+            return None, None
+        from backplane.core.structured_outputs import bitmask_width
+
+        # Filled on the host by the grammar backends, moved once, applied in one op.
+        bitmask = torch.full((len(constrained), bitmask_width(self.vocab_size)), -1,
+                             dtype=torch.int32)
+        for k, i in enumerate(constrained):
+            grammar = grammars[i]
+            if not grammar.is_terminated():
+                grammar.fill_bitmask(bitmask, k)
+        return bitmask.to(self.device), constrained
+
+    def _advance_grammars(self, rows: np.ndarray, constrained: list[int], token_ids: list[int],
+                          result: ModelRunnerOutput) -> None:
+        """Feed each constrained row its sampled token; note the grammars that ended."""
+        batch = self.input_batch
+        for i in constrained:
+            row = int(rows[i])
+            grammar = batch.grammars[row]
+            if grammar.is_terminated():
+                continue
+            if not grammar.accept_tokens([token_ids[i]]):
+                # Cannot happen with the mask applied; say so rather than derail silently.
+                logger.error("request %s: sampled token %d is not accepted by its grammar",
+                             batch.req_ids[row], token_ids[i])
+                result.grammar_finished.add(batch.req_ids[row])
+            elif grammar.is_terminated():
+                result.grammar_finished.add(batch.req_ids[row])
+
     def _sampling_metadata(self, rows: np.ndarray) -> SamplingMetadata:
         batch = self.input_batch
         params = [batch.params[r] for r in rows.tolist()]
@@ -331,7 +426,10 @@ class ModelRunner:
                 batch.token_ids[r, batch.num_prompt_tokens[r] : batch.num_tokens[r]].tolist()
                 for r in rows.tolist()
             ]
+        grammar_bitmask, grammar_rows = self._grammar_bitmask(rows)
         return SamplingMetadata(
+            grammar_bitmask=grammar_bitmask,
+            grammar_rows=grammar_rows,
             logits_processors=self.logits_processors,
             output_token_ids=output_token_ids,
             all_greedy=all_greedy,

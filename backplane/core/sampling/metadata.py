@@ -40,3 +40,7 @@ class SamplingMetadata:
     output_token_ids: list[list[int]] | None = None
     # [B, V] bool, True where a token may be sampled (allowed_token_ids); None: all may.
     allowed_token_mask: torch.Tensor | None = None
+    # Structured outputs: packed int32 token bitmask [k, ceil(V / 32)] of the k
+    # constrained rows (bit set = allowed) and which rows those are; None: none is.
+    grammar_bitmask: torch.Tensor | None = None
+    grammar_rows: list[int] | None = None

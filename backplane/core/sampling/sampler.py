@@ -98,6 +98,11 @@ class Sampler:
                     logits[row, banned] = float("-inf")
         if meta.allowed_token_mask is not None:
             logits = logits.masked_fill(~meta.allowed_token_mask, float("-inf"))
+        if meta.grammar_bitmask is not None:
+            from backplane.core.structured_outputs import apply_bitmask
+
+            rows = torch.tensor(meta.grammar_rows, dtype=torch.long, device=logits.device)
+            logits = apply_bitmask(logits, meta.grammar_bitmask, rows)
         return logits
 
     @staticmethod

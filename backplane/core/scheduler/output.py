@@ -17,6 +17,9 @@ class NewRequestData:
     block_ids: list[int]
     num_computed_tokens: int
     params: SamplingParams
+    # The request's structured-output matcher (None: unconstrained). The runner
+    # masks and advances it; it lives in the same process as the scheduler.
+    grammar: object | None = None
 
 
 @dataclass
@@ -44,6 +47,11 @@ class SchedulerOutput:
     total_num_scheduled_tokens: int
     removed_request_ids: set[str] = field(default_factory=set)
     preempted_request_ids: set[str] = field(default_factory=set)
+    # The request objects planned, and those whose step ends in a sampled token.
+    # `update_from_output` matches results against these objects, not only ids:
+    # with async scheduling a result may arrive after its request ended.
+    scheduled_requests: dict = field(default_factory=dict)
+    sampling_request_ids: set[str] = field(default_factory=set)
 
     @property
     def is_empty(self) -> bool:

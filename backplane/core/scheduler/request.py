@@ -59,7 +59,7 @@ class Request:
         "request_id", "prompt_token_ids", "output_token_ids", "all_token_ids", "params",
         "priority", "arrival_time", "status", "num_computed_tokens", "num_cached_tokens",
         "max_total_tokens", "eos_token_ids", "stop_reason", "block_hashes", "num_preemptions",
-        "cache_salt",
+        "cache_salt", "num_output_placeholders", "grammar_future", "grammar",
     )
 
     def __init__(
@@ -92,6 +92,13 @@ class Request:
         self.stop_reason: int | str | None = None
         self.block_hashes: list[int] = []
         self.num_preemptions = 0
+        # Tokens being sampled by a step still in flight (async scheduling): the
+        # scheduler plans the next step as if they were already appended.
+        self.num_output_placeholders = 0
+        # Structured outputs: the grammar being compiled (a Future) and, once it is
+        # ready, the request's matcher. The scheduler holds the request back until then.
+        self.grammar_future = None
+        self.grammar = None
 
     @property
     def num_tokens(self) -> int:

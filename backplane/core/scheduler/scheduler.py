@@ -56,6 +56,8 @@ class Scheduler:
         # Requests that left the running set since the last schedule(); the runner drops them.
         self._removed_ids: set[str] = set()
         self.num_preemptions = 0
+        # Requests whose grammar failed to compile; the engine core ends them.
+        self.failed_grammars: list[str] = []
 
     # ----------------------------------------------------------------- requests
     def add_request(self, request: Request) -> None:
@@ -108,7 +110,12 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            # A token still being sampled (async scheduling) counts as known...
+            known = request.num_tokens + request.num_output_placeholders
+            num_new = min(known - request.num_computed_tokens, budget)
+            # ...unless it is the request's last: it ends there, so plan nothing more.
+            if request.num_output_placeholders and known >= request.max_total_tokens:
+                num_new = 0
             if num_new <= 0:
                 index += 1
                 continue
@@ -137,7 +144,9 @@ class Scheduler:
         # A request preempted after being scheduled this step cannot stay in the plan.
         cached_reqs = [c for c in cached_reqs if c.request_id not in preempted]
 
-        # Then waiting requests, unless this step already had to preempt.
+        # Then waiting requests, unless this step already had to preempt. Requests
+        # whose grammar is still compiling step aside for the ones behind them.
+        deferred: list[Request] = []
         while (
             not preempted
             and len(self.waiting)
@@ -145,6 +154,9 @@ class Scheduler:
             and len(self.running) < self.max_num_seqs
         ):
             request = self.waiting.peek()
+            if not self._grammar_ready(request):
+                deferred.append(self.waiting.pop())
+                continue
             hit_blocks, num_computed = [], 0
             if request.num_computed_tokens == 0:
                 hit_blocks, num_computed = self.kv.get_computed_blocks(request)
@@ -170,10 +182,13 @@ class Scheduler:
                     block_ids,
                     num_computed,
                     request.params,
+                    request.grammar,
                 )
             )
             num_scheduled[request.request_id] = num_new
             budget -= num_new
+        for request in reversed(deferred):
+            self.waiting.prepend(request)
 
         removed = self._removed_ids
         self._removed_ids = set()
@@ -186,9 +201,36 @@ class Scheduler:
             preempted_request_ids=preempted,
         )
         # Tokens handed out now count as computed; update_from_output samples on top.
+        # A request whose every known token is then computed samples one more in
+        # this step: a placeholder until update_from_output appends it.
         for request_id, count in num_scheduled.items():
-            self.requests[request_id].num_computed_tokens += count
+            request = self.requests[request_id]
+            request.num_computed_tokens += count
+            out.scheduled_requests[request_id] = request
+            if request.num_computed_tokens >= request.num_tokens + request.num_output_placeholders:
+                request.num_output_placeholders += 1
+                out.sampling_request_ids.add(request_id)
         return out
+
+    def _grammar_ready(self, request: Request) -> bool:
+        """Whether a waiting request may be scheduled as far as its grammar goes.
+
+        A grammar that failed to compile (rare: specs are validated when the
+        request is added) ends the request as aborted, with the reason logged.
+        """
+        future = request.grammar_future
+        if future is None or request.grammar is not None:
+            return True
+        if not future.done():
+            return False
+        try:
+            request.grammar = future.result()
+        except Exception as exc:  # noqa: BLE001 - any compile failure ends only this request
+            logger.error("request %s: its structured-output grammar failed to compile: %s",
+                         request.request_id, exc)
+            self.failed_grammars.append(request.request_id)
+            return False
+        return True
 
     def _pick_victim(self) -> Request:
         if self.policy == "priority":
@@ -200,6 +242,9 @@ class Scheduler:
         self.kv.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        # A token still in flight for it is dropped; it is sampled again on resume
+        # (seeded draws are replayed, so the result is the same).
+        request.num_output_placeholders = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
         self._removed_ids.add(request.request_id)
@@ -208,25 +253,37 @@ class Scheduler:
 
     # ------------------------------------------------------------------- update
     def update_from_output(
-        self, scheduler_output: SchedulerOutput, sampled: dict[str, int]
+        self, scheduler_output: SchedulerOutput, sampled: dict[str, int],
+        grammar_finished: set[str] | frozenset[str] = frozenset(),
     ) -> tuple[list[Request], list[Request]]:
         """Append sampled tokens and end requests that hit a stop condition.
 
         Args:
             sampled: {request_id: token} for requests whose step reached a
                 sampling point (every known token computed).
+            grammar_finished: requests whose structured-output grammar reached its
+                end with this token: they stop here, like at EOS.
 
         Returns:
             (requests that got a new token, requests that finished this step)
         """
         progressed, finished = [], []
+        planned = scheduler_output.scheduled_requests
+        for request_id in scheduler_output.sampling_request_ids:
+            request = planned[request_id]
+            request.num_output_placeholders = max(0, request.num_output_placeholders - 1)
         for request_id, token in sampled.items():
             request = self.requests.get(request_id)
-            if request is None or request.status != RequestStatus.RUNNING:
+            # The very request planned (an id may be reused once its request ended),
+            # still running (not finished, aborted or preempted since).
+            if (request is None or request.status != RequestStatus.RUNNING
+                    or (planned and planned.get(request_id) is not request)):
                 continue
             request.append_output_token(token)
             progressed.append(request)
-            if request.check_stop():
+            if request_id in grammar_finished and not request.status.finished:
+                request.status = RequestStatus.FINISHED_STOPPED
+            if request.status.finished or request.check_stop():
                 self.running.remove(request)
                 self._release(request)
                 finished.append(request)

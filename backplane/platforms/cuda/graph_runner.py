@@ -20,26 +20,38 @@ class _CapturedGraph:
 class CudaGraphRunner(GraphRunner):
     """Records ``fn`` once per padded batch size into a `torch.cuda.CUDAGraph`.
 
-    Each size owns static input buffers (copies of the example inputs) and the
-    output tensor produced during capture; every graph allocates from one shared
-    memory pool, so capturing many sizes costs about as much memory as the
-    largest one. ``replay`` copies new inputs into the leading rows of the static
-    buffers; rows past them keep their previous contents, so callers whose
-    padding rows matter (a slot mapping must be -1 there) pass inputs already
-    padded to the captured size.
+    Each size owns static input buffers and the output tensor produced during
+    capture; every graph allocates from one shared memory pool, so capturing
+    many sizes costs about as much memory as the largest one (capture largest
+    first). With `capture` the buffers are copies of the example inputs and
+    ``replay`` copies new inputs into their leading rows (rows past them keep
+    their previous contents, so callers whose padding rows matter pass inputs
+    already padded); with `capture_static` (the model runner's way) they are
+    the caller's own tensors, updated in place, and `replay_static` only
+    launches the graph.
     """
 
     def __init__(self, warmup_iters: int = 2) -> None:
         self.warmup_iters = warmup_iters
         self._graphs: dict[int, _CapturedGraph] = {}
         self._pool = None
+        self._pool_bytes = 0
 
     def capture(
         self, fn: Callable[..., torch.Tensor], example_inputs: list[torch.Tensor],
         batch_size: int,
     ) -> None:
-        """Record ``fn(*example_inputs)`` as the graph for ``batch_size``."""
-        static_inputs = [t.clone() for t in example_inputs]
+        """Record ``fn(*example_inputs)`` as the graph for ``batch_size`` (inputs copied)."""
+        self._record(fn, [t.clone() for t in example_inputs], batch_size)
+
+    def capture_static(
+        self, fn: Callable[..., torch.Tensor], static_inputs: list[torch.Tensor],
+        batch_size: int,
+    ) -> None:
+        """Record over the caller's buffers: the caller updates them in place before replays."""
+        self._record(fn, list(static_inputs), batch_size)
+
+    def _record(self, fn, static_inputs: list[torch.Tensor], batch_size: int) -> None:
         # Lazy work (cuBLAS handles, Triton compilation, allocator growth) must
         # happen before capture, and on a side stream as capture requires.
         side = torch.cuda.Stream()
@@ -51,9 +63,26 @@ class CudaGraphRunner(GraphRunner):
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
+        reserved_before = torch.cuda.memory_reserved()
         with torch.cuda.graph(graph, pool=self._pool):
             static_output = fn(*static_inputs)
+        self._pool_bytes += max(0, torch.cuda.memory_reserved() - reserved_before)
         self._graphs[batch_size] = _CapturedGraph(graph, static_inputs, static_output)
+
+    def replay_static(self, batch_size: int) -> torch.Tensor:
+        """Replay the graph of ``batch_size``; its inputs were updated in place by the caller."""
+        captured = self._graphs.get(batch_size)
+        if captured is None:
+            raise KeyError(
+                f"no CUDA graph captured for batch size {batch_size}; "
+                f"captured: {self.captured_sizes()}"
+            )
+        captured.graph.replay()
+        return captured.static_output
+
+    def memory_bytes(self) -> int:
+        """Memory the caching allocator reserved while recording (the shared graph pool)."""
+        return self._pool_bytes
 
     def captured_sizes(self) -> list[int]:
         return sorted(self._graphs)

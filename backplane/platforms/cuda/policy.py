@@ -15,6 +15,10 @@ _SINGLE_HOST_EXECUTORS = ("uni", "mp")
 class CudaConfigPolicy(ConfigPolicy):
     """GPU refusals: quantized KV cache (no kernels yet), more local ranks than GPUs."""
 
+    # The host CPU idles while the GPU steps: tokenization, detokenization and
+    # HTTP in the front-end process overlap with the step (rocm inherits this).
+    default_engine_process = True
+
     def __init__(self, runtime: DeviceRuntime, platform_name: str = "cuda") -> None:
         self.runtime = runtime
         self.platform_name = platform_name

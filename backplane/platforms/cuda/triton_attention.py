@@ -42,6 +42,9 @@ class TritonPagedAttentionBackend(AttentionBackend):
     name = "triton_paged"
     supported_dtypes = (torch.float16, torch.bfloat16, torch.float32)
     supports_sliding_window = True
+    # Decode metadata is the common tensors themselves and the kernels skip slot -1:
+    # a recorded decode step replays correctly over rewritten buffers.
+    supports_graph_capture = True
 
     @classmethod
     def unsupported_reasons(cls, spec: AttentionSpec) -> list[str]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from backplane.plugins_sdk.descriptor import PlatformDescriptor, ProbeResult
+from backplane.plugins_sdk.descriptor import GRAPH_CAPTURE, PlatformDescriptor, ProbeResult
 
 __version__ = "0.1.0"
 
@@ -64,4 +64,5 @@ descriptor = PlatformDescriptor(
     sdk_version=SDK_VERSION_WRITTEN_FOR,
     probe=_probe,
     load=_load,
+    features=frozenset({GRAPH_CAPTURE}),  # decode steps recorded and replayed (graph.py)
 )

@@ -16,6 +16,7 @@ from backplane.plugins_sdk import (
 
 from backplane_acme import visible_devices
 from backplane_acme.attention import AcmeAttentionBackend
+from backplane_acme.graph import RecordingGraphRunner
 
 # Simulated memory per Acme device.
 ACME_DEVICE_MEMORY_BYTES = 8 * 1024**3
@@ -64,10 +65,6 @@ class AcmeConfigPolicy(ConfigPolicy):
         if view.kv_cache_dtype != "auto":
             decision.refusals.append(
                 f"kv_cache_dtype {view.kv_cache_dtype!r} is not supported on acme; use 'auto'")
-        if view.use_graphs:
-            decision.refusals.append(
-                "graph capture (use_graphs=True) is not available on acme; use optimization "
-                "level O0 or O1")
         if view.dtype is not None and view.dtype not in AcmeRuntime.supported_dtypes:
             decision.refusals.append(
                 f"dtype {str(view.dtype).removeprefix('torch.')} is not supported on acme; use "
@@ -85,10 +82,15 @@ class AcmePlatform(Platform):
     name = "acme"
     dist_backend = "gloo"
     compile_backend = None
-    supports_graph_capture = False
+    # Decode steps are recorded and replayed (graph.py); with no compile backend,
+    # O2 means graphs over the eager model.
+    supports_graph_capture = True
 
     def __init__(self) -> None:
         super().__init__(AcmeRuntime(), AcmeConfigPolicy())
 
     def attention_backends(self):
         return [AcmeAttentionBackend]
+
+    def make_graph_runner(self) -> RecordingGraphRunner:
+        return RecordingGraphRunner()

@@ -65,9 +65,31 @@ def test_policy_sets_a_fixed_kv_cache_size_unless_one_is_given():
     assert not policy.check_and_update(view).changes and view.updates() == {}
 
 
-def test_policy_refuses_graphs_quantized_kv_cache_and_block_size():
+def test_policy_refuses_quantized_kv_cache_and_block_size_but_allows_graphs():
     from backplane_acme.platform import AcmePlatform
 
     view = PlatformConfigView.for_testing(use_graphs=True, kv_cache_dtype="fp8", block_size=64)
     refusals = AcmePlatform().config_policy.check_and_update(view).refusals
-    assert [r.split()[0] for r in refusals] == ["kv_cache_dtype", "graph", "block_size"]
+    assert [r.split()[0] for r in refusals] == ["kv_cache_dtype", "block_size"]
+
+
+def test_recorded_decode_step_replays_over_rewritten_buffers():
+    import torch
+
+    from backplane_acme.graph import RecordingGraphRunner
+
+    runner = RecordingGraphRunner()
+    cache = torch.zeros(8, 2)
+    x, slots = torch.zeros(2, 2), torch.tensor([0, 1])
+
+    def step(x, slots):  # writes "KV" by slot and reads the whole cache, like attention
+        cache.index_copy_(0, slots, x)
+        return cache.sum(0, keepdim=True) + x
+
+    runner.capture_static(step, [x, slots], 2)
+    x.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    slots.copy_(torch.tensor([5, 6]))  # new values in place, as the model runner does
+    out = runner.replay_static(2)
+    assert cache[5].tolist() == [1.0, 2.0] and cache[6].tolist() == [3.0, 4.0]
+    assert out.tolist() == [[5.0, 8.0], [7.0, 10.0]]
+    assert runner.replay_counts[2] == 1

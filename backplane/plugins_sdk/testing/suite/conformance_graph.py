@@ -55,3 +55,39 @@ def test_graph_replay_equals_eager(captured, backplane_device):
             assert torch.allclose(replayed, eager, atol=1e-5, rtol=1e-5), (
                 f"batch {size}: replay differs from eager by "
                 f"{(replayed - eager).abs().max().item():.3g}")
+
+
+def test_graph_replay_static_sees_in_place_updates(backplane_platform, backplane_device):
+    """The model runner's way (SDK 1.1): record over its buffers, rewrite them, replay."""
+    runner = backplane_platform.make_graph_runner()
+    if runner is None:
+        pytest.skip(f"platform {backplane_platform.name!r} offers no GraphRunner "
+                    "(supports_graph_capture=False)")
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(WIDTH, WIDTH, generator=gen).to(backplane_device)
+    state = torch.zeros(2 * max(SIZES), WIDTH, device=backplane_device)  # like a KV cache
+
+    def step(x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        # Writes rows of a tensor it closes over at ``slots``, then reads all of it.
+        state.index_copy_(0, slots, torch.tanh(x @ weight))
+        return x + state.sum(dim=0, keepdim=True)
+
+    x_buf = torch.zeros(max(SIZES), WIDTH, device=backplane_device)
+    slot_buf = torch.arange(max(SIZES), device=backplane_device)
+    for size in sorted(SIZES, reverse=True):
+        runner.capture_static(step, [x_buf[:size], slot_buf[:size]], size)
+    for size in SIZES:
+        x = torch.randn(size, WIDTH, generator=gen).to(backplane_device)
+        slots = torch.randperm(2 * max(SIZES), generator=gen)[:size].to(backplane_device)
+        x_buf[:size].copy_(x)
+        slot_buf[:size].copy_(slots)
+        before = state.clone()
+        replayed = runner.replay_static(size)[:size].clone()
+        after_replay = state.clone()
+        state.copy_(before)
+        eager = step(x, slots)
+        assert torch.allclose(after_replay, state, atol=1e-5, rtol=1e-5), (
+            f"batch {size}: replay wrote other rows of the closed-over tensor than eager")
+        assert torch.allclose(replayed, eager, atol=1e-5, rtol=1e-5), (
+            f"batch {size}: replay over in-place-updated buffers differs from eager by "
+            f"{(replayed - eager).abs().max().item():.3g}")
