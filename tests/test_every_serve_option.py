@@ -44,6 +44,8 @@ SHOWN_BY = {
     "max_num_batched_tokens": "tests/core/scheduler/test_scheduler.py::test_budget_and_chunked_prefill",
     "enable_chunked_prefill": "tests/core/scheduler/test_scheduler.py::test_without_chunking_a_prompt_waits_for_a_whole_budget",
     "scheduling_policy": "tests/core/engine/test_lifecycle.py::test_fcfs_order_with_one_slot_and_priority_order",
+    "async_scheduling": "tests/core/engine/test_async_scheduling.py::test_greedy_seeded_stops_and_preemption_equal_the_synchronous_loop",
+    "engine_process": "tests/core/engine/test_engine_process.py::test_child_runs_the_core_and_the_config_says_so",
     "device": "tests/platforms/test_plugin_template.py::test_device_acme_selects_it_and_fails_loudly_without_a_device",
     "attention_backend": "tests/core/engine/test_parity.py::test_each_cpu_attention_backend_matches_transformers",
     "load_format": "tests/core/engine/test_engine_options.py::test_load_format_auto_and_safetensors_load_others_are_refused",
@@ -79,6 +81,10 @@ SHOWN_BY = {
     "disable_fastapi_docs": "tests/entrypoints/test_request_surface.py::test_disable_fastapi_docs",
     "middleware": "tests/entrypoints/test_request_surface.py::test_middleware_option",
     "stream_interval": "tests/entrypoints/test_request_surface.py::test_stream_interval",
+    "enable_auto_tool_choice": "tests/entrypoints/test_tool_calling.py::test_auto_tool_choice_needs_the_flag",
+    "tool_call_parser": "tests/entrypoints/test_tool_calling.py::test_tool_calls_non_streaming",
+    "reasoning_parser": "tests/entrypoints/test_tool_calling.py::test_reasoning_then_tool_calls_non_streaming",
+    "structured_outputs_config": "tests/entrypoints/test_structured_outputs.py::test_structured_outputs_config_sets_the_default_backend",
 }
 
 # option -> EngineArgs keywords whose use must be refused with a message naming it.

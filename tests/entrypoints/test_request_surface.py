@@ -292,12 +292,9 @@ def test_cache_salt_isolates_the_prefix_cache(server, http):
 @pytest.mark.parametrize(
     ("path", "field", "value"),
     [
-        (CHAT, "response_format", {"type": "json_object"}),
-        (CHAT, "tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-        (CHAT, "guided_json", {"type": "object"}),
-        (COMPLETIONS, "guided_json", {"type": "object"}),
-        (COMPLETIONS, "response_format", {"type": "json_object"}),
+        (CHAT, "functions", [{"name": "f", "parameters": {}}]),
         (COMPLETIONS, "best_of", 2),
+        (COMPLETIONS, "prompt_embeds", "abc"),
     ],
 )
 def test_unsupported_fields_are_400(http, path, field, value):

@@ -104,6 +104,10 @@ def _register_throughput(sub) -> None:
                    help="tokens of a random prefix shared by every prompt")
     w.add_argument("--temperature", type=float, default=0.0,
                    help="sampling temperature (0 = greedy, like the baseline)")
+    w.add_argument("--structured-json", action="store_true",
+                   help="constrain every request with a JSON schema (structured outputs; an "
+                   "array of records that never ends early) to compare output tok/s with and "
+                   "without constraints")
     m = p.add_argument_group("measurement")
     m.add_argument("--repeat", type=_positive_int, default=1,
                    help="run the workload K times on fresh prompts; medians quoted")

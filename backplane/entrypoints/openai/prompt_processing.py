@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -78,6 +79,17 @@ def _message_dict(message, index: int) -> dict:
         content = "\n".join(texts)
     out = message.model_dump(exclude_none=True)
     out["content"] = content if content is not None else ""
+    for call in out.get("tool_calls") or ():
+        # OpenAI sends the arguments as a JSON string; chat templates (Llama 3.1,
+        # Hermes, Mistral...) expect the object (``arguments | tojson``), as vLLM passes it.
+        args = call["function"].get("arguments")
+        if isinstance(args, str):
+            try:
+                parsed = json.loads(args)
+            except ValueError:
+                continue
+            if isinstance(parsed, dict):
+                call["function"]["arguments"] = parsed
     return out
 
 

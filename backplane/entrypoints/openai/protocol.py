@@ -7,9 +7,12 @@ follow vLLM's so that clients written for `vllm serve` work unchanged.
 Every integer is range-checked here, at the edge, so that no value can
 overflow inside the engine. Text anywhere in a request must be valid Unicode
 (a lone surrogate such as ``"\ud800"`` is a 400). Fields that OpenAI or vLLM
-define but Backplane does not implement (``response_format``, ``tools``,
-``guided_json``, ...) are refused by name unless they carry their neutral
-value; fields nobody defines are ignored with a warning in the server log,
+define but Backplane does not implement (``functions``, ``best_of``,
+``prompt_embeds``, ...) are refused by name unless they carry their neutral
+value (``tools`` and ``tool_choice`` are fields of chat requests only; see
+`ChatCompletionRequest`); the structured-output fields (``response_format``,
+``structured_outputs``, legacy ``guided_*``) are kept as sent and mapped by
+`backplane.entrypoints.openai.structured_outputs`; fields nobody defines are ignored with a warning in the server log,
 as vLLM does, so that clients sending extra metadata keep working.
 """
 
@@ -63,31 +66,18 @@ def find_lone_surrogate(value: Any, path: str = "") -> tuple[str, int, str] | No
     return None
 
 
-def _is_text_format(value: Any) -> bool:
-    return value is None or value == {"type": "text"}
-
-
 # Fields OpenAI or vLLM define that Backplane does not implement. Each is refused
 # with its reason unless its value is the neutral one (the predicate says which),
 # so that clients sending defaults keep working and nothing is silently ignored.
-_STRUCTURED = (
-    "structured outputs (JSON schema, regex, choice and grammar constraints) are not "
-    "implemented yet; prompt the model for the format instead"
+_TOOLS = "tool calling is only available in /v1/chat/completions (tools and tool_choice)"
+_LEGACY_FUNCTIONS = (
+    "the legacy functions/function_call fields are not supported; use tools and tool_choice"
 )
-_TOOLS = "tool calling is not implemented yet; send tools in the prompt instead"
 UNSUPPORTED_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "response_format": (_is_text_format, _STRUCTURED),
-    "guided_json": (lambda v: v is None, _STRUCTURED),
-    "guided_regex": (lambda v: v is None, _STRUCTURED),
-    "guided_choice": (lambda v: v is None, _STRUCTURED),
-    "guided_grammar": (lambda v: v is None, _STRUCTURED),
-    "guided_decoding_backend": (lambda v: v is None, _STRUCTURED),
-    "guided_whitespace_pattern": (lambda v: v is None, _STRUCTURED),
-    "structured_outputs": (lambda v: v is None, _STRUCTURED),
     "tools": (lambda v: not v, _TOOLS),
     "tool_choice": (lambda v: v in (None, "none", "auto"), _TOOLS),
-    "functions": (lambda v: not v, _TOOLS),
-    "function_call": (lambda v: v in (None, "none", "auto"), _TOOLS),
+    "functions": (lambda v: not v, _LEGACY_FUNCTIONS),
+    "function_call": (lambda v: v in (None, "none", "auto"), _LEGACY_FUNCTIONS),
     "best_of": (lambda v: v in (None, 1), "best_of is not supported (vLLM V1 dropped it); "
                 "use n and rank the completions by their logprobs"),
     "logits_processors": (lambda v: not v, "per-request logits processors are not supported; "
@@ -203,6 +193,18 @@ class _SamplingFields(_Request):
     # vLLM's beam search: n beams, ranked with length_penalty (see serving_beam_search).
     use_beam_search: bool = False
     length_penalty: float = 1.0
+    # Structured outputs (constrained decoding), checked and mapped onto
+    # StructuredOutputsParams by entrypoints/openai/structured_outputs.py so that every
+    # shape error is a 400 naming its field. At most one constraint per request.
+    response_format: Any = None  # OpenAI: text, json_object, json_schema (+ structural_tag)
+    structured_outputs: Any = None  # vLLM: {json|json_object|regex|choice|grammar|...}
+    # vLLM's legacy spellings (deprecated: a warning once per field per process).
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    guided_decoding_backend: Any = None
+    guided_whitespace_pattern: Any = None  # refused: no backend takes a whitespace pattern
 
     @model_validator(mode="after")
     def _length_penalty_needs_beam_search(self):
@@ -224,11 +226,64 @@ class CompletionRequest(_SamplingFields):
     add_special_tokens: bool = True
 
 
+class FunctionDefinition(BaseModel):
+    """``tools[i].function``: a function the model may call."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(min_length=1)
+    description: str | None = None
+    # A JSON schema (an object) of the arguments.
+    parameters: dict[str, Any] | None = None
+
+
+class ChatCompletionTool(BaseModel):
+    """One entry of ``tools`` (OpenAI's function tools; the only kind there is)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedToolChoiceFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """``tool_choice: {"type": "function", "function": {"name": ...}}``."""
+
+    type: Literal["function"]
+    function: NamedToolChoiceFunction
+
+
+class MessageFunctionCall(BaseModel):
+    """``function`` of a tool call in an assistant message of the history."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    # OpenAI sends a JSON string; an object is accepted too.
+    arguments: str | dict[str, Any]
+
+
+class MessageToolCall(BaseModel):
+    """One of ``tool_calls`` in an assistant message of the history."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: MessageFunctionCall
+
+
 class ChatMessage(_Request):
     """One chat message; ``content`` may be a string or a list of content parts.
 
-    Other keys (``tool_calls``, ``reasoning_content``, ...) are passed to the
-    chat template, which may use them.
+    Assistant messages may carry ``tool_calls`` (``content`` null), tool
+    results come as ``role: "tool"`` with ``tool_call_id``. Other keys
+    (``reasoning_content``, ...) are passed to the chat template, which may use
+    them.
     """
 
     _report_extra: ClassVar[bool] = False
@@ -236,6 +291,8 @@ class ChatMessage(_Request):
     role: str
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -251,6 +308,13 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_special_tokens: bool = False
+    # Function tools, passed to the chat template. Calls written by the model are
+    # parsed into tool_calls with tool_choice "auto" on a server started with
+    # --enable-auto-tool-choice (serving_chat.tool_choice_mode decides); "required" and
+    # a named function constrain the output to calls (structured outputs).
+    tools: list[ChatCompletionTool] | None = None
+    # None: "auto" when tools are given, else "none" (OpenAI's and vLLM's default).
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
 
 
 class TokenizeRequest(_Request):
@@ -353,11 +417,30 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
+class ResponseFunctionCall(BaseModel):
+    name: str
+    arguments: str  # a JSON object, serialized
+
+
+class ResponseToolCall(BaseModel):
+    """A tool call the model made (OpenAI's shape)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunctionCall
+
+
 class ChatResponseMessage(BaseModel):
-    """The assistant's reply."""
+    """The assistant's reply.
+
+    ``reasoning_content`` (vLLM's name) is set with --reasoning-parser,
+    ``tool_calls`` when a tool-call parser found calls; both are null otherwise.
+    """
 
     role: str = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ResponseToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -382,11 +465,29 @@ class ChatCompletionResponse(BaseModel):
     prompt_logprobs: list[dict[str, dict[str, Any]] | None] | None = None
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    """A piece of a streamed tool call: ``index`` says which call; ``id``, ``type``
+    and ``function.name`` come on its first piece, ``function.arguments``
+    fragments after."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
+
+
 class DeltaMessage(BaseModel):
     """The part of the assistant's message added by one stream chunk."""
 
     role: str | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatStreamChoice(BaseModel):

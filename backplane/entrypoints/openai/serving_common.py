@@ -19,6 +19,7 @@ from fastapi import Request
 from starlette.responses import StreamingResponse
 
 from backplane.core.engine.async_engine import AsyncEngine, RequestAbortedError, RequestStream
+from backplane.core.structured_outputs import StructuredOutputError, StructuredOutputsParams
 from backplane.entrypoints.openai.errors import (
     ENGINE_ERRORS,
     OpenAIServingError,
@@ -53,6 +54,10 @@ class ServerLimits:
         response_role: the role of generated chat messages.
         stream_interval: a stream sends a chunk every this many tokens (and at the end).
         log_requests: log each request's ids, prompt length and sampling parameters.
+        enable_auto_tool_choice: parse tool calls out of chat replies (``tool_choice``
+            ``auto``) with ``tool_call_parser``.
+        tool_call_parser: the `TOOL_PARSERS` name of the model's tool-call format.
+        reasoning_parser: the `REASONING_PARSERS` name splitting off ``reasoning_content``.
     """
 
     max_n: int = 128
@@ -62,6 +67,9 @@ class ServerLimits:
     response_role: str = "assistant"
     stream_interval: int = 1
     log_requests: bool = False
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
 
     @classmethod
     def from_options(cls, opts) -> ServerLimits:
@@ -74,6 +82,9 @@ class ServerLimits:
             response_role=opts.response_role,
             stream_interval=opts.stream_interval,
             log_requests=opts.enable_log_requests,
+            enable_auto_tool_choice=opts.enable_auto_tool_choice,
+            tool_call_parser=opts.tool_call_parser,
+            reasoning_parser=opts.reasoning_parser,
         )
 
 
@@ -249,11 +260,13 @@ def build_sampling_params(
     logprobs: int | None,
     prompt_logprobs: int | None = None,
     defaults: dict[str, Any] | None = None,
+    structured_outputs: StructuredOutputsParams | None = None,
 ) -> SamplingParams:
     """SamplingParams from a completion/chat request; 400 naming the field if invalid.
 
     ``defaults`` (`ServingContext.sampling_defaults`) fill the sampling fields
-    the client left unset.
+    the client left unset. ``structured_outputs`` is the request's constraint
+    (`structured_outputs.request_constraint`, or a forced tool call's schema).
     """
     # Upper bounds (--max-logprobs) are the engine's to check; it names the field.
     bias = None
@@ -282,6 +295,7 @@ def build_sampling_params(
         include_stop_str_in_output=req.include_stop_str_in_output,
         allowed_token_ids=req.allowed_token_ids,
         bad_words=req.bad_words,
+        structured_outputs=structured_outputs,
     )
     return sampling_params_with(
         req,
@@ -529,11 +543,14 @@ async def add_requests(
     prompts: list,
     params: list,
     priority: int = 0,
+    constraint_param: str | None = None,
 ) -> list[RequestStream]:
     """Add one engine request per prompt (generation or pooling); their streams, in order.
 
     If any is refused, the ones already added are aborted and the error is
-    raised (ValueError becomes a 400, an engine error a 503/500).
+    raised (ValueError becomes a 400, an engine error a 503/500). A structured-output
+    spec the engine refuses is a 400 naming ``constraint_param``, the request field
+    that set the constraint.
     """
     streams: list[RequestStream] = []
     added: list[str] = []
@@ -549,7 +566,14 @@ async def add_requests(
         # Only what this call added: an id refused as a duplicate belongs to someone else.
         abort_all(ctx, added)
         if isinstance(exc, ValueError):
-            raise from_value_error(exc) from None
+            err = from_value_error(exc)
+            constrained = constraint_param is not None and (
+                isinstance(exc, StructuredOutputError) or err.param is None)
+            if constrained:
+                err.param = constraint_param
+                if not err.message.startswith(constraint_param):
+                    err.message = f"{constraint_param}: {err.message}"
+            raise err from None
         if isinstance(exc, ENGINE_ERRORS):
             raise engine_error(exc) from None
         raise
@@ -562,10 +586,11 @@ async def submit_all(
     prompts: list,
     params: list[SamplingParams],
     priority: int,
+    constraint_param: str | None = None,
 ) -> list[AsyncIterator[RequestOutput]]:
     """`add_requests`, then metered output iterators in the same order."""
     arrived = time.time()
-    streams = await add_requests(ctx, request_ids, prompts, params, priority)
+    streams = await add_requests(ctx, request_ids, prompts, params, priority, constraint_param)
     return [
         every_n_tokens(
             ctx.metrics.track(iterate_request(ctx.engine, stream), arrived),

@@ -44,6 +44,7 @@ from backplane.entrypoints.openai.serving_common import (
     usage_of,
     usage_options,
 )
+from backplane.entrypoints.openai.structured_outputs import request_constraint
 from backplane.outputs import CompletionOutput, Logprob, RequestOutput
 
 
@@ -117,6 +118,10 @@ class CompletionServing:
         prompt_logprobs = req.prompt_logprobs
         if req.echo and logprobs is not None:
             prompt_logprobs = max(prompt_logprobs or 0, logprobs)
+        constraint = request_constraint(req, "completions")
+        if constraint is not None and req.use_beam_search:
+            raise bad_request("structured outputs cannot be combined with use_beam_search",
+                              constraint.param)
         params = []
         # Left unset, max_tokens is the model's max_new_tokens if it has one (else 16).
         requested = 1 if prompt_only else ctx.requested_max_tokens(req, "max_tokens")
@@ -129,6 +134,7 @@ class CompletionServing:
                 build_sampling_params(
                     req, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                     defaults=defaults,
+                    structured_outputs=constraint.params if constraint is not None else None,
                 )
             )
         view = _ResponseView(req, prompt_only)
@@ -140,7 +146,7 @@ class CompletionServing:
         request_ids = ctx.engine_request_ids(base_id, len(prompts))
         iterators = await submit_all(
             ctx, request_ids, [engine_prompt(p.token_ids, req.cache_salt) for p in prompts],
-            params, req.priority,
+            params, req.priority, constraint.param if constraint is not None else None,
         )
         if req.stream:
             return SSEResponse(
