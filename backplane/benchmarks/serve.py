@@ -157,7 +157,7 @@ def sharegpt_prompts(path: str, num: int, seed: int, output_len: int | None = No
 
 
 def _payload(req: ServeRequest, endpoint: str, model: str, ignore_eos: bool,
-             temperature: float) -> dict:
+             temperature: float, json_schema: dict | None = None) -> dict:
     body: dict[str, Any] = {
         "model": model,
         "max_tokens": req.output_len,
@@ -172,6 +172,10 @@ def _payload(req: ServeRequest, endpoint: str, model: str, ignore_eos: bool,
         body["messages"] = [{"role": "user", "content": req.prompt}]
     else:
         body["prompt"] = req.prompt
+    if json_schema is not None:
+        # OpenAI's shape; vLLM-compatible servers take it on completions too.
+        body["response_format"] = {"type": "json_schema",
+                                   "json_schema": {"name": "records", "schema": json_schema}}
     return body
 
 
@@ -271,6 +275,8 @@ class ServeOptions:
     seed: int = 0
     timeout_s: float = 600.0
     progress: bool = True
+    # A JSON schema every request must follow (response_format json_schema), or None.
+    json_schema: dict | None = None
 
 
 async def run_serve_async(opts: ServeOptions) -> dict:
@@ -290,7 +296,8 @@ async def run_serve_async(opts: ServeOptions) -> dict:
 
         async def one(req: ServeRequest) -> RequestResult:
             async with limit:
-                body = _payload(req, opts.endpoint, opts.model, opts.ignore_eos, opts.temperature)
+                body = _payload(req, opts.endpoint, opts.model, opts.ignore_eos, opts.temperature,
+                                opts.json_schema)
                 res = await send_request(client, url, body, req.prompt_len, headers)
             bar.update(1)
             return res
@@ -381,6 +388,15 @@ def result_rows(result: dict) -> list[tuple[str, Any]]:
     return rows
 
 
+def _structured_schema(args, requests: list[ServeRequest]) -> dict | None:
+    """--structured-json: bench throughput's schema, unable to end before the longest output."""
+    if not getattr(args, "structured_json", False):
+        return None
+    from backplane.benchmarks.throughput import structured_json_schema
+
+    return structured_json_schema(max(r.output_len for r in requests))
+
+
 def main(args) -> int:
     """Entry point of `backplane bench serve`."""
     tokenizer = None
@@ -409,6 +425,7 @@ def main(args) -> int:
         api_key=args.api_key,
         seed=args.seed,
         progress=not args.no_progress,
+        json_schema=_structured_schema(args, requests),
     )
     result = run_serve(opts)
     table_out = sys.stderr if args.json == "-" else sys.stdout

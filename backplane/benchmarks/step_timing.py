@@ -318,6 +318,12 @@ def decode_step_summary(records: list[StepRecord], min_steps: int = 3) -> dict[i
             entry["cpu_util"] = statistics.median(cpu) / torch.get_num_threads()
             entry["median_cpu_s"] = statistics.median(
                 r.cpu_seconds for r in recs if r.cpu_seconds is not None)
+        masks = [r.phases.get("grammar_mask_seconds", 0.0) for r in recs]
+        if any(masks):
+            # Structured outputs: filling the grammar bitmasks (the masking itself is
+            # part of the sampler).
+            entry["median_grammar_mask_s"] = statistics.median(masks)
+            entry["grammar_mask_pct"] = 100.0 * entry["median_grammar_mask_s"] / step_s
         sampler = [r.sampler_seconds for r in recs if r.sampler_seconds is not None]
         if sampler:
             entry["median_sampler_s"] = statistics.median(sampler)

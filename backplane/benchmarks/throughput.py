@@ -296,6 +296,8 @@ def result_rows(result: dict) -> list[tuple[str, Any]]:
             rows.append((f"decode bs={batch}: outside model %", d["overhead_pct"]))
         if "sampler_pct" in d:
             rows.append((f"decode bs={batch}: sampler %", d["sampler_pct"]))
+        if "grammar_mask_pct" in d:
+            rows.append((f"decode bs={batch}: grammar masks %", d["grammar_mask_pct"]))
         if "cpu_util" in d:
             rows.append((f"decode bs={batch}: CPU utilisation", d["cpu_util"]))
     if "prefix_caching" in result:

@@ -34,6 +34,7 @@ _EXPORTS = {
     "ProbeResult": "descriptor",
     "ReferenceAttentionBackend": "reference",
     "TorchSdpaPagedAttentionBackend": "torch_sdpa",
+    "apply_token_bitmask": "token_bitmask",
     "deprecated": "deprecation",
     "deprecated_alias": "deprecation",
     "fused_moe_torch": "fused_moe",
@@ -59,6 +60,7 @@ __all__ = [
     "SDK_VERSION",
     "SdkVersion",
     "TorchSdpaPagedAttentionBackend",
+    "apply_token_bitmask",
     "check_sdk_compatibility",
     "deprecated",
     "deprecated_alias",
@@ -87,6 +89,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         Platform,
     )
     from backplane.plugins_sdk.reference import ReferenceAttentionBackend
+    from backplane.plugins_sdk.token_bitmask import apply_token_bitmask
     from backplane.plugins_sdk.torch_sdpa import TorchSdpaPagedAttentionBackend
     from backplane.plugins_sdk.version import SDK_VERSION, SdkVersion, check_sdk_compatibility
 

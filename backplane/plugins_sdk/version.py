@@ -36,7 +36,9 @@ History:
          (CausalLM.layer_attention_specs); graph capture in the model runner:
          AttentionBackend.supports_graph_capture (default False),
          GraphRunner.capture_static / replay_static (defaults fall back to
-         capture / replay) and GraphRunner.memory_bytes (default None).
+         capture / replay) and GraphRunner.memory_bytes (default None);
+         Platform.apply_token_bitmask (structured outputs; default
+         token_bitmask.apply_token_bitmask).
 
 Members added to a minor before its first release (as listed for 1.1) need
 no new version: a plugin declaring that minor only ever meets a Backplane that

@@ -71,6 +71,34 @@ def test_serve_against_backplane_server(real_server, bench_tiny_model, tmp_path)
     assert result["goodput"] == pytest.approx(result["request_throughput"])
 
 
+def test_serve_structured_json_constrains_every_request(real_server, bench_tiny_model,
+                                                        tmp_path):
+    """--structured-json sends response_format json_schema; output lengths stay exact."""
+    path = tmp_path / "serve.json"
+    code = main([
+        "bench", "serve", "--base-url", real_server, "--model", "tiny-bench",
+        "--tokenizer", bench_tiny_model, "--num-prompts", "4", "--burst",
+        "--input-len", "16", "--output-len", "12", "--structured-json",
+        "--no-progress", "--json", str(path),
+    ])
+    assert code == 0
+    result = json.loads(path.read_text())
+    assert result["completed"] == 4 and result["failed"] == 0
+    assert result["total_output_tokens"] == 48
+
+
+def test_structured_payload_carries_the_schema():
+    from backplane.benchmarks.serve import ServeRequest, _payload
+    from backplane.benchmarks.throughput import structured_json_schema
+
+    schema = structured_json_schema(8)
+    body = _payload(ServeRequest("hi", 1, 8), "/v1/chat/completions", "m", True, 0.0, schema)
+    assert body["response_format"] == {
+        "type": "json_schema", "json_schema": {"name": "records", "schema": schema}}
+    assert "response_format" not in _payload(ServeRequest("hi", 1, 8), "/v1/completions", "m",
+                                             True, 0.0)
+
+
 def _mock_app():
     """An OpenAI-style chat server that streams 5 words per request and reports no usage."""
     app = FastAPI()

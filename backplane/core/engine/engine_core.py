@@ -38,6 +38,8 @@ class StepTiming:
     forward_seconds: float = 0.0
     num_tokens: int = 0
     num_reqs: int = 0
+    # Filling and moving the structured-output token bitmasks (0 without constraints).
+    grammar_mask_seconds: float = 0.0
 
 
 class EngineCore:
@@ -188,5 +190,6 @@ class EngineCore:
             forward_seconds=result.forward_seconds,
             num_tokens=sched_out.total_num_scheduled_tokens,
             num_reqs=len(sched_out.num_scheduled_tokens),
+            grammar_mask_seconds=result.grammar_mask_seconds,
         )
         return outputs

@@ -135,9 +135,9 @@ def decode_output(data: list) -> EngineCoreOutput:
 
 
 def encode_timing(t: StepTiming) -> list:
-    return [t.total_seconds, t.forward_seconds, t.num_tokens, t.num_reqs]
+    return [t.total_seconds, t.forward_seconds, t.num_tokens, t.num_reqs,
+            t.grammar_mask_seconds]
 
 
 def decode_timing(data: list) -> StepTiming:
-    total, forward, tokens, reqs = data
-    return StepTiming(total, forward, tokens, reqs)
+    return StepTiming(*data)

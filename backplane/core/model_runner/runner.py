@@ -46,6 +46,8 @@ class ModelRunnerOutput:
     forward_seconds: float = 0.0
     # Requests whose structured-output grammar ended with this step's token.
     grammar_finished: set[str] = field(default_factory=set)
+    # Time spent filling and moving the grammar bitmasks this step.
+    grammar_mask_seconds: float = 0.0
 
 
 class ModelRunner:
@@ -125,6 +127,8 @@ class ModelRunner:
             self.vocab_size, self.device,
         )
         self.sampler = Sampler()
+        # Structured outputs' logit masking: the platform's op (SDK default: tensor ops).
+        self._apply_token_bitmask = platform.apply_token_bitmask
         from backplane.plugins import get_logits_processors
 
         self.logits_processors = tuple(get_logits_processors())
@@ -303,6 +307,7 @@ class ModelRunner:
             logits = self.model.compute_logits(
                 hidden[torch.from_numpy(cu[sample_mask] - 1).to(device)])
             meta = self._sampling_metadata(sample_rows)
+            result.grammar_mask_seconds = meta.grammar_mask_seconds
             sampled = self.sampler(logits, meta)
             token_ids = sampled.token_ids.tolist()
             for i, row in enumerate(sample_rows.tolist()):
@@ -426,10 +431,14 @@ class ModelRunner:
                 batch.token_ids[r, batch.num_prompt_tokens[r] : batch.num_tokens[r]].tolist()
                 for r in rows.tolist()
             ]
+        mask_start = time.perf_counter()
         grammar_bitmask, grammar_rows = self._grammar_bitmask(rows)
         return SamplingMetadata(
             grammar_bitmask=grammar_bitmask,
             grammar_rows=grammar_rows,
+            grammar_mask_seconds=(0.0 if grammar_bitmask is None
+                                  else time.perf_counter() - mask_start),
+            apply_token_bitmask=self._apply_token_bitmask,
             logits_processors=self.logits_processors,
             output_token_ids=output_token_ids,
             all_greedy=all_greedy,

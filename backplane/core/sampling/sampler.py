@@ -99,10 +99,9 @@ class Sampler:
         if meta.allowed_token_mask is not None:
             logits = logits.masked_fill(~meta.allowed_token_mask, float("-inf"))
         if meta.grammar_bitmask is not None:
-            from backplane.core.structured_outputs import apply_bitmask
-
+            # The platform's op (a fused kernel where it has one; tensor ops by default).
             rows = torch.tensor(meta.grammar_rows, dtype=torch.long, device=logits.device)
-            logits = apply_bitmask(logits, meta.grammar_bitmask, rows)
+            logits = meta.apply_token_bitmask(logits, meta.grammar_bitmask, rows)
         return logits
 
     @staticmethod

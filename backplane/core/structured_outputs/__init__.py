@@ -17,8 +17,9 @@ Modules
 * ``manager``: `StructuredOutputManager`: backend choice ("auto" = xgrammar, then guidance
   when xgrammar raises UnsupportedSpecError; a backend named explicitly never falls back),
   a compiled-grammar cache keyed by (backend, params.key()), compilation on a small thread
-  pool, and the batch bitmask helpers; `apply_bitmask` masks logits with tensor ops on the
-  logits' device.
+  pool, and the batch bitmask helpers. `apply_bitmask` (the SDK's `apply_token_bitmask`,
+  which platforms may override as `Platform.apply_token_bitmask`) masks logits with tensor
+  ops on the logits' device.
 
 How the engine uses it
 ----------------------
@@ -47,12 +48,10 @@ from backplane.core.structured_outputs.errors import (
     StructuredOutputError,
     UnsupportedSpecError,
 )
-from backplane.core.structured_outputs.manager import (
-    StructuredOutputManager,
-    apply_bitmask,
-    unpack_bitmask,
-)
+from backplane.core.structured_outputs.manager import StructuredOutputManager
 from backplane.core.structured_outputs.params import StructuredOutputsParams
+from backplane.plugins_sdk.token_bitmask import apply_token_bitmask as apply_bitmask
+from backplane.plugins_sdk.token_bitmask import unpack_bitmask
 
 __all__ = [
     "Grammar", "GrammarBackend", "InvalidSpecError", "StructuredOutputError",

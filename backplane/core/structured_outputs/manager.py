@@ -18,10 +18,10 @@ from backplane.core.structured_outputs.params import (
     StructuredOutputsParams,
     canonical_backend_name,
 )
+from backplane.plugins_sdk.token_bitmask import apply_token_bitmask as apply_bitmask
 
 # Backends tried, in order, by "auto" (vLLM V1: xgrammar, then guidance on unsupported specs).
 AUTO_ORDER = ("xgrammar", "guidance")
-_SHIFTS: dict[torch.device, torch.Tensor] = {}
 
 
 def _default_factories() -> dict[str, Callable[..., GrammarBackend]]:
@@ -34,54 +34,6 @@ def _default_factories() -> dict[str, Callable[..., GrammarBackend]]:
         return GuidanceBackend(tokenizer, vocab_size, eos_token_ids)
 
     return {"xgrammar": xgrammar, "guidance": guidance}
-
-
-def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """``(rows, words)`` int32 -> ``(rows, vocab_size)`` bool, True = allowed; ids at or past
-    ``32 * words`` are disallowed. Tensor ops only, on ``bitmask``'s device."""
-    shifts = _SHIFTS.get(bitmask.device)
-    if shifts is None:
-        shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-        _SHIFTS[bitmask.device] = shifts
-    bits = (bitmask.unsqueeze(-1) >> shifts) & 1          # arithmetic shift is fine: & 1
-    allowed = bits.reshape(bitmask.shape[0], -1).bool()
-    width = allowed.shape[1]
-    if width >= vocab_size:
-        return allowed[:, :vocab_size]
-    pad = torch.zeros(bitmask.shape[0], vocab_size - width, dtype=torch.bool,
-                      device=bitmask.device)
-    return torch.cat([allowed, pad], dim=1)
-
-
-def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor,
-                  rows: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
-    """Set the disallowed logits to -inf, in place, on the logits' device; returns ``logits``.
-
-    ``logits`` is ``(batch, vocab)``; ``bitmask`` is int32 ``(n, words)`` (any device: it is
-    moved, non-blocking, to the logits' device). With ``rows=None`` bitmask row i masks logits
-    row i (``n == batch``); otherwise bitmask row i masks logits row ``rows[i]`` and the other
-    rows are untouched.
-    """
-    if logits.dim() != 2 or bitmask.dim() != 2:
-        raise ValueError("apply_bitmask wants 2-D logits and a 2-D bitmask")
-    if bitmask.dtype != torch.int32:
-        raise ValueError(f"bitmask must be int32, got {bitmask.dtype}")
-    device = logits.device
-    bitmask = bitmask.to(device, non_blocking=True)
-    disallowed = ~unpack_bitmask(bitmask, logits.shape[1])
-    if rows is None:
-        if bitmask.shape[0] != logits.shape[0]:
-            raise ValueError(f"bitmask has {bitmask.shape[0]} rows for {logits.shape[0]} logits "
-                             "rows; pass rows=")
-        logits.masked_fill_(disallowed, float("-inf"))
-        return logits
-    rows = torch.as_tensor(rows, dtype=torch.long).to(device, non_blocking=True)
-    if rows.numel() != bitmask.shape[0]:
-        raise ValueError(f"{rows.numel()} rows for a {bitmask.shape[0]}-row bitmask")
-    full = torch.zeros_like(logits, dtype=torch.bool)
-    full[rows] = disallowed
-    logits.masked_fill_(full, float("-inf"))
-    return logits
 
 
 class StructuredOutputManager:

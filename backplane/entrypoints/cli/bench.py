@@ -192,6 +192,10 @@ def _register_serve(sub) -> None:
     p.add_argument("--goodput", nargs="+", default=None, metavar="METRIC:MS",
                    help="SLOs for goodput, e.g. ttft:500 tpot:50 e2el:10000")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--structured-json", action="store_true",
+                   help="ask every request for JSON following a schema (response_format "
+                   "json_schema; the same array-of-records schema as bench throughput's, so "
+                   "requests cannot end early) to compare with and without constraints")
     _add_output_flags(p)
     p.set_defaults(func=_run("serve"))
 

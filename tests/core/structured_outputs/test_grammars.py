@@ -457,3 +457,26 @@ def test_apply_bitmask_matches_reference(rows, dtype):
     out = apply_bitmask(logits, bitmask, None if rows is None else torch.tensor(rows))
     assert out is logits and torch.equal(logits, expected)
     assert StructuredOutputManager.apply_bitmask is apply_bitmask
+
+
+def test_runner_masks_through_the_platforms_apply_token_bitmask(monkeypatch):
+    """The sampler masks with Platform.apply_token_bitmask, so a plugin's kernel is used."""
+    from backplane import LLM, SamplingParams
+    from backplane.platforms.cpu.platform import CpuPlatform
+    from backplane.plugins_sdk import Platform
+
+    calls = []
+
+    def spy(self, logits, bitmask, rows):
+        calls.append((tuple(bitmask.shape), rows.tolist()))
+        return Platform.apply_token_bitmask(self, logits, bitmask, rows)
+
+    monkeypatch.setattr(CpuPlatform, "apply_token_bitmask", spy)
+    llm = LLM(model=str(Path(backplane.__file__).parent / "demo_model"), device="cpu",
+              max_model_len=256, num_kv_blocks=64)
+    params = [SamplingParams(max_tokens=4, temperature=0.0),
+              SamplingParams(max_tokens=4, temperature=0.0,
+                             structured_outputs={"choice": ["alpha", "beta"]})]
+    outs = llm.generate(["Hello", "Pick one:"], params, use_tqdm=False)
+    assert outs[1].outputs[0].text in ("alpha", "beta")
+    assert calls and all(len(rows) == 1 for _, rows in calls)
