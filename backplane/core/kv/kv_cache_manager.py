@@ -87,9 +87,14 @@ class KVCacheManager:
             Ids of the blocks newly added to the request (prefix hits first), or
             None when the pool has too few free blocks (nothing is changed then).
         """
-        new_computed_blocks = new_computed_blocks or []
         blocks = self.req_blocks.setdefault(request.request_id, [])
         total_tokens = num_computed_tokens + num_new_tokens
+        if not new_computed_blocks and total_tokens <= len(blocks) * self.block_size:
+            # The common decode step: the request's last block still has room.
+            if self.enable_prefix_caching:
+                self._cache_full_blocks(request, blocks, total_tokens)
+            return []
+        new_computed_blocks = new_computed_blocks or []
         num_new_blocks = (
             self.blocks_needed(total_tokens) - len(blocks) - len(new_computed_blocks)
         )
