@@ -140,3 +140,32 @@ def test_capture_sizes_above_max_num_seqs_are_not_recorded(acme, llama_model_dir
     llm = _llm(llama_model_dir, optimization_level=2, max_num_seqs=4,
                compilation_config={"graph_capture_sizes": [1, 3, 16]})
     assert _runner(llm).decode_graphs.graph_runner.captured_sizes() == [1, 3]
+
+
+def test_graphs_async_scheduling_engine_process_and_grammars_together(acme, llama_model_dir):
+    """The three ways of hiding the host at once, with a constrained request in the batch,
+    give the plain in-process eager loop's tokens."""
+    from backplane import SamplingParams
+
+    prompts = [f"prompt number {i} says" for i in range(6)]
+    params = [SamplingParams(temperature=0.0, max_tokens=4 + 2 * i, ignore_eos=True)
+              for i in range(5)]
+    params.append(SamplingParams(temperature=0.0, max_tokens=12,
+                                 structured_outputs={"regex": "[0-9]{3}-[a-z]{2}"}))
+    results = {}
+    for name, kwargs in {
+        "eager": dict(optimization_level=0),
+        "all": dict(optimization_level=2, async_scheduling=True, engine_process=True),
+    }.items():
+        llm = _llm(llama_model_dir, num_kv_blocks=64, **kwargs)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        results[name] = [o.outputs[0].token_ids for o in outs]
+        stats = llm.llm_engine.get_stats()
+        assert stats.num_free_blocks == stats.num_total_blocks
+        if name == "all":
+            assert llm.llm_engine.engine_pid is not None  # really in a child process
+            import re
+
+            assert re.fullmatch("[0-9]{3}-[a-z]{2}", outs[-1].outputs[0].text)
+        llm.llm_engine.shutdown()
+    assert results["all"] == results["eager"]
