@@ -134,7 +134,7 @@ class EngineConfig:
         if dtype_problem:
             problems.append(dtype_problem)
         if hf is not None:
-            model_limit = getattr(hf, "max_position_embeddings", None)
+            model_limit = _context_limit(hf)
             if mc.max_model_len is None:
                 if model_limit is None:
                     problems.append(
@@ -142,11 +142,16 @@ class EngineConfig:
                         "max_position_embeddings; set --max-model-len"
                     )
                 else:
-                    mc.max_model_len = int(model_limit)
+                    # The unscaled limit: within it dynamic rope equals transformers exactly.
+                    mc.max_model_len = int(hf.max_position_embeddings)
             elif model_limit is not None and mc.max_model_len > model_limit:
                 problems.append(
                     f"max_model_len ({mc.max_model_len}) exceeds the model's "
-                    f"max_position_embeddings ({model_limit}); lower --max-model-len"
+                    + (f"max_position_embeddings ({model_limit})" if not _dynamic_factor(hf) else
+                       f"context limit ({model_limit}: max_position_embeddings "
+                       f"{hf.max_position_embeddings} x dynamic rope factor "
+                       f"{_dynamic_factor(hf):g})")
+                    + "; lower --max-model-len"
                 )
         if sc.max_num_batched_tokens is None and (
             mc.max_model_len is not None or sc.enable_chunked_prefill
@@ -476,3 +481,25 @@ def apply_hf_overrides(hf_config: Any, overrides: dict[str, Any] | None) -> list
 
 _MISSING = object()
 
+
+def _dynamic_factor(hf: Any) -> float | None:
+    """The factor of dynamic-NTK rope scaling, when the model uses it."""
+    from backplane.core.layers.rotary import rope_parameters
+
+    try:
+        params = rope_parameters(hf)
+    except (ValueError, TypeError, KeyError):
+        return None  # reported where the rope parameters are checked
+    if params.get("rope_type") == "dynamic" and params.get("factor"):
+        return float(params["factor"])
+    return None
+
+
+def _context_limit(hf: Any) -> int | None:
+    """Longest max_model_len the model supports: max_position_embeddings, times the
+    factor for dynamic-NTK rope (as vLLM computes it; the default stays unscaled)."""
+    limit = getattr(hf, "max_position_embeddings", None)
+    if limit is None:
+        return None
+    factor = _dynamic_factor(hf)
+    return int(limit * factor) if factor else int(limit)

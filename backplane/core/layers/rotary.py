@@ -26,11 +26,13 @@ computes them, float32 throughout so greedy output matches token for token):
   on which keys were cached before (transformers keeps the grown frequencies
   for later, shorter calls). Keys in a paged, shared (prefix-cached) KV cache
   cannot be re-rotated per request, so that regime cannot be reproduced
-  exactly in a batched engine: Backplane serves ``dynamic`` up to
-  ``max_position_embeddings`` tokens, where it is exactly the unscaled RoPE
-  transformers uses there, and refuses a longer table (`RotaryEmbedding.
-  ensure_positions`, i.e. a ``max_model_len`` past the limit) with a message.
-  `compute_inv_freq` still gives the frequencies for any ``seq_len``.
+  exactly in a batched engine. With a ``max_model_len`` up to
+  ``max_position_embeddings`` Backplane uses the unscaled RoPE transformers
+  uses there (exact). Past it, Backplane does what vLLM does: one static base
+  for every position, computed for ``L = max_position_embeddings * factor``,
+  with a warning that sequences shorter than the limit then differ from
+  transformers (`RotaryEmbedding.ensure_positions`). `compute_inv_freq`
+  gives the frequencies for any ``seq_len``.
 - ``longrope`` (Phi-3's "su"; ``su`` is read as ``longrope`` as transformers
   does): per-frequency ``short_factor`` / ``long_factor`` divisors and the
   attention factor ``sqrt(1 + ln(factor) / ln(original))`` with ``factor =
@@ -292,20 +294,21 @@ class RotaryEmbedding(nn.Module):
 
         Grows the tables past the config's limit when needed (RoPE then
         extrapolates), so lookups never go out of range, and picks longrope's
-        short or long factors. Raises ValueError for ``dynamic`` past
-        ``max_position_embeddings``, where transformers' length-dependent
-        rescaling cannot be reproduced per request.
+        short or long factors, or ``dynamic``'s static scaled base past
+        ``max_position_embeddings`` (see the module docstring).
         """
-        if self.rope_type == "dynamic" and max_positions > self.max_position_embeddings:
-            raise ValueError(
-                f"dynamic rope scaling past max_position_embeddings "
-                f"({self.max_position_embeddings}) is not supported: transformers rescales the "
-                "frequencies with each forward's sequence length and keeps earlier keys as "
-                "they were cached, which a batched engine with a shared paged KV cache cannot "
-                f"reproduce per request; use a max_model_len <= {self.max_position_embeddings} "
-                f"(got {max_positions}), where dynamic equals unscaled RoPE exactly"
-            )
-        was_long = self.uses_long_factors
+        if (self.rope_type == "dynamic" and max_positions > self.max_position_embeddings
+                and not self._warned_long):
+            self._warned_long = True
+            logger.warning(
+                "dynamic rope: max_model_len %d is past max_position_embeddings (%d), so every "
+                "position uses the base scaled for %d tokens, as vLLM does; transformers "
+                "rescales per sequence length and uses the unscaled base for sequences within "
+                "%d tokens, so such requests can differ from it (a max_model_len <= %d matches "
+                "exactly)", max_positions, self.max_position_embeddings,
+                self._dynamic_static_length(), self.max_position_embeddings,
+                self.max_position_embeddings)
+        was_long, was_scaled = self.uses_long_factors, self._dynamic_scaled
         self.max_seq_len = max_positions
         if self.uses_long_factors and not self._warned_long:
             self._warned_long = True
@@ -316,9 +319,19 @@ class RotaryEmbedding(nn.Module):
                 "(a max_model_len <= %d uses the short factors and matches exactly)",
                 *(self.params["original_max_position_embeddings"],) * 3,
             )
-        if max_positions > self.max_positions or was_long != self.uses_long_factors:
+        if (max_positions > self.max_positions or was_long != self.uses_long_factors
+                or was_scaled != self._dynamic_scaled):
             self.max_positions = max(self.max_positions, max_positions)
             self.build_cache()
+
+    @property
+    def _dynamic_scaled(self) -> bool:
+        """dynamic only: sequences may outgrow max_position_embeddings (static scaled base)."""
+        return self.rope_type == "dynamic" and self.max_seq_len > self.max_position_embeddings
+
+    def _dynamic_static_length(self) -> int:
+        # vLLM's choice: the base is scaled for the longest context the factor promises.
+        return int(self.max_position_embeddings * float(self.params["factor"]))
 
     def init_buffers(self, device: torch.device | str) -> None:
         """Loader hook: recompute the tables on ``device`` after meta materialisation."""
@@ -331,10 +344,13 @@ class RotaryEmbedding(nn.Module):
             device = self.cos_cache.device
             if device.type == "meta":
                 return
+        seq_len = None
+        if self.rope_type == "longrope":
+            seq_len = self.max_seq_len
+        elif self._dynamic_scaled:
+            seq_len = self._dynamic_static_length()
         inv_freq = compute_inv_freq(
-            self.head_dim,
-            self.params,
-            seq_len=self.max_seq_len if self.rope_type == "longrope" else None,
+            self.head_dim, self.params, seq_len=seq_len,
             max_position_embeddings=self.max_position_embeddings,
         )
         positions = torch.arange(self.max_positions, dtype=torch.int64).to(torch.float32)

@@ -121,12 +121,33 @@ def test_llama_rope_scaling(model_dirs, kind):
     assert _rotary(llm).rope_type == kind
 
 
-def test_dynamic_past_max_position_embeddings_is_refused(model_dirs):
-    from backplane.config.configs import ModelConfig
-    from backplane.core.loader import load_model
+def test_dynamic_past_max_position_embeddings_uses_vllms_static_base(model_dirs, caplog):
+    import json
+    from pathlib import Path
 
-    with pytest.raises(ValueError, match="dynamic rope scaling past max_position_embeddings"):
-        load_model(ModelConfig(model=model_dirs["dynamic"], max_model_len=300), "cpu")
+    from transformers import AutoConfig
+
+    from backplane.core.layers.rotary import compute_inv_freq, rope_parameters
+
+    config = json.loads((Path(model_dirs["dynamic"]) / "config.json").read_text())
+    max_pos = config["max_position_embeddings"]
+    with caplog.at_level(logging.WARNING, logger="backplane.core.layers.rotary"):
+        llm = LLM(model=model_dirs["dynamic"], max_model_len=max_pos + 44, dtype="float32",
+                  num_kv_blocks=64)
+    assert "dynamic rope: max_model_len" in caplog.text
+    rotary = _rotary(llm)
+    params = rope_parameters(AutoConfig.from_pretrained(model_dirs["dynamic"]))
+    head_dim = rotary.head_dim
+    # One base for every position, scaled for max_position_embeddings * factor (vLLM).
+    expected = compute_inv_freq(head_dim, params, seq_len=int(max_pos * params["factor"]),
+                                max_position_embeddings=max_pos)
+    unscaled = compute_inv_freq(head_dim, params, max_position_embeddings=max_pos)
+    positions = torch.arange(rotary.max_positions, dtype=torch.float32)
+    assert torch.allclose(rotary.cos_cache, torch.outer(positions, expected).cos(), atol=1e-6)
+    assert not torch.allclose(expected, unscaled)
+    out = llm.generate(["a long enough prompt"], SamplingParams(max_tokens=4, temperature=0.0),
+                       use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
 
 
 @pytest.mark.parametrize("scaling", [
