@@ -427,3 +427,27 @@ def test_garbage_never_raises():
                 assert result.content == (text or None)
             cut = rng.randint(0, len(text))
             run_stream(cls, [text[:cut], text[cut:]])
+
+
+def test_forced_call_array_streams_every_split_point():
+    """tool_choice "required" output ([{"name", "parameters"}, ...]) streams call by call."""
+    from backplane.entrypoints.openai.tool_parsers.forced_array import ForcedCallArrayStream
+
+    text = ' [{"name": "a", "parameters": {"x": 1, "s": "{]"}},\n {"name": "b", "parameters": {}}]'
+    expected = [("a", {"x": 1, "s": "{]"}), ("b", {})]
+    for cut in range(1, len(text)):
+        stream = ForcedCallArrayStream()
+        deltas = [stream.extract_streaming("", text[:cut]), stream.extract_streaming("", text[cut:]),
+                  stream.finish()]
+        calls: dict[int, list] = {}
+        for delta in deltas:
+            for piece in (delta.tool_calls if delta else []):
+                entry = calls.setdefault(piece.index, [None, ""])
+                if piece.function.name:
+                    assert entry[0] is None and piece.id
+                    entry[0] = piece.function.name
+                entry[1] += piece.function.arguments or ""
+            assert delta is None or delta.content is None
+        got = [(calls[i][0], json.loads(calls[i][1])) for i in sorted(calls)]
+        assert got == expected, cut
+        assert stream.calls_started == 2

@@ -80,6 +80,7 @@ from backplane.entrypoints.openai.structured_outputs import (
 from backplane.entrypoints.openai.tool_parsers import DeltaMessage as ParserDelta
 from backplane.entrypoints.openai.tool_parsers import ToolParser, get_tool_parser
 from backplane.entrypoints.openai.tool_parsers.base import random_call_id
+from backplane.entrypoints.openai.tool_parsers.forced_array import ForcedCallArrayStream
 from backplane.outputs import RequestOutput
 
 __all__ = ["ChatServing", "render_chat_prompt", "tool_choice_mode"]
@@ -192,9 +193,10 @@ class _ForcedCalls:
 
     Named: the output is the arguments object; it streams as argument fragments of
     one call (id and name on its first piece). Required: the output is a JSON array
-    of ``{"name", "parameters"}``; it is parsed once complete, so its calls come in
-    the last chunk (one piece per call, arguments whole). An output that is not a
-    complete array (cut off by max_tokens) is returned as content.
+    of ``{"name", "parameters"}``; it streams as it grows (`ForcedCallArrayStream`):
+    each call's id and name once the name is complete, then its parameters as
+    argument fragments. Non-streaming, an output that is not a complete array (cut
+    off by max_tokens) is returned as content; streamed, what was sent stays sent.
     """
 
     def __init__(self, mode: str, name: str | None) -> None:
@@ -202,6 +204,7 @@ class _ForcedCalls:
         self.name = name
         self.call_id = random_call_id()
         self.started = False  # streaming: the named call's first piece was sent
+        self._array = ForcedCallArrayStream() if mode == "required" else None
 
     def calls(self, text: str) -> list[ResponseToolCall] | None:
         if self.mode == "named":
@@ -236,16 +239,10 @@ class _ForcedCalls:
                 piece.function.name = self.name
                 self.started = True
             return None, [piece], True
-        if not finished:
-            return None, [], False
-        calls = self.calls(text)
-        if calls is None:
-            return text or None, [], False
-        return None, [
-            DeltaToolCall(index=i, id=c.id, type="function", function=DeltaFunctionCall(
-                name=c.function.name, arguments=c.function.arguments))
-            for i, c in enumerate(calls)
-        ], True
+        pieces = _tool_call_deltas(self._array.extract_streaming("", delta))
+        if finished:
+            pieces += _tool_call_deltas(self._array.finish())
+        return None, _merge_calls(pieces), self._array.calls_started > 0
 
 
 def _join(a: str | None, b: str | None) -> str | None:
