@@ -196,18 +196,47 @@ class EngineConfig:
         # The same conflict may be found by two checks (e.g. core and policy).
         return list(dict.fromkeys(problems))
 
+    @staticmethod
+    def _policy_default(name: str, platform: Platform) -> tuple[bool, str]:
+        """(value, who chose it) for an on/off setting the user left unset: the platform
+        policy's ``default_<name>`` (SDK attribute, None = off)."""
+        default = getattr(platform.config_policy, f"default_{name}", None)
+        who = (f"platform {platform.name}'s default" if default is not None
+               else "no platform default")
+        return bool(default), who
+
+    def _runs_pooling(self) -> bool:
+        """Whether the model runs as a pooling model (False while that is unknown)."""
+        from backplane.config.runner import resolve_runner
+
+        mc = self.model_config
+        if mc.hf_config is None:
+            return False
+        try:
+            return resolve_runner(mc.runner, mc.model, mc.hf_config) == "pooling"
+        except ValueError:
+            return False  # the bad runner name is reported by runner_problems
+
     def _resolve_async_scheduling(self, platform: Platform) -> list[str]:
-        """Set ``scheduler_config.async_scheduling`` (explicit, else the platform's default)."""
+        """Set ``scheduler_config.async_scheduling`` (explicit, else the platform's default).
+
+        Pooling models have no decode steps to overlap: an explicit request is
+        refused, a platform default of True is overridden.
+        """
         sc = self.scheduler_config
         if sc.async_scheduling is not None and not isinstance(sc.async_scheduling, bool):
             return [f"async_scheduling ({sc.async_scheduling!r}) must be true, false or unset"]
+        pooling = self._runs_pooling()
         if sc.async_scheduling is None:
-            default = getattr(platform.config_policy, "default_async_scheduling", None)
-            sc.async_scheduling = bool(default)
-            who = f"platform {platform.name}'s default" if default is not None else (
-                "no platform default")
+            sc.async_scheduling, who = self._policy_default("async_scheduling", platform)
+            if pooling:
+                sc.async_scheduling, who = False, "pooling models have no steps to overlap"
             self.notes.append(
                 f"async_scheduling defaults to {'on' if sc.async_scheduling else 'off'} ({who})")
+        elif sc.async_scheduling and pooling:
+            return ["async_scheduling (True) is not supported with the pooling runner: a "
+                    "pooling model runs each request in one prefill-only pass, with no decode "
+                    "steps to overlap; drop --async-scheduling"]
         return []
 
     def _resolve_engine_process(self, platform: Platform) -> list[str]:
@@ -216,21 +245,13 @@ class EngineConfig:
         Pooling models run in-process only: an explicit request for an engine
         process is refused, a platform default of True is overridden with a note.
         """
-        from backplane.config.runner import resolve_runner
-
-        pc, mc = self.parallel_config, self.model_config
-        pooling = False
-        if mc.hf_config is not None:
-            try:
-                pooling = resolve_runner(mc.runner, mc.model, mc.hf_config) == "pooling"
-            except ValueError:
-                pass  # the bad runner name is reported by runner_problems
+        pc = self.parallel_config
+        pooling = self._runs_pooling()
         explicit = pc.engine_process
         if explicit is not None and not isinstance(explicit, bool):
             return [f"engine_process ({explicit!r}) must be true, false or unset"]
         if explicit is None:
-            default = getattr(platform.config_policy, "default_engine_process", None)
-            pc.engine_process = bool(default)
+            pc.engine_process, who = self._policy_default("engine_process", platform)
             if pooling and pc.engine_process:
                 pc.engine_process = False
                 self.notes.append(
@@ -238,8 +259,6 @@ class EngineConfig:
                     "pooling models run in-process)"
                 )
             else:
-                who = f"platform {platform.name}'s default" if default is not None else (
-                    "no platform default")
                 self.notes.append(
                     f"engine_process defaults to {'on' if pc.engine_process else 'off'} ({who})"
                 )

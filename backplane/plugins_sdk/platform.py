@@ -309,12 +309,12 @@ class Platform:
         return fused_moe_torch(hidden, w13, w2, topk_weights, topk_ids, activation)
 
     def apply_token_bitmask(self, logits: torch.Tensor, bitmask: torch.Tensor,
-                            rows: torch.Tensor) -> torch.Tensor:
+                            rows: torch.Tensor | None) -> torch.Tensor:
         """Structured outputs: mask ``logits`` rows ``rows`` with packed bitmask rows (SDK 1.1).
 
         ``bitmask [k, ceil(V / 32)]`` int32 on the host (bit ``i % 32`` of word
         ``i // 32`` set = token ``i`` allowed), ``rows [k]`` the logits rows they
-        belong to. Disallowed logits become -inf, in place; returns ``logits``.
+        belong to, or None when the bitmask covers every row in order. Disallowed logits become -inf, in place; returns ``logits``.
         The default (`backplane.plugins_sdk.token_bitmask.apply_token_bitmask`)
         uses plain tensor ops on the logits' device; override it with a fused
         kernel. The sampler calls it before temperature, top-k and top-p.

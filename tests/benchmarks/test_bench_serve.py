@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import pytest
 import uvicorn
@@ -16,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from backplane.entrypoints.cli.main import main
+from tests.entrypoints.server_utils import serve_in_thread
 
 SERVE_KEYS = {
     "completed", "failed", "duration_s", "request_throughput", "output_throughput",
@@ -24,14 +24,8 @@ SERVE_KEYS = {
 
 
 def _start(app) -> tuple[uvicorn.Server, threading.Thread, str]:
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert thread.is_alive() and time.time() < deadline, "server did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
+    server, thread, port = serve_in_thread(config)
     return server, thread, f"http://127.0.0.1:{port}"
 
 

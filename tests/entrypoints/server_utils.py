@@ -70,6 +70,12 @@ def start_server(
     config = uvicorn.Config(
         app, host="127.0.0.1", port=0, log_level="warning", **(uvicorn_options or {})
     )
+    server, thread, port = serve_in_thread(config)
+    return RunningServer(f"http://127.0.0.1:{port}", engine, server, thread, api_key)
+
+
+def serve_in_thread(config: uvicorn.Config) -> tuple[uvicorn.Server, threading.Thread, int]:
+    """Run uvicorn with ``config`` (port 0 picks a free one) in a thread; wait until it serves."""
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
     thread.start()
@@ -78,8 +84,7 @@ def start_server(
         if not thread.is_alive() or time.time() > deadline:
             raise RuntimeError("test server did not start")
         time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    return RunningServer(f"http://127.0.0.1:{port}", engine, server, thread, api_key)
+    return server, thread, server.servers[0].sockets[0].getsockname()[1]
 
 
 def metric(text: str, name: str, **labels) -> float:

@@ -21,7 +21,7 @@ from backplane.core.engine.async_engine import AsyncEngine
 from backplane.entrypoints.cli.serve import uvicorn_config
 from backplane.entrypoints.openai import api_server
 from backplane.entrypoints.openai.api_server import build_app
-from tests.entrypoints.server_utils import tiny_engine_args
+from tests.entrypoints.server_utils import serve_in_thread, tiny_engine_args
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +34,7 @@ def engine(llama_model_dir):
 def _serve(engine, **options) -> tuple[uvicorn.Server, threading.Thread, int]:
     opts = ServerOptions(host="127.0.0.1", port=0, **options)
     app = build_app(engine, options=opts, shutdown_engine_on_exit=False)
-    server = uvicorn.Server(uvicorn_config(app, opts))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert thread.is_alive() and time.time() < deadline, "server did not start"
-        time.sleep(0.02)
-    return server, thread, server.servers[0].sockets[0].getsockname()[1]
+    return serve_in_thread(uvicorn_config(app, opts))
 
 
 def _stop(server: uvicorn.Server, thread: threading.Thread) -> None:

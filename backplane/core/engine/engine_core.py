@@ -45,8 +45,11 @@ class StepTiming:
 class EngineCore:
     """Owns the scheduler and the model runner; advances every request by one step."""
 
-    def __init__(self, config: ResolvedConfig, platform: Platform) -> None:
+    def __init__(self, config: ResolvedConfig, platform: Platform, tokenizer=None) -> None:
+        """``tokenizer``: the front-end's, when it shares this process (structured
+        outputs need one; an engine-core process loads its own at the first use)."""
         self.config = config
+        self._tokenizer = tokenizer
         self.model_runner = ModelRunner(config, platform)
         self.scheduler = Scheduler(
             config.scheduler_config, config.cache_config, self.model_runner.num_blocks,
@@ -71,8 +74,9 @@ class EngineCore:
             from backplane.core.structured_outputs import StructuredOutputManager
 
             mc = self.config.model_config
-            tokenizer = load_tokenizer(mc.tokenizer_path, trust_remote_code=mc.trust_remote_code,
-                                       use_fast=mc.tokenizer_mode != "slow")
+            tokenizer = self._tokenizer or load_tokenizer(
+                mc.tokenizer_path, trust_remote_code=mc.trust_remote_code,
+                use_fast=mc.tokenizer_mode != "slow")
             eos = set(self.config.model_spec.eos_token_ids)
             if tokenizer.eos_token_id is not None:
                 eos.add(int(tokenizer.eos_token_id))

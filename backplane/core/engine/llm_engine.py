@@ -82,7 +82,7 @@ class LLMEngine:
             self.engine_core = None
             self.core = MPClient(self.config)
         else:
-            self.engine_core = EngineCore(self.config, self.platform)
+            self.engine_core = EngineCore(self.config, self.platform, tokenizer=self.tokenizer)
             self.core = InprocClient(self.engine_core)
         # A cross-encoder (sequence classification) scores text pairs (LLM.score, /score).
         self.is_cross_encoder = bool(getattr(self.engine_core, "is_cross_encoder", False))
@@ -248,12 +248,15 @@ class LLMEngine:
     def validate_structured_outputs(self, params: SamplingParams) -> None:
         """Raise ValueError (a 400) for a schema, regex or grammar that cannot be used.
 
-        Checked here, before the request is queued, with a grammar manager of this
-        process; the engine core compiles its own (in its process) afterwards.
+        Checked here, before the request is queued. In one process the engine core's
+        grammar manager does it (one cache); an engine-core process compiles with its
+        own afterwards.
         """
         constraint = params.structured_outputs
         if constraint is None:
             return
+        if self._structured_validator is None and self.engine_core is not None:
+            self._structured_validator = self.engine_core.structured_outputs
         if self._structured_validator is None:
             from backplane.core.structured_outputs import StructuredOutputManager
 

@@ -126,9 +126,8 @@ class ModelRunner:
             config.scheduler_config.max_num_seqs, self.max_model_len, max_blocks_per_req,
             self.vocab_size, self.device,
         )
-        self.sampler = Sampler()
-        # Structured outputs' logit masking: the platform's op (SDK default: tensor ops).
-        self._apply_token_bitmask = platform.apply_token_bitmask
+        # Structured outputs' logit masking is the platform's op (SDK default: tensor ops).
+        self.sampler = Sampler(apply_token_bitmask=platform.apply_token_bitmask)
         from backplane.plugins import get_logits_processors
 
         self.logits_processors = tuple(get_logits_processors())
@@ -306,8 +305,11 @@ class ModelRunner:
             sample_rows = rows[sample_mask]
             logits = self.model.compute_logits(
                 hidden[torch.from_numpy(cu[sample_mask] - 1).to(device)])
-            meta = self._sampling_metadata(sample_rows)
-            result.grammar_mask_seconds = meta.grammar_mask_seconds
+            mask_start = time.perf_counter()
+            grammar_bitmask, grammar_rows = self._grammar_bitmask(sample_rows)
+            if grammar_bitmask is not None:
+                result.grammar_mask_seconds = time.perf_counter() - mask_start
+            meta = self._sampling_metadata(sample_rows, grammar_bitmask, grammar_rows)
             sampled = self.sampler(logits, meta)
             token_ids = sampled.token_ids.tolist()
             for i, row in enumerate(sample_rows.tolist()):
@@ -315,8 +317,8 @@ class ModelRunner:
                 result.sampled[req_id] = token_ids[i]
                 batch.token_ids[row, batch.num_tokens[row]] = token_ids[i]
                 batch.num_tokens[row] += 1
-            if meta.grammar_rows is not None:
-                self._advance_grammars(sample_rows, meta.grammar_rows, token_ids, result)
+            if grammar_rows is not None:
+                self._advance_grammars(sample_rows, grammar_rows, token_ids, result)
             if sampled.logprobs is not None:
                 self._collect_logprobs(sample_rows, sampled, result)
         batch.num_computed[rows] = seq_lens
@@ -338,6 +340,8 @@ class ModelRunner:
     # --------------------------------------------------------------- sampling
     def _grammar_bitmask(self, rows: np.ndarray):
         """(bitmask [k, words], row indices [k]) for the constrained rows; None when none is."""
+        if not any(self.input_batch.grammars):
+            return None, None  # the common step: no constrained request in the batch
         grammars = [self.input_batch.grammars[r] for r in rows.tolist()]
         constrained = [i for i, g in enumerate(grammars) if g is not None]
         if not constrained:
@@ -370,7 +374,8 @@ class ModelRunner:
             elif grammar.is_terminated():
                 result.grammar_finished.add(batch.req_ids[row])
 
-    def _sampling_metadata(self, rows: np.ndarray) -> SamplingMetadata:
+    def _sampling_metadata(self, rows: np.ndarray, grammar_bitmask: torch.Tensor | None,
+                           grammar_rows: list[int] | None) -> SamplingMetadata:
         batch = self.input_batch
         params = [batch.params[r] for r in rows.tolist()]
         greedy = batch.greedy[rows]
@@ -431,14 +436,9 @@ class ModelRunner:
                 batch.token_ids[r, batch.num_prompt_tokens[r] : batch.num_tokens[r]].tolist()
                 for r in rows.tolist()
             ]
-        mask_start = time.perf_counter()
-        grammar_bitmask, grammar_rows = self._grammar_bitmask(rows)
         return SamplingMetadata(
             grammar_bitmask=grammar_bitmask,
             grammar_rows=grammar_rows,
-            grammar_mask_seconds=(0.0 if grammar_bitmask is None
-                                  else time.perf_counter() - mask_start),
-            apply_token_bitmask=self._apply_token_bitmask,
             logits_processors=self.logits_processors,
             output_token_ids=output_token_ids,
             all_greedy=all_greedy,

@@ -44,6 +44,3 @@ class SamplingMetadata:
     # constrained rows (bit set = allowed) and which rows those are; None: none is.
     grammar_bitmask: torch.Tensor | None = None
     grammar_rows: list[int] | None = None
-    grammar_mask_seconds: float = 0.0  # time taken to build the bitmask (for benchmarks)
-    # The platform's Platform.apply_token_bitmask(logits, bitmask, rows).
-    apply_token_bitmask: object = None

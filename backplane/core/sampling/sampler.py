@@ -50,7 +50,16 @@ def gather_logprobs(
 
 
 class Sampler:
-    """Stateless sampler; per-request state lives in SamplingMetadata."""
+    """Stateless sampler; per-request state lives in SamplingMetadata.
+
+    ``apply_token_bitmask`` is the platform's structured-output mask op
+    (`Platform.apply_token_bitmask`; the SDK's tensor-op version by default).
+    """
+
+    def __init__(self, apply_token_bitmask=None) -> None:
+        if apply_token_bitmask is None:
+            from backplane.plugins_sdk.token_bitmask import apply_token_bitmask
+        self.apply_token_bitmask = apply_token_bitmask
 
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         logits = logits.float()
@@ -73,8 +82,7 @@ class Sampler:
             )
         return out
 
-    @staticmethod
-    def _apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    def _apply_penalties(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         if meta.repetition_penalty is not None:
             # Seen tokens: positive logits are divided by the penalty, negative multiplied.
             penalty = meta.repetition_penalty[:, None].expand_as(logits)
@@ -99,9 +107,11 @@ class Sampler:
         if meta.allowed_token_mask is not None:
             logits = logits.masked_fill(~meta.allowed_token_mask, float("-inf"))
         if meta.grammar_bitmask is not None:
-            # The platform's op (a fused kernel where it has one; tensor ops by default).
-            rows = torch.tensor(meta.grammar_rows, dtype=torch.long, device=logits.device)
-            logits = meta.apply_token_bitmask(logits, meta.grammar_bitmask, rows)
+            # Every row constrained (the rows are sorted and distinct): no row index.
+            rows = None
+            if len(meta.grammar_rows) < logits.shape[0]:
+                rows = torch.tensor(meta.grammar_rows, dtype=torch.long, device=logits.device)
+            logits = self.apply_token_bitmask(logits, meta.grammar_bitmask, rows)
         return logits
 
     @staticmethod

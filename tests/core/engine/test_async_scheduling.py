@@ -99,3 +99,4 @@ def test_aborts_mid_flight(llama_model_dir):
 def test_async_scheduling_must_be_a_bool(llama_model_dir, value):
     with pytest.raises(ValueError, match=f"async_scheduling: {value!r} is not a valid bool"):
         LLM(model=llama_model_dir, async_scheduling=value, **TIGHT)
+

@@ -130,3 +130,17 @@ def test_runner_refusals(tiny_model_factory, tiny_bert_factory):
     assert "cannot run as a pooling model" in runner_problems("pooling", "/nonexistent", other)[0]
     assert runner_problems("pooling", "/nonexistent", SimpleNamespace(
         architectures=["Qwen3ForCausalLM"])) == []
+
+
+def test_async_scheduling_is_refused_for_pooling_models(tiny_bert_factory):
+    """A pooling model runs one prefill-only pass per request: nothing to overlap."""
+    from backplane.config import EngineArgs
+    from backplane.config.resolve import resolve
+    from backplane.platforms import resolve_platform
+
+    model = tiny_bert_factory()
+    with pytest.raises(ValueError, match=r"async_scheduling \(True\) is not supported with the "
+                                         "pooling runner"):
+        LLM(model=model, async_scheduling=True, device="cpu")
+    resolved = resolve(EngineArgs(model=model, device="cpu"), resolve_platform("cpu"))
+    assert resolved.scheduler_config.async_scheduling is False

@@ -468,7 +468,8 @@ def test_runner_masks_through_the_platforms_apply_token_bitmask(monkeypatch):
     calls = []
 
     def spy(self, logits, bitmask, rows):
-        calls.append((tuple(bitmask.shape), rows.tolist()))
+        # rows None: the bitmask covers every row of the step.
+        calls.append((tuple(bitmask.shape), None if rows is None else rows.tolist()))
         return Platform.apply_token_bitmask(self, logits, bitmask, rows)
 
     monkeypatch.setattr(CpuPlatform, "apply_token_bitmask", spy)
@@ -479,4 +480,6 @@ def test_runner_masks_through_the_platforms_apply_token_bitmask(monkeypatch):
                              structured_outputs={"choice": ["alpha", "beta"]})]
     outs = llm.generate(["Hello", "Pick one:"], params, use_tqdm=False)
     assert outs[1].outputs[0].text in ("alpha", "beta")
-    assert calls and all(len(rows) == 1 for _, rows in calls)
+    # One constrained row per step: indexed while the other request runs, else alone.
+    assert calls and all(shape[0] == 1 for shape, _ in calls)
+    assert all(rows is None or len(rows) == 1 for _, rows in calls)
