@@ -210,7 +210,8 @@ class EngineArgs:
         None, 'scheduler',
         'Plan and prepare step N+1 while step N runs on the device (the model step runs on '
         'a worker thread), and turn step N\'s tokens into outputs while N+1 runs. Outputs are '
-        "the same as without it. Unset: the platform's default.",
+        "the same as without it. Unset: the platform's default. Refused with `--runner "
+        "pooling` (no decode steps to overlap).",
         default_doc="the platform's",
     )
     tensor_parallel_size: int = _opt(
