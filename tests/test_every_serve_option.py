@@ -85,6 +85,7 @@ SHOWN_BY = {
     "tool_call_parser": "tests/entrypoints/test_tool_calling.py::test_tool_calls_non_streaming",
     "reasoning_parser": "tests/entrypoints/test_tool_calling.py::test_reasoning_then_tool_calls_non_streaming",
     "structured_outputs_config": "tests/entrypoints/test_structured_outputs.py::test_structured_outputs_config_sets_the_default_backend",
+    "speculative_config": "tests/entrypoints/test_speculative_serving.py::test_speculative_config_serves_the_same_text_and_reports_acceptance",
 }
 
 # option -> EngineArgs keywords whose use must be refused with a message naming it.

@@ -23,6 +23,7 @@ _SECTION_TITLES = {
     "device": "platform",
     "load": "weights",
     "compilation": "optimization level and compilation",
+    "speculative": "speculative decoding",
 }
 
 

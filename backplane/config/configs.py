@@ -204,12 +204,40 @@ class LoRAConfig(Freezable):
     max_lora_rank: int = 16
 
 
+SPECULATIVE_METHODS = ("ngram", "draft_model", "eagle", "eagle3")
+# Longest draft a step may verify: k + 1 query tokens per request must stay small
+# next to the token budget, and acceptance decays geometrically with k anyway.
+MAX_SPECULATIVE_TOKENS = 16
+
+
 @dataclass
 class SpeculativeConfig(Freezable):
-    """Speculative decoding (optional section)."""
+    """Speculative decoding (optional section; vLLM's ``--speculative-config`` keys).
 
-    method: str = "ngram"
-    num_speculative_tokens: int = 1
+    Attributes:
+        method: ``ngram`` (prompt lookup), ``draft_model`` (a smaller model with the
+            target's tokenizer), ``eagle`` or ``eagle3`` (an EAGLE head over the
+            target's hidden states). Unset with ``model`` given: ``draft_model``.
+        model: the draft model or EAGLE head directory (not for ``ngram``).
+        num_speculative_tokens: draft tokens proposed per request per step (k).
+        prompt_lookup_min, prompt_lookup_max: n-gram sizes ``ngram`` matches,
+            longest first.
+        disable_by_batch_size: no drafts while this many requests (or more) run:
+            at large batches the step is compute-bound and verification costs more
+            than it saves.
+    """
+
+    method: str | None = None
+    model: str | None = None
+    num_speculative_tokens: int | None = None
+    prompt_lookup_min: int | None = None
+    prompt_lookup_max: int | None = None
+    disable_by_batch_size: int | None = None
+
+    @property
+    def uses_model(self) -> bool:
+        """Whether drafts come from a model (its own KV cache beside the target's)."""
+        return self.method in ("draft_model", "eagle", "eagle3")
 
 
 @dataclass

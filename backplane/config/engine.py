@@ -187,6 +187,7 @@ class EngineConfig:
             from backplane.config.runner import runner_problems
 
             problems += runner_problems(mc.runner, mc.model, hf)
+            problems += self._speculative_problems(hf)
             if mc.torch_dtype is not None:
                 problems += self._select_attention_backend(platform)
         problems += self._resolve_engine_process(platform)
@@ -231,12 +232,49 @@ class EngineConfig:
             sc.async_scheduling, who = self._policy_default("async_scheduling", platform)
             if pooling:
                 sc.async_scheduling, who = False, "pooling models have no steps to overlap"
+            elif self.speculative_config is not None and sc.async_scheduling:
+                sc.async_scheduling, who = False, (
+                    "speculative decoding plans each step from the previous one's accepted "
+                    "drafts")
             self.notes.append(
                 f"async_scheduling defaults to {'on' if sc.async_scheduling else 'off'} ({who})")
         elif sc.async_scheduling and pooling:
             return ["async_scheduling (True) is not supported with the pooling runner: a "
                     "pooling model runs each request in one prefill-only pass, with no decode "
                     "steps to overlap; drop --async-scheduling"]
+        elif sc.async_scheduling and self.speculative_config is not None:
+            return ["async_scheduling (True) cannot be combined with speculative_config: each "
+                    "step's drafts depend on how many of the previous step's were accepted; "
+                    "drop --async-scheduling or --speculative-config"]
+        return []
+
+    def _speculative_problems(self, hf) -> list[str]:
+        """Checks of speculative_config that need the target's config (and the draft's)."""
+        spec = self.speculative_config
+        if spec is None:
+            return []
+        if self._runs_pooling():
+            return ["speculative_config is not supported with the pooling runner: pooling "
+                    "models generate no tokens to speculate on"]
+        if spec.method not in ("draft_model", "eagle", "eagle3"):
+            return []
+        from backplane.core.loader.hf_config import load_hf_config
+
+        try:
+            draft = load_hf_config(spec.model, trust_remote_code=False)
+        except Exception as exc:  # noqa: BLE001 - reported with the rest
+            return [f"speculative_config.model ({spec.model!r}): cannot read its config ({exc})"]
+        target_vocab = getattr(hf, "vocab_size", None)
+        if spec.method == "draft_model" and getattr(draft, "vocab_size", None) != target_vocab:
+            return [f"speculative_config.model ({spec.model!r}) has vocab_size "
+                    f"{getattr(draft, 'vocab_size', None)}, the target has {target_vocab}: a "
+                    "draft model must share the target's tokenizer"]
+        if spec.method != "draft_model" and getattr(draft, "hidden_size", None) != getattr(
+                hf, "hidden_size", None):
+            return [f"speculative_config.model ({spec.model!r}) has hidden_size "
+                    f"{getattr(draft, 'hidden_size', None)}, the target has "
+                    f"{getattr(hf, 'hidden_size', None)}: an {spec.method} head must be trained "
+                    "for this target"]
         return []
 
     def _resolve_engine_process(self, platform: Platform) -> list[str]:

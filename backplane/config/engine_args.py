@@ -18,6 +18,7 @@ from backplane.config.configs import (
     StructuredOutputsConfig,
 )
 from backplane.config.engine import EngineConfig
+from backplane.config.speculative import parse_speculative_config
 
 DTYPE_CHOICES = ("auto", *_DTYPES)
 TOKENIZER_MODES = ("auto", "slow")
@@ -277,6 +278,17 @@ class EngineArgs:
         default_doc='`{"backend": "auto"}`',
     )
 
+    speculative_config: dict[str, Any] | None = _opt(
+        None, 'speculative',
+        'Speculative decoding, in vLLM\'s JSON keys: `method` (`ngram`, `draft_model`, '
+        '`eagle`, `eagle3`), `num_speculative_tokens` (1..16), `model` (the draft or EAGLE '
+        'head directory), `prompt_lookup_min`/`prompt_lookup_max` (ngram), '
+        '`disable_by_batch_size`. Output is identical to decoding without it (greedy) or '
+        'from the same distribution (sampling). Refused with `--async-scheduling` and '
+        '`--runner pooling`.',
+        default_doc='off',
+    )
+
     @classmethod
     def field_names(cls) -> set[str]:
         return {f.name for f in fields(cls)}
@@ -311,6 +323,7 @@ class EngineArgs:
             **sections,
             compilation_config=_compilation_config(self.compilation_config),
             structured_outputs_config=_structured_outputs_config(self.structured_outputs_config),
+            speculative_config=parse_speculative_config(self.speculative_config),
             optimization_level=self.optimization_level,
             enforce_eager=self.enforce_eager,
         )

@@ -38,7 +38,6 @@ VLLM_UNMAPPABLE = {
     "enable_lora": "LoRA serving is not available yet",
     "max_loras": "LoRA serving is not available yet",
     "max_lora_rank": "LoRA serving is not available yet",
-    "speculative_config": "speculative decoding is not available yet",
     "disable_log_stats": "statistics are always exported on /metrics",
     "disable_log_requests": "request logging is controlled by BACKPLANE_LOGGING_LEVEL",
     "enable_log_requests": "request logging is controlled by BACKPLANE_LOGGING_LEVEL",

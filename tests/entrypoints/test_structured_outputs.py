@@ -276,10 +276,12 @@ def test_regexes_structured_outputs_and_legacy(client, name):
 
 def test_choice_is_always_in_the_set(client):
     options = ["alpha", "beta", "gamma delta"]
-    resp = _chat(client, max_tokens=10, n=4, seed=5, temperature=1.5,
+    # Room for the longest option spelled one character per token (plus EOS): a
+    # hot sample may take that path, and a cut-off choice is not a choice.
+    resp = _chat(client, max_tokens=20, n=4, seed=5, temperature=1.5,
                  extra_body={"structured_outputs": {"choice": options}})
     assert {c.message.content for c in resp.choices} <= set(options)
-    comp = client.completions.create(model=MODEL, prompt="Pick:", max_tokens=10, n=4, seed=9,
+    comp = client.completions.create(model=MODEL, prompt="Pick:", max_tokens=20, n=4, seed=9,
                                       temperature=1.5, extra_body={"guided_choice": options})
     assert {c.text for c in comp.choices} <= set(options)
 

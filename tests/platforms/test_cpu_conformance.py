@@ -13,9 +13,10 @@ def test_cpu_platform_passes_the_conformance_suite(tmp_path):
     # Both implement logits_soft_cap, so the soft_cap_* cases run on both too.
     for backend in ("cpu_paged", "cpu_sdpa"):
         assert sum(n.startswith(f"test_attention_matches_reference_float32[{backend}-")
-                   for n in passed) == 15, backend
+                   for n in passed) == 17, backend
         for case in ("scale_0_3", "sliding_window_8", "soft_cap_2", "soft_cap_saturated",
-                     "soft_cap_sliding_window"):
+                     "soft_cap_sliding_window", "multi_query_decode",
+                     "multi_query_decode_mixed_k"):
             assert f"test_attention_matches_reference_float32[{backend}-{case}]" in passed
     assert "test_communicator_collective[send_recv]" in passed
     assert "test_runtime_descriptor_is_discovered_available_and_compatible" in passed

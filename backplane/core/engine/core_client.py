@@ -19,6 +19,7 @@ parent disappears.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import itertools
 import logging
 import multiprocessing
@@ -62,6 +63,8 @@ def core_stats(core: EngineCore) -> dict[str, Any]:
         "prefix_cache_hits": kv.prefix_stats.hits,
         "num_preemptions": sched.num_preemptions,
         "block_size": kv.block_size,
+        "spec_decode": (None if core.config.speculative_config is None
+                        else dataclasses.asdict(sched.spec_stats)),
     }
 
 

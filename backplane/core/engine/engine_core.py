@@ -51,9 +51,12 @@ class EngineCore:
         self.config = config
         self._tokenizer = tokenizer
         self.model_runner = ModelRunner(config, platform)
+        spec = config.speculative_config
         self.scheduler = Scheduler(
             config.scheduler_config, config.cache_config, self.model_runner.num_blocks,
             config.max_model_len,
+            # A draft model writes its k proposals past each step's tokens.
+            num_lookahead_tokens=spec.num_speculative_tokens if spec and spec.uses_model else 0,
         )
         self.last_step = StepTiming()
         # Async scheduling: the model step runs on this worker thread while the
@@ -169,15 +172,26 @@ class EngineCore:
     def _outputs(self, sched_out: SchedulerOutput, result, start: float) -> list[EngineCoreOutput]:
         """Apply a finished step's sampled tokens and describe what changed per request."""
         # Finished requests are among the progressed ones, with a finish_status.
+        planned = sched_out.scheduled_requests
+        outputs_before = {rid: planned[rid].num_output_tokens for rid in result.sampled
+                          if rid in planned}
         progressed, _ = self.scheduler.update_from_output(
-            sched_out, result.sampled, result.grammar_finished)
+            sched_out, result.sampled, result.grammar_finished, result.spec_token_ids)
         outputs = []
         for request in progressed:
             rid = request.request_id
+            # With speculative decoding a step may add several tokens; those after a
+            # stop (EOS, stop token, length) were dropped by the scheduler.
+            kept = request.num_output_tokens - outputs_before.get(
+                rid, request.num_output_tokens - 1)
+            logprobs = result.logprobs.get(rid)
+            if logprobs is not None and kept < logprobs.ids.shape[0]:
+                logprobs = TokenLogprobs(logprobs.ids[:kept], logprobs.logprobs[:kept],
+                                         logprobs.ranks[:kept])
             outputs.append(EngineCoreOutput(
                 request_id=rid,
-                new_token_ids=[request.output_token_ids[-1]],
-                logprobs=result.logprobs.get(rid),
+                new_token_ids=request.output_token_ids[-kept:],
+                logprobs=logprobs,
                 prompt_logprobs=result.prompt_logprobs.get(rid),
                 finish_status=request.status if request.status.finished else None,
                 stop_reason=request.stop_reason,

@@ -36,6 +36,24 @@ class EngineStats:
     num_preemptions: int
     block_size: int
     num_generated_tokens: int = 0
+    # Speculative decoding counters (`SpecDecodeStats` as a dict); None when it is off.
+    spec_decode: dict | None = None
+
+    @property
+    def spec_acceptance_rate(self) -> float | None:
+        """Accepted draft tokens / verified draft tokens (None when speculation is off)."""
+        if self.spec_decode is None:
+            return None
+        drafted = self.spec_decode["num_draft_tokens"]
+        return self.spec_decode["num_accepted_tokens"] / drafted if drafted else 0.0
+
+    @property
+    def spec_mean_accepted_length(self) -> float | None:
+        """Tokens per verification: accepted drafts + the sampled one (None when off)."""
+        if self.spec_decode is None:
+            return None
+        drafts = self.spec_decode["num_drafts"]
+        return 1 + self.spec_decode["num_accepted_tokens"] / drafts if drafts else 0.0
 
 
 def _child_id(request_id: str, index: int, n: int) -> str:

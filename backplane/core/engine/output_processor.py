@@ -93,17 +93,28 @@ class OutputProcessor:
                 if state.first_token_time is None:
                     state.first_token_time = now
                 state.num_cached_tokens = out.num_cached_tokens
-                seq.token_ids.extend(out.new_token_ids)
-                if out.logprobs is not None and seq.logprobs is not None:
-                    self._add_logprobs(seq, out.logprobs)
-                text_ids = out.new_token_ids
+                new_ids = out.new_token_ids
+                text_ids = new_ids
                 if (out.finish_status is not None and out.finish_status.finish_reason == "stop"
                         and not seq.params.include_stop_str_in_output):
                     # The EOS or stop token that ended generation is not part of the
                     # text (its special-token text would otherwise show with
                     # skip_special_tokens=False), unless include_stop_str_in_output.
                     text_ids = text_ids[:-1]
-                stop = seq.detok.add_tokens(text_ids) if text_ids else None
+                if seq.detok.stop and len(text_ids) > 1:
+                    # Several tokens at once (speculative decoding): a stop string
+                    # ends the output at the token completing it, as one at a time would.
+                    stop = None
+                    for count, token_id in enumerate(text_ids, start=1):
+                        stop = seq.detok.add_tokens([token_id])
+                        if stop is not None:
+                            new_ids = new_ids[:count]
+                            break
+                else:
+                    stop = seq.detok.add_tokens(text_ids) if text_ids else None
+                seq.token_ids.extend(new_ids)
+                if out.logprobs is not None and seq.logprobs is not None:
+                    self._add_logprobs(seq, out.logprobs, len(new_ids))
                 if out.finish_status is not None and stop is None:
                     seq.finish_reason = out.finish_status.finish_reason
                     seq.stop_reason = out.stop_reason
@@ -157,7 +168,10 @@ class OutputProcessor:
             out.append(entry)
         return out
 
-    def _add_logprobs(self, seq: SequenceState, lp: TokenLogprobs) -> None:
+    def _add_logprobs(self, seq: SequenceState, lp: TokenLogprobs, count: int) -> None:
+        """Logprobs of the first ``count`` positions of ``lp`` (those of kept tokens)."""
+        if count < lp.ids.shape[0]:
+            lp = TokenLogprobs(lp.ids[:count], lp.logprobs[:count], lp.ranks[:count])
         seq.logprobs.extend(self._logprob_dicts(lp))
         seq.cumulative_logprob += float(lp.logprobs[:, 0].sum())
 

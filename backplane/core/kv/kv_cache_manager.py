@@ -75,6 +75,7 @@ class KVCacheManager:
         num_new_tokens: int,
         num_computed_tokens: int,
         new_computed_blocks: list[KVBlock] | None = None,
+        num_lookahead_tokens: int = 0,
     ) -> list[int] | None:
         """Make room for ``num_new_tokens`` more tokens of ``request``.
 
@@ -82,6 +83,8 @@ class KVCacheManager:
             num_computed_tokens: tokens already in the cache, including the prefix
                 hit in ``new_computed_blocks``.
             new_computed_blocks: cached blocks found by `get_computed_blocks`, taken now.
+            num_lookahead_tokens: slots reserved beyond those tokens (a draft model's
+                proposals); they never count towards the prefix cache.
 
         Returns:
             Ids of the blocks newly added to the request (prefix hits first), or
@@ -89,14 +92,16 @@ class KVCacheManager:
         """
         blocks = self.req_blocks.setdefault(request.request_id, [])
         total_tokens = num_computed_tokens + num_new_tokens
-        if not new_computed_blocks and total_tokens <= len(blocks) * self.block_size:
+        if not new_computed_blocks and total_tokens + num_lookahead_tokens <= (
+                len(blocks) * self.block_size):
             # The common decode step: the request's last block still has room.
             if self.enable_prefix_caching:
                 self._cache_full_blocks(request, blocks, total_tokens)
             return []
         new_computed_blocks = new_computed_blocks or []
         num_new_blocks = (
-            self.blocks_needed(total_tokens) - len(blocks) - len(new_computed_blocks)
+            self.blocks_needed(total_tokens + num_lookahead_tokens) - len(blocks)
+            - len(new_computed_blocks)
         )
         # Prefix hits that are currently free leave the free queue when taken.
         reclaimed = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)

@@ -13,12 +13,19 @@ import torch
 from backplane.sampling_params import SamplingParams
 
 
+def seeded_generator(seed: int, position: int, device: torch.device) -> torch.Generator:
+    """The generator of output position ``position`` of a request seeded with ``seed``."""
+    # A fixed odd multiplier spreads neighbouring (seed, position) pairs apart.
+    mixed = (seed * 0x9E3779B97F4A7C15 + position) % (2**63 - 1)
+    return torch.Generator(device=device).manual_seed(mixed)
+
+
 class InputBatch:
     """Token ids, progress, block tables and sampling settings of running requests."""
 
     def __init__(self, max_num_reqs: int, max_model_len: int, max_blocks_per_req: int,
                  vocab_size: int, device: torch.device | None = None) -> None:
-        # Seeded generators live where the sampler draws its noise.
+        # Seeded requests' generators are made where the sampler draws its noise.
         self.device = device or torch.device("cpu")
         self.max_num_reqs = max_num_reqs
         self.vocab_size = vocab_size
@@ -31,9 +38,19 @@ class InputBatch:
         self.block_table = np.zeros((max_num_reqs, max_blocks_per_req), dtype=np.int64)
         self.num_blocks = np.zeros(max_num_reqs, dtype=np.int64)
         self.params: list[SamplingParams | None] = [None] * max_num_reqs
-        self.generators: list[torch.Generator | None] = [None] * max_num_reqs
+        # Seeds of seeded sampled requests (None: unseeded or greedy). Each output
+        # position draws from its own generator, seeded from (seed, position): the
+        # draws depend on neither the batch, nor preemption, nor speculation.
+        self.seeds: list[int | None] = [None] * max_num_reqs
         # Structured-output matchers (None: unconstrained row).
         self.grammars: list = [None] * max_num_reqs
+        # Speculative decoding: whether a row may get drafts (no setting whose effect
+        # depends on the position: penalties, bad words, grammars), from which output
+        # count on (min_tokens), and the most tokens the request may have.
+        self.spec_ok = np.zeros(max_num_reqs, dtype=bool)
+        self.min_tokens = np.zeros(max_num_reqs, dtype=np.int64)
+        self.max_total_tokens = np.zeros(max_num_reqs, dtype=np.int64)
+        self.max_model_len = max_model_len
         self.temperature = np.ones(max_num_reqs, dtype=np.float32)
         self.greedy = np.zeros(max_num_reqs, dtype=bool)
         self.num_reqs = 0
@@ -41,7 +58,7 @@ class InputBatch:
     # ------------------------------------------------------------- membership
     def add(self, req_id: str, token_ids: list[int], num_prompt_tokens: int,
             num_computed: int, block_ids: list[int], params: SamplingParams,
-            default_seed: int | None = None, grammar=None) -> None:
+            grammar=None) -> None:
         row = self.num_reqs
         if row >= self.max_num_reqs:
             raise RuntimeError(f"persistent batch is full ({self.max_num_reqs} rows)")
@@ -58,15 +75,15 @@ class InputBatch:
         self.params[row] = params
         self.greedy[row] = params.greedy
         self.temperature[row] = 1.0 if params.greedy else params.temperature
-        generator = None
-        if params.seed is not None and not params.greedy:
-            generator = torch.Generator(device=self.device).manual_seed(params.seed)
-            # A resumed (preempted) request replays its draws so far, so the
-            # continuation is the same as if it had never been preempted.
-            for _ in range(n - num_prompt_tokens):
-                torch.empty(self.vocab_size, device=self.device).exponential_(
-                    generator=generator)
-        self.generators[row] = generator
+        self.seeds[row] = params.seed if params.seed is not None and not params.greedy else None
+        self.spec_ok[row] = grammar is None and not (
+            params.presence_penalty or params.frequency_penalty
+            or params.repetition_penalty != 1.0 or params.bad_words_token_ids)
+        self.min_tokens[row] = params.min_tokens
+        limit = self.max_model_len
+        if params.max_tokens is not None:
+            limit = min(limit, num_prompt_tokens + params.max_tokens)
+        self.max_total_tokens[row] = limit
         if grammar is not None:
             # A resumed request's matcher may have run ahead (a token dropped at
             # preemption): rebuild its state from the outputs kept.
@@ -76,6 +93,20 @@ class InputBatch:
                 raise RuntimeError(f"request {req_id}: its kept output no longer matches its "
                                    "structured-output grammar")
         self.grammars[row] = grammar
+
+    def generators(self, rows: list[int], offsets: list[int] | None = None
+                   ) -> dict[int, torch.Generator]:
+        """{index in ``rows``: generator} for the seeded rows, at each row's next output
+        position (plus ``offsets[i]``, for the later positions speculation verifies)."""
+        out = {}
+        for i, row in enumerate(rows):
+            seed = self.seeds[row]
+            if seed is not None:
+                position = int(self.num_tokens[row] - self.num_prompt_tokens[row])
+                if offsets is not None:
+                    position += offsets[i]
+                out[i] = seeded_generator(seed, position, self.device)
+        return out
 
     def append_blocks(self, row: int, block_ids: list[int]) -> None:
         if block_ids:
@@ -95,7 +126,7 @@ class InputBatch:
                 self._move(last, hole)
             self.req_ids[last] = None
             self.params[last] = None
-            self.generators[last] = None
+            self.seeds[last] = None
             self.grammars[last] = None
             self.num_reqs -= 1
 
@@ -108,8 +139,9 @@ class InputBatch:
         nb = self.num_blocks[src]
         self.block_table[dst, :nb] = self.block_table[src, :nb]
         for arr in (self.num_tokens, self.num_prompt_tokens, self.num_computed,
-                    self.num_blocks, self.temperature, self.greedy):
+                    self.num_blocks, self.temperature, self.greedy, self.spec_ok,
+                    self.min_tokens, self.max_total_tokens):
             arr[dst] = arr[src]
         self.params[dst] = self.params[src]
-        self.generators[dst] = self.generators[src]
+        self.seeds[dst] = self.seeds[src]
         self.grammars[dst] = self.grammars[src]

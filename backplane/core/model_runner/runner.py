@@ -16,12 +16,15 @@ import torch
 from backplane.config.resolve import ResolvedConfig
 from backplane.core.layers.attention import AttentionContext
 from backplane.core.layers.fused_moe import bind_fused_moe
+from backplane.core.model_runner.flat_batch import FlatBatch
 from backplane.core.model_runner.graph_capture import DecodeGraphs, estimate_graph_memory
 from backplane.core.model_runner.input_batch import InputBatch
 from backplane.core.model_runner.kv_cache_sizing import KVBlockLayout, determine_num_blocks
-from backplane.core.sampling.metadata import SamplingMetadata
+from backplane.core.sampling.argmax import argmax_rows
+from backplane.core.sampling.metadata import SamplingMetadata, expand_metadata
 from backplane.core.sampling.sampler import Sampler, gather_logprobs
 from backplane.core.scheduler.output import SchedulerOutput
+from backplane.core.spec_decode.rejection_sampler import rejection_sample
 from backplane.plugins_sdk import CommonAttentionMetadata, Platform
 
 logger = logging.getLogger(__name__)
@@ -40,7 +43,11 @@ class TokenLogprobs:
 class ModelRunnerOutput:
     """Per-step results keyed by request id."""
 
-    sampled: dict[str, int] = field(default_factory=dict)
+    # Tokens each sampling request got this step: one, or with speculative decoding
+    # its accepted drafts and one more.
+    sampled: dict[str, list[int]] = field(default_factory=dict)
+    # Speculative decoding: drafts proposed for the next step.
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     prompt_logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     forward_seconds: float = 0.0
@@ -48,6 +55,14 @@ class ModelRunnerOutput:
     grammar_finished: set[str] = field(default_factory=set)
     # Time spent filling and moving the grammar bitmasks this step.
     grammar_mask_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class _CombinedLayout:
+    """KV sizing of the target and a draft model together (one block id, both caches)."""
+
+    block_size: int
+    bytes_per_block: int
 
 
 class ModelRunner:
@@ -83,6 +98,8 @@ class ModelRunner:
                 f"{geometry.num_layers} x {geometry.num_kv_heads} x {geometry.head_size}, but "
                 f"the resolved config says {num_layers} x {kv_heads} x {head_size}"
             )
+        # The uncompiled model: EAGLE heads share its embeddings and read its states.
+        self.base_model = model
         self.model = self._maybe_compile(model, config, platform)
         # The same spec validation used, so a backend accepted there is the one used here.
         spec = config.attention_spec()
@@ -93,13 +110,34 @@ class ModelRunner:
         self._init_layer_backends(model, backend_cls, spec)
         self.kv_layout = KVBlockLayout(num_layers, kv_heads, head_size, cc.block_size, self.dtype)
         max_blocks_per_req = -(-self.max_model_len // cc.block_size)
+        self.vocab_size = config.model_spec.vocab_size
+        self.input_batch = InputBatch(
+            config.scheduler_config.max_num_seqs, self.max_model_len, max_blocks_per_req,
+            self.vocab_size, self.device,
+        )
+        # Structured outputs' logit masking is the platform's op (SDK default: tensor ops).
+        self.sampler = Sampler(apply_token_bitmask=platform.apply_token_bitmask)
+        from backplane.plugins import get_logits_processors
+
+        self.logits_processors = tuple(get_logits_processors())
+        # Speculative decoding: a draft model's KV blocks are sized with the target's.
+        self.proposer = None
+        sizing_layout = self.kv_layout
+        if config.speculative_config is not None:
+            from backplane.core.spec_decode.proposer import Proposer
+
+            self.proposer = Proposer(config.speculative_config, self)
+            if self.proposer.model_drafter is not None:
+                sizing_layout = _CombinedLayout(
+                    cc.block_size, self.kv_layout.bytes_per_block
+                    + self.proposer.model_drafter.bytes_per_block)
         self.graph_sizes = self._graph_sizes(config, platform, backend_cls)
         # Graph memory is held back before the KV cache takes its share of what is free.
         graph_reserve = estimate_graph_memory(
             self.graph_sizes, getattr(mc.hf_config, "hidden_size", 0),
             getattr(mc.hf_config, "intermediate_size", 0) or 0, self.dtype)
         self.num_blocks = determine_num_blocks(
-            self.kv_layout,
+            sizing_layout,
             num_kv_blocks=cc.num_kv_blocks,
             kv_cache_memory_bytes=cc.kv_cache_memory_bytes,
             memory_utilization=cc.memory_utilization,
@@ -115,22 +153,14 @@ class ModelRunner:
             backend_cls.allocate_kv_cache(cache_shape, self.dtype, self.device)
             for _ in range(num_layers)
         ]
-        self.kv_cache_bytes = self.num_blocks * self.kv_layout.bytes_per_block
+        self.kv_cache_bytes = self.num_blocks * sizing_layout.bytes_per_block
+        if self.proposer is not None and self.proposer.model_drafter is not None:
+            self.proposer.model_drafter.allocate_kv_cache(self.num_blocks)
         logger.info(
             "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB), attention backend %s",
             self.num_blocks, cc.block_size, self.num_blocks * cc.block_size,
             self.kv_cache_bytes / 2**20, backend_cls.name,
         )
-        self.vocab_size = config.model_spec.vocab_size
-        self.input_batch = InputBatch(
-            config.scheduler_config.max_num_seqs, self.max_model_len, max_blocks_per_req,
-            self.vocab_size, self.device,
-        )
-        # Structured outputs' logit masking is the platform's op (SDK default: tensor ops).
-        self.sampler = Sampler(apply_token_bitmask=platform.apply_token_bitmask)
-        from backplane.plugins import get_logits_processors
-
-        self.logits_processors = tuple(get_logits_processors())
         self.decode_graphs: DecodeGraphs | None = None
         if self.graph_sizes:
             self.decode_graphs = DecodeGraphs(
@@ -161,7 +191,10 @@ class ModelRunner:
         max_num_seqs = config.scheduler_config.max_num_seqs
         sizes = [s for s in comp.graph_capture_sizes or () if s <= max_num_seqs]
         reason = None
-        if not platform.supports_graph_capture:
+        if config.speculative_config is not None:
+            reason = ("speculative decoding verifies k + 1 tokens per request; its steps "
+                      "are not uniform single-token decodes")
+        elif not platform.supports_graph_capture:
             reason = f"platform {platform.name!r} offers no graph runner"
         elif not backend_cls.supports_graph_capture:
             reason = (f"attention backend {backend_cls.name!r} does not declare "
@@ -233,6 +266,8 @@ class ModelRunner:
     def _update_batch(self, out: SchedulerOutput) -> None:
         batch = self.input_batch
         batch.remove(out.removed_request_ids)
+        if self.proposer is not None:
+            self.proposer.forget(out.removed_request_ids)
         for cached in out.cached_requests:
             row = batch.req_id_to_row[cached.request_id]
             batch.append_blocks(row, cached.new_block_ids)
@@ -240,6 +275,12 @@ class ModelRunner:
         for new in out.new_requests:
             batch.add(new.request_id, new.token_ids, new.num_prompt_tokens,
                       new.num_computed_tokens, new.block_ids, new.params, grammar=new.grammar)
+        for req_id, drafts in out.scheduled_spec_tokens.items():
+            # Drafts sit after the known tokens (not counted in num_tokens) so the
+            # step gathers its inputs in one indexing op; accepted ones stay.
+            row = batch.req_id_to_row[req_id]
+            start = batch.num_tokens[row]
+            batch.token_ids[row, start : start + len(drafts)] = drafts
 
     # ---------------------------------------------------------------- execute
     @torch.inference_mode()
@@ -250,79 +291,155 @@ class ModelRunner:
         batch = self.input_batch
         n = batch.num_reqs
         counts = np.zeros(n, dtype=np.int64)
+        drafts = np.zeros(n, dtype=np.int64)
         for req_id, num in out.num_scheduled_tokens.items():
             counts[batch.req_id_to_row[req_id]] = num
+        for req_id, tokens in out.scheduled_spec_tokens.items():
+            drafts[batch.req_id_to_row[req_id]] = len(tokens)
         rows = np.nonzero(counts)[0]
-        counts = counts[rows]
-        cu = np.cumsum(counts)
-        total = int(cu[-1])
-        starts = cu - counts
-        req_of_token = np.repeat(np.arange(len(rows)), counts)
         computed = batch.num_computed[rows]
-        positions = computed[req_of_token] + (np.arange(total) - starts[req_of_token])
-        token_rows = rows[req_of_token]
-        input_ids = batch.token_ids[token_rows, positions]
-        bs = self.block_size
-        slots = batch.block_table[token_rows, positions // bs] * bs + positions % bs
-        seq_lens = computed + counts
-        max_blocks = int(-(-seq_lens.max() // bs))
-        query_start_loc = np.concatenate(([0], cu)).astype(np.int32)
+        flat = FlatBatch.build(rows, computed, counts[rows], batch.block_table, self.block_size)
+        drafts = drafts[rows]
+        counts, cu, starts, seq_lens = flat.counts, flat.cu, flat.starts, flat.seq_lens
+        input_ids = batch.token_ids[flat.token_rows, flat.positions]
 
         device = self.device
-        max_query_len = int(counts.max())
         graph_size = (self.decode_graphs.padded_size(len(rows))
-                      if self.decode_graphs is not None and max_query_len == 1 else None)
+                      if self.decode_graphs is not None and int(counts.max()) == 1 else None)
         start = time.perf_counter()
         if graph_size is not None:
             # Uniform decode: replay the recorded step over the static buffers.
+            max_blocks = int(-(-seq_lens.max() // self.block_size))
             hidden = self.decode_graphs.replay(
-                graph_size, input_ids, positions, slots, seq_lens.astype(np.int32),
+                graph_size, input_ids, flat.positions, flat.slots, seq_lens.astype(np.int32),
                 batch.block_table[rows, :max_blocks])
         else:
-            common = CommonAttentionMetadata(
-                num_reqs=len(rows),
-                num_actual_tokens=total,
-                max_query_len=max_query_len,
-                max_seq_len=int(seq_lens.max()),
-                query_start_loc=torch.from_numpy(query_start_loc).to(device),
-                seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(device),
-                block_table=torch.from_numpy(
-                    batch.block_table[rows, :max_blocks].astype(np.int32)).to(device),
-                slot_mapping=torch.from_numpy(slots).to(device),
-                query_start_loc_cpu=torch.from_numpy(query_start_loc),
-                seq_lens_cpu=torch.from_numpy(seq_lens.astype(np.int32)),
-            )
+            common = flat.attention_metadata(batch.block_table, self.block_size, device)
             hidden = self._run_model(torch.from_numpy(input_ids).to(device),
-                                     torch.from_numpy(positions).to(device), common)
+                                     torch.from_numpy(flat.positions).to(device), common)
         self.platform.runtime.synchronize()
         forward_seconds = time.perf_counter() - start
 
         result = ModelRunnerOutput(forward_seconds=forward_seconds)
-        # Rows whose every known token is now computed produce a sampled token.
-        sample_mask = seq_lens == batch.num_tokens[rows]
+        # Rows whose every known token is now computed produce sampled tokens (drafts
+        # sit past the known tokens: batch.num_tokens does not count them).
+        sample_mask = seq_lens >= batch.num_tokens[rows]
         self._prompt_logprobs(rows, computed, counts, starts, hidden, result)
+        num_rejected = np.zeros(len(rows), dtype=np.int64)
         if sample_mask.any():
-            sample_rows = rows[sample_mask]
-            logits = self.model.compute_logits(
-                hidden[torch.from_numpy(cu[sample_mask] - 1).to(device)])
-            mask_start = time.perf_counter()
-            grammar_bitmask, grammar_rows = self._grammar_bitmask(sample_rows)
-            if grammar_bitmask is not None:
-                result.grammar_mask_seconds = time.perf_counter() - mask_start
-            meta = self._sampling_metadata(sample_rows, grammar_bitmask, grammar_rows)
-            sampled = self.sampler(logits, meta)
-            token_ids = sampled.token_ids.tolist()
-            for i, row in enumerate(sample_rows.tolist()):
-                req_id = batch.req_ids[row]
-                result.sampled[req_id] = token_ids[i]
-                batch.token_ids[row, batch.num_tokens[row]] = token_ids[i]
-                batch.num_tokens[row] += 1
-            if grammar_rows is not None:
-                self._advance_grammars(sample_rows, grammar_rows, token_ids, result)
-            if sampled.logprobs is not None:
-                self._collect_logprobs(sample_rows, sampled, result)
-        batch.num_computed[rows] = seq_lens
+            if drafts.any():
+                num_rejected[sample_mask] = self._verify(
+                    rows[sample_mask], cu[sample_mask], drafts[sample_mask], hidden, result)
+            else:
+                self._sample(rows[sample_mask], cu[sample_mask], hidden, result)
+        batch.num_computed[rows] = seq_lens - num_rejected
+        if self.proposer is not None:
+            self.proposer.propose(flat, computed, sample_mask, hidden, result)
         return result
+
+    def _sample(self, sample_rows: np.ndarray, cu: np.ndarray, hidden: torch.Tensor,
+                result: ModelRunnerOutput) -> None:
+        """One new token for each row that reached its sampling point."""
+        batch = self.input_batch
+        logits = self.model.compute_logits(hidden[torch.from_numpy(cu - 1).to(self.device)])
+        mask_start = time.perf_counter()
+        grammar_bitmask, grammar_rows = self._grammar_bitmask(sample_rows)
+        if grammar_bitmask is not None:
+            result.grammar_mask_seconds = time.perf_counter() - mask_start
+        meta = self._sampling_metadata(sample_rows, grammar_bitmask, grammar_rows)
+        sampled = self.sampler(logits, meta)
+        token_ids = sampled.token_ids.tolist()
+        for i, row in enumerate(sample_rows.tolist()):
+            result.sampled[batch.req_ids[row]] = [token_ids[i]]
+        positions = batch.num_tokens[sample_rows]
+        batch.token_ids[sample_rows, positions] = token_ids
+        batch.num_tokens[sample_rows] = positions + 1
+        if grammar_rows is not None:
+            self._advance_grammars(sample_rows, grammar_rows, token_ids, result)
+        if sampled.logprobs is not None:
+            self._collect_logprobs(sample_rows, sampled, result)
+
+    def _verify(self, sample_rows: np.ndarray, cu: np.ndarray, drafts: np.ndarray,
+                hidden: torch.Tensor, result: ModelRunnerOutput) -> np.ndarray:
+        """Verify each row's draft tokens against the target; returns rejected counts.
+
+        Row i's last ``drafts[i] + 1`` query positions give the target's
+        distributions after its last known token and after each draft; rejection
+        sampling keeps the longest acceptable prefix of the drafts plus one token
+        drawn from the target, so the output is what decoding one token at a time
+        would produce (greedy) or has its distribution (sampling).
+        """
+        batch = self.input_batch
+        device = self.device
+        num_pos = drafts + 1
+        pos_cu = np.cumsum(num_pos)
+        pos_starts = pos_cu - num_pos
+        row_of_pos = np.repeat(np.arange(len(sample_rows)), num_pos)
+        within = np.arange(int(pos_cu[-1])) - pos_starts[row_of_pos]
+        flat_index = (cu - num_pos)[row_of_pos] + within
+        logits = self.model.compute_logits(hidden[torch.from_numpy(flat_index).to(device)])
+        mask_start = time.perf_counter()
+        grammar_bitmask, grammar_rows = self._grammar_bitmask(sample_rows)
+        if grammar_bitmask is not None:
+            result.grammar_mask_seconds = time.perf_counter() - mask_start
+        meta = expand_metadata(
+            self._sampling_metadata(sample_rows, grammar_bitmask, grammar_rows), num_pos,
+            pos_starts, batch.generators(sample_rows[row_of_pos].tolist(), within.tolist()))
+        processed = self.sampler.process_logits(logits, meta)
+        target_argmax = argmax_rows(processed)
+        target_probs = processed  # greedy rows decide on the argmax alone
+        if not meta.all_greedy:
+            # Acceptance compares probabilities: normalise after top-k/top-p truncation.
+            target_probs = Sampler.probs(processed, meta)
+            target_probs = target_probs / target_probs.sum(dim=-1, keepdim=True)
+        req_ids = [batch.req_ids[r] for r in sample_rows.tolist()]
+        # The drafts sit right after each row's known tokens (see _update_batch).
+        draft_rows = np.repeat(sample_rows, drafts)
+        draft_ids = batch.token_ids[draft_rows, np.repeat(batch.num_tokens[sample_rows], drafts)
+                                    + (np.arange(int(drafts.sum()))
+                                       - np.repeat(np.cumsum(drafts) - drafts, drafts))]
+        draft_probs = self.proposer.draft_probs(req_ids, drafts, meta.all_greedy)
+        generators = None
+        if meta.generators:
+            generators = {}
+            for index, generator in meta.generators.items():
+                generators.setdefault(int(row_of_pos[index]), []).append(generator)
+        outcome = rejection_sample(
+            target_probs, target_argmax, torch.from_numpy(draft_ids).to(device),
+            torch.from_numpy(drafts).to(device), draft_probs,
+            torch.from_numpy(batch.greedy[sample_rows]).to(device), generators)
+        tokens = outcome.token_ids.cpu().numpy()
+        num_accepted = outcome.num_accepted.cpu().numpy()
+        num_new = num_accepted + 1
+        # Accepted tokens overwrite the drafts in the batch, then the row grows.
+        new_rows = np.repeat(sample_rows, num_new)
+        new_index = np.arange(int(num_new.sum())) - np.repeat(np.cumsum(num_new) - num_new,
+                                                              num_new)
+        first = batch.num_tokens[sample_rows]
+        batch.token_ids[new_rows, np.repeat(first, num_new) + new_index] = tokens[
+            np.repeat(np.arange(len(sample_rows)), num_new), new_index]
+        batch.num_tokens[sample_rows] = first + num_new
+        for i, req_id in enumerate(req_ids):
+            result.sampled[req_id] = tokens[i, : num_new[i]].tolist()
+        if grammar_rows is not None:
+            # Constrained rows propose no drafts: one token each.
+            self._advance_grammars(sample_rows, grammar_rows, tokens[:, 0].tolist(), result)
+        if meta.max_num_logprobs is not None:
+            kept = torch.from_numpy(pos_starts[np.repeat(np.arange(len(sample_rows)), num_new)]
+                                    + new_index).to(device)
+            chosen = torch.from_numpy(tokens[np.repeat(np.arange(len(sample_rows)), num_new),
+                                             new_index]).to(device)
+            raw = torch.log_softmax(logits[kept].float(), dim=-1)
+            ids, lps, ranks = gather_logprobs(raw, meta.max_num_logprobs, chosen)
+            ids, lps, ranks = ids.cpu().numpy(), lps.cpu().numpy(), ranks.cpu().numpy()
+            out_cu = np.concatenate(([0], np.cumsum(num_new)))
+            for i, row in enumerate(sample_rows.tolist()):
+                k = batch.params[row].logprobs
+                if k is not None:
+                    lo, hi = out_cu[i], out_cu[i + 1]
+                    result.logprobs[req_ids[i]] = TokenLogprobs(
+                        ids[lo:hi, : 1 + k], lps[lo:hi, : 1 + k], ranks[lo:hi])
+        return drafts - num_accepted
 
     def _run_model(self, input_ids: torch.Tensor, positions: torch.Tensor,
                    common: CommonAttentionMetadata) -> torch.Tensor:
@@ -420,10 +537,7 @@ class ModelRunner:
                     allowed = torch.ones(len(params), self.vocab_size, dtype=torch.bool)
                 allowed[i] = False
                 allowed[i, p.allowed_token_ids] = True
-        generators = {
-            i: batch.generators[r] for i, r in enumerate(rows.tolist())
-            if batch.generators[r] is not None
-        }
+        generators = batch.generators(row_list)
         max_logprobs = [p.logprobs for p in params if p.logprobs is not None]
 
         def as_tensor(values, dtype):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -119,6 +119,26 @@ class CausalLM(nn.Module, ABC):
         backend instance per distinct spec. Default: every layer uses ``spec``.
         """
         return [spec] * self.kv_cache_shape().num_layers
+
+    def set_aux_hidden_layers(self, layer_ids: Sequence[int]) -> None:
+        """Record the hidden states entering these layers on every forward (EAGLE-3).
+
+        Layer index ``num_layers`` means the last layer's output before the final
+        norm; an empty sequence turns the capture off. Models that cannot expose
+        their residual stream keep this default, which refuses.
+        """
+        raise NotImplementedError(
+            f"EAGLE-3 needs auxiliary hidden states, which {type(self).__name__} does not expose"
+        )
+
+    def aux_hidden_states(self) -> torch.Tensor:
+        """The states captured by the last forward: ``[n, len(layer_ids) * hidden]``.
+
+        Concatenated in the order given to `set_aux_hidden_layers`.
+        """
+        raise NotImplementedError(
+            f"EAGLE-3 needs auxiliary hidden states, which {type(self).__name__} does not expose"
+        )
 
     def skipped_weight_names(self) -> tuple[str, ...]:
         """Checkpoint names accepted but not loaded (e.g. lm_head when embeddings are tied)."""

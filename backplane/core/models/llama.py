@@ -205,7 +205,15 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    """Embedding, decoder layers and final norm (the ``model.`` prefix of checkpoints)."""
+    """Embedding, decoder layers and final norm (the ``model.`` prefix of checkpoints).
+
+    Auxiliary hidden states (EAGLE-3): when ``aux_hidden_layers`` is non-empty,
+    each forward stores in ``aux_hidden_states`` the residual stream entering
+    each listed layer (index ``num_layers``: the last layer's output before the
+    final norm), in the listed order. Empty (the default) costs nothing.
+    """
+
+    aux_hidden_layers: tuple[int, ...] = ()
 
     def __init__(self, dims: DecoderDims, options: DecoderOptions, hf_config: Any,
                  dtype: torch.dtype) -> None:
@@ -219,6 +227,7 @@ class DecoderModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(
             dims.head_dim, dims.max_positions, rope_parameters(hf_config)
         )
+        self.aux_hidden_states: list[torch.Tensor] = []
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext
@@ -228,8 +237,24 @@ class DecoderModel(nn.Module):
             hidden = hidden * self.embedding_multiplier
         # One table lookup per step, shared by all layers.
         cos, sin = self.rotary_emb.cos_sin(positions, hidden.dtype)
+        if self.aux_hidden_layers:
+            return self._forward_capturing(hidden, cos, sin, ctx)
         for layer in self.layers:
             hidden = layer(hidden, cos, sin, ctx)
+        return self.norm(hidden)
+
+    def _forward_capturing(
+        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext
+    ) -> torch.Tensor:
+        """The layer loop of `forward`, also recording ``aux_hidden_states``."""
+        wanted = set(self.aux_hidden_layers)
+        captured: dict[int, torch.Tensor] = {}
+        for idx, layer in enumerate(self.layers):
+            if idx in wanted:
+                captured[idx] = hidden
+            hidden = layer(hidden, cos, sin, ctx)
+        captured[len(self.layers)] = hidden
+        self.aux_hidden_states = [captured[idx] for idx in self.aux_hidden_layers]
         return self.norm(hidden)
 
 
@@ -275,6 +300,26 @@ class LlamaForCausalLM(CausalLM):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
+
+    def set_aux_hidden_layers(self, layer_ids) -> None:
+        ids = tuple(int(i) for i in layer_ids)
+        bad = [i for i in ids if not 0 <= i <= self.dims.num_layers]
+        if bad:
+            raise ValueError(
+                f"auxiliary hidden state layer ids {bad} are out of range for "
+                f"{type(self).__name__} with {self.dims.num_layers} layers "
+                f"(valid: 0..{self.dims.num_layers})"
+            )
+        self.model.aux_hidden_layers = ids
+        self.model.aux_hidden_states = []
+
+    def aux_hidden_states(self) -> torch.Tensor:
+        if not self.model.aux_hidden_layers:
+            raise RuntimeError("no auxiliary hidden state layers are set: call "
+                               "set_aux_hidden_layers first")
+        if not self.model.aux_hidden_states:
+            raise RuntimeError("no auxiliary hidden states yet: run a forward first")
+        return torch.cat(self.model.aux_hidden_states, dim=-1)
 
     def kv_cache_shape(self) -> KVCacheShape:
         window = None

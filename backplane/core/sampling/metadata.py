@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 
@@ -44,3 +45,43 @@ class SamplingMetadata:
     # constrained rows (bit set = allowed) and which rows those are; None: none is.
     grammar_bitmask: torch.Tensor | None = None
     grammar_rows: list[int] | None = None
+
+
+def expand_metadata(meta: SamplingMetadata, repeats: np.ndarray, starts: np.ndarray,
+                    generators: dict[int, torch.Generator]) -> SamplingMetadata:
+    """The metadata of ``repeats[i]`` consecutive positions for each row i.
+
+    Speculative decoding samples a row at several positions in one step (after
+    its last known token and after each draft). Every per-row setting is
+    repeated; ``starts[i]`` is row i's first position, and ``generators`` are
+    the seeded rows' generators per position (each position draws its own).
+    Rows with drafts never use position-dependent settings (penalties, bad
+    words, logits processors, grammars: the proposer skips them; below
+    min_tokens, drafts stop before the position where the EOS ban lifts), so
+    repeating is exact.
+    """
+    index = torch.from_numpy(np.repeat(np.arange(len(repeats)), repeats))
+
+    def rows(value):
+        if value is None:
+            return None
+        if isinstance(value, torch.Tensor):
+            return value.index_select(0, index.to(value.device))
+        return [value[i] for i in index.tolist()]
+
+    return replace(
+        meta,
+        temperature=rows(meta.temperature), greedy_mask=rows(meta.greedy_mask),
+        top_k=rows(meta.top_k), top_p=rows(meta.top_p), min_p=rows(meta.min_p),
+        presence_penalty=rows(meta.presence_penalty),
+        frequency_penalty=rows(meta.frequency_penalty),
+        repetition_penalty=rows(meta.repetition_penalty),
+        output_token_counts=rows(meta.output_token_counts),
+        seen_token_mask=rows(meta.seen_token_mask),
+        logit_bias=rows(meta.logit_bias), banned_token_ids=rows(meta.banned_token_ids),
+        output_token_ids=rows(meta.output_token_ids),
+        allowed_token_mask=rows(meta.allowed_token_mask),
+        grammar_rows=None if meta.grammar_rows is None else [
+            int(starts[i]) for i in meta.grammar_rows],
+        generators=generators,
+    )

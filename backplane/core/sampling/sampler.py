@@ -66,10 +66,7 @@ class Sampler:
         raw_logprobs = None
         if meta.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits, dim=-1)
-        for processor in meta.logits_processors:
-            logits = processor(logits, meta.output_token_ids)
-        logits = self._apply_penalties(logits, meta)
-
+        logits = self.process_logits(logits, meta)
         if meta.all_greedy:
             token_ids = argmax_rows(logits)
         else:
@@ -81,6 +78,13 @@ class Sampler:
                 raw_logprobs, meta.max_num_logprobs, token_ids
             )
         return out
+
+    def process_logits(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        """float32 logits after logits processors, penalties, bias and token masks."""
+        logits = logits.float()
+        for processor in meta.logits_processors:
+            logits = processor(logits, meta.output_token_ids)
+        return self._apply_penalties(logits, meta)
 
     def _apply_penalties(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         if meta.repetition_penalty is not None:
@@ -115,15 +119,21 @@ class Sampler:
         return logits
 
     @staticmethod
-    def _sample(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-        greedy_tokens = argmax_rows(logits) if meta.greedy_mask is not None else None
-        logits = logits / meta.temperature[:, None]
-        probs = torch.softmax(logits, dim=-1)
+    def probs(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        """The distribution a row samples from (unnormalised after truncation):
+        processed logits through temperature, min-p, top-k and top-p."""
+        probs = torch.softmax(logits / meta.temperature[:, None], dim=-1)
         if meta.min_p is not None:
             threshold = meta.min_p[:, None] * probs.max(dim=-1, keepdim=True).values
             probs = probs.masked_fill(probs < threshold, 0.0)
         if meta.top_k is not None or meta.top_p is not None:
             probs = _top_k_top_p(probs, meta.top_k, meta.top_p)
+        return probs
+
+    @classmethod
+    def _sample(cls, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        greedy_tokens = argmax_rows(logits) if meta.greedy_mask is not None else None
+        probs = cls.probs(logits, meta)
         # Exponential-race sampling: argmax(p / E) with E ~ Exp(1) draws from p.
         # Seeded rows draw their noise from their own generator, so their tokens do
         # not depend on what else is in the batch.

@@ -52,6 +52,9 @@ class SchedulerOutput:
     # with async scheduling a result may arrive after its request ended.
     scheduled_requests: dict = field(default_factory=dict)
     sampling_request_ids: set[str] = field(default_factory=set)
+    # Speculative decoding: {request_id: draft tokens verified this step}. They are
+    # part of num_scheduled_tokens (after the request's known tokens).
+    scheduled_spec_tokens: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:

@@ -59,7 +59,7 @@ class Request:
         "request_id", "prompt_token_ids", "output_token_ids", "all_token_ids", "params",
         "priority", "arrival_time", "status", "num_computed_tokens", "num_cached_tokens",
         "max_total_tokens", "eos_token_ids", "stop_reason", "block_hashes", "num_preemptions",
-        "cache_salt", "num_output_placeholders", "grammar_future", "grammar",
+        "cache_salt", "num_output_placeholders", "grammar_future", "grammar", "spec_token_ids",
     )
 
     def __init__(
@@ -99,6 +99,9 @@ class Request:
         # ready, the request's matcher. The scheduler holds the request back until then.
         self.grammar_future = None
         self.grammar = None
+        # Speculative decoding: draft tokens proposed after the last step, verified
+        # (and then dropped or accepted) by the next one.
+        self.spec_token_ids: list[int] = []
 
     @property
     def num_tokens(self) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from backplane.config import CacheConfig, SchedulerConfig
 from backplane.core.kv.kv_cache_manager import KVCacheManager
@@ -40,7 +40,10 @@ class Scheduler:
         cache_config: CacheConfig,
         num_kv_blocks: int,
         max_model_len: int,
+        num_lookahead_tokens: int = 0,
     ) -> None:
+        """``num_lookahead_tokens``: KV slots reserved past each step's tokens for a
+        draft model to write its proposals into (speculative decoding)."""
         self.config = scheduler_config
         self.max_num_seqs = scheduler_config.max_num_seqs
         self.max_num_batched_tokens = scheduler_config.max_num_batched_tokens
@@ -58,6 +61,8 @@ class Scheduler:
         self.num_preemptions = 0
         # Requests whose grammar failed to compile; the engine core ends them.
         self.failed_grammars: list[str] = []
+        self.num_lookahead_tokens = num_lookahead_tokens
+        self.spec_stats = SpecDecodeStats()
 
     # ----------------------------------------------------------------- requests
     def add_request(self, request: Request) -> None:
@@ -105,6 +110,7 @@ class Scheduler:
         new_reqs: list[NewRequestData] = []
         cached_reqs: list[CachedRequestData] = []
         preempted: set[str] = set()
+        spec_tokens: dict[str, list[int]] = {}
 
         # Running requests first, in order; preempt from the back when blocks run out.
         index = 0
@@ -112,7 +118,9 @@ class Scheduler:
             request = self.running[index]
             # A token still being sampled (async scheduling) counts as known...
             known = request.num_tokens + request.num_output_placeholders
-            num_new = min(known - request.num_computed_tokens, budget)
+            num_known_new = known - request.num_computed_tokens
+            # Draft tokens ride along after the known ones, as far as the budget goes.
+            num_new = min(num_known_new + len(request.spec_token_ids), budget)
             # ...unless it is the request's last: it ends there, so plan nothing more.
             if request.num_output_placeholders and known >= request.max_total_tokens:
                 num_new = 0
@@ -121,7 +129,8 @@ class Scheduler:
                 continue
             while True:
                 block_ids = self.kv.allocate_slots(
-                    request, num_new, request.num_computed_tokens
+                    request, num_new, request.num_computed_tokens,
+                    num_lookahead_tokens=self._lookahead(request, num_new),
                 )
                 if block_ids is not None:
                     break
@@ -139,10 +148,15 @@ class Scheduler:
                 CachedRequestData(request.request_id, block_ids, request.num_computed_tokens)
             )
             num_scheduled[request.request_id] = num_new
+            num_spec = num_new - num_known_new
+            if num_spec > 0:
+                spec_tokens[request.request_id] = request.spec_token_ids[:num_spec]
             budget -= num_new
             index += 1
         # A request preempted after being scheduled this step cannot stay in the plan.
         cached_reqs = [c for c in cached_reqs if c.request_id not in preempted]
+        for request_id in preempted:
+            spec_tokens.pop(request_id, None)
 
         # Then waiting requests, unless this step already had to preempt. Requests
         # whose grammar is still compiling step aside for the ones behind them.
@@ -165,7 +179,9 @@ class Scheduler:
                 if not self.chunked_prefill:
                     break
                 num_new = budget
-            block_ids = self.kv.allocate_slots(request, num_new, num_computed, hit_blocks)
+            block_ids = self.kv.allocate_slots(
+                request, num_new, num_computed, hit_blocks,
+                num_lookahead_tokens=self._lookahead(request, num_computed + num_new))
             if block_ids is None:
                 break
             self.waiting.pop()
@@ -199,6 +215,7 @@ class Scheduler:
             total_num_scheduled_tokens=self.max_num_batched_tokens - budget,
             removed_request_ids=removed,
             preempted_request_ids=preempted,
+            scheduled_spec_tokens=spec_tokens,
         )
         # Tokens handed out now count as computed; update_from_output samples on top.
         # A request whose every known token is then computed samples one more in
@@ -206,11 +223,20 @@ class Scheduler:
         for request_id, count in num_scheduled.items():
             request = self.requests[request_id]
             request.num_computed_tokens += count
+            request.spec_token_ids = []  # verified by this step (or dropped by the budget)
             out.scheduled_requests[request_id] = request
             if request.num_computed_tokens >= request.num_tokens + request.num_output_placeholders:
                 request.num_output_placeholders += 1
                 out.sampling_request_ids.add(request_id)
         return out
+
+    def _lookahead(self, request: Request, num_tokens_after: int) -> int:
+        """Slots to reserve past ``num_tokens_after`` for the draft model's proposals,
+        never past max_model_len (the block table has no room beyond it)."""
+        if not self.num_lookahead_tokens:
+            return 0
+        return max(0, min(self.num_lookahead_tokens,
+                          self.max_model_len - request.num_computed_tokens - num_tokens_after))
 
     def _grammar_ready(self, request: Request) -> bool:
         """Whether a waiting request may be scheduled as far as its grammar goes.
@@ -245,6 +271,7 @@ class Scheduler:
         # A token still in flight for it is dropped; it is sampled again on resume
         # (seeded draws are replayed, so the result is the same).
         request.num_output_placeholders = 0
+        request.spec_token_ids = []
         request.num_preemptions += 1
         self.num_preemptions += 1
         self._removed_ids.add(request.request_id)
@@ -253,38 +280,91 @@ class Scheduler:
 
     # ------------------------------------------------------------------- update
     def update_from_output(
-        self, scheduler_output: SchedulerOutput, sampled: dict[str, int],
+        self, scheduler_output: SchedulerOutput, sampled: dict[str, int | list[int]],
         grammar_finished: set[str] | frozenset[str] = frozenset(),
+        spec_token_ids: dict[str, list[int]] | None = None,
     ) -> tuple[list[Request], list[Request]]:
         """Append sampled tokens and end requests that hit a stop condition.
 
         Args:
-            sampled: {request_id: token} for requests whose step reached a
-                sampling point (every known token computed).
+            sampled: {request_id: token or tokens} for requests whose step reached
+                a sampling point (every known token computed). With speculative
+                decoding a request gets its accepted drafts and one more token;
+                tokens after a stop condition are dropped.
             grammar_finished: requests whose structured-output grammar reached its
                 end with this token: they stop here, like at EOS.
+            spec_token_ids: {request_id: drafts to verify in the next step}.
 
         Returns:
-            (requests that got a new token, requests that finished this step)
+            (requests that got new tokens, requests that finished this step)
         """
         progressed, finished = [], []
         planned = scheduler_output.scheduled_requests
+        verified = scheduler_output.scheduled_spec_tokens
         for request_id in scheduler_output.sampling_request_ids:
             request = planned[request_id]
             request.num_output_placeholders = max(0, request.num_output_placeholders - 1)
-        for request_id, token in sampled.items():
+        for request_id, tokens in sampled.items():
             request = self.requests.get(request_id)
             # The very request planned (an id may be reused once its request ended),
             # still running (not finished, aborted or preempted since).
             if (request is None or request.status != RequestStatus.RUNNING
                     or (planned and planned.get(request_id) is not request)):
                 continue
-            request.append_output_token(token)
+            if isinstance(tokens, int):
+                tokens = (tokens,)
+            num_drafts = len(verified.get(request_id, ()))
+            if num_drafts:
+                # Rejected drafts' KV is not computed: those slots are written again.
+                num_accepted = len(tokens) - 1
+                request.num_computed_tokens -= num_drafts - num_accepted
+                self.spec_stats.record(num_drafts, num_accepted)
+            for token in tokens:
+                request.append_output_token(token)
+                if request.check_stop():
+                    break
             progressed.append(request)
             if request_id in grammar_finished and not request.status.finished:
                 request.status = RequestStatus.FINISHED_STOPPED
-            if request.status.finished or request.check_stop():
+            if request.status.finished:
                 self.running.remove(request)
                 self._release(request)
                 finished.append(request)
+            elif spec_token_ids:
+                request.spec_token_ids = spec_token_ids.get(request_id, [])
         return progressed, finished
+
+
+@dataclass
+class SpecDecodeStats:
+    """Speculative-decoding counters since start-up (what /metrics and the log report).
+
+    Attributes:
+        num_drafts: verification passes of one request (steps that had drafts).
+        num_draft_tokens: draft tokens verified.
+        num_accepted_tokens: draft tokens accepted.
+        accepted_per_position: how often the draft at position i (0-based) was accepted.
+    """
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+
+    def record(self, num_drafts: int, num_accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += num_drafts
+        self.num_accepted_tokens += num_accepted
+        if len(self.accepted_per_position) < num_drafts:
+            self.accepted_per_position += [0] * (num_drafts - len(self.accepted_per_position))
+        for position in range(num_accepted):
+            self.accepted_per_position[position] += 1
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens each verification yields on average: accepted drafts plus the one sampled."""
+        return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0

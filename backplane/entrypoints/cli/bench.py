@@ -157,6 +157,57 @@ def _register_latency(sub) -> None:
     p.set_defaults(func=_run("latency"))
 
 
+def _register_speculative(sub) -> None:
+    from backplane.benchmarks.speculative import WORKLOADS
+    from backplane.config.cli_args import add_engine_args
+
+    p = sub.add_parser(
+        "speculative", help="decode speed with and without speculative decoding",
+        description="Run the same requests without speculation and with each speculative "
+        "config (--speculative-config, plus any --extra-speculative-config) and report "
+        "output tokens/s, speed-up, acceptance rate, mean accepted length, acceptance per "
+        "draft position and the break-even accepted length. Every engine flag of "
+        "`backplane serve` is accepted.",
+    )
+    p.add_argument("--extra-speculative-config", action="append", metavar="JSON",
+                   help="another speculative config to compare (repeatable)")
+    p.add_argument("--workload", choices=WORKLOADS, default="copy",
+                   help="copy: prompts repeat a passage (the answer copies it); random: "
+                   "random token ids [default: copy]")
+    p.add_argument("--num-prompts", type=_positive_int, default=4)
+    p.add_argument("--input-len", type=_positive_int, default=128,
+                   help="prompt length of the random workload [default: 128]")
+    p.add_argument("--output-len", type=_positive_int, default=128)
+    p.add_argument("--batch-size", type=_positive_int, default=1,
+                   help="requests running at once [default: 1]")
+    p.add_argument("--temperature", type=float, default=0.0)
+    _add_output_flags(p)
+    add_engine_args(p)
+    p.set_defaults(func=_run("speculative"))
+
+
+def _register_make_draft(sub) -> None:
+    p = sub.add_parser(
+        "make-draft", help="cut a draft model from a trained model's first layers",
+        description="Write the first N decoder layers of MODEL (with its embeddings, final "
+        "norm, output head and tokenizer) to DIR: a draft model for --speculative-config "
+        "that shares MODEL's tokenizer (early-exit / self-speculative drafting).",
+    )
+    p.add_argument("model", metavar="MODEL", help="source model directory")
+    p.add_argument("dir", metavar="DIR", help="output directory")
+    p.add_argument("--num-layers", type=_positive_int, required=True)
+    p.set_defaults(func=_make_draft)
+
+
+def _make_draft(args: argparse.Namespace) -> int:
+    from backplane.benchmarks.layer_draft import make_layer_draft
+    from backplane.benchmarks.report import print_table
+
+    summary = make_layer_draft(args.model, args.dir, args.num_layers)
+    print_table("backplane bench make-draft", list(summary.items()))
+    return 0
+
+
 def _register_serve(sub) -> None:
     from backplane.benchmarks.serve import ENDPOINTS
 
@@ -207,6 +258,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_make_model(sub)
     _register_throughput(sub)
     _register_latency(sub)
+    _register_speculative(sub)
+    _register_make_draft(sub)
     _register_serve(sub)
     try:
         consistency = importlib.import_module("backplane.entrypoints.cli.bench_consistency")

@@ -282,11 +282,18 @@ async def log_stats(engine: AsyncEngine, interval: float = STATS_INTERVAL_S) -> 
         if idle and was_idle:
             continue  # one line when the engine goes idle, then quiet until work arrives
         was_idle = idle
+        spec = ""
+        if stats.spec_decode is not None:
+            per_position = stats.spec_decode["accepted_per_position"]
+            drafts = max(stats.spec_decode["num_drafts"], 1)
+            spec = (f", speculative acceptance {100 * stats.spec_acceptance_rate:.1f}%, mean "
+                    f"accepted length {stats.spec_mean_accepted_length:.2f}, per position "
+                    + "/".join(f"{a / drafts:.2f}" for a in per_position))
         logger.info(
             "engine: %d running, %d waiting, generation %.1f tokens/s, KV cache %.1f%% used, "
-            "prefix cache hit rate %.1f%%",
+            "prefix cache hit rate %.1f%%%s",
             stats.num_running, stats.num_waiting, rate, 100 * stats.kv_cache_usage,
-            100 * stats.prefix_cache_hits / max(stats.prefix_cache_queries, 1),
+            100 * stats.prefix_cache_hits / max(stats.prefix_cache_queries, 1), spec,
         )
 
 

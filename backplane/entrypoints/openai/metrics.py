@@ -100,6 +100,11 @@ _VLLM_ALIASES: dict[str, tuple[str, ...]] = {
     "backplane:num_preemptions": ("vllm:num_preemptions",),
     "backplane:prefix_cache_queries": ("vllm:prefix_cache_queries",),
     "backplane:prefix_cache_hits": ("vllm:prefix_cache_hits",),
+    "backplane:spec_decode_num_drafts": ("vllm:spec_decode_num_drafts",),
+    "backplane:spec_decode_num_draft_tokens": ("vllm:spec_decode_num_draft_tokens",),
+    "backplane:spec_decode_num_accepted_tokens": ("vllm:spec_decode_num_accepted_tokens",),
+    "backplane:spec_decode_num_accepted_tokens_per_pos": (
+        "vllm:spec_decode_num_accepted_tokens_per_pos",),
     "backplane:prompt_tokens": ("vllm:prompt_tokens",),
     "backplane:generation_tokens": ("vllm:generation_tokens",),
     "backplane:request_success": ("vllm:request_success",),
@@ -190,6 +195,22 @@ class _EngineStatsCollector(Collector):
         yield counter(
             "num_preemptions", "Requests preempted (KV freed, to recompute)", stats.num_preemptions
         )
+        spec = stats.spec_decode
+        if spec is not None:
+            yield counter("spec_decode_num_drafts",
+                          "Speculative verifications (one request's drafts in one step)",
+                          spec["num_drafts"])
+            yield counter("spec_decode_num_draft_tokens", "Draft tokens verified",
+                          spec["num_draft_tokens"])
+            yield counter("spec_decode_num_accepted_tokens", "Draft tokens accepted",
+                          spec["num_accepted_tokens"])
+            per_position = CounterMetricFamily(
+                "backplane:spec_decode_num_accepted_tokens_per_pos",
+                "Draft tokens accepted, by position in the draft (0 = first)",
+                labels=labels + ["position"])
+            for position, accepted in enumerate(spec["accepted_per_position"]):
+                per_position.add_metric(values + [str(position)], accepted)
+            yield per_position
 
 
 class ServerMetrics:

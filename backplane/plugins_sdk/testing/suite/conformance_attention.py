@@ -1,6 +1,7 @@
 """Conformance: every attention backend against a float64 reference on paged inputs.
 
-The cases cover prefill, prefill over a cached prefix, decode, mixed batches,
+The cases cover prefill, prefill over a cached prefix, decode, multi-query
+decode (speculative decoding's k + 1 tokens per request), mixed batches,
 MHA/GQA/MQA, block sizes 1 to 32, a softmax scale other than 1/sqrt(head_size)
 (``scale_0_3``), a sliding window (``sliding_window_8``) and attention logit
 soft-capping (``soft_cap_*``, skipped for a backend that declares it does not
@@ -68,6 +69,10 @@ CASES = [
     Case("soft_cap_saturated", ((16, 5), (0, 1), (30, 1)), scale=2.0, logits_soft_cap=1.5),
     Case("soft_cap_sliding_window", ((40, 1), (0, 23), (20, 6)), sliding_window=8,
          logits_soft_cap=3.0, num_padding=1),
+    # Speculative decoding's verification: k + 1 query tokens per request after a long
+    # context (a last known token plus k drafts), uniform and with varying k.
+    Case("multi_query_decode", ((37, 4), (16, 4), (5, 4), (63, 4)), num_padding=2),
+    Case("multi_query_decode_mixed_k", ((37, 6), (16, 1), (5, 3), (50, 2)), block_size=8),
 ]
 
 
