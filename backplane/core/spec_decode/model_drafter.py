@@ -64,6 +64,13 @@ class ModelDrafter:
             spec = AttentionSpec(
                 num_heads=geometry.num_heads, num_kv_heads=geometry.num_kv_heads,
                 head_size=geometry.head_size, dtype=dtype, block_size=block_size)
+        # The platform's own treatment (prepacked weights, fused layers, fused MoE) and
+        # the target's compile setting: a draft runs k times per step, so it matters.
+        from backplane.core.layers.fused_moe import bind_fused_moe
+
+        bind_fused_moe(self.model, getattr(runner.platform, "fused_moe", None))
+        self.model = runner.platform.prepare_model(self.model, runner.config)
+        self._forward_model = runner._maybe_compile(self.model, runner.config, runner.platform)
         backend_cls = runner.platform.select_attention_backend(
             spec, forced=runner.config.device_config.attention_backend)
         self.backend_cls = backend_cls
@@ -96,8 +103,8 @@ class ModelDrafter:
         ids = torch.from_numpy(input_ids).to(self.device)
         positions = torch.from_numpy(feed.positions).to(self.device)
         if self.method == "draft_model":
-            return self.model(ids, positions, ctx), None
-        return self.model(ids, positions, hidden_in, ctx)
+            return self._forward_model(ids, positions, ctx), None
+        return self._forward_model(ids, positions, hidden_in, ctx)
 
     # ---------------------------------------------------------------- propose
     @torch.inference_mode()

@@ -33,9 +33,12 @@ def propose_ngram(
     For each row, the longest n in [min_n, max_n] whose suffix (last n known
     tokens) occurs earlier, followed by at least one token, wins; a longer match
     is stronger evidence that the continuation repeats too. Among occurrences of
-    that n the MOST RECENT one is used: nearby context is the likeliest to be
-    repeated (the current loop iteration, the latest quote), and it is what
-    prompt-lookup decoding conventionally does.
+    that n, the MOST RECENT one followed by at least k known tokens is used:
+    nearby context is the likeliest to be repeated (the current loop iteration,
+    the latest quote). When none is followed by k tokens, the EARLIEST one is
+    used, which has the longest continuation: in a short loop (a token repeated,
+    "a b a b") the most recent copy ends right before the suffix and could only
+    draft a token or two.
 
     Args:
         token_ids: [R, L] integer array; row r's known tokens are columns
@@ -64,7 +67,7 @@ def propose_ngram(
         return drafts, num_drafts
 
     ids = token_ids[:, :width]
-    end = _last_match_end(ids, num_tokens, min_n, max_n)
+    end = _match_end(ids, num_tokens, min_n, max_n, k)
     found = end >= 0
 
     # Drafts are the tokens after the occurrence, never past the known tokens.
@@ -83,10 +86,11 @@ def propose_ngram(
     return drafts, num_drafts
 
 
-def _last_match_end(
-    ids: np.ndarray, num_tokens: np.ndarray, min_n: int, max_n: int
+def _match_end(
+    ids: np.ndarray, num_tokens: np.ndarray, min_n: int, max_n: int, k: int
 ) -> np.ndarray:
-    """Per row, the end column of the most recent occurrence of the longest matching suffix.
+    """Per row, the end column of the chosen occurrence of the longest matching suffix
+    (the latest followed by k known tokens, else the earliest).
 
     Returns [R] int64, -1 where no n in [min_n, max_n] matches. An occurrence
     ending at e has n tokens before it (e >= n - 1) and must end before the
@@ -114,10 +118,13 @@ def _last_match_end(
         has = legal.any(axis=1)
         if not has.any():
             break  # a longer n-gram cannot match where this one does not
+        # Ends followed by k known tokens: e + k <= N - 1.
+        full = legal & (columns[None, :] <= (num_tokens - 1 - k)[:, None])
         # argmax on the reversed mask: the first True from the right is the latest end.
-        latest = width - 1 - np.argmax(legal[:, ::-1], axis=1)
+        latest_full = width - 1 - np.argmax(full[:, ::-1], axis=1)
+        chosen = np.where(full.any(axis=1), latest_full, np.argmax(legal, axis=1))
         # Longer n runs later, so its match overrides a shorter one.
-        best_end = np.where(has, latest, best_end)
+        best_end = np.where(has, chosen, best_end)
     return best_end
 
 

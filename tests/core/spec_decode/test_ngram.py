@@ -23,7 +23,9 @@ def _reference(token_ids, num_tokens, min_n, max_n, k, max_drafts=None):
             starts = [s for s in range(total - n) if seq[s : s + n] == suffix]
             if not starts:
                 continue
-            s = max(starts)  # the most recent occurrence
+            # The latest occurrence followed by k known tokens, else the earliest.
+            full = [s for s in starts if s + n + k <= total]
+            s = max(full) if full else min(starts)
             follow = seq[s + n : s + n + k]
             if max_drafts is not None:
                 follow = follow[: max(int(max_drafts[r]), 0)]
@@ -72,23 +74,37 @@ def test_longest_n_is_preferred_over_a_more_recent_shorter_match():
     assert drafts.tolist() == [[7, 8]]
 
 
-def test_the_most_recent_occurrence_is_chosen():
+def test_the_most_recent_occurrence_with_k_tokens_after_it_is_chosen():
     ids, num = _rows([5, 6, 1, 5, 6, 2, 5, 6])
     drafts, count = propose_ngram(ids, num, min_n=2, max_n=2, k=1)
     assert drafts.tolist() == [[2]] and count.tolist() == [1]
+    # k = 3: the copy at 3 has only "2 5 6"... which is 3 tokens: still the latest.
+    drafts, count = propose_ngram(ids, num, min_n=2, max_n=2, k=3)
+    assert drafts.tolist() == [[2, 5, 6]]
+
+
+def test_a_short_loop_drafts_from_its_earliest_copy():
+    # "7 7 7 7 7": the latest "7 7" ends right before the suffix (one token after
+    # it); the earliest has three. With k = 3 the earliest gives a full draft.
+    ids, num = _rows([7, 7, 7, 7, 7])
+    drafts, count = propose_ngram(ids, num, min_n=2, max_n=2, k=3)
+    assert drafts.tolist() == [[7, 7, 7]] and count.tolist() == [3]
 
 
 def test_drafts_stop_at_the_known_tokens_and_at_max_drafts():
     # Row 0: "4 4" ends at column 1 (overlapping the suffix is allowed), so
-    # only column 2 follows it. Row 1: "1 2" last occurs at 2, then 3 1 2 end the row.
+    # only column 2 follows it. Row 1: "1 2" occurs at 0 and 2; with k = 5 only the
+    # one at 0 has five tokens after it; with k = 3 the latest (at 2) has three.
     ids, num = _rows([4, 4, 4], [1, 2, 1, 2, 3, 1, 2])
     drafts, count = propose_ngram(ids, num, min_n=2, max_n=2, k=5)
-    assert count.tolist() == [1, 3]
-    assert drafts.tolist() == [[4, -1, -1, -1, -1], [3, 1, 2, -1, -1]]
+    assert count.tolist() == [1, 5]
+    assert drafts.tolist() == [[4, -1, -1, -1, -1], [1, 2, 3, 1, 2]]
+    drafts, count = propose_ngram(ids, num, min_n=2, max_n=2, k=3)
+    assert drafts.tolist() == [[4, -1, -1], [3, 1, 2]]
     drafts, count = propose_ngram(ids, num, min_n=2, max_n=2, k=5,
                                   max_drafts=np.array([0, 2]))
     assert count.tolist() == [0, 2]
-    assert drafts.tolist() == [[-1] * 5, [3, 1, -1, -1, -1]]
+    assert drafts.tolist() == [[-1] * 5, [1, 2, -1, -1, -1]]
 
 
 def test_garbage_beyond_num_tokens_is_never_read():
