@@ -130,6 +130,10 @@ def run_requests(engine, requests: list[BenchRequest], temperature: float = 0.0,
         raw = engine.get_stats()
         fields = dataclasses.asdict(raw) if dataclasses.is_dataclass(raw) else vars(raw)
         stats = {k: v for k, v in fields.items() if isinstance(v, int | float)}
+        if getattr(raw, "spec_decode", None) is not None:
+            # Speculative decoding, counted since the engine started.
+            stats["spec_acceptance_rate"] = raw.spec_acceptance_rate
+            stats["spec_mean_accepted_length"] = raw.spec_mean_accepted_length
     except (AttributeError, TypeError):
         pass
     return EngineRun(

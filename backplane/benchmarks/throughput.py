@@ -285,6 +285,11 @@ def result_rows(result: dict) -> list[tuple[str, Any]]:
         ("output tokens/s", bp["output_tokens_per_s"]["median"]),
         ("total tokens/s", bp["total_tokens_per_s"]["median"]),
     ]
+    engine_stats = result.get("engine_stats") or {}
+    if "spec_acceptance_rate" in engine_stats:
+        rows.append(("speculative: acceptance rate", engine_stats["spec_acceptance_rate"]))
+        rows.append(("speculative: mean accepted length",
+                     engine_stats["spec_mean_accepted_length"]))
     if wl["repeat"] > 1:
         r = bp["output_tokens_per_s"]
         rows.append(("output tokens/s range", f"{r['min']:.1f} .. {r['max']:.1f}"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer
 
@@ -121,3 +122,33 @@ def test_latency_tiny(bench_tiny_model, capsys):
     assert set(result["prefill"]) == {"8", "16"}
     assert all(p["median_s"] > 0 for p in result["prefill"].values())
     assert set(result["ceiling"]) == {"1", "2"}
+
+
+def test_speculative_bench_and_make_draft(bench_tiny_model, tmp_path, capsys):
+    """bench make-draft cuts a working draft; bench speculative runs the same requests
+    without and with each config and reports acceptance and the break-even length."""
+    draft = tmp_path / "draft"
+    assert main(["bench", "make-draft", bench_tiny_model, str(draft), "--num-layers", "1"]) == 0
+    assert json.loads((draft / "config.json").read_text())["num_hidden_layers"] == 1
+    path = tmp_path / "spec.json"
+    code = main([
+        "bench", "speculative", "--model", bench_tiny_model, "--num-prompts", "2",
+        "--output-len", "16", "--max-model-len", "256", "--num-kv-blocks", "64",
+        "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}',
+        "--extra-speculative-config",
+        json.dumps({"method": "draft_model", "model": str(draft), "num_speculative_tokens": 2}),
+        "--no-progress", "--json", str(path),
+    ])
+    assert code == 0
+    result = json.loads(path.read_text())
+    base, ngram, drafted = result["results"]
+    assert base["config"] == "no speculation" and "speedup" not in base
+    for row in (ngram, drafted):
+        assert row["output_tokens"] == base["output_tokens"] == 2 * 16
+        assert 0.0 <= row["acceptance_rate"] <= 1.0
+        assert row["mean_accepted_length"] >= 1.0
+        assert row["speedup"] > 0 and row["break_even_length"] > 0
+    assert "acceptance_rate" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="num_layers"):
+        main(["bench", "make-draft", bench_tiny_model, str(tmp_path / "bad"), "--num-layers",
+              "9"])

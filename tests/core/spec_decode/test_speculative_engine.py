@@ -263,3 +263,19 @@ def test_eagle_head_is_fed_the_targets_states_at_the_right_positions(
         assert input_ids.tolist() == [sequence[p + 1] for p in positions.tolist()]
         torch.testing.assert_close(hidden_in, want[torch.from_numpy(positions)],
                                    atol=1e-4, rtol=1e-4)
+
+
+def test_engine_process_carries_several_tokens_per_step_and_the_counters(
+        llama_model_dir, reference):
+    llm = LLM(model=llama_model_dir, engine_process=True, speculative_config=NGRAM, **TIGHT)
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=2)
+        outs = llm.generate(PROMPTS, params, use_tqdm=False)
+        for got, want in zip(outs, reference, strict=True):
+            assert got.outputs[0].token_ids == want.outputs[0].token_ids
+            assert len(got.outputs[0].logprobs) == len(want.outputs[0].token_ids)
+        stats = llm.llm_engine.get_stats()
+        assert stats.spec_decode["num_accepted_tokens"] > 0
+        assert stats.num_free_blocks == stats.num_total_blocks
+    finally:
+        llm.llm_engine.shutdown()
