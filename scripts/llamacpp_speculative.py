@@ -118,8 +118,8 @@ def main() -> int:
         speeds, drafted, accepted = [], 0, 0
         for prompt in copy_prompts(args.num_prompts):
             out = run([os.path.join(args.bin, binary), "-m", target, "-p", prompt,
-                       "--draft", str(args.k)] + extra + common)
-            speeds.append(_number(r"speed:\s*([\d.]+) t/s", out))
+                       "--spec-draft-n-max", str(args.k)] + extra + common)
+            speeds.append(_number(r"decoded.*speed:\s*([\d.]+) t/s", out))
             drafted += int(_number(r"n_drafted\s*=\s*(\d+)", out) or 0)
             accepted += int(_number(r"n_accept\s*=\s*(\d+)", out) or 0)
         result[label] = {"tokens_per_s": sum(speeds) / len(speeds),

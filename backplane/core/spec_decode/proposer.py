@@ -95,8 +95,10 @@ class Proposer:
                 flat, computed, sample_mask, hidden, limits)
         elif limits.any():
             cfg = self.config
+            num_tokens = batch.num_tokens[sampled_rows]
+            # Only the known columns: the batch array is max_model_len wide.
             drafts, counts = propose_ngram(
-                batch.token_ids[sampled_rows], batch.num_tokens[sampled_rows],
+                batch.token_ids[sampled_rows, : int(num_tokens.max())], num_tokens,
                 min_n=cfg.prompt_lookup_min, max_n=cfg.prompt_lookup_max, k=self.k,
                 max_drafts=limits)
             probs = None
