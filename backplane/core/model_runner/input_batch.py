@@ -44,11 +44,9 @@ class InputBatch:
         self.seeds: list[int | None] = [None] * max_num_reqs
         # Structured-output matchers (None: unconstrained row).
         self.grammars: list = [None] * max_num_reqs
-        # Speculative decoding: whether a row may get drafts (no setting whose effect
-        # depends on the position: penalties, bad words, grammars), from which output
-        # count on (min_tokens), and the most tokens the request may have.
+        # Speculative decoding: whether a row may get drafts (not with a grammar that
+        # cannot roll back), and the most tokens the request may have.
         self.spec_ok = np.zeros(max_num_reqs, dtype=bool)
-        self.min_tokens = np.zeros(max_num_reqs, dtype=np.int64)
         self.max_total_tokens = np.zeros(max_num_reqs, dtype=np.int64)
         self.max_model_len = max_model_len
         self.temperature = np.ones(max_num_reqs, dtype=np.float32)
@@ -76,10 +74,7 @@ class InputBatch:
         self.greedy[row] = params.greedy
         self.temperature[row] = 1.0 if params.greedy else params.temperature
         self.seeds[row] = params.seed if params.seed is not None and not params.greedy else None
-        self.spec_ok[row] = grammar is None and not (
-            params.presence_penalty or params.frequency_penalty
-            or params.repetition_penalty != 1.0 or params.bad_words_token_ids)
-        self.min_tokens[row] = params.min_tokens
+        self.spec_ok[row] = grammar is None or grammar.supports_rollback
         limit = self.max_model_len
         if params.max_tokens is not None:
             limit = min(limit, num_prompt_tokens + params.max_tokens)
@@ -140,7 +135,7 @@ class InputBatch:
         self.block_table[dst, :nb] = self.block_table[src, :nb]
         for arr in (self.num_tokens, self.num_prompt_tokens, self.num_computed,
                     self.num_blocks, self.temperature, self.greedy, self.spec_ok,
-                    self.min_tokens, self.max_total_tokens):
+                    self.max_total_tokens):
             arr[dst] = arr[src]
         self.params[dst] = self.params[src]
         self.seeds[dst] = self.seeds[src]

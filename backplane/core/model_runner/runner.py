@@ -21,7 +21,7 @@ from backplane.core.model_runner.graph_capture import DecodeGraphs, estimate_gra
 from backplane.core.model_runner.input_batch import InputBatch
 from backplane.core.model_runner.kv_cache_sizing import KVBlockLayout, determine_num_blocks
 from backplane.core.sampling.argmax import argmax_rows
-from backplane.core.sampling.metadata import SamplingMetadata, expand_metadata
+from backplane.core.sampling.metadata import SamplingMetadata
 from backplane.core.sampling.sampler import Sampler, gather_logprobs
 from backplane.core.scheduler.output import SchedulerOutput
 from backplane.core.spec_decode.rejection_sampler import rejection_sample
@@ -355,7 +355,7 @@ class ModelRunner:
         batch.token_ids[sample_rows, positions] = token_ids
         batch.num_tokens[sample_rows] = positions + 1
         if grammar_rows is not None:
-            self._advance_grammars(sample_rows, grammar_rows, token_ids, result)
+            self._advance_grammars(sample_rows, grammar_rows, [[t] for t in token_ids], result)
         if sampled.logprobs is not None:
             self._collect_logprobs(sample_rows, sampled, result)
 
@@ -379,12 +379,12 @@ class ModelRunner:
         flat_index = (cu - num_pos)[row_of_pos] + within
         logits = self.model.compute_logits(hidden[torch.from_numpy(flat_index).to(device)])
         mask_start = time.perf_counter()
-        grammar_bitmask, grammar_rows = self._grammar_bitmask(sample_rows)
+        grammar_bitmask, grammar_positions, grammar_rows = self._draft_grammar_bitmask(
+            sample_rows, drafts, pos_starts)
         if grammar_bitmask is not None:
             result.grammar_mask_seconds = time.perf_counter() - mask_start
-        meta = expand_metadata(
-            self._sampling_metadata(sample_rows, grammar_bitmask, grammar_rows), num_pos,
-            pos_starts, batch.generators(sample_rows[row_of_pos].tolist(), within.tolist()))
+        meta = self._sampling_metadata(sample_rows[row_of_pos], grammar_bitmask,
+                                       grammar_positions, offsets=within)
         processed = self.sampler.process_logits(logits, meta)
         target_argmax = argmax_rows(processed)
         target_probs = processed  # greedy rows decide on the argmax alone
@@ -422,8 +422,8 @@ class ModelRunner:
         for i, req_id in enumerate(req_ids):
             result.sampled[req_id] = tokens[i, : num_new[i]].tolist()
         if grammar_rows is not None:
-            # Constrained rows propose no drafts: one token each.
-            self._advance_grammars(sample_rows, grammar_rows, tokens[:, 0].tolist(), result)
+            self._advance_grammars(sample_rows, grammar_rows,
+                                   [result.sampled[req_id] for req_id in req_ids], result)
         if meta.max_num_logprobs is not None:
             kept = torch.from_numpy(pos_starts[np.repeat(np.arange(len(sample_rows)), num_new)]
                                     + new_index).to(device)
@@ -474,26 +474,90 @@ class ModelRunner:
                 grammar.fill_bitmask(bitmask, k)
         return bitmask.to(self.device), constrained
 
-    def _advance_grammars(self, rows: np.ndarray, constrained: list[int], token_ids: list[int],
-                          result: ModelRunnerOutput) -> None:
-        """Feed each constrained row its sampled token; note the grammars that ended."""
+    def _draft_grammar_bitmask(self, rows: np.ndarray, drafts: np.ndarray,
+                               pos_starts: np.ndarray):
+        """Bitmasks of every position a step verifies, for the constrained rows.
+
+        Position j of a row is masked by the grammar's state after the row's first
+        j drafts: the matcher walks through the drafts it accepts, then rolls back.
+        Positions after a draft the grammar refuses keep an all-allowed mask: that
+        draft has probability 0 under its own mask, so it is rejected and nothing
+        after it is ever used.
+
+        Returns:
+            (bitmask [positions, words] on the device, the positions' indices in
+            the verification batch, the constrained rows' indices in ``rows``), or
+            three Nones when no row is constrained.
+        """
+        batch = self.input_batch
+        if not any(batch.grammars):
+            return None, None, None
+        row_list = rows.tolist()
+        constrained = [i for i, r in enumerate(row_list) if batch.grammars[r] is not None]
+        if not constrained:
+            return None, None, None
+        from backplane.core.structured_outputs import bitmask_width
+
+        positions = [int(pos_starts[i]) + j for i in constrained for j in range(drafts[i] + 1)]
+        bitmask = torch.full((len(positions), bitmask_width(self.vocab_size)), -1,
+                             dtype=torch.int32)
+        index = 0
+        for i in constrained:
+            row, count = row_list[i], int(drafts[i])
+            grammar = batch.grammars[row]
+            start = batch.num_tokens[row]
+            walked = 0
+            for j in range(count + 1):
+                if j == walked and not grammar.is_terminated():
+                    grammar.fill_bitmask(bitmask, index + j)
+                    if j < count and grammar.accept_tokens([int(batch.token_ids[row, start + j])]):
+                        walked += 1
+            grammar.rollback(walked)
+            index += count + 1
+        return bitmask.to(self.device), positions, constrained
+
+    def _advance_grammars(self, rows: np.ndarray, constrained: list[int],
+                          token_lists: list[list[int]], result: ModelRunnerOutput) -> None:
+        """Feed each constrained row its new tokens; note the grammars that ended.
+
+        A grammar that ends before a row's last new token (speculative decoding's
+        token after an accepted final draft) cuts the row's tokens there.
+        """
         batch = self.input_batch
         for i in constrained:
             row = int(rows[i])
             grammar = batch.grammars[row]
             if grammar.is_terminated():
                 continue
-            if not grammar.accept_tokens([token_ids[i]]):
-                # Cannot happen with the mask applied; say so rather than derail silently.
-                logger.error("request %s: sampled token %d is not accepted by its grammar",
-                             batch.req_ids[row], token_ids[i])
-                result.grammar_finished.add(batch.req_ids[row])
-            elif grammar.is_terminated():
-                result.grammar_finished.add(batch.req_ids[row])
+            req_id, tokens = batch.req_ids[row], token_lists[i]
+            for count, token in enumerate(tokens, start=1):
+                if not grammar.accept_tokens([token]):
+                    # Cannot happen with the mask applied; say so rather than derail silently.
+                    logger.error("request %s: sampled token %d is not accepted by its grammar",
+                                 req_id, token)
+                    result.grammar_finished.add(req_id)
+                    break
+                if grammar.is_terminated():
+                    result.grammar_finished.add(req_id)
+                    if count < len(tokens):
+                        result.sampled[req_id] = tokens[:count]
+                        batch.num_tokens[row] -= len(tokens) - count
+                    break
 
     def _sampling_metadata(self, rows: np.ndarray, grammar_bitmask: torch.Tensor | None,
-                           grammar_rows: list[int] | None) -> SamplingMetadata:
+                           grammar_rows: list[int] | None,
+                           offsets: np.ndarray | None = None) -> SamplingMetadata:
+        """Per-entry sampling inputs; entry i samples row ``rows[i]``'s next token.
+
+        ``offsets[i]`` (speculative decoding) makes entry i the position after the
+        row's first ``offsets[i]`` drafts, which sit right after its known tokens in
+        the batch: history-dependent settings (penalties, bad words, min_tokens,
+        logits processors, seeds) then see those drafts as output, exactly as
+        decoding them one at a time would.
+        """
         batch = self.input_batch
+        # Tokens each entry's history holds (known tokens, plus drafts before it).
+        ends = batch.num_tokens[rows] + (0 if offsets is None else offsets)
         params = [batch.params[r] for r in rows.tolist()]
         greedy = batch.greedy[rows]
         all_greedy = bool(greedy.all())
@@ -508,7 +572,7 @@ class ModelRunner:
         repetition = column("repetition_penalty", 1.0)
         counts = seen = None
         if presence or frequency or repetition:
-            counts, seen = self._token_statistics(rows, need_seen=repetition is not None)
+            counts, seen = self._token_statistics(rows, ends, need_seen=repetition is not None)
         bias = [p.logit_bias for p in params]
         banned = None
         allowed = None
@@ -520,14 +584,14 @@ class ModelRunner:
             if p.min_tokens or p.bad_words_token_ids or p.allowed_token_ids is not None
         ]
         for i in special:
-            p, row = params[i], row_list[i]
+            p, row, end = params[i], row_list[i], int(ends[i])
             forbid: set[int] = set()
-            if batch.num_tokens[row] - batch.num_prompt_tokens[row] < p.min_tokens:
+            if end - batch.num_prompt_tokens[row] < p.min_tokens:
                 # EOS is banned even with ignore_eos, as vLLM does: min_tokens promises
                 # that many tokens of real output, not EOS tokens that fail to stop.
                 forbid |= p.all_stop_token_ids | p.eos_token_ids
             if p.bad_words_token_ids:
-                output = batch.token_ids[row, batch.num_prompt_tokens[row] : batch.num_tokens[row]]
+                output = batch.token_ids[row, batch.num_prompt_tokens[row] : end]
                 forbid |= _bad_word_completions(p.bad_words_token_ids, output)
             if forbid:
                 banned = banned or [[] for _ in params]
@@ -537,7 +601,7 @@ class ModelRunner:
                     allowed = torch.ones(len(params), self.vocab_size, dtype=torch.bool)
                 allowed[i] = False
                 allowed[i, p.allowed_token_ids] = True
-        generators = batch.generators(row_list)
+        generators = batch.generators(row_list, None if offsets is None else offsets.tolist())
         max_logprobs = [p.logprobs for p in params if p.logprobs is not None]
 
         def as_tensor(values, dtype):
@@ -547,8 +611,8 @@ class ModelRunner:
         output_token_ids = None
         if self.logits_processors:
             output_token_ids = [
-                batch.token_ids[r, batch.num_prompt_tokens[r] : batch.num_tokens[r]].tolist()
-                for r in rows.tolist()
+                batch.token_ids[r, batch.num_prompt_tokens[r] : end].tolist()
+                for r, end in zip(rows.tolist(), ends.tolist(), strict=True)
             ]
         return SamplingMetadata(
             grammar_bitmask=grammar_bitmask,
@@ -573,14 +637,15 @@ class ModelRunner:
             max_num_logprobs=max(max_logprobs) if max_logprobs else None,
         )
 
-    def _token_statistics(self, rows: np.ndarray, need_seen: bool):
-        """Output-token counts [B, V] and (optionally) a prompt-or-output seen mask [B, V]."""
+    def _token_statistics(self, rows: np.ndarray, ends: np.ndarray, need_seen: bool):
+        """Output-token counts [B, V] and (optionally) a prompt-or-output seen mask [B, V]
+        of each entry's history (row ``rows[i]``'s first ``ends[i]`` tokens)."""
         batch = self.input_batch
         counts = torch.zeros(len(rows), self.vocab_size, dtype=torch.float32)
         seen = torch.zeros(len(rows), self.vocab_size, dtype=torch.bool) if need_seen else None
         # Built on the host (cheap scatter of small index lists), moved once.
-        for i, row in enumerate(rows.tolist()):
-            prompt_len, total = batch.num_prompt_tokens[row], batch.num_tokens[row]
+        for i, (row, total) in enumerate(zip(rows.tolist(), ends.tolist(), strict=True)):
+            prompt_len = batch.num_prompt_tokens[row]
             outputs = torch.from_numpy(batch.token_ids[row, prompt_len:total])
             counts[i].index_add_(0, outputs, torch.ones(len(outputs)))
             if seen is not None:

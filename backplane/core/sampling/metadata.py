@@ -51,14 +51,10 @@ def expand_metadata(meta: SamplingMetadata, repeats: np.ndarray, starts: np.ndar
                     generators: dict[int, torch.Generator]) -> SamplingMetadata:
     """The metadata of ``repeats[i]`` consecutive positions for each row i.
 
-    Speculative decoding samples a row at several positions in one step (after
-    its last known token and after each draft). Every per-row setting is
-    repeated; ``starts[i]`` is row i's first position, and ``generators`` are
-    the seeded rows' generators per position (each position draws its own).
-    Rows with drafts never use position-dependent settings (penalties, bad
-    words, logits processors, grammars: the proposer skips them; below
-    min_tokens, drafts stop before the position where the EOS ban lifts), so
-    repeating is exact.
+    Every per-row setting is repeated (a repeat of 0 drops the row);
+    ``starts[i]`` is row i's first position, and ``generators`` are the
+    generators of the new entries. A draft model uses it to keep the rows that
+    still draft from one draft step to the next.
     """
     index = torch.from_numpy(np.repeat(np.arange(len(repeats)), repeats))
 

@@ -38,13 +38,6 @@ class Proposer:
         # Draft distributions of sampled (non-greedy) rows' pending drafts, needed
         # to verify them next step. Greedy rows and n-gram drafts need none.
         self._draft_probs: dict[str, torch.Tensor] = {}
-        # Plugin logits processors see each row's outputs: their effect depends on
-        # the position, so drafts (verified at several positions at once) are off.
-        self.enabled = not runner.logits_processors
-        if not self.enabled:
-            logger.warning("speculative decoding: no drafts are proposed while general "
-                           "plugins install logits processors (their output depends on "
-                           "each position's history)")
 
     def forget(self, req_ids) -> None:
         for req_id in req_ids:
@@ -72,16 +65,10 @@ class Proposer:
         """Drafts each row may get now: 0 for rows that may not speculate, else up to
         k, leaving room for the token sampled after them within the request's limit."""
         batch = self.batch
-        if not self.enabled or (self.config.disable_by_batch_size is not None
-                                and batch.num_reqs >= self.config.disable_by_batch_size):
+        if (self.config.disable_by_batch_size is not None
+                and batch.num_reqs >= self.config.disable_by_batch_size):
             return np.zeros(len(rows), dtype=np.int64)
-        num_tokens = batch.num_tokens[rows]
-        room = batch.max_total_tokens[rows] - num_tokens - 1
-        # Below min_tokens EOS and stop tokens are banned. Drafts stop short of the
-        # position where the ban lifts, so every position verified in one step has
-        # the same banned set (the one the sampling metadata carries).
-        to_min = batch.min_tokens[rows] - (num_tokens - batch.num_prompt_tokens[rows]) - 1
-        room = np.where(to_min >= 0, np.minimum(room, to_min), room)
+        room = batch.max_total_tokens[rows] - batch.num_tokens[rows] - 1
         return np.where(batch.spec_ok[rows], np.clip(room, 0, self.k), 0)
 
     def propose(self, flat: FlatBatch, computed: np.ndarray, sample_mask: np.ndarray,

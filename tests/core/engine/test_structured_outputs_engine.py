@@ -129,3 +129,29 @@ def test_grammar_compile_failure_aborts_only_that_request(monkeypatch):
                          use_tqdm=False)
     assert again[0].outputs[0].text in CHOICES
     _all_blocks_free(llm)
+
+
+@pytest.mark.parametrize("speculative", [
+    {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1},
+    {"method": "draft_model", "model": "backplane/demo_model", "num_speculative_tokens": 3},
+])
+def test_constrained_requests_speculate_exactly(speculative):
+    """Grammars mask every verified position (the matcher walks the drafts and rolls
+    back): greedy constrained output equals decoding without speculation, and sampled
+    constrained output is valid; drafts were verified and accepted along the way."""
+    plain, spec = _llm(), _llm(speculative_config=speculative)
+    greedy = [
+        SamplingParams(temperature=0, max_tokens=200, structured_outputs={"json": SCHEMA}),
+        SamplingParams(temperature=0, max_tokens=30, structured_outputs={"regex": DATE}),
+        SamplingParams(temperature=0, max_tokens=10, structured_outputs={"choice": CHOICES}),
+        SamplingParams(temperature=0, max_tokens=20),
+    ]
+    want = plain.generate([PROMPT] * 4, greedy, use_tqdm=False)
+    got = spec.generate([PROMPT] * 4, greedy, use_tqdm=False)
+    for a, b in zip(got, want, strict=True):
+        assert (a.outputs[0].token_ids, a.outputs[0].finish_reason) == (
+            b.outputs[0].token_ids, b.outputs[0].finish_reason)
+    _check_mixed(spec.generate([PROMPT] * 4, _mixed_params(3), use_tqdm=False))
+    stats = spec.llm_engine.get_stats()
+    assert stats.spec_decode["num_accepted_tokens"] > 0
+    assert stats.num_free_blocks == stats.num_total_blocks

@@ -126,6 +126,33 @@ def test_stop_strings_max_tokens_and_n(llama_model_dir, reference):
     assert stats.num_free_blocks == stats.num_total_blocks
 
 
+def test_penalties_bad_words_and_min_tokens_see_the_drafts_as_history(llama_model_dir,
+                                                                      reference):
+    """History-dependent settings are built per verified position, with the drafts
+    before it counted as output: greedy output equals decoding one token at a time."""
+    plain = LLM(model=llama_model_dir, max_model_len=192, num_kv_blocks=96)
+    spec = LLM(model=llama_model_dir, max_model_len=192, num_kv_blocks=96,
+               speculative_config=dict(NGRAM, num_speculative_tokens=4))
+    word = reference[1].outputs[0].token_ids[3:5]
+    cases = [
+        SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, repetition_penalty=1.3),
+        SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, presence_penalty=0.4,
+                       frequency_penalty=0.3),
+        SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True,
+                       bad_words_token_ids=[word]),
+        SamplingParams(temperature=0.0, max_tokens=30, min_tokens=25, stop_token_ids=[
+            reference[2].outputs[0].token_ids[5]]),
+    ]
+    for params in cases:
+        want = plain.generate(PROMPTS, params, use_tqdm=False)
+        before = spec.llm_engine.get_stats().spec_decode["num_draft_tokens"]
+        got = spec.generate(PROMPTS, params, use_tqdm=False)
+        for a, b in zip(got, want, strict=True):
+            assert a.outputs[0].token_ids == b.outputs[0].token_ids, params
+        # Drafts were verified for these requests (penalties make many of them wrong).
+        assert spec.llm_engine.get_stats().spec_decode["num_draft_tokens"] > before, params
+
+
 def test_seeded_sampling_is_reproducible_and_batch_independent(llama_model_dir, draft_dir):
     config = {"method": "draft_model", "model": draft_dir, "num_speculative_tokens": 3}
     llm = LLM(model=llama_model_dir, max_model_len=192, num_kv_blocks=96,
@@ -279,3 +306,29 @@ def test_engine_process_carries_several_tokens_per_step_and_the_counters(
         assert stats.num_free_blocks == stats.num_total_blocks
     finally:
         llm.llm_engine.shutdown()
+
+
+def test_plugin_logits_processors_see_each_positions_history(llama_model_dir):
+    """A logits processor whose effect depends on the output so far (no token twice in
+    a row) gives the same greedy output with speculation: each verified position is
+    handed its own history, drafts before it included."""
+
+    def no_immediate_repeat(logits, output_token_ids):
+        for row, history in enumerate(output_token_ids):
+            if history:
+                logits[row, history[-1]] = float("-inf")
+        return logits
+
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    outputs = []
+    for config in (None, dict(NGRAM, num_speculative_tokens=4)):
+        llm = LLM(model=llama_model_dir, max_model_len=192, num_kv_blocks=96,
+                  speculative_config=config)
+        llm.llm_engine.engine_core.model_runner.logits_processors = (no_immediate_repeat,)
+        outputs.append([o.outputs[0].token_ids for o in llm.generate(PROMPTS, params,
+                                                                       use_tqdm=False)])
+        if config is not None:
+            assert llm.llm_engine.get_stats().spec_decode["num_draft_tokens"] > 0
+    assert outputs[0] == outputs[1]
+    for tokens in outputs[1]:
+        assert all(a != b for a, b in zip(tokens, tokens[1:], strict=False))
