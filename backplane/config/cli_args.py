@@ -24,6 +24,7 @@ _SECTION_TITLES = {
     "load": "weights",
     "compilation": "optimization level and compilation",
     "speculative": "speculative decoding",
+    "lora": "LoRA adapters",
 }
 
 

@@ -196,12 +196,25 @@ class LoadConfig(Freezable):
     download_dir: str | None = None
 
 
+# Largest adapter rank accepted (vLLM's ceiling too): rank rows are padded to it.
+MAX_LORA_RANK_LIMIT = 512
+
+
 @dataclass
 class LoRAConfig(Freezable):
-    """LoRA adapter serving (optional section)."""
+    """LoRA adapter serving (present only with ``enable_lora``).
+
+    Attributes:
+        max_loras: adapters resident on the device at once (slots); also the most
+            distinct adapters one step may mix.
+        max_lora_rank: largest adapter rank accepted; every slot is this wide.
+        max_cpu_loras: adapters kept loaded in host memory (an LRU), at least
+            max_loras; None means max_loras.
+    """
 
     max_loras: int = 1
     max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
 
 
 SPECULATIVE_METHODS = ("ngram", "draft_model", "eagle", "eagle3")

@@ -188,6 +188,9 @@ class EngineConfig:
 
             problems += runner_problems(mc.runner, mc.model, hf)
             problems += self._speculative_problems(hf)
+            if self.lora_config is not None and self._runs_pooling():
+                problems.append("enable_lora is not supported with the pooling runner: "
+                                "adapters are applied to generating models only")
             if mc.torch_dtype is not None:
                 problems += self._select_attention_backend(platform)
         problems += self._resolve_engine_process(platform)

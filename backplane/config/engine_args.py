@@ -8,10 +8,12 @@ from typing import Any
 
 from backplane.config.configs import (
     _DTYPES,
+    MAX_LORA_RANK_LIMIT,
     CacheConfig,
     CompilationConfig,
     DeviceConfig,
     LoadConfig,
+    LoRAConfig,
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
@@ -278,6 +280,27 @@ class EngineArgs:
         default_doc='`{"backend": "auto"}`',
     )
 
+    enable_lora: bool = _opt(
+        False, 'lora',
+        'Serve LoRA adapters (PEFT format) over the base model: requests name an adapter '
+        '(`lora_request`, or the `model` field on the server) and one batch mixes adapters '
+        'and the base. Refused with `--runner pooling`.',
+    )
+    max_loras: int = _opt(
+        1, 'lora',
+        'With --enable-lora: adapters resident on the device at once, and the most distinct '
+        'adapters one step mixes (requests for others wait).',
+    )
+    max_lora_rank: int = _opt(
+        16, 'lora',
+        'With --enable-lora: the largest adapter rank accepted (1..512).',
+    )
+    max_cpu_loras: int | None = _opt(
+        None, 'lora',
+        'With --enable-lora: adapters kept loaded in host memory (least recently used '
+        'dropped first), at least --max-loras.',
+        default_doc='max_loras',
+    )
     speculative_config: dict[str, Any] | None = _opt(
         None, 'speculative',
         'Speculative decoding, in vLLM\'s JSON keys: `method` (`ngram`, `draft_model`, '
@@ -324,9 +347,35 @@ class EngineArgs:
             compilation_config=_compilation_config(self.compilation_config),
             structured_outputs_config=_structured_outputs_config(self.structured_outputs_config),
             speculative_config=parse_speculative_config(self.speculative_config),
+            lora_config=_lora_config(self),
             optimization_level=self.optimization_level,
             enforce_eager=self.enforce_eager,
         )
+
+
+def _lora_config(args: EngineArgs) -> LoRAConfig | None:
+    """LoRAConfig when --enable-lora is set; the LoRA sizes are refused without it."""
+    if not args.enable_lora:
+        changed = [name for name, default in (("max_loras", 1), ("max_lora_rank", 16),
+                                              ("max_cpu_loras", None))
+                   if getattr(args, name) != default]
+        if changed:
+            raise ValueError(f"{', '.join(changed)} only apply with enable_lora; add "
+                             "--enable-lora or drop them")
+        return None
+    for name, low, high in (("max_loras", 1, None), ("max_lora_rank", 1, MAX_LORA_RANK_LIMIT)):
+        value = getattr(args, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (
+                high is not None and value > high):
+            limit = f"in {low}..{high}" if high else f">= {low}"
+            raise ValueError(f"{name} ({value!r}) must be an integer {limit}")
+    cpu = args.max_cpu_loras
+    if cpu is not None and (isinstance(cpu, bool) or not isinstance(cpu, int)
+                            or cpu < args.max_loras):
+        raise ValueError(f"max_cpu_loras ({cpu!r}) must be an integer >= max_loras "
+                         f"({args.max_loras})")
+    return LoRAConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+                      max_cpu_loras=cpu if cpu is not None else args.max_loras)
 
 
 def _structured_outputs_config(value) -> StructuredOutputsConfig:

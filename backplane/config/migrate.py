@@ -35,9 +35,6 @@ from backplane.config.options import (
 # vLLM options with no Backplane equivalent, and why (shown to the user).
 VLLM_UNMAPPABLE = {
     "quantization": "quantized checkpoints are not supported yet",
-    "enable_lora": "LoRA serving is not available yet",
-    "max_loras": "LoRA serving is not available yet",
-    "max_lora_rank": "LoRA serving is not available yet",
     "disable_log_stats": "statistics are always exported on /metrics",
     "disable_log_requests": "request logging is controlled by BACKPLANE_LOGGING_LEVEL",
     "enable_log_requests": "request logging is controlled by BACKPLANE_LOGGING_LEVEL",

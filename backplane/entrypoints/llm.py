@@ -60,8 +60,12 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         priority: Sequence[int] | None = None,
+        lora_request=None,
     ) -> list[RequestOutput]:
         """Generate completions for every prompt; outputs come back in input order.
+
+        ``lora_request``: a `backplane.lora.LoRARequest` for every prompt, or one per
+        prompt (None entries use the base model); needs ``enable_lora``.
 
         ``prompts`` may be a string, a list of token ids, a TextPrompt or
         TokensPrompt dict (`backplane.inputs`), or a list of any of these.
@@ -101,18 +105,30 @@ class LLM:
             params_list = self._fit_default_max_tokens(prompt_list, params_list)
         if priority is not None and len(priority) != len(prompt_list):
             raise ValueError(f"got {len(priority)} priorities for {len(prompt_list)} prompts")
+        loras = self._lora_list(lora_request, len(prompt_list))
         engine = self.llm_engine
         request_ids = []
         try:
             for i, (prompt, params) in enumerate(zip(prompt_list, params_list, strict=True)):
                 request_id = str(next(self._counter))
                 engine.add_request(request_id, prompt, params,
-                                   priority=priority[i] if priority else 0)
+                                   priority=priority[i] if priority else 0,
+                                   lora_request=loras[i])
                 request_ids.append(request_id)
         except Exception:
             engine.abort_request(request_ids)  # leave the engine clean for the next call
             raise
         return self._run(request_ids, use_tqdm)
+
+    @staticmethod
+    def _lora_list(lora_request, count: int) -> list:
+        """One adapter (or None) per prompt, from one LoRARequest or a list of them."""
+        if lora_request is None or not isinstance(lora_request, list | tuple):
+            return [lora_request] * count
+        if len(lora_request) != count:
+            raise ValueError(f"got {len(lora_request)} lora_request entries for {count} prompts; "
+                             "pass one LoRARequest or one per prompt")
+        return list(lora_request)
 
     def get_default_sampling_params(self) -> SamplingParams:
         """What `generate` and `chat` use when no SamplingParams is passed (vLLM's method).
@@ -330,8 +346,10 @@ class LLM:
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
         chat_template: str | None = None,
+        lora_request=None,
     ) -> list[RequestOutput]:
-        """Apply the tokenizer's chat template to one conversation or a list of them."""
+        """Apply the tokenizer's chat template to one conversation or a list of them
+        (``lora_request`` as in `generate`)."""
         conversations = (
             [messages] if messages and isinstance(messages[0], dict) else list(messages)
         )
@@ -349,4 +367,5 @@ class LLM:
             if isinstance(ids, dict) or hasattr(ids, "keys"):
                 ids = ids["input_ids"]
             prompts.append(list(ids))
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm,
+                             lora_request=lora_request)

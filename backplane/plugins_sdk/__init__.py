@@ -27,6 +27,7 @@ _EXPORTS = {
     "ConfigPolicy": "platform",
     "DeviceRuntime": "platform",
     "GraphRunner": "graph",
+    "LoRAMapping": "lora",
     "MOE_ACTIVATIONS": "fused_moe",
     "Platform": "platform",
     "PlatformConfigView": "config_view",
@@ -34,6 +35,7 @@ _EXPORTS = {
     "ProbeResult": "descriptor",
     "ReferenceAttentionBackend": "reference",
     "TorchSdpaPagedAttentionBackend": "torch_sdpa",
+    "add_lora_torch": "lora",
     "apply_token_bitmask": "token_bitmask",
     "deprecated": "deprecation",
     "deprecated_alias": "deprecation",
@@ -51,6 +53,7 @@ __all__ = [
     "ConfigPolicy",
     "DeviceRuntime",
     "GraphRunner",
+    "LoRAMapping",
     "MOE_ACTIVATIONS",
     "Platform",
     "PlatformConfigView",
@@ -60,6 +63,7 @@ __all__ = [
     "SDK_VERSION",
     "SdkVersion",
     "TorchSdpaPagedAttentionBackend",
+    "add_lora_torch",
     "apply_token_bitmask",
     "check_sdk_compatibility",
     "deprecated",
@@ -82,6 +86,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from backplane.plugins_sdk.fused_moe import MOE_ACTIVATIONS, fused_moe_torch
     from backplane.plugins_sdk.graph import GraphRunner
     from backplane.plugins_sdk.hooks import hookimpl, hookspec
+    from backplane.plugins_sdk.lora import LoRAMapping, add_lora_torch
     from backplane.plugins_sdk.platform import (
         ConfigDecision,
         ConfigPolicy,

@@ -24,6 +24,8 @@ from backplane.plugins_sdk.graph import GraphRunner
 if TYPE_CHECKING:
     import torch.distributed as dist
 
+    from backplane.plugins_sdk.lora import LoRAMapping
+
 
 class DeviceRuntime(ABC):
     """Facts about, and basic operations on, the platform's devices."""
@@ -307,6 +309,31 @@ class Platform:
         from backplane.plugins_sdk.fused_moe import fused_moe_torch
 
         return fused_moe_torch(hidden, w13, w2, topk_weights, topk_ids, activation)
+
+    def add_lora(
+        self,
+        out: torch.Tensor,
+        x: torch.Tensor,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        mapping: LoRAMapping,
+        output_slices: tuple[int, ...] | None = None,
+    ) -> torch.Tensor:
+        """Multi-LoRA: add each token's adapter delta to a layer's output, in place (SDK 1.1).
+
+        ``out [n, O]``, ``x [n, I]``, ``lora_a [L, R, I]``, ``lora_b [L, O, R]``
+        (scaling folded in), ``mapping.token_slots [n]`` int32 (``-1`` = base
+        model only): ``out[t] += (x[t] @ lora_a[s].T) @ lora_b[s].T`` for ``s =
+        token_slots[t] >= 0``, in ``x``'s dtype; returns ``out``. With
+        ``output_slices`` (fused q|k|v, gate|up) part ``p`` of the output uses
+        only the ``p``-th of ``len(output_slices)`` equal rank blocks. The full
+        contract is in `backplane.plugins_sdk.lora`. The default is
+        `add_lora_torch` (two matmuls per active slot, any torch device);
+        override it with kernels that read only ``mapping.token_slots``.
+        """
+        from backplane.plugins_sdk.lora import add_lora_torch
+
+        return add_lora_torch(out, x, lora_a, lora_b, mapping, output_slices)
 
     def apply_token_bitmask(self, logits: torch.Tensor, bitmask: torch.Tensor,
                             rows: torch.Tensor | None) -> torch.Tensor:

@@ -38,7 +38,9 @@ History:
          GraphRunner.capture_static / replay_static (defaults fall back to
          capture / replay) and GraphRunner.memory_bytes (default None);
          Platform.apply_token_bitmask (structured outputs; default
-         token_bitmask.apply_token_bitmask).
+         token_bitmask.apply_token_bitmask); Platform.add_lora (batched
+         multi-LoRA; default lora.add_lora_torch, contract and LoRAMapping
+         in plugins_sdk.lora).
 
 Members added to a minor before its first release (as listed for 1.1) need
 no new version: a plugin declaring that minor only ever meets a Backplane that

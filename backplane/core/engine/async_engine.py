@@ -66,6 +66,7 @@ class _AddCommand:
     arrival_time: float | None
     stream: RequestStream
     accepted: concurrent.futures.Future
+    lora_request: object | None = None
 
 
 @dataclass
@@ -255,6 +256,7 @@ class AsyncEngine:
         params: SamplingParams,
         priority: int = 0,
         arrival_time: float | None = None,
+        lora_request=None,
     ) -> RequestStream:
         """Submit a request; return its output stream once the engine has accepted it.
 
@@ -281,6 +283,7 @@ class AsyncEngine:
                 arrival_time,
                 stream,
                 accepted,
+                lora_request,
             ),
             accepted,
         )
@@ -301,13 +304,15 @@ class AsyncEngine:
         prompt: str | list[int],
         params: SamplingParams,
         priority: int = 0,
+        lora_request=None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield cumulative RequestOutputs until the request finishes.
 
         If the caller stops iterating early (client disconnect, task
         cancellation, `aclose()`), the request is aborted and its KV blocks freed.
         """
-        stream = await self.add_request(request_id, prompt, params, priority)
+        stream = await self.add_request(request_id, prompt, params, priority,
+                                        lora_request=lora_request)
         try:
             async for output in stream:
                 yield output
@@ -550,6 +555,7 @@ class AsyncEngine:
                 cmd.params,
                 priority=cmd.priority,
                 arrival_time=cmd.arrival_time,
+                lora_request=cmd.lora_request,
             )
         except Exception as exc:  # bad input: report to that caller only
             self._streams.pop(cmd.request_id, None)

@@ -57,7 +57,16 @@ class EngineCore:
             config.max_model_len,
             # A draft model writes its k proposals past each step's tokens.
             num_lookahead_tokens=spec.num_speculative_tokens if spec and spec.uses_model else 0,
+            max_loras=config.lora_config.max_loras if config.lora_config else None,
         )
+        # LoRA adapters are read from disk off the engine thread and kept in a host LRU.
+        self.lora_adapters = None
+        if config.lora_config is not None:
+            from backplane.core.lora.adapter_cache import LoRAAdapterCache
+
+            self.lora_adapters = LoRAAdapterCache(
+                self.model_runner.lora.targets, config.lora_config.max_lora_rank,
+                config.lora_config.max_cpu_loras)
         self.last_step = StepTiming()
         # Async scheduling: the model step runs on this worker thread while the
         # engine thread plans the next step and processes the previous one's output.
@@ -90,6 +99,12 @@ class EngineCore:
         return self._structured
 
     def add_request(self, request: Request) -> None:
+        if request.lora_request is not None:
+            if self.lora_adapters is None:
+                raise ValueError("lora_request needs an engine started with enable_lora")
+            # Loaded (or found in the host cache) off this thread; the scheduler waits.
+            request.lora_weights, request.lora_future = self.lora_adapters.get(
+                request.lora_request)
         constraint = request.params.structured_outputs
         if constraint is not None:
             # Compiled off this thread; the scheduler waits for it without stalling others.
@@ -99,6 +114,8 @@ class EngineCore:
     def _schedule(self) -> SchedulerOutput:
         out = self.scheduler.schedule()
         failed, self.scheduler.failed_grammars = self.scheduler.failed_grammars, []
+        failed += self.scheduler.failed_loras
+        self.scheduler.failed_loras = []
         for request in self.scheduler.finish_requests(dict.fromkeys(failed),
                                                       RequestStatus.FINISHED_ABORTED):
             self._side_outputs.append(EngineCoreOutput(

@@ -217,12 +217,14 @@ class LLMEngine:
             )
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
-                    priority: int = 0, arrival_time: float | None = None) -> None:
+                    priority: int = 0, arrival_time: float | None = None,
+                    lora_request=None) -> None:
         """Queue a request; raises ValueError/TypeError (engine untouched) when it is invalid.
 
         ``prompt`` is a string, token ids, or a TextPrompt/TokensPrompt dict
         (`backplane.inputs`), whose ``cache_salt`` keeps its KV blocks apart
-        from requests with another salt.
+        from requests with another salt. ``lora_request`` (a
+        `backplane.lora.LoRARequest`) runs the request with that adapter.
         """
         if self.runner_type == "pooling" or isinstance(params, PoolingParams):
             self._add_pooling_request(request_id, prompt, params)
@@ -233,6 +235,7 @@ class LLMEngine:
             )
         if request_id in self._seq_ids:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        self.validate_lora_request(lora_request)
         parsed = parse_prompt(prompt)
         text, token_ids = self._tokenize(parsed)
         self.validate_lengths(len(token_ids), params)
@@ -257,11 +260,28 @@ class LLMEngine:
             Request(
                 seq.seq_id, token_ids, seq.params, self.max_model_len,
                 eos_token_ids=self.eos_token_ids, priority=priority, arrival_time=arrival,
-                cache_salt=parsed.cache_salt,
+                cache_salt=parsed.cache_salt, lora_request=lora_request,
             )
             for seq in sequences
         ])
         self._seq_ids[request_id] = seq_ids
+
+    def validate_lora_request(self, lora_request) -> None:
+        """Raise ValueError (a 400) for an adapter that cannot be served: LoRA not enabled,
+        or an adapter whose config breaks a limit (rank, bias, targets). Weights are read,
+        and matched against the model, by the engine core off its step loop."""
+        if lora_request is None:
+            return
+        from backplane.lora import LoRARequest, check_adapter_config
+
+        if not isinstance(lora_request, LoRARequest):
+            raise TypeError(f"lora_request must be a LoRARequest, got "
+                            f"{type(lora_request).__name__}")
+        lc = self.config.lora_config
+        if lc is None:
+            raise ValueError(f"lora_request ({lora_request.lora_name!r}) needs an engine "
+                             "started with enable_lora (--enable-lora)")
+        check_adapter_config(lora_request.lora_path, max_rank=lc.max_lora_rank)
 
     def validate_structured_outputs(self, params: SamplingParams) -> None:
         """Raise ValueError (a 400) for a schema, regex or grammar that cannot be used.

@@ -80,14 +80,22 @@ def encode_request(request: Request, max_model_len: int) -> list:
         request.request_id, request.prompt_token_ids, encode_params(request.params),
         max_model_len, sorted(request.eos_token_ids), request.priority, request.arrival_time,
         request.cache_salt,
+        None if request.lora_request is None else [
+            request.lora_request.lora_name, request.lora_request.lora_int_id,
+            request.lora_request.lora_path],
     ]
 
 
 def decode_request(data: list) -> Request:
-    rid, prompt, params, max_model_len, eos, priority, arrival, salt = data
+    rid, prompt, params, max_model_len, eos, priority, arrival, salt, lora = data
+    lora_request = None
+    if lora is not None:
+        from backplane.lora import LoRARequest
+
+        lora_request = LoRARequest(*lora)
     return Request(
         rid, prompt, decode_params(params), max_model_len, eos_token_ids=frozenset(eos),
-        priority=priority, arrival_time=arrival, cache_salt=salt,
+        priority=priority, arrival_time=arrival, cache_salt=salt, lora_request=lora_request,
     )
 
 

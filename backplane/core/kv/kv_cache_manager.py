@@ -56,7 +56,7 @@ class KVCacheManager:
             return [], 0
         extend_block_hashes(
             request.block_hashes, request.all_token_ids, self.block_size,
-            cache_salt=request.cache_salt,
+            cache_salt=request.prefix_salt,
         )
         max_hit_blocks = (request.num_tokens - 1) // self.block_size
         hits = []
@@ -125,7 +125,7 @@ class KVCacheManager:
             return
         hashes = extend_block_hashes(
             request.block_hashes, request.all_token_ids, self.block_size,
-            cache_salt=request.cache_salt,
+            cache_salt=request.prefix_salt,
         )
         for index in range(done, num_full):
             self.pool.cache_full_block(blocks[index], hashes[index])

@@ -47,6 +47,9 @@ class InputBatch:
         # Speculative decoding: whether a row may get drafts (not with a grammar that
         # cannot roll back), and the most tokens the request may have.
         self.spec_ok = np.zeros(max_num_reqs, dtype=bool)
+        # LoRA: the device slot of each row's adapter (-1: the base model); the runner
+        # sets it when the row is added.
+        self.lora_slots = np.full(max_num_reqs, -1, dtype=np.int32)
         self.max_total_tokens = np.zeros(max_num_reqs, dtype=np.int64)
         self.max_model_len = max_model_len
         self.temperature = np.ones(max_num_reqs, dtype=np.float32)
@@ -74,6 +77,7 @@ class InputBatch:
         self.greedy[row] = params.greedy
         self.temperature[row] = 1.0 if params.greedy else params.temperature
         self.seeds[row] = params.seed if params.seed is not None and not params.greedy else None
+        self.lora_slots[row] = -1
         self.spec_ok[row] = grammar is None or grammar.supports_rollback
         limit = self.max_model_len
         if params.max_tokens is not None:
@@ -135,7 +139,7 @@ class InputBatch:
         self.block_table[dst, :nb] = self.block_table[src, :nb]
         for arr in (self.num_tokens, self.num_prompt_tokens, self.num_computed,
                     self.num_blocks, self.temperature, self.greedy, self.spec_ok,
-                    self.max_total_tokens):
+                    self.max_total_tokens, self.lora_slots):
             arr[dst] = arr[src]
         self.params[dst] = self.params[src]
         self.seeds[dst] = self.seeds[src]

@@ -83,7 +83,21 @@ class ModelRunner:
         # MoE layers compute their experts with the platform's fused-MoE op
         # (SDK default when the platform predates it); prepare_model may still swap them.
         bind_fused_moe(model, getattr(platform, "fused_moe", None))
+        # LoRA targets are read from the model as built (fused layers still know their
+        # parts); the platform's prepared modules keep the same names.
+        lora_targets = None
+        if config.lora_config is not None:
+            from backplane.lora import lora_targets as find_lora_targets
+
+            lora_targets = find_lora_targets(model)
         model = platform.prepare_model(model, config)
+        self.lora = None
+        if lora_targets is not None:
+            from backplane.core.lora import LoRAManager
+
+            lc = config.lora_config
+            self.lora = LoRAManager(model, lora_targets, lc.max_loras, lc.max_lora_rank,
+                                    platform.add_lora, self.dtype, self.device)
         # The cache is laid out from the resolved ModelSpec; the model built from the
         # same HF config must agree, or attention, cache and model disagree on shapes.
         spec_model = config.model_spec
@@ -194,6 +208,9 @@ class ModelRunner:
         if config.speculative_config is not None:
             reason = ("speculative decoding verifies k + 1 tokens per request; its steps "
                       "are not uniform single-token decodes")
+        elif config.lora_config is not None:
+            reason = ("LoRA adapters are mixed per step (which tokens use which slot "
+                      "changes every step)")
         elif not platform.supports_graph_capture:
             reason = f"platform {platform.name!r} offers no graph runner"
         elif not backend_cls.supports_graph_capture:
@@ -265,6 +282,11 @@ class ModelRunner:
     # ------------------------------------------------------------ batch update
     def _update_batch(self, out: SchedulerOutput) -> None:
         batch = self.input_batch
+        if self.lora is not None:
+            for req_id in out.removed_request_ids:
+                row = batch.req_id_to_row.get(req_id)
+                if row is not None and batch.lora_slots[row] >= 0:
+                    self.lora.release(int(batch.lora_slots[row]))
         batch.remove(out.removed_request_ids)
         if self.proposer is not None:
             self.proposer.forget(out.removed_request_ids)
@@ -275,6 +297,9 @@ class ModelRunner:
         for new in out.new_requests:
             batch.add(new.request_id, new.token_ids, new.num_prompt_tokens,
                       new.num_computed_tokens, new.block_ids, new.params, grammar=new.grammar)
+            if new.lora_key is not None:
+                batch.lora_slots[batch.req_id_to_row[new.request_id]] = self.lora.acquire(
+                    new.lora_key, new.lora_weights)
         for req_id, drafts in out.scheduled_spec_tokens.items():
             # Drafts sit after the known tokens (not counted in num_tokens) so the
             # step gathers its inputs in one indexing op; accepted ones stay.
@@ -315,8 +340,14 @@ class ModelRunner:
                 batch.block_table[rows, :max_blocks])
         else:
             common = flat.attention_metadata(batch.block_table, self.block_size, device)
-            hidden = self._run_model(torch.from_numpy(input_ids).to(device),
-                                     torch.from_numpy(flat.positions).to(device), common)
+            if self.lora is not None:
+                self.lora.begin_step(batch.lora_slots[flat.token_rows])
+            try:
+                hidden = self._run_model(torch.from_numpy(input_ids).to(device),
+                                         torch.from_numpy(flat.positions).to(device), common)
+            finally:
+                if self.lora is not None:
+                    self.lora.end_step()
         self.platform.runtime.synchronize()
         forward_seconds = time.perf_counter() - start
 

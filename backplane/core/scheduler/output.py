@@ -20,6 +20,9 @@ class NewRequestData:
     # The request's structured-output matcher (None: unconstrained). The runner
     # masks and advances it; it lives in the same process as the scheduler.
     grammar: object | None = None
+    # LoRA: the adapter's identity and loaded weights (None: the base model).
+    lora_key: str | None = None
+    lora_weights: object | None = None
 
 
 @dataclass

@@ -8,6 +8,11 @@ import time
 from backplane.sampling_params import SamplingParams
 
 
+def lora_key(lora_request) -> str:
+    """An adapter's identity: its name and where it was loaded from."""
+    return f"{lora_request.lora_name}@{lora_request.lora_path}"
+
+
 class RequestStatus(enum.Enum):
     """Lifecycle of a request inside the engine core."""
 
@@ -60,6 +65,7 @@ class Request:
         "priority", "arrival_time", "status", "num_computed_tokens", "num_cached_tokens",
         "max_total_tokens", "eos_token_ids", "stop_reason", "block_hashes", "num_preemptions",
         "cache_salt", "num_output_placeholders", "grammar_future", "grammar", "spec_token_ids",
+        "lora_request", "lora_future", "lora_weights",
     )
 
     def __init__(
@@ -72,6 +78,7 @@ class Request:
         priority: int = 0,
         arrival_time: float | None = None,
         cache_salt: str | None = None,
+        lora_request=None,
     ) -> None:
         self.request_id = request_id
         self.cache_salt = cache_salt
@@ -102,6 +109,25 @@ class Request:
         # Speculative decoding: draft tokens proposed after the last step, verified
         # (and then dropped or accepted) by the next one.
         self.spec_token_ids: list[int] = []
+        # LoRA: the adapter asked for (a backplane.lora.LoRARequest, None: the base
+        # model), its weights being loaded (a Future) and, once loaded, the weights.
+        self.lora_request = lora_request
+        self.lora_future = None
+        self.lora_weights = None
+
+    @property
+    def lora_key(self) -> str | None:
+        """Identity of the request's adapter (None: the base model)."""
+        return None if self.lora_request is None else lora_key(self.lora_request)
+
+    @property
+    def prefix_salt(self) -> str | None:
+        """What keeps this request's cached KV apart: its cache_salt and its adapter (two
+        adapters compute different KV for the same tokens)."""
+        key = self.lora_key
+        if key is None:
+            return self.cache_salt
+        return f"{self.cache_salt or ''}\x00lora:{key}"
 
     @property
     def num_tokens(self) -> int:

@@ -41,9 +41,12 @@ class Scheduler:
         num_kv_blocks: int,
         max_model_len: int,
         num_lookahead_tokens: int = 0,
+        max_loras: int | None = None,
     ) -> None:
         """``num_lookahead_tokens``: KV slots reserved past each step's tokens for a
-        draft model to write its proposals into (speculative decoding)."""
+        draft model to write its proposals into (speculative decoding).
+        ``max_loras``: the most distinct LoRA adapters among running requests (the
+        device's adapter slots); None without LoRA."""
         self.config = scheduler_config
         self.max_num_seqs = scheduler_config.max_num_seqs
         self.max_num_batched_tokens = scheduler_config.max_num_batched_tokens
@@ -62,6 +65,9 @@ class Scheduler:
         # Requests whose grammar failed to compile; the engine core ends them.
         self.failed_grammars: list[str] = []
         self.num_lookahead_tokens = num_lookahead_tokens
+        self.max_loras = max_loras
+        # Requests whose adapter failed to load; the engine core ends them.
+        self.failed_loras: list[str] = []
         self.spec_stats = SpecDecodeStats()
 
     # ----------------------------------------------------------------- requests
@@ -159,8 +165,12 @@ class Scheduler:
             spec_tokens.pop(request_id, None)
 
         # Then waiting requests, unless this step already had to preempt. Requests
-        # whose grammar is still compiling step aside for the ones behind them.
+        # whose grammar is still compiling, whose adapter is still loading, or whose
+        # adapter would be one too many for the device's slots step aside for the
+        # ones behind them.
         deferred: list[Request] = []
+        adapters = ({r.lora_key for r in self.running} - {None}
+                    if self.max_loras is not None else set())
         while (
             not preempted
             and len(self.waiting)
@@ -168,7 +178,10 @@ class Scheduler:
             and len(self.running) < self.max_num_seqs
         ):
             request = self.waiting.peek()
-            if not self._grammar_ready(request):
+            key = request.lora_key
+            if (not self._grammar_ready(request) or not self._lora_ready(request)
+                    or (key is not None and key not in adapters
+                        and len(adapters) >= self.max_loras)):
                 deferred.append(self.waiting.pop())
                 continue
             hit_blocks, num_computed = [], 0
@@ -190,6 +203,8 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens = num_computed
             self.running.append(request)
+            if key is not None:
+                adapters.add(key)
             new_reqs.append(
                 NewRequestData(
                     request.request_id,
@@ -199,6 +214,8 @@ class Scheduler:
                     num_computed,
                     request.params,
                     request.grammar,
+                    request.lora_key,
+                    request.lora_weights,
                 )
             )
             num_scheduled[request.request_id] = num_new
@@ -255,6 +272,23 @@ class Scheduler:
             logger.error("request %s: its structured-output grammar failed to compile: %s",
                          request.request_id, exc)
             self.failed_grammars.append(request.request_id)
+            return False
+        return True
+
+    def _lora_ready(self, request: Request) -> bool:
+        """Whether a waiting request's adapter weights are loaded (a load that failed
+        ends the request as aborted, with the reason logged)."""
+        future = request.lora_future
+        if future is None or request.lora_weights is not None:
+            return True
+        if not future.done():
+            return False
+        try:
+            request.lora_weights = future.result()
+        except Exception as exc:  # noqa: BLE001 - a bad adapter ends only its requests
+            logger.error("request %s: its LoRA adapter %r failed to load: %s",
+                         request.request_id, request.lora_request.lora_name, exc)
+            self.failed_loras.append(request.request_id)
             return False
         return True
 

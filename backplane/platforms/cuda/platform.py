@@ -49,6 +49,16 @@ class CudaPlatform(Platform):
             return fused_moe(hidden, w13, w2, topk_weights, topk_ids, activation)
         return super().fused_moe(hidden, w13, w2, topk_weights, topk_ids, activation)
 
+    def add_lora(self, out, x, lora_a, lora_b, mapping, output_slices=None):
+        """Multi-LoRA with the Triton shrink/expand kernels (lora_kernels.py), which read
+        only ``mapping.token_slots``; the SDK's torch implementation where triton is
+        missing or the tensors are not on a GPU."""
+        if x.device.type == "cuda" and _triton_installed():
+            from backplane.platforms.cuda.lora_kernels import add_lora
+
+            return add_lora(out, x, lora_a, lora_b, mapping.token_slots, output_slices)
+        return super().add_lora(out, x, lora_a, lora_b, mapping, output_slices)
+
 
 @functools.cache
 def _triton_installed() -> bool:
