@@ -92,8 +92,11 @@ def sampling_params_for(request: BenchRequest, temperature: float = 0.0,
 
 def run_requests(engine, requests: list[BenchRequest], temperature: float = 0.0,
                  progress: bool = False, desc: str = "backplane",
-                 instrument: bool = True, structured_outputs: dict | None = None) -> EngineRun:
-    """Add all requests at once, step until every one finished; time the whole pass."""
+                 instrument: bool = True, structured_outputs: dict | None = None,
+                 lora_requests: list | None = None) -> EngineRun:
+    """Add all requests at once, step until every one finished; time the whole pass.
+
+    ``lora_requests``: request i runs on adapter ``lora_requests[i % len]``."""
     from tqdm import tqdm
 
     timer = StepTimer(engine, instrument_model=instrument)
@@ -104,9 +107,11 @@ def run_requests(engine, requests: list[BenchRequest], temperature: float = 0.0,
     first_token: dict[str, float] = {}
     try:
         start = time.perf_counter()
-        for req in requests:
+        for index, req in enumerate(requests):
             engine.add_request(req.request_id, req.prompt_token_ids,
-                               sampling_params_for(req, temperature, structured_outputs))
+                               sampling_params_for(req, temperature, structured_outputs),
+                               **({"lora_request": lora_requests[index % len(lora_requests)]}
+                                  if lora_requests else {}))
             timer.add(req.request_id)
         pending = {r.request_id for r in requests}
         while pending:

@@ -53,6 +53,16 @@ class ThroughputOptions:
     progress: bool = True
     # --structured-json: every request constrained by STRUCTURED_JSON_SCHEMA.
     structured_json: bool = False
+    # --lora-modules / --lora-mix: request i runs on adapter i % lora_mix (0: the base).
+    lora_modules: tuple = ()
+    lora_mix: int = 0
+
+    def lora_requests(self) -> list:
+        """The adapters the requests cycle through (empty: the base model)."""
+        if self.lora_mix < 0 or self.lora_mix > len(self.lora_modules):
+            raise ValueError(f"lora_mix ({self.lora_mix}) must be in 0..{len(self.lora_modules)} "
+                             "(the number of --lora-modules)")
+        return list(self.lora_modules[: self.lora_mix])
 
 
 # The --structured-json constraint: an array of small records. ``minItems`` is set to
@@ -100,6 +110,11 @@ def _run_engine_repeats(opts: ThroughputOptions, engine_args: Any, label: str
     engine = create_engine(engine_args)
     low, high = token_id_range(engine.tokenizer)
     warm_up(engine, low, high)
+    loras = opts.lora_requests()
+    if loras:  # read every adapter from disk before the timed runs
+        warm = WorkloadSpec(**{**vars(opts.workload), "num_prompts": len(loras),
+                               "output_len": 2})
+        run_requests(engine, build_requests(warm, low, high), lora_requests=loras)
     constraint = _structured_outputs(opts)
     if constraint is not None:  # compile (and cache) the grammar outside the timed runs
         warm = WorkloadSpec(**{**vars(opts.workload), "num_prompts": 1, "output_len": 2})
@@ -111,7 +126,8 @@ def _run_engine_repeats(opts: ThroughputOptions, engine_args: Any, label: str
         requests = build_requests(spec, low, high)
         request_sets.append(requests)
         run = run_requests(engine, requests, opts.temperature, progress=opts.progress,
-                           desc=f"{label} {rep + 1}/{opts.repeat}", structured_outputs=constraint)
+                           desc=f"{label} {rep + 1}/{opts.repeat}", structured_outputs=constraint,
+                           lora_requests=loras)
         logger.info("%s run %d: %.1f output tok/s", label, rep + 1, run.output_tokens_per_s)
         runs.append(run)
     return engine, runs, request_sets
@@ -158,6 +174,7 @@ def run_throughput(opts: ThroughputOptions) -> dict:
         "workload": {**vars(opts.workload), "repeat": opts.repeat},
         "structured_json": (structured_json_schema(opts.workload.output_len)
                             if opts.structured_json else None),
+        "lora_mix": [r.lora_name for r in opts.lora_requests()],
         "engine_args": dataclasses.asdict(opts.engine_args),
         "timing_source": runs[0].timing_source,
         "backplane": _engine_figures(runs),
@@ -281,6 +298,7 @@ def result_rows(result: dict) -> list[tuple[str, Any]]:
         ("repeats (median quoted)", wl["repeat"]),
         ("structured outputs", "JSON schema on every request (--structured-json)"
          if result.get("structured_json") else "none"),
+        ("LoRA adapters mixed", len(result.get("lora_mix") or [])),
         ("requests/s", bp["requests_per_s"]["median"]),
         ("output tokens/s", bp["output_tokens_per_s"]["median"]),
         ("total tokens/s", bp["total_tokens_per_s"]["median"]),
@@ -343,6 +361,19 @@ def result_rows(result: dict) -> list[tuple[str, Any]]:
     return rows
 
 
+def _lora_modules(entries: list[str] | None) -> list:
+    """LoRARequests from ``NAME=PATH`` entries (ids 1, 2, ...)."""
+    from backplane.lora import LoRARequest
+
+    requests = []
+    for index, entry in enumerate(entries or [], start=1):
+        name, sep, path = entry.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora-modules entry {entry!r} must be NAME=PATH")
+        requests.append(LoRARequest(name, index, path))
+    return requests
+
+
 def main(args) -> int:
     """Entry point of `backplane bench throughput` (args from the CLI parser)."""
     from backplane.config.cli_args import engine_args_from_cli
@@ -368,6 +399,8 @@ def main(args) -> int:
         temperature=args.temperature,
         progress=not args.no_progress,
         structured_json=getattr(args, "structured_json", False),
+        lora_modules=tuple(_lora_modules(getattr(args, "lora_modules", None))),
+        lora_mix=getattr(args, "lora_mix", 0),
     )
     result = run_throughput(opts)
     table_out = sys.stderr if args.json == "-" else sys.stdout

@@ -152,3 +152,27 @@ def test_speculative_bench_and_make_draft(bench_tiny_model, tmp_path, capsys):
     with pytest.raises(ValueError, match="num_layers"):
         main(["bench", "make-draft", bench_tiny_model, str(tmp_path / "bad"), "--num-layers",
               "9"])
+
+
+def test_make_lora_and_throughput_with_a_lora_mix(bench_tiny_model, tmp_path):
+    """bench make-lora writes PEFT-layout adapters; bench throughput --lora-mix spreads the
+    requests over them (every request still makes --output-len tokens)."""
+    paths = []
+    for seed in range(2):
+        out = tmp_path / f"lora{seed}"
+        assert main(["bench", "make-lora", bench_tiny_model, str(out), "--rank", "4",
+                     "--seed", str(seed)]) == 0
+        assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+        paths.append(f"a{seed}={out}")
+    path = tmp_path / "throughput.json"
+    code = main([
+        "bench", "throughput", "--model", bench_tiny_model, "--num-prompts", "4",
+        "--input-len", "8", "--output-len", "6", "--num-kv-blocks", "64",
+        "--max-model-len", "256", "--enable-lora", "--max-loras", "2", "--max-lora-rank", "4",
+        "--lora-modules", *paths, "--lora-mix", "2", "--no-progress", "--json", str(path),
+    ])
+    assert code == 0
+    result = json.loads(path.read_text())
+    assert result["lora_mix"] == ["a0", "a1"]
+    bp = result["backplane"]
+    assert abs(bp["output_tokens_per_s"]["median"] * bp["seconds"]["median"] - 4 * 6) < 0.5

@@ -108,6 +108,11 @@ def _register_throughput(sub) -> None:
                    help="constrain every request with a JSON schema (structured outputs; an "
                    "array of records that never ends early) to compare output tok/s with and "
                    "without constraints")
+    w.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                   help="LoRA adapters the requests may use (with --enable-lora)")
+    w.add_argument("--lora-mix", type=int, default=0, metavar="N",
+                   help="spread the requests uniformly over the first N --lora-modules "
+                   "adapters (0: every request on the base model) [default: 0]")
     m = p.add_argument_group("measurement")
     m.add_argument("--repeat", type=_positive_int, default=1,
                    help="run the workload K times on fresh prompts; medians quoted")
@@ -208,6 +213,29 @@ def _make_draft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _register_make_lora(sub) -> None:
+    p = sub.add_parser(
+        "make-lora", help="write a random PEFT LoRA adapter for a model (no download)",
+        description="Write a random LoRA adapter for the Llama-family model in MODEL to DIR, in "
+        "PEFT's layout (adapter_config.json, adapter_model.safetensors), for "
+        "`bench throughput --enable-lora --lora-modules ... --lora-mix N`.",
+    )
+    p.add_argument("model", metavar="MODEL", help="base model directory")
+    p.add_argument("dir", metavar="DIR", help="output directory")
+    p.add_argument("--rank", type=_positive_int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_make_lora)
+
+
+def _make_lora(args: argparse.Namespace) -> int:
+    from backplane.benchmarks.make_lora import make_lora
+    from backplane.benchmarks.report import print_table
+
+    print_table("backplane bench make-lora",
+                list(make_lora(args.model, args.dir, rank=args.rank, seed=args.seed).items()))
+    return 0
+
+
 def _register_serve(sub) -> None:
     from backplane.benchmarks.serve import ENDPOINTS
 
@@ -260,6 +288,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_latency(sub)
     _register_speculative(sub)
     _register_make_draft(sub)
+    _register_make_lora(sub)
     _register_serve(sub)
     try:
         consistency = importlib.import_module("backplane.entrypoints.cli.bench_consistency")
