@@ -86,6 +86,12 @@ SHOWN_BY = {
     "reasoning_parser": "tests/entrypoints/test_tool_calling.py::test_reasoning_then_tool_calls_non_streaming",
     "structured_outputs_config": "tests/entrypoints/test_structured_outputs.py::test_structured_outputs_config_sets_the_default_backend",
     "speculative_config": "tests/entrypoints/test_speculative_serving.py::test_speculative_config_serves_the_same_text_and_reports_acceptance",
+    "enable_lora": "tests/entrypoints/test_lora_serving.py::test_each_adapter_serves_what_the_offline_engine_generates",
+    "max_loras": "tests/entrypoints/test_lora_serving.py::test_each_adapter_serves_what_the_offline_engine_generates",
+    "lora_modules": "tests/entrypoints/test_lora_serving.py::test_each_adapter_serves_what_the_offline_engine_generates",
+    "allow_runtime_lora_updating": "tests/entrypoints/test_lora_serving.py::test_load_routes_need_the_switch_and_modules_need_enable_lora",
+    "max_lora_rank": "tests/entrypoints/test_lora_serving.py::test_max_lora_rank_refuses_a_larger_adapter_at_load",
+    "max_cpu_loras": "tests/entrypoints/test_lora_serving.py::test_max_cpu_loras_bounds_the_adapters_kept_in_host_memory",
 }
 
 # option -> EngineArgs keywords whose use must be refused with a message naming it.

@@ -19,6 +19,66 @@ from backplane.entrypoints.openai.reasoning_parsers import REASONING_PARSERS
 from backplane.entrypoints.openai.tool_parsers import TOOL_PARSERS
 
 API_KEY_ENV = "BACKPLANE_API_KEY"
+# Either turns --allow-runtime-lora-updating on ("1" or "true"); vLLM's name first.
+RUNTIME_LORA_ENVS = ("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "BACKPLANE_ALLOW_RUNTIME_LORA_UPDATING")
+
+
+@dataclass(frozen=True)
+class LoRAModule:
+    """One ``--lora-modules`` entry: an adapter served under ``name`` from ``path``."""
+
+    name: str
+    path: str
+    base_model_name: str | None = None
+
+
+def parse_lora_module(entry: str) -> LoRAModule:
+    """``name=path`` or a JSON object ``{"name", "path", "base_model_name"?}``; ValueError."""
+    text = entry.strip()
+    if text.startswith("{"):
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--lora-modules {entry!r}: invalid JSON ({exc})") from None
+        unknown = sorted(set(obj) - {"name", "path", "base_model_name"})
+        if unknown:
+            raise ValueError(f"--lora-modules {entry!r}: unknown key(s) {unknown}; expected "
+                             "name, path and optionally base_model_name")
+        name, path, base = obj.get("name"), obj.get("path"), obj.get("base_model_name")
+        if base is not None and (not isinstance(base, str) or not base):
+            raise ValueError(f"--lora-modules {entry!r}: base_model_name must be a string")
+    else:
+        name, sep, path = text.partition("=")
+        if not sep:
+            raise ValueError(f"--lora-modules {entry!r}: expected name=path or a JSON object "
+                             '{"name": ..., "path": ...}')
+        name, path, base = name.strip(), path.strip(), None
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"--lora-modules {entry!r}: the adapter name is missing or empty")
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"--lora-modules {entry!r}: the adapter path is missing or empty")
+    return LoRAModule(name, path, base)
+
+
+def parse_lora_modules(entries: list[str]) -> list[LoRAModule]:
+    """Every ``--lora-modules`` entry parsed; ValueError for a bad one or a repeated name."""
+    modules = [parse_lora_module(e) for e in entries]
+    seen: set[str] = set()
+    for m in modules:
+        if m.name in seen:
+            raise ValueError(f"--lora-modules: the adapter name {m.name!r} is given twice")
+        seen.add(m.name)
+    return modules
+
+
+def runtime_lora_updating_from_env() -> bool | None:
+    """True/False when VLLM_/BACKPLANE_ALLOW_RUNTIME_LORA_UPDATING is set, else None."""
+    found = None
+    for name in RUNTIME_LORA_ENVS:
+        value = os.environ.get(name)
+        if value is not None and value.strip():
+            found = bool(found) or value.strip().lower() in ("1", "true")
+    return found
 
 
 def _opt(default: Any, help: str, **meta: Any) -> Any:
@@ -121,8 +181,23 @@ class ServerOptions:
         choices=REASONING_PARSERS, metavar="{" + ",".join(REASONING_PARSERS) + "}",
     )
 
+    lora_modules: list[str] = _opt(
+        [], "LoRA adapters to serve (needs --enable-lora): `name=path` or a JSON object "
+        '`{"name": ..., "path": ..., "base_model_name": ...}`, several values; a request '
+        "picks one by its `model` field",
+        metavar="NAME=PATH",
+    )
+    allow_runtime_lora_updating: bool = _opt(
+        False, "serve `POST /v1/load_lora_adapter` and `/v1/unload_lora_adapter` (also "
+        "`VLLM_ALLOW_RUNTIME_LORA_UPDATING=True` or `BACKPLANE_ALLOW_RUNTIME_LORA_UPDATING=1`)"
+    )
+
     def __post_init__(self) -> None:
         problems = []
+        try:
+            parse_lora_modules(self.lora_modules)
+        except ValueError as exc:
+            problems.append(str(exc))
         if not 0 <= self.port <= 65535:
             problems.append(f"port must be in [0, 65535], got {self.port}")
         for name in ("max_n", "max_sequences_per_request", "max_request_body_bytes",
@@ -187,9 +262,9 @@ def convert_value(name: str, value: Any) -> Any:
             out: list[str] = []
             for item in items:  # a JSON list (vLLM's spelling) or plain values
                 if isinstance(item, str) and item.lstrip().startswith("["):
-                    out.extend(str(v) for v in json.loads(item))
+                    out.extend(_list_item(v) for v in json.loads(item))
                 else:
-                    out.append(str(item))
+                    out.append(_list_item(item))
             return out
         if base is int and isinstance(value, float) and not value.is_integer():
             raise ValueError
@@ -197,6 +272,11 @@ def convert_value(name: str, value: Any) -> Any:
     except (TypeError, ValueError, json.JSONDecodeError):
         raise ValueError(f"{name}: {value!r} is not a valid {getattr(base, '__name__', base)}") \
             from None
+
+
+def _list_item(value: Any) -> str:
+    """One item of a list option as text (a mapping, as in --lora-modules, as JSON)."""
+    return json.dumps(value) if isinstance(value, dict) else str(value)
 
 
 def add_server_args(parser: argparse.ArgumentParser) -> None:
@@ -218,7 +298,8 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                                    help=f"same as --no-{flag[2:]}")
         elif typing.get_origin(base) is list:
             group.add_argument(flag, dest=f.name, nargs="+", action="extend", default=sup,
-                               metavar=f.name.upper(), help=help_text)
+                               metavar=f.metadata.get("metavar", f.name.upper()),
+                               help=help_text)
         else:
             group.add_argument(
                 flag, dest=f.name, default=sup, help=help_text,
@@ -248,6 +329,9 @@ def resolve_server_options(args: argparse.Namespace, from_file: dict | None = No
                 raise ValueError(f"{where}: {exc}") from None
     if os.environ.get(API_KEY_ENV):
         values["api_key"] = os.environ[API_KEY_ENV]
+    runtime_lora = runtime_lora_updating_from_env()
+    if runtime_lora is not None:
+        values["allow_runtime_lora_updating"] = runtime_lora
     for f in fields(ServerOptions):
         if hasattr(args, f.name):
             value = getattr(args, f.name)

@@ -154,6 +154,10 @@ def _serve(args: argparse.Namespace, engine_box: list) -> int:
 
     server_opts = resolve_server_options(args)
     engine_args = build_engine_args(args)
+    if server_opts.lora_modules and not engine_args.enable_lora:
+        # Refused before the model is loaded (build_app checks again, for embedders).
+        raise ValueError("--lora-modules needs --enable-lora: without it the engine serves no "
+                         "adapters")
     chat_template = load_chat_template(server_opts.chat_template)
     engine = AsyncEngine.from_engine_args(engine_args)
     engine_box.append(engine)

@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP server: FastAPI app over an AsyncEngine, run by uvicorn.
 
 Routes:
-    GET  /v1/models               served model names
-    GET  /v1/models/{model_id}    one served model's card (404 if not served)
+    GET  /v1/models               served model names, then the LoRA adapters (``parent``:
+                                  their base model, ``root``: their path)
+    GET  /v1/models/{model_id}    one served model's or adapter's card (404 if not served)
     POST /v1/completions          text completions (JSON or SSE)
     POST /v1/chat/completions     chat completions (JSON or SSE)
     POST /v1/responses            OpenAI Responses API, text only (JSON or typed SSE events)
@@ -14,6 +15,9 @@ Routes:
     GET  /server_info             resolved config and platform; only with
                                   BACKPLANE_SERVER_DEV_MODE=1
     POST /reset_prefix_cache      drop every cached prefix block; dev mode only
+    POST /v1/load_lora_adapter    serve a LoRA adapter ({"lora_name", "lora_path"}); only
+                                  with --allow-runtime-lora-updating
+    POST /v1/unload_lora_adapter  stop serving one ({"lora_name"}); the same
 With an API key, every route except /health, /ping, /version and /metrics needs
 ``Authorization: Bearer <key>``.
 """
@@ -33,9 +37,9 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from backplane.config.server_options import ServerOptions
+from backplane.config.server_options import ServerOptions, parse_lora_modules
 from backplane.core.engine.async_engine import AsyncEngine
 from backplane.entrypoints.openai.auth import APIKeyMiddleware, RequestIdHeaderMiddleware
 from backplane.entrypoints.openai.errors import engine_dead, error_response, install_error_handlers
@@ -59,6 +63,11 @@ from backplane.entrypoints.openai.protocol_responses import ResponsesRequest
 from backplane.entrypoints.openai.serving_chat import ChatServing
 from backplane.entrypoints.openai.serving_common import ServerLimits, ServingContext
 from backplane.entrypoints.openai.serving_completion import CompletionServing
+from backplane.entrypoints.openai.serving_lora import (
+    LoadLoRAAdapterRequest,
+    LoRAAdapters,
+    UnloadLoRAAdapterRequest,
+)
 from backplane.entrypoints.openai.serving_pooling import PoolingServing, require_runner
 from backplane.entrypoints.openai.serving_responses import ResponsesServing
 from backplane.entrypoints.openai.serving_tokenization import TokenizationServing
@@ -92,13 +101,22 @@ def build_app(
         shutdown_engine_on_exit: shut the engine down when the app's lifespan ends.
         dev_mode: expose /server_info and /reset_prefix_cache; None reads
             BACKPLANE_SERVER_DEV_MODE.
+
+    Raises ValueError for ``--lora-modules`` the engine cannot serve (the message
+    names the adapter), or given without ``--enable-lora``.
     """
     opts = options or ServerOptions()
     api_key = api_key or opts.api_key
     names = served_model_names or engine.config.model_config.served_names
+    loras = LoRAAdapters(engine, list(names))
+    loras.add_startup(parse_lora_modules(opts.lora_modules))
+    if opts.allow_runtime_lora_updating:
+        logger.warning("runtime LoRA updating is on: clients may load adapters from any path "
+                       "the server can read (/v1/load_lora_adapter)")
     metrics = ServerMetrics(engine, names[0])
     ctx = ServingContext(
-        engine, list(names), metrics, chat_template, limits=ServerLimits.from_options(opts)
+        engine, list(names), metrics, chat_template, limits=ServerLimits.from_options(opts),
+        loras=loras,
     )
     completions, chats, tokens = CompletionServing(ctx), ChatServing(ctx), TokenizationServing(ctx)
     responses = ResponsesServing(ctx)
@@ -156,14 +174,35 @@ def build_app(
             generation_defaults=ctx.sampling_defaults,
         )
 
+    def adapter_card(lora) -> ModelCard:
+        return ModelCard(
+            id=lora.lora_name, root=lora.lora_path, parent=lora.base_model_name or names[0],
+            max_model_len=ctx.max_model_len, generation_defaults=ctx.sampling_defaults,
+        )
+
     @app.get("/v1/models")
     async def list_models() -> ModelList:
-        return ModelList(data=[model_card(n) for n in names])
+        cards = [model_card(n) for n in names]
+        return ModelList(data=cards + [adapter_card(a) for a in loras.all()])
 
     @app.get("/v1/models/{model_id:path}")
     async def retrieve_model(model_id: str) -> ModelCard:
-        ctx.check_model(model_id)  # 404 model_not_found otherwise
-        return model_card(model_id)
+        lora = ctx.check_model(model_id)  # 404 model_not_found otherwise
+        return model_card(model_id) if lora is None else adapter_card(lora)
+
+    if opts.allow_runtime_lora_updating:
+        # vLLM's routes and answers (200 with a plain-text line).
+        @app.post("/v1/load_lora_adapter")
+        async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> Response:
+            await loras.load(body.lora_name, body.lora_path)
+            return PlainTextResponse(
+                f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+        @app.post("/v1/unload_lora_adapter")
+        async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> Response:
+            await loras.unload(body.lora_name)
+            return PlainTextResponse(
+                f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     @app.post("/v1/completions")
     async def create_completion(body: CompletionRequest, raw_request: Request):

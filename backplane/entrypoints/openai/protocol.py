@@ -519,6 +519,9 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=now)
     owned_by: str = "backplane"
     root: str | None = None
+    # vLLM's: a LoRA adapter's base model (its ``root`` is the adapter's path); null
+    # for a base model.
+    parent: str | None = None
     max_model_len: int | None = None
     # Backplane's addition: the sampling defaults (SamplingParams names) that fill
     # request fields the client leaves unset (--generation-config and its override).

@@ -42,8 +42,10 @@ from backplane.entrypoints.openai.serving_common import (
     abort_all,
     collect_finals,
     iterate_request,
+    lora_kwargs,
     run_unless_disconnected,
 )
+from backplane.lora import LoRARequest
 from backplane.outputs import RequestOutput
 from backplane.sampling_params import BeamSearchParams, SamplingParams
 
@@ -106,6 +108,7 @@ async def beam_search_response(
     prompts: list[list[int]],
     params: list[SamplingParams],
     build: Callable[[list[RequestOutput]], BaseModel],
+    lora_request: LoRARequest | None = None,
 ) -> Response:
     """Run the beam search of each prompt and answer ``build(finals)`` as JSON.
 
@@ -113,6 +116,7 @@ async def beam_search_response(
     already resolved against max_model_len); ``finals`` has one finished
     RequestOutput per prompt whose outputs are its ``n`` best sequences.
     A client that disconnects gets 499 and every engine request is aborted.
+    ``lora_request``: the LoRA adapter every step runs with (None: the base model).
     """
     check_beam_search_request(ctx, req)
     try:
@@ -139,7 +143,8 @@ async def beam_search_response(
                     beam_params[0])
 
     async def step(step_prompts: list, step_params: list[SamplingParams]) -> list[StepResult]:
-        return await _engine_step(ctx, base_id, req.priority, step_prompts, step_params)
+        return await _engine_step(ctx, base_id, req.priority, step_prompts, step_params,
+                                  lora_request)
 
     async def work() -> list[RequestOutput]:
         await run_beam_search_async(search, step)
@@ -169,13 +174,15 @@ async def _engine_step(
     priority: int,
     prompts: list,
     params: list[SamplingParams],
+    lora_request: LoRARequest | None = None,
 ) -> list[StepResult]:
     """One beam search step: every prompt one engine request, added together, run to the end."""
     request_ids = ctx.engine_request_ids(base_id, len(prompts))
     try:
         added = await asyncio.gather(
             *(
-                ctx.engine.add_request(rid, p, sp, priority=priority)
+                ctx.engine.add_request(rid, p, sp, priority=priority,
+                                       **lora_kwargs(lora_request))
                 for rid, p, sp in zip(request_ids, prompts, params, strict=True)
             ),
             return_exceptions=True,

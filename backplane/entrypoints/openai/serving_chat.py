@@ -293,7 +293,7 @@ class ChatServing:
     async def create(self, req: ChatCompletionRequest, raw_request: Request) -> Response:
         """Render, validate, submit and answer (JSON or SSE)."""
         ctx = self.ctx
-        ctx.check_model(req.model)
+        lora = ctx.check_model(req.model)
         check_request_options(ctx, req)
         ctx.check_n(req.n)
         if req.top_logprobs and not req.logprobs:
@@ -351,11 +351,12 @@ class ChatServing:
             return await beam_search_response(
                 ctx, raw_request, req, base_id, [prompt_ids], [params],
                 lambda finals: self._response(req, base_id, finals[0], parsers),
+                lora_request=lora,
             )
         request_ids = ctx.engine_request_ids(base_id, 1)
         iterators = await submit_all(
             ctx, request_ids, [engine_prompt(prompt_ids, req.cache_salt)], [params], req.priority,
-            constraint.param if constraint is not None else None,
+            constraint.param if constraint is not None else None, lora_request=lora,
         )
         if req.stream:
             return SSEResponse(
@@ -451,7 +452,7 @@ class ChatServing:
         choices.sort(key=lambda c: c.index)
         return ChatCompletionResponse(
             id=base_id,
-            model=self.ctx.model_name,
+            model=self.ctx.response_model(req.model),
             choices=choices,
             usage=usage_of([final]),
             prompt_logprobs=prompt_logprobs_json(final.prompt_logprobs)
@@ -468,7 +469,7 @@ class ChatServing:
         parsers=None,
         forced: tuple[str, str | None] | None = None,
     ) -> AsyncIterator[str]:
-        model = self.ctx.model_name
+        model = self.ctx.response_model(req.model)
         created = ChatCompletionChunk(id=base_id, model=model, choices=[]).created
         include_usage, continuous = usage_options(req)
         latest: RequestOutput | None = None

@@ -30,6 +30,8 @@ from backplane.entrypoints.openai.errors import (
 from backplane.entrypoints.openai.metrics import ServerMetrics
 from backplane.entrypoints.openai.prompt_processing import PromptProcessor
 from backplane.entrypoints.openai.protocol import UsageInfo
+from backplane.entrypoints.openai.serving_lora import LoRAAdapters
+from backplane.lora import LoRARequest
 from backplane.outputs import Logprob, RequestOutput
 from backplane.sampling_params import SamplingParams
 
@@ -98,11 +100,15 @@ class ServingContext:
     chat_template: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     limits: ServerLimits = field(default_factory=ServerLimits)
+    # The LoRA adapters served by name (--lora-modules, /v1/load_lora_adapter).
+    loras: LoRAAdapters | None = None
 
     def __post_init__(self) -> None:
         self.prompts = PromptProcessor(
             self.engine.tokenizer, self.max_model_len, self.limits.chat_template_timeout_s
         )
+        if self.loras is None:
+            self.loras = LoRAAdapters(self.engine, self.served_model_names)
 
     @property
     def model_name(self) -> str:
@@ -136,16 +142,42 @@ class ServingContext:
             return getattr(req, name)
         return None
 
-    def check_model(self, name: str | None) -> None:
-        """404 unless ``name`` is one of the served names (None means the default)."""
-        if name is not None and name not in self.served_model_names:
+    def check_model(self, name: str | None) -> LoRARequest | None:
+        """404 unless ``name`` is a served name or a LoRA adapter (None means the default).
+
+        Returns the adapter's `LoRARequest` (None for the base model), looked up
+        once, so that an adapter unloaded meanwhile cannot turn into the base model.
+        """
+        if name is None or name in self.served_model_names:
+            return None
+        lora = self.loras.get(name)
+        if lora is None:
+            served = [*self.served_model_names, *(a.lora_name for a in self.loras.all())]
             raise OpenAIServingError(
                 f"The model `{name}` does not exist; this server serves "
-                f"{', '.join(repr(n) for n in self.served_model_names)}",
+                f"{', '.join(repr(n) for n in served)}",
                 HTTPStatus.NOT_FOUND,
                 param="model",
                 code="model_not_found",
             )
+        return lora
+
+    def check_base_model(self, name: str | None, endpoint: str) -> None:
+        """`check_model`, and a 400 for a LoRA adapter (``endpoint`` runs the base model only)."""
+        if self.check_model(name) is not None:
+            raise bad_request(
+                f"{endpoint} runs the base model only; the LoRA adapter {name!r} serves the "
+                "generation endpoints", "model")
+
+    def lora_request_for(self, name: str | None) -> LoRARequest | None:
+        """The adapter a request's ``model`` names (None: the base model); 404 if unknown."""
+        return self.check_model(name)
+
+    def response_model(self, name: str | None) -> str:
+        """The ``model`` a response reports: the adapter's name, else the first served name."""
+        if name is None or name in self.served_model_names:
+            return self.model_name
+        return name
 
     def check_n(self, n: int, num_prompts: int = 1) -> None:
         """400 if ``n`` (times the number of prompts) exceeds the server's limits."""
@@ -544,8 +576,11 @@ async def add_requests(
     params: list,
     priority: int = 0,
     constraint_param: str | None = None,
+    lora_request: LoRARequest | None = None,
 ) -> list[RequestStream]:
     """Add one engine request per prompt (generation or pooling); their streams, in order.
+
+    ``lora_request``: the LoRA adapter every request runs with (None: the base model).
 
     If any is refused, the ones already added are aborted and the error is
     raised (ValueError becomes a 400, an engine error a 503/500). A structured-output
@@ -556,12 +591,15 @@ async def add_requests(
     added: list[str] = []
     try:
         for rid, prompt, sp in zip(request_ids, prompts, params, strict=True):
-            streams.append(await ctx.engine.add_request(rid, prompt, sp, priority=priority))
+            streams.append(await ctx.engine.add_request(
+                rid, prompt, sp, priority=priority, **lora_kwargs(lora_request)))
             added.append(rid)
             if ctx.limits.log_requests:
                 ids = prompt["prompt_token_ids"] if isinstance(prompt, dict) else prompt
-                logger.info("request %s: %d prompt tokens, priority %d, %s",
-                            rid, len(ids), priority, sp)
+                logger.info("request %s: %d prompt tokens, priority %d, %s%s",
+                            rid, len(ids), priority, sp,
+                            "" if lora_request is None
+                            else f", LoRA adapter {lora_request.lora_name!r}")
     except BaseException as exc:
         # Only what this call added: an id refused as a duplicate belongs to someone else.
         abort_all(ctx, added)
@@ -587,10 +625,12 @@ async def submit_all(
     params: list[SamplingParams],
     priority: int,
     constraint_param: str | None = None,
+    lora_request: LoRARequest | None = None,
 ) -> list[AsyncIterator[RequestOutput]]:
     """`add_requests`, then metered output iterators in the same order."""
     arrived = time.time()
-    streams = await add_requests(ctx, request_ids, prompts, params, priority, constraint_param)
+    streams = await add_requests(ctx, request_ids, prompts, params, priority, constraint_param,
+                                 lora_request)
     return [
         every_n_tokens(
             ctx.metrics.track(iterate_request(ctx.engine, stream), arrived),
@@ -598,6 +638,12 @@ async def submit_all(
         )
         for stream in streams
     ]
+
+
+def lora_kwargs(lora_request: LoRARequest | None) -> dict[str, Any]:
+    """``lora_request=`` for `AsyncEngine.add_request`, left out for the base model (so that
+    engines without LoRA support, such as test doubles, keep working)."""
+    return {} if lora_request is None else {"lora_request": lora_request}
 
 
 def abort_all(ctx: ServingContext, request_ids: list[str]) -> None:

@@ -101,7 +101,7 @@ class CompletionServing:
     async def create(self, req: CompletionRequest, raw_request: Request) -> Response:
         """Validate, submit one engine request per prompt, and answer (JSON or SSE)."""
         ctx = self.ctx
-        ctx.check_model(req.model)
+        lora = ctx.check_model(req.model)
         check_request_options(ctx, req)
         if req.suffix:
             raise bad_request("suffix is not supported", "suffix")
@@ -142,11 +142,13 @@ class CompletionServing:
             return await beam_search_response(
                 ctx, raw_request, req, base_id, [p.token_ids for p in prompts], params,
                 lambda finals: self._response(view, base_id, prompts, finals),
+                lora_request=lora,
             )
         request_ids = ctx.engine_request_ids(base_id, len(prompts))
         iterators = await submit_all(
             ctx, request_ids, [engine_prompt(p.token_ids, req.cache_salt) for p in prompts],
             params, req.priority, constraint.param if constraint is not None else None,
+            lora_request=lora,
         )
         if req.stream:
             return SSEResponse(
@@ -267,7 +269,8 @@ class CompletionServing:
                 )
         choices.sort(key=lambda c: c.index)
         return CompletionResponse(
-            id=base_id, model=self.ctx.model_name, choices=choices, usage=view.usage(finals)
+            id=base_id, model=self.ctx.response_model(view.req.model), choices=choices,
+            usage=view.usage(finals),
         )
 
     # ----- streaming -----
@@ -280,7 +283,8 @@ class CompletionServing:
         iterators: list[AsyncIterator[RequestOutput]],
     ) -> AsyncIterator[str]:
         req = view.req
-        created = CompletionResponse(id=base_id, model=self.ctx.model_name, choices=[]).created
+        model = self.ctx.response_model(req.model)
+        created = CompletionResponse(id=base_id, model=model, choices=[]).created
         states: dict[int, _ChoiceState] = {}
         finals: list[RequestOutput | None] = [None] * len(prompts)
         latest: list[RequestOutput | None] = [None] * len(prompts)
@@ -299,7 +303,7 @@ class CompletionServing:
                         chunk = CompletionResponse(
                             id=base_id,
                             created=created,
-                            model=self.ctx.model_name,
+                            model=model,
                             choices=[choice],
                             usage=view.usage([o for o in latest if o is not None])
                             if continuous
@@ -311,7 +315,7 @@ class CompletionServing:
             if include_usage:
                 usage = view.usage([f for f in finals if f is not None])
                 chunk = CompletionResponse(
-                    id=base_id, created=created, model=self.ctx.model_name, choices=[], usage=usage
+                    id=base_id, created=created, model=model, choices=[], usage=usage
                 )
                 yield sse(chunk.model_dump())
         except ENGINE_ERRORS as exc:

@@ -129,7 +129,7 @@ class PoolingServing:
     async def _run(self, req: EmbeddingRequest, raw_request: Request, task: str,
                    endpoint: str):
         ctx = self.ctx
-        ctx.check_model(req.model)
+        ctx.check_base_model(req.model, endpoint)
         require_runner(ctx, "pooling", endpoint)
         prompts = await self._prompts(req)
         params = PoolingParams(task=task, dimensions=req.dimensions, normalize=req.normalize)
@@ -218,7 +218,7 @@ class PoolingServing:
 
     async def score(self, req: ScoreRequest, raw_request: Request):
         ctx = self.ctx
-        ctx.check_model(req.model)
+        ctx.check_base_model(req.model, "/score")
         require_runner(ctx, "pooling", "/score")
         first = [req.text_1] if isinstance(req.text_1, str) else list(req.text_1)
         second = [req.text_2] if isinstance(req.text_2, str) else list(req.text_2)
@@ -241,7 +241,7 @@ class PoolingServing:
 
     async def rerank(self, req: RerankRequest, raw_request: Request):
         ctx = self.ctx
-        ctx.check_model(req.model)
+        ctx.check_base_model(req.model, "/rerank")
         require_runner(ctx, "pooling", "/rerank")
         if not req.documents:
             raise bad_request("documents is empty: give at least one document", "documents")

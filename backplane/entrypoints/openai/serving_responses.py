@@ -188,7 +188,7 @@ class ResponsesServing:
     async def create(self, req: ResponsesRequest, raw_request: Request) -> Response:
         """Validate, render, submit and answer (JSON or SSE)."""
         ctx = self.ctx
-        ctx.check_model(req.model)
+        lora = ctx.check_model(req.model)
         check_supported(req)
         ctx.check_priority(req.priority)
         try:  # the chat endpoint's rendering: off the event loop, under its deadline
@@ -213,7 +213,8 @@ class ResponsesServing:
         shown_id = display_id(req, raw_request) or response_item_id("resp")
         base = self._in_progress(req, shown_id, params)
         request_ids = ctx.engine_request_ids(base.id, 1)
-        iterators = await submit_all(ctx, request_ids, [prompt_ids], [params], req.priority)
+        iterators = await submit_all(ctx, request_ids, [prompt_ids], [params], req.priority,
+                                     lora_request=lora)
         if req.stream:
             return SSEResponse(
                 self._stream(base, iterators), on_close=lambda: abort_all(ctx, request_ids)
@@ -234,7 +235,7 @@ class ResponsesServing:
             instructions=req.instructions,
             max_output_tokens=req.max_output_tokens,
             metadata=req.metadata or {},
-            model=self.ctx.model_name,
+            model=self.ctx.response_model(req.model),
             parallel_tool_calls=req.parallel_tool_calls is not False,  # OpenAI's default: true
             temperature=params.temperature,
             top_p=params.top_p,
