@@ -32,13 +32,18 @@ rank dimension is then split into ``P`` equal parts (``R % P == 0``) and part
 
     out[t, off_p:off_p + size_p] += (x[t] @ lora_a[s, ranks_p].T) @ lora_b[s, off_p:off_p + size_p, ranks_p].T
 
-(no multiplication by the zero off-diagonal blocks of the stacked B).
+The caller guarantees that B is zero outside those blocks (the core writes
+the slots so), so an implementation may either skip the zero blocks (one
+expand per part, fewer FLOPs) or multiply through them (one expand, fewer
+calls): both give the same result.
 
 An implementation must not change its inputs other than ``out``.
 `add_lora_torch` is the SDK's portable default (any torch device): a Python
 loop over the slots active this step (at most ``L``, never over requests or
-tokens), each gathering its tokens, running two small matmuls (one per part
-for fused layers) and adding the result back with ``index_add_``. A platform
+tokens), each running one shrink and one expand matmul. When each slot's
+tokens are one run of rows (``mapping.slot_ranges``; the core's runner orders
+its batch so) it works on row views and adds with ``addmm_``; otherwise it
+gathers the slot's tokens and adds back with ``index_add_``. A platform
 overrides `Platform.add_lora` with kernels that read ``mapping.token_slots``
 only (no host look-up of device values), which also suits graph capture.
 """
@@ -60,11 +65,15 @@ class LoRAMapping:
         active_slots: the distinct slots ``>= 0`` present this step, ascending (host list).
         slot_token_indices: per active slot, the int64 indices of its tokens
             (ascending, on ``token_slots``' device).
+        slot_ranges: per active slot ``(start, end)`` when each slot's tokens are
+            one contiguous run (the runner orders its batch so that they are);
+            None otherwise. Lets an op work on row slices instead of gathering.
     """
 
     token_slots: torch.Tensor
     active_slots: list[int]
     slot_token_indices: list[torch.Tensor]
+    slot_ranges: list[tuple[int, int]] | None = None
 
     @classmethod
     def build(cls, token_slots: torch.Tensor | Sequence[int],
@@ -92,11 +101,21 @@ class LoRAMapping:
         if not bool(keep.any()):
             return cls(device_slots, [], [])
         skip = int(counts[~keep].sum())  # the -1 tokens sort first
-        indices = order[skip:].to(device, non_blocking=True)
+        host_indices = order[skip:]
+        sizes = counts[keep].tolist()
+        ends = torch.tensor(sizes).cumsum(0)
+        firsts = host_indices[ends - torch.tensor(sizes)]
+        lasts = host_indices[ends - 1]
+        ranges = None
+        if bool((lasts - firsts + 1 == torch.tensor(sizes)).all()):
+            ranges = [(int(a), int(b) + 1) for a, b in zip(firsts.tolist(), lasts.tolist(),
+                                                           strict=True)]
+        indices = host_indices.to(device, non_blocking=True)
         return cls(
             token_slots=device_slots,
             active_slots=[int(s) for s in slots_sorted[keep].tolist()],
-            slot_token_indices=list(torch.split(indices, counts[keep].tolist())),
+            slot_token_indices=list(torch.split(indices, sizes)),
+            slot_ranges=ranges,
         )
 
     @property
@@ -142,7 +161,10 @@ def add_lora_torch(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
     and ``lora_b`` ``[L, O, R]`` with the scaling folded in. With
     ``output_slices`` the output is ``len(output_slices)`` parts of those sizes
     and part ``p`` uses ranks ``[p*R/P, (p+1)*R/P)`` for its own columns only.
-    Computes in ``x``'s dtype; loops over ``mapping.active_slots`` only.
+    Computes in ``x``'s dtype; loops over ``mapping.active_slots`` only. B is
+    zero outside each part's (rows, ranks) block (the contract), so one expand
+    over all ranks gives every part at once: on a CPU these products are so
+    small that the number of calls, not their FLOPs, sets the cost.
     """
     slices = check_lora_shapes(out, x, lora_a, lora_b, mapping.num_tokens, output_slices)
     if not mapping.active_slots:
@@ -150,18 +172,27 @@ def add_lora_torch(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
     if mapping.active_slots[-1] >= lora_a.shape[0]:
         raise ValueError(f"slot {mapping.active_slots[-1]} is out of range for "
                          f"{lora_a.shape[0]} LoRA slots")
-    part_rank = lora_a.shape[1] // len(slices)
+    del slices  # checked; B's zero off-part blocks make one expand cover every part
+    if mapping.slot_ranges is not None:
+        _add_lora_ranges(out, x, lora_a, lora_b, mapping)
+        return out
     for slot, rows in zip(mapping.active_slots, mapping.slot_token_indices, strict=True):
         a = lora_a[slot].to(x.dtype)  # [R, I]
-        b = lora_b[slot].to(x.dtype)  # [O, R]
+        b = lora_b[slot].to(x.dtype)  # [O, R], zero outside each part's block
         shrunk = x.index_select(0, rows) @ a.T  # [m, R]
-        if len(slices) == 1:
-            out.index_add_(0, rows, (shrunk @ b.T).to(out.dtype))
-            continue
-        offset = 0
-        for p, size in enumerate(slices):
-            ranks = slice(p * part_rank, (p + 1) * part_rank)
-            delta = shrunk[:, ranks] @ b[offset:offset + size, ranks].T
-            out[:, offset:offset + size].index_add_(0, rows, delta.to(out.dtype))
-            offset += size
+        out.index_add_(0, rows, (shrunk @ b.T).to(out.dtype))
     return out
+
+
+def _add_lora_ranges(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
+                     lora_b: torch.Tensor, mapping: LoRAMapping) -> None:
+    """`add_lora_torch` when each slot's tokens are one run of rows: row views in,
+    ``addmm_`` straight into ``out``'s rows, no gather or scatter."""
+    for slot, (start, end) in zip(mapping.active_slots, mapping.slot_ranges, strict=True):
+        a = lora_a[slot].to(x.dtype)  # [R, I]
+        b = lora_b[slot].to(x.dtype)  # [O, R]
+        shrunk = x[start:end] @ a.T  # [m, R]
+        if out.dtype == x.dtype:
+            out[start:end].addmm_(shrunk, b.T)
+        else:
+            out[start:end] += (shrunk @ b.T).to(out.dtype)

@@ -37,11 +37,26 @@ def naive_add_lora(out, x, lora_a, lora_b, token_slots, output_slices=None):
     return result
 
 
+def block_diagonal(lora_b, output_slices):
+    """``lora_b`` with everything outside each part's (rows, ranks) block zeroed: the
+    contract's promise for fused layers."""
+    if not output_slices:
+        return lora_b
+    masked = torch.zeros_like(lora_b)
+    offset, part = 0, lora_b.shape[2] // len(output_slices)
+    for p, size in enumerate(output_slices):
+        masked[:, offset:offset + size, p * part:(p + 1) * part] = \
+            lora_b[:, offset:offset + size, p * part:(p + 1) * part]
+        offset += size
+    return masked
+
+
 def check_against_naive(token_slots, in_features=24, out_features=20, num_slots=4, rank=8,
                         output_slices=None, dtype=torch.float32, tol=1e-5, seed=0):
     n = len(token_slots)
     out, x, lora_a, lora_b = make_lora_inputs(n, in_features, out_features, num_slots, rank,
                                               dtype, seed)
+    lora_b = block_diagonal(lora_b, output_slices)
     want = naive_add_lora(out, x, lora_a, lora_b, token_slots, output_slices)
     inputs = [x.clone(), lora_a.clone(), lora_b.clone()]
     mapping = LoRAMapping.build(torch.tensor(token_slots, dtype=torch.int32))
@@ -77,20 +92,17 @@ def test_one_slot_for_every_token():
 
 
 @pytest.mark.parametrize("slices", [(12, 8), (16, 4, 4)], ids=["gate-up", "qkv"])
-def test_fused_output_slices(slices):
+@pytest.mark.parametrize("slots", [[0, 3, -1, 1, 3, 3], [-1, 1, 1, 3, 3, 3, 0]],
+                         ids=["gathered", "contiguous-runs"])
+def test_fused_output_slices(slices, slots):
     rank = 6 * len(slices)
-    got = check_against_naive([0, 3, -1, 1, 3, 3], out_features=sum(slices), rank=rank,
-                              output_slices=slices, seed=len(slices))
-    # The block-diagonal structure: zeroing the other parts' rank blocks of B does not matter.
-    out, x, a, b = make_lora_inputs(6, 24, sum(slices), 4, rank, seed=len(slices))
-    masked = torch.zeros_like(b)
-    offset, part = 0, rank // len(slices)
-    for p, size in enumerate(slices):
-        masked[:, offset:offset + size, p * part:(p + 1) * part] = \
-            b[:, offset:offset + size, p * part:(p + 1) * part]
-        offset += size
-    mapping = LoRAMapping.build([0, 3, -1, 1, 3, 3])
-    torch.testing.assert_close(add_lora_torch(out, x, a, masked, mapping), got)
+    check_against_naive(slots, out_features=sum(slices), rank=rank, output_slices=slices,
+                        seed=len(slices))
+
+
+def test_contiguous_runs_are_detected():
+    assert LoRAMapping.build([-1, 1, 1, 3, 3, 0]).slot_ranges == [(5, 6), (1, 3), (3, 5)]
+    assert LoRAMapping.build([1, 0, 1]).slot_ranges is None
 
 
 def test_bfloat16_within_rounding():

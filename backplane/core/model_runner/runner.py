@@ -322,6 +322,10 @@ class ModelRunner:
         for req_id, tokens in out.scheduled_spec_tokens.items():
             drafts[batch.req_id_to_row[req_id]] = len(tokens)
         rows = np.nonzero(counts)[0]
+        if self.lora is not None:
+            # Rows of one adapter next to each other: each slot's tokens are one run,
+            # which the LoRA op handles with row slices instead of gathers.
+            rows = rows[np.argsort(batch.lora_slots[rows], kind="stable")]
         computed = batch.num_computed[rows]
         flat = FlatBatch.build(rows, computed, counts[rows], batch.block_table, self.block_size)
         drafts = drafts[rows]

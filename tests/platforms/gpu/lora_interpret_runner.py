@@ -34,13 +34,14 @@ def main() -> int:
     os.environ["TRITON_INTERPRET"] = "1"
     from backplane.platforms.cuda import lora_kernels
     from backplane.plugins_sdk import LoRAMapping, add_lora_torch
-    from tests.plugins.test_lora_op import make_lora_inputs
+    from tests.plugins.test_lora_op import block_diagonal, make_lora_inputs
 
     results = {}
     for case_id, slots, i, o, num_slots, rank, slices, dtype, tiles in CASES:
         try:
             out, x, a, b = make_lora_inputs(len(slots), i, o, num_slots, rank, dtype,
                                             seed=len(results))
+            b = block_diagonal(b, slices)  # the contract: zero outside each part's block
             token_slots = torch.tensor(slots, dtype=torch.int32)
             want = add_lora_torch(out.clone(), x, a, b, LoRAMapping.build(token_slots), slices)
             got = lora_kernels.add_lora(out, x, a, b, token_slots, slices, **tiles)
