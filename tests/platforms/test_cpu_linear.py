@@ -1,4 +1,5 @@
-"""The CPU platform's oneDNN-prepacked linear layers: same math, packed once at load."""
+"""The CPU platform's packed linear layers (its own AVX512-BF16 GEMM kernel, or oneDNN's
+prepacking): same math, packed once at load."""
 
 from __future__ import annotations
 
@@ -8,11 +9,17 @@ from torch import nn
 
 from backplane import LLM, SamplingParams
 from backplane.platforms.cpu.linear import (
+    BlockedBf16Linear,
     PackedLinear,
     PackedLogitsProjection,
+    bf16_gemm_supported,
     prepack_linear_weights,
     prepacking_supported,
 )
+
+PACKED = (PackedLinear, BlockedBf16Linear)
+needs_bf16_gemm = pytest.mark.skipif(not bf16_gemm_supported(),
+                                     reason="no AVX512-BF16 (or no C compiler) on this CPU")
 
 pytestmark = pytest.mark.skipif(not prepacking_supported(),
                                 reason="oneDNN bf16 kernels not available on this CPU")
@@ -30,6 +37,27 @@ def test_packed_linear_matches_torch(batch, bias):
     assert torch.allclose(got, expected, atol=3e-2, rtol=2e-2)
 
 
+@needs_bf16_gemm
+@pytest.mark.parametrize(("rows", "out_features", "in_features"),
+                         [(1, 1152, 896), (3, 20, 6), (8, 33, 64), (9, 160, 96), (70, 48, 128)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_bf16_gemm_kernel_matches_float_reference(rows, out_features, in_features, bias):
+    """Every row-tile size (1..8 and more), output sizes that are not a multiple of the
+    16-row blocks, bias, and float32 output (logits), against float32 math."""
+    torch.manual_seed(rows)
+    linear = nn.Linear(in_features, out_features, bias=bias, dtype=torch.bfloat16)
+    x = torch.randn(2, rows, in_features, dtype=torch.bfloat16)
+    expected = x.float() @ linear.weight.float().T + (linear.bias.float() if bias else 0)
+    layer = BlockedBf16Linear(linear.weight, linear.bias, float_output=False)
+    got = layer(x)
+    assert got.shape == expected.shape and got.dtype == torch.bfloat16
+    # bf16 output: within a rounding step of the float32 result
+    assert torch.allclose(got.float(), expected, atol=1e-2, rtol=8e-3)
+    logits = BlockedBf16Linear(linear.weight, linear.bias, float_output=True)(x)
+    assert logits.dtype == torch.float32
+    assert torch.allclose(logits, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_only_bf16_layers_are_packed_and_logits_projection_too():
     class Head(nn.Module):
         def __init__(self):
@@ -43,7 +71,7 @@ def test_only_bf16_layers_are_packed_and_logits_projection_too():
     model = nn.Sequential(nn.Linear(16, 16, dtype=torch.bfloat16), nn.Linear(16, 16), Head())
     x = torch.randn(3, 16, dtype=torch.bfloat16)
     expected = torch.nn.functional.linear(model[0](x), model[2].weight).float()
-    assert prepack_linear_weights(model) == 2
+    assert prepack_linear_weights(model, own_gemm=False) == 2
     assert isinstance(model[0], PackedLinear)
     assert type(model[1]) is nn.Linear  # float32 stays on torch's kernels
     assert isinstance(model[2], PackedLogitsProjection)
@@ -52,16 +80,27 @@ def test_only_bf16_layers_are_packed_and_logits_projection_too():
     assert torch.allclose(logits, expected, atol=5e-2, rtol=2e-2)
 
 
+@needs_bf16_gemm
+def test_own_gemm_packing_is_the_default_where_supported(monkeypatch):
+    model = nn.Sequential(nn.Linear(16, 16, dtype=torch.bfloat16))
+    assert prepack_linear_weights(model) == 1
+    assert isinstance(model[0], BlockedBf16Linear)
+    monkeypatch.setenv("BACKPLANE_CPU_BF16_GEMM", "0")
+    model = nn.Sequential(nn.Linear(16, 16, dtype=torch.bfloat16))
+    prepack_linear_weights(model)
+    assert isinstance(model[0], PackedLinear)
+
+
 def test_engine_in_bf16_packs_and_agrees_with_unpacked(llama_model_dir, monkeypatch):
     params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
     prompt = "the quick brown fox jumps over the lazy dog and runs into the forest"
     packed = LLM(model=llama_model_dir, dtype="bfloat16", max_model_len=128, num_kv_blocks=32)
     runner = packed.llm_engine.engine_core.model_runner
-    assert any(isinstance(m, PackedLinear) for m in runner.model.modules())
+    assert any(isinstance(m, PACKED) for m in runner.model.modules())
     monkeypatch.setenv("BACKPLANE_CPU_PREPACK", "0")
     plain = LLM(model=llama_model_dir, dtype="bfloat16", max_model_len=128, num_kv_blocks=32)
     plain_runner = plain.llm_engine.engine_core.model_runner
-    assert not any(isinstance(m, PackedLinear) for m in plain_runner.model.modules())
+    assert not any(isinstance(m, PACKED) for m in plain_runner.model.modules())
     (a,), (b,) = (llm.generate([prompt], params, use_tqdm=False) for llm in (packed, plain))
     ids = a.prompt_token_ids
     diffs = [
@@ -76,7 +115,7 @@ def test_compiled_level_skips_prepacking_and_runs(llama_model_dir):
     llm = LLM(model=llama_model_dir, dtype="bfloat16", max_model_len=64, num_kv_blocks=16,
               optimization_level=1)
     runner = llm.llm_engine.engine_core.model_runner
-    assert not any(isinstance(m, PackedLinear) for m in runner.model.modules())
+    assert not any(isinstance(m, PACKED) for m in runner.model.modules())
     (out,) = llm.generate(["the quick brown fox"], SamplingParams(temperature=0.0, max_tokens=2),
                           use_tqdm=False)
     assert len(out.outputs[0].token_ids) >= 1

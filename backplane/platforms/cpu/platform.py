@@ -10,7 +10,11 @@ import torch
 
 from backplane.platforms.cpu.attention import CpuSdpaAttentionBackend
 from backplane.platforms.cpu.fused_layers import cpu_ops, fuse_layers
-from backplane.platforms.cpu.linear import prepack_linear_weights, prepacking_supported
+from backplane.platforms.cpu.linear import (
+    bf16_gemm_supported,
+    prepack_linear_weights,
+    prepacking_supported,
+)
 from backplane.platforms.cpu.native import KernelBuildError
 from backplane.platforms.cpu.paged_attention import CpuPagedAttentionBackend
 from backplane.platforms.cpu.policy import CpuConfigPolicy
@@ -76,7 +80,8 @@ class CpuPlatform(Platform):
         return [CpuPagedAttentionBackend, CpuSdpaAttentionBackend]
 
     def prepare_model(self, model, config):
-        """Prepack bf16 linear weights for oneDNN (linear.py) and swap bf16 RMSNorm
+        """Pack bf16 linear weights for the platform's AVX512-BF16 GEMM kernel (or oneDNN
+        on CPUs without it; linear.py) and swap bf16 RMSNorm
         and SiLU-and-mul for compiled loops (fused_layers.py).
 
         Skipped at O1+ (inductor can neither lower the packed-weight op nor trace
@@ -98,9 +103,11 @@ class CpuPlatform(Platform):
                 logger.info("cpu platform: %d RMSNorm/SiLU layers use compiled kernels", count)
         if os.environ.get("BACKPLANE_CPU_PREPACK", "1") == "0" or not prepacking_supported():
             return model
-        count = prepack_linear_weights(model)
+        own_gemm = bf16_gemm_supported()
+        count = prepack_linear_weights(model, own_gemm=own_gemm)
         if count:
-            logger.info("cpu platform: %d bf16 linear layers prepacked for oneDNN", count)
+            logger.info("cpu platform: %d bf16 linear layers packed for %s", count,
+                        "the AVX512-BF16 GEMM kernel" if own_gemm else "oneDNN")
             # The plain weights just freed would otherwise stay in malloc's heap
             # (tune_allocator keeps freed buffers): hand them back to the OS.
             release_free_heap()
