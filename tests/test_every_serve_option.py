@@ -85,6 +85,7 @@ SHOWN_BY = {
     "tool_call_parser": "tests/entrypoints/test_tool_calling.py::test_tool_calls_non_streaming",
     "reasoning_parser": "tests/entrypoints/test_tool_calling.py::test_reasoning_then_tool_calls_non_streaming",
     "structured_outputs_config": "tests/entrypoints/test_structured_outputs.py::test_structured_outputs_config_sets_the_default_backend",
+    "quantization": "tests/platforms/test_cpu_int8.py::test_engine_int8_tracks_bf16",
     "speculative_config": "tests/entrypoints/test_speculative_serving.py::test_speculative_config_serves_the_same_text_and_reports_acceptance",
     "enable_lora": "tests/entrypoints/test_lora_serving.py::test_each_adapter_serves_what_the_offline_engine_generates",
     "max_loras": "tests/entrypoints/test_lora_serving.py::test_each_adapter_serves_what_the_offline_engine_generates",

@@ -78,6 +78,9 @@ class ModelConfig(Freezable):
             model's generation_config.json), ``"vllm"`` (none: Backplane's own) or a
             directory holding a generation_config.json.
         override_generation_config: sampling defaults merged over the loaded ones.
+        quantization: quantization applied at load, on platforms that list it:
+            ``int8`` (int8 weights with per-row scales, activations quantized per
+            token in blocks of 32: W8A8) or ``int8_weight_only`` (W8A16); None: none.
         revision, max_seq_len_to_capture: vLLM options kept so that their use is
             refused with a reason instead of being ignored.
         hf_config: the transformers config, filled by the loader.
@@ -99,6 +102,7 @@ class ModelConfig(Freezable):
     override_generation_config: dict[str, Any] | None = None
     revision: str | None = None
     max_seq_len_to_capture: int | None = None
+    quantization: str | None = None
     hf_config: Any = field(default=None, repr=False, compare=False)
     torch_dtype: torch.dtype | None = None
 
@@ -195,6 +199,9 @@ class LoadConfig(Freezable):
     load_format: str = "safetensors"
     download_dir: str | None = None
 
+
+# Weight quantization methods Backplane implements (a platform lists those it runs).
+QUANTIZATION_METHODS = ("int8", "int8_weight_only")
 
 # Largest adapter rank accepted (vLLM's ceiling too): rank rows are padded to it.
 MAX_LORA_RANK_LIMIT = 512

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from backplane.config.configs import (
+    QUANTIZATION_METHODS,
     CacheConfig,
     CompilationConfig,
     DeviceConfig,
@@ -188,6 +189,7 @@ class EngineConfig:
 
             problems += runner_problems(mc.runner, mc.model, hf)
             problems += self._speculative_problems(hf)
+            problems += self._quantization_problems(hf, platform)
             if self.lora_config is not None and self._runs_pooling():
                 problems.append("enable_lora is not supported with the pooling runner: "
                                 "adapters are applied to generating models only")
@@ -250,6 +252,33 @@ class EngineConfig:
                     "step's drafts depend on how many of the previous step's were accepted; "
                     "drop --async-scheduling or --speculative-config"]
         return []
+
+    def _quantization_problems(self, hf, platform: Platform) -> list[str]:
+        """--quantization must be a method the platform runs; quantized checkpoints are
+        refused (their packed tensors would otherwise fail to load, or load as noise)."""
+        method = self.model_config.quantization
+        checkpoint = getattr(hf, "quantization_config", None)
+        out = []
+        if checkpoint:
+            name = (checkpoint.get("quant_method") if isinstance(checkpoint, dict)
+                    else getattr(checkpoint, "quant_method", None))
+            out.append(f"model {self.model_config.model!r} is a quantized checkpoint "
+                       f"(quantization_config.quant_method {name!r}), which is not supported "
+                       "yet; use its unquantized weights (with --quantization int8 where the "
+                       "platform runs it)")
+        if method is None:
+            return out
+        if method not in QUANTIZATION_METHODS:
+            out.append(f"quantization ({method!r}) is not supported; supported: "
+                       f"{list(QUANTIZATION_METHODS)}")
+        elif method not in getattr(platform, "supported_quantization", ()):
+            out.append(f"quantization ({method!r}) has no kernel on platform "
+                       f"{platform.name!r} (it runs: "
+                       f"{list(getattr(platform, 'supported_quantization', ())) or 'none'})")
+        elif self.compilation_config.compile:
+            out.append(f"quantization ({method!r}) runs on the platform's own kernels, which "
+                       "torch.compile does not trace; use optimization level 0 (-O0)")
+        return out
 
     def _speculative_problems(self, hf) -> list[str]:
         """Checks of speculative_config that need the target's config (and the draft's)."""

@@ -149,6 +149,15 @@ class EngineArgs:
         'else `generate`.',
         choices=RUNNER_CHOICES,
     )
+    quantization: str | None = _opt(
+        None, 'model',
+        'Quantize every linear layer and the output head at load, on platforms whose kernels '
+        'run it (cpu with AVX512-BF16/VNNI): `int8` (int8 weights, one scale per output row; '
+        'activations quantized per token in blocks of 32, int8 dot products: W8A8, the fast '
+        'one) or `int8_weight_only` (W8A16: activations stay bf16). Other methods (fp8, '
+        'gptq, awq, ...) and quantized checkpoints are refused.',
+        default_doc='none',
+    )
     revision: str | None = _opt(
         None, 'model',
         'Refused when set: Backplane loads local directories only (check the revision out first).',

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from backplane.config.configs import CompilationConfig
+from backplane.config.configs import QUANTIZATION_METHODS, CompilationConfig
 from backplane.config.deprecation import DEPRECATED_OPTIONS, is_removed
 from backplane.config.options import (
     ALIASES,
@@ -34,7 +34,7 @@ from backplane.config.options import (
 
 # vLLM options with no Backplane equivalent, and why (shown to the user).
 VLLM_UNMAPPABLE = {
-    "quantization": "quantized checkpoints are not supported yet",
+    "quantization": "quantized checkpoints (awq, gptq, fp8, ...) are not supported yet",
     "disable_log_stats": "statistics are always exported on /metrics",
     "disable_log_requests": "request logging is controlled by BACKPLANE_LOGGING_LEVEL",
     "enable_log_requests": "request logging is controlled by BACKPLANE_LOGGING_LEVEL",
@@ -166,6 +166,9 @@ def migrate_options(raw: Mapping[str, Any]) -> MigrationResult:
             negated = not (value is True or str(value).lower() in ("true", "1", "yes", "on"))
             result.changes.append(f"{key}: {value!r} -> {_out_key(norm[3:])}: {negated}")
             put(norm[3:], negated, key)
+        elif norm == "quantization" and value not in (None, *QUANTIZATION_METHODS):
+            result.unmapped.append(f"{key}: {value!r} is not supported (Backplane runs "
+                                   f"{list(QUANTIZATION_METHODS)}; {VLLM_UNMAPPABLE[norm]})")
         elif norm in OPTIONS_BY_NAME and norm != "compilation_config":
             put(norm, value, key)
         elif norm in ALIASES or norm in SERVER_OPTION_KEYS:

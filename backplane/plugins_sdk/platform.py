@@ -196,6 +196,9 @@ class Platform:
     compile_backend: str | None = None
     # True when make_graph_runner returns a GraphRunner.
     supports_graph_capture: bool = False
+    # Weight quantization methods this platform's kernels run (``--quantization``);
+    # the core refuses any other method on this platform, naming both (SDK 1.1).
+    supported_quantization: tuple[str, ...] = ()
 
     def __init__(self, runtime: DeviceRuntime, config_policy: ConfigPolicy | None = None) -> None:
         self.runtime = runtime

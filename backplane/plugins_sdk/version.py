@@ -40,7 +40,8 @@ History:
          Platform.apply_token_bitmask (structured outputs; default
          token_bitmask.apply_token_bitmask); Platform.add_lora (batched
          multi-LoRA; default lora.add_lora_torch, contract and LoRAMapping
-         in plugins_sdk.lora).
+         in plugins_sdk.lora); Platform.supported_quantization (weight
+         quantization methods the platform's kernels run, default ()).
 
 Members added to a minor before its first release (as listed for 1.1) need
 no new version: a plugin declaring that minor only ever meets a Backplane that

@@ -14,6 +14,7 @@ from backplane.platforms.cpu.linear import (
     bf16_gemm_supported,
     prepack_linear_weights,
     prepacking_supported,
+    quantize_linear_weights_int8,
 )
 from backplane.platforms.cpu.native import KernelBuildError
 from backplane.platforms.cpu.paged_attention import CpuPagedAttentionBackend
@@ -65,6 +66,12 @@ class CpuPlatform(Platform):
     compile_backend = "inductor"
     supports_graph_capture = False
 
+    @property
+    def supported_quantization(self) -> tuple[str, ...]:
+        """``int8`` (W8A8) and ``int8_weight_only`` (W8A16) where the AVX512-BF16 GEMM
+        kernel runs (checked when asked: the first check builds the kernel)."""
+        return ("int8", "int8_weight_only") if bf16_gemm_supported() else ()
+
     def __init__(self) -> None:
         super().__init__(CpuRuntime(), CpuConfigPolicy())
         # torch picks physical cores by default; respect an explicit OMP setting,
@@ -88,6 +95,15 @@ class CpuPlatform(Platform):
         ctypes calls; compiled code brings its own kernels). BACKPLANE_CPU_PREPACK=0
         and BACKPLANE_CPU_FUSED_LAYERS=0 turn each off.
         """
+        method = config.model_config.quantization
+        if method in ("int8", "int8_weight_only"):
+            activations = "int8" if method == "int8" else "bf16"
+            count = quantize_linear_weights_int8(model, activations)
+            logger.info("cpu platform: %d linear layers quantized to int8 (%s, one scale per "
+                        "output row)", count,
+                        "W8A8 with per-block dynamic activation scales" if activations == "int8"
+                        else "W8A16, weight-only")
+            release_free_heap()
         if config.compilation_config.compile:
             logger.info("cpu platform: weights not prepacked, layers not fused "
                         "(torch.compile is on)")

@@ -114,3 +114,270 @@ void gemm_bf16(const uint16_t *x, int64_t xs, int64_t m_total, const uint16_t *p
         }
     }
 }
+
+/* ------------------------------------------------------------------------
+ * int8 weights (W8A16): W [N, K] as int8 with one float32 scale per output row,
+ * packed like the bf16 blocks (16 rows x K/2 column pairs, 32 int8 per pair
+ * group). Each group is widened to bf16 in registers (int8 values are exact in
+ * bf16) and fed to the same dot product; the row scale is applied once at the
+ * end. Half the bytes of bf16 to stream per token.
+ * ------------------------------------------------------------------------ */
+
+/* Quantize W [N, K] (bf16) symmetrically per row and pack it; scales[N] out. */
+void pack_w8_from_bf16(const uint16_t *w, int64_t n, int64_t k, int8_t *packed, float *scales) {
+    const int64_t nb = (n + 15) / 16, kp = k / 2;
+#pragma omp parallel for schedule(static)
+    for (int64_t row = 0; row < nb * 16; row++) {
+        float amax = 0.0f;
+        if (row < n)
+            for (int64_t j = 0; j < k; j++) {
+                uint32_t bits = (uint32_t)w[row * k + j] << 16;
+                float v;
+                memcpy(&v, &bits, sizeof v);
+                v = v < 0 ? -v : v;
+                amax = v > amax ? v : amax;
+            }
+        const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
+        if (row < n) scales[row] = scale;
+        const int64_t b = row / 16, r = row % 16;
+        int8_t *dst = packed + b * kp * 32;
+        for (int64_t p = 0; p < kp; p++) {
+            for (int j = 0; j < 2; j++) {
+                float v = 0.0f;
+                if (row < n) {
+                    uint32_t bits = (uint32_t)w[row * k + 2 * p + j] << 16;
+                    memcpy(&v, &bits, sizeof v);
+                }
+                float q = __builtin_rintf(v / scale);
+                q = q > 127.0f ? 127.0f : (q < -127.0f ? -127.0f : q);
+                dst[(p * 16 + r) * 2 + j] = (int8_t)q;
+            }
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) __m512bh widen_w8(const int8_t *src) {
+    const __m256i bytes = _mm256_loadu_si256((const __m256i *)src);
+    const __m512i lo = _mm512_cvtepi8_epi32(_mm256_castsi256_si128(bytes));
+    const __m512i hi = _mm512_cvtepi8_epi32(_mm256_extracti128_si256(bytes, 1));
+    /* cvtne2ps_pbh(a, b) puts b in the low half: elements 0..15 from lo. */
+    return _mm512_cvtne2ps_pbh(_mm512_cvtepi32_ps(hi), _mm512_cvtepi32_ps(lo));
+}
+
+static inline __attribute__((always_inline)) void tile_w8(
+        const uint16_t *x, int64_t xs, int64_t m0, const int mt, const int8_t *w0,
+        const int8_t *w1, int two, int64_t kp, int64_t n, int64_t b0, const float *scales,
+        const float *bias, void *out, int64_t os, int out_f32) {
+    __m512 acc0[MT], acc1[MT];
+    const uint16_t *rows[MT];
+#pragma GCC unroll 8
+    for (int i = 0; i < mt; i++) {
+        acc0[i] = _mm512_setzero_ps();
+        acc1[i] = _mm512_setzero_ps();
+        rows[i] = x + (m0 + i) * xs;
+    }
+    for (int64_t p = 0; p < kp; p++) {
+        const __m512bh a = widen_w8(w0 + p * 32);
+        const __m512bh c = widen_w8(w1 + p * 32);
+#pragma GCC unroll 8
+        for (int i = 0; i < mt; i++) {
+            int32_t pair;
+            memcpy(&pair, rows[i] + 2 * p, sizeof pair);
+            const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
+            acc0[i] = _mm512_dpbf16_ps(acc0[i], a, xb);
+            acc1[i] = _mm512_dpbf16_ps(acc1[i], c, xb);
+        }
+    }
+    for (int i = 0; i < mt; i++) {
+        for (int half = 0; half < (two ? 2 : 1); half++) {
+            const int64_t col = (b0 + half) * 16;
+            const int64_t cols = n - col < 16 ? n - col : 16;
+            const __mmask16 mask = (__mmask16)((1u << cols) - 1u);
+            __m512 v = _mm512_mul_ps(half ? acc1[i] : acc0[i],
+                                     _mm512_maskz_loadu_ps(mask, scales + col));
+            if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + col));
+            if (out_f32) {
+                _mm512_mask_storeu_ps((float *)out + (m0 + i) * os + col, mask, v);
+            } else {
+                const __m256bh h = _mm512_cvtneps_pbh(v);
+                _mm256_mask_storeu_epi16((uint16_t *)out + (m0 + i) * os + col, mask,
+                                         (__m256i)h);
+            }
+        }
+    }
+}
+
+/* gemm_bf16 for int8 weights: out = x @ (scales[:, None] * Wq).T (+ bias). */
+void gemm_w8(const uint16_t *x, int64_t xs, int64_t m_total, const int8_t *packed,
+             const float *scales, int64_t n, int64_t k, const float *bias, void *out,
+             int64_t os, int out_f32) {
+    const int64_t kp = k / 2, nb = (n + 15) / 16, npairs = (nb + 1) / 2;
+#pragma omp parallel for schedule(static)
+    for (int64_t bp = 0; bp < npairs; bp++) {
+        const int64_t b0 = 2 * bp;
+        const int two = (b0 + 1) < nb;
+        const int8_t *w0 = packed + b0 * kp * 32;
+        const int8_t *w1 = two ? w0 + kp * 32 : w0;
+        for (int64_t m0 = 0; m0 < m_total; m0 += MT) {
+            const int64_t left = m_total - m0;
+            switch (left < MT ? left : MT) {
+            case 1: tile_w8(x, xs, m0, 1, w0, w1, two, kp, n, b0, scales, bias, out, os, out_f32); break;
+            case 2: tile_w8(x, xs, m0, 2, w0, w1, two, kp, n, b0, scales, bias, out, os, out_f32); break;
+            case 3: tile_w8(x, xs, m0, 3, w0, w1, two, kp, n, b0, scales, bias, out, os, out_f32); break;
+            case 4: tile_w8(x, xs, m0, 4, w0, w1, two, kp, n, b0, scales, bias, out, os, out_f32); break;
+            case 5: tile_w8(x, xs, m0, 5, w0, w1, two, kp, n, b0, scales, bias, out, os, out_f32); break;
+            case 6: tile_w8(x, xs, m0, 6, w0, w1, two, kp, n, b0, scales, bias, out, os, out_f32); break;
+            case 7: tile_w8(x, xs, m0, 7, w0, w1, two, kp, n, b0, scales, bias, out, os, out_f32); break;
+            default: tile_w8(x, xs, m0, 8, w0, w1, two, kp, n, b0, scales, bias, out, os, out_f32); break;
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------
+ * W8A8 (dynamic activations): int8 weights, one scale per output row, and
+ * activations quantized per token in blocks of 32 (one scale each, like
+ * llama.cpp's Q8_0), multiplied with AVX512-VNNI's vpdpbusd (u8 x s8 -> s32).
+ * Weights are stored offset by +128 (unsigned) in 16-row blocks of 4
+ * consecutive columns (64 bytes per vector); the offset's contribution,
+ * 128 x sum(x block), is subtracted per block before the block scale.
+ * ------------------------------------------------------------------------ */
+
+#define QB 32   /* activation block: one scale per 32 columns */
+#define MT8 4   /* token rows per tile (integer + float accumulators fit the registers) */
+
+void pack_w8a8_from_bf16(const uint16_t *w, int64_t n, int64_t k, uint8_t *packed,
+                         float *scales) {
+    const int64_t nb = (n + 15) / 16, kq = k / 4;
+#pragma omp parallel for schedule(static)
+    for (int64_t row = 0; row < nb * 16; row++) {
+        float amax = 0.0f;
+        if (row < n)
+            for (int64_t j = 0; j < k; j++) {
+                uint32_t bits = (uint32_t)w[row * k + j] << 16;
+                float v;
+                memcpy(&v, &bits, sizeof v);
+                v = v < 0 ? -v : v;
+                amax = v > amax ? v : amax;
+            }
+        const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
+        if (row < n) scales[row] = scale;
+        const int64_t b = row / 16, r = row % 16;
+        uint8_t *dst = packed + b * kq * 64;
+        for (int64_t q4 = 0; q4 < kq; q4++) {
+            for (int j = 0; j < 4; j++) {
+                float v = 0.0f;
+                if (row < n) {
+                    uint32_t bits = (uint32_t)w[row * k + 4 * q4 + j] << 16;
+                    memcpy(&v, &bits, sizeof v);
+                }
+                float q = __builtin_rintf(v / scale);
+                q = q > 127.0f ? 127.0f : (q < -127.0f ? -127.0f : q);
+                dst[(q4 * 16 + r) * 4 + j] = (uint8_t)((int)q + 128);
+            }
+        }
+    }
+}
+
+/* x [M, K] bf16 -> xq int8, per (row, 32-block) scale and sum of the int8 values. */
+void quantize_activations(const uint16_t *x, int64_t xs, int64_t m, int64_t k, int8_t *xq,
+                          float *bscale, int32_t *bsum) {
+    const int64_t kb = k / QB;
+#pragma omp parallel for schedule(static) if (m * k > 65536)
+    for (int64_t r = 0; r < m; r++) {
+        for (int64_t b = 0; b < kb; b++) {
+            float vals[QB], amax = 0.0f;
+            for (int j = 0; j < QB; j++) {
+                uint32_t bits = (uint32_t)x[r * xs + b * QB + j] << 16;
+                memcpy(&vals[j], &bits, sizeof(float));
+                float a = vals[j] < 0 ? -vals[j] : vals[j];
+                amax = a > amax ? a : amax;
+            }
+            const float s = amax > 0.0f ? amax / 127.0f : 1.0f, inv = 1.0f / s;
+            int32_t sum = 0;
+            for (int j = 0; j < QB; j++) {
+                int q = (int)__builtin_rintf(vals[j] * inv);
+                q = q > 127 ? 127 : (q < -127 ? -127 : q);
+                xq[r * k + b * QB + j] = (int8_t)q;
+                sum += q;
+            }
+            bscale[r * kb + b] = s;
+            bsum[r * kb + b] = sum;
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void tile_w8a8(
+        const int8_t *xq, const float *bscale, const int32_t *bsum, int64_t k, int64_t m0,
+        const int mt, const uint8_t *w0, const uint8_t *w1, int two, int64_t n, int64_t b0,
+        const float *scales, const float *bias, void *out, int64_t os, int out_f32) {
+    const int64_t kb = k / QB;
+    __m512 f0[MT8], f1[MT8];
+#pragma GCC unroll 4
+    for (int i = 0; i < mt; i++) { f0[i] = _mm512_setzero_ps(); f1[i] = _mm512_setzero_ps(); }
+    const __m512i offset = _mm512_set1_epi32(128);
+    for (int64_t b = 0; b < kb; b++) {
+        __m512i s0[MT8], s1[MT8];
+#pragma GCC unroll 4
+        for (int i = 0; i < mt; i++) { s0[i] = _mm512_setzero_si512(); s1[i] = _mm512_setzero_si512(); }
+#pragma GCC unroll 8
+        for (int q = 0; q < QB / 4; q++) {
+            const int64_t q4 = b * (QB / 4) + q;
+            const __m512i a = _mm512_loadu_si512(w0 + q4 * 64);
+            const __m512i c = _mm512_loadu_si512(w1 + q4 * 64);
+#pragma GCC unroll 4
+            for (int i = 0; i < mt; i++) {
+                int32_t quad;
+                memcpy(&quad, xq + (m0 + i) * k + 4 * q4, sizeof quad);
+                const __m512i xb = _mm512_set1_epi32(quad);
+                s0[i] = _mm512_dpbusd_epi32(s0[i], a, xb);
+                s1[i] = _mm512_dpbusd_epi32(s1[i], c, xb);
+            }
+        }
+#pragma GCC unroll 4
+        for (int i = 0; i < mt; i++) {
+            const __m512i corr = _mm512_mullo_epi32(offset, _mm512_set1_epi32(bsum[(m0 + i) * kb + b]));
+            const __m512 sc = _mm512_set1_ps(bscale[(m0 + i) * kb + b]);
+            f0[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s0[i], corr)), sc, f0[i]);
+            f1[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s1[i], corr)), sc, f1[i]);
+        }
+    }
+    for (int i = 0; i < mt; i++) {
+        for (int half = 0; half < (two ? 2 : 1); half++) {
+            const int64_t col = (b0 + half) * 16;
+            const int64_t cols = n - col < 16 ? n - col : 16;
+            const __mmask16 mask = (__mmask16)((1u << cols) - 1u);
+            __m512 v = _mm512_mul_ps(half ? f1[i] : f0[i], _mm512_maskz_loadu_ps(mask, scales + col));
+            if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + col));
+            if (out_f32) {
+                _mm512_mask_storeu_ps((float *)out + (m0 + i) * os + col, mask, v);
+            } else {
+                const __m256bh h = _mm512_cvtneps_pbh(v);
+                _mm256_mask_storeu_epi16((uint16_t *)out + (m0 + i) * os + col, mask, (__m256i)h);
+            }
+        }
+    }
+}
+
+/* out = dequant(xq) @ (scales[:, None] * Wq).T (+ bias); K a multiple of 32. */
+void gemm_w8a8(const int8_t *xq, const float *bscale, const int32_t *bsum, int64_t m_total,
+               const uint8_t *packed, const float *scales, int64_t n, int64_t k,
+               const float *bias, void *out, int64_t os, int out_f32) {
+    const int64_t kq = k / 4, nb = (n + 15) / 16, npairs = (nb + 1) / 2;
+#pragma omp parallel for schedule(static)
+    for (int64_t bp = 0; bp < npairs; bp++) {
+        const int64_t b0 = 2 * bp;
+        const int two = (b0 + 1) < nb;
+        const uint8_t *w0 = packed + b0 * kq * 64;
+        const uint8_t *w1 = two ? w0 + kq * 64 : w0;
+        for (int64_t m0 = 0; m0 < m_total; m0 += MT8) {
+            const int64_t left = m_total - m0;
+            switch (left < MT8 ? left : MT8) {
+            case 1: tile_w8a8(xq, bscale, bsum, k, m0, 1, w0, w1, two, n, b0, scales, bias, out, os, out_f32); break;
+            case 2: tile_w8a8(xq, bscale, bsum, k, m0, 2, w0, w1, two, n, b0, scales, bias, out, os, out_f32); break;
+            case 3: tile_w8a8(xq, bscale, bsum, k, m0, 3, w0, w1, two, n, b0, scales, bias, out, os, out_f32); break;
+            default: tile_w8a8(xq, bscale, bsum, k, m0, 4, w0, w1, two, n, b0, scales, bias, out, os, out_f32); break;
+            }
+        }
+    }
+}

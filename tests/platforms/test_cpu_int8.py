@@ -1,0 +1,104 @@
+"""--quantization int8 on the cpu platform: W8A16 layers against their dequantized
+weights, the engine against bf16, and the refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+from backplane import LLM, SamplingParams
+from backplane.platforms.cpu.linear import Int8Linear, bf16_gemm_supported
+from backplane.platforms.cpu.platform import CpuPlatform
+
+needs_kernel = pytest.mark.skipif(not bf16_gemm_supported(),
+                                  reason="no AVX512-BF16 (or no C compiler) on this CPU")
+PROMPT = "the quick brown fox jumps over the lazy dog and runs into the forest near the river"
+
+
+def _block_quantized(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """x as W8A8 sees it: each row's blocks of 32 rounded to int8 steps of amax / 127."""
+    blocks = x.float().reshape(x.shape[0], -1, block)
+    scale = blocks.abs().amax(dim=-1, keepdim=True) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    # x * (1 / scale), as the kernel rounds it (not x / scale: ties can land apart)
+    return (torch.round(blocks * (1 / scale)).clamp(-127, 127) * scale).reshape(x.shape)
+
+
+@needs_kernel
+@pytest.mark.parametrize(("rows", "out_features", "in_features"),
+                         [(1, 1152, 896), (3, 20, 64), (9, 160, 96), (70, 48, 128)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("activations", ["int8", "bf16"])
+def test_int8_layer_matches_its_dequantized_weight(rows, out_features, in_features, bias,
+                                                   activations):
+    """The kernels compute exactly with the dequantized weight (and, for W8A8, the
+    block-quantized activations), up to float32 summation order."""
+    torch.manual_seed(rows)
+    linear = nn.Linear(in_features, out_features, bias=bias, dtype=torch.bfloat16)
+    layer = Int8Linear(linear.weight, linear.bias, float_output=False, activations=activations)
+    weight = layer.dequantized_weight()
+    # Symmetric per-row rounding: within half a step of the bf16 weight.
+    step = layer.scales[:, None]
+    assert ((weight - linear.weight.float()).abs() <= step / 2 + 1e-6).all()
+    x = torch.randn(rows, in_features, dtype=torch.bfloat16)
+    seen = _block_quantized(x) if activations == "int8" else x.float()
+    expected = seen @ weight.T + (linear.bias.float() if bias else 0)
+    got = layer(x)
+    assert got.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), expected, atol=1e-2, rtol=8e-3)
+    logits = Int8Linear(linear.weight, linear.bias, float_output=True,
+                        activations=activations)(x)
+    assert logits.dtype == torch.float32
+    assert torch.allclose(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_w8a8_needs_whole_activation_blocks():
+    if not bf16_gemm_supported():
+        pytest.skip("no int8 kernel here")
+    with pytest.raises(ValueError, match="multiple of 32"):
+        Int8Linear(torch.zeros(4, 48, dtype=torch.bfloat16), None, False, activations="int8")
+
+
+@needs_kernel
+@pytest.mark.parametrize("method", ["int8", "int8_weight_only"])
+def test_engine_int8_tracks_bf16(llama_model_dir, method):
+    """Logprob deviation from the bf16 model over a prompt."""
+    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+    outs = {}
+    for method in (None, method):
+        llm = LLM(model=llama_model_dir, dtype="bfloat16", max_model_len=128, num_kv_blocks=32,
+                  quantization=method)
+        if method:
+            runner = llm.llm_engine.engine_core.model_runner
+            assert sum(isinstance(m, Int8Linear) for m in runner.model.modules()) == 1 + 4 * 2
+        outs[method] = llm.generate([PROMPT], params, use_tqdm=False)[0]
+    bf16, int8 = outs[None], outs[method]
+    pairs = list(zip(bf16.prompt_logprobs[1:], int8.prompt_logprobs[1:],
+                     bf16.prompt_token_ids[1:], strict=True))
+    diffs = [abs(a[t].logprob - b[t].logprob) for a, b, t in pairs]
+    assert sum(diffs) / len(diffs) < 0.05 and max(diffs) < 0.2, diffs
+
+
+def test_other_methods_platforms_and_quantized_checkpoints_are_refused(
+        llama_model_dir, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"quantization \('fp8'\) is not supported"):
+        LLM(model=llama_model_dir, max_model_len=64, num_kv_blocks=16, quantization="fp8")
+    with pytest.raises(ValueError, match="torch.compile"):
+        if not bf16_gemm_supported():
+            pytest.skip("no int8 kernel here")
+        LLM(model=llama_model_dir, max_model_len=64, num_kv_blocks=16, quantization="int8",
+            optimization_level=1)
+    quantized = tmp_path / "gptq"
+    shutil.copytree(llama_model_dir, quantized)
+    config = json.loads((quantized / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (quantized / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="quantized checkpoint.*'gptq'"):
+        LLM(model=str(quantized), max_model_len=64, num_kv_blocks=16)
+    monkeypatch.setattr(CpuPlatform, "supported_quantization", property(lambda self: ()))
+    with pytest.raises(ValueError, match="has no kernel on platform 'cpu'"):
+        LLM(model=llama_model_dir, max_model_len=64, num_kv_blocks=16, quantization="int8")
