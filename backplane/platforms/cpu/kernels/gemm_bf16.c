@@ -279,7 +279,8 @@ void pack_w8a8_from_bf16(const uint16_t *w, int64_t n, int64_t k, uint8_t *packe
     }
 }
 
-/* x [M, K] bf16 -> xq int8, per (row, 32-block) scale and sum of the int8 values. */
+/* x [M, K] bf16 -> xq int8, per (row, 32-block) scale, and 128 x the block's sum of
+ * int8 values (what the weights' +128 offset adds to that block's dot products). */
 void quantize_activations(const uint16_t *x, int64_t xs, int64_t m, int64_t k, int8_t *xq,
                           float *bscale, int32_t *bsum) {
     const int64_t kb = k / QB;
@@ -302,7 +303,7 @@ void quantize_activations(const uint16_t *x, int64_t xs, int64_t m, int64_t k, i
                 sum += q;
             }
             bscale[r * kb + b] = s;
-            bsum[r * kb + b] = sum;
+            bsum[r * kb + b] = 128 * sum; /* the +128 weight offset's share of the block */
         }
     }
 }
@@ -315,7 +316,6 @@ static inline __attribute__((always_inline)) void tile_w8a8(
     __m512 f0[MT8], f1[MT8];
 #pragma GCC unroll 4
     for (int i = 0; i < mt; i++) { f0[i] = _mm512_setzero_ps(); f1[i] = _mm512_setzero_ps(); }
-    const __m512i offset = _mm512_set1_epi32(128);
     for (int64_t b = 0; b < kb; b++) {
         __m512i s0[MT8], s1[MT8];
 #pragma GCC unroll 4
@@ -336,7 +336,7 @@ static inline __attribute__((always_inline)) void tile_w8a8(
         }
 #pragma GCC unroll 4
         for (int i = 0; i < mt; i++) {
-            const __m512i corr = _mm512_mullo_epi32(offset, _mm512_set1_epi32(bsum[(m0 + i) * kb + b]));
+            const __m512i corr = _mm512_set1_epi32(bsum[(m0 + i) * kb + b]);
             const __m512 sc = _mm512_set1_ps(bscale[(m0 + i) * kb + b]);
             f0[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s0[i], corr)), sc, f0[i]);
             f1[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s1[i], corr)), sc, f1[i]);
