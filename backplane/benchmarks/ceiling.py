@@ -1,4 +1,9 @@
-"""The linear-layer ceiling of a decode step: the model's matmuls alone.
+"""The floors of a decode step: the model's matmuls alone, and the machine's limits.
+
+`physical_floors` gives what the hardware allows: the step's bytes at the
+streaming read bandwidth and its FLOPs at the best GEMM rate, both measured in
+the same run. The rest of this module is the older diagnostic, the
+linear-layer ceiling:
 
 A decode step of a dense decoder must at least multiply every layer's weight
 matrices by a [batch, in] activation: q/k/v/o, gate/up/down, then the
@@ -247,6 +252,86 @@ def measure_ceiling(
                 "cpu_util": cpu_util,
             }
     return results
+
+
+# Bytes streamed to measure read bandwidth: well past any cache on these machines.
+_STREAM_BYTES = 512 * 2**20
+
+
+def measure_stream_bandwidth(repeats: int = 5) -> float:
+    """Bytes per second the cores read from memory: a float32 sum over a buffer far
+    larger than the caches (the best of ``repeats``), on torch's threads."""
+    buffer = torch.ones(_STREAM_BYTES // 4, dtype=torch.float32)
+    buffer.sum()  # fault the pages in before timing
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - start)
+    return _STREAM_BYTES / best
+
+
+def measure_gemm_flops(dtype: torch.dtype, stack: torch.nn.Module | None = None,
+                       shapes: LayerShapes | None = None, size: int = 1024,
+                       batch: int = 256) -> float:
+    """The best matmul FLOP/s this machine reaches in ``dtype``: torch's own GEMM on
+    square matrices, and (given) the platform's prepared layers at a large batch."""
+    a = torch.empty(size, size, dtype=dtype).uniform_(-1, 1)
+    b = torch.empty(size, size, dtype=dtype).uniform_(-1, 1)
+    seconds, _ = _time(lambda: a @ b, 3, 0.3)
+    best = 2 * size**3 / seconds
+    if stack is not None and shapes is not None:
+        s = shapes
+        x_h = torch.randn(batch, s.hidden, dtype=dtype)
+        x_q = torch.randn(batch, s.q_out, dtype=dtype)
+        x_i = torch.randn(batch, s.intermediate, dtype=dtype)
+        with torch.inference_mode():
+            seconds, _ = _time(partial(_step_modules, stack, x_h, x_q, x_i, False), 2, 0.3)
+        best = max(best, 2 * batch * _linear_params(s, lm_head=False) / seconds)
+    return best
+
+
+def _linear_params(s: LayerShapes, lm_head: bool) -> int:
+    per_layer = (s.hidden * (s.q_out + 2 * s.kv_out) + s.q_out * s.hidden
+                 + 3 * s.hidden * s.intermediate)
+    return s.num_layers * per_layer + (s.vocab * s.hidden if lm_head else 0)
+
+
+def physical_floors(hf_config, dtype: str, batch_sizes: list[int], context_tokens: int,
+                    prepare_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None
+                    ) -> dict:
+    """What the hardware itself allows for a decode step at each batch size.
+
+    Bandwidth floor: the bytes a step must read (every weight once, plus each
+    sequence's KV cache of ``context_tokens``) at the streaming bandwidth measured
+    now. Compute floor: the step's matmul FLOPs at the best GEMM rate measured now.
+    A step cannot beat the larger of the two, whatever its kernels.
+    """
+    torch_dtype = parse_dtype(dtype)
+    shapes = LayerShapes.from_hf_config(hf_config)
+    get = getattr(hf_config, "get_text_config", None)
+    cfg = get() if callable(get) else hf_config
+    itemsize = torch.empty((), dtype=torch_dtype).element_size()
+    weight_bytes = _linear_params(shapes, lm_head=True) * itemsize
+    kv_per_token = 2 * shapes.num_layers * shapes.kv_out * itemsize
+    stack = None
+    if prepare_model is not None:
+        stack = prepare_model(_ModuleStack(_Weights(shapes, torch_dtype)).eval())
+    bandwidth = measure_stream_bandwidth()
+    flops_rate = measure_gemm_flops(torch_dtype, stack, shapes)
+    del stack
+    floors = {"stream_gb_per_s": bandwidth / 1e9, "gemm_gflops": flops_rate / 1e9,
+              "model": getattr(cfg, "model_type", None), "batches": {}}
+    for batch in sorted(set(batch_sizes)):
+        read = weight_bytes + batch * context_tokens * kv_per_token
+        bandwidth_s = read / bandwidth
+        compute_s = 2 * batch * _linear_params(shapes, lm_head=True) / flops_rate
+        floors["batches"][batch] = {
+            "bytes_read": read, "bandwidth_floor_s": bandwidth_s,
+            "compute_floor_s": compute_s, "floor_s": max(bandwidth_s, compute_s),
+            "bound": "bandwidth" if bandwidth_s >= compute_s else "compute",
+        }
+    return floors
 
 
 def compare_with_engine(entry: dict, engine_decode: dict) -> None:

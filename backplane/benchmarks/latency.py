@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backplane.benchmarks.ceiling import compare_with_engine as _compare
-from backplane.benchmarks.ceiling import measure_ceiling, platform_model_hook
+from backplane.benchmarks.ceiling import measure_ceiling, physical_floors, platform_model_hook
 from backplane.benchmarks.engine_runner import (
     create_engine,
     engine_dtype,
@@ -130,6 +130,12 @@ def run_latency(opts: LatencyOptions) -> dict:
         for batch, entry in ceiling.items():
             _compare(entry, decode[batch])
         result["ceiling"] = ceiling
+        # The decode steps ran with input_len + output_len / 2 tokens of context on average.
+        floors = physical_floors(hf_config, dtype, opts.batch_sizes,
+                                 opts.input_len + opts.output_len // 2, prepare_model)
+        for batch, entry in floors["batches"].items():
+            entry["engine_fraction_of_floor"] = entry["floor_s"] / decode[batch]["median_step_s"]
+        result["floors"] = floors
     return result
 
 
@@ -156,6 +162,13 @@ def result_rows(result: dict) -> list[tuple[str, Any]]:
             if "engine_fraction_of_ceiling_cpu" in c:
                 rows.append((f"{line}: fraction of ceiling (CPU time)",
                              c["engine_fraction_of_ceiling_cpu"]))
+        f = result.get("floors", {}).get("batches", {}).get(batch)
+        if f:
+            rows.append((f"{line}: floor ms ({f['bound']}-bound)", 1e3 * f["floor_s"]))
+            rows.append((f"{line}: fraction of floor", f["engine_fraction_of_floor"]))
+    if result.get("floors"):
+        rows.append(("streaming read GB/s (measured)", result["floors"]["stream_gb_per_s"]))
+        rows.append(("best GEMM GFLOP/s (measured)", result["floors"]["gemm_gflops"]))
     for length, p in result["prefill"].items():
         rows.append((f"prefill {length} tokens: ms", 1e3 * p["median_s"]))
         rows.append((f"prefill {length} tokens: tokens/s", p["tokens_per_s"]))

@@ -122,6 +122,15 @@ def test_latency_tiny(bench_tiny_model, capsys):
     assert set(result["prefill"]) == {"8", "16"}
     assert all(p["median_s"] > 0 for p in result["prefill"].values())
     assert set(result["ceiling"]) == {"1", "2"}
+    # The physical floors: measured bandwidth and GEMM rate, and each step's fraction.
+    floors = result["floors"]
+    assert floors["stream_gb_per_s"] > 0 and floors["gemm_gflops"] > 0
+    assert set(floors["batches"]) == {"1", "2"}
+    for entry in floors["batches"].values():
+        assert entry["floor_s"] == max(entry["bandwidth_floor_s"], entry["compute_floor_s"])
+        assert 0 < entry["engine_fraction_of_floor"] and entry["bound"] in {"bandwidth",
+                                                                            "compute"}
+    assert "fraction of floor" in captured.err
 
 
 def test_speculative_bench_and_make_draft(bench_tiny_model, tmp_path, capsys):
