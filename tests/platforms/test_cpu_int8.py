@@ -69,13 +69,13 @@ def test_engine_int8_tracks_bf16(llama_model_dir, method):
     """Logprob deviation from the bf16 model over a prompt."""
     params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
     outs = {}
-    for method in (None, method):
+    for quantization in (None, method):
         llm = LLM(model=llama_model_dir, dtype="bfloat16", max_model_len=128, num_kv_blocks=32,
-                  quantization=method)
-        if method:
+                  quantization=quantization)
+        if quantization:
             runner = llm.llm_engine.engine_core.model_runner
             assert sum(isinstance(m, Int8Linear) for m in runner.model.modules()) == 1 + 4 * 2
-        outs[method] = llm.generate([PROMPT], params, use_tqdm=False)[0]
+        outs[quantization] = llm.generate([PROMPT], params, use_tqdm=False)[0]
     bf16, int8 = outs[None], outs[method]
     pairs = list(zip(bf16.prompt_logprobs[1:], int8.prompt_logprobs[1:],
                      bf16.prompt_token_ids[1:], strict=True))
