@@ -113,9 +113,7 @@ class EngineCore:
 
     def _schedule(self) -> SchedulerOutput:
         out = self.scheduler.schedule()
-        failed, self.scheduler.failed_grammars = self.scheduler.failed_grammars, []
-        failed += self.scheduler.failed_loras
-        self.scheduler.failed_loras = []
+        failed, self.scheduler.failed_requests = self.scheduler.failed_requests, []
         for request in self.scheduler.finish_requests(dict.fromkeys(failed),
                                                       RequestStatus.FINISHED_ABORTED):
             self._side_outputs.append(EngineCoreOutput(

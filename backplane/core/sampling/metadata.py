@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 
@@ -46,38 +45,3 @@ class SamplingMetadata:
     grammar_bitmask: torch.Tensor | None = None
     grammar_rows: list[int] | None = None
 
-
-def expand_metadata(meta: SamplingMetadata, repeats: np.ndarray, starts: np.ndarray,
-                    generators: dict[int, torch.Generator]) -> SamplingMetadata:
-    """The metadata of ``repeats[i]`` consecutive positions for each row i.
-
-    Every per-row setting is repeated (a repeat of 0 drops the row);
-    ``starts[i]`` is row i's first position, and ``generators`` are the
-    generators of the new entries. A draft model uses it to keep the rows that
-    still draft from one draft step to the next.
-    """
-    index = torch.from_numpy(np.repeat(np.arange(len(repeats)), repeats))
-
-    def rows(value):
-        if value is None:
-            return None
-        if isinstance(value, torch.Tensor):
-            return value.index_select(0, index.to(value.device))
-        return [value[i] for i in index.tolist()]
-
-    return replace(
-        meta,
-        temperature=rows(meta.temperature), greedy_mask=rows(meta.greedy_mask),
-        top_k=rows(meta.top_k), top_p=rows(meta.top_p), min_p=rows(meta.min_p),
-        presence_penalty=rows(meta.presence_penalty),
-        frequency_penalty=rows(meta.frequency_penalty),
-        repetition_penalty=rows(meta.repetition_penalty),
-        output_token_counts=rows(meta.output_token_counts),
-        seen_token_mask=rows(meta.seen_token_mask),
-        logit_bias=rows(meta.logit_bias), banned_token_ids=rows(meta.banned_token_ids),
-        output_token_ids=rows(meta.output_token_ids),
-        allowed_token_mask=rows(meta.allowed_token_mask),
-        grammar_rows=None if meta.grammar_rows is None else [
-            int(starts[i]) for i in meta.grammar_rows],
-        generators=generators,
-    )

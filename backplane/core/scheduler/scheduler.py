@@ -62,12 +62,11 @@ class Scheduler:
         # Requests that left the running set since the last schedule(); the runner drops them.
         self._removed_ids: set[str] = set()
         self.num_preemptions = 0
-        # Requests whose grammar failed to compile; the engine core ends them.
-        self.failed_grammars: list[str] = []
+        # Requests whose grammar failed to compile or whose adapter failed to load;
+        # the engine core ends them.
+        self.failed_requests: list[str] = []
         self.num_lookahead_tokens = num_lookahead_tokens
         self.max_loras = max_loras
-        # Requests whose adapter failed to load; the engine core ends them.
-        self.failed_loras: list[str] = []
         self.spec_stats = SpecDecodeStats()
 
     # ----------------------------------------------------------------- requests
@@ -179,7 +178,7 @@ class Scheduler:
         ):
             request = self.waiting.peek()
             key = request.lora_key
-            if (not self._grammar_ready(request) or not self._lora_ready(request)
+            if (not self._inputs_ready(request)
                     or (key is not None and key not in adapters
                         and len(adapters) >= self.max_loras)):
                 deferred.append(self.waiting.pop())
@@ -255,40 +254,27 @@ class Scheduler:
         return max(0, min(self.num_lookahead_tokens,
                           self.max_model_len - request.num_computed_tokens - num_tokens_after))
 
-    def _grammar_ready(self, request: Request) -> bool:
-        """Whether a waiting request may be scheduled as far as its grammar goes.
+    def _inputs_ready(self, request: Request) -> bool:
+        """Whether a waiting request's off-thread inputs are ready: its structured-output
+        grammar (compiling) and its LoRA adapter (loading). One that failed ends the
+        request as aborted (the engine core reports it), with the reason logged."""
+        return (self._future_ready(request, "grammar_future", "grammar",
+                                   "structured-output grammar failed to compile")
+                and self._future_ready(request, "lora_future", "lora_weights",
+                                       "LoRA adapter failed to load"))
 
-        A grammar that failed to compile (rare: specs are validated when the
-        request is added) ends the request as aborted, with the reason logged.
-        """
-        future = request.grammar_future
-        if future is None or request.grammar is not None:
+    def _future_ready(self, request: Request, future_attr: str, result_attr: str,
+                      failure: str) -> bool:
+        future = getattr(request, future_attr)
+        if future is None or getattr(request, result_attr) is not None:
             return True
         if not future.done():
             return False
         try:
-            request.grammar = future.result()
-        except Exception as exc:  # noqa: BLE001 - any compile failure ends only this request
-            logger.error("request %s: its structured-output grammar failed to compile: %s",
-                         request.request_id, exc)
-            self.failed_grammars.append(request.request_id)
-            return False
-        return True
-
-    def _lora_ready(self, request: Request) -> bool:
-        """Whether a waiting request's adapter weights are loaded (a load that failed
-        ends the request as aborted, with the reason logged)."""
-        future = request.lora_future
-        if future is None or request.lora_weights is not None:
-            return True
-        if not future.done():
-            return False
-        try:
-            request.lora_weights = future.result()
-        except Exception as exc:  # noqa: BLE001 - a bad adapter ends only its requests
-            logger.error("request %s: its LoRA adapter %r failed to load: %s",
-                         request.request_id, request.lora_request.lora_name, exc)
-            self.failed_loras.append(request.request_id)
+            setattr(request, result_attr, future.result())
+        except Exception as exc:  # noqa: BLE001 - a failure ends only this request
+            logger.error("request %s: its %s: %s", request.request_id, failure, exc)
+            self.failed_requests.append(request.request_id)
             return False
         return True
 
@@ -393,12 +379,3 @@ class SpecDecodeStats:
             self.accepted_per_position += [0] * (num_drafts - len(self.accepted_per_position))
         for position in range(num_accepted):
             self.accepted_per_position[position] += 1
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
-
-    @property
-    def mean_accepted_length(self) -> float:
-        """Tokens each verification yields on average: accepted drafts plus the one sampled."""
-        return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0

@@ -26,7 +26,6 @@ from backplane.core.model_runner.flat_batch import FlatBatch
 from backplane.core.model_runner.input_batch import seeded_generator
 from backplane.core.model_runner.kv_cache_sizing import KVBlockLayout
 from backplane.core.sampling.argmax import argmax_rows
-from backplane.core.sampling.metadata import expand_metadata
 from backplane.core.sampling.sampler import Sampler
 from backplane.plugins_sdk import AttentionSpec
 
@@ -163,7 +162,8 @@ class ModelDrafter:
             if q is not None:
                 for j, i in enumerate(active.tolist()):
                     if q[j] is not None:
-                        probs[i] = (probs[i] or []) + [q[j]]
+                        probs[i] = probs[i] or []
+                        probs[i].append(q[j])
             more = limits[active] > step + 1
             if step + 1 == self.k or not more.any():
                 break
@@ -171,7 +171,8 @@ class ModelDrafter:
             active, draft_rows = active[more], draft_rows[more]
             tokens, next_position = tokens[more], next_position[more]
             select = torch.from_numpy(np.nonzero(more)[0]).to(self.device)
-            meta = expand_metadata(meta, more.astype(np.int64), np.cumsum(more) - more, {})
+            if not more.all():  # fewer rows now: their sampling inputs only
+                meta = runner._sampling_metadata(draft_rows, None, None)
             fed_position = next_position - (0 if self.method == "draft_model" else 1)
             step_feed = FlatBatch.build(draft_rows, fed_position, np.ones(len(draft_rows),
                                         dtype=np.int64), batch.block_table, runner.block_size)
