@@ -23,6 +23,87 @@
  * 32 zmm registers. */
 #define MT 8
 
+#include "common.h"
+
+/* One 16-column output block of one row: + bias, then bf16 (round to nearest
+ * even, as torch does) or float32. Columns past N are masked off. */
+static inline __attribute__((always_inline)) void store_block(
+        __m512 v, void *out, int64_t row, int64_t os, int64_t col, int64_t n,
+        const float *bias, int out_f32) {
+    const int64_t cols = n - col < 16 ? n - col : 16;
+    const __mmask16 mask = (__mmask16)((1u << cols) - 1u);
+    if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + col));
+    if (out_f32) {
+        _mm512_mask_storeu_ps((float *)out + row * os + col, mask, v);
+    } else {
+        const __m256bh h = _mm512_cvtneps_pbh(v);
+        _mm256_mask_storeu_epi16((uint16_t *)out + row * os + col, mask, (__m256i)h);
+    }
+}
+
+/* The output columns of scale row block col / 16, masked like store_block. */
+static inline __attribute__((always_inline)) __m512 load_scales(const float *scales,
+                                                                 int64_t col, int64_t n) {
+    const int64_t cols = n - col < 16 ? n - col : 16;
+    return _mm512_maskz_loadu_ps((__mmask16)((1u << cols) - 1u), scales + col);
+}
+
+/* A row-tile loop: TILE(mt) for tiles of up to MAX rows, mt a compile-time constant
+ * in each call so that the tile's accumulators stay in registers. */
+#define ROW_TILES_8(TILE)                                                              \
+    for (int64_t m0 = 0; m0 < m_total; m0 += 8) {                                      \
+        const int64_t left = m_total - m0;                                             \
+        switch (left < 8 ? left : 8) {                                                 \
+        case 1: TILE(1); break; case 2: TILE(2); break; case 3: TILE(3); break;        \
+        case 4: TILE(4); break; case 5: TILE(5); break; case 6: TILE(6); break;        \
+        case 7: TILE(7); break; default: TILE(8); break;                               \
+        }                                                                              \
+    }
+#define ROW_TILES_4(TILE)                                                              \
+    for (int64_t m0 = 0; m0 < m_total; m0 += 4) {                                      \
+        const int64_t left = m_total - m0;                                             \
+        switch (left < 4 ? left : 4) {                                                 \
+        case 1: TILE(1); break; case 2: TILE(2); break; case 3: TILE(3); break;        \
+        default: TILE(4); break;                                                       \
+        }                                                                              \
+    }
+
+/* Symmetric int8 scale of W's row (max |w| / 127; 1 for an all-zero or missing row). */
+static float row_scale(const uint16_t *w, int64_t row, int64_t n, int64_t k) {
+    float amax = 0.0f;
+    if (row < n)
+        for (int64_t j = 0; j < k; j++) {
+            const float v = bf16_to_float(w[row * k + j]);
+            amax = (v < 0 ? -v : v) > amax ? (v < 0 ? -v : v) : amax;
+        }
+    return amax > 0.0f ? amax / 127.0f : 1.0f;
+}
+
+static inline int quantize_int8(float v, float inv_scale) {
+    const float q = __builtin_rintf(v * inv_scale);
+    return q > 127.0f ? 127 : (q < -127.0f ? -127 : (int)q);
+}
+
+/* Quantize W [N, K] (bf16) per row and pack it in blocks of 16 rows x `group`
+ * consecutive columns (2: pairs for the bf16 dot product, 4: quads for VNNI),
+ * each value stored as (q + offset) in a byte; scales[N] out. */
+static void pack_int8(const uint16_t *w, int64_t n, int64_t k, int group, int offset,
+                      uint8_t *packed, float *scales) {
+    const int64_t nb = (n + 15) / 16, ng = k / group;
+#pragma omp parallel for schedule(static)
+    for (int64_t row = 0; row < nb * 16; row++) {
+        const float scale = row_scale(w, row, n, k), inv = 1.0f / scale;
+        if (row < n) scales[row] = scale;
+        uint8_t *dst = packed + (row / 16) * ng * 16 * group;
+        for (int64_t g = 0; g < ng; g++)
+            for (int j = 0; j < group; j++) {
+                const int q = row < n ? quantize_int8(bf16_to_float(w[row * k + g * group + j]),
+                                                      inv) : 0;
+                dst[(g * 16 + row % 16) * group + j] = (uint8_t)(q + offset);
+            }
+    }
+}
+
 void pack_bf16(const uint16_t *w, int64_t n, int64_t k, uint16_t *packed) {
     const int64_t nb = (n + 15) / 16, kp = k / 2;
 #pragma omp parallel for schedule(static)
@@ -70,20 +151,8 @@ static inline __attribute__((always_inline)) void tile(
         }
     }
     for (int i = 0; i < mt; i++) {
-        for (int half = 0; half < (two ? 2 : 1); half++) {
-            __m512 v = half ? acc1[i] : acc0[i];
-            const int64_t col = (b0 + half) * 16;
-            const int64_t cols = n - col < 16 ? n - col : 16;
-            const __mmask16 mask = (__mmask16)((1u << cols) - 1u);
-            if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + col));
-            if (out_f32) {
-                _mm512_mask_storeu_ps((float *)out + (m0 + i) * os + col, mask, v);
-            } else {
-                const __m256bh h = _mm512_cvtneps_pbh(v);
-                _mm256_mask_storeu_epi16((uint16_t *)out + (m0 + i) * os + col, mask,
-                                         (__m256i)h);
-            }
-        }
+        store_block(acc0[i], out, m0 + i, os, b0 * 16, n, bias, out_f32);
+        if (two) store_block(acc1[i], out, m0 + i, os, b0 * 16 + 16, n, bias, out_f32);
     }
 }
 
@@ -99,19 +168,9 @@ void gemm_bf16(const uint16_t *x, int64_t xs, int64_t m_total, const uint16_t *p
         const int two = (b0 + 1) < nb;
         const uint16_t *w0 = packed + b0 * kp * 32;
         const uint16_t *w1 = two ? w0 + kp * 32 : w0;
-        for (int64_t m0 = 0; m0 < m_total; m0 += MT) {
-            const int64_t left = m_total - m0;
-            switch (left < MT ? left : MT) {
-            case 1: tile(x, xs, m0, 1, w0, w1, two, kp, n, b0, bias, out, os, out_f32); break;
-            case 2: tile(x, xs, m0, 2, w0, w1, two, kp, n, b0, bias, out, os, out_f32); break;
-            case 3: tile(x, xs, m0, 3, w0, w1, two, kp, n, b0, bias, out, os, out_f32); break;
-            case 4: tile(x, xs, m0, 4, w0, w1, two, kp, n, b0, bias, out, os, out_f32); break;
-            case 5: tile(x, xs, m0, 5, w0, w1, two, kp, n, b0, bias, out, os, out_f32); break;
-            case 6: tile(x, xs, m0, 6, w0, w1, two, kp, n, b0, bias, out, os, out_f32); break;
-            case 7: tile(x, xs, m0, 7, w0, w1, two, kp, n, b0, bias, out, os, out_f32); break;
-            default: tile(x, xs, m0, 8, w0, w1, two, kp, n, b0, bias, out, os, out_f32); break;
-            }
-        }
+#define TILE(mt) tile(x, xs, m0, mt, w0, w1, two, kp, n, b0, bias, out, os, out_f32)
+        ROW_TILES_8(TILE)
+#undef TILE
     }
 }
 
@@ -125,35 +184,7 @@ void gemm_bf16(const uint16_t *x, int64_t xs, int64_t m_total, const uint16_t *p
 
 /* Quantize W [N, K] (bf16) symmetrically per row and pack it; scales[N] out. */
 void pack_w8_from_bf16(const uint16_t *w, int64_t n, int64_t k, int8_t *packed, float *scales) {
-    const int64_t nb = (n + 15) / 16, kp = k / 2;
-#pragma omp parallel for schedule(static)
-    for (int64_t row = 0; row < nb * 16; row++) {
-        float amax = 0.0f;
-        if (row < n)
-            for (int64_t j = 0; j < k; j++) {
-                uint32_t bits = (uint32_t)w[row * k + j] << 16;
-                float v;
-                memcpy(&v, &bits, sizeof v);
-                v = v < 0 ? -v : v;
-                amax = v > amax ? v : amax;
-            }
-        const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
-        if (row < n) scales[row] = scale;
-        const int64_t b = row / 16, r = row % 16;
-        int8_t *dst = packed + b * kp * 32;
-        for (int64_t p = 0; p < kp; p++) {
-            for (int j = 0; j < 2; j++) {
-                float v = 0.0f;
-                if (row < n) {
-                    uint32_t bits = (uint32_t)w[row * k + 2 * p + j] << 16;
-                    memcpy(&v, &bits, sizeof v);
-                }
-                float q = __builtin_rintf(v / scale);
-                q = q > 127.0f ? 127.0f : (q < -127.0f ? -127.0f : q);
-                dst[(p * 16 + r) * 2 + j] = (int8_t)q;
-            }
-        }
-    }
+    pack_int8(w, n, k, 2, 0, (uint8_t *)packed, scales);
 }
 
 static inline __attribute__((always_inline)) __m512bh widen_w8(const int8_t *src) {
@@ -188,22 +219,13 @@ static inline __attribute__((always_inline)) void tile_w8(
             acc1[i] = _mm512_dpbf16_ps(acc1[i], c, xb);
         }
     }
+    const __m512 s0 = load_scales(scales, b0 * 16, n);
+    const __m512 s1 = two ? load_scales(scales, b0 * 16 + 16, n) : s0;
     for (int i = 0; i < mt; i++) {
-        for (int half = 0; half < (two ? 2 : 1); half++) {
-            const int64_t col = (b0 + half) * 16;
-            const int64_t cols = n - col < 16 ? n - col : 16;
-            const __mmask16 mask = (__mmask16)((1u << cols) - 1u);
-            __m512 v = _mm512_mul_ps(half ? acc1[i] : acc0[i],
-                                     _mm512_maskz_loadu_ps(mask, scales + col));
-            if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + col));
-            if (out_f32) {
-                _mm512_mask_storeu_ps((float *)out + (m0 + i) * os + col, mask, v);
-            } else {
-                const __m256bh h = _mm512_cvtneps_pbh(v);
-                _mm256_mask_storeu_epi16((uint16_t *)out + (m0 + i) * os + col, mask,
-                                         (__m256i)h);
-            }
-        }
+        store_block(_mm512_mul_ps(acc0[i], s0), out, m0 + i, os, b0 * 16, n, bias, out_f32);
+        if (two)
+            store_block(_mm512_mul_ps(acc1[i], s1), out, m0 + i, os, b0 * 16 + 16, n, bias,
+                        out_f32);
     }
 }
 
@@ -218,19 +240,10 @@ void gemm_w8(const uint16_t *x, int64_t xs, int64_t m_total, const int8_t *packe
         const int two = (b0 + 1) < nb;
         const int8_t *w0 = packed + b0 * kp * 32;
         const int8_t *w1 = two ? w0 + kp * 32 : w0;
-        for (int64_t m0 = 0; m0 < m_total; m0 += MT) {
-            const int64_t left = m_total - m0;
-            switch (left < MT ? left : MT) {
-            case 1: tile_w8(x, xs, m0, 1, w0, w1, two, kp, n, b0, scales, bias, out, os, out_f32); break;
-            case 2: tile_w8(x, xs, m0, 2, w0, w1, two, kp, n, b0, scales, bias, out, os, out_f32); break;
-            case 3: tile_w8(x, xs, m0, 3, w0, w1, two, kp, n, b0, scales, bias, out, os, out_f32); break;
-            case 4: tile_w8(x, xs, m0, 4, w0, w1, two, kp, n, b0, scales, bias, out, os, out_f32); break;
-            case 5: tile_w8(x, xs, m0, 5, w0, w1, two, kp, n, b0, scales, bias, out, os, out_f32); break;
-            case 6: tile_w8(x, xs, m0, 6, w0, w1, two, kp, n, b0, scales, bias, out, os, out_f32); break;
-            case 7: tile_w8(x, xs, m0, 7, w0, w1, two, kp, n, b0, scales, bias, out, os, out_f32); break;
-            default: tile_w8(x, xs, m0, 8, w0, w1, two, kp, n, b0, scales, bias, out, os, out_f32); break;
-            }
-        }
+#define TILE(mt) tile_w8(x, xs, m0, mt, w0, w1, two, kp, n, b0, scales, bias, out, os, \
+                         out_f32)
+        ROW_TILES_8(TILE)
+#undef TILE
     }
 }
 
@@ -248,35 +261,7 @@ void gemm_w8(const uint16_t *x, int64_t xs, int64_t m_total, const int8_t *packe
 
 void pack_w8a8_from_bf16(const uint16_t *w, int64_t n, int64_t k, uint8_t *packed,
                          float *scales) {
-    const int64_t nb = (n + 15) / 16, kq = k / 4;
-#pragma omp parallel for schedule(static)
-    for (int64_t row = 0; row < nb * 16; row++) {
-        float amax = 0.0f;
-        if (row < n)
-            for (int64_t j = 0; j < k; j++) {
-                uint32_t bits = (uint32_t)w[row * k + j] << 16;
-                float v;
-                memcpy(&v, &bits, sizeof v);
-                v = v < 0 ? -v : v;
-                amax = v > amax ? v : amax;
-            }
-        const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
-        if (row < n) scales[row] = scale;
-        const int64_t b = row / 16, r = row % 16;
-        uint8_t *dst = packed + b * kq * 64;
-        for (int64_t q4 = 0; q4 < kq; q4++) {
-            for (int j = 0; j < 4; j++) {
-                float v = 0.0f;
-                if (row < n) {
-                    uint32_t bits = (uint32_t)w[row * k + 4 * q4 + j] << 16;
-                    memcpy(&v, &bits, sizeof v);
-                }
-                float q = __builtin_rintf(v / scale);
-                q = q > 127.0f ? 127.0f : (q < -127.0f ? -127.0f : q);
-                dst[(q4 * 16 + r) * 4 + j] = (uint8_t)((int)q + 128);
-            }
-        }
-    }
+    pack_int8(w, n, k, 4, 128, packed, scales);
 }
 
 /* x [M, K] bf16 -> xq int8, per (row, 32-block) scale, and 128 x the block's sum of
@@ -289,16 +274,14 @@ void quantize_activations(const uint16_t *x, int64_t xs, int64_t m, int64_t k, i
         for (int64_t b = 0; b < kb; b++) {
             float vals[QB], amax = 0.0f;
             for (int j = 0; j < QB; j++) {
-                uint32_t bits = (uint32_t)x[r * xs + b * QB + j] << 16;
-                memcpy(&vals[j], &bits, sizeof(float));
-                float a = vals[j] < 0 ? -vals[j] : vals[j];
+                vals[j] = bf16_to_float(x[r * xs + b * QB + j]);
+                const float a = vals[j] < 0 ? -vals[j] : vals[j];
                 amax = a > amax ? a : amax;
             }
             const float s = amax > 0.0f ? amax / 127.0f : 1.0f, inv = 1.0f / s;
             int32_t sum = 0;
             for (int j = 0; j < QB; j++) {
-                int q = (int)__builtin_rintf(vals[j] * inv);
-                q = q > 127 ? 127 : (q < -127 ? -127 : q);
+                const int q = quantize_int8(vals[j], inv);
                 xq[r * k + b * QB + j] = (int8_t)q;
                 sum += q;
             }
@@ -342,20 +325,13 @@ static inline __attribute__((always_inline)) void tile_w8a8(
             f1[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s1[i], corr)), sc, f1[i]);
         }
     }
+    const __m512 w0s = load_scales(scales, b0 * 16, n);
+    const __m512 w1s = two ? load_scales(scales, b0 * 16 + 16, n) : w0s;
     for (int i = 0; i < mt; i++) {
-        for (int half = 0; half < (two ? 2 : 1); half++) {
-            const int64_t col = (b0 + half) * 16;
-            const int64_t cols = n - col < 16 ? n - col : 16;
-            const __mmask16 mask = (__mmask16)((1u << cols) - 1u);
-            __m512 v = _mm512_mul_ps(half ? f1[i] : f0[i], _mm512_maskz_loadu_ps(mask, scales + col));
-            if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + col));
-            if (out_f32) {
-                _mm512_mask_storeu_ps((float *)out + (m0 + i) * os + col, mask, v);
-            } else {
-                const __m256bh h = _mm512_cvtneps_pbh(v);
-                _mm256_mask_storeu_epi16((uint16_t *)out + (m0 + i) * os + col, mask, (__m256i)h);
-            }
-        }
+        store_block(_mm512_mul_ps(f0[i], w0s), out, m0 + i, os, b0 * 16, n, bias, out_f32);
+        if (two)
+            store_block(_mm512_mul_ps(f1[i], w1s), out, m0 + i, os, b0 * 16 + 16, n, bias,
+                        out_f32);
     }
 }
 
@@ -370,14 +346,9 @@ void gemm_w8a8(const int8_t *xq, const float *bscale, const int32_t *bsum, int64
         const int two = (b0 + 1) < nb;
         const uint8_t *w0 = packed + b0 * kq * 64;
         const uint8_t *w1 = two ? w0 + kq * 64 : w0;
-        for (int64_t m0 = 0; m0 < m_total; m0 += MT8) {
-            const int64_t left = m_total - m0;
-            switch (left < MT8 ? left : MT8) {
-            case 1: tile_w8a8(xq, bscale, bsum, k, m0, 1, w0, w1, two, n, b0, scales, bias, out, os, out_f32); break;
-            case 2: tile_w8a8(xq, bscale, bsum, k, m0, 2, w0, w1, two, n, b0, scales, bias, out, os, out_f32); break;
-            case 3: tile_w8a8(xq, bscale, bsum, k, m0, 3, w0, w1, two, n, b0, scales, bias, out, os, out_f32); break;
-            default: tile_w8a8(xq, bscale, bsum, k, m0, 4, w0, w1, two, n, b0, scales, bias, out, os, out_f32); break;
-            }
-        }
+#define TILE(mt) tile_w8a8(xq, bscale, bsum, k, m0, mt, w0, w1, two, n, b0, scales, bias, \
+                           out, os, out_f32)
+        ROW_TILES_4(TILE)
+#undef TILE
     }
 }
