@@ -187,18 +187,20 @@ class EngineCore:
     def _outputs(self, sched_out: SchedulerOutput, result, start: float) -> list[EngineCoreOutput]:
         """Apply a finished step's sampled tokens and describe what changed per request."""
         # Finished requests are among the progressed ones, with a finish_status.
-        planned = sched_out.scheduled_requests
-        outputs_before = {rid: planned[rid].num_output_tokens for rid in result.sampled
-                          if rid in planned}
+        # With speculative decoding a step may add several tokens; those after a stop
+        # (EOS, stop token, length) are dropped by the scheduler: count what it kept.
+        outputs_before = None
+        if self.config.speculative_config is not None:
+            planned = sched_out.scheduled_requests
+            outputs_before = {rid: planned[rid].num_output_tokens for rid in result.sampled
+                              if rid in planned}
         progressed, _ = self.scheduler.update_from_output(
             sched_out, result.sampled, result.grammar_finished, result.spec_token_ids)
         outputs = []
         for request in progressed:
             rid = request.request_id
-            # With speculative decoding a step may add several tokens; those after a
-            # stop (EOS, stop token, length) were dropped by the scheduler.
-            kept = request.num_output_tokens - outputs_before.get(
-                rid, request.num_output_tokens - 1)
+            kept = 1 if outputs_before is None else request.num_output_tokens - (
+                outputs_before.get(rid, request.num_output_tokens - 1))
             logprobs = result.logprobs.get(rid)
             if logprobs is not None and kept < logprobs.ids.shape[0]:
                 logprobs = TokenLogprobs(logprobs.ids[:kept], logprobs.logprobs[:kept],

@@ -65,7 +65,7 @@ class Request:
         "priority", "arrival_time", "status", "num_computed_tokens", "num_cached_tokens",
         "max_total_tokens", "eos_token_ids", "stop_reason", "block_hashes", "num_preemptions",
         "cache_salt", "num_output_placeholders", "grammar_future", "grammar", "spec_token_ids",
-        "lora_request", "lora_future", "lora_weights",
+        "lora_request", "lora_key", "lora_future", "lora_weights",
     )
 
     def __init__(
@@ -112,13 +112,10 @@ class Request:
         # LoRA: the adapter asked for (a backplane.lora.LoRARequest, None: the base
         # model), its weights being loaded (a Future) and, once loaded, the weights.
         self.lora_request = lora_request
+        # The adapter's identity (None: the base model), compared every step.
+        self.lora_key = None if lora_request is None else lora_key(lora_request)
         self.lora_future = None
         self.lora_weights = None
-
-    @property
-    def lora_key(self) -> str | None:
-        """Identity of the request's adapter (None: the base model)."""
-        return None if self.lora_request is None else lora_key(self.lora_request)
 
     @property
     def prefix_salt(self) -> str | None:
