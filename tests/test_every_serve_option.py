@@ -39,13 +39,15 @@ SHOWN_BY = {
     "memory_utilization": "tests/core/engine/test_engine_options.py::test_memory_utilization_sizes_the_cache_from_available_memory",
     "kv_cache_memory_bytes": "tests/core/engine/test_engine_options.py::test_kv_cache_memory_bytes_and_num_kv_blocks_size_the_cache",
     "num_kv_blocks": "tests/core/engine/test_engine_options.py::test_kv_cache_memory_bytes_and_num_kv_blocks_size_the_cache",
-    "kv_cache_dtype": "tests/config/test_validation.py::test_kv_cache_dtype_unknown_and_unsupported",
+    "kv_cache_dtype": "tests/core/test_fp8_kv_cache.py::test_fp8_holds_twice_the_blocks_of_bf16_in_the_same_memory",
+    "calculate_kv_scales": "tests/core/test_fp8_kv_cache.py::test_calculate_kv_scales_sets_scales_from_the_first_step",
     "max_num_seqs": "tests/core/scheduler/test_scheduler.py::test_max_num_seqs_caps_running",
     "max_num_batched_tokens": "tests/core/scheduler/test_scheduler.py::test_budget_and_chunked_prefill",
     "enable_chunked_prefill": "tests/core/scheduler/test_scheduler.py::test_without_chunking_a_prompt_waits_for_a_whole_budget",
     "scheduling_policy": "tests/core/engine/test_lifecycle.py::test_fcfs_order_with_one_slot_and_priority_order",
     "async_scheduling": "tests/core/engine/test_async_scheduling.py::test_greedy_seeded_stops_and_preemption_equal_the_synchronous_loop",
     "engine_process": "tests/core/engine/test_engine_process.py::test_child_runs_the_core_and_the_config_says_so",
+    "data_parallel_size": "tests/entrypoints/test_data_parallel_server.py::test_64_concurrent_requests_equal_one_core_on_both_ranks",
     "device": "tests/platforms/test_plugin_template.py::test_device_acme_selects_it_and_fails_loudly_without_a_device",
     "attention_backend": "tests/core/engine/test_parity.py::test_each_cpu_attention_backend_matches_transformers",
     "load_format": "tests/core/engine/test_engine_options.py::test_load_format_auto_and_safetensors_load_others_are_refused",
@@ -93,6 +95,9 @@ SHOWN_BY = {
     "allow_runtime_lora_updating": "tests/entrypoints/test_lora_serving.py::test_load_routes_need_the_switch_and_modules_need_enable_lora",
     "max_lora_rank": "tests/entrypoints/test_lora_serving.py::test_max_lora_rank_refuses_a_larger_adapter_at_load",
     "max_cpu_loras": "tests/entrypoints/test_lora_serving.py::test_max_cpu_loras_bounds_the_adapters_kept_in_host_memory",
+    "tensor_parallel_size": "tests/entrypoints/test_parallel_server.py::test_tp2_server_matches_tp1_and_sigterm_leaves_nothing",
+    "pipeline_parallel_size": "tests/core/distributed/test_model_parallel.py::test_split_model_matches_unsplit",
+    "distributed_executor_backend": "tests/core/distributed/test_external_launcher.py::test_torchrun_ranks_agree_with_each_other_and_with_one_rank",
 }
 
 # option -> EngineArgs keywords whose use must be refused with a message naming it.
@@ -100,9 +105,6 @@ REFUSED = {
     "revision": {"revision": "main"},
     "max_seq_len_to_capture": {"max_seq_len_to_capture": 8192},
     "download_dir": {"download_dir": "/tmp/models"},
-    "tensor_parallel_size": {"tensor_parallel_size": 2},
-    "pipeline_parallel_size": {"pipeline_parallel_size": 2},
-    "distributed_executor_backend": {"distributed_executor_backend": "ray"},
 }
 
 

@@ -154,6 +154,8 @@ def result_rows(result: dict) -> list[tuple[str, Any]]:
             rows.append((f"{line}: outside model %", d["overhead_pct"]))
         if "cpu_util" in d:
             rows.append((f"{line}: CPU utilisation", d["cpu_util"]))
+        if "median_comm_s" in d:
+            rows.append((f"{line}: collectives ms (rank 0)", 1e3 * d["median_comm_s"]))
         c = result.get("ceiling", {}).get(batch)
         if c:
             rows.append((f"{line}: ceiling ms ({c['layout']})", 1e3 * c["step_s"]))

@@ -219,11 +219,194 @@ def _init_weights_(model, seed: int) -> None:
                 param.fill_(1.0)
 
 
-def make_model(out_dir: str, shape: str = "tiny", dtype: str = "bfloat16", seed: int = 0) -> dict:
+# --quantize schemes: (quant_method, symmetric)
+QUANTIZE_SCHEMES = {"gptq-int4": ("gptq", True), "awq-int4": ("awq", False),
+                    "fp8": ("compressed-tensors", True)}
+# Load-time methods, which need no quantized checkpoint (refused with a hint).
+_LOAD_TIME = {
+    "int8": "int8 is applied at load from float weights: make a bf16 model and serve it with "
+            "--quantization int8 (int8 checkpoints are not loaded yet)",
+}
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def _fp8_per_channel(weight):
+    """``(w8 [N, K] float8_e4m3fn, scales [N, 1] float32)``, scale = max |w| / 448 per row."""
+    import torch
+
+    w = weight.float()
+    amax = w.abs().amax(dim=1, keepdim=True)
+    scales = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return (w / scales).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scales
+
+
+def _permutation_key(name: str) -> str:
+    """Layers fed the same activations (q/k/v, gate/up) share one act-order permutation."""
+    parent, _, leaf = name.removesuffix(".weight").rpartition(".")
+    family = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up",
+              "up_proj": "gate_up"}.get(leaf, leaf)
+    return f"{parent}.{family}"
+
+
+def quantize_checkpoint(src_dir: str, out_dir: str, scheme: str, group_size: int = 128,
+                        sym: bool | None = None, desc_act: bool = False, seed: int = 0,
+                        dequantized_dir: str | None = None) -> dict:
+    """Quantize a float safetensors checkpoint to a GPTQ or AWQ 4-bit one (round to
+    nearest), or to a compressed-tensors fp8 one (``scheme`` ``fp8``: e4m3 weights with
+    one scale per output row, dynamic per-token fp8 activations declared, as
+    llm-compressor's FP8_DYNAMIC scheme writes).
+
+    Every 2-D ``.weight`` under ``model.layers.`` (the decoder's linear layers) is
+    quantized per group of ``group_size`` input columns; embeddings, norms and the
+    output head stay in float, as GPTQ/AWQ tools leave them. ``scheme`` is
+    ``gptq-int4`` (symmetric by default; ``desc_act`` writes a random act-order
+    permutation per input, shared by q/k/v and by gate/up, as calibration would)
+    or ``awq-int4`` (asymmetric, zero points). ``out_dir`` may be ``src_dir``.
+    With ``dequantized_dir``, the same model with the dequantized weights (float32
+    math, stored in the checkpoint's dtype) is written there too: the float
+    reference the quantized model must reproduce. Returns a summary.
+    """
+    import shutil
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from backplane.core.loader.weights import INDEX_FILE, safetensors_files
+    from backplane.core.quantization.packing import (
+        awq_pack,
+        dequantize,
+        gptq_pack,
+        quantize_rtn,
+    )
+
+    if scheme in _LOAD_TIME:
+        raise ValueError(f"--quantize {scheme}: {_LOAD_TIME[scheme]}")
+    if scheme not in QUANTIZE_SCHEMES:
+        raise ValueError(f"quantize scheme {scheme!r} is not one of "
+                         f"{sorted(QUANTIZE_SCHEMES) + sorted(_LOAD_TIME)}")
+    method, default_sym = QUANTIZE_SCHEMES[scheme]
+    sym = default_sym if sym is None else sym
+    if method == "compressed-tensors" and desc_act:
+        raise ValueError("fp8 has no act-order")
+    if method == "awq" and (sym or desc_act):
+        raise ValueError("awq-int4 is asymmetric (zero points) and has no act-order")
+    files = safetensors_files(src_dir)
+    tensors: dict[str, torch.Tensor] = {}
+    for path in files:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                tensors[name] = f.get_tensor(name)
+    gen = torch.Generator().manual_seed(seed)
+    perms: dict[tuple[str, int], torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
+    dequantized: dict[str, torch.Tensor] = {}
+    count = 0
+    for name, tensor in tensors.items():
+        if not (name.startswith("model.layers.") and name.endswith(".weight")
+                and tensor.dim() == 2):
+            out[name] = tensor
+            dequantized[name] = tensor
+            continue
+        if any(part in name for part in (".experts.", ".gate.weight")):
+            raise ValueError(f"{name}: mixture-of-experts checkpoints cannot be quantized "
+                             "(Backplane does not load quantized experts)")
+        n, k = tensor.shape
+        if method == "compressed-tensors":
+            w8, fp8_scales = _fp8_per_channel(tensor)
+            out[name] = w8
+            out[name.removesuffix(".weight") + ".weight_scale"] = fp8_scales
+            dequantized[name] = (w8.float() * fp8_scales).to(tensor.dtype)
+            count += 1
+            continue
+        if k % group_size:
+            raise ValueError(f"{name}: in_features {k} is not a multiple of group_size "
+                             f"{group_size}")
+        g_idx = torch.arange(k) // group_size
+        if desc_act:
+            key = (_permutation_key(name), k)
+            if key not in perms:
+                perms[key] = torch.randperm(k, generator=gen)
+            g_idx = torch.empty(k, dtype=torch.int64)
+            g_idx[perms[key]] = torch.arange(k) // group_size
+        q, zeros, scales = quantize_rtn(tensor, group_size, sym=sym, g_idx=g_idx)
+        prefix = name.removesuffix(".weight")
+        if method == "gptq":
+            qweight, qzeros, fp16_scales = gptq_pack(q, zeros, scales)
+            out[f"{prefix}.g_idx"] = g_idx.to(torch.int32)
+        else:
+            qweight, qzeros, fp16_scales = awq_pack(q, zeros, scales)
+        out[f"{prefix}.qweight"] = qweight
+        out[f"{prefix}.qzeros"] = qzeros
+        out[f"{prefix}.scales"] = fp16_scales
+        dequantized[name] = dequantize(q, zeros, scales, g_idx=g_idx).to(tensor.dtype)
+        count += 1
+    with open(os.path.join(src_dir, "config.json")) as f:
+        config = json.load(f)
+    if method == "gptq":
+        qconfig = {"quant_method": "gptq", "bits": 4, "group_size": group_size,
+                   "desc_act": desc_act, "sym": sym, "static_groups": False,
+                   "true_sequential": True, "checkpoint_format": "gptq", "lm_head": False,
+                   "damp_percent": 0.01, "backplane_round_to_nearest": True}
+    elif method == "compressed-tensors":
+        scheme_8bit = {"num_bits": 8, "type": "float", "symmetric": True}
+        qconfig = {"quant_method": "compressed-tensors", "format": "float-quantized",
+                   "quantization_status": "compressed", "ignore": ["lm_head"],
+                   "config_groups": {"group_0": {
+                       "targets": ["Linear"],
+                       "weights": {**scheme_8bit, "strategy": "channel", "dynamic": False},
+                       "input_activations": {**scheme_8bit, "strategy": "token",
+                                             "dynamic": True}}}}
+    else:
+        qconfig = {"quant_method": "awq", "bits": 4, "group_size": group_size,
+                   "zero_point": True, "version": "gemm", "modules_to_not_convert": None,
+                   "backplane_round_to_nearest": True}
+
+    def write(directory: str, weights: dict, quantization: dict | None) -> None:
+        if os.path.abspath(directory) != os.path.abspath(src_dir):
+            shutil.copytree(src_dir, directory, dirs_exist_ok=True)
+        for path in safetensors_files(directory):
+            os.unlink(path)
+        if os.path.exists(os.path.join(directory, INDEX_FILE)):
+            os.unlink(os.path.join(directory, INDEX_FILE))
+        save_file({k: v.contiguous() for k, v in weights.items()},
+                  os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+        cfg = dict(config)
+        if quantization is None:
+            cfg.pop("quantization_config", None)
+        else:
+            cfg["quantization_config"] = quantization
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+
+    if dequantized_dir is not None:  # first: out_dir may overwrite src_dir
+        write(dequantized_dir, dequantized, None)
+    write(out_dir, out, qconfig)
+    summary = {"quantization": scheme, "group_size": group_size, "sym": sym,
+               "desc_act": desc_act, "quantized_layers": count,
+               "quantized_bytes": sum(t.numel() * t.element_size() for t in out.values())}
+    bench_json = os.path.join(out_dir, "backplane_bench_model.json")
+    if os.path.abspath(out_dir) != os.path.abspath(src_dir) and os.path.exists(bench_json):
+        with open(bench_json) as f:  # a copied make-model summary: describe this checkpoint
+            described = json.load(f)
+        described.update(summary, path=os.path.abspath(out_dir),
+                         weight_bytes=summary["quantized_bytes"])
+        with open(bench_json, "w") as f:
+            json.dump(described, f, indent=2)
+    return summary
+
+
+def make_model(out_dir: str, shape: str = "tiny", dtype: str = "bfloat16", seed: int = 0,
+               quantize: str | None = None, group_size: int = 128) -> dict:
     """Write a random model of ``shape`` plus tokenizer to ``out_dir``; returns a summary.
 
-    Raises ValueError naming the shape or dtype when it is unknown.
+    ``quantize`` (``gptq-int4``, ``awq-int4``) then rewrites its decoder layers as a
+    4-bit checkpoint with round-to-nearest quantization (`quantize_checkpoint`).
+    Raises ValueError naming the shape, dtype or scheme when it is unknown.
     """
+    if quantize is not None and quantize not in QUANTIZE_SCHEMES:
+        raise ValueError(f"--quantize {quantize}: " + _LOAD_TIME.get(
+            quantize, f"not one of {sorted(QUANTIZE_SCHEMES) + sorted(_LOAD_TIME)}"))
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -265,6 +448,11 @@ def make_model(out_dir: str, shape: str = "tiny", dtype: str = "bfloat16", seed:
         "tokenizer_vocab_size": len(tokenizer),
         "seconds": round(time.perf_counter() - started, 2),
     }
+    if quantize is not None:
+        del model
+        summary.update(quantize_checkpoint(out_dir, out_dir, quantize, group_size=group_size,
+                                           seed=seed))
+        summary["weight_bytes"] = summary.pop("quantized_bytes")
     with open(os.path.join(out_dir, "backplane_bench_model.json"), "w") as f:
         json.dump(summary, f, indent=2)
     logger.info("wrote %s (%s, %.1fM parameters)", out_dir, shape, num_params / 1e6)

@@ -324,6 +324,12 @@ def decode_step_summary(records: list[StepRecord], min_steps: int = 3) -> dict[i
             # part of the sampler).
             entry["median_grammar_mask_s"] = statistics.median(masks)
             entry["grammar_mask_pct"] = 100.0 * entry["median_grammar_mask_s"] / step_s
+        comm = [r.phases.get("comm_seconds", 0.0) for r in recs]
+        if any(comm):
+            # A split model (tensor/pipeline parallel): rank 0's time in collectives,
+            # part of the model time.
+            entry["median_comm_s"] = statistics.median(comm)
+            entry["comm_pct"] = 100.0 * entry["median_comm_s"] / step_s
         sampler = [r.sampler_seconds for r in recs if r.sampler_seconds is not None]
         if sampler:
             entry["median_sampler_s"] = statistics.median(sampler)

@@ -6,6 +6,10 @@ decode steps against the linear-layer ceiling (`--ceiling`), prefix caching
 on against off (`--compare-prefix-caching`). With `--repeat K` each figure is
 measured K times on fresh prompts (so prefix caching cannot reuse an earlier
 repeat's blocks) and the median and range are quoted.
+
+`--baseline vllm` / `--baseline llama.cpp` cannot share this process (other
+torch, or C++): they, and Backplane with them, run in fresh processes per
+repeat (`backplane.benchmarks.external`), and `main` hands over to that.
 """
 
 from __future__ import annotations
@@ -29,10 +33,22 @@ from backplane.benchmarks.engine_runner import (
     run_requests,
     warm_up,
 )
+from backplane.benchmarks.external import (
+    EXTERNAL_BASELINES,
+    check_unsupported,
+    external_rows,
+    options_from_args,
+    run_external,
+)
 from backplane.benchmarks.hf_baseline import DEFAULT_BATCH_SIZES, TransformersBaseline
 from backplane.benchmarks.report import dump_json, median_and_range, print_table
 from backplane.benchmarks.step_timing import decode_step_summary
-from backplane.benchmarks.workload import WorkloadSpec, build_requests, token_id_range
+from backplane.benchmarks.workload import (
+    WorkloadSpec,
+    build_requests,
+    resolve_workload_args,
+    token_id_range,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +157,8 @@ def run_throughput(opts: ThroughputOptions) -> dict:
     if opts.repeat < 1:
         raise ValueError(f"repeat ({opts.repeat}) must be at least 1")
     if opts.baseline not in (None, "transformers"):
-        raise ValueError(f"baseline {opts.baseline!r} is not supported; use 'transformers'")
+        raise ValueError(f"baseline {opts.baseline!r} is not supported here; use 'transformers' "
+                         "(vllm and llama.cpp run out of process: backplane.benchmarks.external)")
 
     model = opts.engine_args.model
     rss_before = memory.current_rss_bytes()
@@ -321,6 +338,9 @@ def result_rows(result: dict) -> list[tuple[str, Any]]:
             rows.append((f"decode bs={batch}: sampler %", d["sampler_pct"]))
         if "grammar_mask_pct" in d:
             rows.append((f"decode bs={batch}: grammar masks %", d["grammar_mask_pct"]))
+        if "median_comm_s" in d:
+            rows.append((f"decode bs={batch}: collectives ms (rank 0)",
+                         1e3 * d["median_comm_s"]))
         if "cpu_util" in d:
             rows.append((f"decode bs={batch}: CPU utilisation", d["cpu_util"]))
     if "prefix_caching" in result:
@@ -379,6 +399,7 @@ def main(args) -> int:
     from backplane.config.cli_args import engine_args_from_cli
 
     engine_args = engine_args_from_cli(args)
+    resolve_workload_args(args)  # idempotent; for callers that skip the CLI's own call
     spec = WorkloadSpec(
         num_prompts=args.num_prompts,
         output_len=args.output_len,
@@ -387,11 +408,19 @@ def main(args) -> int:
         prefix_len=args.prefix_len,
         seed=engine_args.seed,
     )
+    # --baseline is repeatable (a list); older callers pass one name or None.
+    baselines = [args.baseline] if isinstance(args.baseline, str) else list(args.baseline or [])
+    if any(b in EXTERNAL_BASELINES for b in baselines):
+        if "transformers" in baselines:
+            raise ValueError("--baseline transformers runs in this process and cannot be "
+                             "combined with --baseline vllm / llama.cpp; run them separately")
+        args.baseline = baselines
+        return _main_external(args, engine_args, spec)
     opts = ThroughputOptions(
         engine_args=engine_args,
         workload=spec,
         repeat=args.repeat,
-        baseline=args.baseline,
+        baseline=baselines[0] if baselines else None,
         baseline_batch_sizes=tuple(args.baseline_batch_sizes),
         ceiling=args.ceiling,
         ceiling_batch_sizes=tuple(args.ceiling_batch_sizes) if args.ceiling_batch_sizes else None,
@@ -405,6 +434,18 @@ def main(args) -> int:
     result = run_throughput(opts)
     table_out = sys.stderr if args.json == "-" else sys.stdout
     print_table("backplane bench throughput", result_rows(result), out=table_out)
+    if args.json:
+        dump_json(result, args.json)
+    return 0
+
+
+def _main_external(args, engine_args, spec: WorkloadSpec) -> int:
+    """`--baseline vllm|llama.cpp`: every engine in fresh processes (backplane.benchmarks.external)."""
+    check_unsupported(args)
+    result = run_external(options_from_args(args, engine_args, spec))
+    table_out = sys.stderr if args.json == "-" else sys.stdout
+    print_table("backplane bench throughput vs " + " / ".join(result["baselines"]),
+                external_rows(result), out=table_out)
     if args.json:
         dump_json(result, args.json)
     return 0

@@ -98,3 +98,42 @@ def build_requests(spec: WorkloadSpec, id_low: int, id_high: int) -> list[BenchR
 def kv_tokens_needed(requests: list[BenchRequest]) -> int:
     """Tokens of KV cache the whole request set needs if every request runs at once."""
     return sum(r.prompt_len + r.output_len for r in requests)
+
+
+# The named workloads of issue 19 (`bench throughput --workload w1|w2|w3`). Explicit
+# workload flags still win over a preset's values.
+WORKLOAD_PRESETS: dict[str, dict] = {
+    # Batch-1 decode: one request, 128 prompt tokens, 128 generated.
+    "w1": {"num_prompts": 1, "input_len": 128, "output_len": 128, "prefix_len": 0},
+    # Mixed prompt lengths: 64 requests, prompts uniform in 64..512, 128 generated.
+    "w2": {"num_prompts": 64, "input_len_range": (64, 512), "output_len": 128, "prefix_len": 0},
+    # Shared prefix: 64 x (one 400-token prefix + 32 own tokens), 128 generated.
+    "w3": {"num_prompts": 64, "input_len": 32, "output_len": 128, "prefix_len": 400},
+}
+
+# What `bench throughput` uses for a field that neither a flag nor a preset set.
+WORKLOAD_DEFAULTS: dict = {"num_prompts": 64, "input_len": 128, "output_len": 128,
+                           "prefix_len": 0}
+
+
+def resolve_workload_args(args) -> None:
+    """Fill the workload fields of a `bench throughput` namespace in place.
+
+    Precedence: an explicit flag, then ``--workload``'s preset, then WORKLOAD_DEFAULTS.
+    A flag left unset is None; a prompt length given by flag (``--input-len`` or
+    ``--input-len-range``) replaces the preset's, whichever form the preset used.
+    """
+    preset_name = getattr(args, "workload", None)
+    if preset_name is not None and preset_name not in WORKLOAD_PRESETS:
+        raise ValueError(f"--workload {preset_name!r}: expected one of {sorted(WORKLOAD_PRESETS)}")
+    preset = WORKLOAD_PRESETS.get(preset_name, {})
+    length_given = (getattr(args, "input_len", None) is not None
+                    or getattr(args, "input_len_range", None) is not None)
+    if not length_given:
+        if preset.get("input_len_range") is not None:
+            args.input_len_range = list(preset["input_len_range"])
+        else:
+            args.input_len = preset.get("input_len", WORKLOAD_DEFAULTS["input_len"])
+    for name in ("num_prompts", "output_len", "prefix_len"):
+        if getattr(args, name, None) is None:
+            setattr(args, name, preset.get(name, WORKLOAD_DEFAULTS[name]))

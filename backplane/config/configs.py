@@ -80,7 +80,10 @@ class ModelConfig(Freezable):
         override_generation_config: sampling defaults merged over the loaded ones.
         quantization: quantization applied at load, on platforms that list it:
             ``int8`` (int8 weights with per-row scales, activations quantized per
-            token in blocks of 32: W8A8) or ``int8_weight_only`` (W8A16); None: none.
+            token in blocks of 32: W8A8), ``int8_weight_only`` (W8A16) or ``fp8`` (e4m3
+            weights, per-row scales, bf16 activations); ``gptq`` /
+            ``awq``: the checkpoint's 4-bit weights (set from its quantization_config
+            when left None); None: none.
         revision, max_seq_len_to_capture: vLLM options kept so that their use is
             refused with a reason instead of being ignored.
         hf_config: the transformers config, filled by the loader.
@@ -136,7 +139,12 @@ class CacheConfig(Freezable):
             None until resolution, which applies the platform's choice or 0.9.
         kv_cache_memory_bytes: explicit KV cache size in bytes; overrides memory_utilization.
         num_kv_blocks: explicit number of KV blocks; overrides both of the above.
-        kv_cache_dtype: ``"auto"`` stores KV in the model dtype.
+        kv_cache_dtype: ``"auto"`` stores KV in the model dtype; ``fp8`` (=
+            ``fp8_e4m3``) and ``fp8_e5m2`` store one byte per element with a
+            per-layer K and V scale.
+        calculate_kv_scales: with an fp8 kv_cache_dtype, set each layer's K/V
+            scales from the first step's keys and values (amax / fp8 max)
+            instead of the checkpoint's scales or 1.0.
     """
 
     block_size: int = 16
@@ -145,6 +153,7 @@ class CacheConfig(Freezable):
     kv_cache_memory_bytes: int | None = None
     num_kv_blocks: int | None = None
     kv_cache_dtype: str = "auto"
+    calculate_kv_scales: bool = False
 
 
 @dataclass
@@ -168,20 +177,31 @@ class SchedulerConfig(Freezable):
     async_scheduling: bool | None = None
 
 
+# distributed_executor_backend values: in-process, one process per rank on this host,
+# Ray actors (multi-node), every rank started by torchrun (SPMD).
+EXECUTOR_BACKENDS = ("uni", "mp", "ray", "external_launcher")
+
+
 @dataclass
 class ParallelConfig(Freezable):
     """How the model is split over devices and processes.
 
     Attributes:
+        distributed_executor_backend: one of ``EXECUTOR_BACKENDS`` (None until
+            resolution: ``uni`` for one rank, ``mp`` for more).
         engine_process: run the engine core in a child process (None until
             resolution, which applies the platform policy's
             ``default_engine_process``, else False).
+        data_parallel_size: independent engine cores (each with its own
+            scheduler, KV cache and tensor x pipeline ranks) behind one front-end,
+            requests balanced by load; above 1 each core runs in its own process.
     """
 
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
-    distributed_executor_backend: str = "uni"
+    distributed_executor_backend: str | None = None
     engine_process: bool | None = None
+    data_parallel_size: int = 1
 
 
 @dataclass
@@ -201,7 +221,7 @@ class LoadConfig(Freezable):
 
 
 # Weight quantization methods Backplane implements (a platform lists those it runs).
-QUANTIZATION_METHODS = ("int8", "int8_weight_only")
+QUANTIZATION_METHODS = ("int8", "int8_weight_only", "fp8", "gptq", "awq", "compressed-tensors")
 
 # Largest adapter rank accepted (vLLM's ceiling too): rank rows are padded to it.
 MAX_LORA_RANK_LIMIT = 512

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from backplane.config.configs import (
+    EXECUTOR_BACKENDS,
     QUANTIZATION_METHODS,
     CacheConfig,
     CompilationConfig,
@@ -195,6 +196,7 @@ class EngineConfig:
                                 "adapters are applied to generating models only")
             if mc.torch_dtype is not None:
                 problems += self._select_attention_backend(platform)
+        problems += self._resolve_data_parallel(platform)
         problems += self._resolve_engine_process(platform)
         problems += self._resolve_async_scheduling(platform)
         for note in self.notes:
@@ -254,20 +256,46 @@ class EngineConfig:
         return []
 
     def _quantization_problems(self, hf, platform: Platform) -> list[str]:
-        """--quantization must be a method the platform runs; quantized checkpoints are
-        refused (their packed tensors would otherwise fail to load, or load as noise)."""
-        method = self.model_config.quantization
+        """--quantization must be a method the platform runs. A quantized checkpoint's
+        ``quantization_config`` is detected (as vLLM does): GPTQ/AWQ 4-bit checkpoints set
+        the method (an explicit --quantization must name the same one); other methods,
+        bit widths or layouts are refused, naming what is unsupported."""
+        from backplane.core.quantization.config import (
+            CHECKPOINT_METHODS,
+            UnsupportedQuantizationError,
+            parse_quantization_config,
+            quant_method,
+        )
+
+        mc = self.model_config
+        method = mc.quantization
         checkpoint = getattr(hf, "quantization_config", None)
         out = []
         if checkpoint:
-            name = (checkpoint.get("quant_method") if isinstance(checkpoint, dict)
-                    else getattr(checkpoint, "quant_method", None))
-            out.append(f"model {self.model_config.model!r} is a quantized checkpoint "
-                       f"(quantization_config.quant_method {name!r}), which is not supported "
-                       "yet; use its unquantized weights (with --quantization int8 where the "
-                       "platform runs it)")
+            name = quant_method(checkpoint)
+            try:
+                parse_quantization_config(checkpoint)
+            except UnsupportedQuantizationError as exc:
+                return [f"model {mc.model!r} is a quantized checkpoint "
+                        f"(quantization_config.quant_method {name!r}) that Backplane cannot "
+                        f"load: {exc}"]
+            if method is None:
+                mc.quantization = method = name
+                self.notes.append(f"quantization {name!r} detected from the checkpoint's "
+                                  "quantization_config")
+            elif method != name:
+                return [f"quantization ({method!r}) does not match the checkpoint: model "
+                        f"{mc.model!r} is a {name!r} checkpoint (quantization_config."
+                        f"quant_method); drop --quantization or pass {name!r}"]
+        elif method in CHECKPOINT_METHODS:
+            return [f"quantization ({method!r}) needs a {method} checkpoint, but model "
+                    f"{mc.model!r} has no quantization_config in its config.json (use "
+                    "--quantization int8 to quantize float weights at load)"]
         if method is None:
             return out
+        if method in CHECKPOINT_METHODS and self.lora_config is not None:
+            out.append(f"enable_lora is not supported with {method} checkpoints yet (LoRA "
+                       "adapters apply to float linear layers)")
         if method not in QUANTIZATION_METHODS:
             out.append(f"quantization ({method!r}) is not supported; supported: "
                        f"{list(QUANTIZATION_METHODS)}")
@@ -362,6 +390,13 @@ class EngineConfig:
             out.append(
                 f"kv_cache_dtype ({cc.kv_cache_dtype!r}) is not one of {list(KNOWN_KV_CACHE_DTYPES)}"
             )
+        elif cc.calculate_kv_scales and not cc.kv_cache_dtype.startswith("fp8"):
+            # Scales only exist for an fp8 cache; silently ignoring the flag would hide
+            # that the run is not the quantized one the user meant.
+            out.append(
+                f"calculate_kv_scales (True) needs an fp8 kv_cache_dtype (fp8, fp8_e4m3 or "
+                f"fp8_e5m2), got kv_cache_dtype {cc.kv_cache_dtype!r}"
+            )
         if self.load_config.load_format not in LOAD_FORMATS:
             out.append(
                 f"load_format ({self.load_config.load_format!r}) is not one of "
@@ -400,21 +435,96 @@ class EngineConfig:
                 "buffers sized for max_model_len, so they replay any length and there is "
                 "nothing to limit (vLLM V1 deprecated the option too)"
             )
-        if pc.tensor_parallel_size > 1 or pc.pipeline_parallel_size > 1:
-            out.append(
-                f"tensor_parallel_size ({pc.tensor_parallel_size}) and pipeline_parallel_size "
-                f"({pc.pipeline_parallel_size}) must be 1: distributed execution is not "
-                "implemented yet; run one engine per device"
-            )
-        if pc.distributed_executor_backend != "uni":
-            out.append(
-                f"distributed_executor_backend ({pc.distributed_executor_backend!r}) is not "
-                "implemented yet; only 'uni' (in-process) runs"
-            )
+        out += self._parallel_problems()
+        out += self._data_parallel_problems()
         if self.optimization_level is not None and self.optimization_level not in (0, 1, 2, 3):
             out.append(f"optimization_level ({self.optimization_level}) must be 0, 1, 2 or 3")
         out += generation_config_problems(mc.generation_config, mc.override_generation_config)
         out += self._batched_tokens_problems()
+        return out
+
+    def _parallel_problems(self) -> list[str]:
+        """The executor for the world size (default: in-process for one rank, ``mp`` for
+        more), and the features a split model does not run yet."""
+        pc = self.parallel_config
+        world = max(1, pc.tensor_parallel_size) * max(1, pc.pipeline_parallel_size)
+        if pc.distributed_executor_backend is None:
+            pc.distributed_executor_backend = "uni" if world == 1 else "mp"
+            self.notes.append(f"distributed_executor_backend defaults to "
+                              f"{pc.distributed_executor_backend!r} (world size {world})")
+        backend = pc.distributed_executor_backend
+        if backend not in EXECUTOR_BACKENDS:
+            return [f"distributed_executor_backend ({backend!r}) must be one of "
+                    f"{list(EXECUTOR_BACKENDS)}"]
+        if world == 1:
+            return []
+        out = []
+        if backend == "uni":
+            out.append(
+                f"distributed_executor_backend 'uni' runs one rank in this process, but "
+                f"tensor_parallel_size ({pc.tensor_parallel_size}) x pipeline_parallel_size "
+                f"({pc.pipeline_parallel_size}) = {world}; use 'mp' (this host), 'ray' or "
+                "'external_launcher' (torchrun)")
+        split = (f"with tensor_parallel_size {pc.tensor_parallel_size} x "
+                 f"pipeline_parallel_size {pc.pipeline_parallel_size}")
+        if self.speculative_config is not None:
+            out.append(f"speculative_config is not supported {split} yet: the draft would "
+                       "need the same split; use tensor_parallel_size and "
+                       "pipeline_parallel_size 1")
+        if self.lora_config is not None:
+            out.append(f"enable_lora is not supported {split} yet: adapter weights are not "
+                       "split over ranks")
+        if self.model_config.quantization is not None:
+            out.append(f"quantization ({self.model_config.quantization!r}) is not supported "
+                       f"{split} yet: quantized layers are not split over ranks")
+        return out
+
+    def _data_parallel_problems(self) -> list[str]:
+        """data_parallel_size: a whole number >= 1; above 1 not with external_launcher
+        (torchrun starts one program per rank, there is no front-end to balance)."""
+        pc = self.parallel_config
+        dp = pc.data_parallel_size
+        if isinstance(dp, bool) or not isinstance(dp, int) or dp < 1:
+            return [f"data_parallel_size ({dp!r}) must be an integer >= 1"]
+        if dp > 1 and pc.distributed_executor_backend == "external_launcher":
+            return [f"data_parallel_size ({dp}) is not supported with "
+                    "distributed_executor_backend 'external_launcher': torchrun starts every "
+                    "rank as the same program, with no front-end to balance requests over "
+                    "engine cores; use the 'mp' or 'ray' backend, or data_parallel_size 1"]
+        return []
+
+    def _resolve_data_parallel(self, platform: Platform) -> list[str]:
+        """Above one engine core: each runs in its own process (engine_process is implied,
+        an explicit False refused), the model must generate (the pooling runner runs
+        in-process), and a platform with devices must have one per rank of every core."""
+        pc = self.parallel_config
+        dp = pc.data_parallel_size
+        if isinstance(dp, bool) or not isinstance(dp, int) or dp <= 1:
+            return []
+        if self._runs_pooling():
+            return [f"data_parallel_size ({dp}) is not supported with the pooling runner: "
+                    "pooling models run in the front-end process, with no engine core to "
+                    "replicate; use data_parallel_size 1"]
+        out = []
+        if pc.engine_process is False:
+            out.append(f"data_parallel_size ({dp}) runs each engine core in its own process, "
+                       "but engine_process is False; drop --no-engine-process")
+        elif pc.engine_process is None:
+            pc.engine_process = True
+            self.notes.append(f"engine_process: on (data_parallel_size {dp} runs each engine "
+                              "core in its own process)")
+        world = max(1, pc.tensor_parallel_size) * max(1, pc.pipeline_parallel_size)
+        runtime = platform.runtime
+        if getattr(runtime, "device_type", "cpu") != "cpu":
+            try:
+                visible = int(runtime.device_count())
+            except Exception:  # noqa: BLE001 - the platform reports its own device problems
+                visible = None
+            if visible is not None and dp * world > visible:
+                out.append(f"data_parallel_size ({dp}) x tensor_parallel_size "
+                           f"({pc.tensor_parallel_size}) x pipeline_parallel_size "
+                           f"({pc.pipeline_parallel_size}) = {dp * world} exceeds the "
+                           f"{visible} device(s) visible to platform {platform.name!r}")
         return out
 
     def _generation_defaults_problems(self) -> list[str]:

@@ -8,6 +8,7 @@ from typing import Any
 
 from backplane.config.configs import (
     _DTYPES,
+    EXECUTOR_BACKENDS,
     MAX_LORA_RANK_LIMIT,
     CacheConfig,
     CompilationConfig,
@@ -26,7 +27,6 @@ DTYPE_CHOICES = ("auto", *_DTYPES)
 TOKENIZER_MODES = ("auto", "slow")
 SCHEDULING_POLICIES = ("fcfs", "priority")
 RUNNER_CHOICES = ("auto", "generate", "pooling")
-EXECUTOR_BACKENDS = ("uni", "mp", "ray", "external_launcher")
 OPTIMIZATION_LEVELS = (0, 1, 2, 3)
 # EngineConfig section (by an option's "section" metadata) -> (attribute, class).
 _SECTIONS = {
@@ -154,8 +154,11 @@ class EngineArgs:
         'Quantize every linear layer and the output head at load, on platforms whose kernels '
         'run it (cpu with AVX512-BF16/VNNI): `int8` (int8 weights, one scale per output row; '
         'activations quantized per token in blocks of 32, int8 dot products: W8A8, the fast '
-        'one) or `int8_weight_only` (W8A16: activations stay bf16). Other methods (fp8, '
-        'gptq, awq, ...) and quantized checkpoints are refused.',
+        'one), `int8_weight_only` (W8A16: activations stay bf16) or `fp8` (e4m3 weights, one '
+        'scale per output row, bf16 activations; the output head stays bf16). GPTQ and AWQ 4-bit '
+        'checkpoints are detected from their `quantization_config` (`gptq` / `awq` here must '
+        'then match it) and run on the platform\'s int4 kernels (cpu, cuda/rocm with '
+        'triton). Other methods (fp8 checkpoints, bitsandbytes, ...) and bit widths are refused.',
         default_doc='none',
     )
     revision: str | None = _opt(
@@ -198,7 +201,17 @@ class EngineArgs:
         "auto", 'cache',
         'KV-cache storage dtype; `auto` uses the model dtype. Known names: `auto`, `float32`,'
         ' `float16`, `bfloat16`, `fp8`, `fp8_e4m3`, `fp8_e5m2`; the platform decides which it'
-        ' runs.',
+        ' runs. `fp8` (= `fp8_e4m3`) and `fp8_e5m2` store one byte per element (twice the'
+        ' tokens of bf16 in the same memory) with a per-layer K and V scale: the'
+        " checkpoint's `k_scale`/`v_scale` when it has them, else 1.0 (see"
+        ' `calculate_kv_scales`).',
+    )
+    calculate_kv_scales: bool = _opt(
+        False, 'cache',
+        'With an fp8 `kv_cache_dtype`: set each layer\'s K and V scale from the first'
+        ' step\'s keys and values (the largest absolute key / the fp8 max, likewise for'
+        ' values), replacing the'
+        ' checkpoint\'s scales or 1.0 (vLLM\'s option). Refused without an fp8 KV cache.',
     )
     max_num_seqs: int = _opt(
         256, 'scheduler',
@@ -228,19 +241,24 @@ class EngineArgs:
     )
     tensor_parallel_size: int = _opt(
         1, 'parallel',
-        'Devices one layer is split over. Only 1 runs today: larger values are refused before'
-        ' anything is built (distributed execution is not implemented yet).',
+        'Ranks each layer is split over (attention heads, MLP columns and the vocabulary), '
+        'each holding and reading only its slice of the weights. Llama-family decoders '
+        '(Llama, Mistral, Qwen2, Qwen3, Granite); other architectures are refused above 1.',
         flags=('-tp',),
     )
     pipeline_parallel_size: int = _opt(
         1, 'parallel',
-        'Pipeline stages the layers are split into. Only 1 runs today; larger values are refused.',
+        'Stages the decoder layers are split into, one rank group each; activations pass '
+        'from stage to stage with the platform communicator\'s send/recv.',
         flags=('-pp',),
     )
-    distributed_executor_backend: str = _opt(
-        "uni", 'parallel',
-        'How worker processes run. Only `uni` (in-process) runs today; `mp`, `ray`, '
-        '`external_launcher` are refused.',
+    distributed_executor_backend: str | None = _opt(
+        None, 'parallel',
+        'How the ranks run: `uni` (in-process, one rank), `mp` (one process per rank on this '
+        'host), `ray` (Ray actors placed by a placement group; multi-node), '
+        '`external_launcher` (every rank started by torchrun runs the same program). Unset: '
+        '`uni` for one rank, `mp` for more.',
+        default_doc="uni / mp by world size",
         choices=EXECUTOR_BACKENDS,
     )
     engine_process: bool | None = _opt(
@@ -250,6 +268,17 @@ class EngineArgs:
         "the model's steps. Unset: the platform's default (on for cuda and rocm). Refused "
         'with `--runner pooling`, which runs in-process.',
         default_doc="the platform's",
+    )
+    data_parallel_size: int = _opt(
+        1, 'parallel',
+        'Independent engine cores, each in its own process with its own scheduler, KV cache '
+        'and devices (rank i takes devices [i x world, (i+1) x world), world = tensor x '
+        'pipeline parallel size; on cpu its share of the cores), behind one server or `LLM`. '
+        'Each request goes to the core with the fewest running + waiting requests; '
+        '`/metrics` reports each rank (label `engine`) and the totals. Above 1 the engine '
+        'process is implied; refused with `--runner pooling` and the `external_launcher` '
+        'backend.',
+        flags=('-dp',),
     )
     device: str = _opt(
         "auto", 'device',

@@ -34,7 +34,9 @@ from backplane.config.options import (
 
 # vLLM options with no Backplane equivalent, and why (shown to the user).
 VLLM_UNMAPPABLE = {
-    "quantization": "quantized checkpoints (awq, gptq, fp8, ...) are not supported yet",
+    "quantization": "only 4-bit gptq/awq checkpoints and int8/fp8 load-time quantization "
+                    "are supported (fp8 checkpoints, bitsandbytes, marlin variants, ... are "
+                    "not)",
     "disable_log_stats": "statistics are always exported on /metrics",
     "disable_log_requests": "request logging is controlled by BACKPLANE_LOGGING_LEVEL",
     "enable_log_requests": "request logging is controlled by BACKPLANE_LOGGING_LEVEL",

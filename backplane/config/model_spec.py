@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from backplane.config.attention_spec import attention_spec_from_config
+from backplane.plugins_sdk.attention import kv_cache_torch_dtype
 
 if TYPE_CHECKING:
     from backplane.config.engine import EngineConfig
@@ -28,8 +29,6 @@ GENERATION_DEFAULT_KEYS = (
 )
 # --generation-config values besides a directory: the model's file, or none at all.
 GENERATION_CONFIG_MODES = ("auto", "vllm")
-# kv_cache_dtype names -> the dtype stored in the cache ("auto": the model's dtype).
-_KV_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -53,7 +52,8 @@ class ModelSpec:
             ``--override-generation-config`` merged over them (`sampling_defaults`
             gives them under SamplingParams' names).
         block_size: tokens per KV block.
-        kv_cache_dtype: the dtype stored in the KV cache.
+        kv_cache_dtype: the dtype of the KV cache tensors (an fp8 dtype for the
+            ``fp8*`` names: one byte per element, so a block takes half bf16's bytes).
         tie_word_embeddings: the LM head shares the embedding weights.
         logits_soft_cap: attention logit soft-cap (Gemma 2), None without one.
         attention: the per-rank AttentionSpec (the same one backend selection used).
@@ -126,7 +126,7 @@ class ModelSpec:
             eos_token_ids=frozenset(eos),
             generation_defaults=MappingProxyType(defaults),
             block_size=cc.block_size,
-            kv_cache_dtype=_KV_DTYPES.get(cc.kv_cache_dtype, mc.torch_dtype),
+            kv_cache_dtype=kv_cache_torch_dtype(cc.kv_cache_dtype, mc.torch_dtype),
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
             logits_soft_cap=attention.logits_soft_cap,
             attention=attention,

@@ -26,7 +26,9 @@ _EXPORTS = {
     "ConfigDecision": "platform",
     "ConfigPolicy": "platform",
     "DeviceRuntime": "platform",
+    "Fp8Weights": "quantization",
     "GraphRunner": "graph",
+    "Int4Weights": "quantization",
     "LoRAMapping": "lora",
     "MOE_ACTIVATIONS": "fused_moe",
     "Platform": "platform",
@@ -42,6 +44,8 @@ _EXPORTS = {
     "fused_moe_torch": "fused_moe",
     "hookimpl": "hooks",
     "hookspec": "hooks",
+    "linear_fp8_reference": "quantization",
+    "linear_int4_reference": "quantization",
 }
 
 __all__ = [
@@ -52,7 +56,9 @@ __all__ = [
     "ConfigDecision",
     "ConfigPolicy",
     "DeviceRuntime",
+    "Fp8Weights",
     "GraphRunner",
+    "Int4Weights",
     "LoRAMapping",
     "MOE_ACTIVATIONS",
     "Platform",
@@ -71,6 +77,8 @@ __all__ = [
     "fused_moe_torch",
     "hookimpl",
     "hookspec",
+    "linear_fp8_reference",
+    "linear_int4_reference",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
@@ -92,6 +100,12 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         ConfigPolicy,
         DeviceRuntime,
         Platform,
+    )
+    from backplane.plugins_sdk.quantization import (
+        Fp8Weights,
+        Int4Weights,
+        linear_fp8_reference,
+        linear_int4_reference,
     )
     from backplane.plugins_sdk.reference import ReferenceAttentionBackend
     from backplane.plugins_sdk.token_bitmask import apply_token_bitmask

@@ -39,7 +39,10 @@ class AttentionSpec:
         dtype: dtype of queries, keys, values and the output.
         block_size: tokens per KV cache block.
         kv_cache_dtype: ``"auto"`` stores K/V in ``dtype``; other names are
-            quantized formats a backend declares in ``supported_kv_cache_dtypes``.
+            formats a backend declares in ``supported_kv_cache_dtypes``. The fp8
+            names (`FP8_KV_CACHE_DTYPES`: ``fp8`` = ``fp8_e4m3``, ``fp8_e5m2``)
+            make the cache tensor that torch fp8 dtype (`kv_cache_torch_dtype`)
+            and give `AttentionBackend.forward` the layer's ``kv_scales``.
         sliding_window: None for full causal attention. Otherwise the query at
             (0-based) position p of its request sees only the keys at positions
             ``p - sliding_window + 1 .. p``: itself and the ``sliding_window - 1``
@@ -64,6 +67,50 @@ class AttentionSpec:
     kv_cache_dtype: str = "auto"
     sliding_window: int | None = None
     logits_soft_cap: float | None = None
+
+
+# kv_cache_dtype names of the fp8 formats -> dtype of the cache tensor. Plain
+# ``fp8`` is e4m3 (3 mantissa bits, max 448), as in vLLM: K/V need precision
+# more than range once a scale brings them near the format's maximum; e5m2
+# (2 mantissa bits, max 57344) is there for checkpoints calibrated for it.
+FP8_KV_CACHE_DTYPES: dict[str, torch.dtype] = {
+    "fp8": torch.float8_e4m3fn,
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+}
+# The unquantized kv_cache_dtype names besides "auto".
+_PLAIN_KV_CACHE_DTYPES = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+}
+
+
+def is_fp8_kv_cache(kv_cache_dtype: str) -> bool:
+    """Whether ``kv_cache_dtype`` names an fp8 format (the cache then needs K/V scales)."""
+    return kv_cache_dtype in FP8_KV_CACHE_DTYPES
+
+
+def kv_cache_torch_dtype(kv_cache_dtype: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the cache tensor for ``kv_cache_dtype`` with model dtype ``dtype``.
+
+    Raises ValueError naming the value and the known names when it is none of them.
+    """
+    if kv_cache_dtype == "auto":
+        return dtype
+    found = FP8_KV_CACHE_DTYPES.get(kv_cache_dtype) or _PLAIN_KV_CACHE_DTYPES.get(kv_cache_dtype)
+    if found is None:
+        known = ["auto", *_PLAIN_KV_CACHE_DTYPES, *FP8_KV_CACHE_DTYPES]
+        raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} is not one of {known}")
+    return found
+
+
+def quantize_kv_fp8(x: torch.Tensor, scale: float | torch.Tensor,
+                    fp8_dtype: torch.dtype) -> torch.Tensor:
+    """The fp8 contract's quantizer: ``x / scale`` saturated to the format's max, rounded
+    to nearest even. What a backend stores must equal this; dequantizing is
+    ``stored.float() * scale``. (A plain ``.to(fp8)`` would turn values past the
+    max into NaN for e4m3 and inf for e5m2, so saturate first.)"""
+    limit = torch.finfo(fp8_dtype).max
+    return (x.float() / scale).clamp(-limit, limit).to(fp8_dtype)
 
 
 @dataclass
@@ -210,6 +257,8 @@ class AttentionBackend(ABC):
         kv_cache: torch.Tensor,
         metadata: Any,
         scale: float,
+        *,
+        kv_scales: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Write key/value at the metadata's slots, then attend causally over the cache.
 
@@ -225,6 +274,14 @@ class AttentionBackend(ABC):
                 model gives it: the in-tree models pass ``1 / sqrt(head_size)``;
                 a model may define another, so use this value, never a
                 constant derived from the head size.
+            kv_scales: given only with an fp8 ``spec.kv_cache_dtype`` (so a backend
+                that does not declare fp8 never sees it): this layer's float32
+                tensor ``[k_scale, v_scale]`` on the device. Store
+                `quantize_kv_fp8` ``(key, k_scale)`` / ``(value, v_scale)`` and
+                attend as if the cache held ``stored * scale``. Read the values
+                from the tensor at each call (never cache them on the host): the
+                core may set them after the first step (``--calculate-kv-scales``)
+                and a recorded graph must see the new values.
 
         Returns:
             [num_tokens, num_heads, head_size]; rows past num_actual_tokens are undefined.

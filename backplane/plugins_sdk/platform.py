@@ -198,7 +198,14 @@ class Platform:
     supports_graph_capture: bool = False
     # Weight quantization methods this platform's kernels run (``--quantization``);
     # the core refuses any other method on this platform, naming both (SDK 1.1).
+    # ``gptq`` / ``awq`` here mean: `make_quantized_linear` returns kernels for
+    # 4-bit checkpoints of that method.
     supported_quantization: tuple[str, ...] = ()
+    # Split models and data parallelism (SDK 1.1): the environment variable a process
+    # selects this platform's devices with (a list of indices, e.g. CUDA_VISIBLE_DEVICES),
+    # and the Ray resource name of one device ("GPU"); None: not applicable (cpu).
+    device_control_env_var: str | None = None
+    ray_device_resource: str | None = None
 
     def __init__(self, runtime: DeviceRuntime, config_policy: ConfigPolicy | None = None) -> None:
         self.runtime = runtime
@@ -353,8 +360,54 @@ class Platform:
 
         return apply_token_bitmask(logits, bitmask, rows)
 
+    def init_worker(self, local_rank: int, local_world_size: int) -> None:  # noqa: B027
+        """Claim this rank's share of the host before the model is built (SDK 1.1+).
+
+        Called once in every process of a split model (tensor/pipeline parallel),
+        rank 0 included, before the process group is joined: ``local_rank`` of
+        ``local_world_size`` ranks on this host. A GPU platform selects device
+        ``local_rank``; the cpu platform pins the process to its share of the cores
+        and sizes its thread pool to it. No-op by default.
+        """
+
+    def device_index(self, local_rank: int) -> int:
+        """The device index rank ``local_rank`` of this host uses (``runtime.device(i)``).
+
+        Default: one device per local rank, round robin over the visible devices;
+        a single shared device (cpu) is index 0 for every rank.
+        """
+        return local_rank % max(1, self.runtime.device_count())
+
+    def make_quantized_linear(self, method: str, weights: Any) -> torch.nn.Module | None:
+        """A module computing ``x @ W.T + bias`` for one quantized linear layer (SDK 1.1).
+
+        ``method`` is the checkpoint's (``"gptq"``, ``"awq"``); ``weights`` a
+        `backplane.plugins_sdk.quantization.Int4Weights` (unpacked 4-bit values,
+        per-group scales and zeros, act-order permutation, bias) on the model's
+        device. The module must keep ``x``'s shape except the last dimension and
+        return ``x``'s dtype; it should hold its data in buffers, not parameters.
+        Return None when the platform has no kernel for it: the core then
+        dequantizes the whole weight on every call (`linear_int4_reference`).
+        Called by `prepare_quantized_layers`. Default: None.
+        """
+        return None
+
+    def prepare_quantized_layers(self, model: torch.nn.Module) -> int:
+        """Give every quantized layer of ``model`` (``layer_kind`` ``"quantized_linear"``)
+        this platform's kernels through `make_quantized_linear`; returns how many got a
+        platform kernel (SDK 1.1). The default `prepare_model` calls it; a platform that
+        overrides `prepare_model` calls it too (first, before other layer swaps).
+        """
+        count = 0
+        for module in list(model.modules()):
+            if getattr(module, "layer_kind", None) == "quantized_linear" and getattr(
+                    module, "kernels", None) is None:
+                count += bool(module.use_platform_kernels(self.make_quantized_linear))
+        return count
+
     def prepare_model(self, model: torch.nn.Module, config: Any) -> torch.nn.Module:
-        """Adapt a loaded model to this platform's kernels (SDK 1.1+); identity by default.
+        """Adapt a loaded model to this platform's kernels (SDK 1.1+); by default only
+        quantized layers get the platform's kernels (`prepare_quantized_layers`).
 
         ``config`` is the finalized engine config (e.g. to leave the model alone
         when ``config.compilation_config.compile`` hands it to torch.compile).
@@ -375,6 +428,9 @@ class Platform:
         Output projections expose their ``[vocab, hidden]`` matrix as
         ``logits_weight``. Mixture-of-experts layers (``layer_kind`` ``"fused_moe"``)
         call the platform's `fused_moe` through their ``moe_op`` attribute.
+        Quantized layers (``"quantized_linear"``) get their kernels from
+        `make_quantized_linear` via `prepare_quantized_layers`.
         """
+        self.prepare_quantized_layers(model)
         return model
 

@@ -41,7 +41,19 @@ History:
          token_bitmask.apply_token_bitmask); Platform.add_lora (batched
          multi-LoRA; default lora.add_lora_torch, contract and LoRAMapping
          in plugins_sdk.lora); Platform.supported_quantization (weight
-         quantization methods the platform's kernels run, default ()).
+         quantization methods the platform's kernels run, default ()); the
+         fp8 KV cache contract (attention.FP8_KV_CACHE_DTYPES,
+         kv_cache_torch_dtype, quantize_kv_fp8; AttentionBackend.forward's
+         keyword ``kv_scales``, passed only to a backend that declares an
+         fp8 kv_cache_dtype); quantized checkpoints (GPTQ/AWQ 4-bit):
+         Platform.make_quantized_linear (default None: the core's
+         dequantizing reference) and Platform.prepare_quantized_layers (called
+         by the default prepare_model), quantization.Int4Weights and
+         linear_int4_reference; split models (tensor/pipeline parallel):
+         Platform.init_worker (default no-op) and Platform.device_index
+         (default round robin over the visible devices), an optional
+         Communicator.close(), Platform.device_control_env_var and
+         Platform.ray_device_resource (default None).
 
 Members added to a minor before its first release (as listed for 1.1) need
 no new version: a plugin declaring that minor only ever meets a Backplane that

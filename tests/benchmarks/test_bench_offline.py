@@ -185,3 +185,18 @@ def test_make_lora_and_throughput_with_a_lora_mix(bench_tiny_model, tmp_path):
     assert result["lora_mix"] == ["a0", "a1"]
     bp = result["backplane"]
     assert abs(bp["output_tokens_per_s"]["median"] * bp["seconds"]["median"] - 4 * 6) < 0.5
+
+
+def test_latency_tiny_tensor_parallel_reports_collective_time(bench_tiny_model, capsys):
+    code = main([
+        "bench", "latency", "--model", bench_tiny_model, "--batch-sizes", "1,2",
+        "--input-len", "8", "--output-len", "4", "--input-lens", "8", "--num-iters", "1",
+        "--num-kv-blocks", "64", "--max-model-len", "256", "--no-progress", "--json",
+        "-tp", "2",
+    ])
+    assert code == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    for entry in result["decode"].values():
+        assert 0 < entry["median_comm_s"] < entry["median_step_s"]
+    assert "collectives ms (rank 0)" in captured.err

@@ -53,9 +53,11 @@ def test_migrated_file_loads_without_warnings_and_validates(case, tmp_path, caps
         assert main(["config", "validate", str(out)]) == 1
         assert "graph capture (compilation_config.use_graphs=True) is not available" in \
             capsys.readouterr().out
-    elif case == "vllm_serve":  # tensor-parallel-size 2: refused until distributed execution
-        assert main(["config", "validate", str(out)]) == 1
-        assert "distributed execution is not implemented yet" in capsys.readouterr().out
+    elif case == "vllm_serve":  # tensor-parallel-size 2 runs on the mp executor
+        assert main(["config", "validate", str(out)]) == 0
+        output = capsys.readouterr().out
+        assert ": OK on platform cpu" in output
+        assert "distributed_executor_backend defaults to 'mp' (world size 2)" in output
     else:
         assert main(["config", "validate", str(out)]) == 0
         assert ": OK on platform cpu" in capsys.readouterr().out
@@ -80,7 +82,7 @@ def test_validate_reports_several_errors_at_once(tmp_path, capsys):
         "enable-chunked-prefill: false\n"
         "max-model-len: 4096\n"
         "max-num-batched-tokens: 100\n"
-        "kv-cache-dtype: fp8\n"
+        "kv-cache-dtype: float16\n"
         "num-gpu-blocks-override: 10\n"
         "port: 8000\n"
     )
@@ -91,7 +93,7 @@ def test_validate_reports_several_errors_at_once(tmp_path, capsys):
         "unknown option 'max-modle-len'", "did you mean: max_model_len",
         "max_num_seqs (0) must be >= 1", "block_size: 'abc' is not a valid int",
         "max_num_batched_tokens (100) is smaller than max_model_len (4096)",
-        "kv_cache_dtype 'fp8' is not supported on the cpu platform",
+        "kv_cache_dtype 'float16' is not supported on the cpu platform",
         "warning: option 'num_gpu_blocks_override'", "model-dependent checks",
     ):
         assert needle in out

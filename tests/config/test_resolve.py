@@ -38,14 +38,14 @@ def test_resolve_returns_a_frozen_config_with_the_model_spec(llama_model_dir, cp
 
 def test_problems_lists_everything_and_builds_nothing(llama_model_dir, cpu):
     found = problems(
-        EngineArgs(model=llama_model_dir, block_size=0, tensor_parallel_size=2, revision="v1"),
+        EngineArgs(model=llama_model_dir, block_size=0, tensor_parallel_size=3, revision="v1"),
         cpu,
     )
     assert any("block_size (0)" in p for p in found)
-    assert any("tensor_parallel_size (2)" in p for p in found)
+    assert any("tensor_parallel_size (3) must divide num_attention_heads" in p for p in found)
     assert any("revision ('v1')" in p for p in found)
     with pytest.raises(ValueError, match="invalid engine configuration"):
-        resolve(EngineArgs(model=llama_model_dir, tensor_parallel_size=2), cpu)
+        resolve(EngineArgs(model=llama_model_dir, tensor_parallel_size=3), cpu)
 
 
 def test_the_engine_runs_on_the_resolved_config(llama_model_dir):

@@ -64,11 +64,22 @@ def test_tensor_parallel_must_divide_heads():
         in problems
 
 
-def test_parallelism_is_refused_before_anything_is_built():
-    problems = _problems(tensor_parallel_size=2)
-    assert any("tensor_parallel_size (2)" in p and "not implemented yet" in p for p in problems)
-    problems = _problems(distributed_executor_backend="mp")
-    assert any("distributed_executor_backend ('mp') is not implemented yet" in p
+def test_executor_defaults_by_world_size_and_split_features_are_refused():
+    cfg = engine_config(tensor_parallel_size=2)
+    assert not cfg.check(cpu_platform())
+    assert cfg.parallel_config.distributed_executor_backend == "mp"
+    cfg = engine_config()
+    cfg.check(cpu_platform())
+    assert cfg.parallel_config.distributed_executor_backend == "uni"
+    (msg,) = _problems(tensor_parallel_size=2, distributed_executor_backend="uni")
+    assert "distributed_executor_backend 'uni' runs one rank" in msg and "= 2" in msg
+    (msg,) = _problems(distributed_executor_backend="slurm")
+    assert "distributed_executor_backend ('slurm') must be one of" in msg
+    problems = _problems(pipeline_parallel_size=2, quantization="int8")
+    assert any("quantization ('int8') is not supported with tensor_parallel_size 1 x "
+               "pipeline_parallel_size 2" in p for p in problems)
+    problems = _problems(tensor_parallel_size=2, enable_lora=True)
+    assert any("enable_lora is not supported with tensor_parallel_size 2" in p
                for p in problems)
 
 
@@ -82,9 +93,13 @@ def test_unsupported_vllm_options_are_refused_with_a_reason():
 def test_kv_cache_dtype_unknown_and_unsupported():
     problems = _problems(kv_cache_dtype="int3")
     assert any("kv_cache_dtype ('int3') is not one of" in p for p in problems)
-    problems = _problems(kv_cache_dtype="fp8")
-    assert any("kv_cache_dtype 'fp8' is not supported on the cpu platform" in p
+    # A known name without a cpu kernel (a cache in another float dtype than the model's).
+    problems = _problems(kv_cache_dtype="float16")
+    assert any("kv_cache_dtype 'float16' is not supported on the cpu platform" in p
                for p in problems)
+    # fp8 has one (cpu_paged); tests/core/test_fp8_kv_cache.py runs it.
+    for name in ("fp8", "fp8_e4m3", "fp8_e5m2"):
+        assert not any("kv_cache_dtype" in p for p in _problems(kv_cache_dtype=name))
 
 
 def test_max_model_len_above_model_limit():
@@ -101,13 +116,13 @@ def test_every_problem_in_one_error():
     cfg = engine_config(
         hf=llama_hf_config(num_attention_heads=4, num_key_value_heads=4),
         max_num_seqs=0, memory_utilization=1.5, tensor_parallel_size=3,
-        kv_cache_dtype="fp8", compilation_config={"use_graphs": True},
+        kv_cache_dtype="float16", compilation_config={"use_graphs": True},
     )
     with pytest.raises(ValueError) as err:
         cfg.finalize(cpu_platform())
     text = str(err.value)
     for needle in ("max_num_seqs (0) must be >= 1", "memory_utilization (1.5)",
-                   "tensor_parallel_size (3)", "kv_cache_dtype 'fp8'", "graph capture"):
+                   "tensor_parallel_size (3)", "kv_cache_dtype 'float16'", "graph capture"):
         assert needle in text
     assert text.count("\n  - ") >= 5
 

@@ -85,8 +85,9 @@ def test_engine_int8_tracks_bf16(llama_model_dir, method):
 
 def test_other_methods_platforms_and_quantized_checkpoints_are_refused(
         llama_model_dir, tmp_path, monkeypatch):
-    with pytest.raises(ValueError, match=r"quantization \('fp8'\) is not supported"):
-        LLM(model=llama_model_dir, max_model_len=64, num_kv_blocks=16, quantization="fp8")
+    with pytest.raises(ValueError, match=r"quantization \('bitsandbytes'\) is not supported"):
+        LLM(model=llama_model_dir, max_model_len=64, num_kv_blocks=16,
+            quantization="bitsandbytes")
     with pytest.raises(ValueError, match="torch.compile"):
         if not bf16_gemm_supported():
             pytest.skip("no int8 kernel here")
@@ -95,7 +96,7 @@ def test_other_methods_platforms_and_quantized_checkpoints_are_refused(
     quantized = tmp_path / "gptq"
     shutil.copytree(llama_model_dir, quantized)
     config = json.loads((quantized / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 8}  # only 4-bit loads
     (quantized / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="quantized checkpoint.*'gptq'"):
         LLM(model=str(quantized), max_model_len=64, num_kv_blocks=16)

@@ -141,7 +141,9 @@ class InprocClient(EngineCoreClient):
         return self.engine_core.scheduler.kv.reset_prefix_cache()
 
     def check_alive(self) -> None:
-        pass  # it lives and dies with this process; a failed step raises from step()
+        # The core lives and dies with this process; the other ranks of a split model
+        # may not (a failed step raises from step() too).
+        self.engine_core.check_health()
 
     def shutdown(self) -> None:
         # The core may hold a worker thread of its own (async scheduling).
@@ -157,7 +159,9 @@ class MPClient(EngineCoreClient):
     makes every call, as with the in-process engine.
     """
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, *, dp_hint: dict | None = None, wait: bool = True) -> None:
+        """``dp_hint``: this core's data-parallel rank and share of the host (`DPClient`);
+        ``wait=False`` returns once the child started (call `wait_ready` later)."""
         import zmq
 
         from backplane.core.engine.core_proc import picklable_config, run_engine_core
@@ -174,6 +178,10 @@ class MPClient(EngineCoreClient):
         self._last_step = StepTiming()
         self._stats: dict[str, Any] = {}
         self._max_model_len = config.max_model_len
+        rank = None if dp_hint is None else dp_hint["rank"]
+        # How errors name the child ("engine core process" is kept for callers matching it).
+        self._label = ("engine core process" if rank is None
+                       else f"engine core process of data-parallel rank {rank}")
         # ipc sockets live in a private directory, removed at shutdown.
         self._ipc_dir = tempfile.mkdtemp(prefix="backplane-engine-")
         input_addr = f"ipc://{self._ipc_dir}/input"
@@ -191,9 +199,10 @@ class MPClient(EngineCoreClient):
         # Not a daemon: a daemonic process may not start children of its own
         # (compile workers); the atexit hook below stops it instead.
         self._proc = mp.Process(
-            target=run_engine_core, name="backplane-engine-core",
+            target=run_engine_core,
+            name="backplane-engine-core" + ("" if rank is None else f"-dp{rank}"),
             args=(picklable_config(config), config.compute_hash(), input_addr, output_addr,
-                  os.getpid()),
+                  os.getpid(), dp_hint),
         )
         self._proc.start()
         self.engine_pid = self._proc.pid
@@ -203,12 +212,17 @@ class MPClient(EngineCoreClient):
         self._poller = zmq.Poller()
         self._poller.register(self._output, zmq.POLLIN)
         self._poller.register(self._proc.sentinel, zmq.POLLIN)
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Block until the child built its engine core; on failure, stop it and raise."""
         try:
             self._wait_ready()
         except BaseException:
             self.shutdown()
             raise
-        logger.info("engine core runs in process %d", self.engine_pid)
+        logger.info("%s runs in process %d", self._label, self.engine_pid)
 
     # ----- requests -----
 
@@ -228,11 +242,12 @@ class MPClient(EngineCoreClient):
     def has_unfinished_requests(self) -> bool:
         return bool(self._unfinished) or bool(self._pending_outputs)
 
-    def step(self) -> list[EngineCoreOutput]:
-        """The next outputs: blocks while requests are unfinished, else only polls."""
+    def step(self, block: bool | None = None) -> list[EngineCoreOutput]:
+        """The next outputs: blocks while requests are unfinished, else only polls
+        (``block=False``: never blocks)."""
         self._flush_adds()
         if not self._pending_outputs and self._deferred_error is None:
-            self._receive(block=bool(self._unfinished))
+            self._receive(block=bool(self._unfinished) if block is None else block)
         outputs, self._pending_outputs = self._pending_outputs, []
         if not outputs and self._deferred_error is not None:
             error, self._deferred_error = self._deferred_error, None
@@ -259,6 +274,9 @@ class MPClient(EngineCoreClient):
         if self._closed:
             raise EngineDeadError("the engine core has been shut down")
         if not self._proc.is_alive():
+            # A FATAL report sent just before it exited names the cause (raised by _handle).
+            while self._output.poll(0):
+                self._handle(serial.unpack(self._output.recv(self._zmq.NOBLOCK)))
             raise self._died()
 
     def shutdown(self) -> None:
@@ -268,16 +286,22 @@ class MPClient(EngineCoreClient):
         self._closed = True
         atexit.unregister(self._atexit)
         if self._proc.is_alive():
-            try:
-                self._input.send(serial.pack([serial.SHUTDOWN]), self._zmq.NOBLOCK)
-            except self._zmq.ZMQError:
-                pass  # nobody reads any more: SIGTERM below
+            self.ask_to_leave()
             self._proc.join(_SHUTDOWN_WAIT_S)
         _stop_process(self._proc)
         self._input.close(0)
         self._output.close(0)
         self._ctx.term()
         shutil.rmtree(self._ipc_dir, ignore_errors=True)
+
+    def ask_to_leave(self) -> None:
+        """Send the shutdown message without waiting (`shutdown` then waits for the exit)."""
+        if self._input.closed:
+            return
+        try:
+            self._input.send(serial.pack([serial.SHUTDOWN]), self._zmq.NOBLOCK)
+        except self._zmq.ZMQError:
+            pass  # nobody reads any more: SIGTERM in shutdown
 
     def __del__(self) -> None:
         # A dropped engine must not leave its process behind (signals only: no sockets).
@@ -356,7 +380,7 @@ class MPClient(EngineCoreClient):
             self._utility_results[call_id] = [result, error]
         elif kind == serial.FATAL:
             self._dead = EngineProcessDiedError(
-                f"engine core process (pid {self.engine_pid}) failed: {message[1]}")
+                f"{self._label} (pid {self.engine_pid}) failed: {message[1]}")
             raise self._dead
         else:
             raise RuntimeError(f"unexpected message from the engine core: {kind!r}")
@@ -372,12 +396,12 @@ class MPClient(EngineCoreClient):
                     self._stats = message[1]
                     return
                 if message[0] == serial.FATAL:
-                    raise RuntimeError(f"the engine core process failed to start: {message[1]}")
+                    raise RuntimeError(f"the {self._label} failed to start: {message[1]}")
                 raise RuntimeError(f"unexpected first message from the engine core: {message[0]!r}")
             if self._proc.sentinel in events or not self._proc.is_alive():
                 self._proc.join(1)
                 raise RuntimeError(
-                    f"the engine core process (pid {self.engine_pid}) exited during start-up "
+                    f"the {self._label} (pid {self.engine_pid}) exited during start-up "
                     f"({_describe_exit(self._proc.exitcode)}); see its log above. A script "
                     "that starts an engine process must guard its entry point with "
                     "`if __name__ == \"__main__\":` (the child re-imports the main module)"
@@ -386,11 +410,236 @@ class MPClient(EngineCoreClient):
     def _died(self) -> EngineDeadError:
         self._proc.join(0.5)
         self._dead = EngineProcessDiedError(
-            f"engine core process (pid {self.engine_pid}) died "
+            f"{self._label} (pid {self.engine_pid}) died "
             f"({_describe_exit(self._proc.exitcode)})"
         )
         logger.error("%s", self._dead)
         return self._dead
+
+
+
+# Longest wait of one DPClient.step for outputs (outputs and deaths wake it at once).
+_DP_STEP_WAIT_MS = 20
+
+# Counters summed over the data-parallel ranks (the gauges are recomputed from them).
+_SUMMED = ("num_running", "num_waiting", "num_total_blocks", "num_free_blocks",
+           "prefix_cache_queries", "prefix_cache_hits", "num_preemptions")
+
+
+def dp_hints(config, platform) -> list[dict[str, Any]]:
+    """What each data-parallel rank's child claims of the host at start-up.
+
+    On a platform with devices, rank i gets devices [i*world, (i+1)*world) of
+    those visible here (world = tensor x pipeline parallel size), selected in
+    the child by the platform's visible-devices variable before it initialises
+    the device. On cpu every rank gets its own block of the cores and 1/K of
+    the host memory to size its KV cache from.
+    """
+    pc = config.parallel_config
+    size = pc.data_parallel_size
+    world = max(1, pc.tensor_parallel_size) * max(1, pc.pipeline_parallel_size)
+    runtime = platform.runtime
+    on_cpu = getattr(runtime, "device_type", "cpu") == "cpu"
+    # The variable a process selects the platform's devices with (SDK attribute).
+    env_var = getattr(platform, "device_control_env_var", None)
+    visible: list[str] = []
+    if not on_cpu and env_var:
+        listed = os.environ.get(env_var)
+        visible = ([d.strip() for d in listed.split(",") if d.strip()] if listed
+                   else [str(i) for i in range(runtime.device_count())])
+        if len(visible) < size * world:
+            logger.warning("data_parallel_size %d x world %d needs %d devices but %s lists %d; "
+                           "the ranks share devices", size, world, size * world, env_var,
+                           len(visible))
+            visible = []
+    elif not on_cpu:
+        logger.warning("platform %s names no visible-devices variable; the %d data-parallel "
+                       "ranks share its devices", platform.name, size)
+    hints = []
+    for rank in range(size):
+        hint: dict[str, Any] = {"rank": rank, "size": size, "env": {}, "cpu_share": on_cpu,
+                                "memory_share": size if on_cpu or not visible else 1}
+        if visible:
+            hint["env"][env_var] = ",".join(visible[rank * world:(rank + 1) * world])
+        hints.append(hint)
+    return hints
+
+
+class DPClient(EngineCoreClient):
+    """K engine cores (data parallel), each an `MPClient` with its own child process.
+
+    Every core is an independent engine (scheduler, KV cache, ranks of its own).
+    The requests of one `add_requests` call (the sequences of one user request)
+    go to the core with the fewest unfinished requests, counted here from adds,
+    finishes and finished outputs (no round trip; ties: the lowest rank), and
+    stay there; finishes go to the core holding the request. `step` gathers
+    what every core has sent, waiting on all of them at once, so an idle core
+    never holds up a busy one. A dead core makes the whole client dead, naming
+    its rank. Not thread-safe, like `MPClient`.
+    """
+
+    def __init__(self, config, platform) -> None:
+        import zmq
+
+        self.size = config.parallel_config.data_parallel_size
+        self.cores: list[MPClient] = []
+        try:
+            # Start every child first, then wait for all: they load in parallel.
+            for hint in dp_hints(config, platform):
+                self.cores.append(MPClient(config, dp_hint=hint, wait=False))
+            for core in self.cores:
+                core.wait_ready()
+        except BaseException:
+            self.shutdown()
+            raise
+        self.engine_pid = self.cores[0].engine_pid
+        self._owner: dict[str, int] = {}
+        self._generated = [0] * self.size
+        self._deferred_error: Exception | None = None
+        self._last_step = StepTiming()
+        self._poller = zmq.Poller()
+        for core in self.cores:
+            self._poller.register(core._output, zmq.POLLIN)
+            self._poller.register(core._proc.sentinel, zmq.POLLIN)
+        logger.info("data parallel: %d engine cores in processes %s", self.size,
+                    self.engine_pids)
+
+    @property
+    def engine_pids(self) -> list[int]:
+        """The pid of each rank's engine-core process."""
+        return [core.engine_pid for core in self.cores]
+
+    def loads(self) -> list[int]:
+        """Unfinished requests of each core, as this client counts them."""
+        return [len(core._unfinished) for core in self.cores]
+
+    # ----- requests -----
+
+    def add_requests(self, requests: list[Request]) -> None:
+        if not requests:
+            return
+        loads = self.loads()
+        rank = loads.index(min(loads))
+        self.cores[rank].add_requests(requests)
+        for request in requests:
+            self._owner[request.request_id] = rank
+
+    def finish_requests(self, request_ids: list[str], status: RequestStatus) -> None:
+        by_rank: dict[int, list[str]] = {}
+        for request_id in request_ids:
+            rank = self._owner.pop(request_id, None)
+            if rank is not None:
+                by_rank.setdefault(rank, []).append(request_id)
+        for rank, ids in sorted(by_rank.items()):
+            self._guarded(rank, self.cores[rank].finish_requests, ids, status)
+
+    def has_unfinished_requests(self) -> bool:
+        return any(core.has_unfinished_requests() for core in self.cores)
+
+    def step(self) -> list[EngineCoreOutput]:
+        """What every core has sent. While nothing came and some core has unfinished
+        requests it waits on all cores at once, but for at most `_DP_STEP_WAIT_MS`: then
+        it returns nothing, so that the caller's new requests reach an idle core while
+        another one is in a long step."""
+        outputs = self._collect()
+        if not outputs and self._deferred_error is None and any(
+                core._unfinished for core in self.cores):
+            if self._poller.poll(_DP_STEP_WAIT_MS):
+                outputs = self._collect()
+            else:
+                self.check_alive()
+        if not outputs and self._deferred_error is not None:
+            error, self._deferred_error = self._deferred_error, None
+            raise error
+        return outputs
+
+    def _collect(self) -> list[EngineCoreOutput]:
+        outputs: list[EngineCoreOutput] = []
+        for rank, core in enumerate(self.cores):
+            try:
+                got = self._guarded(rank, core.step, False)
+            except EngineDeadError:
+                raise
+            except Exception as exc:  # a failed step: that core's requests ended
+                if self._deferred_error is None:
+                    self._deferred_error = RuntimeError(f"data-parallel rank {rank}: {exc}")
+                self._owner = {rid: r for rid, r in self._owner.items()
+                               if r != rank or rid in core._unfinished}
+                continue
+            if got:
+                self._last_step = core.last_step
+            for out in got:
+                self._generated[rank] += len(out.new_token_ids)
+                if out.finish_status is not None:
+                    self._owner.pop(out.request_id, None)
+            outputs += got
+        return outputs
+
+    def stats(self) -> dict[str, Any]:
+        ranks = []
+        for rank, core in enumerate(self.cores):
+            snapshot = dict(self._guarded(rank, core.stats))
+            snapshot["num_generated_tokens"] = self._generated[rank]
+            ranks.append(snapshot)
+        total = {key: sum(r[key] for r in ranks) for key in _SUMMED}
+        blocks = total["num_total_blocks"]
+        total["kv_cache_usage"] = (blocks - total["num_free_blocks"]) / blocks if blocks else 0.0
+        total["block_size"] = ranks[0]["block_size"]
+        total["spec_decode"] = _sum_spec([r["spec_decode"] for r in ranks])
+        total["dp_ranks"] = ranks
+        return total
+
+    @property
+    def last_step(self) -> StepTiming:
+        return self._last_step
+
+    def reset_prefix_cache(self) -> bool:
+        # Every core is asked, even after one refused.
+        results = [self._guarded(rank, core.reset_prefix_cache)
+                   for rank, core in enumerate(self.cores)]
+        return all(results)
+
+    # ----- liveness and shutdown -----
+
+    def check_alive(self) -> None:
+        for rank, core in enumerate(self.cores):
+            self._guarded(rank, core.check_alive)
+
+    def shutdown(self) -> None:
+        """Ask every core to leave at once, then stop each (SIGTERM, SIGKILL if need be)."""
+        for core in self.cores:
+            if not core._closed and core._proc.is_alive():
+                core.ask_to_leave()
+        for core in self.cores:
+            core.shutdown()
+
+    def _guarded(self, rank: int, fn, *args):
+        """``fn(*args)`` for core ``rank``; its death names the rank (and K)."""
+        try:
+            return fn(*args)
+        except EngineProcessDiedError:
+            raise
+        except EngineDeadError as exc:
+            raise EngineDeadError(
+                f"data-parallel rank {rank} of {self.size}: {exc}") from exc
+
+
+def _sum_spec(per_rank: list[dict | None]) -> dict | None:
+    """The speculative-decoding counters of every rank added up (None when off)."""
+    present = [s for s in per_rank if s is not None]
+    if not present:
+        return None
+    total: dict[str, Any] = {}
+    for key, value in present[0].items():
+        if isinstance(value, list):
+            width = max(len(s[key]) for s in present)
+            total[key] = [sum(s[key][i] for s in present if i < len(s[key]))
+                          for i in range(width)]
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            total[key] = sum(s[key] for s in present)
+        else:
+            total[key] = value
+    return total
 
 
 def _describe_exit(code: int | None) -> str:

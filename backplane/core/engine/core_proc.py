@@ -50,8 +50,13 @@ def restored_config(config):
 
 def run_engine_core(
     config, config_hash: str, input_addr: str, output_addr: str, parent_pid: int,
+    dp_hint: dict | None = None,
 ) -> None:
-    """Process entry point (spawn): serve ``config``'s engine core until told to stop."""
+    """Process entry point (spawn): serve ``config``'s engine core until told to stop.
+
+    ``dp_hint`` (`core_client.dp_hints`): this child is one data-parallel rank; it
+    claims its devices or cores before anything initialises the device.
+    """
     import zmq
 
     # Ctrl-C reaches the whole process group; the front-end decides when the engine
@@ -61,6 +66,8 @@ def run_engine_core(
     from backplane.logging_utils import configure_logging
 
     configure_logging()
+    if dp_hint is not None:
+        _claim_dp_share(dp_hint)
     ctx = zmq.Context()
     inp = ctx.socket(zmq.PULL)
     inp.setsockopt(zmq.LINGER, 0)
@@ -80,7 +87,7 @@ def run_engine_core(
                 "the configuration rebuilt in the engine process differs from the "
                 f"front-end's (hash {config.compute_hash()[:12]} != {config_hash[:12]})"
             )
-        core = _build_core(config)
+        core = _build_core(config, dp_hint)
         from backplane.core.engine.core_client import core_stats
 
         out.send(serial.pack([serial.READY, core_stats(core)]))
@@ -112,7 +119,47 @@ def _exit_on_sigterm(signum, frame) -> None:
     raise SystemExit(0)
 
 
-def _build_core(config):
+def _claim_dp_share(hint: dict) -> None:
+    """Take this data-parallel rank's share of the host (in the child, at start-up).
+
+    Devices: the platform's visible-devices variable lists this rank's devices
+    (set before the device is initialised; the ranks its executor spawns inherit
+    it). cpu: pinned to cores [i*n/K, (i+1)*n/K) of those this process may use
+    (round robin when ranks outnumber cores), torch's pool sized to them; an
+    explicit OMP_NUM_THREADS still sets the pool size.
+    """
+    rank, size = hint["rank"], hint["size"]
+    for name, value in hint["env"].items():
+        os.environ[name] = value
+        logger.info("data-parallel rank %d of %d: %s=%s", rank, size, name, value)
+    if not hint["cpu_share"] or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if size <= len(cores):
+        mine = cores[rank * len(cores) // size:(rank + 1) * len(cores) // size]
+    else:
+        mine = [cores[rank % len(cores)]]
+    os.sched_setaffinity(0, mine)
+    if "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        torch.set_num_threads(len(mine))
+    logger.info("data-parallel rank %d of %d pinned to cores %s", rank, size, mine)
+
+
+def _share_memory(platform, share: int) -> None:
+    """Make the platform report 1/``share`` of the free memory, so that engine cores
+    sharing one device (the cpu's host memory) size their KV caches from their part."""
+    runtime = platform.runtime
+    available = runtime.available_memory
+
+    def available_share(index: int = 0) -> int:
+        return available(index) // share
+
+    runtime.available_memory = available_share
+
+
+def _build_core(config, dp_hint: dict | None = None):
     from backplane.core.engine.engine_core import EngineCore
     from backplane.core.engine.llm_engine import LLMEngine
     from backplane.platforms import resolve_platform
@@ -124,6 +171,8 @@ def _build_core(config):
             f"the configuration was resolved for platform {config.platform_name!r} but the "
             f"engine process selected {platform.name!r}"
         )
+    if dp_hint is not None and dp_hint["memory_share"] > 1:
+        _share_memory(platform, dp_hint["memory_share"])
     # Same order as in-process: seed, then build, so sampling draws the same numbers.
     platform.runtime.seed_everything(config.model_config.seed)
     return EngineCore(config, platform)
@@ -133,6 +182,7 @@ def _busy_loop(core, inp, out, parent_pid: int) -> None:
     import zmq
 
     from backplane.core.engine import serial
+    from backplane.core.engine.async_engine import EngineDeadError
     from backplane.core.engine.core_client import core_stats
 
     while True:
@@ -141,6 +191,9 @@ def _busy_loop(core, inp, out, parent_pid: int) -> None:
             return
         busy = core.has_unfinished_requests()
         if not busy and not inp.poll(_IDLE_POLL_MS):
+            # Idle: a rank of a split model may still die; that ends this process
+            # (FATAL), so the front-end's /health turns non-200 without a request.
+            core.check_health()
             continue
         changed = False
         while True:
@@ -155,6 +208,8 @@ def _busy_loop(core, inp, out, parent_pid: int) -> None:
         if core.has_unfinished_requests():
             try:
                 outputs = core.step()
+            except EngineDeadError:
+                raise  # a rank of the model is gone: no later step can run (FATAL)
             except Exception as exc:  # noqa: BLE001 - fail the batch, serve on
                 logger.exception("engine core step failed")
                 failed = _abort_all(core)

@@ -8,6 +8,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from backplane.config.resolve import ResolvedConfig
+from backplane.core.executor import make_executor
 from backplane.core.model_runner.runner import ModelRunner, TokenLogprobs
 from backplane.core.scheduler.output import SchedulerOutput
 from backplane.core.scheduler.request import Request, RequestStatus
@@ -40,6 +41,8 @@ class StepTiming:
     num_reqs: int = 0
     # Filling and moving the structured-output token bitmasks (0 without constraints).
     grammar_mask_seconds: float = 0.0
+    # Rank 0's time in collectives (tensor/pipeline parallel; 0 for one rank).
+    comm_seconds: float = 0.0
 
 
 class EngineCore:
@@ -50,7 +53,9 @@ class EngineCore:
         outputs need one; an engine-core process loads its own at the first use)."""
         self.config = config
         self._tokenizer = tokenizer
-        self.model_runner = ModelRunner(config, platform)
+        # The ranks of the model (one, or a split model's processes); rank 0 is here.
+        self.executor = make_executor(config, platform)
+        self.model_runner: ModelRunner = self.executor.runner
         spec = config.speculative_config
         self.scheduler = Scheduler(
             config.scheduler_config, config.cache_config, self.model_runner.num_blocks,
@@ -138,9 +143,9 @@ class EngineCore:
         if sched_out.is_empty:
             # Nothing fits (should not happen with a correctly sized cache); let the
             # runner drop removed rows anyway so no state lingers.
-            self.model_runner.execute(sched_out)
+            self.executor.execute(sched_out)
             return []
-        result = self.model_runner.execute(sched_out)
+        result = self.executor.execute(sched_out)
         return self._outputs(sched_out, result, start)
 
     def _step_overlapped(self) -> list[EngineCoreOutput]:
@@ -159,18 +164,18 @@ class EngineCore:
         if self._in_flight is None:
             first = self._schedule()
             if first.is_empty:
-                self.model_runner.execute(first)  # drops removed rows, computes nothing
+                self.executor.execute(first)  # drops removed rows, computes nothing
                 return []
-            self._in_flight = (first, self._step_thread.submit(self.model_runner.execute, first))
+            self._in_flight = (first, self._step_thread.submit(self.executor.execute, first))
         current, running = self._in_flight
         self._in_flight = None
         upcoming = self._schedule()  # overlaps the device work of `current`
         result = running.result()
         if upcoming.is_empty:
-            self.model_runner.execute(upcoming)
+            self.executor.execute(upcoming)
         else:
             self._in_flight = (upcoming,
-                               self._step_thread.submit(self.model_runner.execute, upcoming))
+                               self._step_thread.submit(self.executor.execute, upcoming))
         outputs = self._outputs(current, result, start)
         if self._in_flight is not None and not self.scheduler.has_unfinished_requests():
             # Every request ended with `current`: the step in flight only computed
@@ -179,10 +184,16 @@ class EngineCore:
             self._in_flight = None
         return outputs
 
+    def check_health(self) -> None:
+        """Raise `WorkerDiedError` when a rank of the model is gone."""
+        self.executor.check_health()
+
     def shutdown(self) -> None:
-        """Stop the model-step thread (async scheduling), after the step in flight."""
+        """Stop the model-step thread (async scheduling), after the step in flight, then
+        the other ranks."""
         if self._step_thread is not None:
             self._step_thread.shutdown(wait=True)
+        self.executor.shutdown()
 
     def _outputs(self, sched_out: SchedulerOutput, result, start: float) -> list[EngineCoreOutput]:
         """Apply a finished step's sampled tokens and describe what changed per request."""
@@ -226,5 +237,6 @@ class EngineCore:
             num_tokens=sched_out.total_num_scheduled_tokens,
             num_reqs=len(sched_out.num_scheduled_tokens),
             grammar_mask_seconds=result.grammar_mask_seconds,
+            comm_seconds=result.comm_seconds,
         )
         return outputs

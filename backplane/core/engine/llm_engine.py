@@ -9,7 +9,12 @@ from dataclasses import dataclass
 
 from backplane.config import EngineArgs, EngineConfig
 from backplane.config.resolve import ResolvedConfig, resolve
-from backplane.core.engine.core_client import EngineCoreClient, InprocClient, MPClient
+from backplane.core.engine.core_client import (
+    DPClient,
+    EngineCoreClient,
+    InprocClient,
+    MPClient,
+)
 from backplane.core.engine.engine_core import EngineCore
 from backplane.core.engine.output_processor import OutputProcessor, RequestState
 from backplane.core.scheduler.request import Request, RequestStatus
@@ -38,6 +43,9 @@ class EngineStats:
     num_generated_tokens: int = 0
     # Speculative decoding counters (`SpecDecodeStats` as a dict); None when it is off.
     spec_decode: dict | None = None
+    # Data parallel: each rank's own numbers (the fields above, as a dict), rank order;
+    # the fields above are then the totals. None with one engine core.
+    dp_ranks: list[dict] | None = None
 
     @property
     def spec_acceptance_rate(self) -> float | None:
@@ -96,6 +104,10 @@ class LLMEngine:
             from backplane.core.pooling.engine_core import PoolingEngineCore
 
             self.engine_core = PoolingEngineCore(self.config, self.platform)
+        elif self.config.parallel_config.data_parallel_size > 1:
+            # K engine cores, each in its own process; requests balanced by load.
+            self.engine_core = None
+            self.core = DPClient(self.config, self.platform)
         elif self.config.parallel_config.engine_process:
             self.engine_core = None
             self.core = MPClient(self.config)

@@ -144,7 +144,7 @@ def decode_output(data: list) -> EngineCoreOutput:
 
 def encode_timing(t: StepTiming) -> list:
     return [t.total_seconds, t.forward_seconds, t.num_tokens, t.num_reqs,
-            t.grammar_mask_seconds]
+            t.grammar_mask_seconds, t.comm_seconds]
 
 
 def decode_timing(data: list) -> StepTiming:

@@ -6,6 +6,7 @@ is laid out, is the platform backend's business (see plugins_sdk.attention).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,12 @@ class AttentionContext:
             layer_idx, the backend instance of that layer's spec and its metadata
             for this step (one instance and one metadata per distinct spec). None:
             every layer uses ``backend`` and ``metadata``.
+        kv_scales: with an fp8 KV cache, each layer's float32 ``[k_scale,
+            v_scale]`` on the device (passed to the backend as ``kv_scales``);
+            None otherwise, and the backend is called without it.
+        observe_kv_scales: set for the step that calibrates the scales
+            (``--calculate-kv-scales``): called as ``(layer_idx, key, value)``
+            before the layer's keys and values are written.
     """
 
     backend: AttentionBackend
@@ -35,6 +42,8 @@ class AttentionContext:
     kv_caches: list[torch.Tensor]
     layer_backends: list[AttentionBackend] | None = None
     layer_metadata: list[Any] | None = None
+    kv_scales: list[torch.Tensor] | None = None
+    observe_kv_scales: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
 
 
 class Attention(nn.Module):
@@ -63,7 +72,7 @@ class Attention(nn.Module):
         if ctx.layer_backends is not None:
             backend = ctx.layer_backends[self.layer_idx]
             metadata = ctx.layer_metadata[self.layer_idx]
-        out = backend.forward(
+        args = (
             q.view(n, self.num_heads, self.head_size),
             k.view(n, self.num_kv_heads, self.head_size),
             v.view(n, self.num_kv_heads, self.head_size),
@@ -71,4 +80,11 @@ class Attention(nn.Module):
             metadata,
             self.scale,
         )
+        if ctx.kv_scales is None:
+            # Unquantized cache: the 1.0 signature, so every backend is called the same way.
+            out = backend.forward(*args)
+        else:
+            if ctx.observe_kv_scales is not None:
+                ctx.observe_kv_scales(self.layer_idx, args[1], args[2])
+            out = backend.forward(*args, kv_scales=ctx.kv_scales[self.layer_idx])
         return out.reshape(n, self.num_heads * self.head_size)

@@ -18,7 +18,12 @@ from torch import nn
 from backplane.config.configs import ModelConfig, parse_dtype
 from backplane.core.layers.rotary import RotaryEmbedding
 from backplane.core.loader.hf_config import load_hf_config
-from backplane.core.loader.weights import iterate_weights, resolve_model_dir, safetensors_files
+from backplane.core.loader.weights import (
+    iterate_checkpoint,
+    iterate_weights,
+    resolve_model_dir,
+    safetensors_files,
+)
 from backplane.core.models.registry import resolve_model_class
 
 logger = logging.getLogger(__name__)
@@ -54,6 +59,21 @@ def init_buffers(model: nn.Module, device: torch.device) -> None:
             hook(device)
 
 
+def check_parallel_support(model_cls) -> None:
+    """Refuse a tensor- or pipeline-parallel world for a model that cannot be split."""
+    from backplane.core.distributed.parallel_state import get_pp_group, get_tp_group
+
+    for size, supported, what in (
+        (get_tp_group().size, model_cls.supports_tensor_parallel, "tensor_parallel_size"),
+        (get_pp_group().size, model_cls.supports_pipeline_parallel, "pipeline_parallel_size"),
+    ):
+        if size > 1 and not supported:
+            raise ValueError(
+                f"{what} is {size}, but {model_cls.__name__} cannot be split over ranks yet "
+                f"(supported: the Llama-family decoders: Llama, Mistral, Qwen2, Qwen3, Granite); "
+                f"use {what} 1")
+
+
 def load_model(model_config: ModelConfig, device: torch.device | str) -> nn.Module:
     """Build and load the model of ``model_config`` on ``device``, in eval mode.
 
@@ -77,15 +97,25 @@ def load_model(model_config: ModelConfig, device: torch.device | str) -> nn.Modu
     # Find the files before building anything, so a broken directory fails fast.
     files = safetensors_files(model_dir)
 
+    check_parallel_support(model_cls)
     with torch.device("meta"):
         model = model_cls(hf_config, dtype)
+    # --- quantized checkpoints (GPTQ/AWQ): linear layers take the packed tensors ---
+    from backplane.core.quantization import quantize_checkpoint_layers
+
+    quantize_checkpoint_layers(model, hf_config)
+    # --- end quantized checkpoints ---
     model.to_empty(device=device)
     init_buffers(model, device)
     if model_config.max_model_len:
         for module in model.modules():
             if isinstance(module, RotaryEmbedding):
                 module.ensure_positions(model_config.max_model_len)
-    loaded = model.load_weights(iterate_weights(files))
+    # Models that can be split read lazily, each rank only its slices; the others may
+    # rework whole tensors in their own load_weights (transposes, stacked experts).
+    splittable = model_cls.supports_tensor_parallel or model_cls.supports_pipeline_parallel
+    loaded = model.load_weights(iterate_checkpoint(files) if splittable
+                                else iterate_weights(files))
     missing = sorted(model.expected_weight_names() - loaded)
     if missing:
         raise MissingWeightsError(model_dir, missing)

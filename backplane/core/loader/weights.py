@@ -70,11 +70,55 @@ def safetensors_files(model_dir: str) -> list[str]:
     )
 
 
+class CheckpointTensor:
+    """One tensor of a checkpoint, read from disk only when (and as far as) it is asked for.
+
+    Tensor-parallel ranks read just their slice with `read_slice`, so no rank
+    ever holds a whole sharded tensor. A plain ``torch.Tensor`` can be wrapped
+    too (`from_tensor`), for callers that already hold the values.
+    """
+
+    def __init__(self, name: str, shape: tuple[int, ...], reader, slicer) -> None:
+        self.name = name
+        self.shape = tuple(shape)
+        self._reader = reader
+        self._slicer = slicer
+
+    @classmethod
+    def from_tensor(cls, name: str, tensor: torch.Tensor) -> CheckpointTensor:
+        return cls(name, tuple(tensor.shape), lambda: tensor,
+                   lambda index: tensor[index])
+
+    def read(self) -> torch.Tensor:
+        """The whole tensor."""
+        return self._reader()
+
+    def read_slice(self, dim: int, start: int, length: int) -> torch.Tensor:
+        """``length`` entries along ``dim`` from ``start``; only those are read from the file."""
+        if not (0 <= start and start + length <= self.shape[dim]):
+            raise ValueError(
+                f"weight {self.name!r}: slice {start}:{start + length} of dim {dim} is outside "
+                f"its shape {list(self.shape)}")
+        index = (slice(None),) * dim + (slice(start, start + length),)
+        return self._slicer(index)
+
+
 def iterate_weights(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` for every tensor of every file, on the CPU."""
+    for name, lazy in iterate_checkpoint(files):
+        yield name, lazy.read()
+
+
+def iterate_checkpoint(files: list[str]) -> Iterator[tuple[str, CheckpointTensor]]:
+    """Yield ``(name, CheckpointTensor)`` for every tensor of every file; nothing is read
+    until the consumer asks (memory-mapped by safetensors)."""
     from safetensors import safe_open
 
     for path in files:
         with safe_open(path, framework="pt", device="cpu") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                handle = f.get_slice(name)
+                yield name, CheckpointTensor(
+                    name, tuple(handle.get_shape()),
+                    lambda name=name: f.get_tensor(name),
+                    lambda index, handle=handle: handle[index])

@@ -14,18 +14,21 @@ import numpy as np
 import torch
 
 from backplane.config.resolve import ResolvedConfig
+from backplane.core.distributed.parallel_state import communication_seconds, get_parallel_state
 from backplane.core.layers.attention import AttentionContext
 from backplane.core.layers.fused_moe import bind_fused_moe
 from backplane.core.model_runner.flat_batch import FlatBatch
 from backplane.core.model_runner.graph_capture import DecodeGraphs, estimate_graph_memory
 from backplane.core.model_runner.input_batch import InputBatch
 from backplane.core.model_runner.kv_cache_sizing import KVBlockLayout, determine_num_blocks
+from backplane.core.model_runner.kv_scales import KVScales
 from backplane.core.sampling.argmax import argmax_rows
 from backplane.core.sampling.metadata import SamplingMetadata
 from backplane.core.sampling.sampler import Sampler, gather_logprobs
 from backplane.core.scheduler.output import SchedulerOutput
 from backplane.core.spec_decode.rejection_sampler import rejection_sample
 from backplane.plugins_sdk import CommonAttentionMetadata, Platform
+from backplane.plugins_sdk.attention import is_fp8_kv_cache
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +58,8 @@ class ModelRunnerOutput:
     grammar_finished: set[str] = field(default_factory=set)
     # Time spent filling and moving the grammar bitmasks this step.
     grammar_mask_seconds: float = 0.0
+    # Time this rank spent in collectives (tensor/pipeline parallel) this step.
+    comm_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,11 @@ class ModelRunner:
 
         self.config = config
         self.platform = platform
-        self.device = platform.runtime.device()
+        parallel = get_parallel_state()
+        self.world = parallel.world
+        # Pipeline stage 0 holds the output head: only its ranks compute logits.
+        self.holds_logits = parallel.pp.is_first
+        self.device = platform.runtime.device(platform.device_index(parallel.local_rank))
         mc, cc = config.model_config, config.cache_config
         self.dtype = mc.torch_dtype
         self.block_size = cc.block_size
@@ -122,7 +131,13 @@ class ModelRunner:
         )
         self.attn_backend = backend_cls(spec)
         self._init_layer_backends(model, backend_cls, spec)
-        self.kv_layout = KVBlockLayout(num_layers, kv_heads, head_size, cc.block_size, self.dtype)
+        # The cache's own dtype (fp8: one byte an element), so the same memory holds
+        # twice bf16's blocks.
+        self.kv_cache_dtype = spec_model.kv_cache_dtype
+        # Pipeline parallel: only this stage's layers hold a cache (and count in its size).
+        self.local_layers = model.local_layer_ids()
+        self.kv_layout = KVBlockLayout(len(self.local_layers), kv_heads, head_size,
+                                       cc.block_size, self.kv_cache_dtype)
         max_blocks_per_req = -(-self.max_model_len // cc.block_size)
         self.vocab_size = config.model_spec.vocab_size
         self.input_batch = InputBatch(
@@ -155,25 +170,30 @@ class ModelRunner:
             num_kv_blocks=cc.num_kv_blocks,
             kv_cache_memory_bytes=cc.kv_cache_memory_bytes,
             memory_utilization=cc.memory_utilization,
-            available_memory=max(0, platform.runtime.available_memory() - graph_reserve),
+            available_memory=max(0, self._memory_share(platform) - graph_reserve),
             max_model_len=self.max_model_len,
             max_num_seqs=config.scheduler_config.max_num_seqs,
         )
+        # One block id means the same tokens on every rank: all ranks use the smallest count.
+        self.num_blocks = self._agreed(self.num_blocks)
         # Zero-filled (the backend decides how the memory is obtained): attention reads
         # whole blocks and masks the tail, and masked garbage (NaN * 0) would still
         # poison the output.
         cache_shape = backend_cls.kv_cache_shape(self.num_blocks, cc.block_size, kv_heads, head_size)
         self.kv_caches = [
-            backend_cls.allocate_kv_cache(cache_shape, self.dtype, self.device)
-            for _ in range(num_layers)
+            backend_cls.allocate_kv_cache(cache_shape, self.kv_cache_dtype, self.device)
+            if layer in self.local_layers else torch.empty(0, device=self.device)
+            for layer in range(num_layers)
         ]
+        self.kv_scales = self._init_kv_scales(config, num_layers)
         self.kv_cache_bytes = self.num_blocks * sizing_layout.bytes_per_block
         if self.proposer is not None and self.proposer.model_drafter is not None:
             self.proposer.model_drafter.allocate_kv_cache(self.num_blocks)
         logger.info(
-            "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB), attention backend %s",
+            "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB, %s), attention backend %s",
             self.num_blocks, cc.block_size, self.num_blocks * cc.block_size,
-            self.kv_cache_bytes / 2**20, backend_cls.name,
+            self.kv_cache_bytes / 2**20, str(self.kv_cache_dtype).removeprefix("torch."),
+            backend_cls.name,
         )
         self.decode_graphs: DecodeGraphs | None = None
         if self.graph_sizes:
@@ -189,6 +209,50 @@ class ModelRunner:
                     "decode graphs took %.1f MiB, more than the %.1f MiB held back for them "
                     "before sizing the KV cache; lower memory_utilization if memory runs short",
                     self.decode_graphs.capture_memory_bytes / 2**20, graph_reserve / 2**20)
+        # Set only now, so that capture's dummy steps never calibrate (nor record the
+        # calibration): the first real step run eagerly does, and clears the flag.
+        self._calibrate_kv_scales = self.kv_scales is not None and cc.calculate_kv_scales
+
+    def _init_kv_scales(self, config: ResolvedConfig, num_layers: int) -> KVScales | None:
+        """The fp8 cache's per-layer K/V scales (kv_scales.py); None for an unquantized cache."""
+        cc = config.cache_config
+        self._calibrate_kv_scales = False  # turned on after graph capture (see __init__)
+        if not is_fp8_kv_cache(cc.kv_cache_dtype):
+            return None
+        from backplane.core.loader.weights import resolve_model_dir, safetensors_files
+
+        scales = KVScales(num_layers, self.kv_cache_dtype, self.device)
+        scales.load_checkpoint(safetensors_files(resolve_model_dir(config.model_config.model)))
+        logger.info("%s%s", scales.describe(), "; recalculated from the first step's keys and "
+                    "values (calculate_kv_scales)" if cc.calculate_kv_scales else "")
+        return scales
+
+    def _memory_share(self, platform: Platform) -> int:
+        """Free device memory this rank may size its KV cache from: all of it, or its share
+        when local ranks share one device (the cpu's host memory)."""
+        local = get_parallel_state().local_world_size
+        sharing = -(-local // max(1, platform.runtime.device_count()))
+        return platform.runtime.available_memory(self.device.index or 0) // sharing
+
+    def _agreed(self, value: int) -> int:
+        """The minimum of ``value`` over every rank (the value itself in a one-rank world)."""
+        if self.world.size == 1:
+            return value
+        values = self.world.all_gather(torch.tensor([value], dtype=torch.int64,
+                                                    device=self.device), dim=0)
+        return int(values.min())
+
+    def _share_sampled(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Rank 0's sampled tokens on every rank.
+
+        Only rank 0 holds the structured-output matchers and its draws decide; the
+        other ranks write the same tokens into their batch so that the next step's
+        inputs agree everywhere.
+        """
+        if self.world.size == 1:
+            return token_ids
+        shared = token_ids.to(torch.int64).contiguous()
+        return self.world.broadcast(shared, src=0)
 
     def _free_device_memory(self) -> int:
         self.platform.runtime.synchronize()
@@ -211,6 +275,9 @@ class ModelRunner:
         elif config.lora_config is not None:
             reason = ("LoRA adapters are mixed per step (which tokens use which slot "
                       "changes every step)")
+        elif self.world.size > 1:
+            reason = ("the model is split over ranks (tensor/pipeline parallel); collectives "
+                      "inside recorded graphs are not supported yet")
         elif not platform.supports_graph_capture:
             reason = f"platform {platform.name!r} offers no graph runner"
         elif not backend_cls.supports_graph_capture:
@@ -310,6 +377,12 @@ class ModelRunner:
     # ---------------------------------------------------------------- execute
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        comm_start = communication_seconds()
+        result = self._execute(out)
+        result.comm_seconds = communication_seconds() - comm_start
+        return result
+
+    def _execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         self._update_batch(out)
         if out.is_empty:
             return ModelRunnerOutput()
@@ -376,6 +449,14 @@ class ModelRunner:
                 result: ModelRunnerOutput) -> None:
         """One new token for each row that reached its sampling point."""
         batch = self.input_batch
+        if not self.holds_logits:
+            # A later pipeline stage has no head: it takes rank 0's tokens.
+            token_ids = self._share_sampled(torch.empty(
+                len(sample_rows), dtype=torch.int64, device=self.device)).tolist()
+            positions = batch.num_tokens[sample_rows]
+            batch.token_ids[sample_rows, positions] = token_ids
+            batch.num_tokens[sample_rows] = positions + 1
+            return
         logits = self.model.compute_logits(hidden[torch.from_numpy(cu - 1).to(self.device)])
         mask_start = time.perf_counter()
         grammar_bitmask, grammar_rows = self._grammar_bitmask(sample_rows)
@@ -383,7 +464,7 @@ class ModelRunner:
             result.grammar_mask_seconds = time.perf_counter() - mask_start
         meta = self._sampling_metadata(sample_rows, grammar_bitmask, grammar_rows)
         sampled = self.sampler(logits, meta)
-        token_ids = sampled.token_ids.tolist()
+        token_ids = self._share_sampled(sampled.token_ids).tolist()
         for i, row in enumerate(sample_rows.tolist()):
             result.sampled[batch.req_ids[row]] = [token_ids[i]]
         positions = batch.num_tokens[sample_rows]
@@ -481,6 +562,12 @@ class ModelRunner:
         """The model forward for the step ``common`` describes (eager, or being recorded)."""
         ctx = AttentionContext(self.attn_backend, self.attn_backend.build_metadata(common),
                                self.kv_caches)
+        if self.kv_scales is not None:
+            ctx.kv_scales = self.kv_scales.layers
+            if self._calibrate_kv_scales and common.num_actual_tokens:
+                n, scales = common.num_actual_tokens, self.kv_scales
+                ctx.observe_kv_scales = lambda i, k, v: scales.observe(i, k[:n], v[:n])
+                self._calibrate_kv_scales = False
         if self.layer_backends is not None:
             # One metadata per distinct layer spec, shared by that spec's layers.
             built = {id(b): ctx.metadata if b is self.attn_backend else b.build_metadata(common)
@@ -702,6 +789,8 @@ class ModelRunner:
 
     def _prompt_logprobs(self, rows, computed, counts, starts, hidden, result) -> None:
         """Logprob of each prompt token given the tokens before it, for rows that ask."""
+        if not self.holds_logits:
+            return
         batch = self.input_batch
         for i, row in enumerate(rows.tolist()):
             k = batch.params[row].prompt_logprobs

@@ -19,7 +19,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from backplane.core.layers.linear import MergedLinear
+from backplane.core.loader.weights import CheckpointTensor
 from backplane.plugins_sdk import AttentionSpec
 
 logger = logging.getLogger(__name__)
@@ -28,10 +28,11 @@ logger = logging.getLogger(__name__)
 class WeightShapeError(ValueError):
     """A checkpoint tensor does not have the shape the model expects."""
 
-    def __init__(self, name: str, expected: tuple[int, ...], got: tuple[int, ...]) -> None:
+    def __init__(self, name: str, expected: tuple[int, ...], got: tuple[int, ...],
+                 note: str = "") -> None:
         super().__init__(
             f"weight {name!r} has shape {list(got)} in the checkpoint but the model "
-            f"expects {list(expected)}; the checkpoint does not match config.json"
+            f"expects {list(expected)}{note}; the checkpoint does not match config.json"
         )
         self.name, self.expected, self.got = name, expected, got
 
@@ -74,6 +75,10 @@ class CausalLM(nn.Module, ABC):
     # Checkpoint names matching any of these substrings are skipped silently:
     # buffers some exporters save that we recompute.
     ignored_weight_patterns: ClassVar[tuple[str, ...]] = ("rotary_emb.inv_freq",)
+    # Whether the layers split over tensor-parallel ranks (layers/parallel.py) and
+    # the layer stack over pipeline stages; the loader refuses other models at size > 1.
+    supports_tensor_parallel: ClassVar[bool] = False
+    supports_pipeline_parallel: ClassVar[bool] = False
 
     @abstractmethod
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -153,7 +158,7 @@ class CausalLM(nn.Module, ABC):
         for name, _ in self.named_parameters():
             module_name, _, attr = name.rpartition(".")
             module = self.get_submodule(module_name) if module_name else self
-            if isinstance(module, MergedLinear):
+            if hasattr(module, "output_sizes"):  # fused (MergedLinear or a quantized one)
                 prefix, _, fused_name = module_name.rpartition(".")
                 for ckpt_name, _shard in fused[fused_name]:
                     names.add(f"{prefix}.{ckpt_name}.{attr}" if prefix else f"{ckpt_name}.{attr}")
@@ -162,29 +167,47 @@ class CausalLM(nn.Module, ABC):
         return names
 
     @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    def load_weights(
+        self, weights: Iterable[tuple[str, torch.Tensor | CheckpointTensor]]
+    ) -> set[str]:
         """Copy checkpoint tensors into the parameters (casting to the model dtype).
 
-        Returns the checkpoint names that were loaded. Raises `WeightShapeError`
-        on a shape mismatch. Names the model does not know are logged and skipped.
+        ``weights`` yields tensors or lazy `CheckpointTensor`s; a layer split over
+        tensor-parallel ranks (``checkpoint_shards``, see layers/parallel.py) reads
+        only its slice. A module with its own ``load_checkpoint_tensor(attr, part,
+        source)`` (e.g. a quantized layer with packed tensors) loads its tensors
+        itself. Returns the checkpoint names that were loaded. Raises
+        `WeightShapeError` on a shape mismatch. Names the model does not know are
+        logged and skipped.
         """
-        params = dict(self.named_parameters())
         skipped = set(self.skipped_weight_names())
+        params = dict(self.named_parameters())
+        foreign = self.foreign_weight_prefixes()
         loaded: set[str] = set()
         unexpected: list[str] = []
-        for name, tensor in weights:
+        for name, source in weights:
             if name in skipped or any(p in name for p in self.ignored_weight_patterns):
                 continue
-            target = self._fused_target(name)
-            if target is None:
-                param = params.get(name)
-                if param is None:
+            if isinstance(source, torch.Tensor):
+                source = CheckpointTensor.from_tensor(name, source)
+            view = self._fused_target(name)
+            if view is not None:  # a model's own fused layout (stacked MoE experts)
+                if tuple(view.shape) != source.shape:
+                    raise WeightShapeError(name, tuple(view.shape), source.shape)
+                view.copy_(source.read())
+                loaded.add(name)
+                continue
+            found = self._checkpoint_target(name, params)
+            if found is None:
+                if not name.startswith(foreign):  # other pipeline stages' layers: expected
                     unexpected.append(name)
-                    continue
-                target = param.data
-            if tuple(target.shape) != tuple(tensor.shape):
-                raise WeightShapeError(name, tuple(target.shape), tuple(tensor.shape))
-            target.copy_(tensor)
+                continue
+            module, attr, part = found
+            custom = getattr(module, "load_checkpoint_tensor", None)
+            if custom is not None:
+                custom(attr, part, source)
+            else:
+                _copy_checkpoint_tensor(module, attr, part, source)
             loaded.add(name)
         if unexpected:
             logger.warning(
@@ -193,9 +216,25 @@ class CausalLM(nn.Module, ABC):
             )
         return loaded
 
+    def local_layer_ids(self) -> range:
+        """The attention layers this process holds (all of them, unless the model is split
+        into pipeline stages); only these get a KV cache."""
+        return range(self.kv_cache_shape().num_layers)
+
+    def foreign_weight_prefixes(self) -> tuple[str, ...]:
+        """Checkpoint name prefixes this process does not hold on purpose (the layers of
+        other pipeline stages); skipped without a warning."""
+        return ()
+
     def _fused_target(self, name: str) -> torch.Tensor | None:
-        """The slice of a fused parameter that checkpoint tensor ``name`` fills, if any."""
-        for fused_name, ckpt_name, shard in self.stacked_params:
+        """A view of a parameter that checkpoint tensor ``name`` fills in a layout of the
+        model's own (e.g. one expert of a stacked MoE weight); None for the standard
+        resolution of `_checkpoint_target`."""
+        return None
+
+    def _checkpoint_target(self, name: str, params: dict) -> tuple[nn.Module, str, str | None] | None:
+        """``(module, attribute, fused part)`` that checkpoint tensor ``name`` fills, if any."""
+        for fused_name, ckpt_name, part in self.stacked_params:
             marker = f".{ckpt_name}."
             if marker not in f".{name}":
                 continue
@@ -205,7 +244,37 @@ class CausalLM(nn.Module, ABC):
                 module = self.get_submodule(module_name)
             except AttributeError:
                 return None
-            if isinstance(module, MergedLinear) and hasattr(module, attr):
-                return module.shard_view(attr, shard)
-        return None
+            if hasattr(module, "output_sizes") and hasattr(module, attr):
+                return module, attr, part
+            return None
+        if name not in params:
+            return None
+        module_name, _, attr = name.rpartition(".")
+        return (self.get_submodule(module_name) if module_name else self), attr, None
 
+
+def _copy_checkpoint_tensor(module: nn.Module, attr: str, part: str | None,
+                            source: CheckpointTensor) -> None:
+    """Fill ``module.<attr>`` (fused ``part`` of it) from ``source``, or this rank's slice."""
+    target = module.shard_view(attr, part) if part is not None else getattr(module, attr).data
+    shard = getattr(module, "checkpoint_shards", {}).get((attr, part))
+    if shard is None:
+        if tuple(target.shape) != source.shape:
+            raise WeightShapeError(source.name, tuple(target.shape), source.shape)
+        target.copy_(source.read())
+        return
+    if shard.zero:
+        target.zero_()
+        return
+    other = [s for d, s in enumerate(target.shape) if d != shard.dim]
+    if ([s for d, s in enumerate(source.shape) if d != shard.dim] != other
+            or shard.start + shard.length > source.shape[shard.dim]):
+        raise WeightShapeError(
+            source.name, tuple(target.shape), source.shape,
+            note=f" (this tensor-parallel rank holds {shard.length} entries of dim "
+                 f"{shard.dim} from {shard.start})")
+    values = source.read_slice(shard.dim, shard.start, shard.length)
+    held = target.shape[shard.dim]
+    target.narrow(shard.dim, 0, shard.length).copy_(values)
+    if held > shard.length:  # vocabulary padding: rows no token id reaches
+        target.narrow(shard.dim, shard.length, held - shard.length).zero_()

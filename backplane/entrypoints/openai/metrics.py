@@ -7,6 +7,13 @@ latest stats snapshot at scrape time by a custom collector; per-request
 numbers (token counters, latencies, finish reasons, request sizes) are
 recorded as outputs stream out.
 
+Data parallel (``--data-parallel-size``): the engine gauges and counters are
+the totals over every engine core; ``backplane:dp_rank_*`` families give each
+rank's own numbers, labelled ``engine="<rank>"`` as vLLM labels its engines
+(one series, ``engine="0"``, with a single core). They have no ``vllm:`` alias:
+vLLM's names would carry the totals and the ranks in one family, which a
+``sum()`` would count twice.
+
 Every metric is recorded once, under its ``backplane:`` name; `_VLLM_ALIASES`
 maps those names to the ``vllm:`` names that vLLM's Grafana dashboard and
 other vLLM tooling query, and `_Aliased` exposes each sample again under
@@ -211,6 +218,45 @@ class _EngineStatsCollector(Collector):
             for position, accepted in enumerate(spec["accepted_per_position"]):
                 per_position.add_metric(values + [str(position)], accepted)
             yield per_position
+        yield from self._per_rank(stats)
+
+    def _per_rank(self, stats):
+        """The ``backplane:dp_rank_*`` families: each data-parallel rank's own numbers."""
+        ranks = stats.dp_ranks
+        if ranks is None:  # one engine core: rank 0 is the whole engine
+            ranks = [{
+                "num_running": stats.num_running, "num_waiting": stats.num_waiting,
+                "kv_cache_usage": stats.kv_cache_usage,
+                "num_total_blocks": stats.num_total_blocks,
+                "num_free_blocks": stats.num_free_blocks,
+                "num_generated_tokens": stats.num_generated_tokens,
+                "num_preemptions": stats.num_preemptions,
+                "prefix_cache_queries": stats.prefix_cache_queries,
+                "prefix_cache_hits": stats.prefix_cache_hits,
+            }]
+        labels = ["model_name", "engine"]
+        for kind, name, key, doc in _PER_RANK:
+            family = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(
+                f"backplane:dp_rank_{name}", f"{doc}, per data-parallel rank", labels=labels)
+            for rank, numbers in enumerate(ranks):
+                family.add_metric([self._model_name, str(rank)], numbers.get(key, 0))
+            yield family
+
+
+# (type, name after backplane:dp_rank_, EngineStats key, help) of the per-rank families.
+_PER_RANK = (
+    ("gauge", "num_requests_running", "num_running", "Requests in the running batch"),
+    ("gauge", "num_requests_waiting", "num_waiting", "Requests waiting to be scheduled"),
+    ("gauge", "kv_cache_usage_perc", "kv_cache_usage", "Fraction of KV cache blocks in use"),
+    ("gauge", "num_kv_blocks", "num_total_blocks", "KV cache blocks in total"),
+    ("gauge", "num_free_kv_blocks", "num_free_blocks", "KV cache blocks free"),
+    ("counter", "generation_tokens", "num_generated_tokens", "Tokens generated"),
+    ("counter", "num_preemptions", "num_preemptions", "Requests preempted"),
+    ("counter", "prefix_cache_queries", "prefix_cache_queries",
+     "Prompt tokens looked up in the prefix cache"),
+    ("counter", "prefix_cache_hits", "prefix_cache_hits",
+     "Prompt tokens found in the prefix cache"),
+)
 
 
 class ServerMetrics:

@@ -12,6 +12,12 @@ Cache layout: ``[2, kv_heads, num_blocks, block_size, head_size]`` as
 allocated, but each key block is stored transposed (``[head_size, block_size]``)
 so that q.K over a block is block-wide vector FMAs; value blocks are row-major.
 The cache is private to this backend: only its ``forward`` writes or reads it.
+
+fp8 KV cache (``kv_cache_dtype`` fp8 / fp8_e4m3 / fp8_e5m2): the cache tensor
+is torch's fp8 dtype, one byte per element in the same layout; ``write_kv``
+quantises with the layer's K and V scale and the attention loop decodes the
+bytes in registers (see the kernel's header). The scales are read from the
+``kv_scales`` tensor by the kernel at each call.
 """
 
 from __future__ import annotations
@@ -26,27 +32,39 @@ import torch
 from backplane.platforms.cpu.huge_pages import HeadMajorCpuCache
 from backplane.platforms.cpu.native import KernelBuildError, load_kernel
 from backplane.plugins_sdk import AttentionSpec, CommonAttentionMetadata
+from backplane.plugins_sdk.attention import FP8_KV_CACHE_DTYPES, kv_cache_torch_dtype
 
 _SCALAR_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# The kernel's CACHE_KIND: 0 the cache holds the scalar type, else the fp8 format.
+_CACHE_KINDS = {torch.float8_e4m3fn: 1, torch.float8_e5m2: 2}
+# kv_scales of an unquantized cache: the kernel's scale arguments are then 1.
+_UNIT_SCALES = torch.ones(2, dtype=torch.float32)
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(dtype: torch.dtype, head_size: int, block_size: int, group: int) -> ctypes.CDLL:
+def _kernel(dtype: torch.dtype, head_size: int, block_size: int, group: int,
+            cache_kind: int = 0) -> ctypes.CDLL:
     lib = load_kernel("paged_attention.c", (
         ("SCALAR_KIND", _SCALAR_KINDS[dtype]), ("HEAD_SIZE", head_size),
-        ("BLOCK_SIZE", block_size), ("GROUP", group)))
+        ("BLOCK_SIZE", block_size), ("GROUP", group), ("CACHE_KIND", cache_kind)))
     lib.paged_attention.argtypes = [_P, _I64, _P, _P, _I64, _P, _I64, _P, _P, _I64, _I64,
-                                    _I32, _F32, _F32, _P, _I64]
+                                    _I32, _F32, _F32, _P, _P, _I64]
     lib.paged_attention.restype = None
-    lib.write_kv.argtypes = [_P, _I64, _P, _I64, _P, _I64, _I64, _I64, _P, _P]
+    lib.write_kv.argtypes = [_P, _I64, _P, _I64, _P, _I64, _I64, _I64, _P, _P, _P]
     lib.write_kv.restype = None
+    lib.pair_layout.argtypes = []
+    lib.pair_layout.restype = ctypes.c_int
     return lib
+
+
+def _cache_dtype(spec: AttentionSpec) -> torch.dtype:
+    return kv_cache_torch_dtype(spec.kv_cache_dtype, spec.dtype)
 
 
 def _kernel_for(spec: AttentionSpec) -> ctypes.CDLL:
     return _kernel(spec.dtype, spec.head_size, spec.block_size,
-                   spec.num_heads // spec.num_kv_heads)
+                   spec.num_heads // spec.num_kv_heads, _CACHE_KINDS.get(_cache_dtype(spec), 0))
 
 
 @dataclass
@@ -72,6 +90,7 @@ class CpuPagedAttentionBackend(HeadMajorCpuCache):
     name = "cpu_paged"
     supports_sliding_window = True
     supports_logits_soft_cap = True
+    supported_kv_cache_dtypes = ("auto", *FP8_KV_CACHE_DTYPES)
 
     @classmethod
     def unsupported_reasons(cls, spec: AttentionSpec) -> list[str]:
@@ -86,6 +105,8 @@ class CpuPagedAttentionBackend(HeadMajorCpuCache):
     def __init__(self, spec: AttentionSpec) -> None:
         super().__init__(spec)
         self._lib = _kernel_for(spec)
+        self._cache_dtype = _cache_dtype(spec)
+        self._fp8 = self._cache_dtype in _CACHE_KINDS
 
     def build_metadata(self, common: CommonAttentionMetadata) -> CpuPagedAttentionMetadata:
         n, num_reqs = common.num_actual_tokens, common.num_reqs
@@ -103,12 +124,19 @@ class CpuPagedAttentionBackend(HeadMajorCpuCache):
             token_seq_lens=torch.from_numpy(token_seq_lens.astype(np.int32)),
         )
 
-    def forward(self, query, key, value, kv_cache, metadata: CpuPagedAttentionMetadata, scale):
+    def forward(self, query, key, value, kv_cache, metadata: CpuPagedAttentionMetadata, scale,
+                *, kv_scales: torch.Tensor | None = None):
         spec = self.spec
         n = metadata.num_actual_tokens
-        if kv_cache.dtype != query.dtype or not kv_cache.is_contiguous():
-            raise ValueError(f"cpu_paged needs a contiguous {query.dtype} KV cache, got "
+        if kv_cache.dtype != self._cache_dtype or not kv_cache.is_contiguous():
+            raise ValueError(f"cpu_paged needs a contiguous {self._cache_dtype} KV cache, got "
                              f"{kv_cache.dtype} (contiguous={kv_cache.is_contiguous()})")
+        if self._fp8 and (kv_scales is None or kv_scales.dtype != torch.float32
+                          or kv_scales.numel() != 2 or not kv_scales.is_contiguous()):
+            got = None if kv_scales is None else (kv_scales.dtype, tuple(kv_scales.shape))
+            raise ValueError(f"cpu_paged with kv_cache_dtype {spec.kv_cache_dtype!r} needs "
+                             f"kv_scales, a contiguous float32 [k_scale, v_scale]; got {got}")
+        scales = kv_scales if self._fp8 else _UNIT_SCALES
         q = _rows(query[:n], spec.num_heads, spec.head_size)
         k = _rows(key[:n], spec.num_kv_heads, spec.head_size)
         v = _rows(value[:n], spec.num_kv_heads, spec.head_size)
@@ -117,7 +145,7 @@ class CpuPagedAttentionBackend(HeadMajorCpuCache):
         self._lib.write_kv(
             k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
             metadata.slot_mapping.data_ptr(), n, spec.num_kv_heads, num_blocks,
-            key_cache.data_ptr(), value_cache.data_ptr())
+            scales.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr())
         out = torch.empty(query.shape[0], spec.num_heads, spec.head_size, dtype=query.dtype)
         table = metadata.block_table
         self._lib.paged_attention(
@@ -125,6 +153,5 @@ class CpuPagedAttentionBackend(HeadMajorCpuCache):
             num_blocks, table.data_ptr(), table.stride(0), metadata.token_reqs.data_ptr(),
             metadata.token_seq_lens.data_ptr(), n, spec.num_kv_heads,
             spec.sliding_window or 0, float(scale), float(spec.logits_soft_cap or 0.0),
-            out.data_ptr(),
-            spec.num_heads * spec.head_size)
+            scales.data_ptr(), out.data_ptr(), spec.num_heads * spec.head_size)
         return out

@@ -9,7 +9,14 @@ import os
 import torch
 
 from backplane.platforms.cpu.attention import CpuSdpaAttentionBackend
+from backplane.platforms.cpu.communicator import SharedMemoryCommunicator
+from backplane.platforms.cpu.fp8 import Fp8Linear, quantize_linear_weights_fp8
 from backplane.platforms.cpu.fused_layers import cpu_ops, fuse_layers
+from backplane.platforms.cpu.int4 import (
+    Int4Linear,
+    int4_kernel_supported,
+    quantize_output_head,
+)
 from backplane.platforms.cpu.linear import (
     bf16_gemm_supported,
     prepack_linear_weights,
@@ -68,9 +75,33 @@ class CpuPlatform(Platform):
 
     @property
     def supported_quantization(self) -> tuple[str, ...]:
-        """``int8`` (W8A8) and ``int8_weight_only`` (W8A16) where the AVX512-BF16 GEMM
-        kernel runs (checked when asked: the first check builds the kernel)."""
-        return ("int8", "int8_weight_only") if bf16_gemm_supported() else ()
+        """``int8`` (W8A8), ``int8_weight_only`` (W8A16) and ``fp8`` (e4m3 weights) where the
+        AVX512-BF16 GEMM kernel runs, ``gptq`` / ``awq`` 4-bit checkpoints where the int4 kernel
+        (kernels/gemm_int4.c) builds (checked when asked: the first check builds them)."""
+        methods = (("int8", "int8_weight_only", "fp8", "compressed-tensors")
+                   if bf16_gemm_supported() else ())
+        return methods + (("gptq", "awq") if int4_kernel_supported() else ())
+
+    def make_quantized_linear(self, method, weights):
+        """GPTQ / AWQ 4-bit layers on the int4 kernel (int4.py), compressed-tensors fp8
+        layers on the fp8 kernel (fp8.py); None (the core's dequantizing reference)
+        where they do not build."""
+        if method == "compressed-tensors":
+            if weights.weight.device.type != "cpu" or not bf16_gemm_supported():
+                return None
+            try:
+                return Fp8Linear(weights.weight, weights.bias, scales=weights.scales)
+            except ValueError as exc:
+                logger.warning("cpu platform: fp8 layer on the reference path: %s", exc)
+                return None
+        if method not in ("gptq", "awq") or weights.qweight.device.type != "cpu" or not (
+                int4_kernel_supported()):
+            return None
+        try:
+            return Int4Linear(weights)
+        except ValueError as exc:  # a shape the kernel does not take
+            logger.warning("cpu platform: %s layer on the reference path: %s", method, exc)
+            return None
 
     def __init__(self) -> None:
         super().__init__(CpuRuntime(), CpuConfigPolicy())
@@ -82,12 +113,34 @@ class CpuPlatform(Platform):
         logger.debug("cpu platform: %d torch threads, malloc tuned: %s",
                      torch.get_num_threads(), self.malloc_tuned)
 
+    def make_communicator(self, group=None):
+        """Shared-memory collectives among ranks of this host (communicator.py); gloo
+        between hosts and for point-to-point."""
+        return SharedMemoryCommunicator.for_group(group)
+
+    def init_worker(self, local_rank: int, local_world_size: int) -> None:
+        """Pin this rank to its own block of the cores it may use and size torch's thread
+        pool to it (cores / local ranks, at least one). Ranks outnumbering the cores
+        share them round robin. An explicit OMP_NUM_THREADS still sets the pool size."""
+        cores = sorted(os.sched_getaffinity(0))
+        share = max(1, len(cores) // max(1, local_world_size))
+        if local_world_size <= len(cores):
+            mine = cores[local_rank * share:(local_rank + 1) * share]
+        else:
+            mine = [cores[local_rank % len(cores)]]
+        os.sched_setaffinity(0, mine)
+        if "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(len(mine))
+        logger.info("cpu platform: rank %d of %d on this host pinned to cores %s, %d threads",
+                    local_rank, local_world_size, mine, torch.get_num_threads())
+
     def attention_backends(self):
         # The compiled kernel first; the torch one serves where no C compiler is.
         return [CpuPagedAttentionBackend, CpuSdpaAttentionBackend]
 
     def prepare_model(self, model, config):
-        """Pack bf16 linear weights for the platform's AVX512-BF16 GEMM kernel (or oneDNN
+        """Repack GPTQ/AWQ 4-bit layers for the int4 kernel (int4.py), pack bf16 linear
+        weights for the platform's AVX512-BF16 GEMM kernel (or oneDNN
         on CPUs without it; linear.py) and swap bf16 RMSNorm
         and SiLU-and-mul for compiled loops (fused_layers.py).
 
@@ -95,6 +148,17 @@ class CpuPlatform(Platform):
         ctypes calls; compiled code brings its own kernels). BACKPLANE_CPU_PREPACK=0
         and BACKPLANE_CPU_FUSED_LAYERS=0 turn each off.
         """
+        quantized = self.prepare_quantized_layers(model)
+        if quantized:
+            logger.info("cpu platform: %d quantized checkpoint layers repacked for the "
+                        "platform's kernels", quantized)
+            release_free_heap()
+        head = os.environ.get("BACKPLANE_CPU_HEAD_QUANTIZATION", "")
+        if head and not config.compilation_config.compile and int4_kernel_supported():
+            if quantize_output_head(model, head):
+                logger.info("cpu platform: output head quantized to %s "
+                            "(BACKPLANE_CPU_HEAD_QUANTIZATION)", head)
+                release_free_heap()
         method = config.model_config.quantization
         if method in ("int8", "int8_weight_only"):
             activations = "int8" if method == "int8" else "bf16"
@@ -103,6 +167,11 @@ class CpuPlatform(Platform):
                         "output row)", count,
                         "W8A8 with per-block dynamic activation scales" if activations == "int8"
                         else "W8A16, weight-only")
+            release_free_heap()
+        elif method == "fp8":
+            count = quantize_linear_weights_fp8(model)
+            logger.info("cpu platform: %d linear layers quantized to fp8 (e4m3, one scale per "
+                        "output row, bf16 activations)", count)
             release_free_heap()
         if config.compilation_config.compile:
             logger.info("cpu platform: weights not prepacked, layers not fused "

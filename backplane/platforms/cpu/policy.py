@@ -7,10 +7,12 @@ from backplane.plugins_sdk import ConfigDecision, ConfigPolicy, PlatformConfigVi
 # Like vLLM's VLLM_CPU_KVCACHE_SPACE default: host RAM is shared with everything
 # else on the machine, so a fraction of "available" memory is not a safe default.
 DEFAULT_CPU_KV_CACHE_BYTES = 4 * 1024**3
+# kv_cache_dtype values the cpu platform has kernels for.
+_KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 
 
 class CpuConfigPolicy(ConfigPolicy):
-    """CPU defaults: a bounded KV cache, no graph capture, no quantized KV cache."""
+    """CPU defaults: a bounded KV cache, no graph capture, KV cache in the model dtype or fp8."""
 
     # In-process: the model already uses every core, so an engine process only
     # competes with the front-end for them and adds a message round trip per
@@ -28,10 +30,13 @@ class CpuConfigPolicy(ConfigPolicy):
                 "kv_cache_memory_bytes defaults to 4 GiB on the CPU (set kv_cache_memory_bytes, "
                 "num_kv_blocks or memory_utilization to change it)"
             )
-        if view.kv_cache_dtype != "auto":
+        # fp8 is up to the attention backend (cpu_paged declares it; cpu_sdpa does
+        # not, and selection says so); a cache in another float dtype than the
+        # model's has no kernel.
+        if view.kv_cache_dtype not in _KV_CACHE_DTYPES:
             decision.refusals.append(
                 f"kv_cache_dtype {view.kv_cache_dtype!r} is not supported on the cpu platform; "
-                "use 'auto'"
+                f"use one of {list(_KV_CACHE_DTYPES)}"
             )
         if view.use_graphs:
             decision.refusals.append(

@@ -24,9 +24,30 @@ class CudaPlatform(Platform):
     """NVIDIA GPUs through torch.cuda."""
 
     name = "cuda"
+    device_control_env_var = "CUDA_VISIBLE_DEVICES"
+    ray_device_resource = "GPU"
     dist_backend = "nccl"
     compile_backend = "inductor"
     supports_graph_capture = True
+
+    @property
+    def supported_quantization(self) -> tuple[str, ...]:
+        """GPTQ / AWQ 4-bit checkpoints on the Triton int4 kernel (triton_int4.py)."""
+        return ("gptq", "awq") if _triton_installed() else ()
+
+    def make_quantized_linear(self, method, weights):
+        """4-bit layers on the Triton dequantising matmul; None (the core's reference)
+        where triton is missing, the weights are not on a GPU or the group size does
+        not fit the kernel (a multiple of 16)."""
+        if method not in ("gptq", "awq") or weights.qweight.device.type != "cuda" or not (
+                _triton_installed()):
+            return None
+        from backplane.platforms.cuda.triton_int4 import TritonInt4Linear
+
+        try:
+            return TritonInt4Linear(weights)
+        except ValueError:
+            return None
 
     def __init__(self) -> None:
         runtime = CudaRuntime()

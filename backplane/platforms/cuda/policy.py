@@ -10,10 +10,12 @@ from backplane.plugins_sdk import ConfigDecision, ConfigPolicy, DeviceRuntime, P
 
 # Executors that keep every rank on this host, so the local GPU count bounds them.
 _SINGLE_HOST_EXECUTORS = ("uni", "mp")
+# kv_cache_dtype values the triton_paged backend has kernels for.
+_KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 
 
 class CudaConfigPolicy(ConfigPolicy):
-    """GPU refusals: quantized KV cache (no kernels yet), more local ranks than GPUs."""
+    """GPU refusals: a KV cache dtype without kernels, more local ranks than GPUs."""
 
     # The host CPU idles while the GPU steps: tokenization, detokenization and
     # HTTP in the front-end process overlap with the step (rocm inherits this).
@@ -25,10 +27,13 @@ class CudaConfigPolicy(ConfigPolicy):
 
     def check_and_update(self, view: PlatformConfigView) -> ConfigDecision:
         decision = ConfigDecision()
-        if view.kv_cache_dtype != "auto":
+        # fp8 is up to the attention backend (triton_paged declares it, the torch
+        # SDPA fallback does not, and selection says so); a cache in another float
+        # dtype than the model's has no kernel.
+        if view.kv_cache_dtype not in _KV_CACHE_DTYPES:
             decision.refusals.append(
                 f"kv_cache_dtype {view.kv_cache_dtype!r} is not supported on the "
-                f"{self.platform_name} platform (no quantized KV cache kernels yet); use 'auto'"
+                f"{self.platform_name} platform; use one of {list(_KV_CACHE_DTYPES)}"
             )
 
         tp, pp = view.tensor_parallel_size, view.pipeline_parallel_size

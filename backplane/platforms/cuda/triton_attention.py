@@ -9,6 +9,12 @@ cheap and graph-capturable.
 Block sizes: the kernel looks every key position up in the block table, so any
 cache block size works; head sizes up to 256 fit its register tile. Sliding
 windows follow transformers: a query at position p sees keys p - window + 1 .. p.
+
+fp8 KV cache (``kv_cache_dtype`` fp8 / fp8_e4m3 / fp8_e5m2): the cache tensor is
+torch's fp8 dtype in the same layout; the write kernel quantises with the
+layer's ``kv_scales`` and the attention kernel decodes in registers (see
+`triton_kernels`). Both read the scales from the device tensor, so graph
+capture is unaffected.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from backplane.plugins_sdk import AttentionBackend, AttentionSpec, CommonAttentionMetadata
+from backplane.plugins_sdk.attention import FP8_KV_CACHE_DTYPES
 
 MAX_HEAD_SIZE = 256
 
@@ -41,6 +48,7 @@ class TritonPagedAttentionBackend(AttentionBackend):
 
     name = "triton_paged"
     supported_dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    supported_kv_cache_dtypes = ("auto", *FP8_KV_CACHE_DTYPES)
     supports_sliding_window = True
     # Decode metadata is the common tensors themselves and the kernels skip slot -1:
     # a recorded decode step replays correctly over rewritten buffers.
@@ -78,12 +86,14 @@ class TritonPagedAttentionBackend(AttentionBackend):
             slot_mapping=common.slot_mapping,
         )
 
-    def forward(self, query, key, value, kv_cache, metadata: TritonAttentionMetadata, scale):
+    def forward(self, query, key, value, kv_cache, metadata: TritonAttentionMetadata, scale,
+                *, kv_scales: torch.Tensor | None = None):
         # Padding tokens past num_actual_tokens carry slot -1 and are skipped by the
         # kernel, so the whole (possibly padded) batch is written in one launch.
         n = min(metadata.slot_mapping.shape[0], key.shape[0])
         self._kernels.write_kv_cache(
-            key[:n], value[:n], kv_cache[0], kv_cache[1], metadata.slot_mapping[:n]
+            key[:n], value[:n], kv_cache[0], kv_cache[1], metadata.slot_mapping[:n],
+            kv_scales=kv_scales,
         )
         out = torch.empty_like(query)
         self._kernels.paged_attention(
@@ -98,5 +108,6 @@ class TritonPagedAttentionBackend(AttentionBackend):
             max_query_len=metadata.max_query_len,
             scale=scale,
             sliding_window=self.spec.sliding_window,
+            kv_scales=kv_scales,
         )
         return out

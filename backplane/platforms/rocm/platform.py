@@ -16,6 +16,8 @@ class RocmPlatform(CudaPlatform):
     """AMD Instinct / Radeon GPUs through torch.cuda on HIP."""
 
     name = "rocm"
+    device_control_env_var = "HIP_VISIBLE_DEVICES"
+    ray_device_resource = "GPU"
     dist_backend = "nccl"  # torch maps it to RCCL on ROCm builds
     compile_backend = "inductor"
     supports_graph_capture = True

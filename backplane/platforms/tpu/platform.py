@@ -18,6 +18,8 @@ class TpuPlatform(Platform):
     """Google TPUs through PyTorch/XLA."""
 
     name = "tpu"
+    device_control_env_var = "TPU_VISIBLE_CHIPS"
+    ray_device_resource = "TPU"
     dist_backend = "xla"
     compile_backend = "openxla"
     supports_graph_capture = False

@@ -7,6 +7,13 @@ whose ``slot_mapping`` is -1), runs the backend (with the harness's softmax
 ``scale``, and the spec's sliding window and soft cap), and computes what the output must
 be with `reference_attention`, which works on plain per-request K/V
 tensors and so does not depend on the backend's cache layout.
+
+With an fp8 ``spec.kv_cache_dtype`` the harness passes ``kv_scales`` (the
+layer's ``[k_scale, v_scale]``) to ``forward``, and the reference attends over
+the keys and values as the SDK's contract says the cache holds them:
+``quantize_kv_fp8(x, scale)`` dequantized (``stored * scale``). Only the
+backend's arithmetic then differs from the reference, so the tolerance is the
+compute dtype's, not fp8's.
 """
 
 from __future__ import annotations
@@ -16,7 +23,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from backplane.plugins_sdk.attention import AttentionBackend, AttentionSpec, CommonAttentionMetadata
+from backplane.plugins_sdk.attention import (
+    FP8_KV_CACHE_DTYPES,
+    AttentionBackend,
+    AttentionSpec,
+    CommonAttentionMetadata,
+    kv_cache_torch_dtype,
+    quantize_kv_fp8,
+)
+
+# Default [k_scale, v_scale] of an fp8 case: far from 1 (a backend that ignores a
+# scale fails), and small enough for k_scale that the largest random keys
+# (|k| > 0.006 * 448 = 2.7) saturate in e4m3, so saturation is checked too.
+DEFAULT_FP8_KV_SCALES = (0.006, 0.02)
 
 
 def reference_attention(
@@ -86,6 +105,7 @@ class PagedAttentionHarness:
         seed: int = 0,
         spare_blocks: int = 3,
         scale: float | None = None,
+        kv_scales: tuple[float, float] = DEFAULT_FP8_KV_SCALES,
     ) -> None:
         self.spec = spec
         self.device = device
@@ -109,12 +129,20 @@ class PagedAttentionHarness:
             self.requests.append(_Request(blocks))
         shape = backend_cls.kv_cache_shape(self.num_blocks, bs, spec.num_kv_heads, spec.head_size)
         # Through the backend's own allocator, which must give zeros of that shape.
-        self.kv_cache = backend_cls.allocate_kv_cache(shape, spec.dtype, torch.device(device))
-        if tuple(self.kv_cache.shape) != tuple(shape) or self.kv_cache.dtype != spec.dtype:
+        cache_dtype = kv_cache_torch_dtype(spec.kv_cache_dtype, spec.dtype)
+        self.kv_cache = backend_cls.allocate_kv_cache(shape, cache_dtype, torch.device(device))
+        if tuple(self.kv_cache.shape) != tuple(shape) or self.kv_cache.dtype != cache_dtype:
             raise AssertionError(
                 f"{backend_cls.name}.allocate_kv_cache returned {tuple(self.kv_cache.shape)} "
-                f"{self.kv_cache.dtype}, expected {tuple(shape)} {spec.dtype}")
-        if self.kv_cache.count_nonzero():
+                f"{self.kv_cache.dtype}, expected {tuple(shape)} {cache_dtype}")
+        # fp8: the layer's scales as the core hands them over (float32 on the device).
+        self.fp8_dtype = FP8_KV_CACHE_DTYPES.get(spec.kv_cache_dtype)
+        self.kv_scales = None
+        if self.fp8_dtype is not None:
+            self.kv_scales = torch.tensor(kv_scales, dtype=torch.float32, device=device)
+        # (torch has no count_nonzero for fp8 dtypes: count the bytes.)
+        raw = self.kv_cache.view(torch.uint8) if self.kv_cache.element_size() == 1 else None
+        if (self.kv_cache if raw is None else raw).count_nonzero():
             raise AssertionError(f"{backend_cls.name}.allocate_kv_cache did not zero the cache")
         if self.kv_cache.is_floating_point():
             # Garbage in unused slots: a backend that reads past a request's length fails.
@@ -146,8 +174,8 @@ class PagedAttentionHarness:
             block_table[i, : len(req.blocks)] = torch.tensor(req.blocks, dtype=torch.int32)
             for pos in range(context, seq_len):
                 slots.append(req.blocks[pos // bs] * bs + pos % bs)
-            req.keys.append(key[start : start + q_len].to(spec.dtype))
-            req.values.append(value[start : start + q_len].to(spec.dtype))
+            req.keys.append(self._as_cached(key[start : start + q_len], 0))
+            req.values.append(self._as_cached(value[start : start + q_len], 1))
             expected.append(reference_attention(
                 query[start : start + q_len].to(spec.dtype), torch.cat(req.keys),
                 torch.cat(req.values), self.scale, spec.sliding_window,
@@ -171,15 +199,27 @@ class PagedAttentionHarness:
             seq_lens_cpu=seq_t,
         )
         metadata = self.backend.build_metadata(common)
-        out = self.backend.forward(
-            query.to(dev, spec.dtype), key.to(dev, spec.dtype), value.to(dev, spec.dtype),
-            self.kv_cache, metadata, self.scale,
-        )
+        args = (query.to(dev, spec.dtype), key.to(dev, spec.dtype), value.to(dev, spec.dtype),
+                self.kv_cache, metadata, self.scale)
+        if self.kv_scales is None:
+            out = self.backend.forward(*args)
+        else:
+            out = self.backend.forward(*args, kv_scales=self.kv_scales)
         if tuple(out.shape[1:]) != (spec.num_heads, spec.head_size) or out.shape[0] < n:
             raise AssertionError(
                 f"{self.backend.name}.forward returned shape {tuple(out.shape)}, expected "
                 f"[>= {n}, {spec.num_heads}, {spec.head_size}]")
         return StepResult(out[:n].double().cpu(), torch.cat(expected))
+
+
+    def _as_cached(self, x: torch.Tensor, which: int) -> torch.Tensor:
+        """``x`` as the cache holds it: in the spec's dtype, or fp8 per the contract and
+        dequantized (``which`` 0 keys, 1 values) for the reference."""
+        x = x.to(self.spec.dtype)
+        if self.fp8_dtype is None:
+            return x
+        scale = float(self.kv_scales[which])
+        return quantize_kv_fp8(x, scale, self.fp8_dtype).double() * scale
 
 
 def tolerance(dtype: torch.dtype) -> dict[str, float]:

@@ -74,13 +74,17 @@ def test_triton_refusal_names_missing_triton(monkeypatch):
     assert any("triton is not installed" in r for r in reasons)
 
 
-def test_policy_refuses_quantized_kv_cache(platform):
-    view = PlatformConfigView.for_testing(kv_cache_dtype="fp8")
+def test_policy_refuses_kv_cache_dtypes_without_kernels(platform):
+    view = PlatformConfigView.for_testing(kv_cache_dtype="float16")
     decision = platform.config_policy.check_and_update(view)
     assert decision.refusals == [
-        f"kv_cache_dtype 'fp8' is not supported on the {platform.name} platform "
-        "(no quantized KV cache kernels yet); use 'auto'"
+        f"kv_cache_dtype 'float16' is not supported on the {platform.name} platform; "
+        "use one of ['auto', 'fp8', 'fp8_e4m3', 'fp8_e5m2']"
     ]
+    # fp8 is the attention backend's to serve (triton_paged declares it).
+    for name in ("fp8", "fp8_e4m3", "fp8_e5m2"):
+        view = PlatformConfigView.for_testing(kv_cache_dtype=name)
+        assert platform.config_policy.check_and_update(view).refusals == []
 
 
 def test_policy_accepts_graphs_and_defaults(platform):

@@ -6,6 +6,16 @@
  *   HEAD_SIZE    elements per head
  *   BLOCK_SIZE   tokens per KV block
  *   GROUP        query heads per KV head (grouped-query attention)
+ *   CACHE_KIND   0 the cache holds scalar_t (default), 1 fp8 e4m3fn, 2 fp8 e5m2
+ *
+ * fp8 cache (kv_cache_dtype fp8 / fp8_e4m3 / fp8_e5m2): one byte per element,
+ * stored as value / scale (per-layer k_scale, v_scale) rounded to nearest even
+ * and saturated to the format's max. Attention decodes the bytes in registers
+ * as it loads them (no dequantised copy of a block): to float with integer bit
+ * moves (cache_to_float), or, in the bf16 pair layout, 32 at a time to bf16
+ * for vdpbf16ps (load_pairs). The scales stay outside the inner loops: the
+ * scores are multiplied by k_scale, the output by v_scale, since
+ * q.(k_scale k) = k_scale (q.k) and sum p (v_scale v) = v_scale sum p v.
  *
  * Cache layout, per KV head and block (see key_index/value_index below): keys
  * are stored so that a block's keys are contiguous for each head element, so
@@ -35,6 +45,67 @@ static inline float to_float(scalar_t x) { return (float)x; }
 static inline scalar_t from_float(float x) { return (scalar_t)x; }
 #endif
 
+#ifndef CACHE_KIND
+#define CACHE_KIND 0
+#endif
+#if CACHE_KIND == 0
+typedef scalar_t cache_t;
+static inline float cache_to_float(cache_t x) { return to_float(x); }
+static inline cache_t cache_from_input(scalar_t x, float scale) { (void)scale; return x; }
+#else
+typedef uint8_t cache_t;
+#if CACHE_KIND == 1 /* e4m3fn: exponent bias 7, 3 mantissa bits, max 448, no infinities */
+#define FP8_MBITS 3
+#define FP8_BIAS 7
+#define FP8_MAX 448.0f
+#define FP8_MAX_CODE 0x7eu
+#define FP8_MIN_NORMAL 0x1p-6f
+#define FP8_SUB_STEP 0x1p-9f
+#else /* e5m2: exponent bias 15, 2 mantissa bits, max 57344 */
+#define FP8_MBITS 2
+#define FP8_BIAS 15
+#define FP8_MAX 57344.0f
+#define FP8_MAX_CODE 0x7bu
+#define FP8_MIN_NORMAL 0x1p-14f
+#define FP8_SUB_STEP 0x1p-16f
+#endif
+#define FP8_SHIFT (23 - FP8_MBITS)
+
+/* fp8 byte -> float, exact and branch-free (so the loads vectorise): a normal
+ * code's exponent and mantissa bits move to float's places and are rebiased; a
+ * code with a zero exponent (zero or subnormal) is its mantissa times the
+ * subnormal step. Float subnormals never appear, so no denormal slow path. */
+static inline float cache_to_float(cache_t x) {
+    uint32_t em = x & 0x7fu;
+    uint32_t normal = (em << FP8_SHIFT) + ((uint32_t)(127 - FP8_BIAS) << 23);
+    float sub = (float)em * FP8_SUB_STEP;
+    uint32_t sub_bits;
+    memcpy(&sub_bits, &sub, sizeof sub_bits);
+    uint32_t bits = ((em >> FP8_MBITS) ? normal : sub_bits) | ((uint32_t)(x & 0x80u) << 24);
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* x / scale as fp8: round to nearest even, saturate to +-max (NaN stays NaN).
+ * The division, not a multiplication by 1/scale, so that the stored byte is
+ * exactly the SDK's quantize_kv_fp8 (x.float() / scale). */
+static inline cache_t cache_from_input(scalar_t in, float scale) {
+    float f = to_float(in) / scale;
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    uint8_t sign = (uint8_t)((bits >> 24) & 0x80u);
+    float a = fabsf(f);
+    if (a != a) return (cache_t)(sign | 0x7fu);
+    if (a >= FP8_MAX) return (cache_t)(sign | FP8_MAX_CODE);
+    if (a < FP8_MIN_NORMAL) return (cache_t)(sign | (uint8_t)rintf(a / FP8_SUB_STEP));
+    uint32_t mag = bits & 0x7fffffffu;
+    mag += (1u << (FP8_SHIFT - 1)) - 1u + ((mag >> FP8_SHIFT) & 1u); /* to nearest even */
+    uint32_t code = (mag >> FP8_SHIFT) - ((uint32_t)(127 - FP8_BIAS) << FP8_MBITS);
+    return (cache_t)(sign | (code > FP8_MAX_CODE ? FP8_MAX_CODE : code));
+}
+#endif
+
 /* Scores minus their running max are <= 0; exp_clamped maps them to [0, 1]. */
 static inline float exp_nonpositive(float x) { return exp_clamped(x); }
 
@@ -48,12 +119,15 @@ static inline void soft_cap_scores(float s[GROUP][BLOCK_SIZE], float cap) {
 }
 
 /* Where key/value element (token j of the block, head element d) lives in a block.
- * bf16 with AVX512-BF16 uses the dot-product instruction's pair layout:
+ * bf16 queries with AVX512-BF16 use the dot-product instruction's pair layout:
  *   key   [HEAD_SIZE/2][BLOCK_SIZE][2]  (two head elements of a key side by side)
  *   value [BLOCK_SIZE/2][HEAD_SIZE][2]  (the same element of two keys side by side)
  * so one vdpbf16ps does 16 keys x 2 elements of q.K, or 16 elements x 2 keys of p.V.
+ * An fp8 cache uses the same layout in bytes: 32 loaded bytes widen to 32 bf16
+ * (every fp8 value is exact in bf16) for the same instruction (load_pairs).
  * Otherwise keys are [HEAD_SIZE][BLOCK_SIZE] and values [BLOCK_SIZE][HEAD_SIZE]. */
-#if SCALAR_KIND == 1 && defined(__AVX512BF16__) && BLOCK_SIZE % 16 == 0 && HEAD_SIZE % 16 == 0
+#if SCALAR_KIND == 1 && defined(__AVX512BF16__) && defined(__AVX512BW__) && \
+    BLOCK_SIZE % 16 == 0 && HEAD_SIZE % 16 == 0
 #define PAIR_LAYOUT 1
 #include <immintrin.h>
 static inline int64_t key_index(int j, int d) { return ((int64_t)(d >> 1) * BLOCK_SIZE + j) * 2 + (d & 1); }
@@ -88,6 +162,36 @@ static inline void softmax_block(float s[GROUP][BLOCK_SIZE], float p[GROUP][BLOC
 }
 
 #if PAIR_LAYOUT
+#if CACHE_KIND == 0
+/* 32 bf16 of the cache (16 pairs) as vdpbf16ps takes them. */
+static inline __m512bh load_pairs(const cache_t *p, __m512i sub_lut) {
+    (void)sub_lut;
+    return (__m512bh)_mm512_loadu_si512(p);
+}
+#else
+/* bf16 bits of the fp8 subnormal codes (mantissa m, zero exponent: m x FP8_SUB_STEP),
+ * indexed by the code's low bits, for load_pairs. */
+static inline __m512i fp8_subnormal_lut(void) {
+    uint16_t lut[32] = {0};
+    for (int m = 0; m < (1 << FP8_MBITS); m++) lut[m] = float_to_bf16((float)m * FP8_SUB_STEP);
+    return _mm512_loadu_si512(lut);
+}
+
+/* 32 fp8 bytes (16 pairs) widened to bf16, exactly: a normal code's exponent and
+ * mantissa shift into bf16's places and are rebiased; subnormal codes come from
+ * the table; the sign moves to bit 15. */
+static inline __m512bh load_pairs(const cache_t *p, __m512i sub_lut) {
+    __m512i x = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p));
+    __m512i em = _mm512_and_si512(x, _mm512_set1_epi16(0x7f));
+    __m512i normal = _mm512_add_epi16(_mm512_slli_epi16(em, 7 - FP8_MBITS),
+                                      _mm512_set1_epi16((short)((127 - FP8_BIAS) << 7)));
+    __mmask32 subnormal = _mm512_cmplt_epu16_mask(em, _mm512_set1_epi16(1 << FP8_MBITS));
+    __m512i magnitude = _mm512_mask_permutexvar_epi16(normal, subnormal, em, sub_lut);
+    __m512i sign = _mm512_slli_epi16(_mm512_and_si512(x, _mm512_set1_epi16(0x80)), 8);
+    return (__m512bh)_mm512_or_si512(magnitude, sign);
+}
+#endif
+
 /* exp_nonpositive on 16 lanes; scalef applies 2^n without building exponent bits. */
 static inline __m512 exp_nonpositive_avx512(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
@@ -143,22 +247,29 @@ static inline void softmax_block_avx512(float s[GROUP][BLOCK_SIZE], int lo, int 
 }
 #endif
 
-static void attend_one(const scalar_t *q_row, const scalar_t *key_cache,
-                       const scalar_t *value_cache, int64_t num_blocks_total,
+/* k_scale, v_scale: the cache's dequantisation scales (1 unless CACHE_KIND is fp8). */
+static void attend_one(const scalar_t *q_row, const cache_t *key_cache,
+                       const cache_t *value_cache, int64_t num_blocks_total,
                        const int32_t *block_table, int32_t seq_len, int32_t window,
-                       int64_t kv_head, float scale, float soft_cap, scalar_t *out_row) {
+                       int64_t kv_head, float scale, float soft_cap, float k_scale,
+                       float v_scale, scalar_t *out_row) {
     float acc[GROUP][HEAD_SIZE];
     float run_max[GROUP], run_sum[GROUP], correction[GROUP];
 #if PAIR_LAYOUT
     uint32_t q_pairs[GROUP][HEAD_SIZE / 2]; /* bf16 pairs, broadcast as 32-bit lanes */
     memcpy(q_pairs, q_row, sizeof q_pairs);
+#if CACHE_KIND == 0
+    const __m512i sub_lut = _mm512_setzero_si512();
+#else
+    const __m512i sub_lut = fp8_subnormal_lut();
+#endif
 #else
     float q[GROUP][HEAD_SIZE];
 #endif
     for (int g = 0; g < GROUP; g++) {
         for (int d = 0; d < HEAD_SIZE; d++) {
 #if !PAIR_LAYOUT
-            q[g][d] = to_float(q_row[g * HEAD_SIZE + d]) * scale;
+            q[g][d] = to_float(q_row[g * HEAD_SIZE + d]) * scale * k_scale;
 #endif
             acc[g][d] = 0.0f;
         }
@@ -170,8 +281,8 @@ static void attend_one(const scalar_t *q_row, const scalar_t *key_cache,
     const int64_t head_base = kv_head * num_blocks_total;
     for (int32_t b = first / BLOCK_SIZE; b * BLOCK_SIZE < seq_len; b++) {
         const int64_t block = head_base + block_table[b];
-        const scalar_t *kb = key_cache + block * (HEAD_SIZE * BLOCK_SIZE);
-        const scalar_t *vb = value_cache + block * (BLOCK_SIZE * HEAD_SIZE);
+        const cache_t *kb = key_cache + block * (HEAD_SIZE * BLOCK_SIZE);
+        const cache_t *vb = value_cache + block * (BLOCK_SIZE * HEAD_SIZE);
         int lo = first - b * BLOCK_SIZE;
         lo = lo < 0 ? 0 : lo;
         int hi = seq_len - b * BLOCK_SIZE;
@@ -183,13 +294,13 @@ static void attend_one(const scalar_t *q_row, const scalar_t *key_cache,
             __m512 dot[GROUP];
             for (int g = 0; g < GROUP; g++) dot[g] = _mm512_setzero_ps();
             for (int dp = 0; dp < HEAD_SIZE / 2; dp++) {
-                __m512bh keys = (__m512bh)_mm512_loadu_si512(kb + key_index(c, 2 * dp));
+                __m512bh keys = load_pairs(kb + key_index(c, 2 * dp), sub_lut);
                 for (int g = 0; g < GROUP; g++)
                     dot[g] = _mm512_dpbf16_ps(dot[g], keys,
                                               (__m512bh)_mm512_set1_epi32((int)q_pairs[g][dp]));
             }
             for (int g = 0; g < GROUP; g++)
-                _mm512_storeu_ps(&s[g][c], _mm512_mul_ps(dot[g], _mm512_set1_ps(scale)));
+                _mm512_storeu_ps(&s[g][c], _mm512_mul_ps(dot[g], _mm512_set1_ps(scale * k_scale)));
         }
         if (soft_cap > 0.0f) soft_cap_scores(s, soft_cap);
         uint32_t p_pairs[GROUP][BLOCK_SIZE / 2]; /* bf16 weights, read as key pairs */
@@ -199,7 +310,7 @@ static void attend_one(const scalar_t *q_row, const scalar_t *key_cache,
             for (int g = 0; g < GROUP; g++)
                 out[g] = _mm512_mul_ps(_mm512_loadu_ps(&acc[g][dc]), _mm512_set1_ps(correction[g]));
             for (int jp = lo / 2; jp < (hi + 1) / 2; jp++) {
-                __m512bh values = (__m512bh)_mm512_loadu_si512(vb + value_index(2 * jp, dc));
+                __m512bh values = load_pairs(vb + value_index(2 * jp, dc), sub_lut);
                 for (int g = 0; g < GROUP; g++)
                     out[g] = _mm512_dpbf16_ps(out[g], values,
                                               (__m512bh)_mm512_set1_epi32((int)p_pairs[g][jp]));
@@ -212,7 +323,7 @@ static void attend_one(const scalar_t *q_row, const scalar_t *key_cache,
             for (int j = 0; j < BLOCK_SIZE; j++) s[g][j] = 0.0f;
         for (int d = 0; d < HEAD_SIZE; d++) {
             float k[BLOCK_SIZE];
-            for (int j = 0; j < BLOCK_SIZE; j++) k[j] = to_float(kb[key_index(j, d)]);
+            for (int j = 0; j < BLOCK_SIZE; j++) k[j] = cache_to_float(kb[key_index(j, d)]);
             for (int g = 0; g < GROUP; g++)
                 for (int j = 0; j < BLOCK_SIZE; j++) s[g][j] += q[g][d] * k[j];
         }
@@ -222,47 +333,54 @@ static void attend_one(const scalar_t *q_row, const scalar_t *key_cache,
             for (int d = 0; d < HEAD_SIZE; d++) acc[g][d] *= correction[g];
         for (int j = lo; j < hi; j++) {
             float v[HEAD_SIZE];
-            for (int d = 0; d < HEAD_SIZE; d++) v[d] = to_float(vb[value_index(j, d)]);
+            for (int d = 0; d < HEAD_SIZE; d++) v[d] = cache_to_float(vb[value_index(j, d)]);
             for (int g = 0; g < GROUP; g++)
                 for (int d = 0; d < HEAD_SIZE; d++) acc[g][d] += p[g][j] * v[d];
         }
 #endif
     }
     for (int g = 0; g < GROUP; g++) {
-        float inv = run_sum[g] > 0.0f ? 1.0f / run_sum[g] : 0.0f;
+        float inv = run_sum[g] > 0.0f ? v_scale / run_sum[g] : 0.0f;
         for (int d = 0; d < HEAD_SIZE; d++) out_row[g * HEAD_SIZE + d] = from_float(acc[g][d] * inv);
     }
 }
 
+/* Which layout this build stores blocks in (1: pair layout), for tests reading the cache. */
+int pair_layout(void) { return PAIR_LAYOUT; }
+
 /* Attention of tokens [0, num_tokens) of a flat batch over the paged cache.
  * token_reqs[t]: the request (row of block_tables) of token t;
  * token_seq_lens[t]: keys token t sees (its position + 1).
- * query/out rows: token t, head h at row + t * token_stride + h * HEAD_SIZE. */
+ * query/out rows: token t, head h at row + t * token_stride + h * HEAD_SIZE.
+ * kv_scales: the layer's [k_scale, v_scale] (read here, at each call, so an
+ * update of the tensor in place takes effect at once). */
 void paged_attention(const scalar_t *query, int64_t query_token_stride,
-                     const scalar_t *key_cache, const scalar_t *value_cache,
+                     const cache_t *key_cache, const cache_t *value_cache,
                      int64_t num_blocks_total, const int32_t *block_tables,
                      int64_t block_table_stride, const int32_t *token_reqs,
                      const int32_t *token_seq_lens, int64_t num_tokens,
                      int64_t num_kv_heads, int32_t window, float scale, float soft_cap,
-                     scalar_t *out,
-                     int64_t out_token_stride) {
+                     const float *kv_scales, scalar_t *out, int64_t out_token_stride) {
     const int64_t items = num_tokens * num_kv_heads;
+    const float k_scale = kv_scales[0], v_scale = kv_scales[1];
 #pragma omp parallel for schedule(dynamic, 2)
     for (int64_t i = 0; i < items; i++) {
         const int64_t t = i / num_kv_heads, h = i % num_kv_heads;
         attend_one(query + t * query_token_stride + h * GROUP * HEAD_SIZE, key_cache,
                    value_cache, num_blocks_total,
                    block_tables + (int64_t)token_reqs[t] * block_table_stride,
-                   token_seq_lens[t], window, h, scale, soft_cap,
+                   token_seq_lens[t], window, h, scale, soft_cap, k_scale, v_scale,
                    out + t * out_token_stride + h * GROUP * HEAD_SIZE);
     }
 }
 
-/* Store the step's keys and values at their slots; slot -1 marks padding. */
+/* Store the step's keys and values at their slots; slot -1 marks padding. An fp8
+ * cache stores key / k_scale and value / v_scale (kv_scales as in paged_attention). */
 void write_kv(const scalar_t *key, int64_t key_token_stride, const scalar_t *value,
               int64_t value_token_stride, const int64_t *slots, int64_t num_tokens,
-              int64_t num_kv_heads, int64_t num_blocks_total, scalar_t *key_cache,
-              scalar_t *value_cache) {
+              int64_t num_kv_heads, int64_t num_blocks_total, const float *kv_scales,
+              cache_t *key_cache, cache_t *value_cache) {
+    const float k_scale = kv_scales[0], v_scale = kv_scales[1];
 #pragma omp parallel for schedule(static) if (num_tokens > 64)
     for (int64_t t = 0; t < num_tokens; t++) {
         const int64_t slot = slots[t];
@@ -273,8 +391,8 @@ void write_kv(const scalar_t *key, int64_t key_token_stride, const scalar_t *val
             const scalar_t *k = key + t * key_token_stride + h * HEAD_SIZE;
             const scalar_t *v = value + t * value_token_stride + h * HEAD_SIZE;
             for (int d = 0; d < HEAD_SIZE; d++) {
-                key_cache[base + key_index((int)offset, d)] = k[d];
-                value_cache[base + value_index((int)offset, d)] = v[d];
+                key_cache[base + key_index((int)offset, d)] = cache_from_input(k[d], k_scale);
+                value_cache[base + value_index((int)offset, d)] = cache_from_input(v[d], v_scale);
             }
         }
     }

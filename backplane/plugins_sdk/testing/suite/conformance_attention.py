@@ -11,6 +11,13 @@ cached prefixes (when the case has any), the case's own step (optionally
 followed by padding tokens with slot -1), then one decode step for every
 request, which reads back everything written before, so a backend that writes
 padding or misplaces keys fails there even if the step itself looked right.
+
+fp8 KV cache (``test_attention_fp8_kv_cache_*``): for every backend that lists
+``fp8_e4m3`` / ``fp8_e5m2`` in ``supported_kv_cache_dtypes`` (skipped with the
+reason for the others), a subset of the cases runs with the harness's K/V
+scales; the reference attends over the dequantized fp8 keys and values, so the
+tolerance is the compute dtype's. A backend that quantizes differently from
+`quantize_kv_fp8` (other rounding, no saturation, a scale ignored) fails.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from backplane.plugins_sdk.attention import AttentionSpec
+from backplane.plugins_sdk.attention import FP8_KV_CACHE_DTYPES, AttentionSpec
 from backplane.plugins_sdk.testing.paged import PagedAttentionHarness, tolerance
 from backplane.plugins_sdk.testing.plugin import platform_for
 
@@ -93,16 +100,19 @@ def _head_size(backend_cls) -> int:
     return 32 if sizes is None or 32 in sizes else min(sizes)
 
 
-def _spec(backend_cls, case: Case, dtype: torch.dtype) -> AttentionSpec:
+def _spec(backend_cls, case: Case, dtype: torch.dtype,
+          kv_cache_dtype: str = "auto") -> AttentionSpec:
     return AttentionSpec(
         num_heads=case.num_heads, num_kv_heads=case.num_kv_heads,
         head_size=_head_size(backend_cls), dtype=dtype, block_size=case.block_size,
+        kv_cache_dtype=kv_cache_dtype,
         sliding_window=case.sliding_window, logits_soft_cap=case.logits_soft_cap,
     )
 
 
-def _run_case(backend_cls, case: Case, dtype: torch.dtype, device) -> None:
-    spec = _spec(backend_cls, case, dtype)
+def _run_case(backend_cls, case: Case, dtype: torch.dtype, device,
+              kv_cache_dtype: str = "auto") -> None:
+    spec = _spec(backend_cls, case, dtype, kv_cache_dtype)
     reasons = backend_cls.unsupported_reasons(spec)
     if reasons:
         pytest.skip(f"{backend_cls.name} declares it cannot serve this case: {'; '.join(reasons)}")
@@ -123,7 +133,8 @@ def _run_case(backend_cls, case: Case, dtype: torch.dtype, device) -> None:
         err = (result.output - result.expected).abs().max().item()
         assert torch.allclose(result.output, result.expected, **tol), (
             f"{backend_cls.name}, case {case.id}, step {name!r}: max abs error {err:.3g} "
-            f"exceeds atol={tol['atol']} rtol={tol['rtol']} ({str(dtype)})")
+            f"exceeds atol={tol['atol']} rtol={tol['rtol']} ({str(dtype)}, kv_cache_dtype "
+            f"{kv_cache_dtype})")
 
 
 def test_attention_matches_reference_float32(backplane_device, backend_cls, case):
@@ -140,6 +151,57 @@ def test_attention_matches_reference_default_dtype(backplane_platform, backplane
         pytest.skip(f"{backend_cls.name} does not support the platform default dtype {dtype}")
     case = next(c for c in CASES if c.id == case_id)
     _run_case(backend_cls, case, dtype, backplane_device)
+
+
+# The fp8 cases: prefill over a cached prefix, decode, mixed, GQA/MQA, small and
+# large blocks, a sliding window and speculative multi-query decode.
+FP8_CASE_IDS = ("prefill_with_prefix", "decode", "mixed", "mixed_mqa", "gqa_4to1_decode",
+                "block_size_8", "block_size_32", "sliding_window_8", "multi_query_decode")
+FP8_FORMATS = ("fp8_e4m3", "fp8_e5m2")
+
+
+def _skip_unless_fp8(backend_cls, kv_cache_dtype: str) -> None:
+    if kv_cache_dtype not in backend_cls.supported_kv_cache_dtypes:
+        pytest.skip(f"{backend_cls.name} does not declare kv_cache_dtype {kv_cache_dtype!r} "
+                    f"(supported_kv_cache_dtypes: {backend_cls.supported_kv_cache_dtypes})")
+
+
+@pytest.mark.parametrize("kv_cache_dtype", FP8_FORMATS)
+@pytest.mark.parametrize("case_id", FP8_CASE_IDS)
+def test_attention_fp8_kv_cache_matches_dequantized_reference(
+        backplane_device, backend_cls, case_id, kv_cache_dtype):
+    _skip_unless_fp8(backend_cls, kv_cache_dtype)
+    dtype = torch.float32 if torch.float32 in backend_cls.supported_dtypes else None
+    if dtype is None:
+        pytest.skip(f"{backend_cls.name} does not support float32")
+    case = next(c for c in CASES if c.id == case_id)
+    _run_case(backend_cls, case, dtype, backplane_device, kv_cache_dtype)
+
+
+@pytest.mark.parametrize("kv_cache_dtype", FP8_FORMATS)
+def test_attention_fp8_kv_cache_default_dtype(backplane_platform, backplane_device,
+                                              backend_cls, kv_cache_dtype):
+    _skip_unless_fp8(backend_cls, kv_cache_dtype)
+    dtype = backplane_platform.runtime.default_dtype()
+    if dtype not in backend_cls.supported_dtypes:
+        pytest.skip(f"{backend_cls.name} does not support the platform default dtype {dtype}")
+    case = next(c for c in CASES if c.id == "mixed")
+    _run_case(backend_cls, case, dtype, backplane_device, kv_cache_dtype)
+
+
+def test_attention_fp8_declared_consistently(backend_cls):
+    """``fp8`` is ``fp8_e4m3``: a backend declares both or neither; one that declares
+    no fp8 format refuses an fp8 spec with a kv_cache_dtype reason."""
+    declared = set(backend_cls.supported_kv_cache_dtypes) & set(FP8_KV_CACHE_DTYPES)
+    assert ("fp8" in declared) == ("fp8_e4m3" in declared), (
+        f"{backend_cls.name} declares {sorted(declared)}: 'fp8' means 'fp8_e4m3', so "
+        "declare both or neither")
+    for name in set(FP8_KV_CACHE_DTYPES) - declared:
+        spec = AttentionSpec(num_heads=4, num_kv_heads=2, head_size=_head_size(backend_cls),
+                             dtype=torch.float32, block_size=16, kv_cache_dtype=name)
+        reasons = backend_cls.unsupported_reasons(spec)
+        assert any("kv_cache_dtype" in r for r in reasons), (
+            f"{backend_cls.name} does not declare {name!r} but accepts it (reasons: {reasons})")
 
 
 def test_attention_kv_cache_shape_holds_every_slot(backend_cls):
