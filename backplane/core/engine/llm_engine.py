@@ -9,12 +9,8 @@ from dataclasses import dataclass
 
 from backplane.config import EngineArgs, EngineConfig
 from backplane.config.resolve import ResolvedConfig, resolve
-from backplane.core.engine.core_client import (
-    DPClient,
-    EngineCoreClient,
-    InprocClient,
-    MPClient,
-)
+from backplane.core.engine.core_client import EngineCoreClient, InprocClient, MPClient
+from backplane.core.engine.dp_client import DPClient
 from backplane.core.engine.engine_core import EngineCore
 from backplane.core.engine.output_processor import OutputProcessor, RequestState
 from backplane.core.scheduler.request import Request, RequestStatus

@@ -21,7 +21,6 @@ import multiprocessing
 import os
 import queue
 import shutil
-import signal
 import socket
 import tempfile
 import threading
@@ -31,6 +30,7 @@ from multiprocessing.connection import wait
 import torch
 
 from backplane.core.distributed.parallel_state import destroy_model_parallel, init_model_parallel
+from backplane.core.engine.core_client import describe_exit
 from backplane.core.executor.base import PlanBroadcastExecutor, WorkerDiedError
 from backplane.core.executor.worker import READY, run_worker
 from backplane.core.model_runner.runner import ModelRunner
@@ -50,17 +50,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def describe_exit(code: int | None) -> str:
-    if code is None:
-        return "still running"
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exited with code {code}"
 
 
 class MultiprocExecutor(PlanBroadcastExecutor):

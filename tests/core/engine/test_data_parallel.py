@@ -18,7 +18,7 @@ from backplane import LLM
 from backplane.config import EngineArgs
 from backplane.config.resolve import problems
 from backplane.core.engine.async_engine import EngineDeadError
-from backplane.core.engine.core_client import DPClient, dp_hints
+from backplane.core.engine.dp_client import DPClient, dp_hints
 from backplane.platforms.cpu.runtime import CpuRuntime
 from backplane.sampling_params import SamplingParams
 from tests.config.helpers import GraphPlatform, cpu_platform
