@@ -121,11 +121,12 @@ def run_latency(opts: LatencyOptions) -> dict:
         "decode": decode,
         "prefill": prefill,
     }
+    hf_config = engine_hf_config(engine, opts.engine_args.model)
+    prepare_model = platform_model_hook(engine)
+    engine.shutdown()  # a split model's ranks or an engine process go now
+    del engine
+    gc.collect()
     if opts.ceiling:
-        hf_config = engine_hf_config(engine, opts.engine_args.model)
-        prepare_model = platform_model_hook(engine)
-        del engine
-        gc.collect()
         ceiling = measure_ceiling(hf_config, dtype, opts.batch_sizes, prepare_model=prepare_model)
         for batch, entry in ceiling.items():
             _compare(entry, decode[batch])

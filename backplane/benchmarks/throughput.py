@@ -204,6 +204,7 @@ def run_throughput(opts: ThroughputOptions) -> dict:
         "engine_stats": runs[-1].stats,
         "memory": mem,
     }
+    engine.shutdown()  # a split model's ranks or an engine process go now
     del engine
     gc.collect()
 
@@ -214,6 +215,7 @@ def run_throughput(opts: ThroughputOptions) -> dict:
         other_args = dataclasses.replace(opts.engine_args, enable_prefix_caching=not main_on)
         other_engine, other_runs, _ = _run_engine_repeats(
             opts, other_args, "prefix caching " + ("off" if main_on else "on"))
+        other_engine.shutdown()
         del other_engine
         gc.collect()
         on_runs, off_runs = (runs, other_runs) if main_on else (other_runs, runs)
@@ -441,8 +443,16 @@ def main(args) -> int:
 
 def _main_external(args, engine_args, spec: WorkloadSpec) -> int:
     """`--baseline vllm|llama.cpp`: every engine in fresh processes (backplane.benchmarks.external)."""
+    import signal
+
     check_unsupported(args)
-    result = run_external(options_from_args(args, engine_args, spec))
+    # SIGTERM as an exception: the engine processes (each in a session of its own, so a
+    # terminal's Ctrl-C does not reach them) are then killed on the way out, not orphaned.
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        result = run_external(options_from_args(args, engine_args, spec))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     table_out = sys.stderr if args.json == "-" else sys.stdout
     print_table("backplane bench throughput vs " + " / ".join(result["baselines"]),
                 external_rows(result), out=table_out)

@@ -38,7 +38,9 @@ def _free_port() -> int:
 
 @pytest.fixture
 def serve_tp2(llama_model_dir, tmp_path):
-    """A `backplane serve -tp 2` process; yields (url, process, log reader)."""
+    """A `backplane serve -tp 2` process; yields (url, process, log reader, the shared-memory
+    segments that existed before it)."""
+    shm_before = _shm_segments()
     port = _free_port()
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
@@ -49,11 +51,15 @@ def serve_tp2(llama_model_dir, tmp_path):
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc, log.read_text, timeout=120)
-        yield url, proc, log.read_text
+        yield url, proc, log.read_text, shm_before
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def _shm_segments() -> set[str]:
+    return {p for p in os.listdir("/dev/shm") if p.startswith("backplane")}
 
 
 def _health(url: str) -> int | None:
@@ -80,7 +86,7 @@ def _workers(pid: int) -> list[int]:
 
 
 def test_tp2_server_matches_tp1_and_sigterm_leaves_nothing(serve_tp2, llama_model_dir):
-    url, proc, logs = serve_tp2
+    url, proc, logs, shm_before = serve_tp2
     workers = _workers(proc.pid)
     assert len(workers) == 1, logs()
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
@@ -119,12 +125,11 @@ def test_tp2_server_matches_tp1_and_sigterm_leaves_nothing(serve_tp2, llama_mode
     while any(_running(pid) for pid in children) and time.time() < deadline:
         time.sleep(0.1)
     assert not [pid for pid in children if _running(pid)], logs()
-    leftovers = [p for p in os.listdir("/dev/shm") if p.startswith("backplane")]
-    assert not leftovers
+    assert not _shm_segments() - shm_before  # the ranks removed their segments
 
 
 def test_killed_worker_fails_requests_and_health_within_seconds(serve_tp2):
-    url, proc, logs = serve_tp2
+    url, proc, logs, _ = serve_tp2
     (worker,) = _workers(proc.pid)
     results: list = []
 

@@ -83,11 +83,16 @@ def send_all(base_url: str, requests: list[dict], temperature: float, seed: int,
              timeout_s: float) -> tuple[float, int]:
     """Send every request at once; (seconds until the last answer, output tokens)."""
     url = base_url + "/completion"
-    with ThreadPoolExecutor(max_workers=max(1, len(requests))) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, len(requests)))
+    try:
         start = time.perf_counter()
         answers = list(pool.map(
             lambda r: _post(url, completion_body(r, temperature, seed), timeout_s), requests))
         seconds = time.perf_counter() - start
+    finally:
+        # Not `with`: its exit waits for every thread, and on Ctrl-C / SIGTERM the
+        # threads wait on the server, which is only killed after this returns.
+        pool.shutdown(wait=False, cancel_futures=True)
     produced = 0
     for request, answer in zip(requests, answers, strict=True):
         got = int(answer.get("tokens_predicted", 0))

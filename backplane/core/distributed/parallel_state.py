@@ -14,6 +14,7 @@ them unconditionally at no cost.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -126,11 +127,6 @@ def get_parallel_state() -> ParallelState:
     return _STATE
 
 
-def communication_seconds() -> float:
-    """Wall time this process has spent in collectives so far (all its groups)."""
-    return _STATE.world.seconds + _STATE.tp.seconds + _STATE.pp.seconds
-
-
 def model_parallel_initialized() -> bool:
     return _STATE.world.size > 1
 
@@ -201,14 +197,31 @@ def init_model_parallel(
     return _STATE
 
 
-def destroy_model_parallel() -> None:
-    """Leave the world (idempotent); the groups become this process alone again."""
+@contextlib.contextmanager
+def single_rank_state():
+    """Build a one-rank engine as if no world existed, even when a split engine of this
+    process still holds one: models and runners read the groups once, when built."""
     global _STATE
+    saved, _STATE = _STATE, ParallelState()
+    try:
+        yield
+    finally:
+        _STATE = saved
+
+
+def close_communicators() -> None:
+    """Release what the platform communicators hold (shared memory), e.g. before a
+    worker exits at once; the groups stay as they are."""
     for coordinator in (_STATE.tp, _STATE.pp, _STATE.world):
-        # A platform communicator may hold resources (shared memory) to release.
         close = getattr(coordinator.communicator, "close", None)
         if close is not None:
             close()
+
+
+def destroy_model_parallel() -> None:
+    """Leave the world (idempotent); the groups become this process alone again."""
+    global _STATE
+    close_communicators()
     _STATE = ParallelState()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -9,7 +9,11 @@ from the executor (see multiproc.py and ray_executor.py).
 
 from __future__ import annotations
 
+import os
+import threading
+import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 from backplane.core.engine.async_engine import EngineDeadError
 from backplane.core.model_runner.runner import ModelRunner, ModelRunnerOutput
@@ -18,6 +22,47 @@ from backplane.core.scheduler.output import SchedulerOutput
 
 class WorkerDiedError(EngineDeadError):
     """A rank's process ended (killed, out of memory, an exception): the engine cannot go on."""
+
+
+# How long the ranks of a split model may take to load their slices and join.
+STARTUP_TIMEOUT_S = float(os.environ.get("BACKPLANE_WORKER_STARTUP_TIMEOUT", "600"))
+
+
+def run_while_watching(fn: Callable, what: str, failure: Callable[[float], str | None],
+                       hint: str = "", done: Callable[[], bool] = lambda: True):
+    """Run ``fn`` (which waits for the other ranks) on a thread, polling ``failure(grace_s)``
+    for a rank that died meanwhile, so that start-up fails at once, naming it, instead
+    of waiting for the other ranks until a timeout. ``done`` (polled once ``fn`` has
+    returned) may hold the wait until the other ranks finished too."""
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name=f"backplane-{what}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while True:
+        thread.join(0.1)
+        found = failure(0.0)
+        if found is not None:
+            raise WorkerDiedError(f"a worker failed while {what}: {found}{hint}")
+        if not thread.is_alive() and ("error" in box or done()):
+            break
+        if time.monotonic() > deadline:
+            raise WorkerDiedError(f"the workers took longer than {STARTUP_TIMEOUT_S:.0f} s "
+                                  f"{what} (BACKPLANE_WORKER_STARTUP_TIMEOUT)")
+    if "error" in box:
+        # Our side failed: most likely because a rank died; wait a little for its report.
+        found = failure(2.0)
+        if found is not None:
+            raise WorkerDiedError(f"a worker failed while {what}: {found}{hint}") \
+                from box["error"]
+        raise box["error"]
+    return box.get("value")
 
 
 class Executor(ABC):
@@ -45,6 +90,14 @@ class PlanBroadcastExecutor(Executor):
     """
 
     def __init__(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            raise RuntimeError(
+                "torch.distributed is already initialised in this process (another split "
+                "engine that was not shut down, or a launcher): shut that engine down first "
+                "(llm.llm_engine.shutdown()), or use distributed_executor_backend="
+                "'external_launcher' to run inside an existing world")
         # Here, not at module level: wire -> serial -> engine_core -> executor is a cycle.
         from backplane.core.executor import wire
 

@@ -31,14 +31,17 @@ import torch
 
 from backplane.core.distributed.parallel_state import destroy_model_parallel, init_model_parallel
 from backplane.core.engine.core_client import describe_exit
-from backplane.core.executor.base import PlanBroadcastExecutor, WorkerDiedError
+from backplane.core.executor.base import (
+    STARTUP_TIMEOUT_S,
+    PlanBroadcastExecutor,
+    WorkerDiedError,
+    run_while_watching,
+)
 from backplane.core.executor.worker import READY, run_worker
 from backplane.core.model_runner.runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
-# How long a rank may take to load its slice and join the others.
-STARTUP_TIMEOUT_S = float(os.environ.get("BACKPLANE_WORKER_STARTUP_TIMEOUT", "600"))
 
 
 # Workers are spawned: they re-import the main module of the program.
@@ -110,32 +113,8 @@ class MultiprocExecutor(PlanBroadcastExecutor):
 
     # ------------------------------------------------------------ start-up
     def _while_watching(self, fn, what: str):
-        """Run ``fn`` (which waits for the other ranks) while checking that they live."""
-        box: dict = {}
-
-        def target() -> None:
-            try:
-                box["value"] = fn()
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
-                box["error"] = exc
-
-        thread = threading.Thread(target=target, name=f"backplane-{what}", daemon=True)
-        thread.start()
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while thread.is_alive():
-            thread.join(0.1)
-            failure = self._collect_failure()
-            if failure is not None:
-                raise WorkerDiedError(f"a worker failed while {what}: {failure}{_MAIN_HINT}")
-            if time.monotonic() > deadline:
-                raise WorkerDiedError(f"the workers took longer than {STARTUP_TIMEOUT_S:.0f} s "
-                                      f"{what} (BACKPLANE_WORKER_STARTUP_TIMEOUT)")
-        if "error" in box:
-            failure = self._collect_failure(grace_s=2.0)
-            if failure is not None:
-                raise WorkerDiedError(f"a worker failed while {what}: {failure}") from box["error"]
-            raise box["error"]
-        return box["value"]
+        return run_while_watching(fn, what, lambda grace: self._collect_failure(grace_s=grace),
+                                  hint=_MAIN_HINT)
 
     def _await_ready(self) -> None:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S

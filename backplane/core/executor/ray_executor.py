@@ -48,12 +48,15 @@ import time
 import torch
 
 from backplane.core.distributed.parallel_state import destroy_model_parallel, init_model_parallel
-from backplane.core.executor.base import PlanBroadcastExecutor, WorkerDiedError
+from backplane.core.executor.base import (
+    STARTUP_TIMEOUT_S,
+    PlanBroadcastExecutor,
+    run_while_watching,
+)
 from backplane.core.model_runner.runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
-STARTUP_TIMEOUT_S = float(os.environ.get("BACKPLANE_WORKER_STARTUP_TIMEOUT", "600"))
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 _FORWARDED_PREFIXES = ("BACKPLANE_", "HF_", "GLOO_", "NCCL_", "TORCH_")
 _FORWARDED = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "HUGGING_FACE_HUB_TOKEN")
@@ -312,46 +315,25 @@ class RayExecutor(PlanBroadcastExecutor):
                 return f"worker rank {rank} failed: {_short(exc, 4000)}"
         return None
 
+    def _build_failure_within(self, grace_s: float) -> str | None:
+        deadline = time.monotonic() + grace_s
+        while True:
+            failure = self._build_failure()
+            if failure is not None or time.monotonic() >= deadline:
+                return failure
+            time.sleep(0.1)
+
     def _while_watching(self, fn, what: str, wait_all: bool = False):
-        """Run ``fn`` (which waits for the other ranks) while checking that the actors live."""
+        """Run ``fn`` (which waits for the other ranks) while checking that the actors live;
+        ``wait_all``: also until every actor finished building."""
         import ray
 
-        box: dict = {}
+        def all_built() -> bool:
+            done, _ = ray.wait(self._build_refs, num_returns=len(self._build_refs), timeout=0)
+            return len(done) == len(self._build_refs)
 
-        def target() -> None:
-            try:
-                box["value"] = fn()
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
-                box["error"] = exc
-
-        thread = threading.Thread(target=target, name=f"backplane-{what}", daemon=True)
-        thread.start()
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            thread.join(0.1)
-            failure = self._build_failure()
-            if failure is not None:
-                raise WorkerDiedError(f"a worker failed while {what}: {failure}")
-            if not thread.is_alive():
-                if not wait_all:
-                    break
-                done, _ = ray.wait(self._build_refs, num_returns=len(self._build_refs),
-                                   timeout=0)
-                if len(done) == len(self._build_refs):
-                    break
-            if time.monotonic() > deadline:
-                raise WorkerDiedError(f"the workers took longer than {STARTUP_TIMEOUT_S:.0f} s "
-                                      f"{what} (BACKPLANE_WORKER_STARTUP_TIMEOUT)")
-        if "error" in box:
-            deadline = time.monotonic() + 2.0
-            while time.monotonic() < deadline:
-                failure = self._build_failure()
-                if failure is not None:
-                    raise WorkerDiedError(f"a worker failed while {what}: {failure}") \
-                        from box["error"]
-                time.sleep(0.1)
-            raise box["error"]
-        return box.get("value")
+        return run_while_watching(fn, what, self._build_failure_within,
+                                  done=all_built if wait_all else (lambda: True))
 
     # ------------------------------------------------------------ serving
     def _describe(self, rank: int, exc: BaseException | None) -> str:

@@ -8,6 +8,7 @@ from backplane.core.distributed.parallel_state import (
     destroy_model_parallel,
     get_parallel_state,
     init_model_parallel,
+    single_rank_state,
 )
 from backplane.core.executor.base import Executor
 from backplane.core.model_runner.runner import ModelRunner, ModelRunnerOutput
@@ -20,7 +21,8 @@ class UniExecutor(Executor):
     """The runner in this process; nothing to send anywhere."""
 
     def __init__(self, config, platform) -> None:
-        self.runner = ModelRunner(config, platform)
+        with single_rank_state():
+            self.runner = ModelRunner(config, platform)
 
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(out)
@@ -61,7 +63,7 @@ class ExternalLauncherExecutor(UniExecutor):
             init_model_parallel(platform, rank=rank,
                                 tensor_parallel_size=pc.tensor_parallel_size,
                                 pipeline_parallel_size=pc.pipeline_parallel_size)
-        super().__init__(config, platform)
+        self.runner = ModelRunner(config, platform)
 
     def shutdown(self) -> None:
         destroy_model_parallel()

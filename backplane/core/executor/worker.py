@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
+import time
 import traceback
 
 logger = logging.getLogger(__name__)
@@ -59,6 +61,10 @@ def run_worker(config, rank: int, init_method: str, plan_addr: str, reports, par
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     configure_logging()
+    # Wherever this process blocks (joining the world, loading, a collective), it must
+    # not outlive the engine that started it.
+    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True,
+                     name="backplane-parent-watch").start()
     sock = zmq.Context.instance().socket(zmq.PULL)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(plan_addr)
@@ -89,6 +95,17 @@ def serve_plans(runner, receive) -> None:
                                "reaching this rank are out of order")
         expected += 1
         runner.execute(decode_plan(plan))
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    while True:
+        time.sleep(_IDLE_POLL_MS / 1000)
+        if os.getppid() != parent_pid:
+            logger.warning("the engine process %d is gone; this worker exits", parent_pid)
+            from backplane.core.distributed.parallel_state import close_communicators
+
+            close_communicators()  # os._exit skips atexit: remove shared memory first
+            os._exit(1)
 
 
 def _receive(sock, parent_pid: int) -> bytes | None:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backplane.core.distributed.parallel_state import get_tp_group
+from backplane.core.distributed.parallel_state import GroupCoordinator, get_tp_group
 from backplane.core.layers.parallel import Shard
 
 
@@ -49,9 +49,8 @@ class VocabEmbedding(nn.Embedding):
         return self.tp.all_reduce(out * held.unsqueeze(-1).to(out.dtype))
 
 
-def gather_logits(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def gather_logits(logits: torch.Tensor, vocab_size: int, tp: GroupCoordinator) -> torch.Tensor:
     """Every rank's vocabulary slice of ``[n, rows]`` logits, joined and trimmed of padding."""
-    tp = get_tp_group()
     if tp.size == 1:
         return logits
     return tp.all_gather(logits, dim=-1)[:, :vocab_size]

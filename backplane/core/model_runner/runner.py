@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from backplane.config.resolve import ResolvedConfig
-from backplane.core.distributed.parallel_state import communication_seconds, get_parallel_state
+from backplane.core.distributed.parallel_state import get_parallel_state
 from backplane.core.layers.attention import AttentionContext
 from backplane.core.layers.fused_moe import bind_fused_moe
 from backplane.core.model_runner.flat_batch import FlatBatch
@@ -79,6 +79,7 @@ class ModelRunner:
         self.config = config
         self.platform = platform
         parallel = get_parallel_state()
+        self.parallel = parallel  # this runner's groups, read once (see single_rank_state)
         self.world = parallel.world
         # Pipeline stage 0 holds the output head: only its ranks compute logits.
         self.holds_logits = parallel.pp.is_first
@@ -230,9 +231,14 @@ class ModelRunner:
     def _memory_share(self, platform: Platform) -> int:
         """Free device memory this rank may size its KV cache from: all of it, or its share
         when local ranks share one device (the cpu's host memory)."""
-        local = get_parallel_state().local_world_size
+        local = self.parallel.local_world_size
         sharing = -(-local // max(1, platform.runtime.device_count()))
         return platform.runtime.available_memory(self.device.index or 0) // sharing
+
+    def _communication_seconds(self) -> float:
+        """Time this rank has spent in collectives so far."""
+        p = self.parallel
+        return p.world.seconds + p.tp.seconds + p.pp.seconds
 
     def _agreed(self, value: int) -> int:
         """The minimum of ``value`` over every rank (the value itself in a one-rank world)."""
@@ -377,9 +383,9 @@ class ModelRunner:
     # ---------------------------------------------------------------- execute
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
-        comm_start = communication_seconds()
+        comm_start = self._communication_seconds()
         result = self._execute(out)
-        result.comm_seconds = communication_seconds() - comm_start
+        result.comm_seconds = self._communication_seconds() - comm_start
         return result
 
     def _execute(self, out: SchedulerOutput) -> ModelRunnerOutput:

@@ -367,6 +367,9 @@ class LlamaForCausalLM(CausalLM):
         self.config = hf_config
         self.dtype = dtype
         self.dims = DecoderDims.from_hf_config(hf_config)
+        # The groups this model was built for (its layers hold them too): read once here,
+        # so an engine of another size in the same process cannot change them later.
+        self.tp = get_tp_group()
         self.options = self.decoder_options(hf_config)
         self.model = DecoderModel(self.dims, self.options, hf_config, dtype)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
@@ -385,7 +388,7 @@ class LlamaForCausalLM(CausalLM):
         return self.model(input_ids, positions, ctx)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return gather_logits(self.lm_head(hidden), self.dims.vocab_size)
+        return gather_logits(self.lm_head(hidden), self.dims.vocab_size, self.tp)
 
     def set_aux_hidden_layers(self, layer_ids) -> None:
         ids = tuple(int(i) for i in layer_ids)
@@ -411,7 +414,7 @@ class LlamaForCausalLM(CausalLM):
         window = None
         if getattr(self.config, "use_sliding_window", True):
             window = getattr(self.config, "sliding_window", None)
-        tp_size = get_tp_group().size
+        tp_size = self.tp.size
         return KVCacheShape(
             num_layers=self.dims.num_layers,
             num_heads=self.dims.num_heads // tp_size,

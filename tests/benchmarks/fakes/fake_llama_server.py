@@ -56,7 +56,7 @@ def main() -> int:
             if len(prompt) + body["n_predict"] > args.c // args.np:
                 self._send(400, {"error": "context of a slot exceeded"})
                 return
-            time.sleep(0.01)
+            time.sleep(float(os.environ.get("FAKE_LLAMA_DELAY", "0.01")))
             n = body["n_predict"] if body.get("ignore_eos") else 1
             self._send(200, {"content": "x" * n, "tokens_predicted": n,
                              "tokens_evaluated": len(prompt)})

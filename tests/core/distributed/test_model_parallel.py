@@ -190,3 +190,20 @@ def test_a_rank_reads_its_slices_and_never_a_whole_sharded_tensor(model_dirs, mo
     assert torch.equal(model.model.layers[1].mlp.down_proj.weight, down[:, 64:128])
     embed = ref["model.embed_tokens.weight"]
     assert torch.equal(model.model.embed_tokens.weight, embed[256:512])
+
+
+def test_one_rank_engine_beside_a_live_split_engine(model_dirs, references):
+    """Models read their groups when built: a one-rank engine next to a split one is
+    unaffected; a second split engine in the same process is refused, saying why."""
+    split = LLM(model_dirs["llama_gqa"], tensor_parallel_size=2, **ARGS)
+    try:
+        with pytest.raises(RuntimeError, match="already initialised in this process"):
+            LLM(model_dirs["qwen2_bias_tied"], tensor_parallel_size=2, **ARGS)
+        single = LLM(model_dirs["qwen2_bias_tied"], **ARGS)
+        got = single.generate([{"prompt_token_ids": p} for p in PROMPTS], PARAMS)
+        assert_same_outputs(references["qwen2_bias_tied"], got)
+        single.llm_engine.shutdown()
+        again = split.generate([{"prompt_token_ids": p} for p in PROMPTS], PARAMS)
+        assert_same_outputs(references["llama_gqa"], again)
+    finally:
+        split.llm_engine.shutdown()

@@ -19,46 +19,10 @@
 #include <stdint.h>
 #include <string.h>
 
-/* Rows per tile: 2 x 8 accumulators + 2 weight vectors + 1 broadcast fit the
- * 32 zmm registers. */
-#define MT 8
-
 #include "common.h"
+#include "gemm_tiles.h"
 
-/* One 16-column output block of one row: + bias, then bf16 (round to nearest
- * even, as torch does) or float32. Columns past N are masked off. */
-static inline __attribute__((always_inline)) void store_block(
-        __m512 v, void *out, int64_t row, int64_t os, int64_t col, int64_t n,
-        const float *bias, int out_f32) {
-    const int64_t cols = n - col < 16 ? n - col : 16;
-    const __mmask16 mask = (__mmask16)((1u << cols) - 1u);
-    if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + col));
-    if (out_f32) {
-        _mm512_mask_storeu_ps((float *)out + row * os + col, mask, v);
-    } else {
-        const __m256bh h = _mm512_cvtneps_pbh(v);
-        _mm256_mask_storeu_epi16((uint16_t *)out + row * os + col, mask, (__m256i)h);
-    }
-}
-
-/* The output columns of scale row block col / 16, masked like store_block. */
-static inline __attribute__((always_inline)) __m512 load_scales(const float *scales,
-                                                                 int64_t col, int64_t n) {
-    const int64_t cols = n - col < 16 ? n - col : 16;
-    return _mm512_maskz_loadu_ps((__mmask16)((1u << cols) - 1u), scales + col);
-}
-
-/* A row-tile loop: TILE(mt) for tiles of up to MAX rows, mt a compile-time constant
- * in each call so that the tile's accumulators stay in registers. */
-#define ROW_TILES_8(TILE)                                                              \
-    for (int64_t m0 = 0; m0 < m_total; m0 += 8) {                                      \
-        const int64_t left = m_total - m0;                                             \
-        switch (left < 8 ? left : 8) {                                                 \
-        case 1: TILE(1); break; case 2: TILE(2); break; case 3: TILE(3); break;        \
-        case 4: TILE(4); break; case 5: TILE(5); break; case 6: TILE(6); break;        \
-        case 7: TILE(7); break; default: TILE(8); break;                               \
-        }                                                                              \
-    }
+/* ROW_TILES_8 (gemm_tiles.h) for the W8A8 kernel's tiles of up to 4 rows. */
 #define ROW_TILES_4(TILE)                                                              \
     for (int64_t m0 = 0; m0 < m_total; m0 += 4) {                                      \
         const int64_t left = m_total - m0;                                             \
@@ -124,38 +88,6 @@ void pack_bf16(const uint16_t *w, int64_t n, int64_t k, uint16_t *packed) {
     }
 }
 
-/* One tile: rows m0..m0+mt of x against two 16-row weight blocks. `mt` is a
- * compile-time constant in each call below, so the accumulators stay in registers. */
-static inline __attribute__((always_inline)) void tile(
-        const uint16_t *x, int64_t xs, int64_t m0, const int mt, const uint16_t *w0,
-        const uint16_t *w1, int two, int64_t kp, int64_t n, int64_t b0, const float *bias,
-        void *out, int64_t os, int out_f32) {
-    __m512 acc0[MT], acc1[MT];
-    const uint16_t *rows[MT];
-#pragma GCC unroll 8
-    for (int i = 0; i < mt; i++) {
-        acc0[i] = _mm512_setzero_ps();
-        acc1[i] = _mm512_setzero_ps();
-        rows[i] = x + (m0 + i) * xs;
-    }
-    for (int64_t p = 0; p < kp; p++) {
-        const __m512bh a = (__m512bh)_mm512_loadu_si512(w0 + p * 32);
-        const __m512bh c = (__m512bh)_mm512_loadu_si512(w1 + p * 32);
-#pragma GCC unroll 8
-        for (int i = 0; i < mt; i++) {
-            int32_t pair;
-            memcpy(&pair, rows[i] + 2 * p, sizeof pair);
-            const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
-            acc0[i] = _mm512_dpbf16_ps(acc0[i], a, xb);
-            acc1[i] = _mm512_dpbf16_ps(acc1[i], c, xb);
-        }
-    }
-    for (int i = 0; i < mt; i++) {
-        store_block(acc0[i], out, m0 + i, os, b0 * 16, n, bias, out_f32);
-        if (two) store_block(acc1[i], out, m0 + i, os, b0 * 16 + 16, n, bias, out_f32);
-    }
-}
-
 /* out[m, n] = sum_k x[m, k] W[n, k] (+ bias[n]) for m < m_total, n < N.
  * x: [M, K] bf16 with row stride xs (K even); packed: pack_bf16's layout;
  * bias: float32 or NULL; out: [M, N] bf16, or float32 if out_f32, row stride os. */
@@ -168,9 +100,7 @@ void gemm_bf16(const uint16_t *x, int64_t xs, int64_t m_total, const uint16_t *p
         const int two = (b0 + 1) < nb;
         const uint16_t *w0 = packed + b0 * kp * 32;
         const uint16_t *w1 = two ? w0 + kp * 32 : w0;
-#define TILE(mt) tile(x, xs, m0, mt, w0, w1, two, kp, n, b0, bias, out, os, out_f32)
-        ROW_TILES_8(TILE)
-#undef TILE
+        ROW_TILES_8_FN(tile_bf16_weights, w0, w1, two, kp, n, b0, bias, out, os, out_f32)
     }
 }
 
@@ -195,57 +125,8 @@ static inline __attribute__((always_inline)) __m512bh widen_w8(const int8_t *src
     return _mm512_cvtne2ps_pbh(_mm512_cvtepi32_ps(hi), _mm512_cvtepi32_ps(lo));
 }
 
-static inline __attribute__((always_inline)) void tile_w8(
-        const uint16_t *x, int64_t xs, int64_t m0, const int mt, const int8_t *w0,
-        const int8_t *w1, int two, int64_t kp, int64_t n, int64_t b0, const float *scales,
-        const float *bias, void *out, int64_t os, int out_f32) {
-    __m512 acc0[MT], acc1[MT];
-    const uint16_t *rows[MT];
-#pragma GCC unroll 8
-    for (int i = 0; i < mt; i++) {
-        acc0[i] = _mm512_setzero_ps();
-        acc1[i] = _mm512_setzero_ps();
-        rows[i] = x + (m0 + i) * xs;
-    }
-    for (int64_t p = 0; p < kp; p++) {
-        const __m512bh a = widen_w8(w0 + p * 32);
-        const __m512bh c = widen_w8(w1 + p * 32);
-#pragma GCC unroll 8
-        for (int i = 0; i < mt; i++) {
-            int32_t pair;
-            memcpy(&pair, rows[i] + 2 * p, sizeof pair);
-            const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
-            acc0[i] = _mm512_dpbf16_ps(acc0[i], a, xb);
-            acc1[i] = _mm512_dpbf16_ps(acc1[i], c, xb);
-        }
-    }
-    const __m512 s0 = load_scales(scales, b0 * 16, n);
-    const __m512 s1 = two ? load_scales(scales, b0 * 16 + 16, n) : s0;
-    for (int i = 0; i < mt; i++) {
-        store_block(_mm512_mul_ps(acc0[i], s0), out, m0 + i, os, b0 * 16, n, bias, out_f32);
-        if (two)
-            store_block(_mm512_mul_ps(acc1[i], s1), out, m0 + i, os, b0 * 16 + 16, n, bias,
-                        out_f32);
-    }
-}
-
-/* gemm_bf16 for int8 weights: out = x @ (scales[:, None] * Wq).T (+ bias). */
-void gemm_w8(const uint16_t *x, int64_t xs, int64_t m_total, const int8_t *packed,
-             const float *scales, int64_t n, int64_t k, const float *bias, void *out,
-             int64_t os, int out_f32) {
-    const int64_t kp = k / 2, nb = (n + 15) / 16, npairs = (nb + 1) / 2;
-#pragma omp parallel for schedule(static)
-    for (int64_t bp = 0; bp < npairs; bp++) {
-        const int64_t b0 = 2 * bp;
-        const int two = (b0 + 1) < nb;
-        const int8_t *w0 = packed + b0 * kp * 32;
-        const int8_t *w1 = two ? w0 + kp * 32 : w0;
-#define TILE(mt) tile_w8(x, xs, m0, mt, w0, w1, two, kp, n, b0, scales, bias, out, os, \
-                         out_f32)
-        ROW_TILES_8(TILE)
-#undef TILE
-    }
-}
+/* gemm_w8: gemm_bf16 for int8 weights, out = x @ (scales[:, None] * Wq).T (+ bias). */
+DEFINE_WIDENED_GEMM(gemm_w8, int8_t, widen_w8)
 
 /* ------------------------------------------------------------------------
  * W8A8 (dynamic activations): int8 weights, one scale per output row, and

@@ -29,23 +29,10 @@
 #include <string.h>
 
 #include "common.h"
+#include "gemm_tiles.h"
 
 #define MT 4  /* activation rows per tile, bf16 path (<= 2 x 2 x 4 group + 4 output accumulators) */
 #define MTF 4 /* rows per tile, float32 path (2 x 4 accumulators + dequantised vectors) */
-
-static inline __attribute__((always_inline)) void store_block(
-        __m512 v, void *out, int64_t row, int64_t os, int64_t col, int64_t n,
-        const float *bias, int out_f32) {
-    const int64_t cols = n - col < 16 ? n - col : 16;
-    const __mmask16 mask = (__mmask16)((1u << cols) - 1u);
-    if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + col));
-    if (out_f32) {
-        _mm512_mask_storeu_ps((float *)out + row * os + col, mask, v);
-    } else {
-        const __m256bh h = _mm512_cvtneps_pbh(v);
-        _mm256_mask_storeu_epi16((uint16_t *)out + row * os + col, mask, (__m256i)h);
-    }
-}
 
 /* Per-row, per-group sums of bf16 activations (float32): xsum[m * groups + g]. */
 static void group_sums(const uint16_t *x, int64_t xs, int64_t m, int64_t k, int64_t group,
@@ -203,7 +190,6 @@ static inline __attribute__((always_inline)) void tile_f32(
  * tile streams it from cache with one dot product per weight vector.
  * ------------------------------------------------------------------------ */
 
-#define MTD 8 /* rows per tile against a dequantised block pair (2 x 8 accumulators) */
 
 /* Block b of packed (16 rows x K) -> dst [K/2][32] bf16 pairs, (q - z) * s. */
 static void dequant_block(const uint8_t *wb, const float *sb, const float *zb, int64_t k,
@@ -233,36 +219,6 @@ static void dequant_block(const uint8_t *wb, const float *sb, const float *zb, i
     }
 }
 
-static inline __attribute__((always_inline)) void tile_deq(
-        const uint16_t *x, int64_t xs, int64_t m0, const int mt, const uint16_t *w0,
-        const uint16_t *w1, int two, int64_t kp, int64_t n, int64_t b0, const float *bias,
-        void *out, int64_t os, int out_f32) {
-    __m512 acc0[MTD], acc1[MTD];
-    const uint16_t *rows[MTD];
-#pragma GCC unroll 8
-    for (int i = 0; i < mt; i++) {
-        acc0[i] = _mm512_setzero_ps();
-        acc1[i] = _mm512_setzero_ps();
-        rows[i] = x + (m0 + i) * xs;
-    }
-    for (int64_t p = 0; p < kp; p++) {
-        const __m512bh a = (__m512bh)_mm512_loadu_si512(w0 + p * 32);
-        const __m512bh c = (__m512bh)_mm512_loadu_si512(w1 + p * 32);
-#pragma GCC unroll 8
-        for (int i = 0; i < mt; i++) {
-            int32_t pair;
-            memcpy(&pair, rows[i] + 2 * p, sizeof pair);
-            const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
-            acc0[i] = _mm512_dpbf16_ps(acc0[i], a, xb);
-            acc1[i] = _mm512_dpbf16_ps(acc1[i], c, xb);
-        }
-    }
-    for (int i = 0; i < mt; i++) {
-        store_block(acc0[i], out, m0 + i, os, b0 * 16, n, bias, out_f32);
-        if (two) store_block(acc1[i], out, m0 + i, os, b0 * 16 + 16, n, bias, out_f32);
-    }
-}
-
 static void gemm_int4_dequant(const uint16_t *x, int64_t xs, int64_t m_total,
                               const uint8_t *packed, const float *sblk, const float *zblk,
                               int64_t n, int64_t k, int64_t group, const float *bias, void *out,
@@ -280,16 +236,8 @@ static void gemm_int4_dequant(const uint16_t *x, int64_t xs, int64_t m_total,
                 dequant_block(packed + (b0 + j) * (k / 4) * 32, sblk + (b0 + j) * groups * 16,
                               zblk + (b0 + j) * groups * 16, k, groups, gq, buf + j * kp * 32);
             const uint16_t *w0 = buf, *w1 = two ? buf + kp * 32 : buf;
-            for (int64_t m0 = 0; m0 < m_total; m0 += MTD) {
-                const int64_t left = m_total - m0;
-#define TILE(mt) tile_deq(x, xs, m0, mt, w0, w1, two, kp, n, b0, bias, out, os, out_f32)
-                switch (left < MTD ? left : MTD) {
-                case 1: TILE(1); break; case 2: TILE(2); break; case 3: TILE(3); break;
-                case 4: TILE(4); break; case 5: TILE(5); break; case 6: TILE(6); break;
-                case 7: TILE(7); break; default: TILE(8); break;
-                }
-#undef TILE
-            }
+            ROW_TILES_8_FN(tile_bf16_weights, w0, w1, two, kp, n, b0, bias, out, os,
+                           out_f32)
         }
         free(buf);
     }
