@@ -421,9 +421,13 @@ class LLMEngine:
 
     @property
     def last_step_timing(self):
-        """Timing of the most recent step (total vs model forward), for benchmarks."""
+        """Timing of the most recent step (total vs model forward), for benchmarks; None
+        with data-parallel engine cores, which each step on their own (a front-end step
+        only collects what they sent, so no one model step belongs to it)."""
         if self.core is None:
             return self.engine_core.last_step
+        if isinstance(self.core, DPClient):
+            return None
         return self.core.last_step
 
     @property
