@@ -111,14 +111,23 @@ def iterate_weights(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
 
 def iterate_checkpoint(files: list[str]) -> Iterator[tuple[str, CheckpointTensor]]:
     """Yield ``(name, CheckpointTensor)`` for every tensor of every file; nothing is read
-    until the consumer asks (memory-mapped by safetensors)."""
+    until the consumer asks.
+
+    Each read maps the file anew and unmaps it when done: one mapping held over the
+    whole load keeps every page read so far resident, so a load peaked at twice the
+    weights (once in their parameters, once in the mapping).
+    """
     from safetensors import safe_open
+
+    def read(path: str, name: str, index=None) -> torch.Tensor:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return f.get_tensor(name) if index is None else f.get_slice(name)[index]
 
     for path in files:
         with safe_open(path, framework="pt", device="cpu") as f:
-            for name in f.keys():
-                handle = f.get_slice(name)
-                yield name, CheckpointTensor(
-                    name, tuple(handle.get_shape()),
-                    lambda name=name: f.get_tensor(name),
-                    lambda index, handle=handle: handle[index])
+            shapes = {name: tuple(f.get_slice(name).get_shape())
+                      for name in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+        for name, shape in shapes.items():
+            yield name, CheckpointTensor(
+                name, shape, lambda path=path, name=name: read(path, name),
+                lambda index, path=path, name=name: read(path, name, index))

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from backplane.platforms.cpu.native import KernelBuildError, load_kernel
+from backplane.platforms.cpu.runtime import release_free_heap
 
 logger = logging.getLogger(__name__)
 
@@ -288,14 +289,27 @@ def quantize_linear_weights_int8(model: nn.Module, activations: str = "int8") ->
 
 
 def replace_children(model: nn.Module, replacement: Callable[[nn.Module], nn.Module | None]) -> int:
-    """Swap every submodule for ``replacement(child)`` where that is not None; returns how many."""
+    """Swap every submodule for ``replacement(child)`` where that is not None; returns how many.
+
+    Replaced layers are freed, and the heap trimmed, parent by parent: holding them
+    to the end (or leaving their memory in malloc's cache) kept the old and the new
+    weights resident together, a peak of twice the model.
+    """
     replaced = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            new = replacement(child)
+    # Only modules that have children: a list of every module would keep the
+    # replaced layers alive until the loop ends.
+    parents = [m for m in model.modules() if next(m.children(), None) is not None]
+    for module in parents:
+        swapped = 0
+        for name in [name for name, _ in module.named_children()]:
+            new = replacement(getattr(module, name))
             if new is not None:
                 setattr(module, name, new)
-                replaced += 1
+                swapped += 1
+        new = None
+        if swapped:
+            replaced += swapped
+            release_free_heap()
     return replaced
 
 

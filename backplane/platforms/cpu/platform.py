@@ -26,7 +26,7 @@ from backplane.platforms.cpu.linear import (
 from backplane.platforms.cpu.native import KernelBuildError
 from backplane.platforms.cpu.paged_attention import CpuPagedAttentionBackend
 from backplane.platforms.cpu.policy import CpuConfigPolicy
-from backplane.platforms.cpu.runtime import CpuRuntime, usable_cores
+from backplane.platforms.cpu.runtime import CpuRuntime, release_free_heap, usable_cores
 from backplane.plugins_sdk import Platform
 
 logger = logging.getLogger(__name__)
@@ -55,14 +55,6 @@ def tune_allocator() -> bool:
     ok = libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) == 1
     ok &= libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1) == 1
     return bool(ok)
-
-
-def release_free_heap() -> None:
-    """Return freed heap memory to the OS (glibc malloc_trim); no-op elsewhere."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class CpuPlatform(Platform):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform as pyplatform
 
@@ -19,6 +20,14 @@ def _meminfo_bytes(key: str) -> int | None:
     except OSError:
         return None
     return None
+
+
+def release_free_heap() -> None:
+    """Return freed heap memory to the OS (glibc malloc_trim); no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def usable_cores() -> int:
