@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import re
+import time
 import uuid
 
 import httpx
@@ -434,6 +435,10 @@ def test_engine_stats_are_logged_periodically_and_quiet_when_idle(server):
 
     from backplane.entrypoints.openai.api_server import log_stats
 
+    # The shared server may still be finishing an earlier test's request; its tokens
+    # would be a change worth a second line.
+    wait_until_idle(server)
+    time.sleep(0.2)
     lines: list[str] = []
     handler = logging.Handler(logging.INFO)
     handler.emit = lambda record: lines.append(record.getMessage())
