@@ -25,7 +25,11 @@ from tests.entrypoints.server_utils import (
     wait_healthy,
     wait_until_idle,
 )
-from tests.entrypoints.test_engine_process_server import _descendants, _running
+from tests.entrypoints.test_engine_process_server import (
+    _descendants,
+    _running,
+    assert_sigterm_leaves_no_process,
+)
 
 
 def _dp_server(model_dir):
@@ -165,13 +169,7 @@ def test_sigterm_of_serve_dp2_leaves_no_process(llama_model_dir, tmp_path):
         assert ok.status_code == 200, ok.text
         text = httpx.get(url + "/metrics").text
         assert metric(text, "backplane:dp_rank_num_kv_blocks", engine="1") == 16
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0, log.read_text()
-        deadline = time.time() + 10
-        while any(_running(pid) for pid in children) and time.time() < deadline:
-            time.sleep(0.1)
-        alive = [pid for pid in children if _running(pid)]
-        assert not alive, f"left behind: {alive}\n" + log.read_text()
+        assert_sigterm_leaves_no_process(proc, children, log.read_text)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -85,6 +85,17 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def assert_sigterm_leaves_no_process(proc, children: list[int], logs) -> None:
+    """SIGTERM `proc` (a `backplane serve`): it exits 0 and none of ``children`` survive."""
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0, logs()
+    deadline = time.time() + 10
+    while any(_running(pid) for pid in children) and time.time() < deadline:
+        time.sleep(0.1)
+    alive = [pid for pid in children if _running(pid)]
+    assert not alive, f"left behind: {alive}\n" + logs()
+
+
 @pytest.fixture
 def mp_server(llama_model_dir):
     engine = AsyncEngine.from_engine_args(tiny_engine_args(llama_model_dir, engine_process=True))
@@ -193,13 +204,7 @@ def test_sigterm_of_serve_leaves_no_engine_process(llama_model_dir, tmp_path):
         assert children, "no engine process under `backplane serve --engine-process`"
         ok = httpx.post(url + "/v1/completions", json={"prompt": "Hello", "max_tokens": 3})
         assert ok.status_code == 200, ok.text
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0, log.read_text()
-        deadline = time.time() + 10
-        while any(_running(pid) for pid in children) and time.time() < deadline:
-            time.sleep(0.1)
-        alive = [pid for pid in children if _running(pid)]
-        assert not alive, f"left behind: {alive}\n" + log.read_text()
+        assert_sigterm_leaves_no_process(proc, children, log.read_text)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -18,7 +18,11 @@ import pytest
 
 from backplane import LLM, SamplingParams
 from tests.entrypoints.server_utils import metric, wait_healthy
-from tests.entrypoints.test_engine_process_server import _descendants, _running
+from tests.entrypoints.test_engine_process_server import (
+    _descendants,
+    _running,
+    assert_sigterm_leaves_no_process,
+)
 
 # Small cache and token budget: 8 concurrent requests of ~60 prompt + 48 output tokens
 # need ~860 tokens of KV but 30 blocks hold 480, so requests are preempted, and prompts
@@ -118,13 +122,7 @@ def test_tp2_server_matches_tp1_and_sigterm_leaves_nothing(serve_tp2, llama_mode
     assert [answers[i] for i in range(len(PROMPTS))] == [o.outputs[0].token_ids
                                                          for o in expected]
 
-    children = _descendants(proc.pid)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(30) == 0, logs()
-    deadline = time.time() + 10
-    while any(_running(pid) for pid in children) and time.time() < deadline:
-        time.sleep(0.1)
-    assert not [pid for pid in children if _running(pid)], logs()
+    assert_sigterm_leaves_no_process(proc, _descendants(proc.pid), logs)
     assert not _shm_segments() - shm_before  # the ranks removed their segments
 
 

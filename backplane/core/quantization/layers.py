@@ -38,26 +38,16 @@ from backplane.plugins_sdk.quantization import (
 logger = logging.getLogger(__name__)
 
 
-class _ReferenceInt4(nn.Module):
-    """Dequantize-and-matmul, for platforms without an int4 kernel."""
+class _ReferenceLinear(nn.Module):
+    """Dequantize-and-matmul (``reference(x, weights)``), for platforms without a kernel
+    for the format."""
 
-    def __init__(self, weights: Int4Weights) -> None:
+    def __init__(self, weights, reference) -> None:
         super().__init__()
-        self.weights = weights
+        self.weights, self.reference = weights, reference
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear_int4_reference(x, self.weights)
-
-
-class _ReferenceFp8(nn.Module):
-    """Dequantize-and-matmul for fp8 weights, for platforms without an fp8 kernel."""
-
-    def __init__(self, weights: Fp8Weights) -> None:
-        super().__init__()
-        self.weights = weights
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear_fp8_reference(x, self.weights)
+        return self.reference(x, self.weights)
 
 
 class Fp8CheckpointLinear(nn.Module):
@@ -133,8 +123,9 @@ class Fp8CheckpointLinear(nn.Module):
         module = factory(self.method, weights) if factory is not None else None
         native = module is not None
         if module is None:
-            module = _ReferenceFp8(Fp8Weights(weights.weight.clone(), weights.scales.clone(),
-                                              weights.bias, self.method))
+            module = _ReferenceLinear(Fp8Weights(weights.weight.clone(), weights.scales.clone(),
+                                                 weights.bias, self.method),
+                                      linear_fp8_reference)
         for attr in ("weight", "weight_scale", "input_scale", "bias"):
             if attr in self._parameters:
                 del self._parameters[attr]
@@ -305,7 +296,7 @@ class Int4CheckpointLinear(nn.Module):
             module = factory(self.method, weights) if factory is not None else None
             if module is None:
                 native = False
-                module = _ReferenceInt4(weights)
+                module = _ReferenceLinear(weights, linear_int4_reference)
             modules.append(module)
         for attr in ("qweight", "qzeros", "scales", "g_idx", "bias"):
             if attr in self._parameters:

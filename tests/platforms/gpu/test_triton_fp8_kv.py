@@ -6,17 +6,11 @@ One subprocess runs every check; each is reported as its own test.
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from tests.platforms.gpu import fp8_interpret_runner
-
-REPO_ROOT = Path(__file__).resolve().parents[3]
+from tests.platforms.gpu.interpreted import run_interpreted
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None,
@@ -26,14 +20,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def interpreted_results() -> dict[str, str]:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.platforms.gpu.fp8_interpret_runner"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stderr[-4000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted("tests.platforms.gpu.fp8_interpret_runner", timeout=600)
 
 
 @pytest.mark.parametrize("case_id", fp8_interpret_runner.case_ids())
