@@ -59,7 +59,7 @@ def main() -> None:
                                  max(1, args.reps // 20))):
             data = encode_plan(out, 0)
             enc = timed(lambda out=out: encode_plan(out, 0), reps)
-            dec = timed(lambda data=data: decode_plan(decode_message(data)[2]), reps)
+            dec = timed(lambda data=data: decode_plan(decode_message(data)[3]), reps)
 
             def hop(data=data):
                 push.send(data)

@@ -84,17 +84,27 @@ def run_latency(opts: LatencyOptions) -> dict:
     decode: dict[int, dict] = {}
     bar = tqdm(total=len(opts.batch_sizes) * opts.num_iters + len(opts.prefill_lens)
                * opts.num_iters, desc="latency", disable=not opts.progress, leave=False)
+    # Pipeline parallel: each engine step advances one micro-batch (1/depth of the
+    # requests, the others being in flight); the batch's step is depth such steps.
+    depth = opts.engine_args.pipeline_parallel_size
     for batch in opts.batch_sizes:
+        micro = -(-batch // depth)
         steps = []
         for _ in range(opts.num_iters):
             seed += 1
             reqs = build_requests(WorkloadSpec(batch, opts.output_len, input_len=opts.input_len,
                                                seed=seed), low, high)
-            steps += [s for s in run_requests(engine, reqs).steps if s.batch_size == batch]
+            steps += [s for s in run_requests(engine, reqs).steps if s.batch_size == micro]
             bar.update(1)
-        summary = decode_step_summary(steps).get(batch)
+        summary = decode_step_summary(steps).get(micro)
         if summary is None:
-            raise RuntimeError(f"no decode-only steps at batch size {batch} were observed")
+            raise RuntimeError(f"no decode-only steps at batch size {micro} were observed")
+        if micro != batch:
+            rounds = -(-batch // micro)
+            summary["pipeline_micro_batch"] = micro
+            summary["median_micro_step_s"] = summary["median_step_s"]
+            summary["median_step_s"] *= rounds  # every request of the batch got one token
+            summary["median_per_token_s"] = summary["median_step_s"] / batch
         decode[batch] = summary
     prefill: dict[int, dict] = {}
     for length in opts.prefill_lens:
@@ -150,6 +160,9 @@ def result_rows(result: dict) -> list[tuple[str, Any]]:
     for batch, d in result["decode"].items():
         line = f"decode bs={batch}"
         rows.append((f"{line}: step ms", 1e3 * d["median_step_s"]))
+        if "pipeline_micro_batch" in d:
+            rows.append((f"{line}: pipeline micro-batch step ms "
+                         f"({d['pipeline_micro_batch']} requests)", 1e3 * d["median_micro_step_s"]))
         rows.append((f"{line}: ms per token", 1e3 * d["median_per_token_s"]))
         if "overhead_pct" in d:
             rows.append((f"{line}: outside model %", d["overhead_pct"]))

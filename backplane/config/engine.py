@@ -235,10 +235,15 @@ class EngineConfig:
         if sc.async_scheduling is not None and not isinstance(sc.async_scheduling, bool):
             return [f"async_scheduling ({sc.async_scheduling!r}) must be true, false or unset"]
         pooling = self._runs_pooling()
+        pp = self.parallel_config.pipeline_parallel_size
+        pipeline = isinstance(pp, int) and pp > 1  # a bad value is reported on its own
         if sc.async_scheduling is None:
             sc.async_scheduling, who = self._policy_default("async_scheduling", platform)
             if pooling:
                 sc.async_scheduling, who = False, "pooling models have no steps to overlap"
+            elif pipeline and sc.async_scheduling:
+                sc.async_scheduling, who = False, (
+                    "pipeline parallel overlaps steps itself, with a batch in flight per stage")
             elif self.speculative_config is not None and sc.async_scheduling:
                 sc.async_scheduling, who = False, (
                     "speculative decoding plans each step from the previous one's accepted "
@@ -249,6 +254,11 @@ class EngineConfig:
             return ["async_scheduling (True) is not supported with the pooling runner: a "
                     "pooling model runs each request in one prefill-only pass, with no decode "
                     "steps to overlap; drop --async-scheduling"]
+        elif sc.async_scheduling and pipeline:
+            return [f"async_scheduling (True) cannot be combined with pipeline_parallel_size "
+                    f"({self.parallel_config.pipeline_parallel_size}): the pipeline already "
+                    "overlaps steps, with up to one batch in flight per stage; drop "
+                    "--async-scheduling"]
         elif sc.async_scheduling and self.speculative_config is not None:
             return ["async_scheduling (True) cannot be combined with speculative_config: each "
                     "step's drafts depend on how many of the previous step's were accepted; "

@@ -68,6 +68,17 @@ class Communicator:
         self._check_peer("send", "dst", dst)
         dist.send(tensor, dst=self._global_rank(dst), group=self.group)
 
+    def isend(self, tensor: torch.Tensor, dst: int):
+        """Start sending ``tensor`` to group-local rank ``dst`` and return at once (SDK 1.1).
+
+        Returns a handle with ``wait()`` and ``is_completed()`` (torch.distributed's
+        ``Work``); ``tensor`` must stay unchanged until the handle completes. Pipeline
+        parallelism keeps several batches in flight with it: a stage that blocked in
+        ``send`` until the next stage posts its ``recv`` would deadlock the ring.
+        """
+        self._check_peer("isend", "dst", dst)
+        return dist.isend(tensor, dst=self._global_rank(dst), group=self.group)
+
     def recv(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
         """Receive into ``tensor`` from group-local rank ``src``."""
         self._check_peer("recv", "src", src)

@@ -19,6 +19,7 @@ def test_cpu_platform_passes_the_conformance_suite(tmp_path):
                      "multi_query_decode_mixed_k"):
             assert f"test_attention_matches_reference_float32[{backend}-{case}]" in passed
     assert "test_communicator_collective[send_recv]" in passed
+    assert "test_communicator_collective[isend_recv]" in passed
     assert "test_runtime_descriptor_is_discovered_available_and_compatible" in passed
     assert "test_config_policy_refuses_graphs_without_runner" in passed
     assert "test_config_policy_changes_are_reported" in passed

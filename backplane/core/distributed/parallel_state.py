@@ -45,6 +45,9 @@ class GroupCoordinator:
     communicator: Communicator | None = None
     # Wall time spent in this group's collectives (a diagnostic for benchmarks).
     seconds: float = 0.0
+    # Non-blocking sends not known to be complete, with their tensors (which must
+    # stay alive and unchanged until then).
+    pending_sends: list = field(default_factory=list)
 
     @property
     def size(self) -> int:
@@ -87,6 +90,14 @@ class GroupCoordinator:
     def send(self, tensor: torch.Tensor, dst: int) -> None:
         start = time.perf_counter()
         self.communicator.send(tensor, dst)
+        self.seconds += time.perf_counter() - start
+
+    def isend(self, tensor: torch.Tensor, dst: int) -> None:
+        """Send without waiting for the receiver; the tensor is kept until the send is done."""
+        start = time.perf_counter()
+        work = self.communicator.isend(tensor, dst)
+        self.pending_sends = [(w, t) for w, t in self.pending_sends if not w.is_completed()]
+        self.pending_sends.append((work, tensor))
         self.seconds += time.perf_counter() - start
 
     def recv(self, tensor: torch.Tensor, src: int) -> torch.Tensor:

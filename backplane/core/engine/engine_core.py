@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from backplane.config.resolve import ResolvedConfig
 from backplane.core.executor import make_executor
-from backplane.core.model_runner.runner import ModelRunner, TokenLogprobs
+from backplane.core.model_runner.runner import LaunchedStep, ModelRunner, TokenLogprobs
 from backplane.core.scheduler.output import SchedulerOutput
 from backplane.core.scheduler.request import Request, RequestStatus
 from backplane.core.scheduler.scheduler import Scheduler
@@ -57,12 +58,18 @@ class EngineCore:
         self.executor = make_executor(config, platform)
         self.model_runner: ModelRunner = self.executor.runner
         spec = config.speculative_config
+        # Pipeline parallel: one batch in flight per stage keeps every stage busy.
+        self.pipeline_depth = config.parallel_config.pipeline_parallel_size
+        self._pipeline: deque[tuple[SchedulerOutput, LaunchedStep]] = deque()
+        # The most batches that were in flight at once (a pipeline diagnostic).
+        self.peak_batches_in_flight = 0
         self.scheduler = Scheduler(
             config.scheduler_config, config.cache_config, self.model_runner.num_blocks,
             config.max_model_len,
             # A draft model writes its k proposals past each step's tokens.
             num_lookahead_tokens=spec.num_speculative_tokens if spec and spec.uses_model else 0,
             max_loras=config.lora_config.max_loras if config.lora_config else None,
+            pipeline_depth=self.pipeline_depth,
         )
         # LoRA adapters are read from disk off the engine thread and kept in a host LRU.
         self.lora_adapters = None
@@ -129,10 +136,16 @@ class EngineCore:
         self.scheduler.finish_requests(request_ids, status)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
+        return (self.scheduler.has_unfinished_requests() or self._in_flight is not None
+                or bool(self._pipeline))
 
     def step(self) -> list[EngineCoreOutput]:
-        outputs = self._step_overlapped() if self.async_scheduling else self._step_sync()
+        if self.pipeline_depth > 1:
+            outputs = self._step_pipelined()
+        elif self.async_scheduling:
+            outputs = self._step_overlapped()
+        else:
+            outputs = self._step_sync()
         if self._side_outputs:
             outputs, self._side_outputs = self._side_outputs + outputs, []
         return outputs
@@ -147,6 +160,39 @@ class EngineCore:
             return []
         result = self.executor.execute(sched_out)
         return self._outputs(sched_out, result, start)
+
+    def _step_pipelined(self) -> list[EngineCoreOutput]:
+        """One step of a pipeline-parallel engine: fill the pipeline, then finish the
+        oldest batch.
+
+        Up to ``pipeline_depth`` batches of different requests are in flight: while
+        the later stages work on batch A, stage 0 (this process) starts batch B.
+        The scheduler keeps a request whose token is still being sampled out of
+        new batches and balances the requests over the batches, so a step that
+        finishes A launches A's next batch while B is in the later stages.
+        """
+        start = time.perf_counter()
+        launch_seconds = 0.0  # stage 0's forward of the batches launched in this step
+        while len(self._pipeline) < self.pipeline_depth:
+            plan = self._schedule()
+            if plan.is_empty:
+                # Its removed rows still reach every rank (launched and collected at
+                # once; no batch in flight is disturbed by that).
+                if plan.removed_request_ids or not self._pipeline:
+                    self.executor.execute(plan)
+                break
+            launched = self.executor.launch(plan)
+            launch_seconds += launched.forward_seconds
+            self._pipeline.append((plan, launched))
+        self.peak_batches_in_flight = max(self.peak_batches_in_flight, len(self._pipeline))
+        if not self._pipeline:
+            return []
+        plan, launched = self._pipeline.popleft()
+        result = self.executor.collect(launched)
+        # The step's model time: what it launched plus waiting for the collected batch
+        # (that batch's own launch counted in the step that launched it).
+        result.forward_seconds += launch_seconds - launched.forward_seconds
+        return self._outputs(plan, result, start)
 
     def _step_overlapped(self) -> list[EngineCoreOutput]:
         """One step with the next one planned while it runs (``--async-scheduling``).

@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 from backplane.core.engine.async_engine import EngineDeadError
-from backplane.core.model_runner.runner import ModelRunner, ModelRunnerOutput
+from backplane.core.model_runner.runner import LaunchedStep, ModelRunner, ModelRunnerOutput
 from backplane.core.scheduler.output import SchedulerOutput
 
 
@@ -71,8 +71,16 @@ class Executor(ABC):
     runner: ModelRunner
 
     @abstractmethod
+    def launch(self, out: SchedulerOutput) -> LaunchedStep:
+        """Start ``out`` on every rank; raises `WorkerDiedError` when a rank is gone."""
+
+    @abstractmethod
+    def collect(self, launched: LaunchedStep) -> ModelRunnerOutput:
+        """Finish the oldest launched step on every rank (the driver's result)."""
+
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
-        """Run ``out`` on every rank; raises `WorkerDiedError` when a rank is gone."""
+        """Run ``out`` to the end on every rank."""
+        return self.collect(self.launch(out))
 
     def check_health(self) -> None:  # noqa: B027 - nothing to check in one process
         """Raise `WorkerDiedError` when a rank can no longer serve (idle check)."""
@@ -111,13 +119,33 @@ class PlanBroadcastExecutor(Executor):
         return self.failure
 
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        # One message: the workers launch and collect at once.
+        self._send_plan(out, collect=True)
+        return self._on_driver(lambda: self.runner.execute(out))
+
+    def launch(self, out: SchedulerOutput) -> LaunchedStep:
+        self._send_plan(out, collect=False)
+        return self._on_driver(lambda: self.runner.launch(out))
+
+    def collect(self, launched: LaunchedStep) -> ModelRunnerOutput:
         self.check_health()
-        data = self._wire.encode_plan(out, self._step)
+        data = self._wire.encode_collect()
+        for sock in self.plan_socks:
+            sock.send(data)
+        return self._on_driver(lambda: self.runner.collect(launched))
+
+    def _send_plan(self, out: SchedulerOutput, collect: bool) -> None:
+        self.check_health()
+        data = self._wire.encode_plan(out, self._step, collect)
         self._step += 1
         for sock in self.plan_socks:
             sock.send(data)
+
+    def _on_driver(self, run: Callable):
+        """Rank 0's part of a step; a failure there is reported as the rank that died,
+        or as the ranks being out of step."""
         try:
-            return self.runner.execute(out)
+            return run()
         except Exception as exc:
             # A rank's death surfaces here as a collective that failed; name the rank.
             failure = self.failure_after(grace_s=3.0)

@@ -11,7 +11,7 @@ from backplane.core.distributed.parallel_state import (
     single_rank_state,
 )
 from backplane.core.executor.base import Executor
-from backplane.core.model_runner.runner import ModelRunner, ModelRunnerOutput
+from backplane.core.model_runner.runner import LaunchedStep, ModelRunner, ModelRunnerOutput
 from backplane.core.scheduler.output import SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -23,6 +23,12 @@ class UniExecutor(Executor):
     def __init__(self, config, platform) -> None:
         with single_rank_state():
             self.runner = ModelRunner(config, platform)
+
+    def launch(self, out: SchedulerOutput) -> LaunchedStep:
+        return self.runner.launch(out)
+
+    def collect(self, launched: LaunchedStep) -> ModelRunnerOutput:
+        return self.runner.collect(launched)
 
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(out)

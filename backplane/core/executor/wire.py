@@ -14,12 +14,20 @@ from __future__ import annotations
 from backplane.core.engine.serial import decode_params, encode_params, pack, unpack
 from backplane.core.scheduler.output import CachedRequestData, NewRequestData, SchedulerOutput
 
-EXECUTE = "execute"  # [EXECUTE, step number, plan]
+# [LAUNCH, step number, plan, collect at once]: start the step's forward, and with
+# the flag set finish it too (one message per step without a pipeline).
+LAUNCH = "launch"
+# [COLLECT]: finish the oldest launched step (pipeline: several are in flight).
+COLLECT = "collect"
 SHUTDOWN = "shutdown"  # [SHUTDOWN]
 
 
-def encode_plan(out: SchedulerOutput, step: int) -> bytes:
-    return pack([EXECUTE, step, [
+def encode_collect() -> bytes:
+    return pack([COLLECT])
+
+
+def encode_plan(out: SchedulerOutput, step: int, collect: bool = True) -> bytes:
+    return pack([LAUNCH, step, collect, [
         [[r.request_id, r.token_ids, r.num_prompt_tokens, r.block_ids, r.num_computed_tokens,
           encode_params(r.params)] for r in out.new_requests],
         [[c.request_id, c.new_block_ids, c.num_computed_tokens] for c in out.cached_requests],

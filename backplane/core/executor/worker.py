@@ -18,6 +18,7 @@ import signal
 import threading
 import time
 import traceback
+from collections import deque
 
 logger = logging.getLogger(__name__)
 
@@ -81,20 +82,30 @@ def run_worker(config, rank: int, init_method: str, plan_addr: str, reports, par
 
 
 def serve_plans(runner, receive) -> None:
-    """Execute every plan ``receive()`` returns until it returns None (shutdown)."""
-    from backplane.core.executor.wire import EXECUTE, decode_message, decode_plan
+    """Launch and collect the steps ``receive()`` returns, in order, until it returns
+    None or a shutdown. Launched steps wait here for their COLLECT (a pipeline keeps
+    several in flight)."""
+    from backplane.core.executor.wire import COLLECT, LAUNCH, decode_message, decode_plan
 
     expected = 0
+    launched: deque = deque()
     while (data := receive()) is not None:
         message = decode_message(data)
-        if message[0] != EXECUTE:
+        if message[0] == COLLECT:
+            runner.collect(launched.popleft())
+            continue
+        if message[0] != LAUNCH:
             return
-        _, step, plan = message
+        _, step, collect, plan = message
         if step != expected:
             raise RuntimeError(f"received step {step}, expected step {expected}: the plans "
                                "reaching this rank are out of order")
         expected += 1
-        runner.execute(decode_plan(plan))
+        started = runner.launch(decode_plan(plan))
+        if collect:
+            runner.collect(started)
+        else:
+            launched.append(started)
 
 
 def _exit_with_parent(parent_pid: int) -> None:

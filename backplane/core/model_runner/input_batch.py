@@ -55,6 +55,7 @@ class InputBatch:
         self.temperature = np.ones(max_num_reqs, dtype=np.float32)
         self.greedy = np.zeros(max_num_reqs, dtype=bool)
         self.num_reqs = 0
+        self.removals = 0  # how many times rows were removed (see remove)
 
     # ------------------------------------------------------------- membership
     def add(self, req_id: str, token_ids: list[int], num_prompt_tokens: int,
@@ -115,6 +116,10 @@ class InputBatch:
 
     def remove(self, req_ids: set[str]) -> None:
         """Drop rows, then refill the holes with the last rows to stay dense."""
+        if not req_ids:
+            return
+        # Rows may move: a step launched before this (pipeline) finds its rows again.
+        self.removals += 1
         holes = sorted(
             (self.req_id_to_row.pop(rid) for rid in req_ids if rid in self.req_id_to_row),
             reverse=True,

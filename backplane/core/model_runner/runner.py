@@ -62,6 +62,31 @@ class ModelRunnerOutput:
     comm_seconds: float = 0.0
 
 
+@dataclass
+class LaunchedStep:
+    """A step whose forward `ModelRunner.launch` started; `ModelRunner.collect` ends it.
+
+    ``flat`` is None for a plan with nothing to compute. ``hidden`` is None on
+    pipeline stage 0 until the last stage's activations come back. Per scheduled
+    row, in flat order: ``rows`` (batch rows at the launch; ``removals`` tells
+    whether they may have moved since), ``computed`` (tokens computed before the
+    step), ``drafts``, ``sample_mask`` and, in a pipeline, ``req_ids`` and
+    ``params``.
+    """
+
+    comm_start: float
+    flat: FlatBatch | None = None
+    hidden: torch.Tensor | None = None
+    forward_seconds: float = 0.0
+    rows: np.ndarray | None = None
+    removals: int = 0
+    req_ids: list[str] = field(default_factory=list)
+    params: list = field(default_factory=list)
+    computed: np.ndarray | None = None
+    drafts: np.ndarray | None = None
+    sample_mask: np.ndarray | None = None
+
+
 @dataclass(frozen=True)
 class _CombinedLayout:
     """KV sizing of the target and a draft model together (one block id, both caches)."""
@@ -83,6 +108,9 @@ class ModelRunner:
         self.world = parallel.world
         # Pipeline stage 0 holds the output head: only its ranks compute logits.
         self.holds_logits = parallel.pp.is_first
+        # Under torchrun every rank runs the whole engine, scheduler included.
+        self.every_rank_schedules = (
+            config.parallel_config.distributed_executor_backend == "external_launcher")
         self.device = platform.runtime.device(platform.device_index(parallel.local_rank))
         mc, cc = config.model_config, config.cache_config
         self.dtype = mc.torch_dtype
@@ -249,16 +277,20 @@ class ModelRunner:
         return int(values.min())
 
     def _share_sampled(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """Rank 0's sampled tokens on every rank.
+        """Rank 0's sampled tokens on every rank of its tensor-parallel group.
 
         Only rank 0 holds the structured-output matchers and its draws decide; the
-        other ranks write the same tokens into their batch so that the next step's
-        inputs agree everywhere.
+        other ranks holding the embedding (stage 0's tensor-parallel group) write
+        the same tokens into their batch so that the next step's inputs agree.
+        Later pipeline stages need no tokens, and are not waited for: they may be
+        busy with another batch in flight. Under torchrun (SPMD) every rank runs a
+        scheduler of its own, so every rank takes the tokens.
         """
-        if self.world.size == 1:
+        group = self.world if self.every_rank_schedules else self.parallel.tp
+        if group.size == 1:
             return token_ids
         shared = token_ids.to(torch.int64).contiguous()
-        return self.world.broadcast(shared, src=0)
+        return group.broadcast(shared, src=0)
 
     def _free_device_memory(self) -> int:
         self.platform.runtime.synchronize()
@@ -381,17 +413,23 @@ class ModelRunner:
             batch.token_ids[row, start : start + len(drafts)] = drafts
 
     # ---------------------------------------------------------------- execute
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
-        comm_start = self._communication_seconds()
-        result = self._execute(out)
-        result.comm_seconds = self._communication_seconds() - comm_start
-        return result
+        """Run one step to the end: `launch` then `collect`."""
+        return self.collect(self.launch(out))
 
-    def _execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput) -> LaunchedStep:
+        """Update the batch and start the step's forward.
+
+        Without a pipeline the forward is done on return. On pipeline stage 0 the
+        activations are still in the later stages: the next `launch` may start
+        another batch (of other requests) before this one is collected, and
+        `collect` takes the batches back in launch order.
+        """
+        step = LaunchedStep(self._communication_seconds())
         self._update_batch(out)
         if out.is_empty:
-            return ModelRunnerOutput()
+            return step
         batch = self.input_batch
         n = batch.num_reqs
         counts = np.zeros(n, dtype=np.int64)
@@ -407,37 +445,72 @@ class ModelRunner:
             rows = rows[np.argsort(batch.lora_slots[rows], kind="stable")]
         computed = batch.num_computed[rows]
         flat = FlatBatch.build(rows, computed, counts[rows], batch.block_table, self.block_size)
-        drafts = drafts[rows]
-        counts, cu, starts, seq_lens = flat.counts, flat.cu, flat.starts, flat.seq_lens
         input_ids = batch.token_ids[flat.token_rows, flat.positions]
 
         device = self.device
         graph_size = (self.decode_graphs.padded_size(len(rows))
-                      if self.decode_graphs is not None and int(counts.max()) == 1 else None)
+                      if self.decode_graphs is not None and int(flat.counts.max()) == 1 else None)
         start = time.perf_counter()
         if graph_size is not None:
             # Uniform decode: replay the recorded step over the static buffers.
-            max_blocks = int(-(-seq_lens.max() // self.block_size))
+            max_blocks = int(-(-flat.seq_lens.max() // self.block_size))
             hidden = self.decode_graphs.replay(
-                graph_size, input_ids, flat.positions, flat.slots, seq_lens.astype(np.int32),
+                graph_size, input_ids, flat.positions, flat.slots, flat.seq_lens.astype(np.int32),
                 batch.block_table[rows, :max_blocks])
         else:
             common = flat.attention_metadata(batch.block_table, self.block_size, device)
             if self.lora is not None:
                 self.lora.begin_step(batch.lora_slots[flat.token_rows])
             try:
+                # None on pipeline stage 0: the output comes back in `collect`.
                 hidden = self._run_model(torch.from_numpy(input_ids).to(device),
                                          torch.from_numpy(flat.positions).to(device), common)
             finally:
                 if self.lora is not None:
                     self.lora.end_step()
         self.platform.runtime.synchronize()
-        forward_seconds = time.perf_counter() - start
-
-        result = ModelRunnerOutput(forward_seconds=forward_seconds)
+        step.forward_seconds = time.perf_counter() - start
+        step.hidden, step.flat, step.computed, step.drafts = hidden, flat, computed, drafts[rows]
+        step.rows, step.removals = rows, batch.removals
+        if self.parallel.pp.size > 1:
+            # Batches launched before this one is collected may remove rows (moving
+            # others): keep what finds them again (see _rows_after_removals).
+            step.req_ids = [batch.req_ids[r] for r in rows.tolist()]
+            step.params = [batch.params[r] for r in rows.tolist()]
         # Rows whose every known token is now computed produce sampled tokens (drafts
         # sit past the known tokens: batch.num_tokens does not count them).
-        sample_mask = seq_lens >= batch.num_tokens[rows]
+        step.sample_mask = flat.seq_lens >= batch.num_tokens[rows]
+        # Counted as computed now, so that a batch launched before this one is
+        # collected reads the right positions (rejected drafts are taken back later).
+        batch.num_computed[rows] = flat.seq_lens
+        return step
+
+    @torch.inference_mode()
+    def collect(self, step: LaunchedStep) -> ModelRunnerOutput:
+        """Finish a launched step (the oldest one not collected yet): receive its
+        activations on pipeline stage 0, sample, and return the results."""
+        result = ModelRunnerOutput(forward_seconds=step.forward_seconds)
+        if step.flat is not None:
+            self._finish(step, result)
+        result.comm_seconds = self._communication_seconds() - step.comm_start
+        return result
+
+    def _finish(self, step: LaunchedStep, result: ModelRunnerOutput) -> None:
+        batch, flat = self.input_batch, step.flat
+        hidden = step.hidden
+        if hidden is None:
+            start = time.perf_counter()
+            hidden = self.base_model.receive_pipeline_output(int(flat.cu[-1]), self.device)
+            self.platform.runtime.synchronize()
+            result.forward_seconds += time.perf_counter() - start
+        rows, computed, drafts = step.rows, step.computed, step.drafts
+        counts, cu, starts, sample_mask = flat.counts, flat.cu, flat.starts, step.sample_mask
+        if batch.removals != step.removals:
+            # Rows were removed since the launch (a batch launched after this one, in a
+            # pipeline): find the rows again; a request aborted meanwhile is skipped.
+            keep, rows = self._rows_after_removals(step)
+            computed, drafts, sample_mask = computed[keep], drafts[keep], sample_mask[keep]
+            counts, cu, starts = counts[keep], cu[keep], starts[keep]
         self._prompt_logprobs(rows, computed, counts, starts, hidden, result)
         num_rejected = np.zeros(len(rows), dtype=np.int64)
         if sample_mask.any():
@@ -446,19 +519,38 @@ class ModelRunner:
                     rows[sample_mask], cu[sample_mask], drafts[sample_mask], hidden, result)
             else:
                 self._sample(rows[sample_mask], cu[sample_mask], hidden, result)
-        batch.num_computed[rows] = seq_lens - num_rejected
+        batch.num_computed[rows] -= num_rejected
         if self.proposer is not None:
             self.proposer.propose(flat, computed, sample_mask, hidden, result)
-        return result
+
+    def _rows_after_removals(self, step: LaunchedStep) -> tuple[np.ndarray, np.ndarray]:
+        """(mask of the step's rows still present, their current rows). A row counts as
+        the same request only if it holds the same params object as at the launch,
+        so a new request reusing an aborted one's id is not mistaken for it."""
+        batch = self.input_batch
+        keep = np.zeros(len(step.rows), dtype=bool)
+        rows = np.zeros(len(step.rows), dtype=np.int64)
+        for i, (req_id, params) in enumerate(zip(step.req_ids, step.params, strict=True)):
+            row = batch.req_id_to_row.get(req_id)
+            if row is not None and batch.params[row] is params:
+                keep[i], rows[i] = True, row
+        return keep, rows[keep]
 
     def _sample(self, sample_rows: np.ndarray, cu: np.ndarray, hidden: torch.Tensor,
                 result: ModelRunnerOutput) -> None:
         """One new token for each row that reached its sampling point."""
         batch = self.input_batch
         if not self.holds_logits:
-            # A later pipeline stage has no head: it takes rank 0's tokens.
+            if not self.every_rank_schedules:
+                # A later pipeline stage has no head and never reads token ids (its
+                # input is the previous stage's activations): it only counts the token.
+                batch.num_tokens[sample_rows] += 1
+                return
+            # Its own scheduler (torchrun SPMD) needs rank 0's tokens to plan the same steps.
             token_ids = self._share_sampled(torch.empty(
                 len(sample_rows), dtype=torch.int64, device=self.device)).tolist()
+            for i, row in enumerate(sample_rows.tolist()):
+                result.sampled[batch.req_ids[row]] = [token_ids[i]]
             positions = batch.num_tokens[sample_rows]
             batch.token_ids[sample_rows, positions] = token_ids
             batch.num_tokens[sample_rows] = positions + 1

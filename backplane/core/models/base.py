@@ -221,6 +221,13 @@ class CausalLM(nn.Module, ABC):
         into pipeline stages); only these get a KV cache."""
         return range(self.kv_cache_shape().num_layers)
 
+    def receive_pipeline_output(self, num_tokens: int, device: torch.device) -> torch.Tensor:
+        """Pipeline stage 0 (models with ``supports_pipeline_parallel``): the final hidden
+        states ``[num_tokens, hidden]`` of the oldest batch whose forward returned None,
+        received from the last stage."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not support pipeline parallelism")
+
     def foreign_weight_prefixes(self) -> tuple[str, ...]:
         """Checkpoint name prefixes this process does not hold on purpose (the layers of
         other pipeline stages); skipped without a warning."""

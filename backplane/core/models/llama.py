@@ -19,6 +19,7 @@ from torch import nn
 
 from backplane.core.distributed.parallel_state import get_pp_group, get_tp_group
 from backplane.core.distributed.pipeline import (
+    head_cost_in_layers,
     receive_activations,
     send_activations,
     stage_layers,
@@ -273,7 +274,10 @@ class DecoderModel(nn.Module):
         # stage 0 also holds the embedding and the final norm (distributed/pipeline.py).
         self.pp = pp = get_pp_group()
         self.hidden_size, self.dtype = dims.hidden_size, dtype
-        self.local_layers = stage_layers(dims.num_layers, pp.size, pp.rank)
+        # Stage 0 also runs the output head: it takes fewer layers to balance the stages.
+        self.local_layers = stage_layers(dims.num_layers, pp.size, pp.rank, head_cost_in_layers(
+            dims.vocab_size, dims.hidden_size, dims.intermediate_size, dims.num_heads,
+            dims.num_kv_heads, dims.head_dim))
         self.embed_tokens = (VocabEmbedding(dims.vocab_size, dims.hidden_size, dtype=dtype,
                                             parallel=True) if pp.is_first else None)
         self.layers = nn.ModuleList(
@@ -291,8 +295,9 @@ class DecoderModel(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext
     ) -> torch.Tensor:
-        """Final hidden states (stage 0); other pipeline stages return their activations,
-        which only the next stage reads."""
+        """Final hidden states. Split into pipeline stages, stage 0 returns None (its
+        result comes back later through `receive_pipeline_output`) and the other
+        stages return their activations, which only the next stage reads."""
         if self.pp.size > 1:
             return self._forward_stage(input_ids, positions, ctx)
         hidden = self.embed_tokens(input_ids)
@@ -309,7 +314,10 @@ class DecoderModel(nn.Module):
     def _forward_stage(
         self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext
     ) -> torch.Tensor:
-        """This pipeline stage's part of `forward`: receive, run own layers, pass on."""
+        """This pipeline stage's part of `forward`: receive, run own layers, pass on.
+
+        Stage 0 does not wait for the activations to come back round: it may start
+        the next batch first (several batches in flight keep every stage busy)."""
         shape = (input_ids.shape[0], self.hidden_size)
         if self.pp.is_first:
             hidden = self.embed_tokens(input_ids)
@@ -321,9 +329,12 @@ class DecoderModel(nn.Module):
         for idx in self.local_layers:
             hidden = self.layers[idx](hidden, cos, sin, ctx)
         send_activations(self.pp, hidden)
-        if not self.pp.is_first:
-            return hidden
-        return self.norm(receive_activations(self.pp, shape, self.dtype, positions.device))
+        return None if self.pp.is_first else hidden
+
+    def receive_pipeline_output(self, num_tokens: int, device: torch.device) -> torch.Tensor:
+        """Stage 0: the last stage's activations of the oldest batch in flight, normed."""
+        shape = (num_tokens, self.hidden_size)
+        return self.norm(receive_activations(self.pp, shape, self.dtype, device))
 
     def _forward_capturing(
         self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext
@@ -389,6 +400,9 @@ class LlamaForCausalLM(CausalLM):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return gather_logits(self.lm_head(hidden), self.dims.vocab_size, self.tp)
+
+    def receive_pipeline_output(self, num_tokens: int, device: torch.device) -> torch.Tensor:
+        return self.model.receive_pipeline_output(num_tokens, device)
 
     def set_aux_hidden_layers(self, layer_ids) -> None:
         ids = tuple(int(i) for i in layer_ids)

@@ -11,6 +11,7 @@ are freed and it goes back to waiting, to be recomputed later.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -42,11 +43,16 @@ class Scheduler:
         max_model_len: int,
         num_lookahead_tokens: int = 0,
         max_loras: int | None = None,
+        pipeline_depth: int = 1,
     ) -> None:
         """``num_lookahead_tokens``: KV slots reserved past each step's tokens for a
         draft model to write its proposals into (speculative decoding).
         ``max_loras``: the most distinct LoRA adapters among running requests (the
-        device's adapter slots); None without LoRA."""
+        device's adapter slots); None without LoRA.
+        ``pipeline_depth``: batches in flight at once (pipeline parallel: one per
+        stage). Above 1, a request waiting for the token of a batch in flight is
+        not planned again, a request in flight is never preempted, and each batch
+        takes its share of the requests (1/depth) so that the batches balance."""
         self.config = scheduler_config
         self.max_num_seqs = scheduler_config.max_num_seqs
         self.max_num_batched_tokens = scheduler_config.max_num_batched_tokens
@@ -68,6 +74,9 @@ class Scheduler:
         self.num_lookahead_tokens = num_lookahead_tokens
         self.max_loras = max_loras
         self.spec_stats = SpecDecodeStats()
+        self.pipeline_depth = pipeline_depth
+        # Pipeline: in how many planned, not yet updated batches each request is.
+        self._in_flight: Counter[str] = Counter()
 
     # ----------------------------------------------------------------- requests
     def add_request(self, request: Request) -> None:
@@ -116,11 +125,19 @@ class Scheduler:
         cached_reqs: list[CachedRequestData] = []
         preempted: set[str] = set()
         spec_tokens: dict[str, list[int]] = {}
+        pipelined = self.pipeline_depth > 1
+        # A pipeline's batches share the requests: each takes at most its 1/depth part.
+        max_reqs = (-(-(len(self.running) + len(self.waiting)) // self.pipeline_depth)
+                    if pipelined else self.max_num_seqs)
 
         # Running requests first, in order; preempt from the back when blocks run out.
         index = 0
-        while index < len(self.running) and budget > 0:
+        while index < len(self.running) and budget > 0 and len(num_scheduled) < max_reqs:
             request = self.running[index]
+            if pipelined and request.num_output_placeholders:
+                # Its next input is the token a batch in flight is still sampling.
+                index += 1
+                continue
             # A token still being sampled (async scheduling) counts as known...
             known = request.num_tokens + request.num_output_placeholders
             num_known_new = known - request.num_computed_tokens
@@ -140,6 +157,8 @@ class Scheduler:
                 if block_ids is not None:
                     break
                 victim = self._pick_victim()
+                if victim is None:
+                    break  # every candidate is in a batch in flight: wait for one to end
                 if self.running.index(victim) < index:
                     index -= 1  # the victim sat before the current request
                 self._preempt(victim)
@@ -175,6 +194,7 @@ class Scheduler:
             and len(self.waiting)
             and budget > 0
             and len(self.running) < self.max_num_seqs
+            and len(num_scheduled) < max_reqs
         ):
             request = self.waiting.peek()
             key = request.lora_key
@@ -238,6 +258,8 @@ class Scheduler:
         # this step: a placeholder until update_from_output appends it.
         for request_id, count in num_scheduled.items():
             request = self.requests[request_id]
+            if pipelined:
+                self._in_flight[request_id] += 1
             request.num_computed_tokens += count
             request.spec_token_ids = []  # verified by this step (or dropped by the budget)
             out.scheduled_requests[request_id] = request
@@ -278,10 +300,16 @@ class Scheduler:
             return False
         return True
 
-    def _pick_victim(self) -> Request:
+    def _pick_victim(self) -> Request | None:
+        """The running request to preempt; None when each is in a batch in flight (its
+        blocks are being written; it is preempted, if need be, once the batch ends)."""
+        candidates = ([r for r in self.running if r.request_id not in self._in_flight]
+                      if self._in_flight else self.running)
+        if not candidates:
+            return None
         if self.policy == "priority":
-            return max(self.running, key=Request.sort_key)
-        return self.running[-1]
+            return max(candidates, key=Request.sort_key)
+        return candidates[-1]
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
@@ -324,6 +352,9 @@ class Scheduler:
         for request_id in scheduler_output.sampling_request_ids:
             request = planned[request_id]
             request.num_output_placeholders = max(0, request.num_output_placeholders - 1)
+        if self.pipeline_depth > 1:
+            self._in_flight.subtract(scheduler_output.num_scheduled_tokens.keys())
+            self._in_flight = +self._in_flight  # drop the zeros
         for request_id, tokens in sampled.items():
             request = self.requests.get(request_id)
             # The very request planned (an id may be reused once its request ended),

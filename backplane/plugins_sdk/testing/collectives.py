@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-OPS = ("all_reduce", "all_gather", "all_gather_dim1", "reduce_scatter", "broadcast", "send_recv")
+OPS = ("all_reduce", "all_gather", "all_gather_dim1", "reduce_scatter", "broadcast", "send_recv",
+       "isend_recv")
 
 
 def rank_input(rank: int, rows: int = 4, cols: int = 6) -> torch.Tensor:
@@ -38,6 +39,7 @@ def expected_results(world_size: int) -> dict[str, list[torch.Tensor]]:
         "broadcast": [inputs[world_size - 1]] * world_size,
         # rank r receives from r - 1 (ring); rank 0 from the last rank
         "send_recv": [inputs[(r - 1) % world_size] for r in range(world_size)],
+        "isend_recv": [inputs[(r - 1) % world_size] for r in range(world_size)],
     }
 
 
@@ -71,6 +73,18 @@ def _run_ops(comm: Any, rank: int, world_size: int, device: torch.device) -> dic
         return received
 
     record("send_recv", send_recv)
+
+    def isend_recv() -> torch.Tensor:
+        # Every rank sends before it receives: only a non-blocking send lets the ring
+        # go round (what a pipeline with batches in flight relies on).
+        out = torch.empty_like(fresh())
+        sent = fresh()
+        work = comm.isend(sent, (rank + 1) % world_size)
+        received = comm.recv(out, (rank - 1) % world_size)
+        work.wait()
+        return received
+
+    record("isend_recv", isend_recv)
     return results
 
 

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from backplane import LLM, SamplingParams
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "torchrun_external_launcher.py"
@@ -20,11 +22,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_torchrun_ranks_agree_with_each_other_and_with_one_rank(llama_model_dir, tmp_path):
+@pytest.mark.parametrize("pp", [1, 2], ids=["tp2", "pp2"])
+def test_torchrun_ranks_agree_with_each_other_and_with_one_rank(llama_model_dir, tmp_path, pp):
+    """Both ranks return the same tokens: with pp=2 the second rank (a later stage,
+    no output head) takes rank 0's tokens for its own scheduler."""
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
          "--master-port", str(_free_port()), str(EXAMPLE), llama_model_dir,
-         "--json-dir", str(tmp_path), "--max-tokens", "12"],
+         "--json-dir", str(tmp_path), "--max-tokens", "12", "--pp", str(pp)],
         capture_output=True, text=True, timeout=180, cwd=tmp_path,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout + proc.stderr

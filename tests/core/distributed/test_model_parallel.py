@@ -20,7 +20,7 @@ import torch
 
 from backplane import LLM, SamplingParams
 from backplane.core.distributed.parallel_state import get_world_group
-from backplane.core.distributed.pipeline import stage_layers
+from backplane.core.distributed.pipeline import head_cost_in_layers, stage_layers
 from backplane.core.engine.async_engine import EngineDeadError
 from tests.entrypoints.test_engine_process_server import _descendants
 from tests.fixtures.tiny_models import make_tiny_model
@@ -126,6 +126,19 @@ def test_stage_layers_split_evenly_with_the_remainder_last():
         stage_layers(2, 3, 0)
 
 
+def test_stage_zero_takes_fewer_layers_for_the_output_head():
+    # qwen2-0.5b: the head reads about 9 layers' worth of weights each decode step.
+    extra = head_cost_in_layers(151936, 896, 4864, 14, 2, 64)
+    assert 9.0 < extra < 9.3
+    assert [len(stage_layers(24, 2, s, extra)) for s in range(2)] == [7, 17]
+    assert [len(stage_layers(24, 3, s, extra)) for s in range(3)] == [2, 11, 11]
+    # Every layer in exactly one stage, in order; stage 0 keeps at least one.
+    for layers, stages, head in ((24, 4, 9.1), (5, 2, 30.0), (7, 3, 0.5)):
+        split = [list(stage_layers(layers, stages, s, head)) for s in range(stages)]
+        assert sum(split, []) == list(range(layers))
+        assert len(split[0]) >= 1
+
+
 def test_split_model_in_an_engine_process_with_async_scheduling(model_dirs, references):
     """The engine-core child spawns the workers; the overlapped loop feeds them in order."""
     llm = LLM(model_dirs["llama_gqa"], tensor_parallel_size=2, engine_process=True,
@@ -207,3 +220,63 @@ def test_one_rank_engine_beside_a_live_split_engine(model_dirs, references):
         assert_same_outputs(references["llama_gqa"], again)
     finally:
         split.llm_engine.shutdown()
+
+
+def test_pipeline_keeps_batches_in_flight_through_preemption_and_aborts(model_dirs,
+                                                                       monkeypatch):
+    """PP=2 runs two batches of different requests at once. With a KV pool small
+    enough to preempt and a request aborted while its batch is in flight, the other
+    requests still match the unsplit engine token for token and no block leaks."""
+    from backplane.core.model_runner.runner import ModelRunner
+
+    refound = []
+    find_rows = ModelRunner._rows_after_removals
+
+    def counting(self, step):
+        refound.append(len(step.rows))
+        return find_rows(self, step)
+
+    monkeypatch.setattr(ModelRunner, "_rows_after_removals", counting)
+    prompts = [[1, 3 + i, 40 + 2 * i, 7, 90 + i, 11] for i in range(10)]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    small = dict(ARGS, num_kv_blocks=14, block_size=8, max_num_seqs=10, max_model_len=48)
+    reference = LLM(model_dirs["llama_gqa"], **small)
+    try:
+        expected = reference.generate([{"prompt_token_ids": p} for p in prompts], params)
+    finally:
+        reference.llm_engine.shutdown()
+    llm = LLM(model_dirs["llama_gqa"], pipeline_parallel_size=2, **small)
+    engine = llm.llm_engine
+    try:
+        for i, prompt in enumerate(prompts):
+            engine.add_request(str(i), {"prompt_token_ids": prompt}, params)
+        aborted = "3"
+        core = engine.engine_core
+        finished: dict[str, list[int]] = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    finished[out.request_id] = list(out.outputs[0].token_ids)
+            planned = [rid for plan, _ in core._pipeline for rid in plan.num_scheduled_tokens]
+            if aborted in planned and aborted not in finished:
+                engine.abort_request([aborted])
+                finished[aborted] = []
+        assert core.peak_batches_in_flight == 2
+        # Rows removed (the abort, preemptions) while a batch was in flight were found
+        # again by request id when that batch was collected.
+        assert refound
+        assert core.scheduler.num_preemptions > 0, "the pool was meant to force preemption"
+        for i, want in enumerate(expected):
+            if str(i) != aborted:
+                assert finished[str(i)] == list(want.outputs[0].token_ids), f"request {i}"
+        stats = engine.get_stats()
+        assert stats.num_free_blocks == stats.num_total_blocks, "KV blocks leaked"
+    finally:
+        engine.shutdown()
+
+
+def test_async_scheduling_is_refused_with_a_pipeline(model_dirs):
+    """The pipeline overlaps steps itself; an explicit --async-scheduling says so."""
+    with pytest.raises(ValueError, match=r"async_scheduling \(True\) cannot be combined with "
+                                         r"pipeline_parallel_size \(2\)"):
+        LLM(model_dirs["llama_gqa"], pipeline_parallel_size=2, async_scheduling=True, **ARGS)
