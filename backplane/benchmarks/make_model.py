@@ -221,23 +221,43 @@ def _init_weights_(model, seed: int) -> None:
 
 # --quantize schemes: (quant_method, symmetric)
 QUANTIZE_SCHEMES = {"gptq-int4": ("gptq", True), "awq-int4": ("awq", False),
-                    "fp8": ("compressed-tensors", True)}
-# Load-time methods, which need no quantized checkpoint (refused with a hint).
-_LOAD_TIME = {
-    "int8": "int8 is applied at load from float weights: make a bf16 model and serve it with "
-            "--quantization int8 (int8 checkpoints are not loaded yet)",
-}
+                    "fp8": ("compressed-tensors", True), "int8": ("compressed-tensors", True),
+                    "int8-weight-only": ("compressed-tensors", True)}
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+# compressed-tensors schemes: (format, weights' type, the largest quantized magnitude,
+# whether dynamic per-token activations are declared), as llm-compressor's FP8_DYNAMIC,
+# W8A8 and W8A16 presets write them.
+_COMPRESSED_TENSORS = {"fp8": ("float-quantized", "float", FP8_MAX, True),
+                       "int8": ("int-quantized", "int", 127.0, True),
+                       "int8-weight-only": ("int-quantized", "int", 127.0, False)}
 
 
-def _fp8_per_channel(weight):
-    """``(w8 [N, K] float8_e4m3fn, scales [N, 1] float32)``, scale = max |w| / 448 per row."""
+def _per_channel(weight, scheme: str):
+    """``(w8 [N, K], scales [N, 1] float32)``, scale = max |w| / the format's maximum per
+    row: float8_e4m3fn values for ``fp8``, rounded int8 ones for the int8 schemes."""
     import torch
 
+    _, weight_type, qmax, _ = _COMPRESSED_TENSORS[scheme]
     w = weight.float()
     amax = w.abs().amax(dim=1, keepdim=True)
-    scales = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    return (w / scales).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scales
+    scales = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    scaled = (w / scales).clamp(-qmax, qmax)
+    if weight_type == "float":
+        return scaled.to(torch.float8_e4m3fn), scales
+    return torch.round(scaled).to(torch.int8), scales
+
+
+def _compressed_tensors_config(scheme: str) -> dict:
+    """The ``quantization_config`` of a compressed-tensors checkpoint of ``scheme``."""
+    fmt, weight_type, _, dynamic_inputs = _COMPRESSED_TENSORS[scheme]
+    args = {"num_bits": 8, "type": weight_type, "symmetric": True}
+    inputs = {**args, "strategy": "token", "dynamic": True} if dynamic_inputs else None
+    return {"quant_method": "compressed-tensors", "format": fmt,
+            "quantization_status": "compressed", "ignore": ["lm_head"],
+            "config_groups": {"group_0": {
+                "targets": ["Linear"],
+                "weights": {**args, "strategy": "channel", "dynamic": False},
+                "input_activations": inputs}}}
 
 
 def _permutation_key(name: str) -> str:
@@ -252,9 +272,10 @@ def quantize_checkpoint(src_dir: str, out_dir: str, scheme: str, group_size: int
                         sym: bool | None = None, desc_act: bool = False, seed: int = 0,
                         dequantized_dir: str | None = None) -> dict:
     """Quantize a float safetensors checkpoint to a GPTQ or AWQ 4-bit one (round to
-    nearest), or to a compressed-tensors fp8 one (``scheme`` ``fp8``: e4m3 weights with
-    one scale per output row, dynamic per-token fp8 activations declared, as
-    llm-compressor's FP8_DYNAMIC scheme writes).
+    nearest), or to a compressed-tensors one with one scale per output row: ``fp8``
+    (e4m3 weights, dynamic per-token fp8 activations declared, as llm-compressor's
+    FP8_DYNAMIC scheme writes), ``int8`` (symmetric int8 weights, dynamic per-token
+    int8 activations: W8A8) or ``int8-weight-only`` (W8A16).
 
     Every 2-D ``.weight`` under ``model.layers.`` (the decoder's linear layers) is
     quantized per group of ``group_size`` input columns; embeddings, norms and the
@@ -280,15 +301,12 @@ def quantize_checkpoint(src_dir: str, out_dir: str, scheme: str, group_size: int
         quantize_rtn,
     )
 
-    if scheme in _LOAD_TIME:
-        raise ValueError(f"--quantize {scheme}: {_LOAD_TIME[scheme]}")
     if scheme not in QUANTIZE_SCHEMES:
-        raise ValueError(f"quantize scheme {scheme!r} is not one of "
-                         f"{sorted(QUANTIZE_SCHEMES) + sorted(_LOAD_TIME)}")
+        raise ValueError(f"quantize scheme {scheme!r} is not one of {sorted(QUANTIZE_SCHEMES)}")
     method, default_sym = QUANTIZE_SCHEMES[scheme]
     sym = default_sym if sym is None else sym
     if method == "compressed-tensors" and desc_act:
-        raise ValueError("fp8 has no act-order")
+        raise ValueError(f"{scheme} has no act-order")
     if method == "awq" and (sym or desc_act):
         raise ValueError("awq-int4 is asymmetric (zero points) and has no act-order")
     files = safetensors_files(src_dir)
@@ -313,10 +331,10 @@ def quantize_checkpoint(src_dir: str, out_dir: str, scheme: str, group_size: int
                              "(Backplane does not load quantized experts)")
         n, k = tensor.shape
         if method == "compressed-tensors":
-            w8, fp8_scales = _fp8_per_channel(tensor)
+            w8, row_scales = _per_channel(tensor, scheme)
             out[name] = w8
-            out[name.removesuffix(".weight") + ".weight_scale"] = fp8_scales
-            dequantized[name] = (w8.float() * fp8_scales).to(tensor.dtype)
+            out[name.removesuffix(".weight") + ".weight_scale"] = row_scales
+            dequantized[name] = (w8.float() * row_scales).to(tensor.dtype)
             count += 1
             continue
         if k % group_size:
@@ -349,14 +367,7 @@ def quantize_checkpoint(src_dir: str, out_dir: str, scheme: str, group_size: int
                    "true_sequential": True, "checkpoint_format": "gptq", "lm_head": False,
                    "damp_percent": 0.01, "backplane_round_to_nearest": True}
     elif method == "compressed-tensors":
-        scheme_8bit = {"num_bits": 8, "type": "float", "symmetric": True}
-        qconfig = {"quant_method": "compressed-tensors", "format": "float-quantized",
-                   "quantization_status": "compressed", "ignore": ["lm_head"],
-                   "config_groups": {"group_0": {
-                       "targets": ["Linear"],
-                       "weights": {**scheme_8bit, "strategy": "channel", "dynamic": False},
-                       "input_activations": {**scheme_8bit, "strategy": "token",
-                                             "dynamic": True}}}}
+        qconfig = _compressed_tensors_config(scheme)
     else:
         qconfig = {"quant_method": "awq", "bits": 4, "group_size": group_size,
                    "zero_point": True, "version": "gemm", "modules_to_not_convert": None,
@@ -400,13 +411,13 @@ def make_model(out_dir: str, shape: str = "tiny", dtype: str = "bfloat16", seed:
                quantize: str | None = None, group_size: int = 128) -> dict:
     """Write a random model of ``shape`` plus tokenizer to ``out_dir``; returns a summary.
 
-    ``quantize`` (``gptq-int4``, ``awq-int4``) then rewrites its decoder layers as a
-    4-bit checkpoint with round-to-nearest quantization (`quantize_checkpoint`).
+    ``quantize`` (``gptq-int4``, ``awq-int4``, ``fp8``, ``int8``, ``int8-weight-only``)
+    then rewrites its decoder layers as a quantized checkpoint with round-to-nearest
+    quantization (`quantize_checkpoint`).
     Raises ValueError naming the shape, dtype or scheme when it is unknown.
     """
     if quantize is not None and quantize not in QUANTIZE_SCHEMES:
-        raise ValueError(f"--quantize {quantize}: " + _LOAD_TIME.get(
-            quantize, f"not one of {sorted(QUANTIZE_SCHEMES) + sorted(_LOAD_TIME)}"))
+        raise ValueError(f"--quantize {quantize}: not one of {sorted(QUANTIZE_SCHEMES)}")
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -158,7 +158,10 @@ class EngineArgs:
         'scale per output row, bf16 activations; the output head stays bf16). GPTQ and AWQ 4-bit '
         'checkpoints are detected from their `quantization_config` (`gptq` / `awq` here must '
         'then match it) and run on the platform\'s int4 kernels (cpu, cuda/rocm with '
-        'triton). Other methods (fp8 checkpoints, bitsandbytes, ...) and bit widths are refused.',
+        'triton); compressed-tensors checkpoints (llm-compressor) with fp8 weights or int8 '
+        'weights (W8A8 with dynamic per-token activations, or W8A16) are detected the same '
+        'way (`compressed-tensors`). Other methods (bitsandbytes, ...) and bit widths are '
+        'refused.',
         default_doc='none',
     )
     revision: str | None = _opt(

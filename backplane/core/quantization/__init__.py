@@ -1,5 +1,5 @@
-"""Quantized checkpoints (GPTQ, AWQ 4-bit; compressed-tensors fp8): config parsing, packed
-layouts, loading layers.
+"""Quantized checkpoints (GPTQ, AWQ 4-bit; compressed-tensors fp8 and int8): config
+parsing, packed layouts, loading layers.
 
 Platform-neutral: the kernels that run the layers come from the platform
 (`Platform.make_quantized_linear`, see backplane/plugins_sdk/quantization.py).
@@ -15,6 +15,8 @@ from backplane.core.quantization.config import (
 from backplane.core.quantization.layers import (
     Fp8CheckpointLinear,
     Int4CheckpointLinear,
+    Int8CheckpointLinear,
+    Int8Weights,
     checkpoint_quantization,
     quantize_checkpoint_layers,
 )
@@ -24,6 +26,8 @@ __all__ = [
     "CheckpointQuantization",
     "Fp8CheckpointLinear",
     "Int4CheckpointLinear",
+    "Int8CheckpointLinear",
+    "Int8Weights",
     "UnsupportedQuantizationError",
     "checkpoint_quantization",
     "parse_quantization_config",

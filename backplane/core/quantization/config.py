@@ -14,6 +14,14 @@ Supported, as published by AutoGPTQ / GPTQModel / optimum and AutoAWQ:
   ``"tensor"``, symmetric, static. Input activation schemes (dynamic or static
   fp8) are accepted and run as bf16 activations (weight-only); ``ignore`` lists
   modules left in float (``re:`` entries are regular expressions).
+- compressed-tensors ``format: "int-quantized"`` (llm-compressor's W8A8 / W8A16
+  int8): weights ``num_bits: 8``, ``type: "int"``, ``symmetric: true``, static,
+  ``strategy`` ``"channel"`` or ``"tensor"``; ``input_activations`` absent or
+  null (weight-only, W8A16) or ``num_bits: 8``, ``type: "int"``, symmetric,
+  ``dynamic: true``, ``strategy: "token"`` (W8A8: activations quantized at run
+  time, by the platform's kernel). Zero points (asymmetric), group or block
+  strategies and static int8 activation scales are refused: the kernels have no
+  zero points and quantize activations themselves.
 
 Anything else raises `UnsupportedQuantizationError` naming the method and field.
 """
@@ -36,13 +44,15 @@ class CheckpointQuantization:
     """What the loader needs to know about a quantized checkpoint.
 
     Attributes:
-        method: ``"gptq"`` or ``"awq"``.
-        bits: weight bits (4).
+        method: ``"gptq"``, ``"awq"`` or ``"compressed-tensors"``.
+        bits: weight bits (4; 8 for compressed-tensors).
         group_size: input columns per scale/zero group; -1 means the whole row.
         desc_act: GPTQ act-order (``g_idx`` decides each column's group).
         sym: GPTQ symmetric quantization (informational: zeros are stored either way).
         zero_offset: added to stored zero points (1 for GPTQ's classic v1 format).
         modules_to_not_convert: module name fragments left in float.
+        weight_strategy, static_input_scale, weight_type, int8_activations:
+            compressed-tensors only (see the fields' comments).
     """
 
     method: str
@@ -52,8 +62,10 @@ class CheckpointQuantization:
     sym: bool = True
     zero_offset: int = 0
     modules_to_not_convert: tuple[str, ...] = field(default_factory=tuple)
-    weight_strategy: str = "group"  # compressed-tensors fp8: "channel" or "tensor"
-    static_input_scale: bool = False  # compressed-tensors: checkpoint has input_scale
+    weight_strategy: str = "group"  # compressed-tensors: "channel" or "tensor"
+    static_input_scale: bool = False  # compressed-tensors fp8: checkpoint has input_scale
+    weight_type: str = "int"  # compressed-tensors: "float" (fp8 e4m3) or "int" (int8)
+    int8_activations: bool = False  # compressed-tensors int8: W8A8, dynamic per token
 
     def group_for(self, in_features: int) -> int:
         """The group size of a layer with ``in_features`` inputs."""
@@ -135,42 +147,88 @@ def parse_quantization_config(raw: Any) -> CheckpointQuantization:
     return CheckpointQuantization(method, 4, group, False, False, 0, modules_to_not_convert=skip)
 
 
+# compressed-tensors ``format`` -> the weights' ``type`` and how messages name it.
+_CT_FORMATS = {"float-quantized": ("float", "fp8"), "int-quantized": ("int", "int8")}
+
+
+def _ct_require(label: str, field_path: str, value: Any, allowed: tuple, limit: str) -> None:
+    """Refuse ``value`` of config field ``field_path`` unless it is one of ``allowed``."""
+    if value not in allowed:
+        raise UnsupportedQuantizationError(
+            f"compressed-tensors {label} checkpoint: {field_path} {value!r} is not supported "
+            f"({limit})")
+
+
+def _ct_weights(weights: dict, fmt: str) -> str:
+    """Check one config group's ``weights`` scheme; returns its strategy."""
+    weight_type, label = _CT_FORMATS[fmt]
+    holds = f"format {fmt!r} holds 8-bit {weight_type} weights"
+    _ct_require(label, "weights.num_bits", weights.get("num_bits"), (8,), holds)
+    _ct_require(label, "weights.type", str(weights.get("type")).lower(), (weight_type,), holds)
+    strategy = str(weights.get("strategy") or "tensor").lower()
+    _ct_require(label, "weights.strategy", strategy, ("channel", "tensor"),
+                "static symmetric 'channel' or 'tensor' only")
+    _ct_require(label, "weights.symmetric", bool(weights.get("symmetric", True)), (True,),
+                "symmetric only: the kernels have no zero points")
+    _ct_require(label, "weights.dynamic", bool(weights.get("dynamic", False)), (False,),
+                "static weight scales only")
+    return strategy
+
+
+def _ct_int8_inputs(inputs: dict) -> bool:
+    """Check an int-quantized group's ``input_activations``; returns whether activations
+    are quantized (W8A8) rather than left in float (W8A16)."""
+    if not inputs:
+        return False
+    limit = "only dynamic symmetric per-token int8 activations, or none"
+    for field_name, value, allowed in (
+            ("num_bits", inputs.get("num_bits"), (8,)),
+            ("type", str(inputs.get("type")).lower(), ("int",)),
+            ("dynamic", inputs.get("dynamic"), (True,)),  # static scales: refused
+            ("strategy", str(inputs.get("strategy")).lower(), ("token",)),
+            ("symmetric", bool(inputs.get("symmetric", True)), (True,))):
+        _ct_require("int8", f"input_activations.{field_name}", value, allowed, limit)
+    return True
+
+
+def _ct_group(group: dict, fmt: str) -> tuple[str, bool, bool]:
+    """One config group's ``(weight strategy, static input scale, int8 activations)``."""
+    weight_type, label = _CT_FORMATS[fmt]
+    group_fmt = str(group.get("format") or fmt).lower()
+    _ct_require(label, "config_groups format", group_fmt, (fmt,),
+                f"every group must have the checkpoint's format {fmt!r}")
+    strategy = _ct_weights(group.get("weights") or {}, fmt)
+    targets = [str(t) for t in group.get("targets") or ["Linear"]]
+    if not any(t == "Linear" or t.endswith("Linear") for t in targets):
+        raise UnsupportedQuantizationError(
+            f"compressed-tensors targets {targets} are not supported (only 'Linear')")
+    inputs = group.get("input_activations") or {}
+    if weight_type == "int":
+        return strategy, False, _ct_int8_inputs(inputs)
+    # fp8 activation schemes run as bf16; a static one's input_scale is still loaded
+    return strategy, bool(inputs) and not inputs.get("dynamic", False), False
+
+
 def _parse_compressed_tensors(cfg: dict) -> CheckpointQuantization:
-    """compressed-tensors: only fp8 (e4m3) weights, per channel or per tensor."""
+    """compressed-tensors: fp8 (e4m3) or int8 weights, per channel or per tensor."""
     fmt = str(cfg.get("format") or "").lower()
-    if fmt != "float-quantized":
+    if fmt not in _CT_FORMATS:
         raise UnsupportedQuantizationError(
             f"compressed-tensors format {fmt!r} is not supported (only 'float-quantized': "
-            "fp8 weights)")
+            "fp8 weights, and 'int-quantized': int8 weights)")
     groups = list((cfg.get("config_groups") or {}).values())
     if not groups:
         raise UnsupportedQuantizationError("compressed-tensors config has no config_groups")
-    strategies, static_inputs = set(), set()
-    for group in groups:
-        weights = group.get("weights") or {}
-        if (weights.get("num_bits"), str(weights.get("type")).lower()) != (8, "float"):
-            raise UnsupportedQuantizationError(
-                f"compressed-tensors weights {weights.get('type')!r} with "
-                f"num_bits={weights.get('num_bits')} are not supported (only 8-bit float)")
-        strategy = str(weights.get("strategy") or "tensor").lower()
-        if strategy not in ("channel", "tensor") or weights.get("dynamic") or not weights.get(
-                "symmetric", True):
-            raise UnsupportedQuantizationError(
-                f"compressed-tensors fp8 weights with strategy {strategy!r} (dynamic="
-                f"{weights.get('dynamic')}, symmetric={weights.get('symmetric')}) are not "
-                "supported (static symmetric 'channel' or 'tensor' only)")
-        targets = [str(t) for t in group.get("targets") or ["Linear"]]
-        if not any(t == "Linear" or t.endswith("Linear") for t in targets):
-            raise UnsupportedQuantizationError(
-                f"compressed-tensors targets {targets} are not supported (only 'Linear')")
-        strategies.add(strategy)
-        inputs = group.get("input_activations") or {}
-        static_inputs.add(bool(inputs) and not inputs.get("dynamic", False))
-    if len(strategies) > 1 or len(static_inputs) > 1:
+    schemes = {_ct_group(group, fmt) for group in groups}
+    if len(schemes) > 1:
         raise UnsupportedQuantizationError(
-            "compressed-tensors config groups with different schemes are not supported")
+            "compressed-tensors config groups with different schemes are not supported "
+            f"({len(schemes)} different ones)")
+    strategy, static_input, int8_activations = schemes.pop()
     ignore = tuple(str(x) for x in cfg.get("ignore") or ())
     return CheckpointQuantization("compressed-tensors", 8, -1, False, True, 0,
                                   modules_to_not_convert=ignore,
-                                  weight_strategy=strategies.pop(),
-                                  static_input_scale=static_inputs.pop())
+                                  weight_strategy=strategy,
+                                  static_input_scale=static_input,
+                                  weight_type=_CT_FORMATS[fmt][0],
+                                  int8_activations=int8_activations)

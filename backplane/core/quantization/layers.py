@@ -1,4 +1,4 @@
-"""Linear layers that load a GPTQ or AWQ checkpoint's packed tensors.
+"""Linear layers that load a GPTQ, AWQ or compressed-tensors checkpoint's tensors.
 
 `quantize_checkpoint_layers` runs right after the model is built on the meta
 device: every ``nn.Linear`` (fused ones included) becomes an `Int4CheckpointLinear`
@@ -13,11 +13,17 @@ each layer unpacks itself into the SDK's platform-neutral `Int4Weights` and asks
 ``Platform.make_quantized_linear`` for a kernel module; the packed parameters
 are then released. Until then (or when the platform has no kernel) the layer
 dequantizes on every call: correct, slow.
+
+compressed-tensors checkpoints (fp8 or int8 weights with one scale per output
+row) load into `Fp8CheckpointLinear` / `Int8CheckpointLinear` the same way and
+reach the platform as `Fp8Weights` / `Int8Weights`, the checkpoint's 8-bit
+values as they are.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -50,16 +56,35 @@ class _ReferenceLinear(nn.Module):
         return self.reference(x, self.weights)
 
 
-class Fp8CheckpointLinear(nn.Module):
-    """A (possibly fused) linear layer with a compressed-tensors checkpoint's fp8 weights.
+@dataclass
+class Int8Weights(Fp8Weights):
+    """One int8 linear layer of a compressed-tensors ``int-quantized`` checkpoint (method
+    ``"compressed-tensors"``, told from fp8 by ``weight.dtype``):
+    ``W[n, k] = weight[n, k] * scales[n]``.
 
-    Parameters: ``weight [N, K]`` float8_e4m3fn, ``weight_scale [N]`` float32 (a
+    Attributes (besides `Fp8Weights`'): ``weight`` ``[N, K]`` int8 (-128..127),
+    ``activations``: ``"int8"`` when the checkpoint declares dynamic per-token int8
+    activations (W8A8: the kernel quantizes them at run time), ``"bf16"`` when it is
+    weight-only (W8A16). A subclass so that the dequantizing reference is fp8's.
+    """
+
+    activations: str = "bf16"
+
+
+class _ScaledCheckpointLinear(nn.Module):
+    """A (possibly fused) linear layer with a compressed-tensors checkpoint's 8-bit
+    weights and one float scale per output row: fp8 and int8 share the parameters and
+    the loading, and differ in the weight dtype and the weights handed to the platform.
+
+    Parameters: ``weight [N, K]`` (``weight_dtype``), ``weight_scale [N]`` float32 (a
     per-tensor scale of a fused part is repeated over its rows), ``input_scale
-    [parts]`` where the checkpoint has static activation scales (read, unused:
-    activations stay in the model dtype), ``bias [N]``.
+    [parts]`` where the checkpoint has static activation scales (fp8 only; read,
+    unused: activations stay in the model dtype), ``bias [N]``.
     """
 
     layer_kind = "quantized_linear"
+    weight_dtype: torch.dtype
+    description: str
 
     def __init__(self, spec: CheckpointQuantization, in_features: int, out_features: int,
                  output_sizes: dict[str, int] | None = None, bias: bool = False,
@@ -78,7 +103,7 @@ class Fp8CheckpointLinear(nn.Module):
             offset += size
         kw = {"device": device}
         self.weight = nn.Parameter(torch.empty(out_features, in_features,
-                                               dtype=torch.float8_e4m3fn, **kw),
+                                               dtype=self.weight_dtype, **kw),
                                    requires_grad=False)
         self.weight_scale = nn.Parameter(torch.empty(out_features, dtype=torch.float32, **kw),
                                          requires_grad=False)
@@ -106,25 +131,37 @@ class Fp8CheckpointLinear(nn.Module):
             values = source.read().float().reshape(-1)
             if values.numel() not in (1, size):
                 raise WeightShapeError(source.name, (size, 1), tuple(source.shape),
-                                       note=" (fp8 weight_scale: per channel or per tensor)")
+                                       note=f" ({self.description} weight_scale: per channel "
+                                            "or per tensor)")
             target.copy_(values.expand(size) if values.numel() == 1 else values)
             return
         if tuple(target.shape) != tuple(source.shape):
             raise WeightShapeError(source.name, tuple(target.shape), tuple(source.shape),
-                                   note=" (compressed-tensors fp8)")
-        target.copy_(source.read())
+                                   note=f" (compressed-tensors {self.description})")
+        values = source.read()
+        if attr == "weight" and values.dtype != self.weight_dtype:
+            # a cast would not keep the checkpoint's values (a float weight is no int8 one)
+            raise ValueError(f"checkpoint tensor {source.name!r} is {values.dtype}, but a "
+                             f"compressed-tensors {self.description} weight must be "
+                             f"{self.weight_dtype}")
+        target.copy_(values)
 
-    def fp8_weights(self) -> Fp8Weights:
-        return Fp8Weights(self.weight.data, self.weight_scale.data,
-                          None if self.bias is None else self.bias.data.float(), self.method)
+    def _weights(self, weight: torch.Tensor, scales: torch.Tensor,
+                 bias: torch.Tensor | None) -> Fp8Weights:
+        """The platform-neutral form handed to ``make_quantized_linear``."""
+        raise NotImplementedError
+
+    def scaled_weights(self) -> Fp8Weights:
+        return self._weights(self.weight.data, self.weight_scale.data,
+                             None if self.bias is None else self.bias.data.float())
 
     def use_platform_kernels(self, factory) -> bool:
-        weights = self.fp8_weights()
+        weights = self.scaled_weights()
         module = factory(self.method, weights) if factory is not None else None
         native = module is not None
-        if module is None:
-            module = _ReferenceLinear(Fp8Weights(weights.weight.clone(), weights.scales.clone(),
-                                                 weights.bias, self.method),
+        if module is None:  # own copies: the parameters are released below
+            module = _ReferenceLinear(self._weights(weights.weight.clone(),
+                                                    weights.scales.clone(), weights.bias),
                                       linear_fp8_reference)
         for attr in ("weight", "weight_scale", "input_scale", "bias"):
             if attr in self._parameters:
@@ -134,12 +171,40 @@ class Fp8CheckpointLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernels is None:
-            return linear_fp8_reference(x, self.fp8_weights())
+            return linear_fp8_reference(x, self.scaled_weights())
         return self.kernels[0](x)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                "fp8 e4m3 (compressed-tensors)")
+                f"{self.description} (compressed-tensors)")
+
+
+class Fp8CheckpointLinear(_ScaledCheckpointLinear):
+    """A compressed-tensors ``float-quantized`` layer: fp8 (e4m3) weights."""
+
+    weight_dtype = torch.float8_e4m3fn
+    description = "fp8 e4m3"
+
+    def _weights(self, weight, scales, bias) -> Fp8Weights:
+        return Fp8Weights(weight, scales, bias, self.method)
+
+
+class Int8CheckpointLinear(_ScaledCheckpointLinear):
+    """A compressed-tensors ``int-quantized`` layer: symmetric int8 weights, W8A8 with
+    dynamic per-token activations or W8A16 (weight-only), as the checkpoint says."""
+
+    weight_dtype = torch.int8
+    description = "int8"
+
+    def __init__(self, spec: CheckpointQuantization, *args, **kwargs) -> None:
+        super().__init__(spec, *args, **kwargs)
+        self.activations = "int8" if spec.int8_activations else "bf16"
+
+    def _weights(self, weight, scales, bias) -> Int8Weights:
+        return Int8Weights(weight, scales, bias, self.method, activations=self.activations)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", W8A8" if self.activations == "int8" else ", W8A16")
 
 
 class Int4CheckpointLinear(nn.Module):
@@ -324,9 +389,16 @@ def checkpoint_quantization(hf_config) -> CheckpointQuantization | None:
     return parse_quantization_config(raw) if raw else None
 
 
+def _layer_class(spec: CheckpointQuantization) -> type[nn.Module]:
+    if spec.method != "compressed-tensors":
+        return Int4CheckpointLinear
+    return Int8CheckpointLinear if spec.weight_type == "int" else Fp8CheckpointLinear
+
+
 def quantize_checkpoint_layers(model: nn.Module, hf_config) -> int:
     """Swap the linear layers of a model built on the meta device for
-    `Int4CheckpointLinear` when ``hf_config`` has a GPTQ/AWQ ``quantization_config``;
+    `Int4CheckpointLinear` when ``hf_config`` has a GPTQ/AWQ ``quantization_config``
+    (`Fp8CheckpointLinear` / `Int8CheckpointLinear` for compressed-tensors fp8 / int8);
     returns how many (0 for an unquantized checkpoint)."""
     spec = checkpoint_quantization(hf_config)
     if spec is None:
@@ -346,17 +418,17 @@ def quantize_checkpoint_layers(model: nn.Module, hf_config) -> int:
                 raise UnsupportedQuantizationError(
                     f"{spec.method} checkpoints cannot be split over tensor-parallel ranks "
                     "yet; use tensor_parallel_size 1")
-            cls = Fp8CheckpointLinear if spec.method == "compressed-tensors" else (
-                Int4CheckpointLinear)
-            new = cls(
+            new = _layer_class(spec)(
                 spec, child.in_features, child.out_features,
                 output_sizes=getattr(child, "output_sizes", None), bias=child.bias is not None,
                 dtype=child.weight.dtype, device=child.weight.device, name=full)
             setattr(parent, child_name, new)
             replaced += 1
     if spec.method == "compressed-tensors":
-        logger.info("compressed-tensors checkpoint: %d linear layers load fp8 weights (%s "
-                    "scales)", replaced, spec.weight_strategy)
+        logger.info("compressed-tensors checkpoint: %d linear layers load %s weights (%s "
+                    "scales)", replaced, "fp8" if spec.weight_type == "float" else (
+                        "int8, W8A8" if spec.int8_activations else "int8, W8A16"),
+                    spec.weight_strategy)
     else:
         logger.info("%s checkpoint: %d linear layers load 4-bit weights (group_size %s%s)",
                     spec.method, replaced, spec.group_size,

@@ -69,8 +69,10 @@ def _register_make_model(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--quantize", default=None, metavar="SCHEME",
                    help="write a quantized checkpoint: gptq-int4 (symmetric) or awq-int4 (zero "
-                        "points), 4-bit round-to-nearest, or fp8 (compressed-tensors, e4m3 "
-                        "weights, per-channel scales) [default: float weights]")
+                        "points), 4-bit round-to-nearest; or compressed-tensors with "
+                        "per-channel scales: fp8 (e4m3 weights), int8 (W8A8: int8 weights, "
+                        "dynamic per-token int8 activations) or int8-weight-only (W8A16) "
+                        "[default: float weights]")
     p.add_argument("--group-size", type=int, default=128,
                    help="input columns per scale with --quantize [default: 128]")
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",

@@ -190,10 +190,16 @@ class Int8Linear(nn.Module):
       save, so it is about as fast as bf16.
 
     The output is bf16, or float32 for float32 inputs and for logits.
+
+    A checkpoint's int8 weight (compressed-tensors ``int-quantized``) is packed as it
+    is, with its own scales: ``weight`` int8 ``[N, K]`` and ``scales [N]``.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
-                 float_output: bool, activations: str = "bf16") -> None:
+                 float_output: bool, activations: str = "bf16",
+                 scales: torch.Tensor | None = None) -> None:
+        """``weight``: float (quantized here, per row) or, with ``scales [N]``, already
+        int8 (a checkpoint's; its values and scales are used unchanged)."""
         super().__init__()
         self.out_features, self.in_features = weight.shape
         if self.in_features % 2:
@@ -205,23 +211,58 @@ class Int8Linear(nn.Module):
                              f"{W8A8_BLOCK} for int8 activations")
         self.activations = activations
         self.float_output = float_output
-        weight = weight.detach().to(torch.bfloat16).contiguous()
-        blocks = -(-self.out_features // 16)
-        scales = torch.empty(self.out_features, dtype=torch.float32)
-        if activations == "int8":
-            packed = torch.empty(blocks * 16 * self.in_features, dtype=torch.uint8)
-            _gemm_lib().pack_w8a8_from_bf16(weight.data_ptr(), self.out_features,
-                                            self.in_features, packed.data_ptr(),
-                                            scales.data_ptr())
+        if scales is None:
+            packed, scales = self._quantize_and_pack(weight)
         else:
-            packed = torch.empty(blocks * 16 * self.in_features, dtype=torch.int8)
-            _gemm_lib().pack_w8_from_bf16(weight.data_ptr(), self.out_features,
-                                          self.in_features, packed.data_ptr(),
-                                          scales.data_ptr())
+            packed, scales = self._pack_int8(weight, scales)
         self.register_buffer("packed_weight", packed, persistent=False)
         self.register_buffer("scales", scales, persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous(),
                              persistent=False)
+
+    @property
+    def _group(self) -> int:
+        """Consecutive input columns per packed row entry: VNNI quads (W8A8) or bf16
+        dot-product pairs (W8A16)."""
+        return 4 if self.activations == "int8" else 2
+
+    @property
+    def _offset(self) -> int:
+        """W8A8 stores each weight + 128 (vpdpbusd multiplies unsigned by signed bytes)."""
+        return 128 if self.activations == "int8" else 0
+
+    def _quantize_and_pack(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weight = weight.detach().to(torch.bfloat16).contiguous()
+        blocks = -(-self.out_features // 16)
+        scales = torch.empty(self.out_features, dtype=torch.float32)
+        if self.activations == "int8":
+            packed = torch.empty(blocks * 16 * self.in_features, dtype=torch.uint8)
+            pack = _gemm_lib().pack_w8a8_from_bf16
+        else:
+            packed = torch.empty(blocks * 16 * self.in_features, dtype=torch.int8)
+            pack = _gemm_lib().pack_w8_from_bf16
+        pack(weight.data_ptr(), self.out_features, self.in_features, packed.data_ptr(),
+             scales.data_ptr())
+        return packed, scales
+
+    def _pack_int8(self, weight: torch.Tensor, scales: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The C packers' layout, from int8 values: 16-row blocks of ``_group``
+        consecutive columns, rows past N zero (then offset, as the packers store them)."""
+        if weight.dtype != torch.int8:
+            raise ValueError(f"pre-quantized weight must be int8, not {weight.dtype}")
+        scales = scales.detach().float().reshape(-1).cpu()
+        if scales.numel() != self.out_features:
+            raise ValueError(f"scales has {scales.numel()} values for {self.out_features} "
+                             "output rows (one per row)")
+        blocks = -(-self.out_features // 16)
+        rows = torch.zeros(blocks * 16, self.in_features, dtype=torch.int16)
+        rows[: self.out_features] = weight.detach().cpu()
+        rows += self._offset
+        tiles = rows.view(blocks, 16, self.in_features // self._group, self._group)
+        packed = tiles.permute(0, 2, 1, 3).reshape(-1)
+        dtype = torch.uint8 if self._offset else torch.int8
+        return packed.to(dtype).contiguous(), scales.contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         float_out = self.float_output or x.dtype == torch.float32
@@ -247,17 +288,16 @@ class Int8Linear(nn.Module):
             lib.gemm_w8(rows.data_ptr(), self.in_features, m, self.packed_weight.data_ptr(),
                         self.scales.data_ptr(), self.out_features, self.in_features, bias,
                         out.data_ptr(), self.out_features, int(float_out))
-        return out.reshape(*lead, self.out_features)
+        out = out.reshape(*lead, self.out_features)
+        # x's dtype (e.g. float16) unless logits are asked for: the layer contract
+        return out if self.float_output or out.dtype == x.dtype else out.to(x.dtype)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float32 weight the kernel computes with (scale x int8), for reference checks."""
         blocks = -(-self.out_features // 16)
-        group = 4 if self.activations == "int8" else 2
-        q = self.packed_weight.view(blocks, self.in_features // group, 16, group)
+        q = self.packed_weight.view(blocks, self.in_features // self._group, 16, self._group)
         q = q.permute(0, 2, 1, 3).reshape(blocks * 16, self.in_features)[: self.out_features]
-        if self.activations == "int8":
-            q = q.to(torch.int16) - 128  # stored offset by +128 (unsigned)
-        return q.float() * self.scales[:, None]
+        return (q.to(torch.int16) - self._offset).float() * self.scales[:, None]
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -18,6 +18,7 @@ from backplane.platforms.cpu.int4 import (
     quantize_output_head,
 )
 from backplane.platforms.cpu.linear import (
+    Int8Linear,
     bf16_gemm_supported,
     prepack_linear_weights,
     prepacking_supported,
@@ -67,8 +68,9 @@ class CpuPlatform(Platform):
 
     @property
     def supported_quantization(self) -> tuple[str, ...]:
-        """``int8`` (W8A8), ``int8_weight_only`` (W8A16) and ``fp8`` (e4m3 weights) where the
-        AVX512-BF16 GEMM kernel runs, ``gptq`` / ``awq`` 4-bit checkpoints where the int4 kernel
+        """``int8`` (W8A8), ``int8_weight_only`` (W8A16), ``fp8`` (e4m3 weights) and
+        ``compressed-tensors`` checkpoints (fp8 or int8) where the AVX512-BF16 GEMM kernel
+        runs, ``gptq`` / ``awq`` 4-bit checkpoints where the int4 kernel
         (kernels/gemm_int4.c) builds (checked when asked: the first check builds them)."""
         methods = (("int8", "int8_weight_only", "fp8", "compressed-tensors")
                    if bf16_gemm_supported() else ())
@@ -76,16 +78,11 @@ class CpuPlatform(Platform):
 
     def make_quantized_linear(self, method, weights):
         """GPTQ / AWQ 4-bit layers on the int4 kernel (int4.py), compressed-tensors fp8
-        layers on the fp8 kernel (fp8.py); None (the core's dequantizing reference)
-        where they do not build."""
+        layers on the fp8 kernel (fp8.py), compressed-tensors int8 layers on the int8
+        kernels (linear.py: W8A8 or W8A16, as the checkpoint says); None (the core's
+        dequantizing reference) where they do not build or take the shape."""
         if method == "compressed-tensors":
-            if weights.weight.device.type != "cpu" or not bf16_gemm_supported():
-                return None
-            try:
-                return Fp8Linear(weights.weight, weights.bias, scales=weights.scales)
-            except ValueError as exc:
-                logger.warning("cpu platform: fp8 layer on the reference path: %s", exc)
-                return None
+            return self._compressed_tensors_linear(weights)
         if method not in ("gptq", "awq") or weights.qweight.device.type != "cpu" or not (
                 int4_kernel_supported()):
             return None
@@ -93,6 +90,24 @@ class CpuPlatform(Platform):
             return Int4Linear(weights)
         except ValueError as exc:  # a shape the kernel does not take
             logger.warning("cpu platform: %s layer on the reference path: %s", method, exc)
+            return None
+
+    @staticmethod
+    def _compressed_tensors_linear(weights):
+        """`Fp8Linear` for fp8 weights, `Int8Linear` for int8 ones: both pack the
+        checkpoint's 8-bit values and scales as they are (no dequantize-requantize)."""
+        if weights.weight.device.type != "cpu" or not bf16_gemm_supported():
+            return None
+        int8 = weights.weight.dtype == torch.int8
+        try:
+            if int8:
+                return Int8Linear(weights.weight, weights.bias, float_output=False,
+                                  activations=getattr(weights, "activations", "bf16"),
+                                  scales=weights.scales)
+            return Fp8Linear(weights.weight, weights.bias, scales=weights.scales)
+        except ValueError as exc:  # a shape the kernel does not take (e.g. W8A8's blocks)
+            logger.warning("cpu platform: %s layer on the reference path: %s",
+                           "int8" if int8 else "fp8", exc)
             return None
 
     def __init__(self) -> None:
