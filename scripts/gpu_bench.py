@@ -32,6 +32,9 @@ CONFIGS = {
     "eager_proc": dict(optimization_level=0, async_scheduling=False, engine_process=True),
     "eager_async_proc": dict(optimization_level=0, async_scheduling=True, engine_process=True),
     "compiled_graphs": dict(optimization_level=2, async_scheduling=False, engine_process=False),
+    # O3: decode graphs plus piecewise graphs for the steps with prefill chunks.
+    "piecewise": dict(optimization_level=3, compilation_config={"compile": False},
+                      async_scheduling=False, engine_process=False),
 }
 
 

@@ -45,12 +45,12 @@ MAKER=$!
 
 phase gpu_tests "${TESTS_LIMIT:-120}" $PY -m pytest -x -q -p no:cacheprovider -m gpu \
   --tb=short tests/platforms/gpu/test_cuda_graph_runner.py tests/platforms/gpu/test_cuda_device.py \
-  -k "graph"
+  -k "graph or piecewise"
 wait $MAKER
 phase latency "${LATENCY_LIMIT:-150}" $PY scripts/gpu_bench.py "$RES" \
   "$MODELS/qwen2-0.5b" "$MODELS/llama-1b" --configs eager,graphs,graphs_async,graphs_async_proc
 phase throughput "${THROUGHPUT_LIMIT:-150}" $PY scripts/gpu_bench.py "$RES" \
-  "$MODELS/qwen2-0.5b" --configs eager_async --throughput
+  "$MODELS/qwen2-0.5b" --configs eager_async,piecewise --throughput
 phase compiled "${COMPILE_LIMIT:-80}" $PY scripts/gpu_bench.py "$RES" \
   "$MODELS/qwen2-0.5b" --configs compiled_graphs
 tar czf "$OUT/results.tgz" -C "$RES" .

@@ -303,9 +303,15 @@ class CompilationConfig(Freezable):
         backend: torch.compile backend; None means the platform's.
         use_graphs: capture decode steps as graphs at padded batch sizes (O2+).
         graph_capture_sizes: batch sizes to capture; None means a default ladder.
+        piecewise_graphs: record the model forward in pieces between the attention
+            calls, for any batch, at padded token counts (O3).
+        piecewise_capture_sizes: token counts to record pieces for; None means a
+            default ladder up to min(512, max_num_batched_tokens).
     """
 
     compile: bool | None = None
     backend: str | None = None
     use_graphs: bool | None = None
     graph_capture_sizes: list[int] | None = None
+    piecewise_graphs: bool | None = None
+    piecewise_capture_sizes: list[int] | None = None

@@ -310,7 +310,8 @@ class EngineArgs:
     compilation_config: dict[str, Any] | None = _opt(
         None, 'compilation',
         'Explicit compilation settings: `compile`, `backend`, `use_graphs`, '
-        "`graph_capture_sizes`. They win over the level's defaults.",
+        '`graph_capture_sizes` (decode batch sizes), `piecewise_graphs`, '
+        "`piecewise_capture_sizes` (token counts). They win over the level's defaults.",
         flags=('-cc',),
     )
     structured_outputs_config: dict[str, Any] | None = _opt(

@@ -4,8 +4,10 @@
 - O1: torch.compile with the platform's compile backend; no graphs.
 - O2: O1 plus graph capture of decode steps at padded batch sizes. The default
   on platforms that can capture graphs.
-- O3: currently the same as O2 (reserved for optimizations that trade more
-  start-up time or memory for speed).
+- O3: O2 plus piecewise graphs: the model forward recorded in pieces between the
+  attention calls at padded token counts, so prefill chunks and mixed batches
+  replay too (attention runs eagerly between the pieces). More start-up time
+  (every token count is traced and recorded) for less host time per step.
 
 A level only fills CompilationConfig fields the user left as None; a field set
 explicitly wins and the difference is recorded in ``config.notes`` (and logged).
@@ -33,10 +35,10 @@ LEVELS = (0, 1, 2, 3)
 
 # What each level implies; backend None means "the platform's compile backend".
 LEVEL_DEFAULTS: dict[int, dict[str, Any]] = {
-    0: {"compile": False, "use_graphs": False},
-    1: {"compile": True, "use_graphs": False},
-    2: {"compile": True, "use_graphs": True},
-    3: {"compile": True, "use_graphs": True},
+    0: {"compile": False, "use_graphs": False, "piecewise_graphs": False},
+    1: {"compile": True, "use_graphs": False, "piecewise_graphs": False},
+    2: {"compile": True, "use_graphs": True, "piecewise_graphs": False},
+    3: {"compile": True, "use_graphs": True, "piecewise_graphs": True},
 }
 
 
@@ -57,6 +59,21 @@ def default_graph_capture_sizes(max_num_seqs: int) -> list[int]:
     cap = max(1, min(max_num_seqs, MAX_GRAPH_BATCH_SIZE))
     sizes = [s for s in (1, 2, 4) if s <= cap]
     sizes += list(range(8, cap + 1, 8))
+    if sizes[-1] < cap:
+        sizes.append(cap)
+    return sizes
+
+
+def default_piecewise_capture_sizes(max_num_batched_tokens: int) -> list[int]:
+    """Token counts to record pieces for: 1, 2, 4, then steps of about 1.5x (8, 12,
+    16, 24, ...) up to min(max_num_batched_tokens, 512), and that cap itself.
+
+    A step is padded by less than half its tokens, with few sizes to trace and
+    record at start-up (every size traces the whole model once).
+    """
+    cap = max(1, min(max_num_batched_tokens, MAX_GRAPH_BATCH_SIZE))
+    ladder = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+    sizes = [s for s in ladder if s <= cap]
     if sizes[-1] < cap:
         sizes.append(cap)
     return sizes
@@ -87,8 +104,6 @@ def apply_optimization_level(config: EngineConfig, platform: Platform) -> list[s
     if level not in LEVELS:
         problems.append(f"optimization_level ({level}) must be one of 0, 1, 2, 3")
         return problems
-    if level == 3:
-        notes.append("O3 currently equals O2")
     config.optimization_level = level
 
     implied = dict(LEVEL_DEFAULTS[level])
@@ -99,7 +114,7 @@ def apply_optimization_level(config: EngineConfig, platform: Platform) -> list[s
             "backend: running without compilation"
         )
     if implied["use_graphs"] and not platform.supports_graph_capture:
-        implied["use_graphs"] = False
+        implied["use_graphs"] = implied["piecewise_graphs"] = False
         notes.append(
             f"O{level} implies graph capture, which platform {platform.name!r} does not offer: "
             "running without graphs"
@@ -129,17 +144,27 @@ def apply_optimization_level(config: EngineConfig, platform: Platform) -> list[s
             f"{platform.name!r} has no compile backend; set compilation_config.backend or use -O0"
             + _runs_on("torch.compile", TORCH_COMPILE, platform.name)
         )
+    if cc.piecewise_graphs and not platform.supports_graph_capture:
+        problems.append(
+            f"piecewise graphs (compilation_config.piecewise_graphs=True) need graph capture, "
+            f"which platform {platform.name!r} does not offer; use -O0..-O2, or drop "
+            "piecewise_graphs" + _runs_on("graph capture", GRAPH_CAPTURE, platform.name))
+        cc.piecewise_graphs = False
     if cc.use_graphs and cc.graph_capture_sizes is None:
         cc.graph_capture_sizes = default_graph_capture_sizes(config.scheduler_config.max_num_seqs)
-    if cc.graph_capture_sizes is not None:
-        bad = [s for s in cc.graph_capture_sizes if not isinstance(s, int) or s < 1]
+    if cc.piecewise_graphs and cc.piecewise_capture_sizes is None:
+        cc.piecewise_capture_sizes = default_piecewise_capture_sizes(
+            config.scheduler_config.max_num_batched_tokens)
+    for name in ("graph_capture_sizes", "piecewise_capture_sizes"):
+        sizes = getattr(cc, name)
+        if sizes is None:
+            continue
+        bad = [s for s in sizes if not isinstance(s, int) or s < 1]
         if bad:
-            problems.append(
-                f"compilation_config.graph_capture_sizes has invalid sizes {bad}; "
-                "use positive integers"
-            )
+            problems.append(f"compilation_config.{name} has invalid sizes {bad}; use positive "
+                            "integers")
         else:
-            cc.graph_capture_sizes = sorted(set(cc.graph_capture_sizes))
+            setattr(cc, name, sorted(set(sizes)))
     return problems
 
 

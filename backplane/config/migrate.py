@@ -136,9 +136,13 @@ def _migrate_compilation(key: str, value: Any, result: MigrationResult) -> dict[
             kept["graph_capture_sizes"] = subvalue
             result.changes.append(f"{key}.{sub} -> compilation-config.graph_capture_sizes")
         elif norm == "cudagraph_mode":
-            use = str(subvalue).upper() != "NONE"
-            kept["use_graphs"] = use
-            result.changes.append(f"{key}.{sub}: {subvalue!r} -> compilation-config.use_graphs: {use}")
+            # vLLM's modes: NONE, PIECEWISE, FULL, FULL_DECODE_ONLY, FULL_AND_PIECEWISE.
+            mode = str(subvalue).upper()
+            kept["use_graphs"] = mode.startswith("FULL")
+            kept["piecewise_graphs"] = "PIECEWISE" in mode
+            result.changes.append(
+                f"{key}.{sub}: {subvalue!r} -> compilation-config.use_graphs: "
+                f"{kept['use_graphs']}, piecewise_graphs: {kept['piecewise_graphs']}")
         else:
             result.unmapped.append(f"{key}.{sub}: no Backplane compilation setting")
     if kept:

@@ -9,6 +9,16 @@ the decode step once per captured size over views of those buffers
 same buffers in place, padded to the next captured size, and replays
 (`replay_static`). Whatever the recorded step read on the host at capture time
 (shapes, Python ints) is frozen into the recording, exactly as in a CUDA graph.
+
+At optimization level O3 the runner also records *piecewise graphs*: the model
+forward traced (``make_fx``) and cut at its attention calls; each piece between
+two attention calls is recorded with its own runner (``make_graph_runner()``
+once per piece), keyed by the padded token count, over the tensors it reads
+(weights, the runner's buffers, the previous piece's outputs). A piece may
+return a tuple of tensors; ``replay_static`` returns what the recorded call
+returned (a device graph: its static outputs, which the next piece was
+recorded over, so nothing is copied). Attention runs eagerly between the
+pieces, so the backend needs no ``supports_graph_capture`` for these.
 """
 
 from __future__ import annotations

@@ -23,8 +23,12 @@ def test_levels_fill_compilation_on_graph_platform(level, compile_, graphs):
     assert (cfg.optimization_level, cc.compile, cc.use_graphs) == (level, compile_, graphs)
     assert cc.backend == ("fake_backend" if compile_ else None)
     assert cc.graph_capture_sizes == ([1, 2, 4, 8, 16, 20] if graphs else None)
-    if level == 3:
-        assert "O3 currently equals O2" in cfg.notes
+    # O3 adds piecewise graphs, at token counts up to the step's token budget.
+    assert cc.piecewise_graphs == (level == 3)
+    budget = cfg.scheduler_config.max_num_batched_tokens
+    assert cc.piecewise_capture_sizes == (
+        [s for s in (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+         if s <= budget] if level == 3 else None)
 
 
 def test_platform_defaults_graph_platform_o2_cpu_o0():

@@ -26,17 +26,6 @@ pytestmark = pytest.mark.skipif(
 MAX_NUM_SEQS = 8
 
 
-@pytest.fixture
-def acme(monkeypatch):
-    from backplane.platforms import reset_platform_cache
-
-    monkeypatch.delenv("BACKPLANE_PLATFORM", raising=False)
-    monkeypatch.setenv("ACME_VISIBLE_DEVICES", "0")
-    reset_platform_cache()
-    yield monkeypatch
-    reset_platform_cache()
-
-
 def _llm(model_dir, **kwargs):
     from backplane import LLM
 
@@ -131,7 +120,7 @@ def test_backend_that_cannot_be_recorded_says_why_and_runs_without_graphs(
     with caplog.at_level(logging.WARNING, logger="backplane.core.model_runner.runner"):
         llm = _llm(llama_model_dir, optimization_level=2)
     assert _runner(llm).decode_graphs is None
-    assert ("graph capture (optimization level O2) is off: attention backend 'acme_paged' "
+    assert ("decode graphs (optimization level O2) are off: attention backend 'acme_paged' "
             "does not declare supports_graph_capture") in caplog.text
     assert all(len(t) == 2 + i for i, t in enumerate(_shrinking_batch(llm)))
 

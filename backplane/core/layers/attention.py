@@ -6,6 +6,9 @@ is laid out, is the platform backend's business (see plugins_sdk.attention).
 
 from __future__ import annotations
 
+import itertools
+import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +49,50 @@ class AttentionContext:
     observe_kv_scales: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
 
 
+# ---------------------------------------------------------------- piecewise graphs
+# For piecewise graphs (optimization level O3, model_runner/piecewise_graphs.py) the
+# model forward is traced into one operator graph in which each attention call is a
+# single opaque op; the graph is cut at those ops, the pieces between them are
+# recorded as graphs, and the attention ops run eagerly with the step's metadata.
+
+# Attention layers by key: the opaque op names its layer with an int.
+_LAYERS: weakref.WeakValueDictionary[int, Attention] = weakref.WeakValueDictionary()
+_KEYS = itertools.count()
+
+
+class _PiecewiseState(threading.local):
+    """Per thread: whether a forward is being traced into pieces, and the step the
+    attention ops of a replayed forward serve (None during tracing and capture)."""
+
+    tracing: bool = False
+    ctx: AttentionContext | None = None
+    num_tokens: int = 0
+
+
+PIECEWISE = _PiecewiseState()
+
+
+@torch.library.custom_op("backplane::piecewise_attention", mutates_args=())
+def piecewise_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        layer_key: int) -> torch.Tensor:
+    """Attention of layer ``layer_key`` for the current step's first ``num_tokens`` rows
+    (the rest are padding up to the captured size: zero output, no KV write).
+
+    Declared without mutated arguments although it writes the KV cache: that cache is
+    not an argument, and the op only ever runs eagerly between recorded pieces."""
+    out = query.new_zeros(query.shape[0], query[0].numel())  # [n, heads * head_size]
+    if PIECEWISE.ctx is None:  # tracing or capturing: only the shapes matter
+        return out
+    n = PIECEWISE.num_tokens
+    out[:n] = _LAYERS[layer_key].attend(query[:n], key[:n], value[:n], PIECEWISE.ctx)
+    return out
+
+
+@piecewise_attention.register_fake
+def _(query, key, value, layer_key):
+    return query.new_empty(query.shape[0], query[0].numel())
+
+
 class Attention(nn.Module):
     """Multi-head / grouped-query attention over the paged KV cache."""
 
@@ -58,6 +105,8 @@ class Attention(nn.Module):
         self.head_size = head_size
         self.scale = scale
         self.layer_idx = layer_idx
+        self.key = next(_KEYS)
+        _LAYERS[self.key] = self
 
     # Under torch.compile (optimization level O1+) the graph is split here: the
     # backend's paged kernels, with their per-step Python planning, run eagerly
@@ -67,6 +116,14 @@ class Attention(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext
     ) -> torch.Tensor:
         """q: [n, heads*head_size], k/v: [n, kv_heads*head_size] -> [n, heads*head_size]."""
+        if PIECEWISE.tracing:
+            return torch.ops.backplane.piecewise_attention(q, k, v, self.key)
+        return self.attend(q, k, v, ctx)
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext
+    ) -> torch.Tensor:
+        """Write k/v into the paged cache and attend (what `forward` runs eagerly)."""
         n = q.shape[0]
         backend, metadata = ctx.backend, ctx.metadata
         if ctx.layer_backends is not None:

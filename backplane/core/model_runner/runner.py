@@ -22,6 +22,7 @@ from backplane.core.model_runner.graph_capture import DecodeGraphs, estimate_gra
 from backplane.core.model_runner.input_batch import InputBatch
 from backplane.core.model_runner.kv_cache_sizing import KVBlockLayout, determine_num_blocks
 from backplane.core.model_runner.kv_scales import KVScales
+from backplane.core.model_runner.piecewise_graphs import PiecewiseGraphs
 from backplane.core.sampling.argmax import argmax_rows
 from backplane.core.sampling.metadata import SamplingMetadata
 from backplane.core.sampling.sampler import Sampler, gather_logprobs
@@ -238,6 +239,21 @@ class ModelRunner:
                     "decode graphs took %.1f MiB, more than the %.1f MiB held back for them "
                     "before sizing the KV cache; lower memory_utilization if memory runs short",
                     self.decode_graphs.capture_memory_bytes / 2**20, graph_reserve / 2**20)
+        self.piecewise: PiecewiseGraphs | None = None
+        piecewise_sizes = self._piecewise_sizes(config, platform)
+        if piecewise_sizes:
+            # Traced from the uncompiled model: the pieces are recorded by the platform.
+            self.piecewise = PiecewiseGraphs(
+                platform.make_graph_runner, piecewise_sizes,
+                lambda ids, positions: self.base_model(ids, positions, None), self.device)
+            try:
+                with torch.inference_mode():
+                    self.piecewise.capture()
+            except Exception as exc:  # noqa: BLE001 - a layer make_fx cannot trace
+                logger.warning("piecewise graphs are off: recording the model in pieces "
+                               "failed (%s: %s); steps no decode graph covers run eagerly",
+                               type(exc).__name__, exc)
+                self.piecewise = None
         # Set only now, so that capture's dummy steps never calibrate (nor record the
         # calibration): the first real step run eagerly does, and clears the flag.
         self._calibrate_kv_scales = self.kv_scales is not None and cc.calculate_kv_scales
@@ -304,35 +320,39 @@ class ModelRunner:
         comp = config.compilation_config
         if not comp.use_graphs:
             return []
-        max_num_seqs = config.scheduler_config.max_num_seqs
-        sizes = [s for s in comp.graph_capture_sizes or () if s <= max_num_seqs]
-        reason = None
-        if config.speculative_config is not None:
-            reason = ("speculative decoding verifies k + 1 tokens per request; its steps "
-                      "are not uniform single-token decodes")
-        elif config.lora_config is not None:
-            reason = ("LoRA adapters are mixed per step (which tokens use which slot "
-                      "changes every step)")
-        elif self.world.size > 1:
-            reason = ("the model is split over ranks (tensor/pipeline parallel); collectives "
-                      "inside recorded graphs are not supported yet")
-        elif not platform.supports_graph_capture:
-            reason = f"platform {platform.name!r} offers no graph runner"
-        elif not backend_cls.supports_graph_capture:
+        reason = self._graph_blocker(config, platform)
+        if reason is None and not backend_cls.supports_graph_capture:
             reason = (f"attention backend {backend_cls.name!r} does not declare "
                       "supports_graph_capture (its per-step metadata needs the host)")
-        elif not sizes:
-            reason = (f"no capture size is <= max_num_seqs ({max_num_seqs}); sizes: "
-                      f"{comp.graph_capture_sizes}")
-        if reason is not None:
-            logger.warning("graph capture (optimization level O%s) is off: %s; decode steps "
-                           "run without graphs", config.optimization_level, reason)
+        return _usable_sizes("decode", comp.graph_capture_sizes, "max_num_seqs",
+                             config.scheduler_config.max_num_seqs, reason,
+                             config.optimization_level)
+
+    def _piecewise_sizes(self, config: ResolvedConfig, platform: Platform) -> list[int]:
+        """Token counts whose forward is recorded in pieces (O3); empty when off, saying
+        why at start-up when the configuration asked for them."""
+        comp = config.compilation_config
+        if not comp.piecewise_graphs:
             return []
-        dropped = sorted(set(comp.graph_capture_sizes) - set(sizes))
-        if dropped:
-            logger.info("graph capture sizes %s exceed max_num_seqs (%d): not captured",
-                        dropped, max_num_seqs)
-        return sizes
+        return _usable_sizes("piecewise", comp.piecewise_capture_sizes,
+                             "max_num_batched_tokens",
+                             config.scheduler_config.max_num_batched_tokens,
+                             self._graph_blocker(config, platform), config.optimization_level)
+
+    def _graph_blocker(self, config: ResolvedConfig, platform: Platform) -> str | None:
+        """Why no step of this engine can be recorded (decode or piecewise graphs); None
+        when steps can be."""
+        if config.speculative_config is not None:
+            return ("speculative decoding verifies k + 1 tokens per request and its drafter "
+                    "reads hidden states the recorded steps do not keep")
+        if config.lora_config is not None:
+            return "LoRA adapters are mixed per step (which tokens use which slot changes)"
+        if self.world.size > 1:
+            return ("the model is split over ranks (tensor/pipeline parallel); collectives "
+                    "inside recorded graphs are not supported yet")
+        if not platform.supports_graph_capture:
+            return f"platform {platform.name!r} offers no graph runner"
+        return None
 
     def _init_layer_backends(self, model, backend_cls, spec) -> None:
         """One backend instance per distinct layer spec, when the model's layers differ.
@@ -450,6 +470,8 @@ class ModelRunner:
         device = self.device
         graph_size = (self.decode_graphs.padded_size(len(rows))
                       if self.decode_graphs is not None and int(flat.counts.max()) == 1 else None)
+        piece_size = (self.piecewise.padded_size(len(input_ids))
+                      if graph_size is None and self.piecewise is not None else None)
         start = time.perf_counter()
         if graph_size is not None:
             # Uniform decode: replay the recorded step over the static buffers.
@@ -457,6 +479,11 @@ class ModelRunner:
             hidden = self.decode_graphs.replay(
                 graph_size, input_ids, flat.positions, flat.slots, flat.seq_lens.astype(np.int32),
                 batch.block_table[rows, :max_blocks])
+        elif piece_size is not None:
+            # Any other batch (O3): the recorded pieces, attention eager between them.
+            common = flat.attention_metadata(batch.block_table, self.block_size, device)
+            hidden = self.piecewise.run(piece_size, input_ids, flat.positions,
+                                        self._attention_context(common))
         else:
             common = flat.attention_metadata(batch.block_table, self.block_size, device)
             if self.lora is not None:
@@ -658,6 +685,10 @@ class ModelRunner:
     def _run_model(self, input_ids: torch.Tensor, positions: torch.Tensor,
                    common: CommonAttentionMetadata) -> torch.Tensor:
         """The model forward for the step ``common`` describes (eager, or being recorded)."""
+        return self.model(input_ids, positions, self._attention_context(common))
+
+    def _attention_context(self, common: CommonAttentionMetadata) -> AttentionContext:
+        """What every attention layer reads for the step ``common`` describes."""
         ctx = AttentionContext(self.attn_backend, self.attn_backend.build_metadata(common),
                                self.kv_caches)
         if self.kv_scales is not None:
@@ -672,7 +703,7 @@ class ModelRunner:
                      for b in self.distinct_layer_backends}
             ctx.layer_backends = self.layer_backends
             ctx.layer_metadata = [built[id(b)] for b in self.layer_backends]
-        return self.model(input_ids, positions, ctx)
+        return ctx
 
     # --------------------------------------------------------------- sampling
     def _grammar_bitmask(self, rows: np.ndarray):
@@ -904,6 +935,24 @@ class ModelRunner:
             ids, lps, ranks = gather_logprobs(logprobs, k, targets)
             chunk = TokenLogprobs(ids.cpu().numpy(), lps.cpu().numpy(), ranks.cpu().numpy())
             result.prompt_logprobs[batch.req_ids[row]] = chunk
+
+
+def _usable_sizes(kind: str, requested: list[int] | None, limit_name: str, limit: int,
+                  reason: str | None, level: int | None) -> list[int]:
+    """The ``requested`` capture sizes up to ``limit``; none (logging why) when ``reason``
+    says graphs cannot be had or no size fits."""
+    sizes = [s for s in requested or () if s <= limit]
+    if reason is None and not sizes:
+        reason = f"no {kind} capture size is <= {limit_name} ({limit}); sizes: {requested}"
+    if reason is not None:
+        logger.warning("%s graphs (optimization level O%s) are off: %s; the steps they would "
+                       "cover run without them", kind, level, reason)
+        return []
+    dropped = sorted(set(requested) - set(sizes))
+    if dropped:
+        logger.info("%s capture sizes %s exceed %s (%d): not captured", kind, dropped,
+                    limit_name, limit)
+    return sizes
 
 
 def _bad_word_completions(bad_words: list[list[int]], output: np.ndarray) -> set[int]:

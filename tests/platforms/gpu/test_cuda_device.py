@@ -208,11 +208,23 @@ def test_cuda_passes_the_conformance_kit(tmp_path):
 PROMPTS = ["The quick brown fox", "Once upon a time there lived", "Hello"]
 
 
-def _greedy(model_dir: str, device: str):
+def _installed_cuda_and_model(request) -> str:
+    """The tiny Llama fixture, skipping unless the cuda platform is pip-installed."""
+    from importlib.metadata import entry_points
+
+    if "cuda" not in {ep.name for ep in entry_points(group="backplane.platforms")}:
+        pytest.skip("backplane is not pip-installed here: no 'cuda' platform entry point")
+    try:
+        return request.getfixturevalue("llama_model_dir")
+    except pytest.FixtureLookupError:
+        pytest.skip("tests/conftest.py (tiny model fixtures) not loaded")
+
+
+def _greedy(model_dir: str, device: str, **kwargs):
     from backplane import LLM, SamplingParams
 
     llm = LLM(model=model_dir, device=device, max_model_len=128, num_kv_blocks=32,
-              dtype="float32")
+              dtype="float32", **kwargs)
     assert llm.llm_engine.platform.name == device
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=2)
     return [o.outputs[0] for o in llm.generate(PROMPTS, params, use_tqdm=False)]
@@ -240,14 +252,17 @@ def assert_same_greedy_up_to_ties(got, expected, tie_margin: float = 1e-3) -> No
 @needs_triton
 def test_llm_generate_on_cuda_matches_cpu(request):
     """The whole engine on the cuda platform (triton_paged) gives the cpu platform's tokens."""
-    from importlib.metadata import entry_points
-
-    if "cuda" not in {ep.name for ep in entry_points(group="backplane.platforms")}:
-        pytest.skip("backplane is not pip-installed here: no 'cuda' platform entry point")
-    try:
-        model_dir = request.getfixturevalue("llama_model_dir")
-    except pytest.FixtureLookupError:
-        pytest.skip("tests/conftest.py (tiny model fixtures) not loaded")
+    model_dir = _installed_cuda_and_model(request)
     got = _greedy(model_dir, "cuda")
     assert all(len(o.token_ids) == 10 for o in got)
+    assert_same_greedy_up_to_ties(got, _greedy(model_dir, "cpu"))
+
+
+def test_piecewise_graphs_on_cuda_match_cpu(request):
+    """O3 on cuda: prefill chunks (a 16-token budget) replay CUDA graphs of the pieces
+    between attention calls; the tokens are the cpu platform's."""
+    model_dir = _installed_cuda_and_model(request)
+    got = _greedy(model_dir, "cuda", optimization_level=3, max_num_batched_tokens=16,
+                  enable_chunked_prefill=True,
+                  compilation_config={"compile": False, "piecewise_capture_sizes": [4, 8, 16]})
     assert_same_greedy_up_to_ties(got, _greedy(model_dir, "cpu"))
