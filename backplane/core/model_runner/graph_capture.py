@@ -48,18 +48,21 @@ _PER_GRAPH_BYTES = 3 * 2**20
 
 
 def estimate_graph_memory(
-    sizes: list[int], hidden_size: int, intermediate_size: int, dtype: torch.dtype
+    sizes: list[int], hidden_size: int, intermediate_size: int, dtype: torch.dtype,
+    pools: int = 1,
 ) -> int:
     """Bytes to hold back from the KV cache for graphs captured at ``sizes``.
 
-    Every graph allocates from one shared pool, so the largest size dominates.
+    The graphs of one runner allocate from one pool, so the largest size dominates.
+    Piecewise graphs have one runner (``pools``) per piece; each piece is a small
+    part of a whole step, so their fixed cost is counted once per size.
     """
     if not sizes:
         return 0
     element = torch.empty((), dtype=dtype).element_size()
     per_token = (_ACTIVATION_ELEMENTS_PER_HIDDEN * hidden_size
                  + _ACTIVATION_ELEMENTS_PER_INTERMEDIATE * intermediate_size) * element
-    return max(sizes) * per_token + len(sizes) * _PER_GRAPH_BYTES
+    return pools * max(sizes) * per_token + len(sizes) * _PER_GRAPH_BYTES
 
 
 class DecodeGraphs:

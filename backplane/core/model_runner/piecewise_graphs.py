@@ -133,9 +133,12 @@ class PiecewiseGraphs:
             self._record_pieces(split, size, ids, positions)
             self._split[size] = split
         self.capture_seconds = time.perf_counter() - start
+        memory = self.memory_bytes()
         logger.info("captured piecewise graphs: %d recorded pieces x %d token counts (%s) in "
-                    "%.2f s; attention runs eagerly between them", self.num_pieces,
-                    len(self.sizes), ", ".join(map(str, self.sizes)), self.capture_seconds)
+                    "%.2f s, %s; attention runs eagerly between them", self.num_pieces,
+                    len(self.sizes), ", ".join(map(str, self.sizes)), self.capture_seconds,
+                    "memory not measurable on this platform" if memory is None
+                    else f"{memory / 2**20:.1f} MiB of graph memory")
 
     def _record_pieces(self, split: fx.GraphModule, size: int, ids: torch.Tensor,
                        positions: torch.Tensor) -> None:
@@ -166,6 +169,12 @@ class PiecewiseGraphs:
                 values[node.name] = node.target(
                     *[fx.node.map_arg(a, lambda n: values[n.name]) for a in node.args])
         self.num_pieces = recorded
+
+    def memory_bytes(self) -> int | None:
+        """Device memory the pieces' graphs hold, when the platform can tell."""
+        sizes = [r.memory_bytes() for r in self._runners]
+        known = [b for b in sizes if b is not None]
+        return sum(known) if known else None
 
     def padded_size(self, num_tokens: int) -> int | None:
         """The captured token count a step of ``num_tokens`` replays; None: run eagerly."""

@@ -191,10 +191,13 @@ class ModelRunner:
                     cc.block_size, self.kv_layout.bytes_per_block
                     + self.proposer.model_drafter.bytes_per_block)
         self.graph_sizes = self._graph_sizes(config, platform, backend_cls)
+        piecewise_sizes = self._piecewise_sizes(config, platform)
         # Graph memory is held back before the KV cache takes its share of what is free.
-        graph_reserve = estimate_graph_memory(
-            self.graph_sizes, getattr(mc.hf_config, "hidden_size", 0),
-            getattr(mc.hf_config, "intermediate_size", 0) or 0, self.dtype)
+        dims = (getattr(mc.hf_config, "hidden_size", 0),
+                getattr(mc.hf_config, "intermediate_size", 0) or 0, self.dtype)
+        reserves = (estimate_graph_memory(self.graph_sizes, *dims),
+                    estimate_graph_memory(piecewise_sizes, *dims, pools=num_layers + 1))
+        graph_reserve = sum(reserves)
         self.num_blocks = determine_num_blocks(
             sizing_layout,
             num_kv_blocks=cc.num_kv_blocks,
@@ -225,7 +228,18 @@ class ModelRunner:
             self.kv_cache_bytes / 2**20, str(self.kv_cache_dtype).removeprefix("torch."),
             backend_cls.name,
         )
+        self._capture_graphs(platform, max_blocks_per_req, piecewise_sizes, reserves)
+        # Set only now, so that capture's dummy steps never calibrate (nor record the
+        # calibration): the first real step run eagerly does, and clears the flag.
+        self._calibrate_kv_scales = self.kv_scales is not None and cc.calculate_kv_scales
+
+    def _capture_graphs(self, platform: Platform, max_blocks_per_req: int,
+                        piecewise_sizes: list[int], reserves: tuple[int, int]) -> None:
+        """Record the decode graphs and the piecewise graphs the configuration asks for,
+        warning when they took more memory than was held back for them."""
         self.decode_graphs: DecodeGraphs | None = None
+        self.piecewise: PiecewiseGraphs | None = None
+        measured = [None, None]
         if self.graph_sizes:
             self.decode_graphs = DecodeGraphs(
                 platform.make_graph_runner(), self.graph_sizes, self._run_model,
@@ -234,13 +248,7 @@ class ModelRunner:
             )
             with torch.inference_mode():
                 self.decode_graphs.capture(self._free_device_memory)
-            if graph_reserve and (self.decode_graphs.capture_memory_bytes or 0) > graph_reserve:
-                logger.warning(
-                    "decode graphs took %.1f MiB, more than the %.1f MiB held back for them "
-                    "before sizing the KV cache; lower memory_utilization if memory runs short",
-                    self.decode_graphs.capture_memory_bytes / 2**20, graph_reserve / 2**20)
-        self.piecewise: PiecewiseGraphs | None = None
-        piecewise_sizes = self._piecewise_sizes(config, platform)
+            measured[0] = self.decode_graphs.capture_memory_bytes
         if piecewise_sizes:
             # Traced from the uncompiled model: the pieces are recorded by the platform.
             self.piecewise = PiecewiseGraphs(
@@ -249,14 +257,18 @@ class ModelRunner:
             try:
                 with torch.inference_mode():
                     self.piecewise.capture()
+                measured[1] = self.piecewise.memory_bytes()
             except Exception as exc:  # noqa: BLE001 - a layer make_fx cannot trace
                 logger.warning("piecewise graphs are off: recording the model in pieces "
                                "failed (%s: %s); steps no decode graph covers run eagerly",
                                type(exc).__name__, exc)
                 self.piecewise = None
-        # Set only now, so that capture's dummy steps never calibrate (nor record the
-        # calibration): the first real step run eagerly does, and clears the flag.
-        self._calibrate_kv_scales = self.kv_scales is not None and cc.calculate_kv_scales
+        for kind, took, reserve in zip(("decode", "piecewise"), measured, reserves, strict=True):
+            if reserve and (took or 0) > reserve:
+                logger.warning(
+                    "%s graphs took %.1f MiB, more than the %.1f MiB held back for them "
+                    "before sizing the KV cache; lower memory_utilization if memory runs "
+                    "short", kind, took / 2**20, reserve / 2**20)
 
     def _init_kv_scales(self, config: ResolvedConfig, num_layers: int) -> KVScales | None:
         """The fp8 cache's per-layer K/V scales (kv_scales.py); None for an unquantized cache."""
