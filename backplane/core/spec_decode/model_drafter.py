@@ -26,7 +26,7 @@ from backplane.core.model_runner.flat_batch import FlatBatch
 from backplane.core.model_runner.input_batch import seeded_generator
 from backplane.core.model_runner.kv_cache_sizing import KVBlockLayout
 from backplane.core.sampling.argmax import argmax_rows
-from backplane.core.sampling.sampler import Sampler
+from backplane.core.sampling.sampler import Sampler, sample_inverse_cdf
 from backplane.plugins_sdk import AttentionSpec
 
 logger = logging.getLogger(__name__)
@@ -192,14 +192,13 @@ class ModelDrafter:
             return argmax_rows(processed).cpu().numpy(), None
         q = Sampler.probs(processed, meta)
         q = q / q.sum(dim=-1, keepdim=True)
-        noise = torch.empty_like(q).exponential_()
+        generators = {}
         for i, row in enumerate(rows.tolist()):
             seed = batch.seeds[row]
             if seed is not None:
-                generator = seeded_generator(seed ^ _DRAFT_SEED_SALT, int(positions[i]),
-                                             self.device)
-                noise[i].exponential_(generator=generator)
-        tokens = argmax_rows(q / noise)
+                generators[i] = seeded_generator(seed ^ _DRAFT_SEED_SALT, int(positions[i]),
+                                                 self.device)
+        tokens = sample_inverse_cdf(q, generators)
         if meta.greedy_mask is not None:
             tokens = torch.where(meta.greedy_mask, argmax_rows(processed), tokens)
         greedy = batch.greedy[rows]

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from backplane.core.sampling.argmax import argmax_rows
+from backplane.core.sampling.sampler import sample_inverse_cdf
 
 
 @dataclass
@@ -159,7 +159,7 @@ def _draw_final(
     """[B] recovered tokens (residual at the first rejection) or bonus tokens (p).
 
     One [B, V] tensor for the whole batch. The residual need not be normalised:
-    the exponential race argmax(w / E) draws proportionally to any weights w.
+    inverse-CDF sampling draws proportionally to any non-negative weights w.
     """
     p = target_probs[final_row]  # [B, V]
     weights = p
@@ -170,17 +170,16 @@ def _draw_final(
             residual = p.scatter(1, draft_token_ids[draft_row][:, None], 0.0)
         else:
             residual = (p - draft_probs[draft_row]).clamp_(min=0)
-        # An all-zero residual (ties, rounding, q >= p everywhere) would make the
-        # race pick token 0; fall back to p, which is what the residual approximates.
+        # An all-zero residual (ties, rounding, q >= p everywhere) has nothing to draw
+        # from; fall back to p, which is what the residual approximates.
         residual = torch.where(residual.sum(dim=1, keepdim=True) > 0, residual, p)
         weights = torch.where(rejected[:, None], residual, p)
 
-    noise = torch.empty_like(weights).exponential_()
+    generators = {}
     if seeded:
         positions = num_accepted[list(seeded)].tolist()
-        for (b, gens), j in zip(seeded.items(), positions, strict=True):
-            noise[b].exponential_(generator=gens[j])
-    return argmax_rows(weights / noise)
+        generators = {b: gens[j] for (b, gens), j in zip(seeded.items(), positions, strict=True)}
+    return sample_inverse_cdf(weights, generators)
 
 
 def _check_layout(
