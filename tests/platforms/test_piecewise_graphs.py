@@ -104,14 +104,15 @@ def test_o3_defaults_and_refusals(acme, llama_model_dir, caplog):
     assert default_piecewise_capture_sizes(2048)[-1] == 512
     assert default_piecewise_capture_sizes(100)[-1] == 100
     # Memory held back from the KV cache: each piece's pool holds the activations of
-    # the largest size (8 hidden-sized and 4 intermediate-sized values a token).
+    # the largest size (8 hidden-sized and 4 intermediate-sized values a token) and
+    # the outputs of every size (4 hidden-sized values a token).
     import torch
 
     from backplane.core.model_runner.graph_capture import estimate_graph_memory
 
     one_pool = estimate_graph_memory([8, 16], 64, 128, torch.float32)
     assert estimate_graph_memory([8, 16], 64, 128, torch.float32, pools=3) - one_pool == (
-        2 * 16 * (8 * 64 + 4 * 128) * 4)
+        2 * 16 * (8 * 64 + 4 * 128) * 4 + 3 * (8 + 16) * 4 * 64 * 4)
     llm = _llm(llama_model_dir, optimization_level=2)
     assert _runner(llm).piecewise is None  # O2: decode graphs only
     with caplog.at_level(logging.WARNING):

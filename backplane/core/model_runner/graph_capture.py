@@ -45,6 +45,9 @@ _ACTIVATION_ELEMENTS_PER_INTERMEDIATE = 4
 # 11 decode graphs (batch 1..64) took 36 MiB for the qwen2-0.5b shape and 34 MiB for
 # llama-1b, i.e. about 3 MiB per graph on top of the activations.
 _PER_GRAPH_BYTES = 3 * 2**20
+# Outputs a piecewise piece keeps per token (hidden states, residual, q/k/v), in
+# hidden-sized values: the next piece was recorded reading them.
+_PIECE_OUTPUT_ELEMENTS_PER_HIDDEN = 4
 
 
 def estimate_graph_memory(
@@ -54,15 +57,19 @@ def estimate_graph_memory(
     """Bytes to hold back from the KV cache for graphs captured at ``sizes``.
 
     The graphs of one runner allocate from one pool, so the largest size dominates.
-    Piecewise graphs have one runner (``pools``) per piece; each piece is a small
-    part of a whole step, so their fixed cost is counted once per size.
+    Piecewise graphs have one runner (``pools``) per piece, and each size's outputs
+    stay alive (the next piece was recorded reading them): per pool the largest
+    size's activations plus every size's outputs (hidden-sized values a token);
+    each piece is a small part of a whole step, so the fixed cost is counted once
+    per size.
     """
     if not sizes:
         return 0
     element = torch.empty((), dtype=dtype).element_size()
     per_token = (_ACTIVATION_ELEMENTS_PER_HIDDEN * hidden_size
                  + _ACTIVATION_ELEMENTS_PER_INTERMEDIATE * intermediate_size) * element
-    return pools * max(sizes) * per_token + len(sizes) * _PER_GRAPH_BYTES
+    kept = 0 if pools == 1 else sum(sizes) * _PIECE_OUTPUT_ELEMENTS_PER_HIDDEN * hidden_size
+    return pools * (max(sizes) * per_token + kept * element) + len(sizes) * _PER_GRAPH_BYTES
 
 
 class DecodeGraphs:
