@@ -38,3 +38,20 @@ def test_seeded_rows_repeat_whatever_the_batch():
     alone = sample_inverse_cdf(probs[2:3], seeded([0]))
     in_batch = sample_inverse_cdf(probs, seeded([2]))
     assert in_batch[2] == alone[0]
+
+
+def test_the_sampler_without_truncation_draws_from_the_tempered_softmax():
+    """The in-place path (no top-k/top-p/min-p) samples softmax(logits / T)."""
+    from backplane.core.sampling.metadata import SamplingMetadata
+    from backplane.core.sampling.sampler import Sampler
+
+    torch.manual_seed(1)
+    logits = torch.tensor([2.0, 0.0, 1.0, float("-inf")]).repeat(20_000, 1)
+    temperature = torch.full((20_000,), 0.5)
+    fields = {name: None for name in SamplingMetadata.__dataclass_fields__}
+    fields.update(all_greedy=False, temperature=temperature, generators={})
+    tokens = Sampler._sample(logits.clone(), SamplingMetadata(**fields))
+    expected = torch.softmax(logits[0] / 0.5, dim=-1)
+    counts = torch.bincount(tokens, minlength=4).double() / 20_000
+    assert counts[3] == 0
+    assert torch.allclose(counts, expected.double(), atol=0.015), counts
