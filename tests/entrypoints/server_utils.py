@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import uvicorn
@@ -130,3 +135,26 @@ def wait_healthy(url: str, proc, logs, timeout: float = 90.0) -> None:
             pass
         assert time.monotonic() < deadline, "server did not come up:\n" + logs()
         time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def serve_process(model_dir: str, log: Path, *flags: str, timeout: float = 90.0):
+    """A `backplane serve MODEL --port P *flags` subprocess on a free loopback port, its
+    output in ``log``; yields ``(url, process, log reader)`` once /health answers 200,
+    and kills it on exit if it still runs (a test may have ended it itself)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "backplane.entrypoints.cli.main", "serve", model_dir,
+             "--port", str(port), *flags],
+            stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc, log.read_text, timeout=timeout)
+        yield url, proc, log.read_text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

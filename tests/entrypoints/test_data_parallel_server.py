@@ -6,9 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -20,9 +17,9 @@ from backplane.core.engine.async_engine import AsyncEngine
 from backplane.sampling_params import SamplingParams
 from tests.entrypoints.server_utils import (
     metric,
+    serve_process,
     start_server,
     tiny_engine_args,
-    wait_healthy,
     wait_until_idle,
 )
 from tests.entrypoints.test_engine_process_server import (
@@ -150,27 +147,12 @@ def test_killed_rank_fails_requests_and_health_within_seconds(llama_model_dir):
 
 
 def test_sigterm_of_serve_dp2_leaves_no_process(llama_model_dir, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tmp_path / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "backplane.entrypoints.cli.main", "serve", llama_model_dir,
-             "--port", str(port), "--max-model-len", "64", "--num-kv-blocks", "16", "-dp", "2"],
-            stdout=out, stderr=subprocess.STDOUT,
-        )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_healthy(url, proc, log.read_text)
+    with serve_process(llama_model_dir, tmp_path / "serve.log", "--max-model-len", "64",
+                       "--num-kv-blocks", "16", "-dp", "2") as (url, proc, logs):
         children = _descendants(proc.pid)
         assert len(children) >= 2, "no engine processes under `backplane serve -dp 2`"
         ok = httpx.post(url + "/v1/completions", json={"prompt": "Hello", "max_tokens": 3})
         assert ok.status_code == 200, ok.text
         text = httpx.get(url + "/metrics").text
         assert metric(text, "backplane:dp_rank_num_kv_blocks", engine="1") == 16
-        assert_sigterm_leaves_no_process(proc, children, log.read_text)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        assert_sigterm_leaves_no_process(proc, children, logs)

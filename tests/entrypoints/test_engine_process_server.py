@@ -6,8 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -20,9 +18,9 @@ from tests.entrypoints.conftest import SERVED_NAME
 from tests.entrypoints.server_utils import (
     API_KEY,
     metric,
+    serve_process,
     start_server,
     tiny_engine_args,
-    wait_healthy,
     wait_until_idle,
 )
 
@@ -184,28 +182,10 @@ def test_idle_engine_process_death_turns_health_non_200(mp_server):
 
 
 def test_sigterm_of_serve_leaves_no_engine_process(llama_model_dir, tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tmp_path / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "backplane.entrypoints.cli.main", "serve", llama_model_dir,
-             "--port", str(port), "--max-model-len", "64", "--num-kv-blocks", "16",
-             "--engine-process"],
-            stdout=out, stderr=subprocess.STDOUT,
-        )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_healthy(url, proc, log.read_text)
+    with serve_process(llama_model_dir, tmp_path / "serve.log", "--max-model-len", "64",
+                       "--num-kv-blocks", "16", "--engine-process") as (url, proc, logs):
         children = _descendants(proc.pid)
         assert children, "no engine process under `backplane serve --engine-process`"
         ok = httpx.post(url + "/v1/completions", json={"prompt": "Hello", "max_tokens": 3})
         assert ok.status_code == 200, ok.text
-        assert_sigterm_leaves_no_process(proc, children, log.read_text)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        assert_sigterm_leaves_no_process(proc, children, logs)

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -17,7 +14,7 @@ import openai
 import pytest
 
 from backplane import LLM, SamplingParams
-from tests.entrypoints.server_utils import metric, wait_healthy
+from tests.entrypoints.server_utils import metric, serve_process
 from tests.entrypoints.test_engine_process_server import (
     _descendants,
     _running,
@@ -34,32 +31,14 @@ SHARED = [1] + list(range(20, 52))  # a 33-token prefix every prompt shares
 PROMPTS = [SHARED + [100 + i, 7, 8 + i] * (3 + i % 3) for i in range(8)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def serve_tp2(llama_model_dir, tmp_path):
     """A `backplane serve -tp 2` process; yields (url, process, log reader, the shared-memory
     segments that existed before it)."""
     shm_before = _shm_segments()
-    port = _free_port()
-    log = tmp_path / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "backplane.entrypoints.cli.main", "serve", llama_model_dir,
-             "--port", str(port), "--dtype", "float32", "-tp", "2", *SERVE_FLAGS],
-            stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, proc, log.read_text, timeout=120)
-        yield url, proc, log.read_text, shm_before
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+    with serve_process(llama_model_dir, tmp_path / "serve.log", "--dtype", "float32", "-tp", "2",
+                       *SERVE_FLAGS, timeout=120) as (url, proc, logs):
+        yield url, proc, logs, shm_before
 
 
 def _shm_segments() -> set[str]:
