@@ -44,6 +44,15 @@ from backplane.plugins_sdk.quantization import (
 logger = logging.getLogger(__name__)
 
 
+def part_offsets(sizes: dict[str | None, int]) -> dict[str | None, tuple[int, int]]:
+    """(first output row, rows) of each fused part, the parts side by side in order."""
+    offsets, start = {}, 0
+    for part, size in sizes.items():
+        offsets[part] = (start, size)
+        start += size
+    return offsets
+
+
 class _ReferenceLinear(nn.Module):
     """Dequantize-and-matmul (``reference(x, weights)``), for platforms without a kernel
     for the format."""
@@ -97,10 +106,7 @@ class _ScaledCheckpointLinear(nn.Module):
         if output_sizes:
             self.output_sizes = dict(output_sizes)
         self._parts = list(sizes)
-        self._offsets, offset = {}, 0
-        for part, size in sizes.items():
-            self._offsets[part] = (offset, size)
-            offset += size
+        self._offsets = part_offsets(sizes)
         kw = {"device": device}
         self.weight = nn.Parameter(torch.empty(out_features, in_features,
                                                dtype=self.weight_dtype, **kw),
@@ -247,11 +253,7 @@ class Int4CheckpointLinear(nn.Module):
         if output_sizes:
             self.output_sizes = dict(output_sizes)  # marks the layer fused for the loader
         self._parts = list(sizes)
-        self._offsets = {}
-        offset = 0
-        for part, size in sizes.items():
-            self._offsets[part] = (offset, size)
-            offset += size
+        self._offsets = part_offsets(sizes)
         groups = in_features // self.group_size
         kw = {"device": device}
         i32 = torch.int32
