@@ -150,6 +150,11 @@ def apply_optimization_level(config: EngineConfig, platform: Platform) -> list[s
             f"which platform {platform.name!r} does not offer; use -O0..-O2, or drop "
             "piecewise_graphs" + _runs_on("graph capture", GRAPH_CAPTURE, platform.name))
         cc.piecewise_graphs = False
+    if not cc.piecewise_graphs and "piecewise_capture_sizes" in explicit:
+        problems.append(
+            f"compilation_config.piecewise_capture_sizes ({explicit['piecewise_capture_sizes']}) "
+            "has no effect without piecewise graphs: use -O3 or set piecewise_graphs=True, "
+            "or drop the sizes")
     if cc.use_graphs and cc.graph_capture_sizes is None:
         cc.graph_capture_sizes = default_graph_capture_sizes(config.scheduler_config.max_num_seqs)
     if cc.piecewise_graphs and cc.piecewise_capture_sizes is None:

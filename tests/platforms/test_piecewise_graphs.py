@@ -128,3 +128,11 @@ def test_o3_is_refused_where_nothing_records(llama_model_dir):
     with pytest.raises(ValueError, match="piecewise graphs"):
         LLM(model=llama_model_dir, device="cpu", dtype="float32", max_model_len=64,
             compilation_config={"piecewise_graphs": True})
+
+
+def test_piecewise_sizes_without_piecewise_graphs_are_refused(acme, llama_model_dir):
+    from backplane import LLM
+
+    with pytest.raises(ValueError, match=r"piecewise_capture_sizes \(\[8\]\) has no effect"):
+        LLM(model=llama_model_dir, device="acme", dtype="float32", max_model_len=64,
+            optimization_level=2, compilation_config={"piecewise_capture_sizes": [8]})
