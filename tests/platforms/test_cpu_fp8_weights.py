@@ -9,6 +9,7 @@ import torch
 from backplane import LLM, SamplingParams
 from backplane.platforms.cpu.fp8 import Fp8Linear, quantize_fp8_per_row
 from backplane.platforms.cpu.linear import bf16_gemm_supported
+from tests.platforms.prompt_logprobs import prompt_logprob_gaps
 
 needs_kernel = pytest.mark.skipif(not bf16_gemm_supported(),
                                   reason="no AVX512-BF16 (or no C compiler) on this CPU")
@@ -58,9 +59,7 @@ def test_engine_fp8_tracks_bf16(llama_model_dir):
         outs[quantization] = llm.generate([PROMPT], params, use_tqdm=False)[0]
         del llm
     bf16, fp8 = outs[None], outs["fp8"]
-    diffs = [abs(a[t].logprob - b[t].logprob) for a, b, t in
-             zip(bf16.prompt_logprobs[1:], fp8.prompt_logprobs[1:], bf16.prompt_token_ids[1:],
-                 strict=True)]
+    diffs = prompt_logprob_gaps(bf16, fp8)
     assert sum(diffs) / len(diffs) < 0.1 and max(diffs) < 0.4, diffs
 
 

@@ -10,6 +10,7 @@ from backplane.core.layers.activation import SiluAndMul
 from backplane.core.layers.norm import RMSNorm
 from backplane.platforms.cpu import native
 from backplane.platforms.cpu.fused_layers import FusedRMSNorm, FusedSiluAndMul, fuse_layers
+from tests.platforms.prompt_logprobs import prompt_logprob_gaps
 
 pytestmark = pytest.mark.skipif(native.compiler() is None, reason="no C compiler")
 
@@ -77,7 +78,5 @@ def test_engine_in_bf16_fuses_and_agrees_with_torch_layers(llama_model_dir, monk
     plain_modules = plain.llm_engine.engine_core.model_runner.model.modules()
     assert not any(isinstance(m, FusedRMSNorm) for m in plain_modules)
     (a,), (b,) = (llm.generate([prompt], params, use_tqdm=False) for llm in (fused, plain))
-    diffs = [abs(x[t].logprob - y[t].logprob) for x, y, t in
-             zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:], a.prompt_token_ids[1:],
-                 strict=True)]
+    diffs = prompt_logprob_gaps(a, b)
     assert max(diffs) < 0.1, diffs

@@ -16,6 +16,7 @@ from backplane.core.quantization.packing import quantize_rtn
 from backplane.platforms.cpu.int4 import Int4Linear, int4_kernel_supported
 from backplane.platforms.cpu.platform import CpuPlatform
 from backplane.plugins_sdk.quantization import Int4Weights
+from tests.platforms.prompt_logprobs import prompt_logprob_gaps
 
 needs_kernel = pytest.mark.skipif(not int4_kernel_supported(),
                                   reason="no AVX512-BF16 (or no C compiler) on this CPU")
@@ -117,9 +118,7 @@ def test_bf16_quantized_model_tracks_float(quantized_dirs):
         outs[model] = llm.generate(PROMPTS[:1], params, use_tqdm=False)[0]
         del llm
     a, b = outs[quantized], outs[dense]
-    diffs = [abs(x[t].logprob - y[t].logprob) for x, y, t in
-             zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:], a.prompt_token_ids[1:],
-                 strict=True)]
+    diffs = prompt_logprob_gaps(a, b)
     assert sum(diffs) / len(diffs) < 0.05, diffs
 
 
@@ -214,7 +213,5 @@ def test_opt_in_output_head_quantization(quantized_dirs, monkeypatch, head):
         outs[setting] = llm.generate(PROMPTS[:1], params, use_tqdm=False)[0]
         del llm
     a, b = outs[None], outs[head]
-    diffs = [abs(x[t].logprob - y[t].logprob) for x, y, t in
-             zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:], a.prompt_token_ids[1:],
-                 strict=True)]
+    diffs = prompt_logprob_gaps(a, b)
     assert sum(diffs) / len(diffs) < 0.1, diffs

@@ -16,6 +16,7 @@ from backplane.platforms.cpu.linear import (
     prepack_linear_weights,
     prepacking_supported,
 )
+from tests.platforms.prompt_logprobs import prompt_logprob_gaps
 
 PACKED = (PackedLinear, BlockedBf16Linear)
 needs_bf16_gemm = pytest.mark.skipif(not bf16_gemm_supported(),
@@ -102,11 +103,7 @@ def test_engine_in_bf16_packs_and_agrees_with_unpacked(llama_model_dir, monkeypa
     plain_runner = plain.llm_engine.engine_core.model_runner
     assert not any(isinstance(m, PACKED) for m in plain_runner.model.modules())
     (a,), (b,) = (llm.generate([prompt], params, use_tqdm=False) for llm in (packed, plain))
-    ids = a.prompt_token_ids
-    diffs = [
-        abs(x[t].logprob - y[t].logprob)
-        for x, y, t in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:], ids[1:], strict=True)
-    ]
+    diffs = prompt_logprob_gaps(a, b)
     assert max(diffs) < 0.1, diffs
 
 
