@@ -136,11 +136,15 @@ def test_awq_unpacking_matches_independent_reader():
 
 @pytest.mark.parametrize("sym", [True, False])
 def test_round_to_nearest_error_is_half_a_step(sym):
+    torch.manual_seed(0)
     w = torch.randn(16, 64) * 0.05
     q, zeros, scales = quantize_rtn(w, 32, sym=sym)
     err = (dequantize(q, zeros, scales, group_size=32) - w).abs()
     step = scales.repeat_interleave(32, dim=1)
-    assert torch.all(err <= step * 0.5 + 1e-6) if not sym else torch.all(err <= step * 0.51)
+    # float32 rounding (of w / scale, and of the asymmetric zero point) puts some
+    # elements a hair past half a step (0.504 of a step with this seed); unseeded, the
+    # old bound of half a step + 1e-6 failed ~4% of draws
+    assert torch.all(err <= step * 0.51)
     if sym:
         assert torch.all(zeros == 8)
 

@@ -7,11 +7,10 @@ import pytest
 import torch
 
 from backplane import LLM, SamplingParams
-from backplane.platforms.cpu.fp8 import Fp8Linear, quantize_fp8_per_row
-from backplane.platforms.cpu.linear import bf16_gemm_supported
+from backplane.platforms.cpu.fp8 import Fp8Linear, fp8_kernel_supported, quantize_fp8_per_row
 from tests.platforms.prompt_logprobs import prompt_logprob_gaps
 
-needs_kernel = pytest.mark.skipif(not bf16_gemm_supported(),
+needs_kernel = pytest.mark.skipif(not fp8_kernel_supported(),
                                   reason="no AVX512-BF16 (or no C compiler) on this CPU")
 PROMPT = "the quick brown fox jumps over the lazy dog and runs into the forest near the river"
 

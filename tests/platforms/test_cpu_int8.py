@@ -11,11 +11,14 @@ import torch
 from torch import nn
 
 from backplane import LLM, SamplingParams
-from backplane.platforms.cpu.linear import Int8Linear, bf16_gemm_supported
+from backplane.platforms.cpu.linear import Int8Linear, bf16_gemm_supported, runnable_gemm_isas
 from backplane.platforms.cpu.platform import CpuPlatform
 
 needs_kernel = pytest.mark.skipif(not bf16_gemm_supported(),
-                                  reason="no AVX512-BF16 (or no C compiler) on this CPU")
+                                  reason="neither AVX512-BF16 nor AVX2 (or no C compiler)")
+# Every int8 kernel this CPU runs: an AVX512-BF16 CPU checks the AVX2 one as well.
+ISAS = runnable_gemm_isas() or [pytest.param(None, marks=pytest.mark.skip(
+    reason="neither AVX512-BF16 nor AVX2 on this CPU"))]
 PROMPT = "the quick brown fox jumps over the lazy dog and runs into the forest near the river"
 
 
@@ -28,18 +31,20 @@ def _block_quantized(x: torch.Tensor, block: int = 32) -> torch.Tensor:
     return (torch.round(blocks * (1 / scale)).clamp(-127, 127) * scale).reshape(x.shape)
 
 
-@needs_kernel
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize(("rows", "out_features", "in_features"),
-                         [(1, 1152, 896), (3, 20, 64), (9, 160, 96), (70, 48, 128)])
+                         [(1, 1152, 896), (1, 40, 64), (3, 20, 64), (9, 160, 96), (70, 48, 128)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("activations", ["int8", "bf16"])
 def test_int8_layer_matches_its_dequantized_weight(rows, out_features, in_features, bias,
-                                                   activations):
+                                                   activations, isa):
     """The kernels compute exactly with the dequantized weight (and, for W8A8, the
-    block-quantized activations), up to float32 summation order."""
+    block-quantized activations), up to float32 summation order, on each kernel the
+    CPU runs."""
     torch.manual_seed(rows)
     linear = nn.Linear(in_features, out_features, bias=bias, dtype=torch.bfloat16)
-    layer = Int8Linear(linear.weight, linear.bias, float_output=False, activations=activations)
+    layer = Int8Linear(linear.weight, linear.bias, float_output=False, activations=activations,
+                       isa=isa)
     weight = layer.dequantized_weight()
     # Symmetric per-row rounding: within half a step of the bf16 weight.
     step = layer.scales[:, None]
@@ -51,7 +56,7 @@ def test_int8_layer_matches_its_dequantized_weight(rows, out_features, in_featur
     assert got.dtype == torch.bfloat16
     assert torch.allclose(got.float(), expected, atol=1e-2, rtol=8e-3)
     logits = Int8Linear(linear.weight, linear.bias, float_output=True,
-                        activations=activations)(x)
+                        activations=activations, isa=isa)(x)
     assert logits.dtype == torch.float32
     assert torch.allclose(logits, expected, atol=1e-4, rtol=1e-4)
 

@@ -1,5 +1,5 @@
-"""The CPU platform's packed linear layers (its own AVX512-BF16 GEMM kernel, or oneDNN's
-prepacking): same math, packed once at load."""
+"""The CPU platform's packed linear layers (its own GEMM kernels, AVX512-BF16 and AVX2,
+or oneDNN's prepacking): same math, packed once at load."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from backplane import LLM, SamplingParams
+from backplane.platforms.cpu import linear as cpu_linear
 from backplane.platforms.cpu.linear import (
     BlockedBf16Linear,
     PackedLinear,
@@ -15,17 +16,21 @@ from backplane.platforms.cpu.linear import (
     bf16_gemm_supported,
     prepack_linear_weights,
     prepacking_supported,
+    runnable_gemm_isas,
 )
 from tests.platforms.prompt_logprobs import prompt_logprob_gaps
 
 PACKED = (PackedLinear, BlockedBf16Linear)
 needs_bf16_gemm = pytest.mark.skipif(not bf16_gemm_supported(),
-                                     reason="no AVX512-BF16 (or no C compiler) on this CPU")
+                                     reason="neither AVX512-BF16 nor AVX2 (or no C compiler)")
+needs_onednn = pytest.mark.skipif(not prepacking_supported(),
+                                  reason="oneDNN bf16 kernels not available on this CPU")
+# Every GEMM kernel this CPU runs: an AVX512-BF16 CPU checks the AVX2 one as well.
+ISAS = runnable_gemm_isas() or [pytest.param(None, marks=pytest.mark.skip(
+    reason="neither AVX512-BF16 nor AVX2 on this CPU"))]
 
-pytestmark = pytest.mark.skipif(not prepacking_supported(),
-                                reason="oneDNN bf16 kernels not available on this CPU")
 
-
+@needs_onednn
 @pytest.mark.parametrize("batch", [1, 7, 64])
 @pytest.mark.parametrize("bias", [True, False])
 def test_packed_linear_matches_torch(batch, bias):
@@ -38,27 +43,32 @@ def test_packed_linear_matches_torch(batch, bias):
     assert torch.allclose(got, expected, atol=3e-2, rtol=2e-2)
 
 
-@needs_bf16_gemm
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize(("rows", "out_features", "in_features"),
-                         [(1, 1152, 896), (3, 20, 6), (8, 33, 64), (9, 160, 96), (70, 48, 128)])
+                         [(1, 1152, 896), (1, 24, 6), (3, 20, 6), (8, 33, 64), (9, 160, 96),
+                          (70, 48, 128)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_bf16_gemm_kernel_matches_float_reference(rows, out_features, in_features, bias):
+def test_bf16_gemm_kernel_matches_float_reference(rows, out_features, in_features, bias, isa):
     """Every row-tile size (1..8 and more), output sizes that are not a multiple of the
-    16-row blocks, bias, and float32 output (logits), against float32 math."""
+    16-row blocks (nor of 8: the AVX2 kernel's half blocks), bias, and float32 output
+    (logits), against float32 math, on each kernel the CPU runs."""
     torch.manual_seed(rows)
     linear = nn.Linear(in_features, out_features, bias=bias, dtype=torch.bfloat16)
     x = torch.randn(2, rows, in_features, dtype=torch.bfloat16)
+    if rows == 1:
+        x = x[:1]  # batch 1: the GEMV tiles
     expected = x.float() @ linear.weight.float().T + (linear.bias.float() if bias else 0)
-    layer = BlockedBf16Linear(linear.weight, linear.bias, float_output=False)
+    layer = BlockedBf16Linear(linear.weight, linear.bias, float_output=False, isa=isa)
     got = layer(x)
     assert got.shape == expected.shape and got.dtype == torch.bfloat16
     # bf16 output: within a rounding step of the float32 result
     assert torch.allclose(got.float(), expected, atol=1e-2, rtol=8e-3)
-    logits = BlockedBf16Linear(linear.weight, linear.bias, float_output=True)(x)
+    logits = BlockedBf16Linear(linear.weight, linear.bias, float_output=True, isa=isa)(x)
     assert logits.dtype == torch.float32
     assert torch.allclose(logits, expected, atol=1e-4, rtol=1e-4)
 
 
+@needs_onednn
 def test_only_bf16_layers_are_packed_and_logits_projection_too():
     class Head(nn.Module):
         def __init__(self):
@@ -89,9 +99,12 @@ def test_own_gemm_packing_is_the_default_where_supported(monkeypatch):
     monkeypatch.setenv("BACKPLANE_CPU_BF16_GEMM", "0")
     model = nn.Sequential(nn.Linear(16, 16, dtype=torch.bfloat16))
     prepack_linear_weights(model)
-    assert isinstance(model[0], PackedLinear)
+    # oneDNN's packing where its bf16 kernels run, else torch's linear as it was
+    assert isinstance(model[0], PackedLinear if prepacking_supported() else nn.Linear)
 
 
+@pytest.mark.skipif(not (bf16_gemm_supported() or prepacking_supported()),
+                    reason="no GEMM kernel and no oneDNN bf16 on this CPU")
 def test_engine_in_bf16_packs_and_agrees_with_unpacked(llama_model_dir, monkeypatch):
     params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
     prompt = "the quick brown fox jumps over the lazy dog and runs into the forest"
@@ -105,6 +118,24 @@ def test_engine_in_bf16_packs_and_agrees_with_unpacked(llama_model_dir, monkeypa
     (a,), (b,) = (llm.generate([prompt], params, use_tqdm=False) for llm in (packed, plain))
     diffs = prompt_logprob_gaps(a, b)
     assert max(diffs) < 0.1, diffs
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_engine_runs_each_gemm_kernel_and_agrees_with_unpacked(llama_model_dir, monkeypatch,
+                                                               isa):
+    """The engine packs for the kernel the CPU's instruction set picks (forced here, so
+    an AVX512-BF16 machine runs the AVX2 path too) and matches torch's own bf16 linears."""
+    params = SamplingParams(temperature=0.0, max_tokens=4, prompt_logprobs=0)
+    prompt = "the quick brown fox jumps over the lazy dog and runs into the forest"
+    monkeypatch.setattr(cpu_linear, "gemm_isa", lambda: isa)
+    packed = LLM(model=llama_model_dir, dtype="bfloat16", max_model_len=128, num_kv_blocks=32)
+    layers = [m for m in packed.llm_engine.engine_core.model_runner.model.modules()
+              if isinstance(m, BlockedBf16Linear)]
+    assert layers and all(layer.isa == isa for layer in layers)
+    monkeypatch.setenv("BACKPLANE_CPU_PREPACK", "0")
+    plain = LLM(model=llama_model_dir, dtype="bfloat16", max_model_len=128, num_kv_blocks=32)
+    (a,), (b,) = (llm.generate([prompt], params, use_tqdm=False) for llm in (packed, plain))
+    assert max(prompt_logprob_gaps(a, b)) < 0.1
 
 
 def test_compiled_level_skips_prepacking_and_runs(llama_model_dir):

@@ -16,7 +16,7 @@ import functools
 import torch
 from torch import nn
 
-from backplane.platforms.cpu.native import load_kernel
+from backplane.platforms.cpu.native import KernelBuildError, load_kernel
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -28,6 +28,19 @@ def _fp8_lib() -> ctypes.CDLL:
     lib.gemm_fp8.argtypes = [p, i64, i64, p, p, i64, i64, p, p, i64, ctypes.c_int]
     lib.gemm_fp8.restype = None
     return lib
+
+
+def fp8_kernel_supported() -> bool:
+    """The fp8 kernel needs AVX512-BF16 (it widens to bf16 for vdpbf16ps) and must build."""
+    from backplane.platforms.cpu.linear import bf16_gemm_supported, gemm_isa
+
+    if gemm_isa() != "avx512_bf16" or not bf16_gemm_supported():
+        return False
+    try:
+        _fp8_lib()
+    except KernelBuildError:
+        return False
+    return True
 
 
 def quantize_fp8_per_row(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

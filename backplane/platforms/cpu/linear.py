@@ -82,12 +82,13 @@ class PackedLogitsProjection(nn.Module):
 
 
 def bf16_gemm_supported() -> bool:
-    """This CPU has AVX512-BF16 and the C GEMM kernel builds (BACKPLANE_CPU_BF16_GEMM=0:
-    off, oneDNN packing instead)."""
-    if os.environ.get("BACKPLANE_CPU_BF16_GEMM", "1") == "0" or not _has_avx512_bf16():
+    """This CPU runs one of the platform's GEMM kernels (AVX512-BF16: gemm_bf16.c, else
+    AVX2 + FMA: gemm_avx2.c) and it builds (BACKPLANE_CPU_BF16_GEMM=0: off, oneDNN
+    packing or torch's matmul instead)."""
+    if os.environ.get("BACKPLANE_CPU_BF16_GEMM", "1") == "0" or gemm_isa() is None:
         return False
     try:
-        _gemm_lib()
+        gemm_kernels(gemm_isa())
     except KernelBuildError as exc:
         logger.warning("cpu platform: bf16 GEMM kernel unavailable (%s); using oneDNN", exc)
         return False
@@ -95,34 +96,65 @@ def bf16_gemm_supported() -> bool:
 
 
 @functools.lru_cache(maxsize=1)
-def _has_avx512_bf16() -> bool:
+def _cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
+            return frozenset(next((line for line in f if line.startswith("flags")), "").split())
     except OSError:
-        return False
-    return "avx512_bf16" in flags.split()
+        return frozenset()
 
 
-@functools.lru_cache(maxsize=1)
-def _gemm_lib() -> ctypes.CDLL:
-    lib = load_kernel("gemm_bf16.c", ())
+def runnable_gemm_isas() -> list[str]:
+    """Every GEMM kernel this CPU can run, best first (an AVX512-BF16 CPU runs both)."""
+    best = gemm_isa()
+    return [] if best is None else [best] + (["avx2"] if best != "avx2" else [])
+
+
+def gemm_isa() -> str | None:
+    """Which GEMM kernel this CPU runs: "avx512_bf16" (bf16 and VNNI dot products,
+    gemm_bf16.c), "avx2" (AVX2 + FMA: float32 FMAs, gemm_avx2.c), or None."""
+    if "avx512_bf16" in _cpu_flags():
+        return "avx512_bf16"
+    if {"avx2", "fma"} <= _cpu_flags():
+        return "avx2"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def gemm_kernels(isa: str | None) -> ctypes.CDLL:
+    """The GEMM kernel library for ``isa`` (see `gemm_isa`; an AVX512-BF16 CPU runs
+    the "avx2" one too, which is how tests check it there)."""
+    if isa not in ("avx512_bf16", "avx2"):
+        raise KernelBuildError(f"no GEMM kernel for this CPU (instruction set {isa!r})")
+    avx2 = isa == "avx2"
+    lib = load_kernel("gemm_avx2.c" if avx2 else "gemm_bf16.c", ())
     p, i64 = ctypes.c_void_p, ctypes.c_int64
+    # The AVX2 GEMMs widen the activations to float32 in a buffer of their own and
+    # return -1 when it cannot be allocated.
+    status = ctypes.c_int if avx2 else None
     lib.pack_bf16.argtypes = [p, i64, i64, p]
     lib.pack_bf16.restype = None
     lib.gemm_bf16.argtypes = [p, i64, i64, p, i64, i64, p, p, i64, ctypes.c_int]
-    lib.gemm_bf16.restype = None
+    lib.gemm_bf16.restype = status
     lib.pack_w8_from_bf16.argtypes = [p, i64, i64, p, p]
     lib.pack_w8_from_bf16.restype = None
     lib.gemm_w8.argtypes = [p, i64, i64, p, p, i64, i64, p, p, i64, ctypes.c_int]
-    lib.gemm_w8.restype = None
+    lib.gemm_w8.restype = status
     lib.pack_w8a8_from_bf16.argtypes = [p, i64, i64, p, p]
     lib.pack_w8a8_from_bf16.restype = None
     lib.quantize_activations.argtypes = [p, i64, i64, i64, p, p, p]
     lib.quantize_activations.restype = None
     lib.gemm_w8a8.argtypes = [p, p, p, i64, p, p, i64, i64, p, p, i64, ctypes.c_int]
     lib.gemm_w8a8.restype = None
+    lib.w8a8_weight_offset.argtypes = []
+    lib.w8a8_weight_offset.restype = ctypes.c_int
     return lib
+
+
+def _check(status: int | None) -> None:
+    if status:
+        raise MemoryError("cpu platform: the GEMM kernel could not allocate its float32 "
+                          "copy of the activations")
 
 
 # Activations are quantized in blocks of this many columns (one scale each).
@@ -138,16 +170,18 @@ class BlockedBf16Linear(nn.Module):
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
-                 float_output: bool) -> None:
+                 float_output: bool, isa: str | None = None) -> None:
+        """``isa``: the kernel to run (`gemm_isa`; default: this CPU's best)."""
         super().__init__()
         self.out_features, self.in_features = weight.shape
         if self.in_features % 2:
             raise ValueError(f"in_features ({self.in_features}) must be even")
         self.float_output = float_output
+        self.isa = isa or gemm_isa()
         weight = weight.detach().contiguous()
         blocks = -(-self.out_features // 16)
         packed = torch.empty(blocks * 16 * self.in_features, dtype=torch.bfloat16)
-        _gemm_lib().pack_bf16(weight.data_ptr(), self.out_features, self.in_features,
+        gemm_kernels(self.isa).pack_bf16(weight.data_ptr(), self.out_features, self.in_features,
                               packed.data_ptr())
         self.register_buffer("packed_weight", packed, persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous(),
@@ -161,16 +195,17 @@ class BlockedBf16Linear(nn.Module):
         out = torch.empty(rows.shape[0], self.out_features,
                           dtype=torch.float32 if self.float_output else torch.bfloat16)
         if rows.shape[0]:
-            _gemm_lib().gemm_bf16(
+            _check(gemm_kernels(self.isa).gemm_bf16(
                 rows.data_ptr(), self.in_features, rows.shape[0], self.packed_weight.data_ptr(),
                 self.out_features, self.in_features,
                 None if self.bias is None else self.bias.data_ptr(), out.data_ptr(),
-                self.out_features, int(self.float_output))
+                self.out_features, int(self.float_output)))
         return out.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"packed=bf16-blocks{', float output' if self.float_output else ''}")
+                f"packed=bf16-blocks ({self.isa})"
+                f"{', float output' if self.float_output else ''}")
 
 
 class Int8Linear(nn.Module):
@@ -197,10 +232,12 @@ class Int8Linear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
                  float_output: bool, activations: str = "bf16",
-                 scales: torch.Tensor | None = None) -> None:
+                 scales: torch.Tensor | None = None, isa: str | None = None) -> None:
         """``weight``: float (quantized here, per row) or, with ``scales [N]``, already
-        int8 (a checkpoint's; its values and scales are used unchanged)."""
+        int8 (a checkpoint's; its values and scales are used unchanged). ``isa``: the
+        kernel to run (`gemm_isa`; default: this CPU's best)."""
         super().__init__()
+        self.isa = isa or gemm_isa()
         self.out_features, self.in_features = weight.shape
         if self.in_features % 2:
             raise ValueError(f"in_features ({self.in_features}) must be even")
@@ -228,19 +265,25 @@ class Int8Linear(nn.Module):
 
     @property
     def _offset(self) -> int:
-        """W8A8 stores each weight + 128 (vpdpbusd multiplies unsigned by signed bytes)."""
-        return 128 if self.activations == "int8" else 0
+        """The VNNI kernel's W8A8 stores each weight + 128 (vpdpbusd multiplies unsigned
+        by signed bytes); the AVX2 one and W8A16 store them signed."""
+        return self._lib.w8a8_weight_offset() if self.activations == "int8" else 0
+
+    @property
+    def _lib(self) -> ctypes.CDLL:
+        return gemm_kernels(self.isa)
 
     def _quantize_and_pack(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         weight = weight.detach().to(torch.bfloat16).contiguous()
         blocks = -(-self.out_features // 16)
         scales = torch.empty(self.out_features, dtype=torch.float32)
         if self.activations == "int8":
-            packed = torch.empty(blocks * 16 * self.in_features, dtype=torch.uint8)
-            pack = _gemm_lib().pack_w8a8_from_bf16
+            packed = torch.empty(blocks * 16 * self.in_features,
+                                 dtype=torch.uint8 if self._offset else torch.int8)
+            pack = self._lib.pack_w8a8_from_bf16
         else:
             packed = torch.empty(blocks * 16 * self.in_features, dtype=torch.int8)
-            pack = _gemm_lib().pack_w8_from_bf16
+            pack = self._lib.pack_w8_from_bf16
         pack(weight.data_ptr(), self.out_features, self.in_features, packed.data_ptr(),
              scales.data_ptr())
         return packed, scales
@@ -272,7 +315,7 @@ class Int8Linear(nn.Module):
                           dtype=torch.float32 if float_out else torch.bfloat16)
         m = rows.shape[0]
         bias = None if self.bias is None else self.bias.data_ptr()
-        lib = _gemm_lib()
+        lib = self._lib
         if m and self.activations == "int8":
             k = self.in_features
             xq = torch.empty(m, k, dtype=torch.int8)
@@ -285,9 +328,10 @@ class Int8Linear(nn.Module):
                           self.out_features, k, bias, out.data_ptr(), self.out_features,
                           int(float_out))
         elif m:
-            lib.gemm_w8(rows.data_ptr(), self.in_features, m, self.packed_weight.data_ptr(),
-                        self.scales.data_ptr(), self.out_features, self.in_features, bias,
-                        out.data_ptr(), self.out_features, int(float_out))
+            _check(lib.gemm_w8(rows.data_ptr(), self.in_features, m,
+                               self.packed_weight.data_ptr(), self.scales.data_ptr(),
+                               self.out_features, self.in_features, bias, out.data_ptr(),
+                               self.out_features, int(float_out)))
         out = out.reshape(*lead, self.out_features)
         # x's dtype (e.g. float16) unless logits are asked for: the layer contract
         return out if self.float_output or out.dtype == x.dtype else out.to(x.dtype)
@@ -369,8 +413,10 @@ def _packed(child: nn.Module, own_gemm: bool) -> nn.Module | None:
 def prepack_linear_weights(model: nn.Module, own_gemm: bool | None = None) -> int:
     """Replace every bf16 ``nn.Linear`` and output projection in ``model``; returns how many.
 
-    ``own_gemm`` (default: when the CPU has AVX512-BF16 and the kernel builds) packs
-    for the platform's GEMM kernel, otherwise for oneDNN."""
+    ``own_gemm`` (default: when the CPU runs one of the platform's GEMM kernels,
+    AVX512-BF16 or AVX2, and it builds) packs for that kernel, otherwise for oneDNN."""
     if own_gemm is None:
         own_gemm = bf16_gemm_supported()
+    if not (own_gemm or prepacking_supported()):
+        return 0  # neither kernel runs here: torch's own linears stay
     return replace_children(model, lambda child: _packed(child, own_gemm))

@@ -10,7 +10,11 @@ import torch
 
 from backplane.platforms.cpu.attention import CpuSdpaAttentionBackend
 from backplane.platforms.cpu.communicator import SharedMemoryCommunicator
-from backplane.platforms.cpu.fp8 import Fp8Linear, quantize_linear_weights_fp8
+from backplane.platforms.cpu.fp8 import (
+    Fp8Linear,
+    fp8_kernel_supported,
+    quantize_linear_weights_fp8,
+)
 from backplane.platforms.cpu.fused_layers import cpu_ops, fuse_layers
 from backplane.platforms.cpu.int4 import (
     Int4Linear,
@@ -20,6 +24,7 @@ from backplane.platforms.cpu.int4 import (
 from backplane.platforms.cpu.linear import (
     Int8Linear,
     bf16_gemm_supported,
+    gemm_isa,
     prepack_linear_weights,
     prepacking_supported,
     quantize_linear_weights_int8,
@@ -68,12 +73,13 @@ class CpuPlatform(Platform):
 
     @property
     def supported_quantization(self) -> tuple[str, ...]:
-        """``int8`` (W8A8), ``int8_weight_only`` (W8A16), ``fp8`` (e4m3 weights) and
-        ``compressed-tensors`` checkpoints (fp8 or int8) where the AVX512-BF16 GEMM kernel
-        runs, ``gptq`` / ``awq`` 4-bit checkpoints where the int4 kernel
+        """``int8`` (W8A8), ``int8_weight_only`` (W8A16) and ``compressed-tensors``
+        checkpoints where one of the GEMM kernels runs (AVX512-BF16 or AVX2), ``fp8``
+        (e4m3 weights) where the AVX512-BF16 one does, ``gptq`` / ``awq`` 4-bit checkpoints where the int4 kernel
         (kernels/gemm_int4.c) builds (checked when asked: the first check builds them)."""
-        methods = (("int8", "int8_weight_only", "fp8", "compressed-tensors")
+        methods = (("int8", "int8_weight_only", "compressed-tensors")
                    if bf16_gemm_supported() else ())
+        methods += ("fp8",) if fp8_kernel_supported() else ()
         return methods + (("gptq", "awq") if int4_kernel_supported() else ())
 
     def make_quantized_linear(self, method, weights):
@@ -96,9 +102,10 @@ class CpuPlatform(Platform):
     def _compressed_tensors_linear(weights):
         """`Fp8Linear` for fp8 weights, `Int8Linear` for int8 ones: both pack the
         checkpoint's 8-bit values and scales as they are (no dequantize-requantize)."""
-        if weights.weight.device.type != "cpu" or not bf16_gemm_supported():
-            return None
         int8 = weights.weight.dtype == torch.int8
+        if weights.weight.device.type != "cpu" or not (
+                bf16_gemm_supported() if int8 else fp8_kernel_supported()):
+            return None
         try:
             if int8:
                 return Int8Linear(weights.weight, weights.bias, float_output=False,
@@ -147,8 +154,8 @@ class CpuPlatform(Platform):
 
     def prepare_model(self, model, config):
         """Repack GPTQ/AWQ 4-bit layers for the int4 kernel (int4.py), pack bf16 linear
-        weights for the platform's AVX512-BF16 GEMM kernel (or oneDNN
-        on CPUs without it; linear.py) and swap bf16 RMSNorm
+        weights for the platform's GEMM kernel (AVX512-BF16 or AVX2; oneDNN
+        on CPUs with neither; linear.py) and swap bf16 RMSNorm
         and SiLU-and-mul for compiled loops (fused_layers.py).
 
         Skipped at O1+ (inductor can neither lower the packed-weight op nor trace
@@ -193,13 +200,14 @@ class CpuPlatform(Platform):
                 logger.warning("cpu platform: layers not fused: %s", exc)
             else:
                 logger.info("cpu platform: %d RMSNorm/SiLU layers use compiled kernels", count)
-        if os.environ.get("BACKPLANE_CPU_PREPACK", "1") == "0" or not prepacking_supported():
-            return model
         own_gemm = bf16_gemm_supported()
+        if os.environ.get("BACKPLANE_CPU_PREPACK", "1") == "0" or not (
+                own_gemm or prepacking_supported()):
+            return model
         count = prepack_linear_weights(model, own_gemm=own_gemm)
         if count:
             logger.info("cpu platform: %d bf16 linear layers packed for %s", count,
-                        "the AVX512-BF16 GEMM kernel" if own_gemm else "oneDNN")
+                        f"the {gemm_isa()} GEMM kernel" if own_gemm else "oneDNN")
             # The plain weights just freed would otherwise stay in malloc's heap
             # (tune_allocator keeps freed buffers): hand them back to the OS.
             release_free_heap()

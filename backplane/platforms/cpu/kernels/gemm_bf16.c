@@ -20,6 +20,7 @@
 #include <string.h>
 
 #include "common.h"
+#include "gemm_packing.h"
 #include "gemm_tiles.h"
 
 /* ROW_TILES_8 (gemm_tiles.h) for the W8A8 kernel's tiles of up to 4 rows. */
@@ -31,62 +32,6 @@
         default: TILE(4); break;                                                       \
         }                                                                              \
     }
-
-/* Symmetric int8 scale of W's row (max |w| / 127; 1 for an all-zero or missing row). */
-static float row_scale(const uint16_t *w, int64_t row, int64_t n, int64_t k) {
-    float amax = 0.0f;
-    if (row < n)
-        for (int64_t j = 0; j < k; j++) {
-            const float v = bf16_to_float(w[row * k + j]);
-            amax = (v < 0 ? -v : v) > amax ? (v < 0 ? -v : v) : amax;
-        }
-    return amax > 0.0f ? amax / 127.0f : 1.0f;
-}
-
-static inline int quantize_int8(float v, float inv_scale) {
-    const float q = __builtin_rintf(v * inv_scale);
-    return q > 127.0f ? 127 : (q < -127.0f ? -127 : (int)q);
-}
-
-/* Quantize W [N, K] (bf16) per row and pack it in blocks of 16 rows x `group`
- * consecutive columns (2: pairs for the bf16 dot product, 4: quads for VNNI),
- * each value stored as (q + offset) in a byte; scales[N] out. */
-static void pack_int8(const uint16_t *w, int64_t n, int64_t k, int group, int offset,
-                      uint8_t *packed, float *scales) {
-    const int64_t nb = (n + 15) / 16, ng = k / group;
-#pragma omp parallel for schedule(static)
-    for (int64_t row = 0; row < nb * 16; row++) {
-        const float scale = row_scale(w, row, n, k), inv = 1.0f / scale;
-        if (row < n) scales[row] = scale;
-        uint8_t *dst = packed + (row / 16) * ng * 16 * group;
-        for (int64_t g = 0; g < ng; g++)
-            for (int j = 0; j < group; j++) {
-                const int q = row < n ? quantize_int8(bf16_to_float(w[row * k + g * group + j]),
-                                                      inv) : 0;
-                dst[(g * 16 + row % 16) * group + j] = (uint8_t)(q + offset);
-            }
-    }
-}
-
-void pack_bf16(const uint16_t *w, int64_t n, int64_t k, uint16_t *packed) {
-    const int64_t nb = (n + 15) / 16, kp = k / 2;
-#pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < nb; b++) {
-        uint16_t *dst = packed + b * kp * 32;
-        for (int64_t p = 0; p < kp; p++) {
-            for (int r = 0; r < 16; r++) {
-                const int64_t row = b * 16 + r;
-                uint16_t lo = 0, hi = 0; /* rows past N are zero */
-                if (row < n) {
-                    lo = w[row * k + 2 * p];
-                    hi = w[row * k + 2 * p + 1];
-                }
-                dst[(p * 16 + r) * 2] = lo;
-                dst[(p * 16 + r) * 2 + 1] = hi;
-            }
-        }
-    }
-}
 
 /* out[m, n] = sum_k x[m, k] W[n, k] (+ bias[n]) for m < m_total, n < N.
  * x: [M, K] bf16 with row stride xs (K even); packed: pack_bf16's layout;
@@ -112,11 +57,6 @@ void gemm_bf16(const uint16_t *x, int64_t xs, int64_t m_total, const uint16_t *p
  * end. Half the bytes of bf16 to stream per token.
  * ------------------------------------------------------------------------ */
 
-/* Quantize W [N, K] (bf16) symmetrically per row and pack it; scales[N] out. */
-void pack_w8_from_bf16(const uint16_t *w, int64_t n, int64_t k, int8_t *packed, float *scales) {
-    pack_int8(w, n, k, 2, 0, (uint8_t *)packed, scales);
-}
-
 static inline __attribute__((always_inline)) __m512bh widen_w8(const int8_t *src) {
     const __m256i bytes = _mm256_loadu_si256((const __m256i *)src);
     const __m512i lo = _mm512_cvtepi8_epi32(_mm256_castsi256_si128(bytes));
@@ -137,39 +77,14 @@ DEFINE_WIDENED_GEMM(gemm_w8, int8_t, widen_w8)
  * 128 x sum(x block), is subtracted per block before the block scale.
  * ------------------------------------------------------------------------ */
 
-#define QB 32   /* activation block: one scale per 32 columns */
 #define MT8 4   /* token rows per tile (integer + float accumulators fit the registers) */
+
+/* Weights are stored +128 (vpdpbusd's unsigned operand); gemm_avx2.c stores them signed. */
+int w8a8_weight_offset(void) { return 128; }
 
 void pack_w8a8_from_bf16(const uint16_t *w, int64_t n, int64_t k, uint8_t *packed,
                          float *scales) {
     pack_int8(w, n, k, 4, 128, packed, scales);
-}
-
-/* x [M, K] bf16 -> xq int8, per (row, 32-block) scale, and 128 x the block's sum of
- * int8 values (what the weights' +128 offset adds to that block's dot products). */
-void quantize_activations(const uint16_t *x, int64_t xs, int64_t m, int64_t k, int8_t *xq,
-                          float *bscale, int32_t *bsum) {
-    const int64_t kb = k / QB;
-#pragma omp parallel for schedule(static) if (m * k > 65536)
-    for (int64_t r = 0; r < m; r++) {
-        for (int64_t b = 0; b < kb; b++) {
-            float vals[QB], amax = 0.0f;
-            for (int j = 0; j < QB; j++) {
-                vals[j] = bf16_to_float(x[r * xs + b * QB + j]);
-                const float a = vals[j] < 0 ? -vals[j] : vals[j];
-                amax = a > amax ? a : amax;
-            }
-            const float s = amax > 0.0f ? amax / 127.0f : 1.0f, inv = 1.0f / s;
-            int32_t sum = 0;
-            for (int j = 0; j < QB; j++) {
-                const int q = quantize_int8(vals[j], inv);
-                xq[r * k + b * QB + j] = (int8_t)q;
-                sum += q;
-            }
-            bscale[r * kb + b] = s;
-            bsum[r * kb + b] = 128 * sum; /* the +128 weight offset's share of the block */
-        }
-    }
 }
 
 static inline __attribute__((always_inline)) void tile_w8a8(

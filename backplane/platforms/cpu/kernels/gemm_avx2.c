@@ -1,0 +1,421 @@
+/*
+ * The CPU platform's GEMM kernels for x86 CPUs with AVX2 and FMA but without
+ * AVX512-BF16 (Zen 2/3, most client Intel parts): the same entry points and the
+ * same packed weight layouts as gemm_bf16.c (see backplane/platforms/cpu/linear.py),
+ * with float32 FMAs instead of bf16 / VNNI dot products. Without these, bf16
+ * linears on such CPUs fall to torch's scalar bf16 matmul (~18 GFLOP/s here).
+ *
+ * bf16 weights: a packed column pair is 16 rows x 2 columns; 8 rows of it are one
+ * 256-bit load whose 32-bit lanes each hold one row's (column 2p, column 2p+1)
+ * bf16 pair. A bf16 number is the upper half of a float32, so a shift (column 2p)
+ * and a mask (column 2p+1) give both columns as float32 with no shuffles, and two
+ * FMAs with the activations' two broadcast columns accumulate 8 outputs. Each
+ * weight byte is read once per call; activations are widened to float32 once.
+ *
+ * int8 weights, bf16 activations (W8A16): the same loop, the pair widened from
+ * two bytes per lane by sign-extending shifts; the row scale is applied at the end.
+ *
+ * W8A8: int8 weights (signed: no +128 offset, unlike the VNNI kernel) in 16-row
+ * blocks of 4 consecutive columns, activations quantized per 32-column block.
+ * vpmaddubsw multiplies unsigned by signed bytes, so |w| is multiplied by x with
+ * w's sign moved onto it (llama.cpp's trick: |w| <= 128 and |x| <= 127 keep the
+ * pairwise int16 sums from saturating); vpmaddwd sums the pairs into int32.
+ *
+ * Accumulation is in float32 (int32 within a W8A8 block); the result is rounded
+ * to bf16 (round to nearest even) or written as float32 for the logits.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.h"
+#include "gemm_packing.h"
+
+/* Activation rows per small tile (3 rows x 2 half blocks = 6 accumulators). */
+#define MT 3
+
+/* float32 -> bf16, round to nearest even (NaN is not produced by these sums). */
+static inline __attribute__((always_inline)) __m128i to_bf16x8(__m256 v) {
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    const __m256i rounded = _mm256_srli_epi32(
+        _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), odd), 16);
+    /* packus works per 128-bit lane: gather lanes 0 and 2 of the 64-bit view */
+    const __m256i packed = _mm256_packus_epi32(rounded, rounded);
+    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08));
+}
+
+/* Output columns col..col+7 of one row: x row scale (if scales), + bias, then bf16
+ * or float32. Columns past N are not written. */
+static inline __attribute__((always_inline)) void store8(
+        __m256 v, void *out, int64_t row, int64_t os, int64_t col, int64_t n,
+        const float *scales, const float *bias, int out_f32) {
+    if (col >= n) return;
+    if (col + 8 <= n) {
+        if (scales) v = _mm256_mul_ps(v, _mm256_loadu_ps(scales + col));
+        if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + col));
+        if (out_f32)
+            _mm256_storeu_ps((float *)out + row * os + col, v);
+        else
+            _mm_storeu_si128((__m128i *)((uint16_t *)out + row * os + col), to_bf16x8(v));
+        return;
+    }
+    float vals[8];
+    _mm256_storeu_ps(vals, v);
+    for (int64_t j = 0; j < n - col; j++) {
+        float f = vals[j];
+        if (scales) f *= scales[col + j];
+        if (bias) f += bias[col + j];
+        if (out_f32)
+            ((float *)out)[row * os + col + j] = f;
+        else
+            ((uint16_t *)out)[row * os + col + j] = float_to_bf16(f);
+    }
+}
+
+/* x [M, K] bf16 (row stride xs) -> float32 [M, K], malloc'ed (NULL if out of memory). */
+static float *widen_rows(const uint16_t *x, int64_t xs, int64_t m, int64_t k) {
+    float *xf = malloc((size_t)(m * k) * sizeof(float));
+    if (!xf) return NULL;
+#pragma omp parallel for schedule(static) if (m * k > 65536)
+    for (int64_t r = 0; r < m; r++)
+        for (int64_t j = 0; j < k; j++) xf[r * k + j] = bf16_to_float(x[r * xs + j]);
+    return xf;
+}
+
+/* 8 rows of one packed column pair -> (column 2p, column 2p+1) as float32. */
+static inline __attribute__((always_inline)) void widen_bf16(const uint16_t *src, __m256 *lo,
+                                                             __m256 *hi) {
+    const __m256i v = _mm256_loadu_si256((const __m256i *)src);
+    *lo = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    *hi = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u)));
+}
+
+static inline __attribute__((always_inline)) void widen_w8(const int8_t *src, __m256 *lo,
+                                                           __m256 *hi) {
+    /* each 32-bit lane: one row's (low: column 2p, high: column 2p+1) bytes, sign-extended */
+    const __m256i v = _mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)src));
+    *lo = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24), 24));
+    *hi = _mm256_cvtepi32_ps(_mm256_srai_epi32(v, 8));
+}
+
+/* Batch 1 against two 16-row blocks: each half block's two columns go to separate
+ * accumulators, so 8 independent FMA chains are in flight (one chain per half
+ * would leave the loop bound by FMA latency, not by memory). */
+#define DEFINE_AVX2_GEMV_TILE(NAME, WTYPE, WIDEN)                                      \
+    static inline __attribute__((always_inline)) void NAME(                            \
+            const float *xr, int64_t k, const WTYPE *w0, const WTYPE *w1, __m256 out[4]) { \
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                    \
+        __m256 c0 = a0, c1 = a0, c2 = a0, c3 = a0;                                     \
+        for (int64_t p = 0; p < k / 2; p++) {                                          \
+            const __m256 x0 = _mm256_broadcast_ss(xr + 2 * p);                         \
+            const __m256 x1 = _mm256_broadcast_ss(xr + 2 * p + 1);                     \
+            __m256 lo, hi;                                                             \
+            WIDEN(w0 + p * 32, &lo, &hi);                                              \
+            a0 = _mm256_fmadd_ps(lo, x0, a0); c0 = _mm256_fmadd_ps(hi, x1, c0);        \
+            WIDEN(w0 + p * 32 + 16, &lo, &hi);                                         \
+            a1 = _mm256_fmadd_ps(lo, x0, a1); c1 = _mm256_fmadd_ps(hi, x1, c1);        \
+            WIDEN(w1 + p * 32, &lo, &hi);                                              \
+            a2 = _mm256_fmadd_ps(lo, x0, a2); c2 = _mm256_fmadd_ps(hi, x1, c2);        \
+            WIDEN(w1 + p * 32 + 16, &lo, &hi);                                         \
+            a3 = _mm256_fmadd_ps(lo, x0, a3); c3 = _mm256_fmadd_ps(hi, x1, c3);        \
+        }                                                                              \
+        out[0] = _mm256_add_ps(a0, c0); out[1] = _mm256_add_ps(a1, c1);                \
+        out[2] = _mm256_add_ps(a2, c2); out[3] = _mm256_add_ps(a3, c3);                \
+    }
+
+/* mt rows (a compile-time constant at each call, <= MT) against one 16-row block:
+ * 2 x mt accumulators; the block stays in cache while the row tiles pass over it. */
+#define DEFINE_AVX2_ROWS_TILE(NAME, WTYPE, WIDEN)                                      \
+    static inline __attribute__((always_inline)) void NAME(                            \
+            const float *xf, int64_t k, int64_t m0, const int mt, const WTYPE *w,      \
+            int64_t n, int64_t b, const float *scales, const float *bias, void *out,   \
+            int64_t os, int out_f32) {                                                 \
+        __m256 acc[MT][2];                                                             \
+        _Pragma("GCC unroll 4") for (int i = 0; i < mt; i++)                           \
+            acc[i][0] = acc[i][1] = _mm256_setzero_ps();                               \
+        for (int64_t p = 0; p < k / 2; p++) {                                          \
+            _Pragma("GCC unroll 2") for (int h = 0; h < 2; h++) {                      \
+                __m256 lo, hi;                                                         \
+                WIDEN(w + p * 32 + h * 16, &lo, &hi);                                  \
+                _Pragma("GCC unroll 4") for (int i = 0; i < mt; i++) {                 \
+                    const float *xr = xf + (m0 + i) * k + 2 * p;                       \
+                    acc[i][h] = _mm256_fmadd_ps(lo, _mm256_broadcast_ss(xr), acc[i][h]); \
+                    acc[i][h] = _mm256_fmadd_ps(hi, _mm256_broadcast_ss(xr + 1),       \
+                                                acc[i][h]);                            \
+                }                                                                      \
+            }                                                                          \
+        }                                                                              \
+        _Pragma("GCC unroll 4") for (int i = 0; i < mt; i++) {                         \
+            store8(acc[i][0], out, m0 + i, os, b * 16, n, scales, bias, out_f32);      \
+            store8(acc[i][1], out, m0 + i, os, b * 16 + 8, n, scales, bias, out_f32);  \
+        }                                                                              \
+    }
+
+/* From PANEL_ROWS activation rows on, each 16-row block is first widened to a
+ * float32 panel [K][16] (column j's 16 rows side by side, in cache) and the rows
+ * go through the classic 6 x 16 FMA micro-kernel: per column, 2 panel loads and 6
+ * broadcasts feed 12 FMAs, and the widening is paid once per block, not per row
+ * tile. (Widening in the loop, as the small tiles do, held batch 64 at ~55% of
+ * the FMA peak; float32 sgemm reaches ~75% here.) */
+#define PANEL_ROWS 4
+#define PANEL_MT 6
+
+/* Named accumulators, not an array: gcc keeps an array of 12 vectors on the stack. */
+#define PANEL_ROW(i)                                                                   \
+    if (mt > i) {                                                                      \
+        const __m256 xb = _mm256_broadcast_ss(xf + (m0 + i) * k + j);                  \
+        a##i = _mm256_fmadd_ps(w0, xb, a##i);                                          \
+        c##i = _mm256_fmadd_ps(w1, xb, c##i);                                          \
+    }
+#define PANEL_STORE(i)                                                                 \
+    if (mt > i) {                                                                      \
+        store8(a##i, out, m0 + i, os, b * 16, n, scales, bias, out_f32);               \
+        store8(c##i, out, m0 + i, os, b * 16 + 8, n, scales, bias, out_f32);           \
+    }
+
+static inline __attribute__((always_inline)) void panel_tile(
+        const float *xf, int64_t k, int64_t m0, const int mt, const float *panel, int64_t n,
+        int64_t b, const float *scales, const float *bias, void *out, int64_t os,
+        int out_f32) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0;
+    __m256 c0 = a0, c1 = a0, c2 = a0, c3 = a0, c4 = a0, c5 = a0;
+    for (int64_t j = 0; j < k; j++) {
+        const __m256 w0 = _mm256_load_ps(panel + j * 16), w1 = _mm256_load_ps(panel + j * 16 + 8);
+        PANEL_ROW(0) PANEL_ROW(1) PANEL_ROW(2) PANEL_ROW(3) PANEL_ROW(4) PANEL_ROW(5)
+    }
+    PANEL_STORE(0) PANEL_STORE(1) PANEL_STORE(2) PANEL_STORE(3) PANEL_STORE(4) PANEL_STORE(5)
+}
+
+/* One function per row count: inlined into a single switch, gcc spilled the
+ * accumulators to the stack in every case. */
+#define PANEL_TILE_FN(mt)                                                              \
+    static __attribute__((noinline)) void panel_tile_##mt(                             \
+            const float *xf, int64_t k, int64_t m0, const float *panel, int64_t n,     \
+            int64_t b, const float *scales, const float *bias, void *out, int64_t os,  \
+            int out_f32) {                                                             \
+        panel_tile(xf, k, m0, mt, panel, n, b, scales, bias, out, os, out_f32);        \
+    }
+PANEL_TILE_FN(1) PANEL_TILE_FN(2) PANEL_TILE_FN(3)
+PANEL_TILE_FN(4) PANEL_TILE_FN(5) PANEL_TILE_FN(6)
+
+static void panel_rows(const float *xf, int64_t m_total, int64_t k, const float *panel,
+                       int64_t n, int64_t b, const float *scales, const float *bias, void *out,
+                       int64_t os, int out_f32) {
+    static void (*const tiles[PANEL_MT + 1])(const float *, int64_t, int64_t, const float *,
+                                             int64_t, int64_t, const float *, const float *,
+                                             void *, int64_t, int) = {
+        NULL, panel_tile_1, panel_tile_2, panel_tile_3, panel_tile_4, panel_tile_5,
+        panel_tile_6};
+    for (int64_t m0 = 0; m0 < m_total; m0 += PANEL_MT)
+        tiles[m_total - m0 < PANEL_MT ? m_total - m0 : PANEL_MT](xf, k, m0, panel, n, b,
+                                                                   scales, bias, out, os,
+                                                                   out_f32);
+}
+
+/* The GEMM over a pair-layout weight (bf16 or int8): batch 1 takes two blocks per
+ * tile, 2..PANEL_ROWS-1 rows row tiles against one block at a time, more rows the
+ * float32 panels. Returns -1 if a panel could not be allocated. */
+#define DEFINE_AVX2_GEMM(NAME, WTYPE, WIDEN)                                           \
+    DEFINE_AVX2_GEMV_TILE(NAME##_gemv_tile, WTYPE, WIDEN)                              \
+    DEFINE_AVX2_ROWS_TILE(NAME##_rows_tile, WTYPE, WIDEN)                              \
+    static void NAME##_panel(const WTYPE *w, int64_t k, float *panel) {                \
+        for (int64_t p = 0; p < k / 2; p++) {                                          \
+            __m256 lo, hi;                                                             \
+            WIDEN(w + p * 32, &lo, &hi);                                               \
+            _mm256_store_ps(panel + 2 * p * 16, lo);                                   \
+            _mm256_store_ps(panel + (2 * p + 1) * 16, hi);                             \
+            WIDEN(w + p * 32 + 16, &lo, &hi);                                          \
+            _mm256_store_ps(panel + 2 * p * 16 + 8, lo);                               \
+            _mm256_store_ps(panel + (2 * p + 1) * 16 + 8, hi);                         \
+        }                                                                              \
+    }                                                                                  \
+    static int NAME##_run(const float *xf, int64_t m_total, const WTYPE *packed,       \
+                          const float *scales, int64_t n, int64_t k, const float *bias, \
+                          void *out, int64_t os, int out_f32) {                        \
+        const int64_t nb = (n + 15) / 16, npairs = (nb + 1) / 2;                       \
+        int failed = 0;                                                                \
+        _Pragma("omp parallel reduction(|:failed)")                                    \
+        {                                                                              \
+            float *panel = NULL;                                                       \
+            if (m_total >= PANEL_ROWS)                                                 \
+                panel = aligned_alloc(64, (size_t)k * 16 * sizeof(float));             \
+            if (m_total >= PANEL_ROWS && !panel) failed = 1;                           \
+            _Pragma("omp for schedule(static)")                                        \
+            for (int64_t bp = 0; bp < npairs; bp++) {                                  \
+                const int64_t b0 = 2 * bp;                                             \
+                const int two = b0 + 1 < nb;                                           \
+                const WTYPE *w0 = packed + b0 * (k / 2) * 32;                          \
+                if (m_total == 1) {                                                    \
+                    __m256 v[4];                                                       \
+                    /* a lone last block reads itself twice rather than past the end */ \
+                    NAME##_gemv_tile(xf, k, w0, two ? w0 + (k / 2) * 32 : w0, v);      \
+                    for (int j = 0; j < (two ? 4 : 2); j++)                            \
+                        store8(v[j], out, 0, os, b0 * 16 + 8 * j, n, scales, bias, out_f32); \
+                    continue;                                                          \
+                }                                                                      \
+                for (int b = 0; b <= two; b++) {                                       \
+                    const WTYPE *w = w0 + b * (k / 2) * 32;                            \
+                    if (panel) {                                                       \
+                        NAME##_panel(w, k, panel);                                     \
+                        panel_rows(xf, m_total, k, panel, n, b0 + b, scales, bias, out, os, \
+                                   out_f32);                                           \
+                    } else if (m_total < PANEL_ROWS) {                                 \
+                        if (m_total == 2)                                              \
+                            NAME##_rows_tile(xf, k, 0, 2, w, n, b0 + b, scales, bias, out, os, out_f32); \
+                        else                                                           \
+                            NAME##_rows_tile(xf, k, 0, 3, w, n, b0 + b, scales, bias, out, os, out_f32); \
+                    }                                                                  \
+                }                                                                      \
+            }                                                                          \
+            free(panel);                                                               \
+        }                                                                              \
+        return failed ? -1 : 0;                                                        \
+    }
+
+DEFINE_AVX2_GEMM(gemm_bf16, uint16_t, widen_bf16)
+DEFINE_AVX2_GEMM(gemm_w8, int8_t, widen_w8)
+
+/* out[m, n] = sum_k x[m, k] W[n, k] (+ bias[n]) for m < m_total, n < N.
+ * x: [M, K] bf16 with row stride xs (K even); packed: pack_bf16's layout;
+ * bias: float32 or NULL; out: [M, N] bf16, or float32 if out_f32, row stride os.
+ * Returns 0, or -1 when the float32 copy of x or a panel could not be allocated. */
+int gemm_bf16(const uint16_t *x, int64_t xs, int64_t m_total, const uint16_t *packed,
+              int64_t n, int64_t k, const float *bias, void *out, int64_t os, int out_f32) {
+    float *xf = widen_rows(x, xs, m_total, k);
+    if (!xf) return -1;
+    const int status = gemm_bf16_run(xf, m_total, packed, NULL, n, k, bias, out, os, out_f32);
+    free(xf);
+    return status;
+}
+
+/* gemm_bf16 for int8 weights (pack_w8_from_bf16's layout):
+ * out = x @ (scales[:, None] * Wq).T (+ bias). */
+int gemm_w8(const uint16_t *x, int64_t xs, int64_t m_total, const int8_t *packed,
+            const float *scales, int64_t n, int64_t k, const float *bias, void *out,
+            int64_t os, int out_f32) {
+    float *xf = widen_rows(x, xs, m_total, k);
+    if (!xf) return -1;
+    const int status = gemm_w8_run(xf, m_total, packed, scales, n, k, bias, out, os, out_f32);
+    free(xf);
+    return status;
+}
+
+/* ------------------------------------------------------------------------
+ * W8A8: signed int8 weights in 16-row blocks of column quads (64 bytes each: row
+ * r's 4 bytes at 4r), activations from quantize_activations (gemm_packing.h).
+ * ------------------------------------------------------------------------ */
+
+/* Weights are stored without an offset here (the VNNI kernel stores them +128). */
+int w8a8_weight_offset(void) { return 0; }
+
+void pack_w8a8_from_bf16(const uint16_t *w, int64_t n, int64_t k, uint8_t *packed,
+                         float *scales) {
+    pack_int8(w, n, k, 4, 0, packed, scales);
+}
+
+/* w . x for one 32-byte weight vector (8 rows x 4 columns) and a broadcast quad of x,
+ * added to the int32 accumulator s: |w| x (x with w's sign), pairwise in int16, then
+ * the pairs summed into int32. aw = |w| is shared by every row. */
+static inline __attribute__((always_inline)) __m256i dot_quads(__m256i s, __m256i aw, __m256i w,
+                                                               __m256i xb) {
+    const __m256i pairs = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xb, w));
+    return _mm256_add_epi32(s, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+
+/* mt rows x nblk blocks with mt x nblk <= 2 (compile-time constants): four half-block
+ * "lanes" (row 0 block 0 halves 0-1, then block 1 or row 1), each an int32 sum within
+ * an activation block and a float32 sum across them. Named variables: gcc kept
+ * arrays of them on the stack. */
+static inline __attribute__((always_inline)) void w8a8_body(
+        const int8_t *xq, const float *bscale, int64_t k, int64_t m0, const int mt,
+        const int nblk, const int8_t *w0, const int8_t *w1, int64_t n, int64_t b0,
+        const float *scales, const float *bias, void *out, int64_t os, int out_f32) {
+    const int64_t kb = k / QB;
+    const int8_t *x0 = xq + m0 * k, *x1 = xq + (m0 + (mt > 1)) * k;
+    __m256 f0 = _mm256_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
+    for (int64_t blk = 0; blk < kb; blk++) {
+        __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
+#pragma GCC unroll 8
+        for (int q = 0; q < QB / 4; q++) {
+            const int64_t q4 = blk * (QB / 4) + q;
+            int32_t quad;
+            memcpy(&quad, x0 + 4 * q4, sizeof quad);
+            const __m256i xa = _mm256_set1_epi32(quad);
+            const __m256i wa = _mm256_loadu_si256((const __m256i *)(w0 + q4 * 64));
+            const __m256i wb = _mm256_loadu_si256((const __m256i *)(w0 + q4 * 64 + 32));
+            const __m256i aa = _mm256_abs_epi8(wa), ab = _mm256_abs_epi8(wb);
+            s0 = dot_quads(s0, aa, wa, xa);
+            s1 = dot_quads(s1, ab, wb, xa);
+            if (nblk == 2) {
+                const __m256i wc = _mm256_loadu_si256((const __m256i *)(w1 + q4 * 64));
+                const __m256i wd = _mm256_loadu_si256((const __m256i *)(w1 + q4 * 64 + 32));
+                s2 = dot_quads(s2, _mm256_abs_epi8(wc), wc, xa);
+                s3 = dot_quads(s3, _mm256_abs_epi8(wd), wd, xa);
+            }
+            if (mt == 2) {
+                memcpy(&quad, x1 + 4 * q4, sizeof quad);
+                const __m256i xb = _mm256_set1_epi32(quad);
+                s2 = dot_quads(s2, aa, wa, xb);
+                s3 = dot_quads(s3, ab, wb, xb);
+            }
+        }
+        const __m256 sa = _mm256_set1_ps(bscale[m0 * kb + blk]);
+        const __m256 sb = mt == 2 ? _mm256_set1_ps(bscale[(m0 + 1) * kb + blk]) : sa;
+        f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), sa, f0);
+        f1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), sa, f1);
+        if (nblk == 2 || mt == 2) {
+            f2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s2), sb, f2);
+            f3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s3), sb, f3);
+        }
+    }
+    store8(f0, out, m0, os, b0 * 16, n, scales, bias, out_f32);
+    store8(f1, out, m0, os, b0 * 16 + 8, n, scales, bias, out_f32);
+    if (nblk == 2) {
+        store8(f2, out, m0, os, b0 * 16 + 16, n, scales, bias, out_f32);
+        store8(f3, out, m0, os, b0 * 16 + 24, n, scales, bias, out_f32);
+    } else if (mt == 2) {
+        store8(f2, out, m0 + 1, os, b0 * 16, n, scales, bias, out_f32);
+        store8(f3, out, m0 + 1, os, b0 * 16 + 8, n, scales, bias, out_f32);
+    }
+}
+
+#define W8A8_TILE_FN(mt, nblk)                                                         \
+    static __attribute__((noinline)) void w8a8_tile_##mt##x##nblk(                     \
+            const int8_t *xq, const float *bscale, int64_t k, int64_t m0,              \
+            const int8_t *w0, const int8_t *w1, int64_t n, int64_t b0,                 \
+            const float *scales, const float *bias, void *out, int64_t os,             \
+            int out_f32) {                                                             \
+        w8a8_body(xq, bscale, k, m0, mt, nblk, w0, w1, n, b0, scales, bias, out, os,   \
+                  out_f32);                                                            \
+    }
+W8A8_TILE_FN(1, 1) W8A8_TILE_FN(1, 2) W8A8_TILE_FN(2, 1)
+
+/* out = dequant(xq) @ (scales[:, None] * Wq).T (+ bias); K a multiple of 32. bsum
+ * (quantize_activations' offset correction) is not needed with signed weights. */
+void gemm_w8a8(const int8_t *xq, const float *bscale, const int32_t *bsum, int64_t m_total,
+               const int8_t *packed, const float *scales, int64_t n, int64_t k,
+               const float *bias, void *out, int64_t os, int out_f32) {
+    (void)bsum;
+    const int64_t nb = (n + 15) / 16, npairs = (nb + 1) / 2;
+#pragma omp parallel for schedule(static)
+    for (int64_t bp = 0; bp < npairs; bp++) {
+        const int64_t b0 = 2 * bp;
+        const int8_t *w0 = packed + b0 * k * 16, *w1 = w0 + k * 16;
+        const int two = b0 + 1 < nb;
+        if (m_total == 1) {
+            if (two) w8a8_tile_1x2(xq, bscale, k, 0, w0, w1, n, b0, scales, bias, out, os, out_f32);
+            else w8a8_tile_1x1(xq, bscale, k, 0, w0, w0, n, b0, scales, bias, out, os, out_f32);
+            continue;
+        }
+        for (int b = 0; b <= two; b++) {
+            const int8_t *w = w0 + b * k * 16;
+            int64_t m0 = 0;
+            for (; m0 + 2 <= m_total; m0 += 2)
+                w8a8_tile_2x1(xq, bscale, k, m0, w, w, n, b0 + b, scales, bias, out, os, out_f32);
+            if (m0 < m_total)
+                w8a8_tile_1x1(xq, bscale, k, m0, w, w, n, b0 + b, scales, bias, out, os, out_f32);
+        }
+    }
+}
