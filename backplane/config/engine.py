@@ -310,9 +310,11 @@ class EngineConfig:
             out.append(f"quantization ({method!r}) is not supported; supported: "
                        f"{list(QUANTIZATION_METHODS)}")
         elif method not in getattr(platform, "supported_quantization", ()):
+            why = getattr(platform, "quantization_unsupported_reason", lambda m: None)(method)
             out.append(f"quantization ({method!r}) has no kernel on platform "
                        f"{platform.name!r} (it runs: "
-                       f"{list(getattr(platform, 'supported_quantization', ())) or 'none'})")
+                       f"{list(getattr(platform, 'supported_quantization', ())) or 'none'})"
+                       + (f": {why}" if why else ""))
         elif self.compilation_config.compile:
             out.append(f"quantization ({method!r}) runs on the platform's own kernels, which "
                        "torch.compile does not trace; use optimization level 0 (-O0)")

@@ -207,6 +207,12 @@ class Platform:
     device_control_env_var: str | None = None
     ray_device_resource: str | None = None
 
+    def quantization_unsupported_reason(self, method: str) -> str | None:
+        """Why ``method`` is missing from `supported_quantization` on this machine (e.g.
+        an instruction set the kernel needs), for the refusal message; None: no reason
+        to add. Optional (SDK 1.1 platforms without it keep the plain message)."""
+        return None
+
     def __init__(self, runtime: DeviceRuntime, config_policy: ConfigPolicy | None = None) -> None:
         self.runtime = runtime
         self.config_policy = config_policy or ConfigPolicy()

@@ -41,7 +41,9 @@ History:
          token_bitmask.apply_token_bitmask); Platform.add_lora (batched
          multi-LoRA; default lora.add_lora_torch, contract and LoRAMapping
          in plugins_sdk.lora); Platform.supported_quantization (weight
-         quantization methods the platform's kernels run, default ()); Communicator.isend
+         quantization methods the platform's kernels run, default ()) with
+         Platform.quantization_unsupported_reason(method) (default None: why a
+         method is missing here, added to the refusal); Communicator.isend
          (non-blocking send, default torch.distributed.isend; pipeline stages keep
          several batches in flight with it); the
          fp8 KV cache contract (attention.FP8_KV_CACHE_DTYPES,

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from backplane import LLM, SamplingParams
+from backplane.platforms.cpu import linear as cpu_linear
 from backplane.platforms.cpu.linear import Int8Linear, bf16_gemm_supported, runnable_gemm_isas
 from backplane.platforms.cpu.platform import CpuPlatform
 
@@ -68,10 +69,12 @@ def test_w8a8_needs_whole_activation_blocks():
         Int8Linear(torch.zeros(4, 48, dtype=torch.bfloat16), None, False, activations="int8")
 
 
-@needs_kernel
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("method", ["int8", "int8_weight_only"])
-def test_engine_int8_tracks_bf16(llama_model_dir, method):
-    """Logprob deviation from the bf16 model over a prompt."""
+def test_engine_int8_tracks_bf16(llama_model_dir, method, isa, monkeypatch):
+    """Logprob deviation from the bf16 model over a prompt, on each kernel the CPU runs
+    (forced: an AVX512-BF16 machine runs the AVX2 kernels too)."""
+    monkeypatch.setattr(cpu_linear, "gemm_isa", lambda: isa)
     params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
     outs = {}
     for quantization in (None, method):
@@ -79,13 +82,28 @@ def test_engine_int8_tracks_bf16(llama_model_dir, method):
                   quantization=quantization)
         if quantization:
             runner = llm.llm_engine.engine_core.model_runner
-            assert sum(isinstance(m, Int8Linear) for m in runner.model.modules()) == 1 + 4 * 2
+            layers = [m for m in runner.model.modules() if isinstance(m, Int8Linear)]
+            assert len(layers) == 1 + 4 * 2 and all(m.isa == isa for m in layers)
         outs[quantization] = llm.generate([PROMPT], params, use_tqdm=False)[0]
     bf16, int8 = outs[None], outs[method]
     pairs = list(zip(bf16.prompt_logprobs[1:], int8.prompt_logprobs[1:],
                      bf16.prompt_token_ids[1:], strict=True))
     diffs = [abs(a[t].logprob - b[t].logprob) for a, b, t in pairs]
     assert sum(diffs) / len(diffs) < 0.05 and max(diffs) < 0.2, diffs
+
+
+def test_kernels_a_cpu_lacks_are_refused_naming_the_instruction_set(llama_model_dir,
+                                                                    monkeypatch):
+    """An AVX2-only CPU runs int8 but not fp8 / int4; a CPU with neither runs none, and
+    the refusal says which instruction set is missing."""
+    monkeypatch.setattr(cpu_linear, "gemm_isa", lambda: "avx2")
+    with pytest.raises(ValueError, match=r"quantization \('fp8'\) has no kernel on platform "
+                                         r"'cpu'.*needs AVX512-BF16.*it has AVX2"):
+        LLM(model=llama_model_dir, max_model_len=64, num_kv_blocks=16, quantization="fp8")
+    monkeypatch.setattr(cpu_linear, "gemm_isa", lambda: None)
+    with pytest.raises(ValueError, match=r"quantization \('int8'\) has no kernel.*it runs: "
+                                         r".*AVX512-BF16 or AVX2 \+ FMA"):
+        LLM(model=llama_model_dir, max_model_len=64, num_kv_blocks=16, quantization="int8")
 
 
 def test_other_methods_platforms_and_quantized_checkpoints_are_refused(

@@ -142,10 +142,8 @@ def gemm_kernels(isa: str | None) -> ctypes.CDLL:
     lib.gemm_w8.restype = status
     lib.pack_w8a8_from_bf16.argtypes = [p, i64, i64, p, p]
     lib.pack_w8a8_from_bf16.restype = None
-    lib.quantize_activations.argtypes = [p, i64, i64, i64, p, p, p]
-    lib.quantize_activations.restype = None
-    lib.gemm_w8a8.argtypes = [p, p, p, i64, p, p, i64, i64, p, p, i64, ctypes.c_int]
-    lib.gemm_w8a8.restype = None
+    lib.gemm_w8a8_bf16.argtypes = [p, i64, i64, p, p, i64, i64, p, p, i64, ctypes.c_int]
+    lib.gemm_w8a8_bf16.restype = ctypes.c_int
     lib.w8a8_weight_offset.argtypes = []
     lib.w8a8_weight_offset.restype = ctypes.c_int
     return lib
@@ -317,16 +315,11 @@ class Int8Linear(nn.Module):
         bias = None if self.bias is None else self.bias.data_ptr()
         lib = self._lib
         if m and self.activations == "int8":
-            k = self.in_features
-            xq = torch.empty(m, k, dtype=torch.int8)
-            block_scales = torch.empty(m, k // W8A8_BLOCK, dtype=torch.float32)
-            block_sums = torch.empty(m, k // W8A8_BLOCK, dtype=torch.int32)
-            lib.quantize_activations(rows.data_ptr(), k, m, k, xq.data_ptr(),
-                                     block_scales.data_ptr(), block_sums.data_ptr())
-            lib.gemm_w8a8(xq.data_ptr(), block_scales.data_ptr(), block_sums.data_ptr(), m,
-                          self.packed_weight.data_ptr(), self.scales.data_ptr(),
-                          self.out_features, k, bias, out.data_ptr(), self.out_features,
-                          int(float_out))
+            # quantizes the activations per 32-column block, then the int8 GEMM
+            _check(lib.gemm_w8a8_bf16(rows.data_ptr(), self.in_features, m,
+                                      self.packed_weight.data_ptr(), self.scales.data_ptr(),
+                                      self.out_features, self.in_features, bias,
+                                      out.data_ptr(), self.out_features, int(float_out)))
         elif m:
             _check(lib.gemm_w8(rows.data_ptr(), self.in_features, m,
                                self.packed_weight.data_ptr(), self.scales.data_ptr(),

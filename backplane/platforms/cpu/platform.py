@@ -8,6 +8,7 @@ import os
 
 import torch
 
+from backplane.platforms.cpu import linear as cpu_linear
 from backplane.platforms.cpu.attention import CpuSdpaAttentionBackend
 from backplane.platforms.cpu.communicator import SharedMemoryCommunicator
 from backplane.platforms.cpu.fp8 import (
@@ -24,7 +25,6 @@ from backplane.platforms.cpu.int4 import (
 from backplane.platforms.cpu.linear import (
     Int8Linear,
     bf16_gemm_supported,
-    gemm_isa,
     prepack_linear_weights,
     prepacking_supported,
     quantize_linear_weights_int8,
@@ -75,12 +75,22 @@ class CpuPlatform(Platform):
     def supported_quantization(self) -> tuple[str, ...]:
         """``int8`` (W8A8), ``int8_weight_only`` (W8A16) and ``compressed-tensors``
         checkpoints where one of the GEMM kernels runs (AVX512-BF16 or AVX2), ``fp8``
-        (e4m3 weights) where the AVX512-BF16 one does, ``gptq`` / ``awq`` 4-bit checkpoints where the int4 kernel
-        (kernels/gemm_int4.c) builds (checked when asked: the first check builds them)."""
+        (e4m3 weights) where the AVX512-BF16 one does, ``gptq`` / ``awq`` 4-bit checkpoints
+        where the int4 kernel (kernels/gemm_int4.c, AVX512-BF16 too) builds (checked when asked: the first check builds them)."""
         methods = (("int8", "int8_weight_only", "compressed-tensors")
                    if bf16_gemm_supported() else ())
         methods += ("fp8",) if fp8_kernel_supported() else ()
         return methods + (("gptq", "awq") if int4_kernel_supported() else ())
+
+    def quantization_unsupported_reason(self, method: str) -> str | None:
+        """The instruction set a missing method's kernel needs, and what this CPU has."""
+        isa = cpu_linear.gemm_isa()
+        if method in ("fp8", "gptq", "awq") and isa != "avx512_bf16":
+            return (f"its cpu kernel needs AVX512-BF16, which this CPU lacks (it has "
+                    f"{'AVX2' if isa == 'avx2' else 'neither AVX512-BF16 nor AVX2 + FMA'})")
+        if method in ("int8", "int8_weight_only", "compressed-tensors") and isa is None:
+            return "its cpu kernels need AVX512-BF16 or AVX2 + FMA, which this CPU lacks"
+        return None
 
     def make_quantized_linear(self, method, weights):
         """GPTQ / AWQ 4-bit layers on the int4 kernel (int4.py), compressed-tensors fp8
@@ -207,7 +217,7 @@ class CpuPlatform(Platform):
         count = prepack_linear_weights(model, own_gemm=own_gemm)
         if count:
             logger.info("cpu platform: %d bf16 linear layers packed for %s", count,
-                        f"the {gemm_isa()} GEMM kernel" if own_gemm else "oneDNN")
+                        f"the {cpu_linear.gemm_isa()} GEMM kernel" if own_gemm else "oneDNN")
             # The plain weights just freed would otherwise stay in malloc's heap
             # (tune_allocator keeps freed buffers): hand them back to the OS.
             release_free_heap()

@@ -395,8 +395,9 @@ W8A8_TILE_FN(1, 1) W8A8_TILE_FN(1, 2) W8A8_TILE_FN(2, 1)
 /* out = dequant(xq) @ (scales[:, None] * Wq).T (+ bias); K a multiple of 32. bsum
  * (quantize_activations' offset correction) is not needed with signed weights. */
 void gemm_w8a8(const int8_t *xq, const float *bscale, const int32_t *bsum, int64_t m_total,
-               const int8_t *packed, const float *scales, int64_t n, int64_t k,
+               const void *packed_weights, const float *scales, int64_t n, int64_t k,
                const float *bias, void *out, int64_t os, int out_f32) {
+    const int8_t *packed = packed_weights;
     (void)bsum;
     const int64_t nb = (n + 15) / 16, npairs = (nb + 1) / 2;
 #pragma omp parallel for schedule(static)

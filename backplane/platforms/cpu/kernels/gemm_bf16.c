@@ -133,8 +133,9 @@ static inline __attribute__((always_inline)) void tile_w8a8(
 
 /* out = dequant(xq) @ (scales[:, None] * Wq).T (+ bias); K a multiple of 32. */
 void gemm_w8a8(const int8_t *xq, const float *bscale, const int32_t *bsum, int64_t m_total,
-               const uint8_t *packed, const float *scales, int64_t n, int64_t k,
+               const void *packed_weights, const float *scales, int64_t n, int64_t k,
                const float *bias, void *out, int64_t os, int out_f32) {
+    const uint8_t *packed = packed_weights;
     const int64_t kq = k / 4, nb = (n + 15) / 16, npairs = (nb + 1) / 2;
 #pragma omp parallel for schedule(static)
     for (int64_t bp = 0; bp < npairs; bp++) {

@@ -7,6 +7,7 @@
 #ifndef BACKPLANE_GEMM_PACKING_H
 #define BACKPLANE_GEMM_PACKING_H
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "common.h"
 
@@ -100,6 +101,34 @@ void quantize_activations(const uint16_t *x, int64_t xs, int64_t m, int64_t k, i
             bsum[r * kb + b] = 128 * sum; /* the +128 weight offset's share of the block */
         }
     }
+}
+
+/* The including file's W8A8 GEMM (packed: its weight layout). */
+void gemm_w8a8(const int8_t *xq, const float *bscale, const int32_t *bsum, int64_t m_total,
+               const void *packed, const float *scales, int64_t n, int64_t k,
+               const float *bias, void *out, int64_t os, int out_f32);
+
+/* W8A8 from bf16 activations x [M, K] (row stride xs) in one call: quantize_activations
+ * into scratch of its own, then gemm_w8a8 (one call instead of two, and no scratch
+ * tensors to allocate per layer in Python). Returns -1 if the scratch could not be
+ * allocated. */
+int gemm_w8a8_bf16(const uint16_t *x, int64_t xs, int64_t m, const void *packed,
+                   const float *scales, int64_t n, int64_t k, const float *bias, void *out,
+                   int64_t os, int out_f32) {
+    const int64_t kb = k / QB;
+    int8_t *xq = malloc((size_t)(m * k));
+    float *bscale = malloc((size_t)(m * kb) * sizeof(float));
+    int32_t *bsum = malloc((size_t)(m * kb) * sizeof(int32_t));
+    int status = -1;
+    if (xq && bscale && bsum) {
+        quantize_activations(x, xs, m, k, xq, bscale, bsum);
+        gemm_w8a8(xq, bscale, bsum, m, packed, scales, n, k, bias, out, os, out_f32);
+        status = 0;
+    }
+    free(xq);
+    free(bscale);
+    free(bsum);
+    return status;
 }
 
 #endif
