@@ -11,6 +11,7 @@ from backplane import LLM, SamplingParams
 from backplane.platforms.cpu import linear as cpu_linear
 from backplane.platforms.cpu.linear import (
     BlockedBf16Linear,
+    Int8Linear,
     PackedLinear,
     PackedLogitsProjection,
     bf16_gemm_supported,
@@ -66,6 +67,29 @@ def test_bf16_gemm_kernel_matches_float_reference(rows, out_features, in_feature
     logits = BlockedBf16Linear(linear.weight, linear.bias, float_output=True, isa=isa)(x)
     assert logits.dtype == torch.float32
     assert torch.allclose(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("kind", ["bf16", "int8-weights", "int8-weights-and-activations"])
+def test_a_rows_result_does_not_depend_on_its_batch(kind, isa):
+    """Bitwise batch invariance: a row alone (the GEMV tile), in 2-3 rows (row tiles)
+    and among 70 (panels, every tail) gives the same bits, so a greedy request decodes
+    the same token whether it runs alone, batched, or verifying speculative drafts."""
+    torch.manual_seed(3)
+    linear = nn.Linear(128, 200, bias=True, dtype=torch.bfloat16)
+    if kind == "bf16":
+        layers = [BlockedBf16Linear(linear.weight, linear.bias, float_output=f, isa=isa)
+                  for f in (False, True)]
+    else:
+        acts = "int8" if kind.endswith("activations") else "bf16"
+        layers = [Int8Linear(linear.weight, linear.bias, float_output=f, activations=acts,
+                             isa=isa) for f in (False, True)]
+    x = torch.randn(70, 128, dtype=torch.bfloat16)
+    for layer in layers:
+        batched = layer(x)
+        for rows in (slice(0, 1), slice(5, 6), slice(69, 70), slice(0, 2), slice(7, 10),
+                     slice(0, 4), slice(60, 67)):
+            assert torch.equal(layer(x[rows]), batched[rows]), (kind, rows)
 
 
 @needs_onednn

@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 KERNEL_DIR = Path(__file__).with_name("kernels")
 _BASE_FLAGS = (
     "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC",
+    # A misspelt intrinsic or macro must fail the build, not the dlopen later.
+    "-Werror=implicit-function-declaration",
     # Enough freedom to vectorise the max/sum reductions, without -ffast-math
     # (whose crtfastmath would turn on flush-to-zero for the whole process).
     "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros",

@@ -100,29 +100,31 @@ static inline __attribute__((always_inline)) void widen_w8(const int8_t *src, __
     *hi = _mm256_cvtepi32_ps(_mm256_srai_epi32(v, 8));
 }
 
-/* Batch 1 against two 16-row blocks: each half block's two columns go to separate
- * accumulators, so 8 independent FMA chains are in flight (one chain per half
- * would leave the loop bound by FMA latency, not by memory). */
+/* Batch 1 against GEMV_BLOCKS 16-row blocks: one FMA chain per half block (8 in
+ * flight), each summing the columns in order (column 2p, then 2p+1) exactly as
+ * the row tiles and the panels do, so a row's result does not depend on how many
+ * rows share the call (speculative verification and batched decoding must pick
+ * the same greedy token as decoding alone). Splitting a row's columns over two
+ * chains would be as fast but would round differently. */
+#define GEMV_BLOCKS 4
+#define GEMV_STEP(WIDEN, i)                                                                 \
+    WIDEN(w[i / 2] + p * 32 + (i % 2) * 16, &lo, &hi);                                 \
+    a##i = _mm256_fmadd_ps(hi, x1, _mm256_fmadd_ps(lo, x0, a##i));
 #define DEFINE_AVX2_GEMV_TILE(NAME, WTYPE, WIDEN)                                      \
     static inline __attribute__((always_inline)) void NAME(                            \
-            const float *xr, int64_t k, const WTYPE *w0, const WTYPE *w1, __m256 out[4]) { \
+            const float *xr, int64_t k, const WTYPE *const w[GEMV_BLOCKS],             \
+            __m256 out[2 * GEMV_BLOCKS]) {                                             \
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                    \
-        __m256 c0 = a0, c1 = a0, c2 = a0, c3 = a0;                                     \
+        __m256 a4 = a0, a5 = a0, a6 = a0, a7 = a0;                                     \
         for (int64_t p = 0; p < k / 2; p++) {                                          \
             const __m256 x0 = _mm256_broadcast_ss(xr + 2 * p);                         \
             const __m256 x1 = _mm256_broadcast_ss(xr + 2 * p + 1);                     \
             __m256 lo, hi;                                                             \
-            WIDEN(w0 + p * 32, &lo, &hi);                                              \
-            a0 = _mm256_fmadd_ps(lo, x0, a0); c0 = _mm256_fmadd_ps(hi, x1, c0);        \
-            WIDEN(w0 + p * 32 + 16, &lo, &hi);                                         \
-            a1 = _mm256_fmadd_ps(lo, x0, a1); c1 = _mm256_fmadd_ps(hi, x1, c1);        \
-            WIDEN(w1 + p * 32, &lo, &hi);                                              \
-            a2 = _mm256_fmadd_ps(lo, x0, a2); c2 = _mm256_fmadd_ps(hi, x1, c2);        \
-            WIDEN(w1 + p * 32 + 16, &lo, &hi);                                         \
-            a3 = _mm256_fmadd_ps(lo, x0, a3); c3 = _mm256_fmadd_ps(hi, x1, c3);        \
+            GEMV_STEP(WIDEN, 0) GEMV_STEP(WIDEN, 1) GEMV_STEP(WIDEN, 2) GEMV_STEP(WIDEN, 3)\
+            GEMV_STEP(WIDEN, 4) GEMV_STEP(WIDEN, 5) GEMV_STEP(WIDEN, 6) GEMV_STEP(WIDEN, 7)\
         }                                                                              \
-        out[0] = _mm256_add_ps(a0, c0); out[1] = _mm256_add_ps(a1, c1);                \
-        out[2] = _mm256_add_ps(a2, c2); out[3] = _mm256_add_ps(a3, c3);                \
+        out[0] = a0; out[1] = a1; out[2] = a2; out[3] = a3;                            \
+        out[4] = a4; out[5] = a5; out[6] = a6; out[7] = a7;                            \
     }
 
 /* mt rows (a compile-time constant at each call, <= MT) against one 16-row block:
@@ -214,8 +216,8 @@ static void panel_rows(const float *xf, int64_t m_total, int64_t k, const float 
                                                                    out_f32);
 }
 
-/* The GEMM over a pair-layout weight (bf16 or int8): batch 1 takes two blocks per
- * tile, 2..PANEL_ROWS-1 rows row tiles against one block at a time, more rows the
+/* The GEMM over a pair-layout weight (bf16 or int8): batch 1 takes GEMV_BLOCKS
+ * blocks per tile, 2..PANEL_ROWS-1 rows row tiles against one block at a time, more rows the
  * float32 panels. Returns -1 if a panel could not be allocated. */
 #define DEFINE_AVX2_GEMM(NAME, WTYPE, WIDEN)                                           \
     DEFINE_AVX2_GEMV_TILE(NAME##_gemv_tile, WTYPE, WIDEN)                              \
@@ -236,6 +238,23 @@ static void panel_rows(const float *xf, int64_t m_total, int64_t k, const float 
                           void *out, int64_t os, int out_f32) {                        \
         const int64_t nb = (n + 15) / 16, npairs = (nb + 1) / 2;                       \
         int failed = 0;                                                                \
+        if (m_total == 1) {                                                            \
+            const int64_t ng = (nb + GEMV_BLOCKS - 1) / GEMV_BLOCKS;                   \
+            _Pragma("omp parallel for schedule(static)")                               \
+            for (int64_t g = 0; g < ng; g++) {                                         \
+                const int64_t b0 = g * GEMV_BLOCKS;                                    \
+                const int have = nb - b0 < GEMV_BLOCKS ? (int)(nb - b0) : GEMV_BLOCKS; \
+                /* missing last blocks re-read the first rather than past the end */   \
+                const WTYPE *w[GEMV_BLOCKS];                                           \
+                for (int j = 0; j < GEMV_BLOCKS; j++)                                  \
+                    w[j] = packed + (b0 + (j < have ? j : 0)) * (k / 2) * 32;          \
+                __m256 v[2 * GEMV_BLOCKS];                                             \
+                NAME##_gemv_tile(xf, k, w, v);                                         \
+                for (int j = 0; j < 2 * have; j++)                                     \
+                    store8(v[j], out, 0, os, b0 * 16 + 8 * j, n, scales, bias, out_f32); \
+            }                                                                          \
+            return 0;                                                                  \
+        }                                                                              \
         _Pragma("omp parallel reduction(|:failed)")                                    \
         {                                                                              \
             float *panel = NULL;                                                       \
@@ -247,14 +266,6 @@ static void panel_rows(const float *xf, int64_t m_total, int64_t k, const float 
                 const int64_t b0 = 2 * bp;                                             \
                 const int two = b0 + 1 < nb;                                           \
                 const WTYPE *w0 = packed + b0 * (k / 2) * 32;                          \
-                if (m_total == 1) {                                                    \
-                    __m256 v[4];                                                       \
-                    /* a lone last block reads itself twice rather than past the end */ \
-                    NAME##_gemv_tile(xf, k, w0, two ? w0 + (k / 2) * 32 : w0, v);      \
-                    for (int j = 0; j < (two ? 4 : 2); j++)                            \
-                        store8(v[j], out, 0, os, b0 * 16 + 8 * j, n, scales, bias, out_f32); \
-                    continue;                                                          \
-                }                                                                      \
                 for (int b = 0; b <= two; b++) {                                       \
                     const WTYPE *w = w0 + b * (k / 2) * 32;                            \
                     if (panel) {                                                       \
