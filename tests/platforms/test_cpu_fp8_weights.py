@@ -46,6 +46,18 @@ def test_fp8_layer_matches_its_dequantized_weight(rows, out_features, in_feature
 
 
 @needs_kernel
+def test_a_rows_result_does_not_depend_on_its_batch():
+    """Bitwise, as for the bf16 and int8 kernels (test_cpu_linear.py): the scale and
+    bias of a one-row tile are applied exactly as in a full tile."""
+    torch.manual_seed(5)
+    layer = Fp8Linear(torch.randn(200, 128) * 0.05, torch.randn(200))
+    x = torch.randn(70, 128, dtype=torch.bfloat16)
+    batched = layer(x)
+    for rows in (slice(0, 1), slice(69, 70), slice(7, 10), slice(60, 67)):
+        assert torch.equal(layer(x[rows]), batched[rows]), rows
+
+
+@needs_kernel
 def test_engine_fp8_tracks_bf16(llama_model_dir):
     params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
     outs = {}

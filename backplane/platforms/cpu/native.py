@@ -42,6 +42,11 @@ _BASE_FLAGS = (
     # Enough freedom to vectorise the max/sum reductions, without -ffast-math
     # (whose crtfastmath would turn on flush-to-zero for the whole process).
     "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros",
+    # No implicit multiply-add fusing: gcc fused a row scale and bias into one FMA
+    # in the one-row copy of an inlined GEMM tile and not in the others, so a
+    # row's W8A16 result depended on its batch. Loops that want FMAs use MULADD
+    # (common.h) or the intrinsics.
+    "-ffp-contract=off",
     # gcc tunes Zen 4 and others for 256-bit vectors; the kernels' loops want 512.
     *(("-mprefer-vector-width=512",) if platform.machine().lower() in ("x86_64", "amd64")
       else ()),

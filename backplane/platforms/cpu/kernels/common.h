@@ -4,6 +4,16 @@
 #include <stdint.h>
 #include <string.h>
 
+/* a * b + c, fused where the CPU has an FMA. The kernels build with
+ * -ffp-contract=off: the compiler must not fuse a multiply and an add in one
+ * copy of an inlined tile and not in another, or a row's result would depend on
+ * how many rows share its call (native.py). Loops that want FMAs say so here. */
+#if defined(__FMA__) || defined(__aarch64__)
+#define MULADD(a, b, c) __builtin_fmaf((a), (b), (c))
+#else
+#define MULADD(a, b, c) ((a) * (b) + (c))
+#endif
+
 static inline float bf16_to_float(uint16_t x) {
     uint32_t bits = (uint32_t)x << 16;
     float f;
@@ -27,11 +37,11 @@ static inline float exp_clamped(float x) {
     float n = __builtin_rintf(x * 1.44269504088896341f);
     float r = x - n * 0.693359375f + n * 2.12194440e-4f;
     float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
+    p = MULADD(p, r, 1.3981999507e-3f);
+    p = MULADD(p, r, 8.3334519073e-3f);
+    p = MULADD(p, r, 4.1665795894e-2f);
+    p = MULADD(p, r, 1.6666665459e-1f);
+    p = MULADD(p, r, 5.0000001201e-1f);
     p = p * r * r + r + 1.0f;
     /* 2^n as 2^(n/2) twice: n reaches 128 at x = 88, past float's exponent range */
     int32_t half = (int32_t)n / 2;

@@ -325,7 +325,7 @@ static void attend_one(const scalar_t *q_row, const cache_t *key_cache,
             float k[BLOCK_SIZE];
             for (int j = 0; j < BLOCK_SIZE; j++) k[j] = cache_to_float(kb[key_index(j, d)]);
             for (int g = 0; g < GROUP; g++)
-                for (int j = 0; j < BLOCK_SIZE; j++) s[g][j] += q[g][d] * k[j];
+                for (int j = 0; j < BLOCK_SIZE; j++) s[g][j] = MULADD(q[g][d], k[j], s[g][j]);
         }
         if (soft_cap > 0.0f) soft_cap_scores(s, soft_cap);
         softmax_block(s, p, lo, hi, run_max, run_sum, correction);
@@ -335,7 +335,7 @@ static void attend_one(const scalar_t *q_row, const cache_t *key_cache,
             float v[HEAD_SIZE];
             for (int d = 0; d < HEAD_SIZE; d++) v[d] = cache_to_float(vb[value_index(j, d)]);
             for (int g = 0; g < GROUP; g++)
-                for (int d = 0; d < HEAD_SIZE; d++) acc[g][d] += p[g][j] * v[d];
+                for (int d = 0; d < HEAD_SIZE; d++) acc[g][d] = MULADD(p[g][j], v[d], acc[g][d]);
         }
 #endif
     }
