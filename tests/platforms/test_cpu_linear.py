@@ -92,6 +92,26 @@ def test_a_rows_result_does_not_depend_on_its_batch(kind, isa):
             assert torch.equal(layer(x[rows]), batched[rows]), (kind, rows)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("kind", ["bf16", "int8-weights", "int8-weights-and-activations"])
+def test_strided_and_batched_inputs_give_the_contiguous_result(kind, isa):
+    """Rows with a stride wider than the row (a column slice, as q/k/v are of the fused
+    projection) go to the kernel in place; 3-D input keeps its leading dims."""
+    torch.manual_seed(4)
+    linear = nn.Linear(64, 48, bias=True, dtype=torch.bfloat16)
+    if kind == "bf16":
+        layer = BlockedBf16Linear(linear.weight, linear.bias, float_output=False, isa=isa)
+    else:
+        acts = "int8" if kind.endswith("activations") else "bf16"
+        layer = Int8Linear(linear.weight, linear.bias, float_output=False, activations=acts,
+                           isa=isa)
+    wide = torch.randn(5, 96, dtype=torch.bfloat16)
+    x = wide[:, 16:80]
+    assert not x.is_contiguous()
+    assert torch.equal(layer(x), layer(x.contiguous()))
+    assert torch.equal(layer(x.contiguous().view(1, 5, 64)), layer(x).view(1, 5, 48))
+
+
 @needs_onednn
 def test_only_bf16_layers_are_packed_and_logits_projection_too():
     class Head(nn.Module):

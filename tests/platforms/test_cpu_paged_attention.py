@@ -8,6 +8,8 @@ agree to float32 rounding (float32) or to one rounding of the output (bf16/fp16)
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -81,11 +83,11 @@ def test_padding_slots_are_not_written():
     table = torch.tensor([[3]], dtype=torch.int32)
     common = CommonAttentionMetadata(1, 2, 1, 1, qsl, seqs, table, torch.tensor([12, -1]),
                                      qsl, seqs)
-    metadata = backend.build_metadata(common)
-    metadata.num_actual_tokens = 2  # a padded row rides along with slot -1
-    metadata.token_reqs = torch.tensor([0, 0], dtype=torch.int32)
-    metadata.token_seq_lens = torch.tensor([1, 1], dtype=torch.int32)
-    metadata.slot_mapping = torch.tensor([12, -1])
+    # a padded row rides along with slot -1
+    metadata = dataclasses.replace(
+        backend.build_metadata(common), num_actual_tokens=2, slot_mapping=torch.tensor([12, -1]),
+        token_reqs=torch.tensor([0, 0], dtype=torch.int32),
+        token_seq_lens=torch.tensor([1, 1], dtype=torch.int32))
     q = torch.randn(2, 4, 32)
     kv = torch.ones(2, 2, 32)
     out = backend.forward(q, kv, kv, cache, metadata, 0.125)

@@ -159,6 +159,15 @@ def _check(status: int | None) -> None:
 W8A8_BLOCK = 32
 
 
+def _as_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Size | None]:
+    """``x`` as a 2-D matrix whose rows the kernels address by a row stride, and the
+    leading shape to give the output back (None: ``x`` was such a matrix already, the
+    usual case, which then costs no reshapes: a decode step makes ~100 of these calls)."""
+    if x.dim() == 2 and x.stride(1) == 1:
+        return x, None
+    return x.reshape(-1, x.shape[-1]).contiguous(), x.shape[:-1]
+
+
 class BlockedBf16Linear(nn.Module):
     """A bf16 linear (or output projection) on the platform's own GEMM kernel
     (``kernels/gemm_bf16.c``): the weight is packed once into blocks of 16 rows
@@ -188,17 +197,17 @@ class BlockedBf16Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.bfloat16:
             x = x.to(torch.bfloat16)
-        lead = x.shape[:-1]
-        rows = x.reshape(-1, self.in_features).contiguous()
-        out = torch.empty(rows.shape[0], self.out_features,
+        rows, lead = _as_rows(x)
+        m = rows.shape[0]
+        out = torch.empty(m, self.out_features,
                           dtype=torch.float32 if self.float_output else torch.bfloat16)
-        if rows.shape[0]:
+        if m:
             _check(gemm_kernels(self.isa).gemm_bf16(
-                rows.data_ptr(), self.in_features, rows.shape[0], self.packed_weight.data_ptr(),
+                rows.data_ptr(), rows.stride(0), m, self.packed_weight.data_ptr(),
                 self.out_features, self.in_features,
                 None if self.bias is None else self.bias.data_ptr(), out.data_ptr(),
                 self.out_features, int(self.float_output)))
-        return out.reshape(*lead, self.out_features)
+        return out if lead is None else out.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -307,8 +316,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         float_out = self.float_output or x.dtype == torch.float32
-        lead = x.shape[:-1]
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+        rows, lead = _as_rows(x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16))
         out = torch.empty(rows.shape[0], self.out_features,
                           dtype=torch.float32 if float_out else torch.bfloat16)
         m = rows.shape[0]
@@ -316,16 +324,17 @@ class Int8Linear(nn.Module):
         lib = self._lib
         if m and self.activations == "int8":
             # quantizes the activations per 32-column block, then the int8 GEMM
-            _check(lib.gemm_w8a8_bf16(rows.data_ptr(), self.in_features, m,
+            _check(lib.gemm_w8a8_bf16(rows.data_ptr(), rows.stride(0), m,
                                       self.packed_weight.data_ptr(), self.scales.data_ptr(),
                                       self.out_features, self.in_features, bias,
                                       out.data_ptr(), self.out_features, int(float_out)))
         elif m:
-            _check(lib.gemm_w8(rows.data_ptr(), self.in_features, m,
+            _check(lib.gemm_w8(rows.data_ptr(), rows.stride(0), m,
                                self.packed_weight.data_ptr(), self.scales.data_ptr(),
                                self.out_features, self.in_features, bias, out.data_ptr(),
                                self.out_features, int(float_out)))
-        out = out.reshape(*lead, self.out_features)
+        if lead is not None:
+            out = out.reshape(*lead, self.out_features)
         # x's dtype (e.g. float16) unless logits are asked for: the layer contract
         return out if self.float_output or out.dtype == x.dtype else out.to(x.dtype)
 

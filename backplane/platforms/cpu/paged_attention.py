@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -67,21 +67,35 @@ def _kernel_for(spec: AttentionSpec) -> ctypes.CDLL:
                    spec.num_heads // spec.num_kv_heads, _CACHE_KINDS.get(_cache_dtype(spec), 0))
 
 
-@dataclass
+@dataclass(frozen=True)
 class CpuPagedAttentionMetadata:
-    """Per-step inputs of the kernel, shared by every layer."""
+    """Per-step inputs of the kernel, shared by every layer (frozen: the kernel
+    arguments derived from the tensors are computed once, here, not per layer)."""
 
     num_actual_tokens: int
     slot_mapping: torch.Tensor  # [tokens] int64
     block_table: torch.Tensor  # [requests, max_blocks] int32, contiguous
     token_reqs: torch.Tensor  # [tokens] int32: the request of each token
     token_seq_lens: torch.Tensor  # [tokens] int32: keys each token sees
+    # (block_table, its row stride, token_reqs, token_seq_lens) as the kernel takes them
+    attention_args: tuple[int, int, int, int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "attention_args", (
+            self.block_table.data_ptr(), self.block_table.stride(0),
+            self.token_reqs.data_ptr(), self.token_seq_lens.data_ptr()))
 
 
-def _rows(t: torch.Tensor, heads: int, head_size: int) -> torch.Tensor:
-    """``t`` as [tokens, heads * head_size] rows the kernel can address by a token stride."""
-    t = t.reshape(t.shape[0], heads * head_size) if t.dim() == 3 else t
-    return t if t.stride(-1) == 1 else t.contiguous()
+def _rows(t: torch.Tensor, n: int, heads: int, head_size: int) -> tuple[torch.Tensor, int]:
+    """The first ``n`` tokens of ``t`` ([tokens, heads, head_size] or [tokens, heads *
+    head_size]) as rows the kernel addresses by a token stride: (tensor, stride).
+    A view whose heads are contiguous inside each token is used as it is."""
+    if t.dim() == 3 and t.stride(2) == 1 and t.stride(1) == head_size:
+        return t, t.stride(0)
+    if t.dim() == 2 and t.stride(1) == 1:
+        return t, t.stride(0)
+    rows = t[:n].reshape(n, heads * head_size).contiguous()
+    return rows, rows.stride(0)
 
 
 class CpuPagedAttentionBackend(HeadMajorCpuCache):
@@ -107,6 +121,7 @@ class CpuPagedAttentionBackend(HeadMajorCpuCache):
         self._lib = _kernel_for(spec)
         self._cache_dtype = _cache_dtype(spec)
         self._fp8 = self._cache_dtype in _CACHE_KINDS
+        self._window, self._soft_cap = spec.sliding_window or 0, float(spec.logits_soft_cap or 0.0)
 
     def build_metadata(self, common: CommonAttentionMetadata) -> CpuPagedAttentionMetadata:
         n, num_reqs = common.num_actual_tokens, common.num_reqs
@@ -137,21 +152,20 @@ class CpuPagedAttentionBackend(HeadMajorCpuCache):
             raise ValueError(f"cpu_paged with kv_cache_dtype {spec.kv_cache_dtype!r} needs "
                              f"kv_scales, a contiguous float32 [k_scale, v_scale]; got {got}")
         scales = kv_scales if self._fp8 else _UNIT_SCALES
-        q = _rows(query[:n], spec.num_heads, spec.head_size)
-        k = _rows(key[:n], spec.num_kv_heads, spec.head_size)
-        v = _rows(value[:n], spec.num_kv_heads, spec.head_size)
+        q, q_stride = _rows(query, n, spec.num_heads, spec.head_size)
+        k, k_stride = _rows(key, n, spec.num_kv_heads, spec.head_size)
+        v, v_stride = _rows(value, n, spec.num_kv_heads, spec.head_size)
+        # The key and value halves of the cache by address: no views per layer.
+        key_cache = kv_cache.data_ptr()
+        value_cache = key_cache + kv_cache.stride(0) * kv_cache.element_size()
         num_blocks = kv_cache.shape[2]
-        key_cache, value_cache = kv_cache[0], kv_cache[1]
         self._lib.write_kv(
-            k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
-            metadata.slot_mapping.data_ptr(), n, spec.num_kv_heads, num_blocks,
-            scales.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr())
+            k.data_ptr(), k_stride, v.data_ptr(), v_stride, metadata.slot_mapping.data_ptr(),
+            n, spec.num_kv_heads, num_blocks, scales.data_ptr(), key_cache, value_cache)
         out = torch.empty(query.shape[0], spec.num_heads, spec.head_size, dtype=query.dtype)
-        table = metadata.block_table
+        table, table_stride, token_reqs, token_seq_lens = metadata.attention_args
         self._lib.paged_attention(
-            q.data_ptr(), q.stride(0), key_cache.data_ptr(), value_cache.data_ptr(),
-            num_blocks, table.data_ptr(), table.stride(0), metadata.token_reqs.data_ptr(),
-            metadata.token_seq_lens.data_ptr(), n, spec.num_kv_heads,
-            spec.sliding_window or 0, float(scale), float(spec.logits_soft_cap or 0.0),
-            scales.data_ptr(), out.data_ptr(), spec.num_heads * spec.head_size)
+            q.data_ptr(), q_stride, key_cache, value_cache, num_blocks, table, table_stride,
+            token_reqs, token_seq_lens, n, spec.num_kv_heads, self._window, float(scale),
+            self._soft_cap, scales.data_ptr(), out.data_ptr(), spec.num_heads * spec.head_size)
         return out

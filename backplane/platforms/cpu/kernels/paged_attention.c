@@ -247,6 +247,20 @@ static inline void softmax_block_avx512(float s[GROUP][BLOCK_SIZE], int lo, int 
 }
 #endif
 
+/* Ask for the next block's keys and values while this one is computed. A decode
+ * step reads each layer's blocks once, long after the weights of the layers in
+ * between have pushed them out of the caches; without this each block waits on
+ * memory (a batch-1 call took ~40 us in the engine against ~15 us warm). */
+static inline void prefetch_block(int64_t block, const cache_t *key_cache,
+                                  const cache_t *value_cache) {
+    const char *k = (const char *)(key_cache + block * (HEAD_SIZE * BLOCK_SIZE));
+    const char *v = (const char *)(value_cache + block * (BLOCK_SIZE * HEAD_SIZE));
+    for (int64_t off = 0; off < (int64_t)(HEAD_SIZE * BLOCK_SIZE * sizeof(cache_t)); off += 64) {
+        __builtin_prefetch(k + off);
+        __builtin_prefetch(v + off);
+    }
+}
+
 /* k_scale, v_scale: the cache's dequantisation scales (1 unless CACHE_KIND is fp8). */
 static void attend_one(const scalar_t *q_row, const cache_t *key_cache,
                        const cache_t *value_cache, int64_t num_blocks_total,
@@ -283,6 +297,8 @@ static void attend_one(const scalar_t *q_row, const cache_t *key_cache,
         const int64_t block = head_base + block_table[b];
         const cache_t *kb = key_cache + block * (HEAD_SIZE * BLOCK_SIZE);
         const cache_t *vb = value_cache + block * (BLOCK_SIZE * HEAD_SIZE);
+        if ((b + 1) * BLOCK_SIZE < seq_len) prefetch_block(head_base + block_table[b + 1],
+                                                           key_cache, value_cache);
         int lo = first - b * BLOCK_SIZE;
         lo = lo < 0 ? 0 : lo;
         int hi = seq_len - b * BLOCK_SIZE;
@@ -363,7 +379,7 @@ void paged_attention(const scalar_t *query, int64_t query_token_stride,
                      const float *kv_scales, scalar_t *out, int64_t out_token_stride) {
     const int64_t items = num_tokens * num_kv_heads;
     const float k_scale = kv_scales[0], v_scale = kv_scales[1];
-#pragma omp parallel for schedule(dynamic, 2)
+#pragma omp parallel for schedule(dynamic, 1)
     for (int64_t i = 0; i < items; i++) {
         const int64_t t = i / num_kv_heads, h = i % num_kv_heads;
         attend_one(query + t * query_token_stride + h * GROUP * HEAD_SIZE, key_cache,
