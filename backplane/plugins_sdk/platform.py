@@ -430,6 +430,9 @@ class Platform:
           ``x -> weight * rms_normalise(x)``, statistics in float32, the
           normalised value rounded to ``x.dtype`` before the scale.
         * ``"silu_and_mul"``: ``[..., 2d] -> silu(x[..., :d]) * x[..., d:]``.
+        * ``"rotary"``: ``(x [tokens, heads, head_dim], cos, sin)`` -> a new tensor,
+          x rotated rotate-half style by ``cos``/``sin [tokens, 1, r]`` (the first
+          ``2r`` channels of each head; the rest pass through); ``x`` unchanged.
 
         Output projections expose their ``[vocab, hidden]`` matrix as
         ``logits_weight``. Mixture-of-experts layers (``layer_kind`` ``"fused_moe"``)

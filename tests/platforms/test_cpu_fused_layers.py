@@ -1,4 +1,5 @@
-"""The CPU platform's compiled bf16 RMSNorm and SiLU-and-mul: same rounding as the core layers."""
+"""The CPU platform's compiled bf16 RMSNorm, SiLU-and-mul and rotary embedding: same rounding
+as the core layers."""
 
 from __future__ import annotations
 
@@ -8,8 +9,14 @@ import torch
 from backplane import LLM, SamplingParams
 from backplane.core.layers.activation import SiluAndMul
 from backplane.core.layers.norm import RMSNorm
+from backplane.core.layers.rotary import ApplyRotary, RotaryEmbedding, apply_rotary
 from backplane.platforms.cpu import native
-from backplane.platforms.cpu.fused_layers import FusedRMSNorm, FusedSiluAndMul, fuse_layers
+from backplane.platforms.cpu.fused_layers import (
+    FusedRMSNorm,
+    FusedRotary,
+    FusedSiluAndMul,
+    fuse_layers,
+)
 from tests.platforms.prompt_logprobs import prompt_logprob_gaps
 
 pytestmark = pytest.mark.skipif(native.compiler() is None, reason="no C compiler")
@@ -59,10 +66,43 @@ def test_silu_and_mul_matches_the_core_layer(rows):
     assert (got == expected).float().mean() > 0.99
 
 
+@pytest.mark.parametrize("tokens", [1, 7, 300])
+def test_rotary_matches_the_core_layer_bit_for_bit(tokens):
+    """On a view of the fused q/k/v rows (the decoder's case) and on a contiguous tensor,
+    with the cos / sin the model's rotary table gives."""
+    gen = torch.Generator().manual_seed(2)
+    rope = RotaryEmbedding(64, 4096, {"rope_type": "default", "rope_theta": 1e6})
+    cos, sin = rope.cos_sin(torch.randint(0, 4096, (tokens,), generator=gen), torch.bfloat16)
+    qkv = (torch.randn(tokens, 20 * 64, generator=gen) * 4).to(torch.bfloat16)
+    fused = FusedRotary(ApplyRotary())
+    for x in (qkv[:, : 18 * 64].view(tokens, 18, 64), qkv.view(tokens, 20, 64).contiguous()):
+        before = x.clone()
+        got = fused(x, cos, sin)
+        assert torch.equal(got, apply_rotary(x, cos, sin))
+        assert torch.equal(x, before)  # the input is left as it is
+
+
+def test_rotary_falls_back_where_the_kernel_does_not_apply():
+    gen = torch.Generator().manual_seed(3)
+    fused = FusedRotary(ApplyRotary())
+    x = torch.randn(5, 4, 64, generator=gen).to(torch.bfloat16)
+    partial = RotaryEmbedding(64, 128, {"rope_type": "default", "rope_theta": 1e4,
+                                        "partial_rotary_factor": 0.5})
+    positions = torch.arange(5)
+    cos, sin = partial.cos_sin(positions, torch.bfloat16)
+    assert cos.shape[-1] == 16
+    assert torch.equal(fused(x, cos, sin), apply_rotary(x, cos, sin))  # partial rotary
+    full = RotaryEmbedding(64, 128, {"rope_type": "default", "rope_theta": 1e4})
+    cos32, sin32 = full.cos_sin(positions, torch.float32)
+    assert torch.equal(fused(x.float(), cos32, sin32), apply_rotary(x.float(), cos32, sin32))
+
+
 def test_fuse_layers_swaps_by_layer_kind():
-    model = torch.nn.Sequential(RMSNorm(8, dtype=torch.bfloat16), SiluAndMul(), torch.nn.ReLU())
-    assert fuse_layers(model) == 2
+    model = torch.nn.Sequential(RMSNorm(8, dtype=torch.bfloat16), SiluAndMul(), ApplyRotary(),
+                                torch.nn.ReLU())
+    assert fuse_layers(model) == 3
     assert isinstance(model[0], FusedRMSNorm) and isinstance(model[1], FusedSiluAndMul)
+    assert isinstance(model[2], FusedRotary)
     assert model[0].weight is not None and fuse_layers(model) == 0  # idempotent
 
 
@@ -73,6 +113,7 @@ def test_engine_in_bf16_fuses_and_agrees_with_torch_layers(llama_model_dir, monk
     modules = list(fused.llm_engine.engine_core.model_runner.model.modules())
     assert any(isinstance(m, FusedRMSNorm) for m in modules)
     assert any(isinstance(m, FusedSiluAndMul) for m in modules)
+    assert any(isinstance(m, FusedRotary) for m in modules)
     monkeypatch.setenv("BACKPLANE_CPU_FUSED_LAYERS", "0")
     plain = LLM(model=llama_model_dir, dtype="bfloat16", max_model_len=128, num_kv_blocks=32)
     plain_modules = plain.llm_engine.engine_core.model_runner.model.modules()

@@ -5,9 +5,10 @@ from backplane.core.layers.attention import Attention, AttentionContext
 from backplane.core.layers.embedding import LMHead, VocabEmbedding
 from backplane.core.layers.linear import MergedLinear
 from backplane.core.layers.norm import RMSNorm
-from backplane.core.layers.rotary import RotaryEmbedding, apply_rotary, rope_parameters
+from backplane.core.layers.rotary import ApplyRotary, RotaryEmbedding, apply_rotary, rope_parameters
 
 __all__ = [
+    "ApplyRotary",
     "Attention",
     "AttentionContext",
     "LMHead",

@@ -384,3 +384,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
         return torch.cat((rotated, x[..., 2 * half :]), dim=-1)
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class ApplyRotary(nn.Module):
+    """`apply_rotary` as a layer, so that a platform can swap in its own kernel
+    (see Platform.prepare_model): ``(x [tokens, heads, head_dim], cos, sin)`` ->
+    a new rotated tensor; ``x`` is left as it is."""
+
+    layer_kind = "rotary"
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return apply_rotary(x, cos, sin)

@@ -35,7 +35,7 @@ from backplane.core.layers.parallel import (
     shard_column_parallel,
     shard_row_parallel,
 )
-from backplane.core.layers.rotary import RotaryEmbedding, apply_rotary, rope_parameters
+from backplane.core.layers.rotary import ApplyRotary, RotaryEmbedding, rope_parameters
 from backplane.core.models.base import CausalLM, KVCacheShape
 
 SUPPORTED_ACTIVATIONS = ("silu",)
@@ -167,6 +167,7 @@ class DecoderAttention(nn.Module):
             q_width, k_width = (dims.head_dim,) * 2 if per_head else (self.q_size, self.kv_size)
             self.q_norm = RMSNorm(q_width, dims.rms_norm_eps, dtype=dtype)
             self.k_norm = RMSNorm(k_width, dims.rms_norm_eps, dtype=dtype)
+        self.rotary = ApplyRotary()
         scale = options.attention_scale
         self.attn = Attention(
             self.num_heads, self.num_kv_heads, dims.head_dim,
@@ -185,11 +186,11 @@ class DecoderAttention(nn.Module):
                 q, k = q.view(n, -1, self.head_dim), k.view(n, -1, self.head_dim)
             q = self.q_norm(q).view(n, self.num_heads, self.head_dim)
             k = self.k_norm(k).view(n, self.num_kv_heads, self.head_dim)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q, k = self.rotary(q, cos, sin), self.rotary(k, cos, sin)
         else:
             # Queries and keys sit side by side in each row: rotate them in one op.
             qk = qkv[:, :qk_end].view(n, self.num_heads + self.num_kv_heads, self.head_dim)
-            qk = apply_rotary(qk, cos, sin)
+            qk = self.rotary(qk, cos, sin)
             q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         v = qkv[:, qk_end:].view(n, self.num_kv_heads, self.head_dim)
         return self.tp.all_reduce(self.o_proj(self.attn(q, k, v, ctx)))

@@ -1,4 +1,5 @@
-"""bf16 RMSNorm and SiLU-and-mul as single compiled loops (kernels/cpu_ops.c).
+"""bf16 RMSNorm, SiLU-and-mul and rotary embedding as single compiled loops
+(kernels/cpu_ops.c).
 
 In bf16, torch runs RMSNorm as five ops with two dtype conversions and
 SiLU-and-mul as two, each reading and writing the whole activation and
@@ -31,6 +32,8 @@ def cpu_ops() -> ctypes.CDLL:
     lib.rms_norm_bf16.restype = None
     lib.silu_and_mul_bf16.argtypes = [_P, _I64, _P, _I64, _I64, _I64]
     lib.silu_and_mul_bf16.restype = None
+    lib.rotary_bf16.argtypes = [_P, _I64, _P, _P, _P, _I64, _I64, _I64]
+    lib.rotary_bf16.restype = None
     return lib
 
 
@@ -87,7 +90,35 @@ class FusedSiluAndMul(nn.Module):
         return out
 
 
-_FUSED = {"rms_norm": FusedRMSNorm, "silu_and_mul": FusedSiluAndMul}
+class FusedRotary(nn.Module):
+    """The rotate-half rotary embedding in one pass for bf16 queries / keys whose heads
+    are contiguous inside each token (e.g. a view of the fused q/k/v projection):
+    torch runs it as seven ops over the whole tensor (~50 us at 64 tokens, ~0.7 ms at
+    2048 on the qwen2-0.5b shape), rounding to bf16 after each, as this does."""
+
+    layer_kind = "rotary"
+
+    def __init__(self, rotary: nn.Module) -> None:
+        super().__init__()
+        self._original_forward = rotary.forward
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if (x.dtype != torch.bfloat16 or x.dim() != 3 or cos.dtype != torch.bfloat16
+                or sin.dtype != torch.bfloat16):
+            return self._original_forward(x, cos, sin)
+        n, heads, head_dim = x.shape
+        half = cos.shape[-1]
+        if (2 * half != head_dim or x.stride(2) != 1 or x.stride(1) != head_dim
+                or cos.numel() != n * half or sin.numel() != n * half
+                or not cos.is_contiguous() or not sin.is_contiguous()):
+            return self._original_forward(x, cos, sin)  # partial rotary, other layouts
+        out = torch.empty(n, heads, head_dim, dtype=torch.bfloat16)
+        cpu_ops().rotary_bf16(x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(),
+                              out.data_ptr(), n, heads, half)
+        return out
+
+
+_FUSED = {"rms_norm": FusedRMSNorm, "silu_and_mul": FusedSiluAndMul, "rotary": FusedRotary}
 
 
 def _fused(child: nn.Module) -> nn.Module | None:

@@ -209,7 +209,7 @@ class CpuPlatform(Platform):
             except KernelBuildError as exc:
                 logger.warning("cpu platform: layers not fused: %s", exc)
             else:
-                logger.info("cpu platform: %d RMSNorm/SiLU layers use compiled kernels", count)
+                logger.info("cpu platform: %d RMSNorm/SiLU/rotary layers use compiled kernels", count)
         own_gemm = bf16_gemm_supported()
         if os.environ.get("BACKPLANE_CPU_PREPACK", "1") == "0" or not (
                 own_gemm or prepacking_supported()):

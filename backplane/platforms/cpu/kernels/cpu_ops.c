@@ -49,3 +49,27 @@ void silu_and_mul_bf16(const uint16_t *x, int64_t x_stride, uint16_t *out, int64
         }
     }
 }
+
+static inline float round_to_bf16(float v) { return bf16_to_float(float_to_bf16(v)); }
+
+/* Rotate-half rotary embedding of x [tokens, heads, 2 * half] (token stride
+ * x_stride, heads contiguous) by per-token cos, sin [tokens, half] into out
+ * [tokens, heads, 2 * half], with torch's bf16 rounding after every op:
+ * out1 = bf16(bf16(x1 cos) - bf16(x2 sin)), out2 = bf16(bf16(x2 cos) + bf16(x1 sin)). */
+void rotary_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *cos, const uint16_t *sin,
+                 uint16_t *out, int64_t tokens, int64_t heads, int64_t half) {
+#pragma omp parallel for schedule(static) if (tokens * heads * half > 16384)
+    for (int64_t t = 0; t < tokens; t++) {
+        const uint16_t *c = cos + t * half, *s = sin + t * half;
+        for (int64_t h = 0; h < heads; h++) {
+            const uint16_t *x1 = x + t * x_stride + h * 2 * half, *x2 = x1 + half;
+            uint16_t *o1 = out + (t * heads + h) * 2 * half, *o2 = o1 + half;
+            for (int64_t i = 0; i < half; i++) {
+                const float a = bf16_to_float(x1[i]), b = bf16_to_float(x2[i]);
+                const float cc = bf16_to_float(c[i]), ss = bf16_to_float(s[i]);
+                o1[i] = float_to_bf16(round_to_bf16(a * cc) - round_to_bf16(b * ss));
+                o2[i] = float_to_bf16(round_to_bf16(b * cc) + round_to_bf16(a * ss));
+            }
+        }
+    }
+}
