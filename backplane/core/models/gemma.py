@@ -38,7 +38,7 @@ from backplane.core.layers.attention import Attention, AttentionContext
 from backplane.core.layers.embedding import LMHead, VocabEmbedding
 from backplane.core.layers.linear import MergedLinear
 from backplane.core.layers.norm import RMSNorm
-from backplane.core.layers.rotary import RotaryEmbedding, apply_rotary, rope_parameters
+from backplane.core.layers.rotary import ApplyRotary, RotaryEmbedding, rope_parameters
 from backplane.core.models.base import CausalLM, KVCacheShape
 from backplane.core.models.llama import LlamaForCausalLM
 from backplane.plugins_sdk import AttentionSpec
@@ -116,6 +116,7 @@ class GemmaAttention(nn.Module):
             self.q_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps, dtype=dtype)
             self.k_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps, dtype=dtype)
         scale = float(getattr(config, "query_pre_attn_scalar", None) or self.head_dim) ** -0.5
+        self.rotary = ApplyRotary()
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale, layer_idx)
 
     def forward(self, x, cos, sin, ctx: AttentionContext) -> torch.Tensor:
@@ -126,7 +127,7 @@ class GemmaAttention(nn.Module):
         k = qkv[:, self.q_size : qk_end].view(n, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = self.rotary(q, cos, sin), self.rotary(k, cos, sin)
         v = qkv[:, qk_end:].view(n, self.num_kv_heads, self.head_dim)
         return self.o_proj(self.attn(q, k, v, ctx))
 

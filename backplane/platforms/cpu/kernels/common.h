@@ -30,6 +30,9 @@ static inline uint16_t float_to_bf16(float f) {
     return (uint16_t)((((bits & 0x7fffffffu) > 0x7f800000u) ? quiet_nan : rounded) >> 16);
 }
 
+/* v rounded to bf16 and back: the value torch keeps after a bf16 op. */
+static inline float round_to_bf16(float v) { return bf16_to_float(float_to_bf16(v)); }
+
 /* exp(x) on [-87, 88.7] (clamped outside): Cephes' expf, branch-free so loops
  * vectorise (libm's expf is only vectorised under -ffast-math). */
 static inline float exp_clamped(float x) {

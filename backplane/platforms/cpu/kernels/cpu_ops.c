@@ -28,7 +28,7 @@ void rms_norm_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *weight, 
         }
         const float inv = 1.0f / sqrtf(sum / (float)hidden + eps);
         for (int64_t i = 0; i < hidden; i++) {
-            float normed = bf16_to_float(float_to_bf16(bf16_to_float(row[i]) * inv));
+            float normed = round_to_bf16(bf16_to_float(row[i]) * inv);
             dst[i] = float_to_bf16(bf16_to_float(weight[i]) * normed);
         }
     }
@@ -45,12 +45,10 @@ void silu_and_mul_bf16(const uint16_t *x, int64_t x_stride, uint16_t *out, int64
             float g = bf16_to_float(gate[i]);
             /* below -88.7, exp(-g) overflows in torch too, giving -0 */
             float silu = g < -88.7f ? -0.0f : g / (1.0f + exp_clamped(-g));
-            dst[i] = float_to_bf16(bf16_to_float(float_to_bf16(silu)) * bf16_to_float(up[i]));
+            dst[i] = float_to_bf16(round_to_bf16(silu) * bf16_to_float(up[i]));
         }
     }
 }
-
-static inline float round_to_bf16(float v) { return bf16_to_float(float_to_bf16(v)); }
 
 /* Rotate-half rotary embedding of x [tokens, heads, 2 * half] (token stride
  * x_stride, heads contiguous) by per-token cos, sin [tokens, half] into out
