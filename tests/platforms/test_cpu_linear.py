@@ -47,12 +47,13 @@ def test_packed_linear_matches_torch(batch, bias):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize(("rows", "out_features", "in_features"),
                          [(1, 1152, 896), (1, 24, 6), (3, 20, 6), (8, 33, 64), (9, 160, 96),
-                          (70, 48, 128)])
+                          (20, 40, 64), (70, 48, 128)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_bf16_gemm_kernel_matches_float_reference(rows, out_features, in_features, bias, isa):
-    """Every row-tile size (1..8 and more), output sizes that are not a multiple of the
-    16-row blocks (nor of 8: the AVX2 kernel's half blocks), bias, and float32 output
-    (logits), against float32 math, on each kernel the CPU runs."""
+    """Every row-tile size (1..8 and more; AMX: a lone partial tile, a full tile paired
+    with a partial one, pairs of full tiles), output sizes that are not a multiple of
+    the 16-row blocks (nor of 8: the AVX2 kernel's half blocks), bias, and float32
+    output (logits), against float32 math, on each kernel the CPU runs."""
     torch.manual_seed(rows)
     linear = nn.Linear(in_features, out_features, bias=bias, dtype=torch.bfloat16)
     x = torch.randn(2, rows, in_features, dtype=torch.bfloat16)
@@ -105,11 +106,11 @@ def test_strided_and_batched_inputs_give_the_contiguous_result(kind, isa):
         acts = "int8" if kind.endswith("activations") else "bf16"
         layer = Int8Linear(linear.weight, linear.bias, float_output=False, activations=acts,
                            isa=isa)
-    wide = torch.randn(5, 96, dtype=torch.bfloat16)
+    wide = torch.randn(21, 96, dtype=torch.bfloat16)  # AMX: one full tile read in place
     x = wide[:, 16:80]
     assert not x.is_contiguous()
     assert torch.equal(layer(x), layer(x.contiguous()))
-    assert torch.equal(layer(x.contiguous().view(1, 5, 64)), layer(x).view(1, 5, 48))
+    assert torch.equal(layer(x.contiguous().view(3, 7, 64)), layer(x).view(3, 7, 48))
 
 
 @needs_onednn
@@ -145,6 +146,26 @@ def test_own_gemm_packing_is_the_default_where_supported(monkeypatch):
     prepack_linear_weights(model)
     # oneDNN's packing where its bf16 kernels run, else torch's linear as it was
     assert isinstance(model[0], PackedLinear if prepacking_supported() else nn.Linear)
+
+
+def test_amx_is_picked_where_the_cpu_has_it_and_can_be_turned_off(monkeypatch):
+    """An AMX CPU runs the tile GEMM by default; BACKPLANE_CPU_AMX=0 keeps the
+    AVX512-BF16 one; a CPU without the flags never picks it."""
+    flags = cpu_linear._cpu_flags()
+    cpu_linear._amx_usable.cache_clear()
+    try:
+        if {"avx512_bf16", "amx_tile", "amx_bf16"} <= flags:
+            assert cpu_linear.gemm_isa() == "amx"
+            assert runnable_gemm_isas() == ["amx", "avx512_bf16", "avx2"]
+        monkeypatch.setenv("BACKPLANE_CPU_AMX", "0")
+        cpu_linear._amx_usable.cache_clear()
+        assert cpu_linear.gemm_isa() != "amx"
+        monkeypatch.setenv("BACKPLANE_CPU_AMX", "1")
+        monkeypatch.setattr(cpu_linear, "_cpu_flags", lambda: flags - {"amx_bf16"})
+        cpu_linear._amx_usable.cache_clear()
+        assert cpu_linear.gemm_isa() != "amx"
+    finally:
+        cpu_linear._amx_usable.cache_clear()
 
 
 @pytest.mark.skipif(not (bf16_gemm_supported() or prepacking_supported()),

@@ -32,9 +32,13 @@ def _fp8_lib() -> ctypes.CDLL:
 
 def fp8_kernel_supported() -> bool:
     """The fp8 kernel needs AVX512-BF16 (it widens to bf16 for vdpbf16ps) and must build."""
-    from backplane.platforms.cpu.linear import bf16_gemm_supported, gemm_isa
+    from backplane.platforms.cpu.linear import (
+        bf16_gemm_supported,
+        gemm_isa,
+        has_avx512_bf16_kernels,
+    )
 
-    if gemm_isa() != "avx512_bf16" or not bf16_gemm_supported():
+    if not has_avx512_bf16_kernels(gemm_isa()) or not bf16_gemm_supported():
         return False
     try:
         _fp8_lib()

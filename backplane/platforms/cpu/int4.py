@@ -31,9 +31,9 @@ def _int4_lib() -> ctypes.CDLL:
 
 def int4_kernel_supported() -> bool:
     """The int4 kernel builds here (it needs AVX512-BF16, like the bf16 GEMM)."""
-    from backplane.platforms.cpu.linear import gemm_isa
+    from backplane.platforms.cpu.linear import gemm_isa, has_avx512_bf16_kernels
 
-    if gemm_isa() != "avx512_bf16":
+    if not has_avx512_bf16_kernels(gemm_isa()):
         return False
     try:
         _int4_lib()

@@ -105,37 +105,66 @@ def _cpu_flags() -> frozenset[str]:
 
 
 def runnable_gemm_isas() -> list[str]:
-    """Every GEMM kernel this CPU can run, best first (an AVX512-BF16 CPU runs both)."""
+    """Every GEMM kernel this CPU can run, best first (an AMX CPU runs all three)."""
+    order = ["amx", "avx512_bf16", "avx2"]
     best = gemm_isa()
-    return [] if best is None else [best] + (["avx2"] if best != "avx2" else [])
+    return [] if best is None else order[order.index(best):]
 
 
 def gemm_isa() -> str | None:
-    """Which GEMM kernel this CPU runs: "avx512_bf16" (bf16 and VNNI dot products,
-    gemm_bf16.c), "avx2" (AVX2 + FMA: float32 FMAs, gemm_avx2.c), or None."""
+    """Which GEMM kernel this CPU runs: "amx" (gemm_bf16.c built with its AMX tile
+    GEMM, gemm_amx.h, for the bf16 layers; everything else as "avx512_bf16"),
+    "avx512_bf16" (bf16 and VNNI dot products, gemm_bf16.c), "avx2" (AVX2 + FMA:
+    float32 FMAs, gemm_avx2.c), or None. BACKPLANE_CPU_AMX=0 skips AMX."""
     if "avx512_bf16" in _cpu_flags():
-        return "avx512_bf16"
+        return "amx" if _amx_usable() else "avx512_bf16"
     if {"avx2", "fma"} <= _cpu_flags():
         return "avx2"
     return None
 
 
+def has_avx512_bf16_kernels(isa: str | None) -> bool:
+    """``isa`` runs the AVX512-BF16 kernels (the int8, fp8 and int4 GEMMs need them)."""
+    return isa in ("amx", "avx512_bf16")
+
+
+@functools.lru_cache(maxsize=1)
+def _amx_usable() -> bool:
+    """The CPU has AMX tiles with bf16, the kernel builds, and Linux granted this
+    process the tile state (it must be asked for; kernels before 5.16 refuse)."""
+    if (os.environ.get("BACKPLANE_CPU_AMX", "1") == "0"
+            or not {"amx_tile", "amx_bf16"} <= _cpu_flags()):
+        return False
+    try:
+        gemm_kernels("amx")
+    except KernelBuildError as exc:
+        logger.warning("cpu platform: AMX GEMM unavailable (%s); using AVX512-BF16", exc)
+        return False
+    return True
+
+
 @functools.lru_cache(maxsize=None)
 def gemm_kernels(isa: str | None) -> ctypes.CDLL:
-    """The GEMM kernel library for ``isa`` (see `gemm_isa`; an AVX512-BF16 CPU runs
-    the "avx2" one too, which is how tests check it there)."""
-    if isa not in ("avx512_bf16", "avx2"):
+    """The GEMM kernel library for ``isa`` (see `gemm_isa`; a CPU runs the kernels of
+    the instruction sets below its best too, which is how tests check them there)."""
+    if isa not in ("amx", "avx512_bf16", "avx2"):
         raise KernelBuildError(f"no GEMM kernel for this CPU (instruction set {isa!r})")
     avx2 = isa == "avx2"
-    lib = load_kernel("gemm_avx2.c" if avx2 else "gemm_bf16.c", ())
+    lib = load_kernel("gemm_avx2.c" if avx2 else "gemm_bf16.c",
+                      (("BACKPLANE_AMX", 1),) if isa == "amx" else ())
+    if isa == "amx":
+        lib.amx_enable.restype = ctypes.c_int
+        if lib.amx_enable() != 0:
+            raise KernelBuildError("Linux refused this process the AMX tile state "
+                                   "(arch_prctl ARCH_REQ_XCOMP_PERM)")
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     # The AVX2 GEMMs widen the activations to float32 in a buffer of their own and
-    # return -1 when it cannot be allocated.
+    # return -1 when it cannot be allocated; the AMX one copies a batch's last rows.
     status = ctypes.c_int if avx2 else None
     lib.pack_bf16.argtypes = [p, i64, i64, p]
     lib.pack_bf16.restype = None
     lib.gemm_bf16.argtypes = [p, i64, i64, p, i64, i64, p, p, i64, ctypes.c_int]
-    lib.gemm_bf16.restype = status
+    lib.gemm_bf16.restype = ctypes.c_int
     lib.pack_w8_from_bf16.argtypes = [p, i64, i64, p, p]
     lib.pack_w8_from_bf16.restype = None
     lib.gemm_w8.argtypes = [p, i64, i64, p, p, i64, i64, p, p, i64, ctypes.c_int]
@@ -151,8 +180,8 @@ def gemm_kernels(isa: str | None) -> ctypes.CDLL:
 
 def _check(status: int | None) -> None:
     if status:
-        raise MemoryError("cpu platform: the GEMM kernel could not allocate its float32 "
-                          "copy of the activations")
+        raise MemoryError("cpu platform: the GEMM kernel could not allocate its copy of "
+                          "the activations")
 
 
 # Activations are quantized in blocks of this many columns (one scale each).

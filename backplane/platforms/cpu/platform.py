@@ -85,7 +85,7 @@ class CpuPlatform(Platform):
     def quantization_unsupported_reason(self, method: str) -> str | None:
         """The instruction set a missing method's kernel needs, and what this CPU has."""
         isa = cpu_linear.gemm_isa()
-        if method in ("fp8", "gptq", "awq") and isa != "avx512_bf16":
+        if method in ("fp8", "gptq", "awq") and not cpu_linear.has_avx512_bf16_kernels(isa):
             return (f"its cpu kernel needs AVX512-BF16, which this CPU lacks (it has "
                     f"{'AVX2' if isa == 'avx2' else 'neither AVX512-BF16 nor AVX2 + FMA'})")
         if method in ("int8", "int8_weight_only", "compressed-tensors") and isa is None:

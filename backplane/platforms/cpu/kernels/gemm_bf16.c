@@ -33,11 +33,13 @@
         }                                                                              \
     }
 
-/* out[m, n] = sum_k x[m, k] W[n, k] (+ bias[n]) for m < m_total, n < N.
- * x: [M, K] bf16 with row stride xs (K even); packed: pack_bf16's layout;
- * bias: float32 or NULL; out: [M, N] bf16, or float32 if out_f32, row stride os. */
-void gemm_bf16(const uint16_t *x, int64_t xs, int64_t m_total, const uint16_t *packed,
-               int64_t n, int64_t k, const float *bias, void *out, int64_t os, int out_f32) {
+#if BACKPLANE_AMX
+#include "gemm_amx.h"
+#endif
+
+static void gemm_bf16_avx512(const uint16_t *x, int64_t xs, int64_t m_total,
+                             const uint16_t *packed, int64_t n, int64_t k, const float *bias,
+                             void *out, int64_t os, int out_f32) {
     const int64_t kp = k / 2, nb = (n + 15) / 16, npairs = (nb + 1) / 2;
 #pragma omp parallel for schedule(static)
     for (int64_t bp = 0; bp < npairs; bp++) {
@@ -47,6 +49,22 @@ void gemm_bf16(const uint16_t *x, int64_t xs, int64_t m_total, const uint16_t *p
         const uint16_t *w1 = two ? w0 + kp * 32 : w0;
         ROW_TILES_8_FN(tile_bf16_weights, w0, w1, two, kp, n, b0, bias, out, os, out_f32)
     }
+}
+
+/* out[m, n] = sum_k x[m, k] W[n, k] (+ bias[n]) for m < m_total, n < N.
+ * x: [M, K] bf16 with row stride xs (K even); packed: pack_bf16's layout;
+ * bias: float32 or NULL; out: [M, N] bf16, or float32 if out_f32, row stride os.
+ * Built with BACKPLANE_AMX=1, layers whose K is a multiple of 32 run on AMX tiles
+ * (gemm_amx.h); the choice depends on the layer only, never on the batch. Returns
+ * -1 if scratch memory could not be allocated. */
+int gemm_bf16(const uint16_t *x, int64_t xs, int64_t m_total, const uint16_t *packed,
+              int64_t n, int64_t k, const float *bias, void *out, int64_t os, int out_f32) {
+#if BACKPLANE_AMX
+    if (k % AMX_K == 0)
+        return gemm_bf16_amx(x, xs, m_total, packed, n, k, bias, out, os, out_f32);
+#endif
+    gemm_bf16_avx512(x, xs, m_total, packed, n, k, bias, out, os, out_f32);
+    return 0;
 }
 
 /* ------------------------------------------------------------------------
