@@ -158,9 +158,10 @@ def gemm_kernels(isa: str | None) -> ctypes.CDLL:
             raise KernelBuildError("Linux refused this process the AMX tile state "
                                    "(arch_prctl ARCH_REQ_XCOMP_PERM)")
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    # The AVX2 GEMMs widen the activations to float32 in a buffer of their own and
-    # return -1 when it cannot be allocated; the AMX one copies a batch's last rows.
-    status = ctypes.c_int if avx2 else None
+    # The GEMMs return -1 when scratch memory cannot be allocated (the AVX2 ones widen
+    # the activations to float32, the AMX ones copy a batch's last rows and widen int8
+    # weights to bf16).
+    status = ctypes.c_int
     lib.pack_bf16.argtypes = [p, i64, i64, p]
     lib.pack_bf16.restype = None
     lib.gemm_bf16.argtypes = [p, i64, i64, p, i64, i64, p, p, i64, ctypes.c_int]

@@ -1,6 +1,6 @@
 /*
- * bfloat16 GEMM on AMX tiles (Intel Sapphire Rapids and later), included by
- * gemm_bf16.c when it is built with BACKPLANE_AMX=1.
+ * bfloat16 and int8-weight GEMMs on AMX tiles (Intel Sapphire Rapids and later),
+ * included by gemm_bf16.c when it is built with BACKPLANE_AMX=1.
  *
  * The weight layout is gemm_bf16.c's own: blocks of 16 output rows whose
  * column pairs interleave, 32 bf16 = 64 bytes per pair. Sixteen consecutive
@@ -22,6 +22,13 @@
  * into L1 or L2, of this pair or the next) and a 4x1 layout (every row tile
  * against one block, so each weight tile feeds 64 rows as it arrives) were
  * both no faster; the 4x1 one lost 20% with one weight stream per core.
+ *
+ * int8 weights (W8A16, gemm_w8) take the same path: the first chunk of rows
+ * widens each weight tile to bf16 (exact for int8) as it arrives, into a
+ * buffer of the thread's that later chunks read from L2, and the row scales
+ * multiply the float32 sums at the store. W8A8 stays on VNNI: its activation
+ * scales change every 32 columns, and the tile unit sums 32 or 64 columns into
+ * one int32 with no way to scale in between.
  *
  * Rows past the last full 16 (all of them at batch 1) are copied into a
  * 16-row scratch tile first: the tile unit always multiplies 16 rows, and the
@@ -79,10 +86,21 @@ static inline void configure_tiles(void) {
 #define AMX_STORE(TILE, row0, rows, block)                                             \
     do {                                                                               \
         _tile_stored(TILE, acc, 64);                                                   \
-        for (int r = 0; r < (rows); r++)                                               \
-            store_block(_mm512_loadu_ps(acc + r * 16), out, (row0) + r, os,            \
-                        (block) * 16, n, bias, out_f32);                               \
+        const __m512 row_scales = scales ? load_scales(scales, (block) * 16, n)        \
+                                         : _mm512_set1_ps(1.0f);                       \
+        for (int r = 0; r < (rows); r++) {                                             \
+            __m512 v = _mm512_loadu_ps(acc + r * 16);                                  \
+            if (scales) v = _mm512_mul_ps(v, row_scales);                              \
+            store_block(v, out, (row0) + r, os, (block) * 16, n, bias, out_f32);       \
+        }                                                                              \
     } while (0)
+
+/* 16 column pairs of a 16-row int8 block (512 bytes) -> the bf16 B tile (1 KiB). */
+static inline __attribute__((always_inline)) void widen_tile(uint16_t *dst, const int8_t *src) {
+#pragma GCC unroll 16
+    for (int p = 0; p < 16; p++)
+        _mm512_storeu_si512(dst + p * 32, (__m512i)widen_w8(src + p * 32));
+}
 
 /* One chunk: A tiles at a0 (and a1 if TWO_A), row strides as0/as1 (bytes), against
  * the weight blocks w0 and w1 (w1 == w0 for a lone last block). */
@@ -91,6 +109,10 @@ static inline void configure_tiles(void) {
         _tile_zero(0); _tile_zero(1);                                                  \
         if (TWO_A) { _tile_zero(2); _tile_zero(3); }                                   \
         for (int64_t t = 0; t < kt; t++) {                                             \
+            if (src_w8 && i == 0) { /* int8: widen this step's tiles as they arrive */ \
+                widen_tile(wide + t * 16 * 32, src_w8 + t * 16 * 32);                  \
+                if (two) widen_tile(wide + (kp + t * 16) * 32, src_w8 + (kp + t * 16) * 32); \
+            }                                                                          \
             _tile_loadd(6, w0 + t * 16 * 32, 64);                                      \
             _tile_loadd(7, w1 + t * 16 * 32, 64);                                      \
             _tile_loadd(4, a0 + t * AMX_K, as0);                                       \
@@ -104,11 +126,12 @@ static inline void configure_tiles(void) {
         }                                                                              \
     } while (0)
 
-/* gemm_bf16 on tiles; K a multiple of 32 (gemm_bf16 checks). Returns -1 if the
- * scratch tile cannot be allocated. */
-static int gemm_bf16_amx(const uint16_t *x, int64_t xs, int64_t m_total,
-                         const uint16_t *packed, int64_t n, int64_t k, const float *bias,
-                         void *out, int64_t os, int out_f32) {
+/* gemm_bf16 (packed_w8 NULL) or gemm_w8 (packed_w8: pack_w8_from_bf16's int8 blocks,
+ * scales: their row scales) on tiles; K a multiple of 32 (the callers check).
+ * Returns -1 if the scratch tile or a widening buffer cannot be allocated. */
+static int gemm_amx(const uint16_t *x, int64_t xs, int64_t m_total, const uint16_t *packed,
+                    const int8_t *packed_w8, const float *scales, int64_t n, int64_t k,
+                    const float *bias, void *out, int64_t os, int out_f32) {
     const int64_t kp = k / 2, kt = k / AMX_K, nb = (n + 15) / 16, npairs = (nb + 1) / 2;
     const int64_t full = m_total / 16, tail = m_total % 16;
     /* The last rows, padded to a whole tile (the padding rows' values are never used). */
@@ -127,15 +150,31 @@ static int gemm_bf16_amx(const uint16_t *x, int64_t xs, int64_t m_total,
     }
     const uint16_t *tail_rows = scratch;
     const int64_t tiles = full + (tail ? 1 : 0);
+    int failed = 0;
 #pragma omp parallel
     {
+        /* Kept by each (pooled) thread between calls, like the scratch tile. */
+        static __thread uint16_t *wide = NULL;
+        static __thread int64_t wide_k = 0;
+        if (packed_w8 && wide_k < k) {
+            free(wide);
+            wide = malloc((size_t)(2 * kp * 32) * sizeof(uint16_t));
+            wide_k = wide ? k : 0;
+        }
+        const int ready = !packed_w8 || wide != NULL;
+        if (!ready) {
+#pragma omp atomic write
+            failed = 1;
+        }
         configure_tiles();
         float acc[16 * 16] __attribute__((aligned(64)));
 #pragma omp for schedule(static)
         for (int64_t bp = 0; bp < npairs; bp++) {
+            if (!ready) continue;
             const int64_t b0 = 2 * bp;
             const int two = (b0 + 1) < nb;
-            const uint16_t *w0 = packed + b0 * kp * 32;
+            const int8_t *src_w8 = packed_w8 ? packed_w8 + b0 * kp * 32 : NULL;
+            const uint16_t *w0 = packed_w8 ? wide : packed + b0 * kp * 32;
             const uint16_t *w1 = two ? w0 + kp * 32 : w0;
             for (int64_t i = 0; i < tiles; i += 2) {
                 /* A tile i: rows 16 i.. of x, or the scratch copy of the tail. */
@@ -165,7 +204,7 @@ static int gemm_bf16_amx(const uint16_t *x, int64_t xs, int64_t m_total,
         }
         _tile_release();
     }
-    return 0;
+    return failed ? -1 : 0;
 }
 
 #endif

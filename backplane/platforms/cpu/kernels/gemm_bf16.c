@@ -33,10 +33,6 @@
         }                                                                              \
     }
 
-#if BACKPLANE_AMX
-#include "gemm_amx.h"
-#endif
-
 static void gemm_bf16_avx512(const uint16_t *x, int64_t xs, int64_t m_total,
                              const uint16_t *packed, int64_t n, int64_t k, const float *bias,
                              void *out, int64_t os, int out_f32) {
@@ -49,22 +45,6 @@ static void gemm_bf16_avx512(const uint16_t *x, int64_t xs, int64_t m_total,
         const uint16_t *w1 = two ? w0 + kp * 32 : w0;
         ROW_TILES_8_FN(tile_bf16_weights, w0, w1, two, kp, n, b0, bias, out, os, out_f32)
     }
-}
-
-/* out[m, n] = sum_k x[m, k] W[n, k] (+ bias[n]) for m < m_total, n < N.
- * x: [M, K] bf16 with row stride xs (K even); packed: pack_bf16's layout;
- * bias: float32 or NULL; out: [M, N] bf16, or float32 if out_f32, row stride os.
- * Built with BACKPLANE_AMX=1, layers whose K is a multiple of 32 run on AMX tiles
- * (gemm_amx.h); the choice depends on the layer only, never on the batch. Returns
- * -1 if scratch memory could not be allocated. */
-int gemm_bf16(const uint16_t *x, int64_t xs, int64_t m_total, const uint16_t *packed,
-              int64_t n, int64_t k, const float *bias, void *out, int64_t os, int out_f32) {
-#if BACKPLANE_AMX
-    if (k % AMX_K == 0)
-        return gemm_bf16_amx(x, xs, m_total, packed, n, k, bias, out, os, out_f32);
-#endif
-    gemm_bf16_avx512(x, xs, m_total, packed, n, k, bias, out, os, out_f32);
-    return 0;
 }
 
 /* ------------------------------------------------------------------------
@@ -83,8 +63,41 @@ static inline __attribute__((always_inline)) __m512bh widen_w8(const int8_t *src
     return _mm512_cvtne2ps_pbh(_mm512_cvtepi32_ps(hi), _mm512_cvtepi32_ps(lo));
 }
 
-/* gemm_w8: gemm_bf16 for int8 weights, out = x @ (scales[:, None] * Wq).T (+ bias). */
-DEFINE_WIDENED_GEMM(gemm_w8, int8_t, widen_w8)
+DEFINE_WIDENED_GEMM(gemm_w8_avx512, int8_t, widen_w8)
+
+#if BACKPLANE_AMX
+#include "gemm_amx.h"
+#endif
+
+/* out[m, n] = sum_k x[m, k] W[n, k] (+ bias[n]) for m < m_total, n < N.
+ * x: [M, K] bf16 with row stride xs (K even); packed: pack_bf16's layout;
+ * bias: float32 or NULL; out: [M, N] bf16, or float32 if out_f32, row stride os.
+ * Built with BACKPLANE_AMX=1, layers whose K is a multiple of 32 run on AMX tiles
+ * (gemm_amx.h); the choice depends on the layer only, never on the batch. Returns
+ * -1 if scratch memory could not be allocated. */
+int gemm_bf16(const uint16_t *x, int64_t xs, int64_t m_total, const uint16_t *packed,
+              int64_t n, int64_t k, const float *bias, void *out, int64_t os, int out_f32) {
+#if BACKPLANE_AMX
+    if (k % AMX_K == 0)
+        return gemm_amx(x, xs, m_total, packed, NULL, NULL, n, k, bias, out, os, out_f32);
+#endif
+    gemm_bf16_avx512(x, xs, m_total, packed, n, k, bias, out, os, out_f32);
+    return 0;
+}
+
+/* gemm_w8: gemm_bf16 for int8 weights, out = x @ (scales[:, None] * Wq).T (+ bias);
+ * on AMX tiles like gemm_bf16 when built for them. Returns -1 if scratch memory could
+ * not be allocated. */
+int gemm_w8(const uint16_t *x, int64_t xs, int64_t m_total, const int8_t *packed,
+            const float *scales, int64_t n, int64_t k, const float *bias, void *out,
+            int64_t os, int out_f32) {
+#if BACKPLANE_AMX
+    if (k % AMX_K == 0)
+        return gemm_amx(x, xs, m_total, NULL, packed, scales, n, k, bias, out, os, out_f32);
+#endif
+    gemm_w8_avx512(x, xs, m_total, packed, scales, n, k, bias, out, os, out_f32);
+    return 0;
+}
 
 /* ------------------------------------------------------------------------
  * W8A8 (dynamic activations): int8 weights, one scale per output row, and
