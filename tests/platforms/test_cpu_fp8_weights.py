@@ -8,10 +8,13 @@ import torch
 
 from backplane import LLM, SamplingParams
 from backplane.platforms.cpu.fp8 import Fp8Linear, fp8_kernel_supported, quantize_fp8_per_row
+from backplane.platforms.cpu.linear import has_avx512_bf16_kernels, runnable_gemm_isas
 from tests.platforms.prompt_logprobs import prompt_logprob_gaps
 
 needs_kernel = pytest.mark.skipif(not fp8_kernel_supported(),
                                   reason="no AVX512-BF16 (or no C compiler) on this CPU")
+# The fp8 kernels this CPU runs: AMX tiles and AVX512-BF16 on an AMX CPU.
+FP8_ISAS = [isa for isa in runnable_gemm_isas() if has_avx512_bf16_kernels(isa)] or [None]
 PROMPT = "the quick brown fox jumps over the lazy dog and runs into the forest near the river"
 
 
@@ -28,14 +31,15 @@ def test_per_row_quantization_is_within_e4m3_precision():
 @pytest.mark.parametrize(("rows", "out_features", "in_features"),
                          [(1, 1152, 896), (3, 20, 64), (9, 160, 96), (70, 48, 128)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_fp8_layer_matches_its_dequantized_weight(rows, out_features, in_features, bias):
+@pytest.mark.parametrize("isa", FP8_ISAS)
+def test_fp8_layer_matches_its_dequantized_weight(rows, out_features, in_features, bias, isa):
     """The kernel computes exactly with the dequantized weight (subnormal e4m3 values
     included), up to float32 summation order, on bf16-rounded activations."""
     gen = torch.Generator().manual_seed(rows)
     weight = torch.randn(out_features, in_features, generator=gen) * 0.05
     weight[0, :4] = torch.tensor([1e-7, -2e-6, 0.0, 3e-5])  # subnormal after scaling
     b = torch.randn(out_features, generator=gen) if bias else None
-    layer = Fp8Linear(weight, b)
+    layer = Fp8Linear(weight, b, isa=isa)
     dense = layer.dequantized_weight()
     x = torch.randn(rows, in_features, generator=gen)
     want = x.bfloat16().float() @ dense.T + (b if bias else 0)
@@ -46,14 +50,15 @@ def test_fp8_layer_matches_its_dequantized_weight(rows, out_features, in_feature
 
 
 @needs_kernel
-def test_a_rows_result_does_not_depend_on_its_batch():
+@pytest.mark.parametrize("isa", FP8_ISAS)
+def test_a_rows_result_does_not_depend_on_its_batch(isa):
     """Bitwise, as for the bf16 and int8 kernels (test_cpu_linear.py): the scale and
     bias of a one-row tile are applied exactly as in a full tile."""
     torch.manual_seed(5)
-    layer = Fp8Linear(torch.randn(200, 128) * 0.05, torch.randn(200))
+    layer = Fp8Linear(torch.randn(200, 128) * 0.05, torch.randn(200), isa=isa)
     x = torch.randn(70, 128, dtype=torch.bfloat16)
     batched = layer(x)
-    for rows in (slice(0, 1), slice(69, 70), slice(7, 10), slice(60, 67)):
+    for rows in (slice(0, 1), slice(69, 70), slice(7, 10), slice(60, 67), slice(0, 33)):
         assert torch.equal(layer(x[rows]), batched[rows]), rows
 
 

@@ -21,12 +21,16 @@ from backplane.platforms.cpu.native import KernelBuildError, load_kernel
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
-@functools.lru_cache(maxsize=1)
-def _fp8_lib() -> ctypes.CDLL:
-    lib = load_kernel("gemm_fp8.c", ())
+@functools.lru_cache(maxsize=None)
+def _fp8_lib(isa: str = "avx512_bf16") -> ctypes.CDLL:
+    """The fp8 GEMM for ``isa`` ("amx": on the tiles where K allows, else AVX512-BF16)."""
+    amx = isa == "amx"
+    lib = load_kernel("gemm_fp8.c", (("BACKPLANE_AMX", 1),) if amx else ())
+    if amx and lib.amx_enable() != 0:
+        raise KernelBuildError("Linux refused this process the AMX tile state")
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.gemm_fp8.argtypes = [p, i64, i64, p, p, i64, i64, p, p, i64, ctypes.c_int]
-    lib.gemm_fp8.restype = None
+    lib.gemm_fp8.restype = ctypes.c_int
     return lib
 
 
@@ -41,7 +45,7 @@ def fp8_kernel_supported() -> bool:
     if not has_avx512_bf16_kernels(gemm_isa()) or not bf16_gemm_supported():
         return False
     try:
-        _fp8_lib()
+        _fp8_lib(gemm_isa())
     except KernelBuildError:
         return False
     return True
@@ -69,10 +73,14 @@ class Fp8Linear(nn.Module):
     """A linear layer with fp8 (e4m3) weights and per-row float32 scales."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
-                 scales: torch.Tensor | None = None) -> None:
+                 scales: torch.Tensor | None = None, isa: str | None = None) -> None:
         """``weight``: float (quantized here, per row) or, with ``scales [N]``, already
-        float8_e4m3fn (a checkpoint's)."""
+        float8_e4m3fn (a checkpoint's). ``isa``: "amx" or "avx512_bf16" (default: this
+        CPU's, `linear.gemm_isa`)."""
+        from backplane.platforms.cpu.linear import gemm_isa
+
         super().__init__()
+        self.isa = isa or gemm_isa()
         self.out_features, self.in_features = weight.shape
         if self.in_features % 2:
             raise ValueError(f"in_features ({self.in_features}) must be even")
@@ -96,11 +104,13 @@ class Fp8Linear(nn.Module):
         out = torch.empty(rows.shape[0], self.out_features,
                           dtype=torch.float32 if float_out else torch.bfloat16)
         if rows.shape[0]:
-            _fp8_lib().gemm_fp8(rows.data_ptr(), self.in_features, rows.shape[0],
-                                self.packed_weight.data_ptr(), self.kernel_scales.data_ptr(),
-                                self.out_features, self.in_features,
-                                None if self.bias is None else self.bias.data_ptr(),
-                                out.data_ptr(), self.out_features, int(float_out))
+            status = _fp8_lib(self.isa).gemm_fp8(
+                rows.data_ptr(), self.in_features, rows.shape[0], self.packed_weight.data_ptr(),
+                self.kernel_scales.data_ptr(), self.out_features, self.in_features,
+                None if self.bias is None else self.bias.data_ptr(), out.data_ptr(),
+                self.out_features, int(float_out))
+            if status:
+                raise MemoryError("cpu platform: the fp8 GEMM could not allocate its scratch")
         out = out.reshape(*lead, self.out_features)
         return out if out.dtype == x.dtype or x.dtype == torch.bfloat16 else out.to(x.dtype)
 
@@ -113,7 +123,7 @@ class Fp8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                "fp8 e4m3 weights, per-row scales")
+                f"fp8 e4m3 weights, per-row scales ({self.isa})")
 
 
 def quantize_linear_weights_fp8(model: nn.Module) -> int:

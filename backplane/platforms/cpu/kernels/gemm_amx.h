@@ -23,8 +23,8 @@
  * against one block, so each weight tile feeds 64 rows as it arrives) were
  * both no faster; the 4x1 one lost 20% with one weight stream per core.
  *
- * int8 weights (W8A16, gemm_w8) take the same path: the first chunk of rows
- * widens each weight tile to bf16 (exact for int8) as it arrives, into a
+ * int8 and fp8 weights (W8A16: gemm_w8, gemm_fp8) take the same path: the first
+ * chunk of rows widens each weight tile to bf16 (exact for both) as it arrives, into a
  * buffer of the thread's that later chunks read from L2, and the row scales
  * multiply the float32 sums at the store. W8A8 stays on VNNI: its activation
  * scales change every 32 columns, and the tile unit sums 32 or 64 columns into
@@ -95,11 +95,17 @@ static inline void configure_tiles(void) {
         }                                                                              \
     } while (0)
 
-/* 16 column pairs of a 16-row int8 block (512 bytes) -> the bf16 B tile (1 KiB). */
-static inline __attribute__((always_inline)) void widen_tile(uint16_t *dst, const int8_t *src) {
+/* The includer's widening of 32 packed 8-bit weights to 32 bf16, in order
+ * (gemm_bf16.c: int8, widen_w8; gemm_fp8.c: e4m3, widen_fp8). */
+#ifndef AMX_WIDEN
+#error "define AMX_WIDEN before including gemm_amx.h"
+#endif
+
+/* 16 column pairs of a 16-row 8-bit block (512 bytes) -> the bf16 B tile (1 KiB). */
+static inline __attribute__((always_inline)) void widen_tile(uint16_t *dst, const uint8_t *src) {
 #pragma GCC unroll 16
     for (int p = 0; p < 16; p++)
-        _mm512_storeu_si512(dst + p * 32, (__m512i)widen_w8(src + p * 32));
+        _mm512_storeu_si512(dst + p * 32, (__m512i)AMX_WIDEN((const void *)(src + p * 32)));
 }
 
 /* One chunk: A tiles at a0 (and a1 if TWO_A), row strides as0/as1 (bytes), against
@@ -126,11 +132,12 @@ static inline __attribute__((always_inline)) void widen_tile(uint16_t *dst, cons
         }                                                                              \
     } while (0)
 
-/* gemm_bf16 (packed_w8 NULL) or gemm_w8 (packed_w8: pack_w8_from_bf16's int8 blocks,
- * scales: their row scales) on tiles; K a multiple of 32 (the callers check).
+/* gemm_bf16 (packed_w8 NULL) or a widened 8-bit GEMM (packed_w8: 16-row blocks of
+ * 32-byte column pairs that AMX_WIDEN turns into bf16, as gemm_w8 and gemm_fp8 take
+ * them; scales: their row scales) on tiles; K a multiple of 32 (the callers check).
  * Returns -1 if the scratch tile or a widening buffer cannot be allocated. */
 static int gemm_amx(const uint16_t *x, int64_t xs, int64_t m_total, const uint16_t *packed,
-                    const int8_t *packed_w8, const float *scales, int64_t n, int64_t k,
+                    const void *packed_w8, const float *scales, int64_t n, int64_t k,
                     const float *bias, void *out, int64_t os, int out_f32) {
     const int64_t kp = k / 2, kt = k / AMX_K, nb = (n + 15) / 16, npairs = (nb + 1) / 2;
     const int64_t full = m_total / 16, tail = m_total % 16;
@@ -173,7 +180,7 @@ static int gemm_amx(const uint16_t *x, int64_t xs, int64_t m_total, const uint16
             if (!ready) continue;
             const int64_t b0 = 2 * bp;
             const int two = (b0 + 1) < nb;
-            const int8_t *src_w8 = packed_w8 ? packed_w8 + b0 * kp * 32 : NULL;
+            const uint8_t *src_w8 = packed_w8 ? (const uint8_t *)packed_w8 + b0 * kp * 32 : NULL;
             const uint16_t *w0 = packed_w8 ? wide : packed + b0 * kp * 32;
             const uint16_t *w1 = two ? w0 + kp * 32 : w0;
             for (int64_t i = 0; i < tiles; i += 2) {

@@ -66,6 +66,7 @@ static inline __attribute__((always_inline)) __m512bh widen_w8(const int8_t *src
 DEFINE_WIDENED_GEMM(gemm_w8_avx512, int8_t, widen_w8)
 
 #if BACKPLANE_AMX
+#define AMX_WIDEN widen_w8
 #include "gemm_amx.h"
 #endif
 
