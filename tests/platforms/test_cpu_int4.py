@@ -14,12 +14,15 @@ from backplane import LLM, SamplingParams
 from backplane.benchmarks.make_model import quantize_checkpoint
 from backplane.core.quantization.packing import quantize_rtn
 from backplane.platforms.cpu.int4 import Int4Linear, int4_kernel_supported
+from backplane.platforms.cpu.linear import has_avx512_bf16_kernels, runnable_gemm_isas
 from backplane.platforms.cpu.platform import CpuPlatform
 from backplane.plugins_sdk.quantization import Int4Weights
 from tests.platforms.prompt_logprobs import prompt_logprob_gaps
 
 needs_kernel = pytest.mark.skipif(not int4_kernel_supported(),
                                   reason="no AVX512-BF16 (or no C compiler) on this CPU")
+# The int4 kernels this CPU runs: with AMX, 16+ bf16 rows go through the tiles.
+INT4_ISAS = [isa for isa in runnable_gemm_isas() if has_avx512_bf16_kernels(isa)] or [None]
 PROMPTS = ["the quick brown fox jumps over the lazy dog",
            "Paged attention stores keys and values in fixed-size blocks"]
 
@@ -40,12 +43,13 @@ def _weights(n: int, k: int, group: int, sym: bool, act_order: bool, bias: bool,
                           (17, 160, 96, 32), (70, 48, 256, 64)])
 @pytest.mark.parametrize(("sym", "act_order"), [(True, False), (False, False), (True, True),
                                                 (False, True)])
-def test_int4_layer_matches_dequantized_weight(rows, n, k, group, sym, act_order):
+@pytest.mark.parametrize("isa", INT4_ISAS)
+def test_int4_layer_matches_dequantized_weight(rows, n, k, group, sym, act_order, isa):
     """float32 activations: exact dequantization, float32 summation-order differences only.
     bf16 activations: within the bf16 output's rounding (and, from 16 rows, the weight
     rounded to bf16 in the dequantized-tile path)."""
     weights = _weights(n, k, group, sym, act_order, bias=n % 2 == 0)
-    layer = Int4Linear(weights)
+    layer = Int4Linear(weights, isa=isa)
     dense = weights.dequantize()
     x = torch.randn(rows, k)
     want = x @ dense.T + (weights.bias if weights.bias is not None else 0)

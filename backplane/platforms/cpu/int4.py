@@ -20,12 +20,17 @@ from backplane.platforms.cpu.native import KernelBuildError, load_kernel
 from backplane.plugins_sdk.quantization import Int4Weights
 
 
-@functools.lru_cache(maxsize=1)
-def _int4_lib() -> ctypes.CDLL:
-    lib = load_kernel("gemm_int4.c", ())
+@functools.lru_cache(maxsize=None)
+def _int4_lib(isa: str = "avx512_bf16") -> ctypes.CDLL:
+    """The int4 GEMM for ``isa`` ("amx": batches of 16+ rows multiply the dequantised
+    blocks on AMX tiles)."""
+    amx = isa == "amx"
+    lib = load_kernel("gemm_int4.c", (("BACKPLANE_AMX", 1),) if amx else ())
+    if amx and lib.amx_enable() != 0:
+        raise KernelBuildError("Linux refused this process the AMX tile state")
     p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.gemm_int4.argtypes = [p, i64, i64, c_int, p, p, p, p, i64, i64, i64, p, p, i64, c_int]
-    lib.gemm_int4.restype = None
+    lib.gemm_int4.restype = ctypes.c_int
     return lib
 
 
@@ -36,7 +41,7 @@ def int4_kernel_supported() -> bool:
     if not has_avx512_bf16_kernels(gemm_isa()):
         return False
     try:
-        _int4_lib()
+        _int4_lib(gemm_isa())
     except KernelBuildError:
         return False
     return True
@@ -70,9 +75,14 @@ class Int4Linear(nn.Module):
     (weights dequantised exactly in float32); other dtypes go through float32.
     """
 
-    def __init__(self, weights: Int4Weights, float_output: bool = False) -> None:
-        """``float_output``: always return float32 (an output projection's logits)."""
+    def __init__(self, weights: Int4Weights, float_output: bool = False,
+                 isa: str | None = None) -> None:
+        """``float_output``: always return float32 (an output projection's logits).
+        ``isa``: "amx" or "avx512_bf16" (default: this CPU's, `linear.gemm_isa`)."""
+        from backplane.platforms.cpu.linear import gemm_isa
+
         super().__init__()
+        self.isa = isa or gemm_isa()
         self.float_output = float_output
         n, k = weights.qweight.shape
         group = weights.group_size
@@ -92,7 +102,7 @@ class Int4Linear(nn.Module):
                              persistent=False)
         self.register_buffer("bias", None if weights.bias is None
                              else weights.bias.float().contiguous().cpu(), persistent=False)
-        self._kernel = _int4_lib().gemm_int4
+        self._kernel = _int4_lib(self.isa).gemm_int4
         # The buffers never move (CPU only): their addresses are taken once (per-call
         # Python overhead matters at batch 1, ~100 calls per decode step).
         self._args = (self.packed_weight.data_ptr(), self.scale_table.data_ptr(),
@@ -115,15 +125,16 @@ class Int4Linear(nn.Module):
                           dtype=torch.float32 if out_f32 else torch.bfloat16)
         if m:
             packed, scales, zeros, offsets, n, k, group, bias = self._args
-            self._kernel(rows.data_ptr(), k, m, f32, packed, scales, zeros, offsets, n, k,
-                         group, bias, out.data_ptr(), n, out_f32)
+            if self._kernel(rows.data_ptr(), k, m, f32, packed, scales, zeros, offsets, n, k,
+                            group, bias, out.data_ptr(), n, out_f32):
+                raise MemoryError("cpu platform: the int4 GEMM could not allocate its scratch")
         out = out.reshape(*lead, self.out_features)
         return out if out.dtype == x.dtype or self.float_output else out.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"{self.method} int4, group_size={self.group_size}"
-                + (", act-order" if self.perm is not None else ""))
+                + (", act-order" if self.perm is not None else "") + f" ({self.isa})")
 
 
 def _symmetric_int4(weight: torch.Tensor, group: int) -> Int4Weights:

@@ -81,32 +81,67 @@ static inline void configure_tiles(void) {
 /* Input columns per tile step (64 bytes of bf16 per A row). */
 #define AMX_K 32
 
-/* Stores accumulator tile TILE (16 rows x 16 float32) for output rows row0..row0+rows
- * and the 16 columns of weight block `block`. */
-#define AMX_STORE(TILE, row0, rows, block)                                             \
+/* The activation rows of one call as the tile loops read them: whole tiles of 16
+ * rows in place, the last m % 16 rows from the calling thread's scratch copy. */
+struct amx_rows {
+    const uint16_t *x, *tail_rows;
+    int64_t xs, k, full, tail, tiles;
+};
+
+/* Fills `rows` for x [m, k] (row stride xs); -1 if the scratch cannot be allocated. */
+static int amx_rows_init(struct amx_rows *rows, const uint16_t *x, int64_t xs, int64_t m,
+                         int64_t k) {
+    static __thread uint16_t *scratch = NULL;
+    static __thread int64_t scratch_k = 0;
+    const int64_t full = m / 16, tail = m % 16;
+    if (tail) {
+        if (scratch_k < k) {
+            uint16_t *grown = calloc((size_t)(16 * k), sizeof(uint16_t));
+            if (!grown) return -1;
+            free(scratch);
+            scratch = grown;
+            scratch_k = k;
+        }
+        for (int64_t r = 0; r < tail; r++)
+            memcpy(scratch + r * k, x + (full * 16 + r) * xs, (size_t)k * sizeof(uint16_t));
+    }
+    *rows = (struct amx_rows){.x = x, .tail_rows = scratch, .xs = xs, .k = k, .full = full,
+                              .tail = tail, .tiles = full + (tail ? 1 : 0)};
+    return 0;
+}
+
+/* Stores accumulator tile TILE (16 rows x 16 float32) for output rows row0..row0+nrows
+ * and the 16 columns of weight block `block` (times the row scales, if any). */
+#define AMX_STORE(TILE, row0, nrows, block)                                            \
     do {                                                                               \
         _tile_stored(TILE, acc, 64);                                                   \
         const __m512 row_scales = scales ? load_scales(scales, (block) * 16, n)        \
                                          : _mm512_set1_ps(1.0f);                       \
-        for (int r = 0; r < (rows); r++) {                                             \
+        for (int r = 0; r < (nrows); r++) {                                            \
             __m512 v = _mm512_loadu_ps(acc + r * 16);                                  \
             if (scales) v = _mm512_mul_ps(v, row_scales);                              \
             store_block(v, out, (row0) + r, os, (block) * 16, n, bias, out_f32);       \
         }                                                                              \
     } while (0)
 
-/* The includer's widening of 32 packed 8-bit weights to 32 bf16, in order
- * (gemm_bf16.c: int8, widen_w8; gemm_fp8.c: e4m3, widen_fp8). */
-#ifndef AMX_WIDEN
-#error "define AMX_WIDEN before including gemm_amx.h"
-#endif
-
-/* 16 column pairs of a 16-row 8-bit block (512 bytes) -> the bf16 B tile (1 KiB). */
+#ifdef AMX_WIDEN
+/* AMX_WIDEN(ptr): the includer's widening of 32 packed 8-bit weights to 32 bf16, in
+ * order (gemm_bf16.c: int8, widen_w8; gemm_fp8.c: e4m3, widen_fp8). 16 column pairs
+ * of a 16-row 8-bit block (512 bytes) -> the bf16 B tile (1 KiB). */
 static inline __attribute__((always_inline)) void widen_tile(uint16_t *dst, const uint8_t *src) {
 #pragma GCC unroll 16
     for (int p = 0; p < 16; p++)
         _mm512_storeu_si512(dst + p * 32, (__m512i)AMX_WIDEN((const void *)(src + p * 32)));
 }
+/* 8-bit weights: the first chunk widens this step's tiles as they arrive. */
+#define AMX_WIDEN_STEP(t)                                                              \
+    if (src8 && i == 0) {                                                              \
+        widen_tile(wide + (t) * 16 * 32, src8 + (t) * 16 * 32);                        \
+        if (two) widen_tile(wide + (kp + (t) * 16) * 32, src8 + (kp + (t) * 16) * 32); \
+    }
+#else
+#define AMX_WIDEN_STEP(t)
+#endif
 
 /* One chunk: A tiles at a0 (and a1 if TWO_A), row strides as0/as1 (bytes), against
  * the weight blocks w0 and w1 (w1 == w0 for a lone last block). */
@@ -115,10 +150,7 @@ static inline __attribute__((always_inline)) void widen_tile(uint16_t *dst, cons
         _tile_zero(0); _tile_zero(1);                                                  \
         if (TWO_A) { _tile_zero(2); _tile_zero(3); }                                   \
         for (int64_t t = 0; t < kt; t++) {                                             \
-            if (src_w8 && i == 0) { /* int8: widen this step's tiles as they arrive */ \
-                widen_tile(wide + t * 16 * 32, src_w8 + t * 16 * 32);                  \
-                if (two) widen_tile(wide + (kp + t * 16) * 32, src_w8 + (kp + t * 16) * 32); \
-            }                                                                          \
+            AMX_WIDEN_STEP(t)                                                          \
             _tile_loadd(6, w0 + t * 16 * 32, 64);                                      \
             _tile_loadd(7, w1 + t * 16 * 32, 64);                                      \
             _tile_loadd(4, a0 + t * AMX_K, as0);                                       \
@@ -132,82 +164,87 @@ static inline __attribute__((always_inline)) void widen_tile(uint16_t *dst, cons
         }                                                                              \
     } while (0)
 
-/* gemm_bf16 (packed_w8 NULL) or a widened 8-bit GEMM (packed_w8: 16-row blocks of
+/* Every activation row against the weight blocks b0 (at w0) and b0 + 1 (at w1, if
+ * `two`), in chunks of 32 rows; in a thread whose tiles are configured. With src8
+ * (8-bit blocks, AMX_WIDEN builds only), w0/w1 point into the thread's buffer
+ * `wide`, which the first chunk fills from src8. */
+static inline __attribute__((always_inline)) void amx_pair(
+        const struct amx_rows *rows, const uint16_t *w0, const uint16_t *w1, int two,
+        const uint8_t *src8, uint16_t *wide, int64_t n, int64_t b0, const float *scales,
+        const float *bias, void *out, int64_t os, int out_f32) {
+    const int64_t k = rows->k, kp = k / 2, kt = k / AMX_K, full = rows->full;
+    float acc[16 * 16] __attribute__((aligned(64)));
+    (void)src8; (void)wide; (void)kp;
+    for (int64_t i = 0; i < rows->tiles; i += 2) {
+        /* A tile i: rows 16 i.. of x, or the scratch copy of the tail. */
+        const uint16_t *a0 = i < full ? rows->x + i * 16 * rows->xs : rows->tail_rows;
+        const int64_t as0 = (i < full ? rows->xs : k) * 2;
+        const int rows0 = i < full ? 16 : (int)rows->tail;
+        if (i + 1 < rows->tiles) {
+            const uint16_t *a1 = i + 1 < full ? rows->x + (i + 1) * 16 * rows->xs
+                                              : rows->tail_rows;
+            const int64_t as1 = (i + 1 < full ? rows->xs : k) * 2;
+            const int rows1 = i + 1 < full ? 16 : (int)rows->tail;
+            AMX_CHUNK(1);
+            AMX_STORE(0, i * 16, rows0, b0);
+            AMX_STORE(2, (i + 1) * 16, rows1, b0);
+            if (two) {
+                AMX_STORE(1, i * 16, rows0, b0 + 1);
+                AMX_STORE(3, (i + 1) * 16, rows1, b0 + 1);
+            }
+        } else {
+            const uint16_t *a1 = a0;
+            const int64_t as1 = as0;
+            (void)a1; (void)as1;
+            AMX_CHUNK(0);
+            AMX_STORE(0, i * 16, rows0, b0);
+            if (two) AMX_STORE(1, i * 16, rows0, b0 + 1);
+        }
+    }
+}
+
+/* A thread's buffer for two widened (or dequantised) 16-row bf16 blocks of K columns,
+ * kept between calls (the OpenMP threads are pooled); NULL if it cannot be allocated. */
+static uint16_t *amx_pair_buffer(int64_t k) {
+    static __thread uint16_t *buf = NULL;
+    static __thread int64_t buf_k = 0;
+    if (buf_k < k) {
+        free(buf);
+        buf = aligned_alloc(64, (size_t)(2 * 16 * k) * sizeof(uint16_t));
+        buf_k = buf ? k : 0;
+    }
+    return buf;
+}
+
+/* gemm_bf16 (packed8 NULL) or a widened 8-bit GEMM (packed8: 16-row blocks of
  * 32-byte column pairs that AMX_WIDEN turns into bf16, as gemm_w8 and gemm_fp8 take
  * them; scales: their row scales) on tiles; K a multiple of 32 (the callers check).
  * Returns -1 if the scratch tile or a widening buffer cannot be allocated. */
 static int gemm_amx(const uint16_t *x, int64_t xs, int64_t m_total, const uint16_t *packed,
-                    const void *packed_w8, const float *scales, int64_t n, int64_t k,
+                    const void *packed8, const float *scales, int64_t n, int64_t k,
                     const float *bias, void *out, int64_t os, int out_f32) {
-    const int64_t kp = k / 2, kt = k / AMX_K, nb = (n + 15) / 16, npairs = (nb + 1) / 2;
-    const int64_t full = m_total / 16, tail = m_total % 16;
-    /* The last rows, padded to a whole tile (the padding rows' values are never used). */
-    static __thread uint16_t *scratch = NULL;
-    static __thread int64_t scratch_k = 0;
-    if (tail) {
-        if (scratch_k < k) {
-            uint16_t *grown = calloc((size_t)(16 * k), sizeof(uint16_t));
-            if (!grown) return -1;
-            free(scratch);
-            scratch = grown;
-            scratch_k = k;
-        }
-        for (int64_t r = 0; r < tail; r++)
-            memcpy(scratch + r * k, x + (full * 16 + r) * xs, (size_t)k * sizeof(uint16_t));
-    }
-    const uint16_t *tail_rows = scratch;
-    const int64_t tiles = full + (tail ? 1 : 0);
+    const int64_t kp = k / 2, nb = (n + 15) / 16, npairs = (nb + 1) / 2;
+    struct amx_rows rows;
+    if (amx_rows_init(&rows, x, xs, m_total, k)) return -1;
     int failed = 0;
 #pragma omp parallel
     {
-        /* Kept by each (pooled) thread between calls, like the scratch tile. */
-        static __thread uint16_t *wide = NULL;
-        static __thread int64_t wide_k = 0;
-        if (packed_w8 && wide_k < k) {
-            free(wide);
-            wide = malloc((size_t)(2 * kp * 32) * sizeof(uint16_t));
-            wide_k = wide ? k : 0;
-        }
-        const int ready = !packed_w8 || wide != NULL;
+        uint16_t *wide = packed8 ? amx_pair_buffer(k) : NULL;
+        const int ready = !packed8 || wide != NULL;
         if (!ready) {
 #pragma omp atomic write
             failed = 1;
         }
         configure_tiles();
-        float acc[16 * 16] __attribute__((aligned(64)));
 #pragma omp for schedule(static)
         for (int64_t bp = 0; bp < npairs; bp++) {
             if (!ready) continue;
             const int64_t b0 = 2 * bp;
             const int two = (b0 + 1) < nb;
-            const uint8_t *src_w8 = packed_w8 ? (const uint8_t *)packed_w8 + b0 * kp * 32 : NULL;
-            const uint16_t *w0 = packed_w8 ? wide : packed + b0 * kp * 32;
-            const uint16_t *w1 = two ? w0 + kp * 32 : w0;
-            for (int64_t i = 0; i < tiles; i += 2) {
-                /* A tile i: rows 16 i.. of x, or the scratch copy of the tail. */
-                const uint16_t *a0 = i < full ? x + i * 16 * xs : tail_rows;
-                const int64_t as0 = (i < full ? xs : k) * 2;
-                const int rows0 = i < full ? 16 : (int)tail;
-                if (i + 1 < tiles) {
-                    const uint16_t *a1 = i + 1 < full ? x + (i + 1) * 16 * xs : tail_rows;
-                    const int64_t as1 = (i + 1 < full ? xs : k) * 2;
-                    const int rows1 = i + 1 < full ? 16 : (int)tail;
-                    AMX_CHUNK(1);
-                    AMX_STORE(0, i * 16, rows0, b0);
-                    AMX_STORE(2, (i + 1) * 16, rows1, b0);
-                    if (two) {
-                        AMX_STORE(1, i * 16, rows0, b0 + 1);
-                        AMX_STORE(3, (i + 1) * 16, rows1, b0 + 1);
-                    }
-                } else {
-                    const uint16_t *a1 = a0;
-                    const int64_t as1 = as0;
-                    (void)a1; (void)as1;
-                    AMX_CHUNK(0);
-                    AMX_STORE(0, i * 16, rows0, b0);
-                    if (two) AMX_STORE(1, i * 16, rows0, b0 + 1);
-                }
-            }
+            const uint8_t *src8 = packed8 ? (const uint8_t *)packed8 + b0 * kp * 32 : NULL;
+            const uint16_t *w0 = packed8 ? wide : packed + b0 * kp * 32;
+            amx_pair(&rows, w0, two ? w0 + kp * 32 : w0, two, src8, wide, n, b0, scales,
+                     bias, out, os, out_f32);
         }
         _tile_release();
     }

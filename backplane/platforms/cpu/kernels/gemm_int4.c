@@ -219,6 +219,44 @@ static void dequant_block(const uint8_t *wb, const float *sb, const float *zb, i
     }
 }
 
+#if BACKPLANE_AMX
+#include "gemm_amx.h"
+
+/* gemm_int4_dequant with the tile unit multiplying each dequantised pair. */
+static int gemm_int4_dequant_amx(const uint16_t *x, int64_t xs, int64_t m_total,
+                                 const uint8_t *packed, const float *sblk, const float *zblk,
+                                 int64_t n, int64_t k, int64_t group, const float *bias,
+                                 void *out, int64_t os, int out_f32) {
+    const int64_t nb = (n + 15) / 16, npairs = (nb + 1) / 2, groups = k / group;
+    const int64_t gq = group / 4, kp = k / 2;
+    struct amx_rows rows;
+    if (amx_rows_init(&rows, x, xs, m_total, k)) return -1;
+    int failed = 0;
+#pragma omp parallel
+    {
+        uint16_t *buf = amx_pair_buffer(k);
+        if (!buf) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        configure_tiles();
+#pragma omp for schedule(static)
+        for (int64_t bp = 0; bp < npairs; bp++) {
+            if (!buf) continue;
+            const int64_t b0 = 2 * bp;
+            const int two = (b0 + 1) < nb;
+            for (int j = 0; j < 1 + two; j++)
+                dequant_block(packed + (b0 + j) * (k / 4) * 32, sblk + (b0 + j) * groups * 16,
+                              zblk + (b0 + j) * groups * 16, k, groups, gq, buf + j * kp * 32);
+            amx_pair(&rows, buf, two ? buf + kp * 32 : buf, two, NULL, NULL, n, b0, NULL, bias,
+                     out, os, out_f32);
+        }
+        _tile_release();
+    }
+    return failed ? -1 : 0;
+}
+#endif
+
 static void gemm_int4_dequant(const uint16_t *x, int64_t xs, int64_t m_total,
                               const uint8_t *packed, const float *sblk, const float *zblk,
                               int64_t n, int64_t k, int64_t group, const float *bias, void *out,
@@ -248,19 +286,27 @@ static void gemm_int4_dequant(const uint16_t *x, int64_t xs, int64_t m_total,
 #define DEQUANT_ROWS 16
 #endif
 
-/* out[m, n] = sum_k x[m, k] W[n, k] (+ bias[n]), m < m_total, n < N.
+/* out[m, n] = sum_k x[m, k] W[n, k] (+ bias[n]), m < m_total, n < N. Built with
+ * BACKPLANE_AMX=1, bf16 calls of DEQUANT_ROWS rows or more multiply the dequantised
+ * blocks on AMX tiles (K a multiple of 32). Returns -1 if scratch memory could not be
+ * allocated.
  * x: [M, K] bf16 (x_f32 = 0) or float32 (x_f32 = 1), row stride xs; K and group
  * multiples of 4, K a multiple of group. packed: [ceil(N/16)][K/4][32] bytes;
  * sblk, zblk, cblk: [ceil(N/16)][K/group][16] float32 scale, zero and s * (128 + z).
  * out: [M, N] bf16, or float32 if out_f32, row stride os. */
-void gemm_int4(const void *x, int64_t xs, int64_t m_total, int x_f32, const uint8_t *packed,
-               const float *sblk, const float *zblk, const float *cblk, int64_t n, int64_t k,
-               int64_t group, const float *bias, void *out, int64_t os, int out_f32) {
+int gemm_int4(const void *x, int64_t xs, int64_t m_total, int x_f32, const uint8_t *packed,
+              const float *sblk, const float *zblk, const float *cblk, int64_t n, int64_t k,
+              int64_t group, const float *bias, void *out, int64_t os, int out_f32) {
     const int64_t nb = (n + 15) / 16, groups = k / group, gq = group / 4;
     if (!x_f32 && m_total >= DEQUANT_ROWS) {
+#if BACKPLANE_AMX
+        if (k % AMX_K == 0)
+            return gemm_int4_dequant_amx((const uint16_t *)x, xs, m_total, packed, sblk, zblk,
+                                         n, k, group, bias, out, os, out_f32);
+#endif
         gemm_int4_dequant((const uint16_t *)x, xs, m_total, packed, sblk, zblk, n, k, group,
                           bias, out, os, out_f32);
-        return;
+        return 0;
     }
     float *xsum = NULL;
     if (!x_f32) {
@@ -306,4 +352,5 @@ void gemm_int4(const void *x, int64_t xs, int64_t m_total, int x_f32, const uint
         }
     }
     free(xsum);
+    return 0;
 }
