@@ -428,7 +428,11 @@ class Platform:
 
         * ``"rms_norm"``: attributes ``weight``, ``eps``, ``hidden_size``;
           ``x -> weight * rms_normalise(x)``, statistics in float32, the
-          normalised value rounded to ``x.dtype`` before the scale.
+          normalised value rounded to ``x.dtype`` before the scale. A
+          replacement that sets ``accepts_residual = True`` is also called as
+          ``(x, residual=r) -> (norm(s), s)`` with ``s = x + r`` rounded to
+          ``x.dtype`` (the decoder's residual add fused into the norm); one that
+          does not is only called with ``x``.
         * ``"silu_and_mul"``: ``[..., 2d] -> silu(x[..., :d]) * x[..., d:]``.
         * ``"rotary"``: ``(x [tokens, heads, head_dim], cos, sin)`` -> a new tensor,
           x rotated rotate-half style by ``cos``/``sin [tokens, 1, r]`` (the first

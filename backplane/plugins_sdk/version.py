@@ -57,7 +57,9 @@ History:
          Platform.init_worker (default no-op) and Platform.device_index
          (default round robin over the visible devices), an optional
          Communicator.close(), Platform.device_control_env_var and
-         Platform.ray_device_resource (default None).
+         Platform.ray_device_resource (default None); an ``rms_norm`` layer
+         replacement may declare ``accepts_residual`` (the residual add in the
+         same call; default: called without it).
 
 Members added to a minor before its first release (as listed for 1.1) need
 no new version: a plugin declaring that minor only ever meets a Backplane that

@@ -42,6 +42,34 @@ def test_rms_norm_matches_the_core_layer(shape):
     assert (got == expected).float().mean() > 0.99
 
 
+@pytest.mark.parametrize("shape", [(1, 896), (64, 896), (5, 3, 64)])
+def test_residual_add_and_norm_match_the_core_layer(shape):
+    """(x, residual) -> (norm(x + residual), x + residual): the sum bit for bit (torch's
+    bf16 add), the norm as the norm kernel gives it; a row-strided residual is read in
+    place and float32 stays on torch."""
+    gen = torch.Generator().manual_seed(3)
+    norm = RMSNorm(shape[-1], eps=1e-6, dtype=torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(shape[-1], generator=gen) * 2)
+    fused = FusedRMSNorm(norm)
+    assert fused.accepts_residual and norm.accepts_residual
+    x = (torch.randn(*shape, generator=gen) * 3).to(torch.bfloat16)
+    wide = (torch.randn(*shape[:-1], 2 * shape[-1], generator=gen) * 3).to(torch.bfloat16)
+    for residual in (wide[..., : shape[-1]].contiguous(), wide[..., shape[-1]:]):
+        (want, want_sum), (got, got_sum) = norm(x, residual=residual), fused(x, residual=residual)
+        assert torch.equal(want_sum, x + residual) and torch.equal(got_sum, want_sum)
+        assert torch.equal(want, norm(x + residual))
+        # the fused pass is the norm kernel's own math on the sum, bit for bit; against
+        # torch, the float32 sum order may move the normalised value by an ulp, which the
+        # scale (up to 2 here) can make two of the output's
+        assert torch.equal(got, fused(x + residual))
+        assert _bf16_ulps(got, want) <= 2 and (got == want).float().mean() > 0.99
+    x32, r32 = torch.randn(4, 64), torch.randn(4, 64)
+    norm32 = RMSNorm(64)
+    got, got_sum = FusedRMSNorm(norm32)(x32, residual=r32)
+    assert torch.equal(got_sum, x32 + r32) and torch.equal(got, norm32(x32 + r32))
+
+
 def test_rms_norm_on_a_row_strided_view_and_a_fallback_view():
     norm = RMSNorm(64, dtype=torch.bfloat16)
     fused = FusedRMSNorm(norm)

@@ -17,6 +17,9 @@ class RMSNorm(nn.Module):
 
     # Platforms may swap this layer for their own kernel (see Platform.prepare_model).
     layer_kind = "rms_norm"
+    # forward takes ``residual`` (the add before the norm, in one call); a platform's
+    # replacement that does not declare this is called without it.
+    accepts_residual = True
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, dtype: torch.dtype | None = None):
         super().__init__()
@@ -24,8 +27,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.hidden_size = hidden_size
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalise over the last dimension (any leading shape)."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Normalise over the last dimension (any leading shape). With ``residual``:
+        ``s = x + residual`` (in x's dtype, as a plain add rounds it) and returns
+        ``(norm(s), s)``, the pre-norm decoder's residual add and next norm in one call."""
+        if residual is not None:
+            summed = x + residual
+            return self(summed), summed
         if x.dtype == torch.float32:
             return F.rms_norm(x, (self.hidden_size,), self.weight, self.eps)
         normed = F.rms_norm(x.float(), (self.hidden_size,), None, self.eps)

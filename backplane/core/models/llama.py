@@ -252,8 +252,15 @@ class DecoderLayer(nn.Module):
         if self.post_norms:
             x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, ctx))
             return x + self.post_feedforward_layernorm(self.mlp(x))
-        x = self._residual(x, self.self_attn(self.input_layernorm(x), cos, sin, ctx))
-        return self._residual(x, self.mlp(self.post_attention_layernorm(x)))
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, ctx)
+        norm = self.post_attention_layernorm
+        if self.residual_multiplier == 1.0 and getattr(norm, "accepts_residual", False):
+            # the residual add and the next norm in one call (one kernel where the
+            # platform fuses them): the same sums, one pass over the hidden states fewer
+            normed, x = norm(attn, residual=x)
+            return x + self.mlp(normed)
+        x = self._residual(x, attn)
+        return self._residual(x, self.mlp(norm(x)))
 
 
 class DecoderModel(nn.Module):

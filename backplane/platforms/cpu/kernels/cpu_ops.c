@@ -34,6 +34,30 @@ void rms_norm_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *weight, 
     }
 }
 
+/* sum[r] = bf16(x[r] + res[r]) (torch's bf16 add), then out[r] = rms_norm(sum[r]) as
+ * rms_norm_bf16: the pre-norm decoder's residual add and next norm in one pass. */
+void add_rms_norm_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *res,
+                       int64_t res_stride, const uint16_t *weight, uint16_t *out,
+                       uint16_t *sum_out, int64_t rows, int64_t hidden, float eps) {
+#pragma omp parallel for schedule(static) if (rows * hidden > 16384)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *xr = x + r * x_stride, *rr = res + r * res_stride;
+        uint16_t *sr = sum_out + r * hidden, *dst = out + r * hidden;
+        float sum = 0.0f;
+        for (int64_t i = 0; i < hidden; i++) {
+            const uint16_t h = float_to_bf16(bf16_to_float(xr[i]) + bf16_to_float(rr[i]));
+            const float v = bf16_to_float(h);
+            sr[i] = h;
+            sum += v * v;
+        }
+        const float inv = 1.0f / sqrtf(sum / (float)hidden + eps);
+        for (int64_t i = 0; i < hidden; i++) {
+            float normed = round_to_bf16(bf16_to_float(sr[i]) * inv);
+            dst[i] = float_to_bf16(bf16_to_float(weight[i]) * normed);
+        }
+    }
+}
+
 /* out[r] = bf16(bf16(silu(gate)) * up) for x[r] = [gate (d) | up (d)] */
 void silu_and_mul_bf16(const uint16_t *x, int64_t x_stride, uint16_t *out, int64_t out_stride,
                        int64_t rows, int64_t d) {
