@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -71,6 +72,54 @@ def test_kernel_matches_torch_backend(dtype, heads, kv_heads, head_size, block_s
     got = _attend(CpuPagedAttentionBackend, spec, contexts, queries)
     scale = expected.abs().max().item()
     assert (got - expected).abs().max().item() <= TOLERANCE[dtype] * max(1.0, scale)
+
+
+@needs_compiler
+@pytest.mark.parametrize(("heads", "kv_heads", "head_size", "block_size"),
+                         [(14, 2, 64, 16), (4, 4, 32, 4)])
+def test_whole_long_prompts_go_through_torch_attention(heads, kv_heads, head_size,
+                                                        block_size, monkeypatch):
+    """bf16 prompts of SDPA_PREFILL_MIN_TOKENS+ tokens with no cached prefix are attended
+    by torch's flash attention (the kernel skips them); in the same steps decode tokens,
+    a continued chunk and a short prompt stay on the kernel, and every output agrees with
+    the torch backend and with the kernel alone (BACKPLANE_CPU_SDPA_PREFILL=0)."""
+    from backplane.platforms.cpu import paged_attention
+
+    spec = AttentionSpec(heads, kv_heads, head_size, torch.bfloat16, block_size)
+    long = paged_attention.SDPA_PREFILL_MIN_TOKENS
+    steps = [[(0, long + 44), (0, 20)],                 # a long and a short prompt
+             [(long + 44, 1), (20, 5), (0, long + 3)]]  # decode, a chunk, a long prompt
+    gen = torch.Generator().manual_seed(7)
+    per_req = -(-(2 * long) // block_size)
+    table = (torch.randperm(3 * per_req, generator=gen) + 1).view(3, per_req).to(torch.int32)
+    inputs = []
+    for lens in steps:
+        t = sum(n for _, n in lens)
+        inputs.append([(torch.randn(t, h, head_size, generator=gen) * 2).to(torch.bfloat16)
+                       for h in (heads, kv_heads, kv_heads)])
+
+    def run(backend_cls):
+        backend = backend_cls(spec)
+        cache = torch.zeros(backend_cls.kv_cache_shape(4 * per_req, block_size, kv_heads,
+                                                       head_size), dtype=torch.bfloat16)
+        return [_step(backend, cache, lens, table, block_size, *qkv).float()
+                for lens, qkv in zip(steps, inputs, strict=True)]
+
+    def whole_prompts(lens):
+        qsl = np.cumsum([0, *(n for _, n in lens)])
+        return paged_attention._whole_prompt_ranges(qsl, np.array([c + n for c, n in lens]))
+
+    assert [whole_prompts(lens) for lens in steps] == [[(0, long + 44)],
+                                                       [(6, 6 + long + 3)]]
+    expected = run(CpuSdpaAttentionBackend)
+    with_torch = run(CpuPagedAttentionBackend)
+    monkeypatch.setenv("BACKPLANE_CPU_SDPA_PREFILL", "0")
+    kernel_only = run(CpuPagedAttentionBackend)
+    for want, got, alone in zip(expected, with_torch, kernel_only, strict=True):
+        scale = max(1.0, want.abs().max().item())
+        assert (got - want).abs().max().item() <= TOLERANCE[torch.bfloat16] * scale
+        assert (alone - want).abs().max().item() <= TOLERANCE[torch.bfloat16] * scale
+        assert not torch.equal(got, alone)  # the long prompts really took the other path
 
 
 @needs_compiler

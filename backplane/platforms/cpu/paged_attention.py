@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from backplane.platforms.cpu.huge_pages import HeadMajorCpuCache
 from backplane.platforms.cpu.native import KernelBuildError, load_kernel
@@ -76,7 +78,10 @@ class CpuPagedAttentionMetadata:
     slot_mapping: torch.Tensor  # [tokens] int64
     block_table: torch.Tensor  # [requests, max_blocks] int32, contiguous
     token_reqs: torch.Tensor  # [tokens] int32: the request of each token
-    token_seq_lens: torch.Tensor  # [tokens] int32: keys each token sees
+    token_seq_lens: torch.Tensor  # [tokens] int32: keys each token sees (0: skipped)
+    # Token ranges [start, end) of whole prompts (no cached prefix, not chunked) long
+    # enough for torch's attention (`_whole_prompt_ranges`); the kernel skips them.
+    whole_prompts: tuple[tuple[int, int], ...] = ()
     # (block_table, its row stride, token_reqs, token_seq_lens) as the kernel takes them
     attention_args: tuple[int, int, int, int] = field(init=False, repr=False)
 
@@ -96,6 +101,25 @@ def _rows(t: torch.Tensor, n: int, heads: int, head_size: int) -> tuple[torch.Te
         return t, t.stride(0)
     rows = t[:n].reshape(n, heads * head_size).contiguous()
     return rows, rows.stride(0)
+
+
+# Prompts of at least this many tokens, attended in one piece (no cached prefix), go
+# through torch's scaled_dot_product_attention instead of the kernel (bf16 caches
+# without window or soft cap). The kernel runs one query token per work item in
+# vector code; torch's flash attention multiplies blocks of queries and keys (with
+# oneDNN, on AMX tiles where the CPU has them). Engine prefill of the qwen2-0.5b shape
+# on a 2-core AMX Xeon, kernel -> torch: 256 tokens 188-196 -> 193-200 ms (no gain),
+# 512: 415-424 -> 353-406, 1024: 981-1039 -> 757-778, 2048: 2596-2828 -> 1930-1987.
+# BACKPLANE_CPU_SDPA_PREFILL=0: off.
+SDPA_PREFILL_MIN_TOKENS = 384
+
+
+def _whole_prompt_ranges(qsl: np.ndarray, seq_lens: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) of each request whose query is its whole sequence and at least
+    SDPA_PREFILL_MIN_TOKENS long."""
+    q_lens = np.diff(qsl)
+    whole = np.nonzero((q_lens == seq_lens) & (q_lens >= SDPA_PREFILL_MIN_TOKENS))[0]
+    return [(int(qsl[r]), int(qsl[r + 1])) for r in whole]
 
 
 class CpuPagedAttentionBackend(HeadMajorCpuCache):
@@ -122,6 +146,9 @@ class CpuPagedAttentionBackend(HeadMajorCpuCache):
         self._cache_dtype = _cache_dtype(spec)
         self._fp8 = self._cache_dtype in _CACHE_KINDS
         self._window, self._soft_cap = spec.sliding_window or 0, float(spec.logits_soft_cap or 0.0)
+        self._sdpa_prefill = (spec.dtype == torch.bfloat16 and not self._fp8
+                              and not self._window and not self._soft_cap
+                              and os.environ.get("BACKPLANE_CPU_SDPA_PREFILL", "1") != "0")
 
     def build_metadata(self, common: CommonAttentionMetadata) -> CpuPagedAttentionMetadata:
         n, num_reqs = common.num_actual_tokens, common.num_reqs
@@ -131,12 +158,16 @@ class CpuPagedAttentionBackend(HeadMajorCpuCache):
         token_reqs = np.repeat(np.arange(num_reqs, dtype=np.int64), np.diff(qsl))
         # Token t of a request whose query ends at e sees seq_len - (e - 1 - t) keys.
         token_seq_lens = seq_lens[token_reqs] - qsl[1:][token_reqs] + np.arange(n) + 1
+        whole = _whole_prompt_ranges(qsl, seq_lens) if self._sdpa_prefill else []
+        for start, end in whole:
+            token_seq_lens[start:end] = 0  # the kernel writes zeros there; forward fills them
         return CpuPagedAttentionMetadata(
             num_actual_tokens=n,
             slot_mapping=common.slot_mapping[:n].to("cpu", torch.int64).contiguous(),
             block_table=common.block_table[:num_reqs].to("cpu", torch.int32).contiguous(),
             token_reqs=torch.from_numpy(token_reqs.astype(np.int32)),
             token_seq_lens=torch.from_numpy(token_seq_lens.astype(np.int32)),
+            whole_prompts=tuple(whole),
         )
 
     def forward(self, query, key, value, kv_cache, metadata: CpuPagedAttentionMetadata, scale,
@@ -168,4 +199,21 @@ class CpuPagedAttentionBackend(HeadMajorCpuCache):
             q.data_ptr(), q_stride, key_cache, value_cache, num_blocks, table, table_stride,
             token_reqs, token_seq_lens, n, spec.num_kv_heads, self._window, float(scale),
             self._soft_cap, scales.data_ptr(), out.data_ptr(), spec.num_heads * spec.head_size)
+        for start, end in metadata.whole_prompts:
+            out[start:end] = self._whole_prompt(query[start:end], key[start:end],
+                                                value[start:end], scale)
         return out
+
+    def _whole_prompt(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+        """Causal attention of one prompt over its own keys: [tokens, heads, head_size]."""
+        spec, n = self.spec, q.shape[0]
+        group = spec.num_heads // spec.num_kv_heads
+        q = q.reshape(n, spec.num_heads, spec.head_size)
+        k = k.reshape(n, spec.num_kv_heads, spec.head_size).transpose(0, 1)
+        v = v.reshape(n, spec.num_kv_heads, spec.head_size).transpose(0, 1)
+        if group > 1:  # torch's flash kernel wants as many key as query heads
+            k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)
+        o = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k.unsqueeze(0),
+                                           v.unsqueeze(0), is_causal=True, scale=scale)
+        return o[0].transpose(0, 1)
