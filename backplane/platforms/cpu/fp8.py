@@ -16,7 +16,7 @@ import functools
 import torch
 from torch import nn
 
-from backplane.platforms.cpu.native import KernelBuildError, load_kernel
+from backplane.platforms.cpu.native import KernelBuildError, check_status, load_gemm_kernel
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -24,10 +24,7 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 @functools.lru_cache(maxsize=None)
 def _fp8_lib(isa: str = "avx512_bf16") -> ctypes.CDLL:
     """The fp8 GEMM for ``isa`` ("amx": on the tiles where K allows, else AVX512-BF16)."""
-    amx = isa == "amx"
-    lib = load_kernel("gemm_fp8.c", (("BACKPLANE_AMX", 1),) if amx else ())
-    if amx and lib.amx_enable() != 0:
-        raise KernelBuildError("Linux refused this process the AMX tile state")
+    lib = load_gemm_kernel("gemm_fp8.c", isa)
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.gemm_fp8.argtypes = [p, i64, i64, p, p, i64, i64, p, p, i64, ctypes.c_int]
     lib.gemm_fp8.restype = ctypes.c_int
@@ -104,13 +101,11 @@ class Fp8Linear(nn.Module):
         out = torch.empty(rows.shape[0], self.out_features,
                           dtype=torch.float32 if float_out else torch.bfloat16)
         if rows.shape[0]:
-            status = _fp8_lib(self.isa).gemm_fp8(
+            check_status(_fp8_lib(self.isa).gemm_fp8(
                 rows.data_ptr(), self.in_features, rows.shape[0], self.packed_weight.data_ptr(),
                 self.kernel_scales.data_ptr(), self.out_features, self.in_features,
                 None if self.bias is None else self.bias.data_ptr(), out.data_ptr(),
-                self.out_features, int(float_out))
-            if status:
-                raise MemoryError("cpu platform: the fp8 GEMM could not allocate its scratch")
+                self.out_features, int(float_out)), "fp8 GEMM")
         out = out.reshape(*lead, self.out_features)
         return out if out.dtype == x.dtype or x.dtype == torch.bfloat16 else out.to(x.dtype)
 

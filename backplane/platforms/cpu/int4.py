@@ -16,7 +16,7 @@ import functools
 import torch
 from torch import nn
 
-from backplane.platforms.cpu.native import KernelBuildError, load_kernel
+from backplane.platforms.cpu.native import KernelBuildError, check_status, load_gemm_kernel
 from backplane.plugins_sdk.quantization import Int4Weights
 
 
@@ -24,10 +24,7 @@ from backplane.plugins_sdk.quantization import Int4Weights
 def _int4_lib(isa: str = "avx512_bf16") -> ctypes.CDLL:
     """The int4 GEMM for ``isa`` ("amx": batches of 16+ rows multiply the dequantised
     blocks on AMX tiles)."""
-    amx = isa == "amx"
-    lib = load_kernel("gemm_int4.c", (("BACKPLANE_AMX", 1),) if amx else ())
-    if amx and lib.amx_enable() != 0:
-        raise KernelBuildError("Linux refused this process the AMX tile state")
+    lib = load_gemm_kernel("gemm_int4.c", isa)
     p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.gemm_int4.argtypes = [p, i64, i64, c_int, p, p, p, p, i64, i64, i64, p, p, i64, c_int]
     lib.gemm_int4.restype = ctypes.c_int
@@ -125,9 +122,8 @@ class Int4Linear(nn.Module):
                           dtype=torch.float32 if out_f32 else torch.bfloat16)
         if m:
             packed, scales, zeros, offsets, n, k, group, bias = self._args
-            if self._kernel(rows.data_ptr(), k, m, f32, packed, scales, zeros, offsets, n, k,
-                            group, bias, out.data_ptr(), n, out_f32):
-                raise MemoryError("cpu platform: the int4 GEMM could not allocate its scratch")
+            check_status(self._kernel(rows.data_ptr(), k, m, f32, packed, scales, zeros, offsets,
+                                      n, k, group, bias, out.data_ptr(), n, out_f32), "int4 GEMM")
         out = out.reshape(*lead, self.out_features)
         return out if out.dtype == x.dtype or self.float_output else out.to(x.dtype)
 

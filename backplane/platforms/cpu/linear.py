@@ -26,7 +26,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from backplane.platforms.cpu.native import KernelBuildError, load_kernel
+from backplane.platforms.cpu.native import (
+    KernelBuildError,
+    check_status,
+    load_gemm_kernel,
+)
 from backplane.platforms.cpu.runtime import release_free_heap
 
 logger = logging.getLogger(__name__)
@@ -149,19 +153,11 @@ def gemm_kernels(isa: str | None) -> ctypes.CDLL:
     the instruction sets below its best too, which is how tests check them there)."""
     if isa not in ("amx", "avx512_bf16", "avx2"):
         raise KernelBuildError(f"no GEMM kernel for this CPU (instruction set {isa!r})")
-    avx2 = isa == "avx2"
-    lib = load_kernel("gemm_avx2.c" if avx2 else "gemm_bf16.c",
-                      (("BACKPLANE_AMX", 1),) if isa == "amx" else ())
-    if isa == "amx":
-        lib.amx_enable.restype = ctypes.c_int
-        if lib.amx_enable() != 0:
-            raise KernelBuildError("Linux refused this process the AMX tile state "
-                                   "(arch_prctl ARCH_REQ_XCOMP_PERM)")
+    lib = load_gemm_kernel("gemm_avx2.c" if isa == "avx2" else "gemm_bf16.c", isa)
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     # The GEMMs return -1 when scratch memory cannot be allocated (the AVX2 ones widen
     # the activations to float32, the AMX ones copy a batch's last rows and widen int8
     # weights to bf16).
-    status = ctypes.c_int
     lib.pack_bf16.argtypes = [p, i64, i64, p]
     lib.pack_bf16.restype = None
     lib.gemm_bf16.argtypes = [p, i64, i64, p, i64, i64, p, p, i64, ctypes.c_int]
@@ -169,7 +165,7 @@ def gemm_kernels(isa: str | None) -> ctypes.CDLL:
     lib.pack_w8_from_bf16.argtypes = [p, i64, i64, p, p]
     lib.pack_w8_from_bf16.restype = None
     lib.gemm_w8.argtypes = [p, i64, i64, p, p, i64, i64, p, p, i64, ctypes.c_int]
-    lib.gemm_w8.restype = status
+    lib.gemm_w8.restype = ctypes.c_int
     lib.pack_w8a8_from_bf16.argtypes = [p, i64, i64, p, p]
     lib.pack_w8a8_from_bf16.restype = None
     lib.gemm_w8a8_bf16.argtypes = [p, i64, i64, p, p, i64, i64, p, p, i64, ctypes.c_int]
@@ -177,12 +173,6 @@ def gemm_kernels(isa: str | None) -> ctypes.CDLL:
     lib.w8a8_weight_offset.argtypes = []
     lib.w8a8_weight_offset.restype = ctypes.c_int
     return lib
-
-
-def _check(status: int | None) -> None:
-    if status:
-        raise MemoryError("cpu platform: the GEMM kernel could not allocate its copy of "
-                          "the activations")
 
 
 # Activations are quantized in blocks of this many columns (one scale each).
@@ -232,11 +222,11 @@ class BlockedBf16Linear(nn.Module):
         out = torch.empty(m, self.out_features,
                           dtype=torch.float32 if self.float_output else torch.bfloat16)
         if m:
-            _check(gemm_kernels(self.isa).gemm_bf16(
+            check_status(gemm_kernels(self.isa).gemm_bf16(
                 rows.data_ptr(), rows.stride(0), m, self.packed_weight.data_ptr(),
                 self.out_features, self.in_features,
                 None if self.bias is None else self.bias.data_ptr(), out.data_ptr(),
-                self.out_features, int(self.float_output)))
+                self.out_features, int(self.float_output)), "bf16 GEMM")
         return out if lead is None else out.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
@@ -354,15 +344,17 @@ class Int8Linear(nn.Module):
         lib = self._lib
         if m and self.activations == "int8":
             # quantizes the activations per 32-column block, then the int8 GEMM
-            _check(lib.gemm_w8a8_bf16(rows.data_ptr(), rows.stride(0), m,
-                                      self.packed_weight.data_ptr(), self.scales.data_ptr(),
-                                      self.out_features, self.in_features, bias,
-                                      out.data_ptr(), self.out_features, int(float_out)))
+            check_status(lib.gemm_w8a8_bf16(rows.data_ptr(), rows.stride(0), m,
+                                            self.packed_weight.data_ptr(),
+                                            self.scales.data_ptr(), self.out_features,
+                                            self.in_features, bias, out.data_ptr(),
+                                            self.out_features, int(float_out)), "W8A8 GEMM")
         elif m:
-            _check(lib.gemm_w8(rows.data_ptr(), rows.stride(0), m,
-                               self.packed_weight.data_ptr(), self.scales.data_ptr(),
-                               self.out_features, self.in_features, bias, out.data_ptr(),
-                               self.out_features, int(float_out)))
+            check_status(lib.gemm_w8(rows.data_ptr(), rows.stride(0), m,
+                                     self.packed_weight.data_ptr(), self.scales.data_ptr(),
+                                     self.out_features, self.in_features, bias,
+                                     out.data_ptr(), self.out_features, int(float_out)),
+                         "W8A16 GEMM")
         if lead is not None:
             out = out.reshape(*lead, self.out_features)
         # x's dtype (e.g. float16) unless logits are asked for: the layer contract

@@ -130,3 +130,24 @@ def load_kernel(source: str, defines: tuple[tuple[str, int], ...]) -> ctypes.CDL
         logger.info("cpu platform: compiled %s (%s) -> %s", source,
                     " ".join(f"{k}={v}" for k, v in defines), target)
     return ctypes.CDLL(str(target))
+
+
+def load_gemm_kernel(source: str, isa: str | None) -> ctypes.CDLL:
+    """``kernels/<source>`` as `load_kernel` builds it, with its AMX tile code for
+    ``isa == "amx"`` (BACKPLANE_AMX=1), after asking Linux for this process's tile
+    state (``amx_enable``; kernels before 5.16 refuse, which raises KernelBuildError)."""
+    if isa != "amx":
+        return load_kernel(source, ())
+    lib = load_kernel(source, (("BACKPLANE_AMX", 1),))
+    lib.amx_enable.restype = ctypes.c_int
+    if lib.amx_enable() != 0:
+        raise KernelBuildError("Linux refused this process the AMX tile state "
+                               "(arch_prctl ARCH_REQ_XCOMP_PERM)")
+    return lib
+
+
+def check_status(status: int | None, kernel: str) -> None:
+    """Raise MemoryError for a kernel that returned -1 (its scratch memory could not be
+    allocated)."""
+    if status:
+        raise MemoryError(f"cpu platform: the {kernel} could not allocate its scratch memory")

@@ -63,12 +63,13 @@ static inline __attribute__((always_inline)) __m512bh widen_w8(const int8_t *src
     return _mm512_cvtne2ps_pbh(_mm512_cvtepi32_ps(hi), _mm512_cvtepi32_ps(lo));
 }
 
-DEFINE_WIDENED_GEMM(gemm_w8_avx512, int8_t, widen_w8)
-
 #if BACKPLANE_AMX
 #define AMX_WIDEN widen_w8
 #include "gemm_amx.h"
 #endif
+
+/* gemm_w8: gemm_bf16 for int8 weights, out = x @ (scales[:, None] * Wq).T (+ bias). */
+DEFINE_WIDENED_GEMM(gemm_w8, int8_t, widen_w8)
 
 /* out[m, n] = sum_k x[m, k] W[n, k] (+ bias[n]) for m < m_total, n < N.
  * x: [M, K] bf16 with row stride xs (K even); packed: pack_bf16's layout;
@@ -83,20 +84,6 @@ int gemm_bf16(const uint16_t *x, int64_t xs, int64_t m_total, const uint16_t *pa
         return gemm_amx(x, xs, m_total, packed, NULL, NULL, n, k, bias, out, os, out_f32);
 #endif
     gemm_bf16_avx512(x, xs, m_total, packed, n, k, bias, out, os, out_f32);
-    return 0;
-}
-
-/* gemm_w8: gemm_bf16 for int8 weights, out = x @ (scales[:, None] * Wq).T (+ bias);
- * on AMX tiles like gemm_bf16 when built for them. Returns -1 if scratch memory could
- * not be allocated. */
-int gemm_w8(const uint16_t *x, int64_t xs, int64_t m_total, const int8_t *packed,
-            const float *scales, int64_t n, int64_t k, const float *bias, void *out,
-            int64_t os, int out_f32) {
-#if BACKPLANE_AMX
-    if (k % AMX_K == 0)
-        return gemm_amx(x, xs, m_total, NULL, packed, scales, n, k, bias, out, os, out_f32);
-#endif
-    gemm_w8_avx512(x, xs, m_total, packed, scales, n, k, bias, out, os, out_f32);
     return 0;
 }
 

@@ -33,24 +33,12 @@ static inline __attribute__((always_inline)) __m512bh widen_fp8(const uint8_t *s
     return _mm512_cvtne2ps_pbh(hi, lo);
 }
 
-DEFINE_WIDENED_GEMM(gemm_fp8_avx512, uint8_t, widen_fp8)
-
 #if BACKPLANE_AMX
 #define AMX_WIDEN widen_fp8
 #include "gemm_amx.h"
 #endif
 
 /* out = x @ (scales[:, None] * fp8(W)).T (+ bias); x [M, K] bf16 (K even), scales
- * already multiplied by 2^8; out bf16, or float32 if out_f32. Built with
- * BACKPLANE_AMX=1, layers whose K is a multiple of 32 run on AMX tiles (gemm_amx.h).
- * Returns -1 if scratch memory could not be allocated. */
-int gemm_fp8(const uint16_t *x, int64_t xs, int64_t m_total, const uint8_t *packed,
-             const float *scales, int64_t n, int64_t k, const float *bias, void *out,
-             int64_t os, int out_f32) {
-#if BACKPLANE_AMX
-    if (k % AMX_K == 0)
-        return gemm_amx(x, xs, m_total, NULL, packed, scales, n, k, bias, out, os, out_f32);
-#endif
-    gemm_fp8_avx512(x, xs, m_total, packed, scales, n, k, bias, out, os, out_f32);
-    return 0;
-}
+ * already multiplied by 2^8; out bf16, or float32 if out_f32 (on AMX tiles in a
+ * BACKPLANE_AMX build). Returns -1 if scratch memory could not be allocated. */
+DEFINE_WIDENED_GEMM(gemm_fp8, uint8_t, widen_fp8)

@@ -112,23 +112,36 @@ static inline __attribute__((always_inline)) void tile_bf16_weights(
     TILE_BODY(BF16_PAIR, UNSCALED)
 }
 
+/* In a BACKPLANE_AMX build (gemm_amx.h included first), a widened GEMM's call on the
+ * tiles when K allows it (the choice depends on the layer, never on the batch). */
+#if BACKPLANE_AMX
+#define WIDENED_ON_AMX()                                                               \
+    if (k % AMX_K == 0)                                                                \
+        return gemm_amx(x, xs, m_total, NULL, packed, scales, n, k, bias, out, os, out_f32)
+#else
+#define WIDENED_ON_AMX() (void)0
+#endif
+
 /* A GEMM over 8-bit weights (int8, fp8 e4m3) with one float32 scale per output row:
  * each 32-byte column pair is widened to 32 bf16 in registers by WIDEN(ptr) (a
  * function of the including file), and the row scales are applied once per output
- * block. Defines NAME(x, xs, m_total, packed, scales, n, k, bias, out, os, out_f32):
- * out = x @ (scales[:, None] * widen(W)).T (+ bias); x [M, K] bf16 (K even); out
- * bf16, or float32 if out_f32. */
+ * block. Defines int NAME(x, xs, m_total, packed, scales, n, k, bias, out, os,
+ * out_f32): out = x @ (scales[:, None] * widen(W)).T (+ bias); x [M, K] bf16 (K even);
+ * out bf16, or float32 if out_f32; on AMX tiles in a BACKPLANE_AMX build (the
+ * includer's AMX_WIDEN being WIDEN). Returns -1 if scratch memory could not be
+ * allocated (AMX builds only). */
 #define DEFINE_WIDENED_GEMM(NAME, WTYPE, WIDEN)                                        \
     static inline __attribute__((always_inline)) void NAME##_tile(                     \
             const uint16_t *x, int64_t xs, int64_t m0, const int mt, const WTYPE *w0,  \
             const WTYPE *w1, int two, int64_t kp, int64_t n, int64_t b0,               \
             const float *scales, const float *bias, void *out, int64_t os,             \
             int out_f32) {                                                             \
-        TILE_BODY(WIDEN, ROW_SCALED)                                             \
+        TILE_BODY(WIDEN, ROW_SCALED)                                                   \
     }                                                                                  \
-    void NAME(const uint16_t *x, int64_t xs, int64_t m_total, const WTYPE *packed,     \
-              const float *scales, int64_t n, int64_t k, const float *bias, void *out,  \
-              int64_t os, int out_f32) {                                               \
+    int NAME(const uint16_t *x, int64_t xs, int64_t m_total, const WTYPE *packed,      \
+             const float *scales, int64_t n, int64_t k, const float *bias, void *out,   \
+             int64_t os, int out_f32) {                                                \
+        WIDENED_ON_AMX();                                                              \
         const int64_t kp = k / 2, nb = (n + 15) / 16, npairs = (nb + 1) / 2;           \
         _Pragma("omp parallel for schedule(static)")                                   \
         for (int64_t bp = 0; bp < npairs; bp++) {                                      \
@@ -139,6 +152,7 @@ static inline __attribute__((always_inline)) void tile_bf16_weights(
             ROW_TILES_8_FN(NAME##_tile, w0, w1, two, kp, n, b0, scales, bias, out, os, \
                            out_f32)                                                    \
         }                                                                              \
+        return 0;                                                                      \
     }
 
 #endif
