@@ -430,15 +430,15 @@ def test_max_request_body_bytes(opts_http):
 
 
 
-def test_engine_stats_are_logged_periodically_and_quiet_when_idle(server):
+def test_engine_stats_are_logged_periodically_and_quiet_when_idle(llama_model_dir):
     import asyncio
 
+    from backplane.sampling_params import SamplingParams
     from backplane.entrypoints.openai.api_server import log_stats
 
-    # The shared server may still be finishing an earlier test's request; its tokens
-    # would be a change worth a second line.
-    wait_until_idle(server)
-    time.sleep(0.2)
+    # An engine of its own: on the shared server a late request of an earlier test
+    # would be a (correct) second line.
+    engine = AsyncEngine.from_engine_args(tiny_engine_args(llama_model_dir))
     lines: list[str] = []
     handler = logging.Handler(logging.INFO)
     handler.emit = lambda record: lines.append(record.getMessage())
@@ -446,20 +446,33 @@ def test_engine_stats_are_logged_periodically_and_quiet_when_idle(server):
     logger.addHandler(handler)
     old_level = logger.level
     logger.setLevel(logging.INFO)
+    interval = 0.05
 
-    async def run():
-        task = asyncio.create_task(log_stats(server.engine, interval=0.05))
-        await asyncio.sleep(0.5)
+    async def run() -> tuple[int, int]:
+        task = asyncio.create_task(log_stats(engine, interval=interval))
+        await asyncio.sleep(10 * interval)
+        idle_lines = len(lines)
+        params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+        async for _ in engine.generate("stats-work", "Hello there", params):
+            pass
+        await asyncio.sleep(10 * interval)
         task.cancel()
+        return idle_lines, len(lines)
 
     try:
-        asyncio.run(run())
+        idle_lines, all_lines = asyncio.run(run())
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
+        engine.shutdown()
     stats = [line for line in lines if line.startswith("engine:")]
-    assert len(stats) == 1  # idle: logged once, not every interval
+    assert len(stats) == all_lines
+    assert idle_lines == 1, stats  # idle: logged once, not every interval
     assert "KV cache" in stats[0] and "tokens/s" in stats[0]
+    # The work is logged with its rate, then one line as the engine goes idle again.
+    rates = [float(re.search(r"generation ([0-9.]+) tokens/s", line).group(1))
+             for line in stats[1:]]
+    assert len(rates) >= 2 and max(rates) > 0 and rates[-1] == 0, stats
 
 
 def test_allowed_token_ids_and_bad_words_shape_the_output(http):
