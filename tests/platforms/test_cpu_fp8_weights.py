@@ -29,7 +29,8 @@ def test_per_row_quantization_is_within_e4m3_precision():
 
 @needs_kernel
 @pytest.mark.parametrize(("rows", "out_features", "in_features"),
-                         [(1, 1152, 896), (3, 20, 64), (9, 160, 96), (70, 48, 128)])
+                         [(1, 1152, 896), (3, 20, 64), (9, 160, 96), (70, 48, 128),
+                          (203, 40, 4864)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("isa", FP8_ISAS)
 def test_fp8_layer_matches_its_dequantized_weight(rows, out_features, in_features, bias, isa):

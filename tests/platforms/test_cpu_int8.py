@@ -34,7 +34,8 @@ def _block_quantized(x: torch.Tensor, block: int = 32) -> torch.Tensor:
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize(("rows", "out_features", "in_features"),
-                         [(1, 1152, 896), (1, 40, 64), (3, 20, 64), (9, 160, 96), (70, 48, 128)])
+                         [(1, 1152, 896), (1, 40, 64), (3, 20, 64), (9, 160, 96), (70, 48, 128),
+                          (203, 40, 4864)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("activations", ["int8", "bf16"])
 def test_int8_layer_matches_its_dequantized_weight(rows, out_features, in_features, bias,

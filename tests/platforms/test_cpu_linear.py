@@ -47,7 +47,9 @@ def test_packed_linear_matches_torch(batch, bias):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize(("rows", "out_features", "in_features"),
                          [(1, 1152, 896), (1, 24, 6), (3, 20, 6), (8, 33, 64), (9, 160, 96),
-                          (20, 40, 64), (70, 48, 128)])
+                          (20, 40, 64), (70, 48, 128),
+                          # AMX: several row blocks of K = 4864 (6 row tiles each), a tail
+                          (203, 40, 4864)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_bf16_gemm_kernel_matches_float_reference(rows, out_features, in_features, bias, isa):
     """Every row-tile size (1..8 and more; AMX: a lone partial tile, a full tile paired

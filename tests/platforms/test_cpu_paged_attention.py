@@ -75,6 +75,40 @@ def test_kernel_matches_torch_backend(dtype, heads, kv_heads, head_size, block_s
 
 
 @needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 300])
+@pytest.mark.parametrize("queries", [[1, 1, 1, 1], [1, 3, 1, 2]], ids=["decode", "mixed"])
+def test_long_contexts_and_decode_steps_match_torch_backend(dtype, window, queries):
+    """Contexts past the kernel's 256-token softmax chunks (a window that starts inside
+    one), in a decode-only step (each request's one token stores its key and value as
+    it attends: decode_attention) and in a step with chunks (write_kv, then attention)."""
+    spec = AttentionSpec(14, 2, 64, dtype, 16, sliding_window=window)
+    contexts = [600, 257, 40, 511]
+    expected = _attend(CpuSdpaAttentionBackend, spec, contexts, queries, num_blocks=200)
+    got = _attend(CpuPagedAttentionBackend, spec, contexts, queries, num_blocks=200)
+    scale = expected.abs().max().item()
+    assert (got - expected).abs().max().item() <= TOLERANCE[dtype] * max(1.0, scale)
+
+
+def test_decode_steps_take_the_fused_write_and_others_do_not():
+    spec = AttentionSpec(14, 2, 64, torch.bfloat16, 16)
+    backend = CpuPagedAttentionBackend(spec)
+
+    def metadata(qlens):
+        qsl = torch.tensor([0, *np.cumsum(qlens)], dtype=torch.int32)
+        seqs = torch.tensor([20 + n for n in qlens], dtype=torch.int32)
+        common = CommonAttentionMetadata(
+            num_reqs=len(qlens), num_actual_tokens=sum(qlens), max_query_len=max(qlens),
+            max_seq_len=int(seqs.max()), query_start_loc=qsl, seq_lens=seqs,
+            block_table=torch.arange(1, 1 + 2 * len(qlens), dtype=torch.int32).view(-1, 2),
+            slot_mapping=torch.arange(sum(qlens)), query_start_loc_cpu=qsl, seq_lens_cpu=seqs)
+        return backend.build_metadata(common)
+
+    assert metadata([1, 1, 1]).decode_only
+    assert not metadata([1, 2, 1]).decode_only
+
+
+@needs_compiler
 @pytest.mark.parametrize(("heads", "kv_heads", "head_size", "block_size"),
                          [(14, 2, 64, 16), (4, 4, 32, 4)])
 def test_whole_long_prompts_go_through_torch_attention(heads, kv_heads, head_size,

@@ -53,6 +53,9 @@ def _kernel(dtype: torch.dtype, head_size: int, block_size: int, group: int,
     lib.paged_attention.argtypes = [_P, _I64, _P, _P, _I64, _P, _I64, _P, _P, _I64, _I64,
                                     _I32, _F32, _F32, _P, _P, _I64]
     lib.paged_attention.restype = None
+    lib.decode_attention.argtypes = [_P, _I64, _P, _I64, _P, _I64, _P, _P, _P, _I64, _P, _I64,
+                                     _P, _I64, _I64, _I32, _F32, _F32, _P, _P, _I64]
+    lib.decode_attention.restype = None
     lib.write_kv.argtypes = [_P, _I64, _P, _I64, _P, _I64, _I64, _I64, _P, _P, _P]
     lib.write_kv.restype = None
     lib.pair_layout.argtypes = []
@@ -82,6 +85,9 @@ class CpuPagedAttentionMetadata:
     # Token ranges [start, end) of whole prompts (no cached prefix, not chunked) long
     # enough for torch's attention (`_whole_prompt_ranges`); the kernel skips them.
     whole_prompts: tuple[tuple[int, int], ...] = ()
+    # One query token per request, request i's token at row i: the kernel stores each
+    # token's key and value as it attends (decode_attention), no separate write pass.
+    decode_only: bool = False
     # (block_table, its row stride, token_reqs, token_seq_lens) as the kernel takes them
     attention_args: tuple[int, int, int, int] = field(init=False, repr=False)
 
@@ -168,6 +174,7 @@ class CpuPagedAttentionBackend(HeadMajorCpuCache):
             token_reqs=torch.from_numpy(token_reqs.astype(np.int32)),
             token_seq_lens=torch.from_numpy(token_seq_lens.astype(np.int32)),
             whole_prompts=tuple(whole),
+            decode_only=n == num_reqs,
         )
 
     def forward(self, query, key, value, kv_cache, metadata: CpuPagedAttentionMetadata, scale,
@@ -190,11 +197,19 @@ class CpuPagedAttentionBackend(HeadMajorCpuCache):
         key_cache = kv_cache.data_ptr()
         value_cache = key_cache + kv_cache.stride(0) * kv_cache.element_size()
         num_blocks = kv_cache.shape[2]
+        out = torch.empty(query.shape[0], spec.num_heads, spec.head_size, dtype=query.dtype)
+        table, table_stride, token_reqs, token_seq_lens = metadata.attention_args
+        if metadata.decode_only:
+            self._lib.decode_attention(
+                q.data_ptr(), q_stride, k.data_ptr(), k_stride, v.data_ptr(), v_stride,
+                metadata.slot_mapping.data_ptr(), key_cache, value_cache, num_blocks, table,
+                table_stride, token_seq_lens, n, spec.num_kv_heads, self._window,
+                float(scale), self._soft_cap, scales.data_ptr(), out.data_ptr(),
+                spec.num_heads * spec.head_size)
+            return out
         self._lib.write_kv(
             k.data_ptr(), k_stride, v.data_ptr(), v_stride, metadata.slot_mapping.data_ptr(),
             n, spec.num_kv_heads, num_blocks, scales.data_ptr(), key_cache, value_cache)
-        out = torch.empty(query.shape[0], spec.num_heads, spec.head_size, dtype=query.dtype)
-        table, table_stride, token_reqs, token_seq_lens = metadata.attention_args
         self._lib.paged_attention(
             q.data_ptr(), q_stride, key_cache, value_cache, num_blocks, table, table_stride,
             token_reqs, token_seq_lens, n, spec.num_kv_heads, self._window, float(scale),

@@ -13,7 +13,7 @@
  * and saturated to the format's max. Attention decodes the bytes in registers
  * as it loads them (no dequantised copy of a block): to float with integer bit
  * moves (cache_to_float), or, in the bf16 pair layout, 32 at a time to bf16
- * for vdpbf16ps (load_pairs). The scales stay outside the inner loops: the
+ * (load_pairs). The scales stay outside the inner loops: the
  * scores are multiplied by k_scale, the output by v_scale, since
  * q.(k_scale k) = k_scale (q.k) and sum p (v_scale v) = v_scale sum p v.
  *
@@ -25,7 +25,9 @@
  * Every query token is one work item per KV head: it reads the blocks of its
  * own request in place (no gather copy) with an online softmax, so decode
  * tokens and prefill tokens (each seeing its causal prefix) share one loop.
- * Math is float32 throughout; inputs are widened on load.
+ * Math is float32 throughout; inputs are widened on load. In the pair layout a
+ * request's blocks are taken CHUNK_TOKENS at a time: all their scores, one
+ * softmax pass, then p.V, so the softmax bookkeeping is paid per chunk.
  */
 #include <math.h>
 
@@ -113,18 +115,18 @@ static inline float exp_nonpositive(float x) { return exp_clamped(x); }
 
 /* Soft-capping (AttentionSpec.logits_soft_cap): s -> cap * tanh(s / cap) on the
  * scaled scores, before the mask and the softmax; cap <= 0 means none. */
-static inline void soft_cap_scores(float s[GROUP][BLOCK_SIZE], float cap) {
-    for (int g = 0; g < GROUP; g++)
-        for (int j = 0; j < BLOCK_SIZE; j++) s[g][j] = cap * tanhf(s[g][j] / cap);
+static inline void soft_cap_scores(float *s, int count, float cap) {
+    for (int j = 0; j < count; j++) s[j] = cap * tanhf(s[j] / cap);
 }
 
 /* Where key/value element (token j of the block, head element d) lives in a block.
- * bf16 queries with AVX512-BF16 use the dot-product instruction's pair layout:
+ * bf16 queries with AVX512-BF16 use a pair layout:
  *   key   [HEAD_SIZE/2][BLOCK_SIZE][2]  (two head elements of a key side by side)
  *   value [BLOCK_SIZE/2][HEAD_SIZE][2]  (the same element of two keys side by side)
- * so one vdpbf16ps does 16 keys x 2 elements of q.K, or 16 elements x 2 keys of p.V.
- * An fp8 cache uses the same layout in bytes: 32 loaded bytes widen to 32 bf16
- * (every fp8 value is exact in bf16) for the same instruction (load_pairs).
+ * so one 64-byte load holds 16 keys x 2 elements of q.K, or 16 elements x 2 keys of
+ * p.V, whose halves become float32 vectors by a shift and a mask (even_half,
+ * odd_half). An fp8 cache uses the same layout in bytes: 32 loaded bytes widen to
+ * 32 bf16 (every fp8 value is exact in bf16) first (load_pairs).
  * Otherwise keys are [HEAD_SIZE][BLOCK_SIZE] and values [BLOCK_SIZE][HEAD_SIZE]. */
 #if SCALAR_KIND == 1 && defined(__AVX512BF16__) && defined(__AVX512BW__) && \
     BLOCK_SIZE % 16 == 0 && HEAD_SIZE % 16 == 0
@@ -163,7 +165,7 @@ static inline void softmax_block(float s[GROUP][BLOCK_SIZE], float p[GROUP][BLOC
 
 #if PAIR_LAYOUT
 #if CACHE_KIND == 0
-/* 32 bf16 of the cache (16 pairs) as vdpbf16ps takes them. */
+/* 32 bf16 of the cache (16 pairs). */
 static inline __m512bh load_pairs(const cache_t *p, __m512i sub_lut) {
     (void)sub_lut;
     return (__m512bh)_mm512_loadu_si512(p);
@@ -218,32 +220,46 @@ static inline __mmask16 valid_lanes(int c, int lo, int hi) {
     return (__mmask16)(below_to & ~below_from);
 }
 
-/* softmax_block for the pair layout, writing the weights as bf16 key pairs. */
-static inline void softmax_block_avx512(float s[GROUP][BLOCK_SIZE], int lo, int hi,
-                                        float run_max[GROUP], float run_sum[GROUP],
-                                        float correction[GROUP],
-                                        uint32_t p_pairs[GROUP][BLOCK_SIZE / 2]) {
+/* Tokens whose scores are computed before one softmax pass (the pair layout): the
+ * running max, the rescaling of the accumulators and the horizontal reductions
+ * are paid once per chunk, not once per block. */
+#define CHUNK_TOKENS (BLOCK_SIZE > 256 ? BLOCK_SIZE : 256)
+#define CHUNK_BLOCKS (CHUNK_TOKENS / BLOCK_SIZE)
+#ifndef PREFETCH_BLOCKS
+#define PREFETCH_BLOCKS 2
+#endif
+
+/* The online softmax step of a chunk's scores s[g][0, count) (count a multiple of
+ * 16; lanes outside [lo, hi) masked): the unnormalised weights go to p (0 where
+ * masked) and the factor that rescales what was accumulated so far to correction. */
+static inline void softmax_chunk_avx512(float s[GROUP][CHUNK_TOKENS], int count, int lo,
+                                        int hi, float run_max[GROUP], float run_sum[GROUP],
+                                        float correction[GROUP], float p[GROUP][CHUNK_TOKENS]) {
     for (int g = 0; g < GROUP; g++) {
-        float block_max = run_max[g];
-        for (int c = 0; c < BLOCK_SIZE; c += 16) {
-            __mmask16 valid = valid_lanes(c, lo, hi);
-            if (valid) {
-                float m = _mm512_mask_reduce_max_ps(valid, _mm512_loadu_ps(&s[g][c]));
-                block_max = m > block_max ? m : block_max;
-            }
-        }
-        correction[g] = exp_nonpositive(run_max[g] - block_max);
+        __m512 vmax = _mm512_set1_ps(run_max[g]);
+        for (int c = 0; c < count; c += 16)
+            vmax = _mm512_mask_max_ps(vmax, valid_lanes(c, lo, hi), vmax,
+                                      _mm512_loadu_ps(&s[g][c]));
+        const float chunk_max = _mm512_reduce_max_ps(vmax);
+        correction[g] = exp_nonpositive(run_max[g] - chunk_max);
+        const __m512 max16 = _mm512_set1_ps(chunk_max);
         __m512 sum = _mm512_setzero_ps();
-        for (int c = 0; c < BLOCK_SIZE; c += 16) {
-            __m512 e = exp_nonpositive_avx512(
-                _mm512_sub_ps(_mm512_loadu_ps(&s[g][c]), _mm512_set1_ps(block_max)));
+        for (int c = 0; c < count; c += 16) {
+            __m512 e = exp_nonpositive_avx512(_mm512_sub_ps(_mm512_loadu_ps(&s[g][c]), max16));
             e = _mm512_maskz_mov_ps(valid_lanes(c, lo, hi), e);
             sum = _mm512_add_ps(sum, e);
-            _mm256_storeu_si256((__m256i *)&p_pairs[g][c / 2], (__m256i)_mm512_cvtneps_pbh(e));
+            _mm512_storeu_ps(&p[g][c], e);
         }
         run_sum[g] = run_sum[g] * correction[g] + _mm512_reduce_add_ps(sum);
-        run_max[g] = block_max;
+        run_max[g] = chunk_max;
     }
+}
+
+/* The two bf16 halves of each 32-bit lane of a pair load as float32: the even
+ * element (low half) and the odd one (high half). */
+static inline __m512 even_half(__m512i pairs) { return _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16)); }
+static inline __m512 odd_half(__m512i pairs) {
+    return _mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32((int)0xffff0000u)));
 }
 #endif
 
@@ -261,6 +277,37 @@ static inline void prefetch_block(int64_t block, const cache_t *key_cache,
     }
 }
 
+#if PAIR_LAYOUT
+/* Scores of the 16 keys of block kb at c .. c+15 against every query head of the
+ * group: one 64-byte load of key pairs feeds GROUP x 2 float32 FMAs. float32 FMAs,
+ * not vdpbf16ps: on Sapphire Rapids one vdpbf16ps issues every ~2 cycles (32
+ * products) while two FMAs issue per cycle (32 products), so splitting the pairs
+ * into their float halves and using FMAs takes about half the time. */
+static inline void block_scores(const cache_t *kb, int c, const float q[GROUP][HEAD_SIZE],
+                                __m512i sub_lut, float mult, float s[GROUP][CHUNK_TOKENS], int at,
+                                const char *pf_k, const char *pf_v) {
+    __m512 dot[GROUP];
+    for (int g = 0; g < GROUP; g++) dot[g] = _mm512_setzero_ps();
+    for (int dp = 0; dp < HEAD_SIZE / 2; dp++) {
+        if (pf_k) {
+            /* One line of a later block's keys and one of its values per step: spread
+             * out, the prefetches never wait for a free fill buffer. */
+            const int64_t off = ((int64_t)(c / 16) * (HEAD_SIZE / 2) + dp) * 32 * (int64_t)sizeof(cache_t);
+            __builtin_prefetch(pf_k + off);
+            __builtin_prefetch(pf_v + off);
+        }
+        const __m512i keys = (__m512i)load_pairs(kb + key_index(c, 2 * dp), sub_lut);
+        const __m512 even = even_half(keys), odd = odd_half(keys);
+        for (int g = 0; g < GROUP; g++) {
+            dot[g] = _mm512_fmadd_ps(even, _mm512_set1_ps(q[g][2 * dp]), dot[g]);
+            dot[g] = _mm512_fmadd_ps(odd, _mm512_set1_ps(q[g][2 * dp + 1]), dot[g]);
+        }
+    }
+    for (int g = 0; g < GROUP; g++)
+        _mm512_storeu_ps(&s[g][at], _mm512_mul_ps(dot[g], _mm512_set1_ps(mult)));
+}
+#endif
+
 /* k_scale, v_scale: the cache's dequantisation scales (1 unless CACHE_KIND is fp8). */
 static void attend_one(const scalar_t *q_row, const cache_t *key_cache,
                        const cache_t *value_cache, int64_t num_blocks_total,
@@ -269,71 +316,82 @@ static void attend_one(const scalar_t *q_row, const cache_t *key_cache,
                        float v_scale, scalar_t *out_row) {
     float acc[GROUP][HEAD_SIZE];
     float run_max[GROUP], run_sum[GROUP], correction[GROUP];
+    for (int g = 0; g < GROUP; g++) {
+        for (int d = 0; d < HEAD_SIZE; d++) acc[g][d] = 0.0f;
+        run_max[g] = MASKED;
+        run_sum[g] = 0.0f;
+    }
+    /* A query at position seq_len - 1 sees keys [first, seq_len). */
+    const int32_t first = (window > 0 && seq_len > window) ? seq_len - window : 0;
+    const int32_t end_block = (seq_len + BLOCK_SIZE - 1) / BLOCK_SIZE;
+    const int64_t head_base = kv_head * num_blocks_total;
 #if PAIR_LAYOUT
-    uint32_t q_pairs[GROUP][HEAD_SIZE / 2]; /* bf16 pairs, broadcast as 32-bit lanes */
-    memcpy(q_pairs, q_row, sizeof q_pairs);
+    float q[GROUP][HEAD_SIZE];
+    for (int g = 0; g < GROUP; g++)
+        for (int d = 0; d < HEAD_SIZE; d++) q[g][d] = to_float(q_row[g * HEAD_SIZE + d]);
 #if CACHE_KIND == 0
     const __m512i sub_lut = _mm512_setzero_si512();
 #else
     const __m512i sub_lut = fp8_subnormal_lut();
 #endif
-#else
-    float q[GROUP][HEAD_SIZE];
-#endif
-    for (int g = 0; g < GROUP; g++) {
-        for (int d = 0; d < HEAD_SIZE; d++) {
-#if !PAIR_LAYOUT
-            q[g][d] = to_float(q_row[g * HEAD_SIZE + d]) * scale * k_scale;
-#endif
-            acc[g][d] = 0.0f;
-        }
-        run_max[g] = MASKED;
-        run_sum[g] = 0.0f;
-    }
-    /* A query at position seq_len - 1 sees keys [first, seq_len). */
-    int32_t first = (window > 0 && seq_len > window) ? seq_len - window : 0;
-    const int64_t head_base = kv_head * num_blocks_total;
-    for (int32_t b = first / BLOCK_SIZE; b * BLOCK_SIZE < seq_len; b++) {
-        const int64_t block = head_base + block_table[b];
-        const cache_t *kb = key_cache + block * (HEAD_SIZE * BLOCK_SIZE);
-        const cache_t *vb = value_cache + block * (BLOCK_SIZE * HEAD_SIZE);
-        if ((b + 1) * BLOCK_SIZE < seq_len) prefetch_block(head_base + block_table[b + 1],
-                                                           key_cache, value_cache);
-        int lo = first - b * BLOCK_SIZE;
-        lo = lo < 0 ? 0 : lo;
-        int hi = seq_len - b * BLOCK_SIZE;
-        hi = hi > BLOCK_SIZE ? BLOCK_SIZE : hi;
-
-#if PAIR_LAYOUT
-        float s[GROUP][BLOCK_SIZE];
-        for (int c = 0; c < BLOCK_SIZE; c += 16) {
-            __m512 dot[GROUP];
-            for (int g = 0; g < GROUP; g++) dot[g] = _mm512_setzero_ps();
-            for (int dp = 0; dp < HEAD_SIZE / 2; dp++) {
-                __m512bh keys = load_pairs(kb + key_index(c, 2 * dp), sub_lut);
-                for (int g = 0; g < GROUP; g++)
-                    dot[g] = _mm512_dpbf16_ps(dot[g], keys,
-                                              (__m512bh)_mm512_set1_epi32((int)q_pairs[g][dp]));
+    float s[GROUP][CHUNK_TOKENS], p[GROUP][CHUNK_TOKENS];
+    for (int32_t b = first / BLOCK_SIZE; b < end_block && b < first / BLOCK_SIZE + PREFETCH_BLOCKS; b++)
+        prefetch_block(head_base + block_table[b], key_cache, value_cache);
+    for (int32_t cb = first / BLOCK_SIZE; cb < end_block; cb += CHUNK_BLOCKS) {
+        const int nblk = end_block - cb < CHUNK_BLOCKS ? end_block - cb : CHUNK_BLOCKS;
+        const int32_t base = cb * BLOCK_SIZE;
+        const int lo = first > base ? first - base : 0;
+        const int hi = seq_len - base < nblk * BLOCK_SIZE ? seq_len - base : nblk * BLOCK_SIZE;
+        for (int i = 0; i < nblk; i++) {
+            const char *pf_k = NULL, *pf_v = NULL;
+            if (cb + i + PREFETCH_BLOCKS < end_block) {
+                const int64_t ahead = head_base + block_table[cb + i + PREFETCH_BLOCKS];
+                pf_k = (const char *)(key_cache + ahead * (HEAD_SIZE * BLOCK_SIZE));
+                pf_v = (const char *)(value_cache + ahead * (BLOCK_SIZE * HEAD_SIZE));
             }
-            for (int g = 0; g < GROUP; g++)
-                _mm512_storeu_ps(&s[g][c], _mm512_mul_ps(dot[g], _mm512_set1_ps(scale * k_scale)));
+            const cache_t *kb = key_cache + (head_base + block_table[cb + i]) * (HEAD_SIZE * BLOCK_SIZE);
+            for (int c = 0; c < BLOCK_SIZE; c += 16)
+                block_scores(kb, c, q, sub_lut, scale * k_scale, s, i * BLOCK_SIZE + c, pf_k, pf_v);
         }
-        if (soft_cap > 0.0f) soft_cap_scores(s, soft_cap);
-        uint32_t p_pairs[GROUP][BLOCK_SIZE / 2]; /* bf16 weights, read as key pairs */
-        softmax_block_avx512(s, lo, hi, run_max, run_sum, correction, p_pairs);
+        if (soft_cap > 0.0f)
+            for (int g = 0; g < GROUP; g++) soft_cap_scores(s[g], nblk * BLOCK_SIZE, soft_cap);
+        softmax_chunk_avx512(s, nblk * BLOCK_SIZE, lo, hi, run_max, run_sum, correction, p);
         for (int dc = 0; dc < HEAD_SIZE; dc += 16) {
             __m512 out[GROUP];
             for (int g = 0; g < GROUP; g++)
                 out[g] = _mm512_mul_ps(_mm512_loadu_ps(&acc[g][dc]), _mm512_set1_ps(correction[g]));
-            for (int jp = lo / 2; jp < (hi + 1) / 2; jp++) {
-                __m512bh values = load_pairs(vb + value_index(2 * jp, dc), sub_lut);
-                for (int g = 0; g < GROUP; g++)
-                    out[g] = _mm512_dpbf16_ps(out[g], values,
-                                              (__m512bh)_mm512_set1_epi32((int)p_pairs[g][jp]));
+            for (int i = 0; i < nblk; i++) {
+                const cache_t *vb = value_cache + (head_base + block_table[cb + i]) * (BLOCK_SIZE * HEAD_SIZE);
+                const int jlo = lo > i * BLOCK_SIZE ? lo - i * BLOCK_SIZE : 0;
+                const int jhi = hi - i * BLOCK_SIZE < BLOCK_SIZE ? hi - i * BLOCK_SIZE : BLOCK_SIZE;
+                const float *p_block = &p[0][i * BLOCK_SIZE];
+                for (int jp = jlo / 2; jp < (jhi + 1) / 2; jp++) {
+                    const __m512i values = (__m512i)load_pairs(vb + value_index(2 * jp, dc), sub_lut);
+                    const __m512 even = even_half(values), odd = odd_half(values);
+                    for (int g = 0; g < GROUP; g++) {
+                        const float *pg = p_block + g * CHUNK_TOKENS + 2 * jp;
+                        out[g] = _mm512_fmadd_ps(even, _mm512_set1_ps(pg[0]), out[g]);
+                        out[g] = _mm512_fmadd_ps(odd, _mm512_set1_ps(pg[1]), out[g]);
+                    }
+                }
             }
             for (int g = 0; g < GROUP; g++) _mm512_storeu_ps(&acc[g][dc], out[g]);
         }
+    }
 #else
+    float q[GROUP][HEAD_SIZE];
+    for (int g = 0; g < GROUP; g++)
+        for (int d = 0; d < HEAD_SIZE; d++)
+            q[g][d] = to_float(q_row[g * HEAD_SIZE + d]) * scale * k_scale;
+    for (int32_t b = first / BLOCK_SIZE; b < end_block; b++) {
+        const int64_t block = head_base + block_table[b];
+        const cache_t *kb = key_cache + block * (HEAD_SIZE * BLOCK_SIZE);
+        const cache_t *vb = value_cache + block * (BLOCK_SIZE * HEAD_SIZE);
+        if (b + 1 < end_block) prefetch_block(head_base + block_table[b + 1], key_cache, value_cache);
+        int lo = first - b * BLOCK_SIZE;
+        lo = lo < 0 ? 0 : lo;
+        int hi = seq_len - b * BLOCK_SIZE;
+        hi = hi > BLOCK_SIZE ? BLOCK_SIZE : hi;
         float s[GROUP][BLOCK_SIZE], p[GROUP][BLOCK_SIZE];
         for (int g = 0; g < GROUP; g++)
             for (int j = 0; j < BLOCK_SIZE; j++) s[g][j] = 0.0f;
@@ -343,7 +401,7 @@ static void attend_one(const scalar_t *q_row, const cache_t *key_cache,
             for (int g = 0; g < GROUP; g++)
                 for (int j = 0; j < BLOCK_SIZE; j++) s[g][j] = MULADD(q[g][d], k[j], s[g][j]);
         }
-        if (soft_cap > 0.0f) soft_cap_scores(s, soft_cap);
+        if (soft_cap > 0.0f) soft_cap_scores(&s[0][0], GROUP * BLOCK_SIZE, soft_cap);
         softmax_block(s, p, lo, hi, run_max, run_sum, correction);
         for (int g = 0; g < GROUP; g++)
             for (int d = 0; d < HEAD_SIZE; d++) acc[g][d] *= correction[g];
@@ -353,8 +411,8 @@ static void attend_one(const scalar_t *q_row, const cache_t *key_cache,
             for (int g = 0; g < GROUP; g++)
                 for (int d = 0; d < HEAD_SIZE; d++) acc[g][d] = MULADD(p[g][j], v[d], acc[g][d]);
         }
-#endif
     }
+#endif
     for (int g = 0; g < GROUP; g++) {
         float inv = run_sum[g] > 0.0f ? v_scale / run_sum[g] : 0.0f;
         for (int d = 0; d < HEAD_SIZE; d++) out_row[g * HEAD_SIZE + d] = from_float(acc[g][d] * inv);
@@ -363,6 +421,19 @@ static void attend_one(const scalar_t *q_row, const cache_t *key_cache,
 
 /* Which layout this build stores blocks in (1: pair layout), for tests reading the cache. */
 int pair_layout(void) { return PAIR_LAYOUT; }
+
+/* Store one token's key and value of KV head h at its slot (-1: padding, skipped). */
+static inline void write_token_head(const scalar_t *k, const scalar_t *v, int64_t slot,
+                                    int64_t h, int64_t num_blocks_total, float k_scale,
+                                    float v_scale, cache_t *key_cache, cache_t *value_cache) {
+    if (slot < 0) return;
+    const int64_t block = slot / BLOCK_SIZE, offset = slot % BLOCK_SIZE;
+    const int64_t base = (h * num_blocks_total + block) * (HEAD_SIZE * BLOCK_SIZE);
+    for (int d = 0; d < HEAD_SIZE; d++) {
+        key_cache[base + key_index((int)offset, d)] = cache_from_input(k[d], k_scale);
+        value_cache[base + value_index((int)offset, d)] = cache_from_input(v[d], v_scale);
+    }
+}
 
 /* Attention of tokens [0, num_tokens) of a flat batch over the paged cache.
  * token_reqs[t]: the request (row of block_tables) of token t;
@@ -390,6 +461,35 @@ void paged_attention(const scalar_t *query, int64_t query_token_stride,
     }
 }
 
+/* paged_attention for a batch of one query token per request (decode) that also
+ * stores each token's key and value (write_kv's arguments): the work item of token
+ * t and KV head h writes them, then attends. Nothing else reads them in this call,
+ * and the item reads that block right after, so the lines the write brings in are
+ * the ones it reads: a separate write_kv waited on memory for each of them (~140 us
+ * a layer at 64 requests, the block last touched a whole step earlier). */
+void decode_attention(const scalar_t *query, int64_t query_token_stride, const scalar_t *key,
+                      int64_t key_token_stride, const scalar_t *value,
+                      int64_t value_token_stride, const int64_t *slots, cache_t *key_cache,
+                      cache_t *value_cache, int64_t num_blocks_total,
+                      const int32_t *block_tables, int64_t block_table_stride,
+                      const int32_t *token_seq_lens, int64_t num_tokens, int64_t num_kv_heads,
+                      int32_t window, float scale, float soft_cap, const float *kv_scales,
+                      scalar_t *out, int64_t out_token_stride) {
+    const int64_t items = num_tokens * num_kv_heads;
+    const float k_scale = kv_scales[0], v_scale = kv_scales[1];
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t i = 0; i < items; i++) {
+        const int64_t t = i / num_kv_heads, h = i % num_kv_heads;
+        write_token_head(key + t * key_token_stride + h * HEAD_SIZE,
+                         value + t * value_token_stride + h * HEAD_SIZE, slots[t], h,
+                         num_blocks_total, k_scale, v_scale, key_cache, value_cache);
+        attend_one(query + t * query_token_stride + h * GROUP * HEAD_SIZE, key_cache,
+                   value_cache, num_blocks_total, block_tables + t * block_table_stride,
+                   token_seq_lens[t], window, h, scale, soft_cap, k_scale, v_scale,
+                   out + t * out_token_stride + h * GROUP * HEAD_SIZE);
+    }
+}
+
 /* Store the step's keys and values at their slots; slot -1 marks padding. An fp8
  * cache stores key / k_scale and value / v_scale (kv_scales as in paged_attention). */
 void write_kv(const scalar_t *key, int64_t key_token_stride, const scalar_t *value,
@@ -398,18 +498,9 @@ void write_kv(const scalar_t *key, int64_t key_token_stride, const scalar_t *val
               cache_t *key_cache, cache_t *value_cache) {
     const float k_scale = kv_scales[0], v_scale = kv_scales[1];
 #pragma omp parallel for schedule(static) if (num_tokens > 64)
-    for (int64_t t = 0; t < num_tokens; t++) {
-        const int64_t slot = slots[t];
-        if (slot < 0) continue;
-        const int64_t block = slot / BLOCK_SIZE, offset = slot % BLOCK_SIZE;
-        for (int64_t h = 0; h < num_kv_heads; h++) {
-            const int64_t base = (h * num_blocks_total + block) * (HEAD_SIZE * BLOCK_SIZE);
-            const scalar_t *k = key + t * key_token_stride + h * HEAD_SIZE;
-            const scalar_t *v = value + t * value_token_stride + h * HEAD_SIZE;
-            for (int d = 0; d < HEAD_SIZE; d++) {
-                key_cache[base + key_index((int)offset, d)] = cache_from_input(k[d], k_scale);
-                value_cache[base + value_index((int)offset, d)] = cache_from_input(v[d], v_scale);
-            }
-        }
-    }
+    for (int64_t t = 0; t < num_tokens; t++)
+        for (int64_t h = 0; h < num_kv_heads; h++)
+            write_token_head(key + t * key_token_stride + h * HEAD_SIZE,
+                             value + t * value_token_stride + h * HEAD_SIZE, slots[t], h,
+                             num_blocks_total, k_scale, v_scale, key_cache, value_cache);
 }
