@@ -16,6 +16,7 @@ import torch
 
 from backplane.platforms.cpu import native
 from backplane.platforms.cpu.attention import CpuSdpaAttentionBackend
+from backplane.platforms.cpu.linear import gemm_isa
 from backplane.platforms.cpu.paged_attention import CpuPagedAttentionBackend, _kernel
 from backplane.plugins_sdk import AttentionSpec, CommonAttentionMetadata
 
@@ -74,18 +75,37 @@ def test_kernel_matches_torch_backend(dtype, heads, kv_heads, head_size, block_s
     assert (got - expected).abs().max().item() <= TOLERANCE[dtype] * max(1.0, scale)
 
 
+def _on_isa(isa):
+    """The paged backend with the kernel built for ``isa`` ("amx": q.K on tiles)."""
+
+    class OnIsa(CpuPagedAttentionBackend):
+        def __init__(self, spec):
+            super().__init__(spec)
+            self._lib = _kernel(spec.dtype, spec.head_size, spec.block_size,
+                                spec.num_heads // spec.num_kv_heads, 0, isa)
+
+    return OnIsa
+
+
+KERNEL_ISAS = ["amx", "avx512_bf16"] if gemm_isa() == "amx" else [gemm_isa()]
+
+
 @needs_compiler
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [None, 300])
 @pytest.mark.parametrize("queries", [[1, 1, 1, 1], [1, 3, 1, 2]], ids=["decode", "mixed"])
-def test_long_contexts_and_decode_steps_match_torch_backend(dtype, window, queries):
+@pytest.mark.parametrize(("heads", "kv_heads", "head_size"), [(14, 2, 64), (8, 2, 128)])
+def test_long_contexts_and_decode_steps_match_torch_backend(dtype, window, queries, heads,
+                                                            kv_heads, head_size, isa):
     """Contexts past the kernel's 256-token softmax chunks (a window that starts inside
     one), in a decode-only step (each request's one token stores its key and value as
-    it attends: decode_attention) and in a step with chunks (write_kv, then attention)."""
-    spec = AttentionSpec(14, 2, 64, dtype, 16, sliding_window=window)
+    it attends: decode_attention) and in a step with chunks (write_kv, then attention);
+    on AMX CPUs with q.K on the tiles and without."""
+    spec = AttentionSpec(heads, kv_heads, head_size, dtype, 16, sliding_window=window)
     contexts = [600, 257, 40, 511]
     expected = _attend(CpuSdpaAttentionBackend, spec, contexts, queries, num_blocks=200)
-    got = _attend(CpuPagedAttentionBackend, spec, contexts, queries, num_blocks=200)
+    got = _attend(_on_isa(isa), spec, contexts, queries, num_blocks=200)
     scale = expected.abs().max().item()
     assert (got - expected).abs().max().item() <= TOLERANCE[dtype] * max(1.0, scale)
 

@@ -132,13 +132,15 @@ def load_kernel(source: str, defines: tuple[tuple[str, int], ...]) -> ctypes.CDL
     return ctypes.CDLL(str(target))
 
 
-def load_gemm_kernel(source: str, isa: str | None) -> ctypes.CDLL:
-    """``kernels/<source>`` as `load_kernel` builds it, with its AMX tile code for
-    ``isa == "amx"`` (BACKPLANE_AMX=1), after asking Linux for this process's tile
-    state (``amx_enable``; kernels before 5.16 refuse, which raises KernelBuildError)."""
+def load_gemm_kernel(source: str, isa: str | None,
+                     defines: tuple[tuple[str, int], ...] = ()) -> ctypes.CDLL:
+    """``kernels/<source>`` as `load_kernel` builds it (with ``defines``), with its AMX
+    tile code for ``isa == "amx"`` (BACKPLANE_AMX=1), after asking Linux for this
+    process's tile state (``amx_enable``; kernels before 5.16 refuse, which raises
+    KernelBuildError)."""
     if isa != "amx":
-        return load_kernel(source, ())
-    lib = load_kernel(source, (("BACKPLANE_AMX", 1),))
+        return load_kernel(source, defines)
+    lib = load_kernel(source, (*defines, ("BACKPLANE_AMX", 1)))
     lib.amx_enable.restype = ctypes.c_int
     if lib.amx_enable() != 0:
         raise KernelBuildError("Linux refused this process the AMX tile state "

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from backplane.platforms.cpu.huge_pages import HeadMajorCpuCache
-from backplane.platforms.cpu.native import KernelBuildError, load_kernel
+from backplane.platforms.cpu.linear import gemm_isa
+from backplane.platforms.cpu.native import KernelBuildError, load_gemm_kernel
 from backplane.plugins_sdk import AttentionSpec, CommonAttentionMetadata
 from backplane.plugins_sdk.attention import FP8_KV_CACHE_DTYPES, kv_cache_torch_dtype
 
@@ -46,8 +47,10 @@ _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c
 
 @functools.lru_cache(maxsize=None)
 def _kernel(dtype: torch.dtype, head_size: int, block_size: int, group: int,
-            cache_kind: int = 0) -> ctypes.CDLL:
-    lib = load_kernel("paged_attention.c", (
+            cache_kind: int = 0, isa: str | None = None) -> ctypes.CDLL:
+    """The kernel for this geometry; ``isa == "amx"``: its build with q.K on AMX tiles
+    (bf16 cache, head size 64 or 128, up to 16 query heads per KV head)."""
+    lib = load_gemm_kernel("paged_attention.c", isa, (
         ("SCALAR_KIND", _SCALAR_KINDS[dtype]), ("HEAD_SIZE", head_size),
         ("BLOCK_SIZE", block_size), ("GROUP", group), ("CACHE_KIND", cache_kind)))
     lib.paged_attention.argtypes = [_P, _I64, _P, _P, _I64, _P, _I64, _P, _P, _I64, _I64,
@@ -68,8 +71,10 @@ def _cache_dtype(spec: AttentionSpec) -> torch.dtype:
 
 
 def _kernel_for(spec: AttentionSpec) -> ctypes.CDLL:
+    # The tiles where the GEMMs use them (BACKPLANE_CPU_AMX=0 turns both off).
     return _kernel(spec.dtype, spec.head_size, spec.block_size,
-                   spec.num_heads // spec.num_kv_heads, _CACHE_KINDS.get(_cache_dtype(spec), 0))
+                   spec.num_heads // spec.num_kv_heads, _CACHE_KINDS.get(_cache_dtype(spec), 0),
+                   gemm_isa())
 
 
 @dataclass(frozen=True)

@@ -54,28 +54,11 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-
+#include "amx_common.h"
 #include "gemm_tiles.h"
-
-/* Linux hands out the 8 KiB of tile state only to processes that ask for it. */
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
-
-/* 0 when this process may use the tile registers (asks the kernel once). */
-int amx_enable(void) {
-    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 ? 0 : -1;
-}
 
 /* Palette 1: tiles 0-3 accumulators (16 x 16 float32), 4-5 activations
  * (16 rows x 32 bf16), 6-7 weights (16 pairs x 16 outputs x 2). */
-struct tile_config {
-    uint8_t palette_id, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-};
-
 static inline void configure_tiles(void) {
     struct tile_config cfg;
     memset(&cfg, 0, sizeof cfg);
