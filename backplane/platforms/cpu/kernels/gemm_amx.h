@@ -23,7 +23,15 @@
  * against one block, so each weight tile feeds 64 rows as it arrives) were
  * both no faster; the 4x1 one lost 20% with one weight stream per core. Blocking
  * K so a pair's tiles stay in L1 (partial sums stored between K blocks) was
- * slower for K = 4864 and even for K = 896.
+ * slower for K = 4864 and even for K = 896. Spreading the next pair's prefetch
+ * over the second chunk's steps (4-16 lines a step) did not help either (a
+ * batch-64 step's linears 64-66 -> 67-70 ms): a core streams ~14 GB/s on its
+ * own, and the second chunk's compute is what is left unoverlapped. A SiLU-and-
+ * mul epilogue for the gate/up projection (gate and up blocks interleaved so a
+ * pair holds both; bit for bit the unfused result) was no faster either: W2's
+ * prefill spent 7.8 -> 8.0 s in the linears and SiLU, its decode 8.8 -> 9.4 s.
+ * The exp and the division are the cost, not the intermediate's memory, and in
+ * a separate pass they do not hold up a weight stream.
  *
  * Row blocks: with thousands of rows (a prefill chunk) the activations outgrow L2
  * and every weight pair would stream them again from L3, so each thread runs its
