@@ -83,13 +83,17 @@ def test_rms_norm_on_a_row_strided_view_and_a_fallback_view():
     assert torch.equal(FusedRMSNorm(norm32)(x32), norm32(x32))  # float32 stays on torch
 
 
-@pytest.mark.parametrize("rows", [1, 64])
-def test_silu_and_mul_matches_the_core_layer(rows):
+@pytest.mark.parametrize(("rows", "d"), [(1, 4864), (64, 4864), (3, 100)])
+def test_silu_and_mul_matches_the_core_layer(rows, d):
+    """16 values at a time (AVX-512: a reciprocal and a corrected quotient instead of
+    the division) and the rest one by one (d = 100: 6 x 16 + 4)."""
     gen = torch.Generator().manual_seed(1)
-    x = (torch.randn(rows, 2 * 4864, generator=gen) * 4).to(torch.bfloat16)
-    x[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])  # exp clamping at both ends
+    x = (torch.randn(rows, 2 * d, generator=gen) * 4).to(torch.bfloat16)
+    # exp clamping at both ends, signed zeros, the edge of torch's overflow to -0
+    x[0, :8] = torch.tensor([-100.0, 100.0, 0.0, -0.0, -88.0, -87.5, 88.5, -88.69])
+    x[-1, d - 4:d] = torch.tensor([-100.0, 0.0, -0.0, 3.0])  # in the one-by-one tail
     expected, got = SiluAndMul()(x), FusedSiluAndMul(SiluAndMul())(x)
-    assert got.shape == expected.shape == (rows, 4864)
+    assert got.shape == expected.shape == (rows, d)
     assert _bf16_ulps(got, expected) <= 1
     assert (got == expected).float().mean() > 0.99
 
