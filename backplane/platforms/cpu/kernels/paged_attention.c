@@ -194,22 +194,6 @@ static inline __m512bh load_pairs(const cache_t *p, __m512i sub_lut) {
 }
 #endif
 
-/* exp_nonpositive on 16 lanes; scalef applies 2^n without building exponent bits. */
-static inline __m512 exp_nonpositive_avx512(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
 
 /* Lanes c .. c+15 of a block that lie in [lo, hi). */
 static inline __mmask16 valid_lanes(int c, int lo, int hi) {
@@ -245,7 +229,7 @@ static inline void softmax_chunk_avx512(float s[GROUP][CHUNK_TOKENS], int count,
         const __m512 max16 = _mm512_set1_ps(chunk_max);
         __m512 sum = _mm512_setzero_ps();
         for (int c = 0; c < count; c += 16) {
-            __m512 e = exp_nonpositive_avx512(_mm512_sub_ps(_mm512_loadu_ps(&s[g][c]), max16));
+            __m512 e = exp_clamped16(_mm512_sub_ps(_mm512_loadu_ps(&s[g][c]), max16));
             e = _mm512_maskz_mov_ps(valid_lanes(c, lo, hi), e);
             sum = _mm512_add_ps(sum, e);
             _mm512_storeu_ps(&p[g][c], e);
