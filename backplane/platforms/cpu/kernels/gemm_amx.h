@@ -110,9 +110,7 @@ static int amx_rows_init(struct amx_rows *rows, const uint16_t *x, int64_t xs, i
     return 0;
 }
 
-#ifndef AMX_ROW_BLOCK_BYTES
 #define AMX_ROW_BLOCK_BYTES (1 << 20)
-#endif
 /* Row tiles per block: a block's activations (rows x K bf16) stay in L2 while every
  * weight pair of the thread passes over them. */
 static inline int64_t amx_row_block_tiles(int64_t k) {

@@ -209,9 +209,8 @@ static inline __mmask16 valid_lanes(int c, int lo, int hi) {
  * are paid once per chunk, not once per block. */
 #define CHUNK_TOKENS (BLOCK_SIZE > 256 ? BLOCK_SIZE : 256)
 #define CHUNK_BLOCKS (CHUNK_TOKENS / BLOCK_SIZE)
-#ifndef PREFETCH_BLOCKS
+/* Blocks ahead of the one being scored whose lines are asked for (1-6 measured alike). */
 #define PREFETCH_BLOCKS 2
-#endif
 
 /* The online softmax step of a chunk's scores s[g][0, count) (count a multiple of
  * 16; lanes outside [lo, hi) masked): the unnormalised weights go to p (0 where
@@ -529,6 +528,41 @@ static inline void write_token_head(const scalar_t *k, const scalar_t *v, int64_
     }
 }
 
+/* The work items (token t, KV head h) of a call, shared by paged_attention and
+ * decode_attention. With `slots` (decode_attention), each item first stores its
+ * token's key and value of head h (key/value rows as write_kv takes them); with
+ * token_reqs NULL, token t is request t's. */
+static void attend_items(const scalar_t *query, int64_t query_token_stride, const scalar_t *key,
+                         int64_t key_token_stride, const scalar_t *value,
+                         int64_t value_token_stride, const int64_t *slots, cache_t *key_cache,
+                         cache_t *value_cache, int64_t num_blocks_total,
+                         const int32_t *block_tables, int64_t block_table_stride,
+                         const int32_t *token_reqs, const int32_t *token_seq_lens,
+                         int64_t num_tokens, int64_t num_kv_heads, int32_t window, float scale,
+                         float soft_cap, const float *kv_scales, scalar_t *out,
+                         int64_t out_token_stride) {
+    const int64_t items = num_tokens * num_kv_heads;
+    const float k_scale = kv_scales[0], v_scale = kv_scales[1];
+#pragma omp parallel
+    {
+        ATTENTION_TILES_BEGIN;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < items; i++) {
+            const int64_t t = i / num_kv_heads, h = i % num_kv_heads;
+            if (slots)
+                write_token_head(key + t * key_token_stride + h * HEAD_SIZE,
+                                 value + t * value_token_stride + h * HEAD_SIZE, slots[t], h,
+                                 num_blocks_total, k_scale, v_scale, key_cache, value_cache);
+            const int64_t req = token_reqs ? token_reqs[t] : t;
+            attend_one(query + t * query_token_stride + h * GROUP * HEAD_SIZE, key_cache,
+                       value_cache, num_blocks_total, block_tables + req * block_table_stride,
+                       token_seq_lens[t], window, h, scale, soft_cap, k_scale, v_scale,
+                       out + t * out_token_stride + h * GROUP * HEAD_SIZE);
+        }
+        ATTENTION_TILES_END;
+    }
+}
+
 /* Attention of tokens [0, num_tokens) of a flat batch over the paged cache.
  * token_reqs[t]: the request (row of block_tables) of token t;
  * token_seq_lens[t]: keys token t sees (its position + 1).
@@ -542,22 +576,11 @@ void paged_attention(const scalar_t *query, int64_t query_token_stride,
                      const int32_t *token_seq_lens, int64_t num_tokens,
                      int64_t num_kv_heads, int32_t window, float scale, float soft_cap,
                      const float *kv_scales, scalar_t *out, int64_t out_token_stride) {
-    const int64_t items = num_tokens * num_kv_heads;
-    const float k_scale = kv_scales[0], v_scale = kv_scales[1];
-#pragma omp parallel
-    {
-        ATTENTION_TILES_BEGIN;
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t i = 0; i < items; i++) {
-            const int64_t t = i / num_kv_heads, h = i % num_kv_heads;
-            attend_one(query + t * query_token_stride + h * GROUP * HEAD_SIZE, key_cache,
-                       value_cache, num_blocks_total,
-                       block_tables + (int64_t)token_reqs[t] * block_table_stride,
-                       token_seq_lens[t], window, h, scale, soft_cap, k_scale, v_scale,
-                       out + t * out_token_stride + h * GROUP * HEAD_SIZE);
-        }
-        ATTENTION_TILES_END;
-    }
+    /* no slots: nothing is written, the cache pointers are only read */
+    attend_items(query, query_token_stride, NULL, 0, NULL, 0, NULL, (cache_t *)key_cache,
+                 (cache_t *)value_cache, num_blocks_total, block_tables, block_table_stride,
+                 token_reqs, token_seq_lens, num_tokens, num_kv_heads, window, scale, soft_cap,
+                 kv_scales, out, out_token_stride);
 }
 
 /* paged_attention for a batch of one query token per request (decode) that also
@@ -574,24 +597,10 @@ void decode_attention(const scalar_t *query, int64_t query_token_stride, const s
                       const int32_t *token_seq_lens, int64_t num_tokens, int64_t num_kv_heads,
                       int32_t window, float scale, float soft_cap, const float *kv_scales,
                       scalar_t *out, int64_t out_token_stride) {
-    const int64_t items = num_tokens * num_kv_heads;
-    const float k_scale = kv_scales[0], v_scale = kv_scales[1];
-#pragma omp parallel
-    {
-        ATTENTION_TILES_BEGIN;
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t i = 0; i < items; i++) {
-            const int64_t t = i / num_kv_heads, h = i % num_kv_heads;
-            write_token_head(key + t * key_token_stride + h * HEAD_SIZE,
-                             value + t * value_token_stride + h * HEAD_SIZE, slots[t], h,
-                             num_blocks_total, k_scale, v_scale, key_cache, value_cache);
-            attend_one(query + t * query_token_stride + h * GROUP * HEAD_SIZE, key_cache,
-                       value_cache, num_blocks_total, block_tables + t * block_table_stride,
-                       token_seq_lens[t], window, h, scale, soft_cap, k_scale, v_scale,
-                       out + t * out_token_stride + h * GROUP * HEAD_SIZE);
-        }
-        ATTENTION_TILES_END;
-    }
+    attend_items(query, query_token_stride, key, key_token_stride, value, value_token_stride,
+                 slots, key_cache, value_cache, num_blocks_total, block_tables,
+                 block_table_stride, NULL, token_seq_lens, num_tokens, num_kv_heads, window,
+                 scale, soft_cap, kv_scales, out, out_token_stride);
 }
 
 /* Store the step's keys and values at their slots; slot -1 marks padding. An fp8
