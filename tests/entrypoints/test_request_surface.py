@@ -432,6 +432,7 @@ def test_max_request_body_bytes(opts_http):
 
 def test_engine_stats_are_logged_periodically_and_quiet_when_idle(llama_model_dir):
     import asyncio
+    import threading
 
     from backplane.sampling_params import SamplingParams
     from backplane.entrypoints.openai.api_server import log_stats
@@ -441,7 +442,11 @@ def test_engine_stats_are_logged_periodically_and_quiet_when_idle(llama_model_di
     engine = AsyncEngine.from_engine_args(tiny_engine_args(llama_model_dir))
     lines: list[str] = []
     handler = logging.Handler(logging.INFO)
-    handler.emit = lambda record: lines.append(record.getMessage())
+    # The shared test server's own stats task (another thread) logs to the same logger:
+    # keep only this thread's lines.
+    this_thread = threading.get_ident()
+    handler.emit = lambda record: (lines.append(record.getMessage())
+                                   if record.thread == this_thread else None)
     logger = logging.getLogger("backplane.entrypoints.openai.api_server")
     logger.addHandler(handler)
     old_level = logger.level
