@@ -68,3 +68,24 @@ def test_speed_round_and_accuracy_on_tiny_models(bench_tiny_model, tmp_path, cap
     assert accuracy["variants"]["bf16"] == {"mean_abs_dlogprob": 0.0, "max_abs_dlogprob": 0.0,
                                             "top1_agreement_pct": 100.0}
     assert "gptq-int4 batch-1 decode" in table and "tiny fixture Llama" in table
+
+
+def test_each_round_starts_at_another_variant(monkeypatch):
+    # The first run of a round measured slower than the same weights later in it, so a
+    # fixed order would always hand that cost to bf16 and bias every ratio to it.
+    script = _script()
+    order: list[str] = []
+
+    def fake_speed_once(variant, models, opts, seed):
+        order.append(variant.name)
+        return {"b1_ms_per_token": 10.0, "b1_tok_s": 100.0, "batch_tok_s": 50.0,
+                "batch_seconds": 1.0}
+
+    monkeypatch.setattr(script, "speed_once", fake_speed_once)
+    variants = script.VARIANTS[:3]
+    names = [v.name for v in variants]
+    result = script.run_speed(variants, {}, script.SpeedOptions(rounds=3), progress=lambda _: None)
+    assert order == names + names[1:] + names[:1] + names[2:] + names[:2]
+    # The ratios still pair each variant with the bf16 run of the same round.
+    assert all(len(result["variants"][n]["runs"]) == 3 for n in names)
+    assert result["variants"]["int8-w8a16"]["b1_speedup_vs_bf16"]["median"] == 1.0
