@@ -244,9 +244,11 @@ def run_speed(variants: list[Variant], models: dict[str, str], opts: SpeedOption
     runs: dict[str, list[dict]] = {v.name: [] for v in variants}
     llama_runs: dict[str, list[float]] = {name: [] for name in (llama or {}) if name != "binary"}
     for rnd in range(opts.rounds):
-        # Each round starts at a different variant: the first run after the llama.cpp
-        # runs (or of the process) measured up to 30% slower than the same weights
-        # later in the round on a 2-core Zen 5, which would bias the ratios to bf16.
+        # Each round starts at a different variant, so that whatever the position costs
+        # (the first run of the process, the one right after llama.cpp's) does not
+        # fall on the same variant every round. On a 2-core Zen 5, bf16 first measured
+        # 33 ms a token against 22.5 ms for the same weights with an fp8 cache later in
+        # the round; rotated, the spread moved with the machine, not the position.
         shift = rnd % len(variants)
         for variant in variants[shift:] + variants[:shift]:
             for attempt in range(opts.retries + 1):

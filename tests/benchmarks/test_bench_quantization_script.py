@@ -71,8 +71,8 @@ def test_speed_round_and_accuracy_on_tiny_models(bench_tiny_model, tmp_path, cap
 
 
 def test_each_round_starts_at_another_variant(monkeypatch):
-    # The first run of a round measured slower than the same weights later in it, so a
-    # fixed order would always hand that cost to bf16 and bias every ratio to it.
+    # A fixed order would hand any cost of a position (the first run of the process,
+    # the one after llama.cpp's) to the same variant every round.
     script = _script()
     order: list[str] = []
 
