@@ -194,7 +194,6 @@ static inline __m512bh load_pairs(const cache_t *p, __m512i sub_lut) {
 }
 #endif
 
-
 /* Lanes c .. c+15 of a block that lie in [lo, hi). */
 static inline __mmask16 valid_lanes(int c, int lo, int hi) {
     int from = lo - c, to = hi - c;
