@@ -14,15 +14,16 @@ from backplane import LLM, SamplingParams
 from backplane.benchmarks.make_model import quantize_checkpoint
 from backplane.core.quantization.packing import quantize_rtn
 from backplane.platforms.cpu.int4 import Int4Linear, int4_kernel_supported
-from backplane.platforms.cpu.linear import has_avx512_bf16_kernels, runnable_gemm_isas
+from backplane.platforms.cpu.linear import runnable_gemm_isas
 from backplane.platforms.cpu.platform import CpuPlatform
 from backplane.plugins_sdk.quantization import Int4Weights
 from tests.platforms.prompt_logprobs import prompt_logprob_gaps
 
 needs_kernel = pytest.mark.skipif(not int4_kernel_supported(),
-                                  reason="no AVX512-BF16 (or no C compiler) on this CPU")
-# The int4 kernels this CPU runs: with AMX, 16+ bf16 rows go through the tiles.
-INT4_ISAS = [isa for isa in runnable_gemm_isas() if has_avx512_bf16_kernels(isa)] or [None]
+                                  reason="neither AVX512-BF16 nor AVX2 (or no C compiler) here")
+# The int4 kernels this CPU runs (with AMX, 16+ bf16 rows go through the tiles; an
+# AVX-512 CPU runs the AVX2 kernel too).
+INT4_ISAS = runnable_gemm_isas() or [None]
 PROMPTS = ["the quick brown fox jumps over the lazy dog",
            "Paged attention stores keys and values in fixed-size blocks"]
 
@@ -61,6 +62,25 @@ def test_int4_layer_matches_dequantized_weight(rows, n, k, group, sym, act_order
     scale = want_b.abs().max().item()
     tol = (2 ** -8 if rows < 16 else 2 ** -6) * scale
     assert (got_b.float() - want_b).abs().max().item() <= tol
+
+
+@needs_kernel
+@pytest.mark.parametrize("act_order", [False, True])
+def test_avx2_int4_rows_result_does_not_depend_on_its_batch(act_order):
+    """The AVX2 kernel sums every row in one order whatever the call's row count (batch
+    1 takes two blocks per tile, more rows three rows per tile), bit for bit, for bf16
+    and float32 activations, so greedy decoding alone, batched and verifying speculative
+    drafts picks the same token. (The AVX-512 kernel rounds the dequantized weight to
+    bf16 from 16 rows on, docs/cpu_platform.md.)"""
+    weights = _weights(200, 256, 64, sym=False, act_order=act_order, bias=True, seed=5)
+    layers = [Int4Linear(weights, isa="avx2"), Int4Linear(weights, float_output=True, isa="avx2")]
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(70, 256).to(dtype)
+        for layer in layers:
+            batched = layer(x)
+            for rows in (slice(0, 1), slice(5, 6), slice(69, 70), slice(0, 2), slice(7, 10),
+                         slice(0, 4), slice(60, 67)):
+                assert torch.equal(layer(x[rows]), batched[rows]), (dtype, rows)
 
 
 @needs_kernel

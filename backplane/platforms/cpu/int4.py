@@ -1,4 +1,5 @@
-"""4-bit (GPTQ / AWQ) linear layers on the CPU platform's own kernel (kernels/gemm_int4.c).
+"""4-bit (GPTQ / AWQ) linear layers on the CPU platform's own kernels
+(kernels/gemm_int4.c with AVX512-BF16, kernels/gemm_int4_avx2.c with AVX2 + FMA).
 
 The core hands each quantized layer over as an `Int4Weights` (unpacked values,
 scales, zeros, act-order permutation); `Int4Linear` repacks it once into the
@@ -23,8 +24,8 @@ from backplane.plugins_sdk.quantization import Int4Weights
 @functools.lru_cache(maxsize=None)
 def _int4_lib(isa: str = "avx512_bf16") -> ctypes.CDLL:
     """The int4 GEMM for ``isa`` ("amx": batches of 16+ rows multiply the dequantised
-    blocks on AMX tiles)."""
-    lib = load_gemm_kernel("gemm_int4.c", isa)
+    blocks on AMX tiles; "avx2": float32 FMAs, kernels/gemm_int4_avx2.c)."""
+    lib = load_gemm_kernel("gemm_int4_avx2.c" if isa == "avx2" else "gemm_int4.c", isa)
     p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.gemm_int4.argtypes = [p, i64, i64, c_int, p, p, p, p, i64, i64, i64, p, p, i64, c_int]
     lib.gemm_int4.restype = ctypes.c_int
@@ -32,10 +33,10 @@ def _int4_lib(isa: str = "avx512_bf16") -> ctypes.CDLL:
 
 
 def int4_kernel_supported() -> bool:
-    """The int4 kernel builds here (it needs AVX512-BF16, like the bf16 GEMM)."""
-    from backplane.platforms.cpu.linear import gemm_isa, has_avx512_bf16_kernels
+    """An int4 kernel builds here (AVX512-BF16 or AVX2 + FMA, like the bf16 GEMM)."""
+    from backplane.platforms.cpu.linear import gemm_isa
 
-    if not has_avx512_bf16_kernels(gemm_isa()):
+    if gemm_isa() is None:
         return False
     try:
         _int4_lib(gemm_isa())
@@ -75,7 +76,7 @@ class Int4Linear(nn.Module):
     def __init__(self, weights: Int4Weights, float_output: bool = False,
                  isa: str | None = None) -> None:
         """``float_output``: always return float32 (an output projection's logits).
-        ``isa``: "amx" or "avx512_bf16" (default: this CPU's, `linear.gemm_isa`)."""
+        ``isa``: "amx", "avx512_bf16" or "avx2" (default: this CPU's, `linear.gemm_isa`)."""
         from backplane.platforms.cpu.linear import gemm_isa
 
         super().__init__()
