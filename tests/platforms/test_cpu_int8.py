@@ -95,19 +95,19 @@ def test_engine_int8_tracks_bf16(llama_model_dir, method, isa, monkeypatch):
 
 def test_kernels_a_cpu_lacks_are_refused_naming_the_instruction_set(llama_model_dir,
                                                                     monkeypatch):
-    """An AVX2-only CPU runs int8 and int4 (GPTQ / AWQ) but not fp8; a CPU with neither
-    runs none, and the refusal says which instruction set is missing."""
+    """An AVX2-only CPU runs every method (int8, fp8, GPTQ / AWQ int4); a CPU with
+    neither AVX2 nor AVX512-BF16 runs none, and the refusal says what is missing."""
     monkeypatch.setattr(cpu_linear, "gemm_isa", lambda: "avx2")
-    with pytest.raises(ValueError, match=r"quantization \('fp8'\) has no kernel on platform "
-                                         r"'cpu'.*needs AVX512-BF16.*it has AVX2"):
-        LLM(model=llama_model_dir, max_model_len=64, num_kv_blocks=16, quantization="fp8")
-    assert {"int8", "gptq", "awq"} <= set(CpuPlatform().supported_quantization)
+    assert {"int8", "int8_weight_only", "fp8", "compressed-tensors", "gptq", "awq"} <= set(
+        CpuPlatform().supported_quantization)
     monkeypatch.setattr(cpu_linear, "gemm_isa", lambda: None)
-    with pytest.raises(ValueError, match=r"quantization \('int8'\) has no kernel.*it runs: "
-                                         r".*AVX512-BF16 or AVX2 \+ FMA"):
-        LLM(model=llama_model_dir, max_model_len=64, num_kv_blocks=16, quantization="int8")
+    for method in ("int8", "fp8"):
+        with pytest.raises(ValueError, match=rf"quantization \('{method}'\) has no kernel on "
+                                             r"platform 'cpu'.*AVX512-BF16 or AVX2 \+ FMA \+ "
+                                             r"F16C, which this CPU lacks"):
+            LLM(model=llama_model_dir, max_model_len=64, num_kv_blocks=16, quantization=method)
     assert CpuPlatform().quantization_unsupported_reason("gptq") == (
-        "its cpu kernels need AVX512-BF16 or AVX2 + FMA, which this CPU lacks")
+        "its cpu kernels need AVX512-BF16 or AVX2 + FMA + F16C, which this CPU lacks")
 
 
 def test_other_methods_platforms_and_quantized_checkpoints_are_refused(

@@ -4,7 +4,8 @@ Each bf16/float linear weight is quantized at load (dynamic, per channel: scale 
 max |w| / 448, the e4m3 maximum, as vLLM's online fp8 does) and packed in the bf16
 GEMM's 16-row pair layout, one byte per weight. The CPU has no fp8 dot product:
 ``kernels/gemm_fp8.c`` widens each 32-byte group to bf16 in registers (exact) for
-AVX512-BF16's dot product and applies the row scale at the end. Activations stay
+AVX512-BF16's dot product and applies the row scale at the end; on AVX2 CPUs
+``kernels/gemm_avx2.c`` widens to float32 (F16C) for its FMA tiles. Activations stay
 bf16 (W8A16). The output head stays bf16 (vLLM's fp8 leaves it unquantized too).
 """
 
@@ -23,8 +24,9 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 @functools.lru_cache(maxsize=None)
 def _fp8_lib(isa: str = "avx512_bf16") -> ctypes.CDLL:
-    """The fp8 GEMM for ``isa`` ("amx": on the tiles where K allows, else AVX512-BF16)."""
-    lib = load_gemm_kernel("gemm_fp8.c", isa)
+    """The fp8 GEMM for ``isa`` ("amx": on the tiles where K allows, else AVX512-BF16;
+    "avx2": gemm_avx2.c's, widening to float32 with F16C)."""
+    lib = load_gemm_kernel("gemm_avx2.c" if isa == "avx2" else "gemm_fp8.c", isa)
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.gemm_fp8.argtypes = [p, i64, i64, p, p, i64, i64, p, p, i64, ctypes.c_int]
     lib.gemm_fp8.restype = ctypes.c_int
@@ -32,14 +34,10 @@ def _fp8_lib(isa: str = "avx512_bf16") -> ctypes.CDLL:
 
 
 def fp8_kernel_supported() -> bool:
-    """The fp8 kernel needs AVX512-BF16 (it widens to bf16 for vdpbf16ps) and must build."""
-    from backplane.platforms.cpu.linear import (
-        bf16_gemm_supported,
-        gemm_isa,
-        has_avx512_bf16_kernels,
-    )
+    """An fp8 kernel (AVX512-BF16 or AVX2 + FMA, like the bf16 GEMM) builds here."""
+    from backplane.platforms.cpu.linear import bf16_gemm_supported, gemm_isa
 
-    if not has_avx512_bf16_kernels(gemm_isa()) or not bf16_gemm_supported():
+    if not bf16_gemm_supported():
         return False
     try:
         _fp8_lib(gemm_isa())
@@ -72,8 +70,8 @@ class Fp8Linear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
                  scales: torch.Tensor | None = None, isa: str | None = None) -> None:
         """``weight``: float (quantized here, per row) or, with ``scales [N]``, already
-        float8_e4m3fn (a checkpoint's). ``isa``: "amx" or "avx512_bf16" (default: this
-        CPU's, `linear.gemm_isa`)."""
+        float8_e4m3fn (a checkpoint's). ``isa``: "amx", "avx512_bf16" or "avx2" (default:
+        this CPU's, `linear.gemm_isa`)."""
         from backplane.platforms.cpu.linear import gemm_isa
 
         super().__init__()

@@ -118,18 +118,13 @@ def runnable_gemm_isas() -> list[str]:
 def gemm_isa() -> str | None:
     """Which GEMM kernel this CPU runs: "amx" (gemm_bf16.c built with its AMX tile
     GEMM, gemm_amx.h, for the bf16 layers; everything else as "avx512_bf16"),
-    "avx512_bf16" (bf16 and VNNI dot products, gemm_bf16.c), "avx2" (AVX2 + FMA:
-    float32 FMAs, gemm_avx2.c), or None. BACKPLANE_CPU_AMX=0 skips AMX."""
+    "avx512_bf16" (bf16 and VNNI dot products, gemm_bf16.c), "avx2" (AVX2 + FMA +
+    F16C: float32 FMAs, gemm_avx2.c), or None. BACKPLANE_CPU_AMX=0 skips AMX."""
     if "avx512_bf16" in _cpu_flags():
         return "amx" if _amx_usable() else "avx512_bf16"
-    if {"avx2", "fma"} <= _cpu_flags():
+    if {"avx2", "fma", "f16c"} <= _cpu_flags():  # F16C: the fp8 weights' widening
         return "avx2"
     return None
-
-
-def has_avx512_bf16_kernels(isa: str | None) -> bool:
-    """``isa`` runs the AVX512-BF16 kernels (the int8, fp8 and int4 GEMMs need them)."""
-    return isa in ("amx", "avx512_bf16")
 
 
 @functools.lru_cache(maxsize=1)

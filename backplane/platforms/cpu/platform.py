@@ -73,25 +73,21 @@ class CpuPlatform(Platform):
 
     @property
     def supported_quantization(self) -> tuple[str, ...]:
-        """``int8`` (W8A8), ``int8_weight_only`` (W8A16) and ``compressed-tensors``
-        checkpoints where one of the GEMM kernels runs (AVX512-BF16 or AVX2), ``fp8``
-        (e4m3 weights) where the AVX512-BF16 one does, ``gptq`` / ``awq`` 4-bit checkpoints
-        where an int4 kernel (kernels/gemm_int4.c or gemm_int4_avx2.c, the same two
-        instruction sets) builds (checked when asked: the first check builds them)."""
+        """``int8`` (W8A8), ``int8_weight_only`` (W8A16), ``fp8`` (e4m3 weights) and
+        ``compressed-tensors`` checkpoints where one of the GEMM kernels runs (AVX512-BF16
+        or AVX2), ``gptq`` / ``awq`` 4-bit checkpoints where an int4 kernel
+        (kernels/gemm_int4.c or gemm_int4_avx2.c, the same two instruction sets) builds
+        (checked when asked: the first check builds them)."""
         methods = (("int8", "int8_weight_only", "compressed-tensors")
                    if bf16_gemm_supported() else ())
         methods += ("fp8",) if fp8_kernel_supported() else ()
         return methods + (("gptq", "awq") if int4_kernel_supported() else ())
 
     def quantization_unsupported_reason(self, method: str) -> str | None:
-        """The instruction set a missing method's kernel needs, and what this CPU has."""
-        isa = cpu_linear.gemm_isa()
-        if method == "fp8" and not cpu_linear.has_avx512_bf16_kernels(isa):
-            return (f"its cpu kernel needs AVX512-BF16, which this CPU lacks (it has "
-                    f"{'AVX2' if isa == 'avx2' else 'neither AVX512-BF16 nor AVX2 + FMA'})")
-        if method in ("int8", "int8_weight_only", "compressed-tensors", "gptq", "awq") and (
-                isa is None):
-            return "its cpu kernels need AVX512-BF16 or AVX2 + FMA, which this CPU lacks"
+        """The instruction sets a missing method's kernel needs, which this CPU lacks."""
+        if cpu_linear.gemm_isa() is None:
+            return ("its cpu kernels need AVX512-BF16 or AVX2 + FMA + F16C, which this CPU "
+                    "lacks")
         return None
 
     def make_quantized_linear(self, method, weights):

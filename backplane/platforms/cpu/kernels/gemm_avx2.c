@@ -14,6 +14,7 @@
  *
  * int8 weights, bf16 activations (W8A16): the same loop, the pair widened from
  * two bytes per lane by sign-extending shifts; the row scale is applied at the end.
+ * fp8 (e4m3) weights the same way, each byte placed as fp16 bits and converted (F16C).
  *
  * W8A8: int8 weights (signed: no +128 offset, unlike the VNNI kernel) in 16-row
  * blocks of 4 consecutive columns, activations quantized per 32-column block.
@@ -50,6 +51,23 @@ static inline __attribute__((always_inline)) void widen_w8(const int8_t *src, __
     const __m256i v = _mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)src));
     *lo = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24), 24));
     *hi = _mm256_cvtepi32_ps(_mm256_srai_epi32(v, 8));
+}
+
+/* e4m3 bytes (fp8 weights, gemm_fp8.c's layout and scale convention): each 16-bit
+ * lane holds one row's (column 2p, column 2p+1) bytes; a byte s.eeee.mmm placed as
+ * the fp16 bits s.0eeee.mmm0000000 is its value times 2^-8 (subnormals included),
+ * which F16C's vcvtph2ps widens exactly; the 2^8 is in the row scales. */
+static inline __attribute__((always_inline)) __m128i e4m3_as_fp16(__m128i hi_bytes) {
+    /* the byte in the upper half of each 16-bit lane: sign stays, the rest moves down 1 */
+    return _mm_or_si128(_mm_and_si128(hi_bytes, _mm_set1_epi16((short)0x8000)),
+                        _mm_and_si128(_mm_srli_epi16(hi_bytes, 1), _mm_set1_epi16(0x3F80)));
+}
+
+static inline __attribute__((always_inline)) void widen_fp8(const uint8_t *src, __m256 *lo,
+                                                            __m256 *hi) {
+    const __m128i v = _mm_loadu_si128((const __m128i *)src);
+    *lo = _mm256_cvtph_ps(e4m3_as_fp16(_mm_slli_epi16(v, 8)));
+    *hi = _mm256_cvtph_ps(e4m3_as_fp16(v));
 }
 
 /* Batch 1 against GEMV_BLOCKS 16-row blocks: one FMA chain per half block (8 in
@@ -239,6 +257,7 @@ static void panel_rows(const float *xf, int64_t m_total, int64_t k, const float 
 
 DEFINE_AVX2_GEMM(gemm_bf16, uint16_t, widen_bf16)
 DEFINE_AVX2_GEMM(gemm_w8, int8_t, widen_w8)
+DEFINE_AVX2_GEMM(gemm_fp8, uint8_t, widen_fp8)
 
 /* out[m, n] = sum_k x[m, k] W[n, k] (+ bias[n]) for m < m_total, n < N.
  * x: [M, K] bf16 with row stride xs (K even); packed: pack_bf16's layout;
@@ -261,6 +280,18 @@ int gemm_w8(const uint16_t *x, int64_t xs, int64_t m_total, const int8_t *packed
     float *xf = widen_rows(x, xs, m_total, k);
     if (!xf) return -1;
     const int status = gemm_w8_run(xf, m_total, packed, scales, n, k, bias, out, os, out_f32);
+    free(xf);
+    return status;
+}
+
+/* gemm_w8 for e4m3 weights (fp8.py's pack_fp8 layout, scales times 2^8, as gemm_fp8.c
+ * takes them). */
+int gemm_fp8(const uint16_t *x, int64_t xs, int64_t m_total, const uint8_t *packed,
+             const float *scales, int64_t n, int64_t k, const float *bias, void *out,
+             int64_t os, int out_f32) {
+    float *xf = widen_rows(x, xs, m_total, k);
+    if (!xf) return -1;
+    const int status = gemm_fp8_run(xf, m_total, packed, scales, n, k, bias, out, os, out_f32);
     free(xf);
     return status;
 }
