@@ -272,29 +272,23 @@ int gemm_bf16(const uint16_t *x, int64_t xs, int64_t m_total, const uint16_t *pa
     return status;
 }
 
-/* gemm_bf16 for int8 weights (pack_w8_from_bf16's layout):
- * out = x @ (scales[:, None] * Wq).T (+ bias). */
-int gemm_w8(const uint16_t *x, int64_t xs, int64_t m_total, const int8_t *packed,
-            const float *scales, int64_t n, int64_t k, const float *bias, void *out,
-            int64_t os, int out_f32) {
-    float *xf = widen_rows(x, xs, m_total, k);
-    if (!xf) return -1;
-    const int status = gemm_w8_run(xf, m_total, packed, scales, n, k, bias, out, os, out_f32);
-    free(xf);
-    return status;
-}
-
-/* gemm_w8 for e4m3 weights (fp8.py's pack_fp8 layout, scales times 2^8, as gemm_fp8.c
- * takes them). */
-int gemm_fp8(const uint16_t *x, int64_t xs, int64_t m_total, const uint8_t *packed,
-             const float *scales, int64_t n, int64_t k, const float *bias, void *out,
-             int64_t os, int out_f32) {
-    float *xf = widen_rows(x, xs, m_total, k);
-    if (!xf) return -1;
-    const int status = gemm_fp8_run(xf, m_total, packed, scales, n, k, bias, out, os, out_f32);
-    free(xf);
-    return status;
-}
+/* gemm_bf16 for quantized weights with one scale per output row:
+ * out = x @ (scales[:, None] * W).T (+ bias), W widened from WTYPE in the tiles. */
+#define DEFINE_SCALED_ENTRY(NAME, WTYPE)                                               \
+    int NAME(const uint16_t *x, int64_t xs, int64_t m_total, const WTYPE *packed,      \
+             const float *scales, int64_t n, int64_t k, const float *bias, void *out,  \
+             int64_t os, int out_f32) {                                                \
+        float *xf = widen_rows(x, xs, m_total, k);                                     \
+        if (!xf) return -1;                                                            \
+        const int status = NAME##_run(xf, m_total, packed, scales, n, k, bias, out, os,\
+                                      out_f32);                                        \
+        free(xf);                                                                      \
+        return status;                                                                 \
+    }
+/* int8 weights (pack_w8_from_bf16's layout) */
+DEFINE_SCALED_ENTRY(gemm_w8, int8_t)
+/* e4m3 weights (fp8.py's pack_fp8 layout, scales times 2^8, as gemm_fp8.c takes them) */
+DEFINE_SCALED_ENTRY(gemm_fp8, uint8_t)
 
 /* ------------------------------------------------------------------------
  * W8A8: signed int8 weights in 16-row blocks of column quads (64 bytes each: row
