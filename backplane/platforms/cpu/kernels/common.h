@@ -46,13 +46,16 @@ static inline float exp_clamped(float x) {
     p = MULADD(p, r, 1.6666665459e-1f);
     p = MULADD(p, r, 5.0000001201e-1f);
     p = p * r * r + r + 1.0f;
-    /* 2^n as 2^(n/2) twice: n reaches 128 at x = 88, past float's exponent range */
-    int32_t half = (int32_t)n / 2;
-    uint32_t a = (uint32_t)(half + 127) << 23, b = (uint32_t)((int32_t)n - half + 127) << 23;
-    float sa, sb;
-    memcpy(&sa, &a, sizeof sa);
-    memcpy(&sb, &b, sizeof sb);
-    return p * sa * sb;
+    /* p * 2^n by adding n to p's exponent bits. n reaches 128 at x = 88, past float's
+     * exponent range, so 2^n is not a float; a product of two halves, p * 2^(n/2) *
+     * 2^(n/2), was regrouped by -fassociative-math (native.py) into p * inf. Within
+     * the clamp the result is a normal float (n = 128 only with r < 0, so p < 1; n =
+     * -126 only with r > 0, so p > 1), so this is exact: the bits of AVX-512's scalef. */
+    uint32_t bits;
+    memcpy(&bits, &p, sizeof bits);
+    bits += (uint32_t)(int32_t)n << 23;
+    memcpy(&p, &bits, sizeof p);
+    return p;
 }
 
 #ifdef __AVX512F__
