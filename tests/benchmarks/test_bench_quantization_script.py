@@ -22,7 +22,7 @@ SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.ab
     __file__)))), "scripts", "bench_quantization.py")
 
 pytestmark = pytest.mark.skipif(not (bf16_gemm_supported() and int4_kernel_supported()),
-                                reason="no int8 / int4 kernel (AVX512-BF16) on this CPU")
+                                reason="no int8 / int4 kernel (AVX512-BF16 or AVX2) on this CPU")
 
 
 def _script():
