@@ -161,7 +161,8 @@ static void quantize_chunks(const uint16_t *x, int64_t xs, int64_t m, int64_t k,
             const float sc = amax > 0.0f ? amax / 32767.0f : 1.0f, inv = 32767.0f / amax;
             int32_t total = 0;
             for (int64_t j = 0; j < c; j++) {
-                const int32_t q = amax > 0.0f ? (int32_t)__builtin_rintf(bf16_to_float(src[j]) * inv) : 0;
+                const int32_t q =
+                    amax > 0.0f ? (int32_t)__builtin_rintf(bf16_to_float(src[j]) * inv) : 0;
                 const int32_t clamped = q > 32767 ? 32767 : (q < -32767 ? -32767 : q);
                 xq[r * k + ch * c + j] = (int16_t)clamped;
                 total += clamped;
