@@ -24,7 +24,8 @@ from backplane.plugins_sdk.quantization import Int4Weights
 @functools.lru_cache(maxsize=None)
 def _int4_lib(isa: str = "avx512_bf16") -> ctypes.CDLL:
     """The int4 GEMM for ``isa`` ("amx": batches of 16+ rows multiply the dequantised
-    blocks on AMX tiles; "avx2": float32 FMAs, kernels/gemm_int4_avx2.c)."""
+    blocks on AMX tiles; "avx2": kernels/gemm_int4_avx2.c, int16 products for bf16
+    activations)."""
     lib = load_gemm_kernel("gemm_int4_avx2.c" if isa == "avx2" else "gemm_int4.c", isa)
     p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.gemm_int4.argtypes = [p, i64, i64, c_int, p, p, p, p, i64, i64, i64, p, p, i64, c_int]
