@@ -152,7 +152,7 @@ class EngineArgs:
     quantization: str | None = _opt(
         None, 'model',
         'Quantize every linear layer and the output head at load, on platforms whose kernels '
-        'run it (cpu with AVX512-BF16/VNNI): `int8` (int8 weights, one scale per output row; '
+        'run it (cpu with AVX512-BF16 or AVX2): `int8` (int8 weights, one scale per output row; '
         'activations quantized per token in blocks of 32, int8 dot products: W8A8, the fast '
         'one), `int8_weight_only` (W8A16: activations stay bf16) or `fp8` (e4m3 weights, one '
         'scale per output row, bf16 activations; the output head stays bf16). GPTQ and AWQ 4-bit '
