@@ -13,7 +13,6 @@ import contextlib
 import json
 import logging
 import re
-import time
 import uuid
 
 import httpx
@@ -434,8 +433,8 @@ def test_engine_stats_are_logged_periodically_and_quiet_when_idle(llama_model_di
     import asyncio
     import threading
 
-    from backplane.sampling_params import SamplingParams
     from backplane.entrypoints.openai.api_server import log_stats
+    from backplane.sampling_params import SamplingParams
 
     # An engine of its own: on the shared server a late request of an earlier test
     # would be a (correct) second line.
