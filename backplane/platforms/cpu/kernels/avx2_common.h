@@ -1,12 +1,11 @@
 /*
- * Output and activation helpers shared by the CPU platform's AVX2 kernels
+ * Output helpers shared by the CPU platform's AVX2 kernels
  * (gemm_avx2.c, gemm_int4_avx2.c). Included, not compiled alone.
  */
 #ifndef BACKPLANE_AVX2_COMMON_H
 #define BACKPLANE_AVX2_COMMON_H
 #include <immintrin.h>
 #include <stdint.h>
-#include <stdlib.h>
 
 #include "common.h"
 
@@ -47,16 +46,6 @@ static inline __attribute__((always_inline)) void store8(
         else
             ((uint16_t *)out)[row * os + col + j] = float_to_bf16(f);
     }
-}
-
-/* x [M, K] bf16 (row stride xs) -> float32 [M, K], malloc'ed (NULL if out of memory). */
-static float *widen_rows(const uint16_t *x, int64_t xs, int64_t m, int64_t k) {
-    float *xf = malloc((size_t)(m * k) * sizeof(float));
-    if (!xf) return NULL;
-#pragma omp parallel for schedule(static) if (m * k > 65536)
-    for (int64_t r = 0; r < m; r++)
-        for (int64_t j = 0; j < k; j++) xf[r * k + j] = bf16_to_float(x[r * xs + j]);
-    return xf;
 }
 
 #endif

@@ -37,6 +37,16 @@
 /* Activation rows per small tile (3 rows x 2 half blocks = 6 accumulators). */
 #define MT 3
 
+/* x [M, K] bf16 (row stride xs) -> float32 [M, K], malloc'ed (NULL if out of memory). */
+static float *widen_rows(const uint16_t *x, int64_t xs, int64_t m, int64_t k) {
+    float *xf = malloc((size_t)(m * k) * sizeof(float));
+    if (!xf) return NULL;
+#pragma omp parallel for schedule(static) if (m * k > 65536)
+    for (int64_t r = 0; r < m; r++)
+        for (int64_t j = 0; j < k; j++) xf[r * k + j] = bf16_to_float(x[r * xs + j]);
+    return xf;
+}
+
 /* 8 rows of one packed column pair -> (column 2p, column 2p+1) as float32. */
 static inline __attribute__((always_inline)) void widen_bf16(const uint16_t *src, __m256 *lo,
                                                              __m256 *hi) {

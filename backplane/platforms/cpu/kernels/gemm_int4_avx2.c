@@ -64,8 +64,8 @@ static inline __attribute__((always_inline)) void widen_rows4(const uint8_t *src
  * 2), each weight dequantized in registers as (q - z) * s. xf: row stride xs. */
 static inline __attribute__((always_inline)) void tile_f32(
         const float *xf, int64_t xs, int64_t groups, int64_t gq, int64_t m0, const int mt,
-        const int nblk, const uint8_t *const wb[4], const float *const sb[4],
-        const float *const zb[4], int64_t n, int64_t b0, const float *bias, void *out,
+        const int nblk, const uint8_t *const wb[2], const float *const sb[2],
+        const float *const zb[2], int64_t n, int64_t b0, const float *bias, void *out,
         int64_t os, int out_f32) {
     __m256 acc[MT][2][4];
 #pragma GCC unroll 2
@@ -122,8 +122,8 @@ static inline __attribute__((always_inline)) void tile_f32(
 #define F32_TILE_FN(mt, nblk)                                                          \
     static __attribute__((noinline)) void f32_tile_##mt##x##nblk(                      \
             const float *xf, int64_t xs, int64_t groups, int64_t gq, int64_t m0,       \
-            const uint8_t *const wb[4], const float *const sb[4],                      \
-            const float *const zb[4], int64_t n, int64_t b0, const float *bias,        \
+            const uint8_t *const wb[2], const float *const sb[2],                      \
+            const float *const zb[2], int64_t n, int64_t b0, const float *bias,        \
             void *out, int64_t os, int out_f32) {                                      \
         tile_f32(xf, xs, groups, gq, m0, mt, nblk, wb, sb, zb, n, b0, bias, out, os,   \
                  out_f32);                                                             \
@@ -325,16 +325,16 @@ int gemm_int4(const void *x, int64_t xs, int64_t m_total, int x_f32, const uint8
     for (int64_t bp = 0; bp < (nb + 1) / 2; bp++) {
         const int64_t b0 = 2 * bp;
         const int two = b0 + 1 < nb;
-        const uint8_t *wb[4] = {packed + b0 * bstride, packed + (b0 + two) * bstride};
-        const float *sb[4] = {sblk + b0 * tstride, sblk + (b0 + two) * tstride};
-        const float *zb[4] = {zblk + b0 * tstride, zblk + (b0 + two) * tstride};
+        const uint8_t *wb[2] = {packed + b0 * bstride, packed + (b0 + two) * bstride};
+        const float *sb[2] = {sblk + b0 * tstride, sblk + (b0 + two) * tstride};
+        const float *zb[2] = {zblk + b0 * tstride, zblk + (b0 + two) * tstride};
         if (m_total == 1 && two) {
             f32_tile_1x2(xf, xs, groups, gq, 0, wb, sb, zb, n, b0, bias, out, os, out_f32);
             continue;
         }
         for (int j = 0; j <= two; j++) {
-            const uint8_t *w1[4] = {wb[j]};
-            const float *s1[4] = {sb[j]}, *z1[4] = {zb[j]};
+            const uint8_t *w1[2] = {wb[j]};
+            const float *s1[2] = {sb[j]}, *z1[2] = {zb[j]};
             int64_t m0 = 0;
             for (; m0 + 2 <= m_total; m0 += 2)
                 f32_tile_2x1(xf, xs, groups, gq, m0, w1, s1, z1, n, b0 + j, bias, out, os,
