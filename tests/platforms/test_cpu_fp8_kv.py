@@ -14,9 +14,18 @@ import pytest
 import torch
 
 from backplane.platforms.cpu import native
-from backplane.platforms.cpu.paged_attention import CpuPagedAttentionBackend, _kernel_for
+from backplane.platforms.cpu.paged_attention import (
+    _CACHE_KINDS,
+    CpuPagedAttentionBackend,
+    _kernel,
+    _kernel_for,
+)
 from backplane.plugins_sdk import AttentionSpec, CommonAttentionMetadata
-from backplane.plugins_sdk.attention import FP8_KV_CACHE_DTYPES, quantize_kv_fp8
+from backplane.plugins_sdk.attention import (
+    FP8_KV_CACHE_DTYPES,
+    kv_cache_torch_dtype,
+    quantize_kv_fp8,
+)
 from backplane.plugins_sdk.testing.paged import PagedAttentionHarness, tolerance
 
 pytestmark = pytest.mark.skipif(native.compiler() is None, reason="no C compiler")
@@ -82,14 +91,27 @@ GEOMETRIES = [
 ]
 
 
+class _PortableLoop(CpuPagedAttentionBackend):
+    """cpu_paged built with the plain C loop even where the CPU has the AVX2 one."""
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self._lib = _kernel(spec.dtype, spec.head_size, spec.block_size,
+                            spec.num_heads // spec.num_kv_heads,
+                            _CACHE_KINDS[kv_cache_torch_dtype(spec.kv_cache_dtype, spec.dtype)],
+                            None, True)
+
+
+@pytest.mark.parametrize("loop", ["default", "portable"])
 @pytest.mark.parametrize("kv_cache_dtype", ["fp8", "fp8_e5m2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "x".join(map(str, g)))
-def test_attention_matches_the_dequantized_reference(kv_cache_dtype, dtype, geometry):
+def test_attention_matches_the_dequantized_reference(kv_cache_dtype, dtype, geometry, loop):
     heads, kv_heads, head, block = geometry
     spec = AttentionSpec(heads, kv_heads, head, dtype, block, kv_cache_dtype=kv_cache_dtype)
     requests = ((40, 1), (0, 23), (17, 6), (3, 1))
-    harness = PagedAttentionHarness(CpuPagedAttentionBackend, spec, torch.device("cpu"),
+    backend = CpuPagedAttentionBackend if loop == "default" else _PortableLoop
+    harness = PagedAttentionHarness(backend, spec, torch.device("cpu"),
                                     [c + q + 1 for c, q in requests], seed=7)
     tol = tolerance(dtype)
     for query_lens in ({i: c for i, (c, _) in enumerate(requests) if c},

@@ -60,34 +60,52 @@ def _attend(backend_cls, spec, contexts, queries, num_blocks=200, seed=0):
                  rand(t, heads, d), rand(t, kv_heads, d), rand(t, kv_heads, d)).float()
 
 
-@needs_compiler
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(("heads", "kv_heads", "head_size", "block_size"),
-                         [(14, 2, 64, 16), (4, 4, 32, 4), (8, 1, 128, 8)])
-@pytest.mark.parametrize("window", [None, 7])
-def test_kernel_matches_torch_backend(dtype, heads, kv_heads, head_size, block_size, window):
-    spec = AttentionSpec(heads, kv_heads, head_size, dtype, block_size, sliding_window=window)
-    # decode tokens at several lengths, a prefill chunk over a context, a fresh prompt
-    contexts, queries = [30, 1, 7, 100, 3, 16], [1, 1, 5, 1, 17, 1]
-    expected = _attend(CpuSdpaAttentionBackend, spec, contexts, queries)
-    got = _attend(CpuPagedAttentionBackend, spec, contexts, queries)
-    scale = expected.abs().max().item()
-    assert (got - expected).abs().max().item() <= TOLERANCE[dtype] * max(1.0, scale)
-
-
 def _on_isa(isa):
-    """The paged backend with the kernel built for ``isa`` ("amx": q.K on tiles)."""
+    """The paged backend with the kernel built for ``isa`` ("amx": q.K on tiles;
+    "portable": the plain C loop even on an x86 CPU)."""
 
     class OnIsa(CpuPagedAttentionBackend):
         def __init__(self, spec):
             super().__init__(spec)
             self._lib = _kernel(spec.dtype, spec.head_size, spec.block_size,
-                                spec.num_heads // spec.num_kv_heads, 0, isa)
+                                spec.num_heads // spec.num_kv_heads, 0,
+                                None if isa == "portable" else isa, isa == "portable")
 
     return OnIsa
 
 
-KERNEL_ISAS = ["amx", "avx512_bf16"] if gemm_isa() == "amx" else [gemm_isa()]
+KERNEL_ISAS = [*(["amx", "avx512_bf16"] if gemm_isa() == "amx" else [gemm_isa()]), "portable"]
+
+
+@needs_compiler
+@pytest.mark.parametrize("loop", ["default", "portable"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_size", "block_size"),
+                         [(14, 2, 64, 16), (4, 4, 32, 4), (8, 1, 128, 8)])
+@pytest.mark.parametrize("window", [None, 7])
+def test_kernel_matches_torch_backend(dtype, heads, kv_heads, head_size, block_size, window,
+                                      loop):
+    spec = AttentionSpec(heads, kv_heads, head_size, dtype, block_size, sliding_window=window)
+    # decode tokens at several lengths, a prefill chunk over a context, a fresh prompt
+    contexts, queries = [30, 1, 7, 100, 3, 16], [1, 1, 5, 1, 17, 1]
+    expected = _attend(CpuSdpaAttentionBackend, spec, contexts, queries)
+    backend = CpuPagedAttentionBackend if loop == "default" else _on_isa("portable")
+    got = _attend(backend, spec, contexts, queries)
+    scale = expected.abs().max().item()
+    assert (got - expected).abs().max().item() <= TOLERANCE[dtype] * max(1.0, scale)
+
+
+@needs_compiler
+@pytest.mark.skipif(gemm_isa() is None, reason="needs an x86 CPU with AVX2 + FMA + F16C")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cache_kind", [0, 1, 2], ids=["plain", "fp8_e4m3", "fp8_e5m2"])
+def test_x86_cpus_run_the_vector_loop_and_the_portable_build_does_not(dtype, cache_kind):
+    """Every geometry the AVX2 loop covers runs it, except where the pair layout (bf16 on
+    AVX512-BF16 CPUs) takes over; the tests' "portable" builds really are the plain C."""
+    lib = _kernel(dtype, 64, 16, 7, cache_kind)
+    assert lib.avx2_loop() == (0 if lib.pair_layout() else 1)
+    assert _kernel(dtype, 64, 16, 7, cache_kind, None, True).avx2_loop() == 0
+    assert _kernel(dtype, 32, 4, 1, cache_kind).avx2_loop() == 0  # blocks of 4 tokens
 
 
 @needs_compiler

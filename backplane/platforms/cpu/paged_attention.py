@@ -47,12 +47,14 @@ _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c
 
 @functools.lru_cache(maxsize=None)
 def _kernel(dtype: torch.dtype, head_size: int, block_size: int, group: int,
-            cache_kind: int = 0, isa: str | None = None) -> ctypes.CDLL:
+            cache_kind: int = 0, isa: str | None = None, portable: bool = False) -> ctypes.CDLL:
     """The kernel for this geometry; ``isa == "amx"``: its build with q.K on AMX tiles
-    (bf16 cache, head size 64 or 128, up to 16 query heads per KV head)."""
+    (bf16 cache, head size 64 or 128, up to 16 query heads per KV head); ``portable``:
+    the plain C loop even where the CPU has the AVX2 one (tests compare the two)."""
     lib = load_gemm_kernel("paged_attention.c", isa, (
         ("SCALAR_KIND", _SCALAR_KINDS[dtype]), ("HEAD_SIZE", head_size),
-        ("BLOCK_SIZE", block_size), ("GROUP", group), ("CACHE_KIND", cache_kind)))
+        ("BLOCK_SIZE", block_size), ("GROUP", group), ("CACHE_KIND", cache_kind),
+        *((("BACKPLANE_PORTABLE_ATTENTION", 1),) if portable else ())))
     lib.paged_attention.argtypes = [_P, _I64, _P, _P, _I64, _P, _I64, _P, _P, _I64, _I64,
                                     _I32, _F32, _F32, _P, _P, _I64]
     lib.paged_attention.restype = None
@@ -63,6 +65,8 @@ def _kernel(dtype: torch.dtype, head_size: int, block_size: int, group: int,
     lib.write_kv.restype = None
     lib.pair_layout.argtypes = []
     lib.pair_layout.restype = ctypes.c_int
+    lib.avx2_loop.argtypes = []
+    lib.avx2_loop.restype = ctypes.c_int
     return lib
 
 
