@@ -322,14 +322,14 @@ static inline __attribute__((always_inline)) __m256i dot_quads(__m256i s, __m256
     return _mm256_add_epi32(s, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
 
-/* mt rows x nblk blocks with mt x nblk <= 2 (compile-time constants): four half-block
- * "lanes" (row 0 block 0 halves 0-1, then block 1 or row 1), each an int32 sum within
- * an activation block and a float32 sum across them. Named variables: gcc kept
- * arrays of them on the stack. */
+/* mt (1 or 2, a compile-time constant) rows against one 16-row block: four half-block
+ * "lanes" (row 0 halves 0-1, row 1 halves 0-1), each an int32 sum within an activation
+ * block and a float32 sum across them. Named variables: gcc kept arrays of them on
+ * the stack. */
 static inline __attribute__((always_inline)) void w8a8_body(
         const int8_t *xq, const float *bscale, int64_t k, int64_t m0, const int mt,
-        const int nblk, const int8_t *w0, const int8_t *w1, int64_t n, int64_t b0,
-        const float *scales, const float *bias, void *out, int64_t os, int out_f32) {
+        const int8_t *w0, int64_t n, int64_t b0, const float *scales, const float *bias,
+        void *out, int64_t os, int out_f32) {
     const int64_t kb = k / QB;
     const int8_t *x0 = xq + m0 * k, *x1 = xq + (m0 + (mt > 1)) * k;
     __m256 f0 = _mm256_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
@@ -346,12 +346,6 @@ static inline __attribute__((always_inline)) void w8a8_body(
             const __m256i aa = _mm256_abs_epi8(wa), ab = _mm256_abs_epi8(wb);
             s0 = dot_quads(s0, aa, wa, xa);
             s1 = dot_quads(s1, ab, wb, xa);
-            if (nblk == 2) {
-                const __m256i wc = _mm256_loadu_si256((const __m256i *)(w1 + q4 * 64));
-                const __m256i wd = _mm256_loadu_si256((const __m256i *)(w1 + q4 * 64 + 32));
-                s2 = dot_quads(s2, _mm256_abs_epi8(wc), wc, xa);
-                s3 = dot_quads(s3, _mm256_abs_epi8(wd), wd, xa);
-            }
             if (mt == 2) {
                 memcpy(&quad, x1 + 4 * q4, sizeof quad);
                 const __m256i xb = _mm256_set1_epi32(quad);
@@ -360,35 +354,66 @@ static inline __attribute__((always_inline)) void w8a8_body(
             }
         }
         const __m256 sa = _mm256_set1_ps(bscale[m0 * kb + blk]);
-        const __m256 sb = mt == 2 ? _mm256_set1_ps(bscale[(m0 + 1) * kb + blk]) : sa;
         f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), sa, f0);
         f1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), sa, f1);
-        if (nblk == 2 || mt == 2) {
+        if (mt == 2) {
+            const __m256 sb = _mm256_set1_ps(bscale[(m0 + 1) * kb + blk]);
             f2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s2), sb, f2);
             f3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s3), sb, f3);
         }
     }
     store8(f0, out, m0, os, b0 * 16, n, scales, bias, out_f32);
     store8(f1, out, m0, os, b0 * 16 + 8, n, scales, bias, out_f32);
-    if (nblk == 2) {
-        store8(f2, out, m0, os, b0 * 16 + 16, n, scales, bias, out_f32);
-        store8(f3, out, m0, os, b0 * 16 + 24, n, scales, bias, out_f32);
-    } else if (mt == 2) {
+    if (mt == 2) {
         store8(f2, out, m0 + 1, os, b0 * 16, n, scales, bias, out_f32);
         store8(f3, out, m0 + 1, os, b0 * 16 + 8, n, scales, bias, out_f32);
     }
 }
 
-#define W8A8_TILE_FN(mt, nblk)                                                         \
-    static __attribute__((noinline)) void w8a8_tile_##mt##x##nblk(                     \
+#define W8A8_TILE_FN(mt)                                                               \
+    static __attribute__((noinline)) void w8a8_tile_##mt(                              \
             const int8_t *xq, const float *bscale, int64_t k, int64_t m0,              \
-            const int8_t *w0, const int8_t *w1, int64_t n, int64_t b0,                 \
-            const float *scales, const float *bias, void *out, int64_t os,             \
-            int out_f32) {                                                             \
-        w8a8_body(xq, bscale, k, m0, mt, nblk, w0, w1, n, b0, scales, bias, out, os,   \
-                  out_f32);                                                            \
+            const int8_t *w0, int64_t n, int64_t b0, const float *scales,              \
+            const float *bias, void *out, int64_t os, int out_f32) {                   \
+        w8a8_body(xq, bscale, k, m0, mt, w0, n, b0, scales, bias, out, os, out_f32);   \
     }
-W8A8_TILE_FN(1, 1) W8A8_TILE_FN(1, 2) W8A8_TILE_FN(2, 1)
+W8A8_TILE_FN(1) W8A8_TILE_FN(2)
+
+/* Batch 1 against GEMV_BLOCKS 16-row blocks at once: GEMV_BLOCKS weight streams in
+ * flight instead of two (the memory system keeps more lines coming). Each half
+ * block sums exactly as w8a8_body does (an int32 sum per activation block, then one
+ * FMA per block in order), so a row's result does not depend on its batch. */
+#define W8A8_GEMV_LANE(i)                                                              \
+    {                                                                                  \
+        const __m256i w = _mm256_loadu_si256((const __m256i *)(wb[i / 2] + q4 * 64 + (i % 2) * 32)); \
+        s##i = dot_quads(s##i, _mm256_abs_epi8(w), w, xa);                             \
+    }
+#define W8A8_GEMV_SCALE(i) f##i = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s##i), sa, f##i);
+static __attribute__((noinline)) void w8a8_gemv_tile(
+        const int8_t *xq, const float *bscale, int64_t k, const int8_t *const wb[GEMV_BLOCKS],
+        __m256 out[2 * GEMV_BLOCKS]) {
+    const int64_t kb = k / QB;
+    __m256 f0 = _mm256_setzero_ps(), f1 = f0, f2 = f0, f3 = f0, f4 = f0, f5 = f0, f6 = f0,
+           f7 = f0;
+    for (int64_t blk = 0; blk < kb; blk++) {
+        __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0, s4 = s0, s5 = s0,
+                s6 = s0, s7 = s0;
+#pragma GCC unroll 8
+        for (int q = 0; q < QB / 4; q++) {
+            const int64_t q4 = blk * (QB / 4) + q;
+            int32_t quad;
+            memcpy(&quad, xq + 4 * q4, sizeof quad);
+            const __m256i xa = _mm256_set1_epi32(quad);
+            W8A8_GEMV_LANE(0) W8A8_GEMV_LANE(1) W8A8_GEMV_LANE(2) W8A8_GEMV_LANE(3)
+            W8A8_GEMV_LANE(4) W8A8_GEMV_LANE(5) W8A8_GEMV_LANE(6) W8A8_GEMV_LANE(7)
+        }
+        const __m256 sa = _mm256_set1_ps(bscale[blk]);
+        W8A8_GEMV_SCALE(0) W8A8_GEMV_SCALE(1) W8A8_GEMV_SCALE(2) W8A8_GEMV_SCALE(3)
+        W8A8_GEMV_SCALE(4) W8A8_GEMV_SCALE(5) W8A8_GEMV_SCALE(6) W8A8_GEMV_SCALE(7)
+    }
+    out[0] = f0; out[1] = f1; out[2] = f2; out[3] = f3;
+    out[4] = f4; out[5] = f5; out[6] = f6; out[7] = f7;
+}
 
 /* out = dequant(xq) @ (scales[:, None] * Wq).T (+ bias); K a multiple of 32. bsum
  * (quantize_activations' offset correction) is not needed with signed weights. */
@@ -398,23 +423,34 @@ void gemm_w8a8(const int8_t *xq, const float *bscale, const int32_t *bsum, int64
     const int8_t *packed = packed_weights;
     (void)bsum;
     const int64_t nb = (n + 15) / 16, npairs = (nb + 1) / 2;
+    if (m_total == 1) {
+        const int64_t ng = (nb + GEMV_BLOCKS - 1) / GEMV_BLOCKS;
+#pragma omp parallel for schedule(static)
+        for (int64_t g = 0; g < ng; g++) {
+            const int64_t b0 = g * GEMV_BLOCKS;
+            const int have = nb - b0 < GEMV_BLOCKS ? (int)(nb - b0) : GEMV_BLOCKS;
+            /* missing last blocks re-read the first rather than past the end */
+            const int8_t *wb[GEMV_BLOCKS];
+            for (int j = 0; j < GEMV_BLOCKS; j++) wb[j] = packed + (b0 + (j < have ? j : 0)) * k * 16;
+            __m256 v[2 * GEMV_BLOCKS];
+            w8a8_gemv_tile(xq, bscale, k, wb, v);
+            for (int j = 0; j < 2 * have; j++)
+                store8(v[j], out, 0, os, b0 * 16 + 8 * j, n, scales, bias, out_f32);
+        }
+        return;
+    }
 #pragma omp parallel for schedule(static)
     for (int64_t bp = 0; bp < npairs; bp++) {
         const int64_t b0 = 2 * bp;
-        const int8_t *w0 = packed + b0 * k * 16, *w1 = w0 + k * 16;
+        const int8_t *w0 = packed + b0 * k * 16;
         const int two = b0 + 1 < nb;
-        if (m_total == 1) {
-            if (two) w8a8_tile_1x2(xq, bscale, k, 0, w0, w1, n, b0, scales, bias, out, os, out_f32);
-            else w8a8_tile_1x1(xq, bscale, k, 0, w0, w0, n, b0, scales, bias, out, os, out_f32);
-            continue;
-        }
         for (int b = 0; b <= two; b++) {
             const int8_t *w = w0 + b * k * 16;
             int64_t m0 = 0;
             for (; m0 + 2 <= m_total; m0 += 2)
-                w8a8_tile_2x1(xq, bscale, k, m0, w, w, n, b0 + b, scales, bias, out, os, out_f32);
+                w8a8_tile_2(xq, bscale, k, m0, w, n, b0 + b, scales, bias, out, os, out_f32);
             if (m0 < m_total)
-                w8a8_tile_1x1(xq, bscale, k, m0, w, w, n, b0 + b, scales, bias, out, os, out_f32);
+                w8a8_tile_1(xq, bscale, k, m0, w, n, b0 + b, scales, bias, out, os, out_f32);
         }
     }
 }
