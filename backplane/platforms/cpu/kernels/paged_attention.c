@@ -480,56 +480,79 @@ static inline void softmax_chunk_avx2(float s[GROUP][CHUNK_TOKENS], int count, i
     }
 }
 
-/* Head elements whose 8 keys fill one cache line (the loop below asks for one line of
- * a later block's keys and one of its values per such run). */
-#define ELEMS_PER_LINE (64 / (8 * (int)sizeof(cache_t)))
+/* Keys one scoring pass takes: 16 (two vectors per query head) where the 2 x GROUP
+ * accumulators, two key vectors and a broadcast fit the 16 ymm registers, else 8. */
+#define SCORE_LANES (GROUP <= 6 && BLOCK_SIZE % 16 == 0 ? 16 : 8)
+/* Head elements whose SCORE_LANES keys fill one cache line (the loop below asks for one
+ * line of a later block's keys and one of its values per such run). */
+#define ELEMS_PER_LINE (64 / (SCORE_LANES * (int)sizeof(cache_t)) > 0 ? 64 / (SCORE_LANES * (int)sizeof(cache_t)) : 1)
 
-/* Scores of keys c .. c+7 of block kb against every query head (q already scaled),
- * summed over the head elements in order, as the portable loop does. pf_k, pf_v: a
- * later block's keys and values (or NULL), whose lines are asked for a few at a time:
- * the whole block at once (prefetch_block) filled the fill buffers, and on a Zen 3 a
- * 64-request step at 1000-token contexts ran at ~5 GB/s. */
-static inline void block_scores8(const cache_t *kb, int c, const float q[GROUP][HEAD_SIZE],
+/* Scores of keys c .. c+SCORE_LANES-1 of block kb against every query head (q already
+ * scaled), summed over the head elements in order, as the portable loop does. pf_k,
+ * pf_v: a later block's keys and values (or NULL), whose lines are asked for a few at
+ * a time: the whole block at once (prefetch_block) filled the fill buffers, and on a
+ * Zen 3 a 64-request step at 1000-token contexts ran at ~5 GB/s. */
+static inline void block_scores_avx2(const cache_t *kb, int c, const float q[GROUP][HEAD_SIZE],
                                  float s[GROUP][CHUNK_TOKENS], int at, const char *pf_k,
                                  const char *pf_v) {
-    __m256 dot[GROUP];
-    for (int g = 0; g < GROUP; g++) dot[g] = _mm256_setzero_ps();
+    enum { K = SCORE_LANES / 8 };
+    __m256 dot[GROUP][K];
+    for (int g = 0; g < GROUP; g++)
+        for (int h = 0; h < K; h++) dot[g][h] = _mm256_setzero_ps();
     for (int d0 = 0; d0 < HEAD_SIZE; d0 += ELEMS_PER_LINE) {
         if (pf_k) {
             /* keys c.. of elements d0.. are this many bytes into the block's keys */
-            const int64_t off = ((int64_t)(c / 8) * HEAD_SIZE + d0) * 8 * (int64_t)sizeof(cache_t);
+            const int64_t off = ((int64_t)(c / SCORE_LANES) * HEAD_SIZE + d0) * SCORE_LANES *
+                                (int64_t)sizeof(cache_t);
             __builtin_prefetch(pf_k + off);
             __builtin_prefetch(pf_v + off);
         }
         for (int d = d0; d < d0 + ELEMS_PER_LINE; d++) {
-            const __m256 keys = load8(kb + key_index(c, d));
-            for (int g = 0; g < GROUP; g++)
-                dot[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(&q[g][d]), keys, dot[g]);
+            __m256 keys[K];
+            for (int h = 0; h < K; h++) keys[h] = load8(kb + key_index(c + 8 * h, d));
+            for (int g = 0; g < GROUP; g++) {
+                const __m256 w = _mm256_broadcast_ss(&q[g][d]);
+                for (int h = 0; h < K; h++) dot[g][h] = _mm256_fmadd_ps(w, keys[h], dot[g][h]);
+            }
         }
     }
-    for (int g = 0; g < GROUP; g++) _mm256_storeu_ps(&s[g][at], dot[g]);
+    for (int g = 0; g < GROUP; g++)
+        for (int h = 0; h < K; h++) _mm256_storeu_ps(&s[g][at + 8 * h], dot[g][h]);
 }
 
-/* acc[g][dc .. dc+7] = acc * correction + sum over the chunk's tokens of p x value:
- * one 8-element load of a value row feeds GROUP FMAs. */
-static inline void accumulate_values8(const cache_t *value_cache, int64_t head_base,
+/* Value columns one p.V pass accumulates: two 8-lane vectors per query head where the
+ * 2 x GROUP accumulators, the two value vectors and a broadcast fit the 16 ymm
+ * registers, so each broadcast weight feeds two FMAs; else one (at GROUP 7 the
+ * spilled accumulator cost what the broadcasts saved). */
+#define VALUE_LANES (GROUP <= 6 && HEAD_SIZE % 16 == 0 ? 16 : 8)
+
+/* acc[g][dc .. dc+VALUE_LANES-1] = acc * correction + sum over the chunk's tokens of
+ * p x value: each load of a value row's 8 elements feeds GROUP FMAs. */
+static inline void accumulate_values_avx2(const cache_t *value_cache, int64_t head_base,
                                       const int32_t *blocks, int nblk, int lo, int hi, int dc,
                                       const float p[GROUP][CHUNK_TOKENS],
                                       const float correction[GROUP], float acc[GROUP][HEAD_SIZE]) {
-    __m256 out[GROUP];
+    enum { V = VALUE_LANES / 8 };
+    __m256 out[GROUP][V];
     for (int g = 0; g < GROUP; g++)
-        out[g] = _mm256_mul_ps(_mm256_loadu_ps(&acc[g][dc]), _mm256_set1_ps(correction[g]));
+        for (int h = 0; h < V; h++)
+            out[g][h] = _mm256_mul_ps(_mm256_loadu_ps(&acc[g][dc + 8 * h]),
+                                      _mm256_set1_ps(correction[g]));
     for (int i = 0; i < nblk; i++) {
         const cache_t *vb = value_cache + (head_base + blocks[i]) * (BLOCK_SIZE * HEAD_SIZE);
         const int jlo = lo > i * BLOCK_SIZE ? lo - i * BLOCK_SIZE : 0;
         const int jhi = hi - i * BLOCK_SIZE < BLOCK_SIZE ? hi - i * BLOCK_SIZE : BLOCK_SIZE;
         for (int j = jlo; j < jhi; j++) {
-            const __m256 v = load8(vb + value_index(j, dc));
-            for (int g = 0; g < GROUP; g++)
-                out[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(&p[g][i * BLOCK_SIZE + j]), v, out[g]);
+            __m256 v[V];
+            for (int h = 0; h < V; h++) v[h] = load8(vb + value_index(j, dc + 8 * h));
+            for (int g = 0; g < GROUP; g++) {
+                const __m256 w = _mm256_broadcast_ss(&p[g][i * BLOCK_SIZE + j]);
+                for (int h = 0; h < V; h++) out[g][h] = _mm256_fmadd_ps(w, v[h], out[g][h]);
+            }
         }
     }
-    for (int g = 0; g < GROUP; g++) _mm256_storeu_ps(&acc[g][dc], out[g]);
+    for (int g = 0; g < GROUP; g++)
+        for (int h = 0; h < V; h++) _mm256_storeu_ps(&acc[g][dc + 8 * h], out[g][h]);
 }
 #else
 #define AVX2_LOOP 0
@@ -647,14 +670,14 @@ static void attend_one(const scalar_t *q_row, const cache_t *key_cache,
             block_ahead(cb + i, end_block, head_base, block_table, key_cache, value_cache,
                         &pf_k, &pf_v);
             const cache_t *kb = key_cache + (head_base + block_table[cb + i]) * (HEAD_SIZE * BLOCK_SIZE);
-            for (int c = 0; c < BLOCK_SIZE; c += 8)
-                block_scores8(kb, c, q, s, i * BLOCK_SIZE + c, pf_k, pf_v);
+            for (int c = 0; c < BLOCK_SIZE; c += SCORE_LANES)
+                block_scores_avx2(kb, c, q, s, i * BLOCK_SIZE + c, pf_k, pf_v);
         }
         if (soft_cap > 0.0f)
             for (int g = 0; g < GROUP; g++) soft_cap_scores(s[g], nblk * BLOCK_SIZE, soft_cap);
         softmax_chunk_avx2(s, nblk * BLOCK_SIZE, lo, hi, run_max, run_sum, correction, p);
-        for (int dc = 0; dc < HEAD_SIZE; dc += 8)
-            accumulate_values8(value_cache, head_base, block_table + cb, nblk, lo, hi, dc, p,
+        for (int dc = 0; dc < HEAD_SIZE; dc += VALUE_LANES)
+            accumulate_values_avx2(value_cache, head_base, block_table + cb, nblk, lo, hi, dc, p,
                                correction, acc);
     }
 #else
