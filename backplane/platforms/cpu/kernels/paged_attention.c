@@ -400,7 +400,8 @@ static inline void block_scores(const cache_t *kb, int c, const float q[GROUP][H
  * float32 and float16 on AVX-512 ones): the pair layout's chunked loop on 8-lane
  * vectors over the plain layout. Per head element, one load of 8 contiguous keys
  * feeds GROUP FMAs (one per query head); the softmax runs once per chunk on whole
- * vectors; p.V takes 8 head elements of a value row per load. The portable loop
+ * vectors; p.V takes 8 head elements of a value row per load (16 keys and 16 head
+ * elements per broadcast where GROUP <= 6: SCORE_LANES, VALUE_LANES). The portable loop
  * below (per-block softmax, gcc's vectorisation) ran at ~11 GFLOP/s on a Zen 2.
  * BACKPLANE_PORTABLE_ATTENTION=1 builds the portable loop anyway (tests). */
 #if !PAIR_LAYOUT && defined(__AVX2__) && defined(__FMA__) && BLOCK_SIZE % 8 == 0 && \
@@ -485,7 +486,8 @@ static inline void softmax_chunk_avx2(float s[GROUP][CHUNK_TOKENS], int count, i
 #define SCORE_LANES (GROUP <= 6 && BLOCK_SIZE % 16 == 0 ? 16 : 8)
 /* Head elements whose SCORE_LANES keys fill one cache line (the loop below asks for one
  * line of a later block's keys and one of its values per such run). */
-#define ELEMS_PER_LINE (64 / (SCORE_LANES * (int)sizeof(cache_t)) > 0 ? 64 / (SCORE_LANES * (int)sizeof(cache_t)) : 1)
+#define KEY_RUN_BYTES (SCORE_LANES * (int)sizeof(cache_t))
+#define ELEMS_PER_LINE (KEY_RUN_BYTES < 64 ? 64 / KEY_RUN_BYTES : 1)
 
 /* Scores of keys c .. c+SCORE_LANES-1 of block kb against every query head (q already
  * scaled), summed over the head elements in order, as the portable loop does. pf_k,
@@ -493,8 +495,8 @@ static inline void softmax_chunk_avx2(float s[GROUP][CHUNK_TOKENS], int count, i
  * a time: the whole block at once (prefetch_block) filled the fill buffers, and on a
  * Zen 3 a 64-request step at 1000-token contexts ran at ~5 GB/s. */
 static inline void block_scores_avx2(const cache_t *kb, int c, const float q[GROUP][HEAD_SIZE],
-                                 float s[GROUP][CHUNK_TOKENS], int at, const char *pf_k,
-                                 const char *pf_v) {
+                                     float s[GROUP][CHUNK_TOKENS], int at, const char *pf_k,
+                                     const char *pf_v) {
     enum { K = SCORE_LANES / 8 };
     __m256 dot[GROUP][K];
     for (int g = 0; g < GROUP; g++)
@@ -529,9 +531,10 @@ static inline void block_scores_avx2(const cache_t *kb, int c, const float q[GRO
 /* acc[g][dc .. dc+VALUE_LANES-1] = acc * correction + sum over the chunk's tokens of
  * p x value: each load of a value row's 8 elements feeds GROUP FMAs. */
 static inline void accumulate_values_avx2(const cache_t *value_cache, int64_t head_base,
-                                      const int32_t *blocks, int nblk, int lo, int hi, int dc,
-                                      const float p[GROUP][CHUNK_TOKENS],
-                                      const float correction[GROUP], float acc[GROUP][HEAD_SIZE]) {
+                                          const int32_t *blocks, int nblk, int lo, int hi,
+                                          int dc, const float p[GROUP][CHUNK_TOKENS],
+                                          const float correction[GROUP],
+                                          float acc[GROUP][HEAD_SIZE]) {
     enum { V = VALUE_LANES / 8 };
     __m256 out[GROUP][V];
     for (int g = 0; g < GROUP; g++)
@@ -677,8 +680,8 @@ static void attend_one(const scalar_t *q_row, const cache_t *key_cache,
             for (int g = 0; g < GROUP; g++) soft_cap_scores(s[g], nblk * BLOCK_SIZE, soft_cap);
         softmax_chunk_avx2(s, nblk * BLOCK_SIZE, lo, hi, run_max, run_sum, correction, p);
         for (int dc = 0; dc < HEAD_SIZE; dc += VALUE_LANES)
-            accumulate_values_avx2(value_cache, head_base, block_table + cb, nblk, lo, hi, dc, p,
-                               correction, acc);
+            accumulate_values_avx2(value_cache, head_base, block_table + cb, nblk, lo, hi, dc,
+                                   p, correction, acc);
     }
 #else
     for (int32_t b = first / BLOCK_SIZE; b < end_block; b++) {
