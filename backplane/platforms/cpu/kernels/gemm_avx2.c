@@ -87,6 +87,27 @@ static inline __attribute__((always_inline)) void widen_fp8(const uint8_t *src, 
  * the same greedy token as decoding alone). Splitting a row's columns over two
  * chains would be as fast but would round differently. */
 #define GEMV_BLOCKS 4
+
+/* Batch 1 over every group of GEMV_BLOCKS 16-row blocks (k * 16 weights of WTYPE each)
+ * in parallel: TILE(..., w, v) fills v[2 * GEMV_BLOCKS] (8 outputs each) from the
+ * blocks w, and the outputs of the blocks that exist are stored. A group's missing
+ * last blocks re-read its first rather than past the end. */
+#define GEMV_OVER_GROUPS(WTYPE, packed, nb, k, out, os, n, scales, bias, out_f32, TILE, ...) \
+    do {                                                                               \
+        const int64_t ng_ = ((nb) + GEMV_BLOCKS - 1) / GEMV_BLOCKS;                    \
+        _Pragma("omp parallel for schedule(static)")                                   \
+        for (int64_t g = 0; g < ng_; g++) {                                            \
+            const int64_t b0 = g * GEMV_BLOCKS;                                        \
+            const int have = (nb) - b0 < GEMV_BLOCKS ? (int)((nb) - b0) : GEMV_BLOCKS; \
+            const WTYPE *w[GEMV_BLOCKS];                                               \
+            for (int j = 0; j < GEMV_BLOCKS; j++)                                      \
+                w[j] = (packed) + (b0 + (j < have ? j : 0)) * (k) * 16;                \
+            __m256 v[2 * GEMV_BLOCKS];                                                 \
+            TILE(__VA_ARGS__, w, v);                                                   \
+            for (int j = 0; j < 2 * have; j++)                                         \
+                store8(v[j], out, 0, os, b0 * 16 + 8 * j, n, scales, bias, out_f32);   \
+        }                                                                              \
+    } while (0)
 #define GEMV_STEP(WIDEN, i)                                                                 \
     WIDEN(w[i / 2] + p * 32 + (i % 2) * 16, &lo, &hi);                                 \
     a##i = _mm256_fmadd_ps(hi, x1, _mm256_fmadd_ps(lo, x0, a##i));
@@ -219,20 +240,8 @@ static void panel_rows(const float *xf, int64_t m_total, int64_t k, const float 
         const int64_t nb = (n + 15) / 16, npairs = (nb + 1) / 2;                       \
         int failed = 0;                                                                \
         if (m_total == 1) {                                                            \
-            const int64_t ng = (nb + GEMV_BLOCKS - 1) / GEMV_BLOCKS;                   \
-            _Pragma("omp parallel for schedule(static)")                               \
-            for (int64_t g = 0; g < ng; g++) {                                         \
-                const int64_t b0 = g * GEMV_BLOCKS;                                    \
-                const int have = nb - b0 < GEMV_BLOCKS ? (int)(nb - b0) : GEMV_BLOCKS; \
-                /* missing last blocks re-read the first rather than past the end */   \
-                const WTYPE *w[GEMV_BLOCKS];                                           \
-                for (int j = 0; j < GEMV_BLOCKS; j++)                                  \
-                    w[j] = packed + (b0 + (j < have ? j : 0)) * (k / 2) * 32;          \
-                __m256 v[2 * GEMV_BLOCKS];                                             \
-                NAME##_gemv_tile(xf, k, w, v);                                         \
-                for (int j = 0; j < 2 * have; j++)                                     \
-                    store8(v[j], out, 0, os, b0 * 16 + 8 * j, n, scales, bias, out_f32); \
-            }                                                                          \
+            GEMV_OVER_GROUPS(WTYPE, packed, nb, k, out, os, n, scales, bias, out_f32,  \
+                             NAME##_gemv_tile, xf, k);                                 \
             return 0;                                                                  \
         }                                                                              \
         _Pragma("omp parallel reduction(|:failed)")                                    \
@@ -313,6 +322,13 @@ void pack_w8a8_from_bf16(const uint16_t *w, int64_t n, int64_t k, uint8_t *packe
     pack_int8(w, n, k, 4, 0, packed, scales);
 }
 
+/* Activation columns 4 q4 .. 4 q4 + 3 of row x, in every 32-bit lane. */
+static inline __attribute__((always_inline)) __m256i quad_at(const int8_t *x, int64_t q4) {
+    int32_t quad;
+    memcpy(&quad, x + 4 * q4, sizeof quad);
+    return _mm256_set1_epi32(quad);
+}
+
 /* w . x for one 32-byte weight vector (8 rows x 4 columns) and a broadcast quad of x,
  * added to the int32 accumulator s: |w| x (x with w's sign), pairwise in int16, then
  * the pairs summed into int32. aw = |w| is shared by every row. */
@@ -338,17 +354,14 @@ static inline __attribute__((always_inline)) void w8a8_body(
 #pragma GCC unroll 8
         for (int q = 0; q < QB / 4; q++) {
             const int64_t q4 = blk * (QB / 4) + q;
-            int32_t quad;
-            memcpy(&quad, x0 + 4 * q4, sizeof quad);
-            const __m256i xa = _mm256_set1_epi32(quad);
+            const __m256i xa = quad_at(x0, q4);
             const __m256i wa = _mm256_loadu_si256((const __m256i *)(w0 + q4 * 64));
             const __m256i wb = _mm256_loadu_si256((const __m256i *)(w0 + q4 * 64 + 32));
             const __m256i aa = _mm256_abs_epi8(wa), ab = _mm256_abs_epi8(wb);
             s0 = dot_quads(s0, aa, wa, xa);
             s1 = dot_quads(s1, ab, wb, xa);
             if (mt == 2) {
-                memcpy(&quad, x1 + 4 * q4, sizeof quad);
-                const __m256i xb = _mm256_set1_epi32(quad);
+                const __m256i xb = quad_at(x1, q4);
                 s2 = dot_quads(s2, aa, wa, xb);
                 s3 = dot_quads(s3, ab, wb, xb);
             }
@@ -385,7 +398,8 @@ W8A8_TILE_FN(1) W8A8_TILE_FN(2)
  * FMA per block in order), so a row's result does not depend on its batch. */
 #define W8A8_GEMV_LANE(i)                                                              \
     {                                                                                  \
-        const __m256i w = _mm256_loadu_si256((const __m256i *)(wb[i / 2] + q4 * 64 + (i % 2) * 32)); \
+        const __m256i w =                                                              \
+            _mm256_loadu_si256((const __m256i *)(wb[i / 2] + q4 * 64 + (i % 2) * 32));  \
         s##i = dot_quads(s##i, _mm256_abs_epi8(w), w, xa);                             \
     }
 #define W8A8_GEMV_SCALE(i) f##i = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s##i), sa, f##i);
@@ -401,9 +415,7 @@ static __attribute__((noinline)) void w8a8_gemv_tile(
 #pragma GCC unroll 8
         for (int q = 0; q < QB / 4; q++) {
             const int64_t q4 = blk * (QB / 4) + q;
-            int32_t quad;
-            memcpy(&quad, xq + 4 * q4, sizeof quad);
-            const __m256i xa = _mm256_set1_epi32(quad);
+            const __m256i xa = quad_at(xq, q4);
             W8A8_GEMV_LANE(0) W8A8_GEMV_LANE(1) W8A8_GEMV_LANE(2) W8A8_GEMV_LANE(3)
             W8A8_GEMV_LANE(4) W8A8_GEMV_LANE(5) W8A8_GEMV_LANE(6) W8A8_GEMV_LANE(7)
         }
@@ -424,19 +436,8 @@ void gemm_w8a8(const int8_t *xq, const float *bscale, const int32_t *bsum, int64
     (void)bsum;
     const int64_t nb = (n + 15) / 16, npairs = (nb + 1) / 2;
     if (m_total == 1) {
-        const int64_t ng = (nb + GEMV_BLOCKS - 1) / GEMV_BLOCKS;
-#pragma omp parallel for schedule(static)
-        for (int64_t g = 0; g < ng; g++) {
-            const int64_t b0 = g * GEMV_BLOCKS;
-            const int have = nb - b0 < GEMV_BLOCKS ? (int)(nb - b0) : GEMV_BLOCKS;
-            /* missing last blocks re-read the first rather than past the end */
-            const int8_t *wb[GEMV_BLOCKS];
-            for (int j = 0; j < GEMV_BLOCKS; j++) wb[j] = packed + (b0 + (j < have ? j : 0)) * k * 16;
-            __m256 v[2 * GEMV_BLOCKS];
-            w8a8_gemv_tile(xq, bscale, k, wb, v);
-            for (int j = 0; j < 2 * have; j++)
-                store8(v[j], out, 0, os, b0 * 16 + 8 * j, n, scales, bias, out_f32);
-        }
+        GEMV_OVER_GROUPS(int8_t, packed, nb, k, out, os, n, scales, bias, out_f32,
+                         w8a8_gemv_tile, xq, bscale, k);
         return;
     }
 #pragma omp parallel for schedule(static)
