@@ -25,6 +25,7 @@ _EXPORTS = {
     "Communicator": "communicator",
     "ConfigDecision": "platform",
     "ConfigPolicy": "platform",
+    "DecoderBlock": "decoder_block",
     "DeviceRuntime": "platform",
     "Fp8Weights": "quantization",
     "GraphRunner": "graph",
@@ -55,6 +56,7 @@ __all__ = [
     "Communicator",
     "ConfigDecision",
     "ConfigPolicy",
+    "DecoderBlock",
     "DeviceRuntime",
     "Fp8Weights",
     "GraphRunner",
@@ -89,6 +91,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     )
     from backplane.plugins_sdk.communicator import Communicator
     from backplane.plugins_sdk.config_view import PlatformConfigView
+    from backplane.plugins_sdk.decoder_block import DecoderBlock
     from backplane.plugins_sdk.deprecation import deprecated, deprecated_alias
     from backplane.plugins_sdk.descriptor import PlatformDescriptor, ProbeResult
     from backplane.plugins_sdk.fused_moe import MOE_ACTIVATIONS, fused_moe_torch

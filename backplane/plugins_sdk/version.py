@@ -59,7 +59,9 @@ History:
          Communicator.close(), Platform.device_control_env_var and
          Platform.ray_device_resource (default None); an ``rms_norm`` layer
          replacement may declare ``accepts_residual`` (the residual add in the
-         same call; default: called without it).
+         same call; default: called without it); ``"decoder_layer"`` layers with
+         ``block()`` (a `decoder_block.DecoderBlock`, or None) and
+         ``set_block_runner`` (a platform's one-call layer, tried first).
 
 Members added to a minor before its first release (as listed for 1.1) need
 no new version: a plugin declaring that minor only ever meets a Backplane that

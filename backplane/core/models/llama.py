@@ -11,6 +11,7 @@ Projections are fused: q/k/v is one matmul (``qkv_proj``) and gate/up another
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,7 @@ from backplane.core.layers.parallel import (
 )
 from backplane.core.layers.rotary import ApplyRotary, RotaryEmbedding, rope_parameters
 from backplane.core.models.base import CausalLM, KVCacheShape
+from backplane.plugins_sdk import DecoderBlock
 
 SUPPORTED_ACTIVATIONS = ("silu",)
 
@@ -241,6 +243,32 @@ class DecoderLayer(nn.Module):
             )
         self.mlp = DecoderMLP(dims, options, dtype)
 
+    # A platform may run the whole layer in one call (plugins_sdk.decoder_block).
+    layer_kind = "decoder_layer"
+    # Set by `set_block_runner`; None: the modules run one by one.
+    block_runner: Callable[..., torch.Tensor | None] | None = None
+
+    def block(self) -> DecoderBlock | None:
+        """This layer's modules as a `DecoderBlock`, or None when it is not the plain
+        pre-norm block (q/k norms, post-norms, a residual multiplier, tensor-parallel
+        shards whose outputs are all-reduced)."""
+        attn, mlp = self.self_attn, self.mlp
+        if (self.post_norms or self.residual_multiplier != 1.0 or attn.qk_norm
+                or attn.tp.size > 1 or mlp.tp.size > 1):
+            return None
+        return DecoderBlock(
+            input_norm=self.input_layernorm, qkv_proj=attn.qkv_proj, rotary=attn.rotary,
+            attention=attn.attn, o_proj=attn.o_proj,
+            post_attention_norm=self.post_attention_layernorm,
+            gate_up_proj=mlp.gate_up_proj, activation=mlp.act, down_proj=mlp.down_proj,
+            num_heads=attn.num_heads, num_kv_heads=attn.num_kv_heads,
+            head_size=attn.head_dim, layer_idx=attn.attn.layer_idx, scale=attn.attn.scale)
+
+    def set_block_runner(self, runner: Callable[..., torch.Tensor | None] | None) -> None:
+        """``runner(x, cos, sin, ctx)`` is tried before the modules at every forward; a
+        None result means it declined that step (plugins_sdk.decoder_block)."""
+        self.block_runner = runner
+
     def _residual(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if self.residual_multiplier != 1.0:
             out = out * self.residual_multiplier
@@ -249,6 +277,10 @@ class DecoderLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext
     ) -> torch.Tensor:
+        if self.block_runner is not None:
+            out = self.block_runner(x, cos, sin, ctx)
+            if out is not None:
+                return out
         if self.post_norms:
             x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, ctx))
             return x + self.post_feedforward_layernorm(self.mlp(x))

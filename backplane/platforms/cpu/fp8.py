@@ -107,6 +107,15 @@ class Fp8Linear(nn.Module):
         out = out.reshape(*lead, self.out_features)
         return out if out.dtype == x.dtype or x.dtype == torch.bfloat16 else out.to(x.dtype)
 
+    def native_gemm(self):
+        """This layer as C code calls it (`linear.NativeGemm`, decoder_layer.py)."""
+        from backplane.platforms.cpu.linear import NativeGemm, function_address
+
+        return NativeGemm(function_address(_fp8_lib(self.isa).gemm_fp8),
+                          self.packed_weight.data_ptr(), self.kernel_scales.data_ptr(),
+                          None if self.bias is None else self.bias.data_ptr(),
+                          self.out_features, self.in_features)
+
     def dequantized_weight(self) -> torch.Tensor:
         """The float32 weight the kernel computes with (e4m3 value x row scale)."""
         blocks = self.packed_weight.shape[0]

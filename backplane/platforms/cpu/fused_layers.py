@@ -36,6 +36,11 @@ def cpu_ops() -> ctypes.CDLL:
     lib.silu_and_mul_bf16.restype = None
     lib.rotary_bf16.argtypes = [_P, _I64, _P, _P, _P, _I64, _I64, _I64]
     lib.rotary_bf16.restype = None
+    # decoder_layer.py: (layer struct, step struct, x, out, workspace) by address
+    lib.decoder_layer_decode.argtypes = [_P, _P, _P, _P, _P]
+    lib.decoder_layer_decode.restype = ctypes.c_int
+    lib.decoder_layer_workspace.argtypes = [_P, _I64]
+    lib.decoder_layer_workspace.restype = _I64
     return lib
 
 

@@ -22,6 +22,7 @@ import functools
 import logging
 import os
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -34,6 +35,28 @@ from backplane.platforms.cpu.native import (
 from backplane.platforms.cpu.runtime import release_free_heap
 
 logger = logging.getLogger(__name__)
+
+class NativeGemm(NamedTuple):
+    """A linear layer as the C kernels call it with bf16 activations and bf16 output:
+    ``function(x, xs, m, packed, [scales,] n, k, bias, out, os, out_f32)`` (the
+    ``scales`` argument only when it is not None); addresses as ints, 0/None for none."""
+
+    function: int
+    packed: int
+    scales: int | None
+    bias: int | None
+    out_features: int
+    in_features: int
+
+
+def function_address(function: ctypes._CFuncPtr) -> int:
+    """The address of a loaded C function (its library must stay loaded)."""
+    return ctypes.cast(function, ctypes.c_void_p).value
+
+
+def _data_ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
 
 # Batch size the packed layout is tuned for; any batch size works with it.
 _PACK_BATCH_HINT = 64
@@ -224,6 +247,14 @@ class BlockedBf16Linear(nn.Module):
                 self.out_features, int(self.float_output)), "bf16 GEMM")
         return out if lead is None else out.reshape(*lead, self.out_features)
 
+    def native_gemm(self) -> NativeGemm | None:
+        """This layer as C code calls it (decoder_layer.py); None for logits."""
+        if self.float_output:
+            return None
+        return NativeGemm(function_address(gemm_kernels(self.isa).gemm_bf16),
+                          self.packed_weight.data_ptr(), None, _data_ptr(self.bias),
+                          self.out_features, self.in_features)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"packed=bf16-blocks ({self.isa})"
@@ -354,6 +385,16 @@ class Int8Linear(nn.Module):
             out = out.reshape(*lead, self.out_features)
         # x's dtype (e.g. float16) unless logits are asked for: the layer contract
         return out if self.float_output or out.dtype == x.dtype else out.to(x.dtype)
+
+    def native_gemm(self) -> NativeGemm | None:
+        """This layer as C code calls it (decoder_layer.py); None for logits."""
+        if self.float_output:
+            return None
+        lib = self._lib
+        gemm = lib.gemm_w8a8_bf16 if self.activations == "int8" else lib.gemm_w8
+        return NativeGemm(function_address(gemm), self.packed_weight.data_ptr(),
+                          self.scales.data_ptr(), _data_ptr(self.bias), self.out_features,
+                          self.in_features)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float32 weight the kernel computes with (scale x int8), for reference checks."""

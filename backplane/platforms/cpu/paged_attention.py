@@ -165,6 +165,23 @@ class CpuPagedAttentionBackend(HeadMajorCpuCache):
                               and not self._window and not self._soft_cap
                               and os.environ.get("BACKPLANE_CPU_SDPA_PREFILL", "1") != "0")
 
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """The dtype of the KV cache tensors `forward` takes (fp8 or the model's)."""
+        return self._cache_dtype
+
+    @property
+    def quantized_cache(self) -> bool:
+        """An fp8 cache: `forward` needs each layer's ``kv_scales``."""
+        return self._fp8
+
+    def decode_kernel(self) -> tuple[int, int, float]:
+        """For C callers of this backend's decode step (decoder_layer.py): the address of
+        the kernel's ``decode_attention`` (paged_attention.c), the sliding window (0:
+        none) and the logits soft cap (0: none)."""
+        return (ctypes.cast(self._lib.decode_attention, ctypes.c_void_p).value,
+                self._window, self._soft_cap)
+
     def build_metadata(self, common: CommonAttentionMetadata) -> CpuPagedAttentionMetadata:
         n, num_reqs = common.num_actual_tokens, common.num_reqs
         # numpy: torch.repeat_interleave took ~1.7 ms a step here for 64 requests.

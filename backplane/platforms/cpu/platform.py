@@ -11,6 +11,7 @@ import torch
 from backplane.platforms.cpu import linear as cpu_linear
 from backplane.platforms.cpu.attention import CpuSdpaAttentionBackend
 from backplane.platforms.cpu.communicator import SharedMemoryCommunicator
+from backplane.platforms.cpu.decoder_layer import set_decoder_layer_runners
 from backplane.platforms.cpu.fp8 import (
     Fp8Linear,
     fp8_kernel_supported,
@@ -209,14 +210,21 @@ class CpuPlatform(Platform):
             else:
                 logger.info("cpu platform: %d RMSNorm/SiLU/rotary layers use compiled kernels", count)
         own_gemm = bf16_gemm_supported()
-        if os.environ.get("BACKPLANE_CPU_PREPACK", "1") == "0" or not (
+        if os.environ.get("BACKPLANE_CPU_PREPACK", "1") != "0" and (
                 own_gemm or prepacking_supported()):
-            return model
-        count = prepack_linear_weights(model, own_gemm=own_gemm)
-        if count:
-            logger.info("cpu platform: %d bf16 linear layers packed for %s", count,
-                        f"the {cpu_linear.gemm_isa()} GEMM kernel" if own_gemm else "oneDNN")
-            # The plain weights just freed would otherwise stay in malloc's heap
-            # (tune_allocator keeps freed buffers): hand them back to the OS.
-            release_free_heap()
+            count = prepack_linear_weights(model, own_gemm=own_gemm)
+            if count:
+                logger.info("cpu platform: %d bf16 linear layers packed for %s", count,
+                            f"the {cpu_linear.gemm_isa()} GEMM kernel" if own_gemm
+                            else "oneDNN")
+                # The plain weights just freed would otherwise stay in malloc's heap
+                # (tune_allocator keeps freed buffers): hand them back to the OS.
+                release_free_heap()
+        # Last, over the modules as they now are; not with LoRA, whose adapters wrap
+        # the linear layers afterwards (a runner would bypass them).
+        if getattr(config, "lora_config", None) is None:
+            count = set_decoder_layer_runners(model)
+            if count:
+                logger.info("cpu platform: %d decoder layers run decode steps in one C call",
+                            count)
         return model

@@ -132,3 +132,115 @@ void rotary_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *cos, const
         }
     }
 }
+
+/* ------------------------------------------------------------------------
+ * A whole pre-norm decoder layer for a decode step, in one call (see
+ * backplane/platforms/cpu/decoder_layer.py): the same kernels, in the same
+ * order and with the same roundings as the layer's modules run them one by
+ * one from Python, so the output is bit-identical; what goes is the ~150 us of
+ * module calls, checks, allocations and ctypes argument conversions a layer
+ * costs when each of its nine kernels is called from Python.
+ * ------------------------------------------------------------------------ */
+
+/* The GEMMs of the platform's linear layers (gemm_bf16.c, gemm_avx2.c, gemm_fp8.c):
+ * plain bf16 weights, or 8-bit weights with one float32 scale per output row. */
+typedef int (*gemm_fn)(const uint16_t *x, int64_t xs, int64_t m, const void *packed,
+                       int64_t n, int64_t k, const float *bias, void *out, int64_t os,
+                       int out_f32);
+typedef int (*scaled_gemm_fn)(const uint16_t *x, int64_t xs, int64_t m, const void *packed,
+                              const float *scales, int64_t n, int64_t k, const float *bias,
+                              void *out, int64_t os, int out_f32);
+
+/* paged_attention.c's decode_attention (one build per attention geometry). */
+typedef void (*decode_attention_fn)(
+    const void *query, int64_t query_stride, const void *key, int64_t key_stride,
+    const void *value, int64_t value_stride, const int64_t *slots, void *key_cache,
+    void *value_cache, int64_t num_blocks, const int32_t *block_tables,
+    int64_t block_table_stride, const int32_t *seq_lens, int64_t num_tokens,
+    int64_t num_kv_heads, int32_t window, float scale, float soft_cap, const float *kv_scales,
+    void *out, int64_t out_stride);
+
+/* A linear layer: fn is a gemm_fn when scales is NULL, else a scaled_gemm_fn. */
+typedef struct {
+    void *fn;
+    const void *packed;
+    const float *scales;
+    const float *bias;
+    int64_t n, k;
+} native_linear;
+
+/* One layer: fixed at load, except the cache fields the caller sets per call. */
+typedef struct {
+    int64_t hidden, num_heads, num_kv_heads, head_size, intermediate;
+    float input_eps, post_eps, scale;
+    const uint16_t *input_norm, *post_norm;
+    native_linear qkv, o, gate_up, down;
+    void *key_cache, *value_cache;
+    int64_t num_blocks;
+    const float *kv_scales;
+} decoder_layer;
+
+/* One decode step, shared by every layer: one query token per request. */
+typedef struct {
+    decode_attention_fn attention;
+    int64_t tokens;
+    const uint16_t *cos, *sin; /* [tokens, head_size / 2] */
+    const int64_t *slots;
+    const int32_t *block_table;
+    int64_t block_table_stride;
+    const int32_t *seq_lens;
+    int32_t window;
+    float soft_cap;
+} decode_step;
+
+static int run_linear(const native_linear *l, const uint16_t *x, int64_t xs, int64_t m,
+                      uint16_t *out) {
+    if (l->scales)
+        return ((scaled_gemm_fn)l->fn)(x, xs, m, l->packed, l->scales, l->n, l->k, l->bias,
+                                       out, l->n, 0);
+    return ((gemm_fn)l->fn)(x, xs, m, l->packed, l->n, l->k, l->bias, out, l->n, 0);
+}
+
+/* bf16 elements of scratch decoder_layer_decode needs for m tokens. */
+int64_t decoder_layer_workspace(const decoder_layer *l, int64_t m) {
+    const int64_t q = l->num_heads * l->head_size, kv = l->num_kv_heads * l->head_size;
+    return m * (5 * l->hidden + (q + 2 * kv) + (q + kv) + q + 3 * l->intermediate);
+}
+
+/* out[i] = bf16(a[i] + b[i]), torch's bf16 add. */
+static void add_bf16(const uint16_t *a, const uint16_t *b, uint16_t *out, int64_t count) {
+#pragma omp parallel for schedule(static) if (count > 65536)
+    for (int64_t i = 0; i < count; i++)
+        out[i] = float_to_bf16(bf16_to_float(a[i]) + bf16_to_float(b[i]));
+}
+
+/* out = h + down(silu_and_mul(gate_up(post_norm(h)))) with h = x + o(attention(rotary(
+ * qkv(input_norm(x))))), for step->tokens decode tokens of x [tokens, hidden] (rows
+ * contiguous); ws: decoder_layer_workspace elements. Returns -1 if a GEMM could not
+ * allocate its scratch memory. */
+int decoder_layer_decode(const decoder_layer *l, const decode_step *s, const uint16_t *x,
+                         uint16_t *out, uint16_t *ws) {
+    const int64_t m = s->tokens, h = l->hidden, hd = l->head_size, inter = l->intermediate;
+    const int64_t q = l->num_heads * hd, kv = l->num_kv_heads * hd, qkv_width = q + 2 * kv;
+    const int64_t qk_heads = l->num_heads + l->num_kv_heads;
+    uint16_t *normed = ws, *qkv = normed + m * h, *qk = qkv + m * qkv_width;
+    uint16_t *attn = qk + m * qk_heads * hd, *o = attn + m * q, *sum = o + m * h;
+    uint16_t *normed2 = sum + m * h, *gate_up = normed2 + m * h, *act = gate_up + m * 2 * inter;
+    uint16_t *down = act + m * inter;
+
+    rms_norm_bf16(x, h, l->input_norm, normed, h, m, h, l->input_eps);
+    if (run_linear(&l->qkv, normed, h, m, qkv)) return -1;
+    /* queries and keys side by side in each row, rotated in one pass */
+    rotary_bf16(qkv, qkv_width, s->cos, s->sin, qk, m, qk_heads, hd / 2);
+    s->attention(qk, qk_heads * hd, qk + q, qk_heads * hd, qkv + q + kv, qkv_width, s->slots,
+                 l->key_cache, l->value_cache, l->num_blocks, s->block_table,
+                 s->block_table_stride, s->seq_lens, m, l->num_kv_heads, s->window, l->scale,
+                 s->soft_cap, l->kv_scales, attn, q);
+    if (run_linear(&l->o, attn, q, m, o)) return -1;
+    add_rms_norm_bf16(o, h, x, h, l->post_norm, normed2, sum, m, h, l->post_eps);
+    if (run_linear(&l->gate_up, normed2, h, m, gate_up)) return -1;
+    silu_and_mul_bf16(gate_up, 2 * inter, act, inter, m, inter);
+    if (run_linear(&l->down, act, inter, m, down)) return -1;
+    add_bf16(sum, down, out, m * h);
+    return 0;
+}

@@ -1,0 +1,240 @@
+"""A decode step's decoder layer in one C call (kernels/cpu_ops.c,
+``decoder_layer_decode``).
+
+Called from Python, one layer of a decode step is nine kernel calls (two norms,
+four GEMMs, rotary, attention, SiLU-and-mul) plus the residual add, each behind
+a module call, dtype and layout checks, an output allocation and ctypes'
+argument conversion. On the qwen2-0.5b shape at batch 1 (2-core Zen 4) that
+host work was ~190 us a layer, 4.5-6 ms of a 37-40 ms step, 13-15% of it;
+with every GEMM replaced by a preallocated output the step still took 5.8 ms.
+Here the same kernels run in the same order from C, on per-layer arguments
+prepared at load and per-step arguments prepared once by the step's first
+layer, so the output is bit-identical to the module path.
+
+The runner (`DecoderLayerRunner`) is given to every plain pre-norm decoder layer
+(``layer.block()``, plugins_sdk.decoder_block) whose parts are this platform's:
+fused bf16 norms, rotary and SiLU-and-mul, and linear layers with a C GEMM
+(bf16, int8 W8A16 / W8A8, fp8; not the int4 kernel). It declines (the modules
+run) every step that is not a pure decode batch on the ``cpu_paged`` backend:
+prefills and mixed batches, per-layer backends, the KV-scale calibration step.
+BACKPLANE_CPU_DECODER_LAYER=0 turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+
+import torch
+from torch import nn
+
+from backplane.platforms.cpu.fused_layers import FusedRMSNorm, FusedRotary, FusedSiluAndMul, cpu_ops
+from backplane.platforms.cpu.linear import NativeGemm
+from backplane.platforms.cpu.native import check_status
+from backplane.platforms.cpu.paged_attention import (
+    CpuPagedAttentionBackend,
+    CpuPagedAttentionMetadata,
+)
+from backplane.plugins_sdk import DecoderBlock
+
+logger = logging.getLogger(__name__)
+
+_P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
+
+
+class _Linear(ctypes.Structure):  # cpu_ops.c: native_linear
+    _fields_ = [("fn", _P), ("packed", _P), ("scales", _P), ("bias", _P), ("n", _I64),
+                ("k", _I64)]
+
+
+class _Layer(ctypes.Structure):  # cpu_ops.c: decoder_layer
+    _fields_ = [("hidden", _I64), ("num_heads", _I64), ("num_kv_heads", _I64),
+                ("head_size", _I64), ("intermediate", _I64), ("input_eps", _F32),
+                ("post_eps", _F32), ("scale", _F32), ("input_norm", _P), ("post_norm", _P),
+                ("qkv", _Linear), ("o", _Linear), ("gate_up", _Linear), ("down", _Linear),
+                ("key_cache", _P), ("value_cache", _P), ("num_blocks", _I64),
+                ("kv_scales", _P)]
+
+
+class _Step(ctypes.Structure):  # cpu_ops.c: decode_step
+    _fields_ = [("attention", _P), ("tokens", _I64), ("cos", _P), ("sin", _P), ("slots", _P),
+                ("block_table", _P), ("block_table_stride", _I64), ("seq_lens", _P),
+                ("window", _I32), ("soft_cap", _F32)]
+
+
+def _linear(gemm: NativeGemm) -> _Linear:
+    return _Linear(gemm.function, gemm.packed, gemm.scales, gemm.bias, gemm.out_features,
+                   gemm.in_features)
+
+
+class DecodeStepPlan:
+    """The per-step C arguments, shared by the layers of one model: built by the first
+    layer of each step and reused by the others. Also owns the scratch memory the layers
+    share (they run one after another)."""
+
+    def __init__(self) -> None:
+        self.step = _Step()
+        self.address = ctypes.addressof(self.step)
+        self._key: tuple[object, object] | None = None  # (metadata, cos) of the built step
+        self.accepted = False
+        self.backend: CpuPagedAttentionBackend | None = None
+        self._workspace = torch.empty(0, dtype=torch.bfloat16)
+
+    def prepare(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx,
+                half_rotary: int) -> bool:
+        """Whether this step runs in C; builds its arguments on the step's first call."""
+        if self._key is not None and self._key[0] is ctx.metadata and self._key[1] is cos:
+            return self.accepted
+        self._key = (ctx.metadata, cos)
+        self._keep = (sin, x)  # the step's tensors whose addresses the step struct holds
+        self.accepted = self._build(x, cos, sin, ctx, half_rotary)
+        return self.accepted
+
+    def _build(self, x, cos, sin, ctx, half_rotary: int) -> bool:
+        backend, metadata = ctx.backend, ctx.metadata
+        if (not isinstance(backend, CpuPagedAttentionBackend)
+                or not isinstance(metadata, CpuPagedAttentionMetadata)
+                or not metadata.decode_only or ctx.layer_backends is not None
+                or ctx.observe_kv_scales is not None
+                or (ctx.kv_scales is not None) != backend.quantized_cache):
+            return False
+        n = metadata.num_actual_tokens
+        if (x.dtype != torch.bfloat16 or x.dim() != 2 or not x.is_contiguous()
+                or x.shape[0] != n):
+            return False
+        # the rotary kernel's layout: whole heads rotated, one [half] row per token
+        if not all(t.dtype == torch.bfloat16 and t.is_contiguous() and t.shape[-1] == half_rotary
+                   and t.numel() == n * half_rotary for t in (cos, sin)):
+            return False
+        attention, window, soft_cap = backend.decode_kernel()
+        table, table_stride, _, seq_lens = metadata.attention_args
+        step = self.step
+        step.attention, step.tokens, step.cos, step.sin = attention, n, cos.data_ptr(), sin.data_ptr()
+        step.slots = metadata.slot_mapping.data_ptr()
+        step.block_table, step.block_table_stride, step.seq_lens = table, table_stride, seq_lens
+        step.window, step.soft_cap = window, soft_cap
+        self.backend = backend
+        return True
+
+    def workspace(self, elements: int) -> int:
+        """Address of at least ``elements`` bf16 of scratch (grown, never shrunk)."""
+        if self._workspace.numel() < elements:
+            self._workspace = torch.empty(elements, dtype=torch.bfloat16)
+        return self._workspace.data_ptr()
+
+
+class DecoderLayerRunner:
+    """A decoder layer's block runner (``layer.set_block_runner``): the whole layer in
+    one ``decoder_layer_decode`` call for decode steps, None (the modules run) for
+    anything else."""
+
+    def __init__(self, block: DecoderBlock, gemms: dict[str, NativeGemm],
+                 plan: DecodeStepPlan) -> None:
+        self._plan = plan
+        self._block = block  # keeps the weights whose addresses the struct holds alive
+        self._layer_idx = block.layer_idx
+        self._half = block.head_size // 2
+        self._hidden = block.input_norm.hidden_size
+        norm_in, norm_post = block.input_norm, block.post_attention_norm
+        self._layer = _Layer(
+            hidden=self._hidden, num_heads=block.num_heads, num_kv_heads=block.num_kv_heads,
+            head_size=block.head_size, intermediate=block.down_proj.in_features,
+            input_eps=norm_in.eps, post_eps=norm_post.eps, scale=block.scale,
+            input_norm=norm_in.weight.data_ptr(), post_norm=norm_post.weight.data_ptr(),
+            qkv=_linear(gemms["qkv"]), o=_linear(gemms["o"]),
+            gate_up=_linear(gemms["gate_up"]), down=_linear(gemms["down"]))
+        self._address = ctypes.addressof(self._layer)
+        self._lib = cpu_ops()
+        self._call = self._lib.decoder_layer_decode
+        self._workspace_per_token = self._lib.decoder_layer_workspace(self._address, 1)
+        self._kv: torch.Tensor | None = None  # the cache tensor the struct points at
+        self._kv_scales: torch.Tensor | None = None
+
+    @classmethod
+    def for_block(cls, block: DecoderBlock, plan: DecodeStepPlan) -> DecoderLayerRunner | None:
+        """A runner for ``block``, or None when one of its parts has no C kernel here."""
+        if not (isinstance(block.input_norm, FusedRMSNorm)
+                and isinstance(block.post_attention_norm, FusedRMSNorm)
+                and isinstance(block.rotary, FusedRotary)
+                and isinstance(block.activation, FusedSiluAndMul)
+                and block.input_norm.weight.dtype == torch.bfloat16
+                and block.post_attention_norm.weight.dtype == torch.bfloat16):
+            return None
+        gemms = {}
+        for name, module in (("qkv", block.qkv_proj), ("o", block.o_proj),
+                             ("gate_up", block.gate_up_proj), ("down", block.down_proj)):
+            native = getattr(module, "native_gemm", None)
+            gemms[name] = native() if native is not None else None
+            if gemms[name] is None:
+                return None
+        hidden = block.input_norm.hidden_size
+        q, kv = block.num_heads * block.head_size, block.num_kv_heads * block.head_size
+        inter = gemms["down"].in_features
+        expected = {"qkv": (q + 2 * kv, hidden), "o": (hidden, q), "gate_up": (2 * inter, hidden),
+                    "down": (hidden, inter)}
+        if any((g.out_features, g.in_features) != expected[name] for name, g in gemms.items()):
+            return None
+        return cls(block, gemms, plan)
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx
+                 ) -> torch.Tensor | None:
+        plan = self._plan
+        if not plan.prepare(x, cos, sin, ctx, self._half):
+            return None
+        kv = ctx.kv_caches[self._layer_idx]
+        if kv is not self._kv and not self._bind_cache(kv, plan.backend):
+            return None
+        if ctx.kv_scales is not None:
+            scales = ctx.kv_scales[self._layer_idx]
+            if scales is not self._kv_scales and not self._bind_scales(scales):
+                return None
+        m = x.shape[0]
+        workspace = plan.workspace(m * self._workspace_per_token)
+        out = torch.empty(m, self._hidden, dtype=torch.bfloat16)
+        check_status(self._call(self._address, plan.address, x.data_ptr(), out.data_ptr(),
+                                workspace), "decoder layer's GEMM")
+        return out
+
+    def _bind_cache(self, kv: torch.Tensor, backend: CpuPagedAttentionBackend) -> bool:
+        """Point the struct at this layer's cache (once per cache tensor); False for a
+        cache the backend would refuse (its forward then says why)."""
+        if kv.dtype != backend.cache_dtype or not kv.is_contiguous():
+            return False
+        layer = self._layer
+        layer.key_cache = kv.data_ptr()
+        layer.value_cache = kv.data_ptr() + kv.stride(0) * kv.element_size()
+        layer.num_blocks = kv.shape[2]
+        layer.kv_scales = _UNIT_SCALES.data_ptr()
+        self._kv, self._kv_scales = kv, None  # an fp8 cache's scales are bound next
+        return True
+
+    def _bind_scales(self, scales: torch.Tensor) -> bool:
+        if (scales.dtype != torch.float32 or scales.numel() != 2
+                or not scales.is_contiguous()):
+            return False
+        self._layer.kv_scales = scales.data_ptr()
+        self._kv_scales = scales
+        return True
+
+
+# The kernel's kv_scales of an unquantized cache (it multiplies by them).
+_UNIT_SCALES = torch.ones(2, dtype=torch.float32)
+
+
+def set_decoder_layer_runners(model: nn.Module) -> int:
+    """Give every plain decoder layer of ``model`` whose parts run in C a
+    `DecoderLayerRunner` (one shared `DecodeStepPlan`); returns how many.
+    BACKPLANE_CPU_DECODER_LAYER=0: none."""
+    if os.environ.get("BACKPLANE_CPU_DECODER_LAYER", "1") == "0":
+        return 0
+    plan, count = DecodeStepPlan(), 0
+    for module in model.modules():
+        if getattr(type(module), "layer_kind", None) != "decoder_layer":
+            continue
+        block = module.block()
+        runner = None if block is None else DecoderLayerRunner.for_block(block, plan)
+        if runner is not None:
+            module.set_block_runner(runner)
+            count += 1
+    return count

@@ -1,0 +1,89 @@
+"""The CPU platform's one-call decoder layer (platforms/cpu/decoder_layer.py): decode
+steps run each plain decoder layer as one C call, bit for bit what its modules give;
+everything else (prefill, mixed batches, layers it has no kernel for) runs the modules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backplane import LLM, SamplingParams
+from backplane.platforms.cpu import native
+from backplane.platforms.cpu.decoder_layer import DecoderLayerRunner
+
+pytestmark = pytest.mark.skipif(native.compiler() is None, reason="no C compiler")
+
+
+def _layers(llm: LLM) -> list[torch.nn.Module]:
+    model = llm.llm_engine.engine_core.model_runner.model
+    return [m for m in model.modules() if getattr(type(m), "layer_kind", None) == "decoder_layer"]
+
+
+@pytest.fixture
+def runner_calls(monkeypatch):
+    """Counts of the runners' answers: {"ran": n, "declined": n}."""
+    counts = {"ran": 0, "declined": 0}
+    original = DecoderLayerRunner.__call__
+
+    def counted(self, *args):
+        out = original(self, *args)
+        counts["declined" if out is None else "ran"] += 1
+        return out
+
+    monkeypatch.setattr(DecoderLayerRunner, "__call__", counted)
+    return counts
+
+
+def _run(model_dir: str, **engine) -> tuple[LLM, list]:
+    # 7 prompts of different lengths through 3 sequences and a small KV cache: decode
+    # batches of 1-3, prefills chunked beside decodes, a shared prefix, preemption
+    llm = LLM(model=model_dir, dtype="bfloat16", max_model_len=128, max_num_seqs=3,
+              max_num_batched_tokens=32, num_kv_blocks=9, enable_prefix_caching=True,
+              **engine)
+    shared = list(range(5, 37))
+    prompts = [{"prompt_token_ids": shared + list(range(40 + i, 40 + i + 3 * i + 1))}
+               for i in range(7)]
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=3)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    return llm, [(o.outputs[0].token_ids,
+                  [sorted((k, v.logprob) for k, v in step.items()) for step in o.outputs[0].logprobs])
+                 for o in outputs]
+
+
+@pytest.mark.parametrize("arch,engine", [
+    ("llama", {}),
+    ("qwen2", {}),  # q/k/v biases, tied embeddings
+    ("mistral", {"kv_cache_dtype": "fp8"}),
+    ("llama", {"quantization": "int8"}),
+    ("qwen2", {"quantization": "int8_weight_only"}),
+    ("llama", {"quantization": "fp8"}),
+])
+def test_decode_steps_run_each_layer_in_one_call_bit_for_bit(
+        arch, engine, tiny_model_factory, runner_calls, monkeypatch):
+    model_dir = tiny_model_factory(arch)
+    fused, got = _run(model_dir, **engine)
+    layers = _layers(fused)
+    assert layers and all(isinstance(m.block_runner, DecoderLayerRunner) for m in layers)
+    # every decode step ran in C, every prefill or mixed step declined to the modules
+    assert runner_calls["ran"] > 0 and runner_calls["declined"] > 0
+    assert runner_calls["ran"] % len(layers) == 0
+    monkeypatch.setenv("BACKPLANE_CPU_DECODER_LAYER", "0")
+    plain, want = _run(model_dir, **engine)
+    assert all(m.block_runner is None for m in _layers(plain))
+    assert got == want  # token ids and logprobs, bit for bit
+
+
+def test_layers_without_c_kernels_keep_their_modules(tiny_model_factory):
+    """float32 models (transformers' numerics), q/k-norm layers (Qwen3) and LoRA-enabled
+    engines (adapters wrap the linear layers after the platform prepared them) run the
+    modules; so does a layer whose parts are not the platform's own."""
+    float32 = LLM(model=tiny_model_factory("llama"), max_model_len=128, num_kv_blocks=16)
+    assert all(m.block_runner is None for m in _layers(float32))
+    qk_norm = LLM(model=tiny_model_factory("qwen3"), dtype="bfloat16", max_model_len=128,
+                  num_kv_blocks=16)
+    assert all(m.block() is None and m.block_runner is None for m in _layers(qk_norm))
+    lora = LLM(model=tiny_model_factory("llama"), dtype="bfloat16", max_model_len=128,
+               num_kv_blocks=16, enable_lora=True, max_lora_rank=8)
+    assert all(m.block_runner is None for m in _layers(lora))
+    block = _layers(float32)[0].block()
+    assert block is not None and DecoderLayerRunner.for_block(block, None) is None
