@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from backplane import LLM, SamplingParams
+from backplane.benchmarks.make_model import quantize_checkpoint
 from backplane.platforms.cpu import native
+from backplane.platforms.cpu.int4 import int4_kernel_supported
 from backplane.platforms.cpu.decoder_layer import DecoderLayerRunner
 
 pytestmark = pytest.mark.skipif(native.compiler() is None, reason="no C compiler")
@@ -50,17 +52,25 @@ def _run(model_dir: str, **engine) -> tuple[LLM, list]:
                  for o in outputs]
 
 
-@pytest.mark.parametrize("arch,engine", [
-    ("llama", {}),
-    ("qwen2", {}),  # q/k/v biases, tied embeddings
-    ("mistral", {"kv_cache_dtype": "fp8"}),
-    ("llama", {"quantization": "int8"}),
-    ("qwen2", {"quantization": "int8_weight_only"}),
-    ("llama", {"quantization": "fp8"}),
+@pytest.mark.parametrize("arch,checkpoint,engine", [
+    ("llama", None, {}),
+    ("qwen2", None, {}),  # q/k/v biases, tied embeddings
+    ("mistral", None, {"kv_cache_dtype": "fp8"}),
+    ("llama", None, {"quantization": "int8"}),
+    ("qwen2", None, {"quantization": "int8_weight_only"}),
+    ("llama", None, {"quantization": "fp8"}),
+    ("qwen2", "gptq-int4", {}),  # one int4 GEMM per q/k/v and gate/up part
+    ("llama", "awq-int4", {}),
+    ("llama", "int8", {}),  # a compressed-tensors W8A8 checkpoint
 ])
 def test_decode_steps_run_each_layer_in_one_call_bit_for_bit(
-        arch, engine, tiny_model_factory, runner_calls, monkeypatch):
+        arch, checkpoint, engine, tiny_model_factory, tmp_path, runner_calls, monkeypatch):
     model_dir = tiny_model_factory(arch)
+    if checkpoint is not None:
+        if checkpoint.endswith("int4") and not int4_kernel_supported():
+            pytest.skip("no int4 kernel on this CPU")
+        quantize_checkpoint(model_dir, str(tmp_path / checkpoint), checkpoint, group_size=32)
+        model_dir = str(tmp_path / checkpoint)
     fused, got = _run(model_dir, **engine)
     layers = _layers(fused)
     assert layers and all(isinstance(m.block_runner, DecoderLayerRunner) for m in layers)
@@ -73,10 +83,11 @@ def test_decode_steps_run_each_layer_in_one_call_bit_for_bit(
     assert got == want  # token ids and logprobs, bit for bit
 
 
-def test_layers_without_c_kernels_keep_their_modules(tiny_model_factory):
-    """float32 models (transformers' numerics), q/k-norm layers (Qwen3) and LoRA-enabled
-    engines (adapters wrap the linear layers after the platform prepared them) run the
-    modules; so does a layer whose parts are not the platform's own."""
+def test_layers_without_c_kernels_keep_their_modules(tiny_model_factory, tmp_path):
+    """float32 models (transformers' numerics), q/k-norm layers (Qwen3), act-order
+    GPTQ layers (activations gathered first) and LoRA-enabled engines (adapters wrap
+    the linear layers after the platform prepared them) run the modules; so does a
+    layer whose parts are not the platform's own."""
     float32 = LLM(model=tiny_model_factory("llama"), max_model_len=128, num_kv_blocks=16)
     assert all(m.block_runner is None for m in _layers(float32))
     qk_norm = LLM(model=tiny_model_factory("qwen3"), dtype="bfloat16", max_model_len=128,
@@ -85,5 +96,11 @@ def test_layers_without_c_kernels_keep_their_modules(tiny_model_factory):
     lora = LLM(model=tiny_model_factory("llama"), dtype="bfloat16", max_model_len=128,
                num_kv_blocks=16, enable_lora=True, max_lora_rank=8)
     assert all(m.block_runner is None for m in _layers(lora))
+    if int4_kernel_supported():
+        act_order = str(tmp_path / "act-order")
+        quantize_checkpoint(tiny_model_factory("llama"), act_order, "gptq-int4", group_size=32,
+                            desc_act=True)
+        gptq = LLM(model=act_order, dtype="bfloat16", max_model_len=128, num_kv_blocks=16)
+        assert all(m.block_runner is None for m in _layers(gptq))
     block = _layers(float32)[0].block()
     assert block is not None and DecoderLayerRunner.for_block(block, None) is None

@@ -14,8 +14,9 @@ layer, so the output is bit-identical to the module path.
 The runner (`DecoderLayerRunner`) is given to every plain pre-norm decoder layer
 (``layer.block()``, plugins_sdk.decoder_block) whose parts are this platform's:
 fused bf16 norms, rotary and SiLU-and-mul, and linear layers with a C GEMM
-(bf16, int8 W8A16 / W8A8, fp8; not the int4 kernel). It declines (the modules
-run) every step that is not a pure decode batch on the ``cpu_paged`` backend:
+(bf16, int8 W8A16 / W8A8, fp8, GPTQ / AWQ int4 without act-order, and the
+quantized checkpoint layers running them). It declines (the modules run) every
+step that is not a pure decode batch on the ``cpu_paged`` backend:
 prefills and mixed batches, per-layer backends, the KV-scale calibration step.
 BACKPLANE_CPU_DECODER_LAYER=0 turns it off.
 """
@@ -43,9 +44,17 @@ logger = logging.getLogger(__name__)
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
 
 
+class _Gemm(ctypes.Structure):  # cpu_ops.c: native_gemm
+    _fields_ = [("kind", _I64), ("fn", _P), ("packed", _P), ("scales", _P), ("zeros", _P),
+                ("offsets", _P), ("bias", _P), ("n", _I64), ("k", _I64), ("group", _I64)]
+
+
+_MAX_PARTS = 3  # cpu_ops.c: MAX_PARTS
+_KINDS = {"bf16": 0, "scaled": 1, "int4": 2}
+
+
 class _Linear(ctypes.Structure):  # cpu_ops.c: native_linear
-    _fields_ = [("fn", _P), ("packed", _P), ("scales", _P), ("bias", _P), ("n", _I64),
-                ("k", _I64)]
+    _fields_ = [("parts", _I64), ("part", _Gemm * _MAX_PARTS)]
 
 
 class _Layer(ctypes.Structure):  # cpu_ops.c: decoder_layer
@@ -63,9 +72,29 @@ class _Step(ctypes.Structure):  # cpu_ops.c: decode_step
                 ("window", _I32), ("soft_cap", _F32)]
 
 
-def _linear(gemm: NativeGemm) -> _Linear:
-    return _Linear(gemm.function, gemm.packed, gemm.scales, gemm.bias, gemm.out_features,
-                   gemm.in_features)
+def _linear(parts: list[NativeGemm]) -> _Linear:
+    linear = _Linear(parts=len(parts))
+    for slot, g in zip(linear.part, parts):
+        slot.kind, slot.fn, slot.packed, slot.bias = _KINDS[g.kind], g.function, g.packed, g.bias
+        slot.scales, slot.zeros, slot.offsets = g.scales, g.zeros, g.offsets
+        slot.n, slot.k, slot.group = g.out_features, g.in_features, g.group
+    return linear
+
+
+def native_gemms(module: nn.Module) -> list[NativeGemm] | None:
+    """The GEMMs of a linear layer whose kernels C can call, side by side in its output:
+    the platform's own linear layers, and quantized checkpoint layers (``layer_kind``
+    ``"quantized_linear"``) through their platform kernels (a 4-bit fused q/k/v has one
+    per part). None when one of them has no C entry point."""
+    if getattr(type(module), "layer_kind", None) == "quantized_linear":
+        kernels = getattr(module, "kernels", None)
+        if kernels is None or not 0 < len(kernels) <= _MAX_PARTS:
+            return None
+        parts = [native_gemms(kernel) for kernel in kernels]
+        return None if any(p is None for p in parts) else [g for p in parts for g in p]
+    native = getattr(module, "native_gemm", None)
+    gemm = native() if native is not None else None
+    return None if gemm is None else [gemm]
 
 
 class DecodeStepPlan:
@@ -129,7 +158,7 @@ class DecoderLayerRunner:
     one ``decoder_layer_decode`` call for decode steps, None (the modules run) for
     anything else."""
 
-    def __init__(self, block: DecoderBlock, gemms: dict[str, NativeGemm],
+    def __init__(self, block: DecoderBlock, gemms: dict[str, list[NativeGemm]],
                  plan: DecodeStepPlan) -> None:
         self._plan = plan
         self._block = block  # keeps the weights whose addresses the struct holds alive
@@ -164,17 +193,19 @@ class DecoderLayerRunner:
         gemms = {}
         for name, module in (("qkv", block.qkv_proj), ("o", block.o_proj),
                              ("gate_up", block.gate_up_proj), ("down", block.down_proj)):
-            native = getattr(module, "native_gemm", None)
-            gemms[name] = native() if native is not None else None
+            gemms[name] = native_gemms(module)
             if gemms[name] is None:
                 return None
         hidden = block.input_norm.hidden_size
         q, kv = block.num_heads * block.head_size, block.num_kv_heads * block.head_size
-        inter = gemms["down"].in_features
+        inter = block.down_proj.in_features
         expected = {"qkv": (q + 2 * kv, hidden), "o": (hidden, q), "gate_up": (2 * inter, hidden),
                     "down": (hidden, inter)}
-        if any((g.out_features, g.in_features) != expected[name] for name, g in gemms.items()):
-            return None
+        for name, parts in gemms.items():
+            width, depth = expected[name]
+            if (sum(g.out_features for g in parts) != width
+                    or any(g.in_features != depth for g in parts)):
+                return None
         return cls(block, gemms, plan)
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx

@@ -111,10 +111,11 @@ class Fp8Linear(nn.Module):
         """This layer as C code calls it (`linear.NativeGemm`, decoder_layer.py)."""
         from backplane.platforms.cpu.linear import NativeGemm, function_address
 
-        return NativeGemm(function_address(_fp8_lib(self.isa).gemm_fp8),
-                          self.packed_weight.data_ptr(), self.kernel_scales.data_ptr(),
+        return NativeGemm("scaled", function_address(_fp8_lib(self.isa).gemm_fp8),
+                          self.packed_weight.data_ptr(),
                           None if self.bias is None else self.bias.data_ptr(),
-                          self.out_features, self.in_features)
+                          self.out_features, self.in_features,
+                          scales=self.kernel_scales.data_ptr())
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float32 weight the kernel computes with (e4m3 value x row scale)."""

@@ -129,6 +129,17 @@ class Int4Linear(nn.Module):
         out = out.reshape(*lead, self.out_features)
         return out if out.dtype == x.dtype or self.float_output else out.to(x.dtype)
 
+    def native_gemm(self):
+        """This layer as C code calls it (`linear.NativeGemm`, decoder_layer.py); None
+        for logits and act-order layers (their activations are gathered first)."""
+        from backplane.platforms.cpu.linear import NativeGemm, function_address
+
+        if self.float_output or self.perm is not None:
+            return None
+        packed, scales, zeros, offsets, n, k, group, bias = self._args
+        return NativeGemm("int4", function_address(self._kernel), packed, bias, n, k,
+                          scales=scales, zeros=zeros, offsets=offsets, group=group)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"{self.method} int4, group_size={self.group_size}"

@@ -37,16 +37,22 @@ from backplane.platforms.cpu.runtime import release_free_heap
 logger = logging.getLogger(__name__)
 
 class NativeGemm(NamedTuple):
-    """A linear layer as the C kernels call it with bf16 activations and bf16 output:
-    ``function(x, xs, m, packed, [scales,] n, k, bias, out, os, out_f32)`` (the
-    ``scales`` argument only when it is not None); addresses as ints, 0/None for none."""
+    """A linear layer's GEMM as C code calls it (decoder_layer.py), bf16 activations in
+    and bf16 out; addresses as ints (None: none). ``kind``: "bf16" ``function(x, xs, m,
+    packed, n, k, bias, out, os, out_f32)``; "scaled" (8-bit weights) the same with
+    ``scales`` after ``packed``; "int4" ``function(x, xs, m, x_f32, packed, scales,
+    zeros, offsets, n, k, group, bias, out, os, out_f32)`` (int4.py's tables)."""
 
+    kind: str
     function: int
     packed: int
-    scales: int | None
     bias: int | None
     out_features: int
     in_features: int
+    scales: int | None = None
+    zeros: int | None = None
+    offsets: int | None = None
+    group: int = 0
 
 
 def function_address(function: ctypes._CFuncPtr) -> int:
@@ -251,8 +257,8 @@ class BlockedBf16Linear(nn.Module):
         """This layer as C code calls it (decoder_layer.py); None for logits."""
         if self.float_output:
             return None
-        return NativeGemm(function_address(gemm_kernels(self.isa).gemm_bf16),
-                          self.packed_weight.data_ptr(), None, _data_ptr(self.bias),
+        return NativeGemm("bf16", function_address(gemm_kernels(self.isa).gemm_bf16),
+                          self.packed_weight.data_ptr(), _data_ptr(self.bias),
                           self.out_features, self.in_features)
 
     def extra_repr(self) -> str:
@@ -392,9 +398,9 @@ class Int8Linear(nn.Module):
             return None
         lib = self._lib
         gemm = lib.gemm_w8a8_bf16 if self.activations == "int8" else lib.gemm_w8
-        return NativeGemm(function_address(gemm), self.packed_weight.data_ptr(),
-                          self.scales.data_ptr(), _data_ptr(self.bias), self.out_features,
-                          self.in_features)
+        return NativeGemm("scaled", function_address(gemm), self.packed_weight.data_ptr(),
+                          _data_ptr(self.bias), self.out_features, self.in_features,
+                          scales=self.scales.data_ptr())
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float32 weight the kernel computes with (scale x int8), for reference checks."""

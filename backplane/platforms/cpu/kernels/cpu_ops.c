@@ -142,14 +142,19 @@ void rotary_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *cos, const
  * costs when each of its nine kernels is called from Python.
  * ------------------------------------------------------------------------ */
 
-/* The GEMMs of the platform's linear layers (gemm_bf16.c, gemm_avx2.c, gemm_fp8.c):
- * plain bf16 weights, or 8-bit weights with one float32 scale per output row. */
+/* The GEMMs of the platform's linear layers (gemm_bf16.c, gemm_avx2.c, gemm_fp8.c,
+ * gemm_int4.c): plain bf16 weights, 8-bit weights with one float32 scale per output
+ * row, and 4-bit weights with per-group scale, zero and offset tables. */
 typedef int (*gemm_fn)(const uint16_t *x, int64_t xs, int64_t m, const void *packed,
                        int64_t n, int64_t k, const float *bias, void *out, int64_t os,
                        int out_f32);
 typedef int (*scaled_gemm_fn)(const uint16_t *x, int64_t xs, int64_t m, const void *packed,
                               const float *scales, int64_t n, int64_t k, const float *bias,
                               void *out, int64_t os, int out_f32);
+typedef int (*int4_gemm_fn)(const void *x, int64_t xs, int64_t m, int x_f32,
+                            const void *packed, const float *scales, const float *zeros,
+                            const float *offsets, int64_t n, int64_t k, int64_t group,
+                            const float *bias, void *out, int64_t os, int out_f32);
 
 /* paged_attention.c's decode_attention (one build per attention geometry). */
 typedef void (*decode_attention_fn)(
@@ -160,13 +165,24 @@ typedef void (*decode_attention_fn)(
     int64_t num_kv_heads, int32_t window, float scale, float soft_cap, const float *kv_scales,
     void *out, int64_t out_stride);
 
-/* A linear layer: fn is a gemm_fn when scales is NULL, else a scaled_gemm_fn. */
+enum { GEMM_BF16 = 0, GEMM_SCALED = 1, GEMM_INT4 = 2 };
+
+/* One GEMM: fn is a gemm_fn, scaled_gemm_fn or int4_gemm_fn by kind. */
 typedef struct {
+    int64_t kind;
     void *fn;
     const void *packed;
-    const float *scales;
+    const float *scales, *zeros, *offsets; /* scaled: scales; int4: all three tables */
     const float *bias;
-    int64_t n, k;
+    int64_t n, k, group;
+} native_gemm;
+
+/* A linear layer: up to three GEMMs whose outputs sit side by side (a 4-bit
+ * checkpoint's fused q/k/v keeps one GEMM per part). */
+#define MAX_PARTS 3
+typedef struct {
+    int64_t parts;
+    native_gemm part[MAX_PARTS];
 } native_linear;
 
 /* One layer: fixed at load, except the cache fields the caller sets per call. */
@@ -193,12 +209,28 @@ typedef struct {
     float soft_cap;
 } decode_step;
 
+static int run_gemm(const native_gemm *g, const uint16_t *x, int64_t xs, int64_t m,
+                    uint16_t *out, int64_t os) {
+    switch (g->kind) {
+    case GEMM_SCALED:
+        return ((scaled_gemm_fn)g->fn)(x, xs, m, g->packed, g->scales, g->n, g->k, g->bias,
+                                       out, os, 0);
+    case GEMM_INT4:
+        return ((int4_gemm_fn)g->fn)(x, xs, m, 0, g->packed, g->scales, g->zeros, g->offsets,
+                                     g->n, g->k, g->group, g->bias, out, os, 0);
+    default:
+        return ((gemm_fn)g->fn)(x, xs, m, g->packed, g->n, g->k, g->bias, out, os, 0);
+    }
+}
+
+/* out [m, sum of the parts' n] = x @ W.T, each part into its own columns. */
 static int run_linear(const native_linear *l, const uint16_t *x, int64_t xs, int64_t m,
                       uint16_t *out) {
-    if (l->scales)
-        return ((scaled_gemm_fn)l->fn)(x, xs, m, l->packed, l->scales, l->n, l->k, l->bias,
-                                       out, l->n, 0);
-    return ((gemm_fn)l->fn)(x, xs, m, l->packed, l->n, l->k, l->bias, out, l->n, 0);
+    int64_t width = 0;
+    for (int64_t i = 0; i < l->parts; i++) width += l->part[i].n;
+    for (int64_t i = 0, col = 0; i < l->parts; col += l->part[i].n, i++)
+        if (run_gemm(&l->part[i], x, xs, m, out + col, width)) return -1;
+    return 0;
 }
 
 /* bf16 elements of scratch decoder_layer_decode needs for m tokens. */
