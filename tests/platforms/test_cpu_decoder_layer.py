@@ -10,8 +10,8 @@ import torch
 from backplane import LLM, SamplingParams
 from backplane.benchmarks.make_model import quantize_checkpoint
 from backplane.platforms.cpu import native
-from backplane.platforms.cpu.int4 import int4_kernel_supported
 from backplane.platforms.cpu.decoder_layer import DecoderLayerRunner
+from backplane.platforms.cpu.int4 import int4_kernel_supported
 
 pytestmark = pytest.mark.skipif(native.compiler() is None, reason="no C compiler")
 

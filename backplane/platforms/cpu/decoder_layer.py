@@ -74,7 +74,8 @@ class _Step(ctypes.Structure):  # cpu_ops.c: decode_step
 
 def _linear(parts: list[NativeGemm]) -> _Linear:
     linear = _Linear(parts=len(parts))
-    for slot, g in zip(linear.part, parts):
+    for i, g in enumerate(parts):
+        slot = linear.part[i]
         slot.kind, slot.fn, slot.packed, slot.bias = _KINDS[g.kind], g.function, g.packed, g.bias
         slot.scales, slot.zeros, slot.offsets = g.scales, g.zeros, g.offsets
         slot.n, slot.k, slot.group = g.out_features, g.in_features, g.group
@@ -106,6 +107,7 @@ class DecodeStepPlan:
         self.step = _Step()
         self.address = ctypes.addressof(self.step)
         self._key: tuple[object, object] | None = None  # (metadata, cos) of the built step
+        self._keep: tuple[torch.Tensor, ...] = ()  # the step's tensors the struct points into
         self.accepted = False
         self.backend: CpuPagedAttentionBackend | None = None
         self._workspace = torch.empty(0, dtype=torch.bfloat16)
@@ -116,7 +118,7 @@ class DecodeStepPlan:
         if self._key is not None and self._key[0] is ctx.metadata and self._key[1] is cos:
             return self.accepted
         self._key = (ctx.metadata, cos)
-        self._keep = (sin, x)  # the step's tensors whose addresses the step struct holds
+        self._keep = (sin, x)
         self.accepted = self._build(x, cos, sin, ctx, half_rotary)
         return self.accepted
 
