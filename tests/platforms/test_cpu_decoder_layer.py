@@ -12,6 +12,7 @@ from backplane.benchmarks.make_model import quantize_checkpoint
 from backplane.platforms.cpu import native
 from backplane.platforms.cpu.decoder_layer import DecoderLayerRunner
 from backplane.platforms.cpu.int4 import int4_kernel_supported
+from tests.fixtures.tiny_moe import make_tiny_moe_model
 
 pytestmark = pytest.mark.skipif(native.compiler() is None, reason="no C compiler")
 
@@ -84,15 +85,18 @@ def test_decode_steps_run_each_layer_in_one_call_bit_for_bit(
 
 
 def test_layers_without_c_kernels_keep_their_modules(tiny_model_factory, tmp_path):
-    """float32 models (transformers' numerics), q/k-norm layers (Qwen3), act-order
-    GPTQ layers (activations gathered first) and LoRA-enabled engines (adapters wrap
-    the linear layers after the platform prepared them) run the modules; so does a
-    layer whose parts are not the platform's own."""
+    """float32 models (transformers' numerics), q/k-norm layers (Qwen3), mixture-of-
+    experts layers, act-order GPTQ layers (activations gathered first) and LoRA-enabled
+    engines (adapters wrap the linear layers after the platform prepared them) run the
+    modules; so does a layer whose parts are not the platform's own."""
     float32 = LLM(model=tiny_model_factory("llama"), max_model_len=128, num_kv_blocks=16)
     assert all(m.block_runner is None for m in _layers(float32))
     qk_norm = LLM(model=tiny_model_factory("qwen3"), dtype="bfloat16", max_model_len=128,
                   num_kv_blocks=16)
     assert all(m.block() is None and m.block_runner is None for m in _layers(qk_norm))
+    moe = LLM(model=make_tiny_moe_model(tmp_path / "mixtral", "mixtral"), dtype="bfloat16",
+              max_model_len=128, num_kv_blocks=16)
+    assert all(m.block() is None and m.block_runner is None for m in _layers(moe))
     lora = LLM(model=tiny_model_factory("llama"), dtype="bfloat16", max_model_len=128,
                num_kv_blocks=16, enable_lora=True, max_lora_rank=8)
     assert all(m.block_runner is None for m in _layers(lora))

@@ -251,9 +251,10 @@ class DecoderLayer(nn.Module):
     def block(self) -> DecoderBlock | None:
         """This layer's modules as a `DecoderBlock`, or None when it is not the plain
         pre-norm block (q/k norms, post-norms, a residual multiplier, tensor-parallel
-        shards whose outputs are all-reduced)."""
+        shards whose outputs are all-reduced, a mixture-of-experts MLP)."""
         attn, mlp = self.self_attn, self.mlp
-        if (self.post_norms or self.residual_multiplier != 1.0 or attn.qk_norm
+        if (type(self).forward is not DecoderLayer.forward  # a subclass computes more
+                or not isinstance(mlp, DecoderMLP) or self.post_norms or self.residual_multiplier != 1.0 or attn.qk_norm
                 or attn.tp.size > 1 or mlp.tp.size > 1):
             return None
         return DecoderBlock(

@@ -24,7 +24,6 @@ BACKPLANE_CPU_DECODER_LAYER=0 turns it off.
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 
 import torch
@@ -34,12 +33,11 @@ from backplane.platforms.cpu.fused_layers import FusedRMSNorm, FusedRotary, Fuse
 from backplane.platforms.cpu.linear import NativeGemm
 from backplane.platforms.cpu.native import check_status
 from backplane.platforms.cpu.paged_attention import (
+    UNIT_KV_SCALES,
     CpuPagedAttentionBackend,
     CpuPagedAttentionMetadata,
 )
 from backplane.plugins_sdk import DecoderBlock
-
-logger = logging.getLogger(__name__)
 
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
 
@@ -238,7 +236,7 @@ class DecoderLayerRunner:
         layer.key_cache = kv.data_ptr()
         layer.value_cache = kv.data_ptr() + kv.stride(0) * kv.element_size()
         layer.num_blocks = kv.shape[2]
-        layer.kv_scales = _UNIT_SCALES.data_ptr()
+        layer.kv_scales = UNIT_KV_SCALES.data_ptr()
         self._kv, self._kv_scales = kv, None  # an fp8 cache's scales are bound next
         return True
 
@@ -249,10 +247,6 @@ class DecoderLayerRunner:
         self._layer.kv_scales = scales.data_ptr()
         self._kv_scales = scales
         return True
-
-
-# The kernel's kv_scales of an unquantized cache (it multiplies by them).
-_UNIT_SCALES = torch.ones(2, dtype=torch.float32)
 
 
 def set_decoder_layer_runners(model: nn.Module) -> int:

@@ -41,7 +41,7 @@ _SCALAR_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # The kernel's CACHE_KIND: 0 the cache holds the scalar type, else the fp8 format.
 _CACHE_KINDS = {torch.float8_e4m3fn: 1, torch.float8_e5m2: 2}
 # kv_scales of an unquantized cache: the kernel's scale arguments are then 1.
-_UNIT_SCALES = torch.ones(2, dtype=torch.float32)
+UNIT_KV_SCALES = torch.ones(2, dtype=torch.float32)
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
 
 
@@ -215,7 +215,7 @@ class CpuPagedAttentionBackend(HeadMajorCpuCache):
             got = None if kv_scales is None else (kv_scales.dtype, tuple(kv_scales.shape))
             raise ValueError(f"cpu_paged with kv_cache_dtype {spec.kv_cache_dtype!r} needs "
                              f"kv_scales, a contiguous float32 [k_scale, v_scale]; got {got}")
-        scales = kv_scales if self._fp8 else _UNIT_SCALES
+        scales = kv_scales if self._fp8 else UNIT_KV_SCALES
         q, q_stride = _rows(query, n, spec.num_heads, spec.head_size)
         k, k_stride = _rows(key, n, spec.num_kv_heads, spec.head_size)
         v, v_stride = _rows(value, n, spec.num_kv_heads, spec.head_size)
