@@ -254,7 +254,8 @@ class DecoderLayer(nn.Module):
         shards whose outputs are all-reduced, a mixture-of-experts MLP)."""
         attn, mlp = self.self_attn, self.mlp
         if (type(self).forward is not DecoderLayer.forward  # a subclass computes more
-                or not isinstance(mlp, DecoderMLP) or self.post_norms or self.residual_multiplier != 1.0 or attn.qk_norm
+                or not isinstance(mlp, DecoderMLP) or self.post_norms
+                or self.residual_multiplier != 1.0 or attn.qk_norm
                 or attn.tp.size > 1 or mlp.tp.size > 1):
             return None
         return DecoderBlock(

@@ -60,7 +60,7 @@ def function_address(function: ctypes._CFuncPtr) -> int:
     return ctypes.cast(function, ctypes.c_void_p).value
 
 
-def _data_ptr(t: torch.Tensor | None) -> int | None:
+def optional_data_ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
@@ -258,7 +258,7 @@ class BlockedBf16Linear(nn.Module):
         if self.float_output:
             return None
         return NativeGemm("bf16", function_address(gemm_kernels(self.isa).gemm_bf16),
-                          self.packed_weight.data_ptr(), _data_ptr(self.bias),
+                          self.packed_weight.data_ptr(), optional_data_ptr(self.bias),
                           self.out_features, self.in_features)
 
     def extra_repr(self) -> str:
@@ -399,7 +399,7 @@ class Int8Linear(nn.Module):
         lib = self._lib
         gemm = lib.gemm_w8a8_bf16 if self.activations == "int8" else lib.gemm_w8
         return NativeGemm("scaled", function_address(gemm), self.packed_weight.data_ptr(),
-                          _data_ptr(self.bias), self.out_features, self.in_features,
+                          optional_data_ptr(self.bias), self.out_features, self.in_features,
                           scales=self.scales.data_ptr())
 
     def dequantized_weight(self) -> torch.Tensor:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from backplane.platforms.cpu.huge_pages import HeadMajorCpuCache
-from backplane.platforms.cpu.linear import gemm_isa
+from backplane.platforms.cpu.linear import function_address, gemm_isa
 from backplane.platforms.cpu.native import KernelBuildError, load_gemm_kernel
 from backplane.plugins_sdk import AttentionSpec, CommonAttentionMetadata
 from backplane.plugins_sdk.attention import FP8_KV_CACHE_DTYPES, kv_cache_torch_dtype
@@ -179,8 +179,7 @@ class CpuPagedAttentionBackend(HeadMajorCpuCache):
         """For C callers of this backend's decode step (decoder_layer.py): the address of
         the kernel's ``decode_attention`` (paged_attention.c), the sliding window (0:
         none) and the logits soft cap (0: none)."""
-        return (ctypes.cast(self._lib.decode_attention, ctypes.c_void_p).value,
-                self._window, self._soft_cap)
+        return function_address(self._lib.decode_attention), self._window, self._soft_cap
 
     def build_metadata(self, common: CommonAttentionMetadata) -> CpuPagedAttentionMetadata:
         n, num_reqs = common.num_actual_tokens, common.num_reqs
