@@ -109,7 +109,7 @@ class Fp8Linear(nn.Module):
 
     def native_gemm(self):
         """This layer as C code calls it (`linear.NativeGemm`, decoder_layer.py)."""
-        from backplane.platforms.cpu.linear import NativeGemm, optional_data_ptr, function_address
+        from backplane.platforms.cpu.linear import NativeGemm, function_address, optional_data_ptr
 
         return NativeGemm("scaled", function_address(_fp8_lib(self.isa).gemm_fp8),
                           self.packed_weight.data_ptr(), optional_data_ptr(self.bias),
