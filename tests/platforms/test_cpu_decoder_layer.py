@@ -12,6 +12,7 @@ from backplane.benchmarks.make_model import quantize_checkpoint
 from backplane.platforms.cpu import native
 from backplane.platforms.cpu.decoder_layer import DecoderLayerRunner
 from backplane.platforms.cpu.int4 import int4_kernel_supported
+from backplane.platforms.cpu.linear import gemm_isa
 from tests.fixtures.tiny_moe import make_tiny_moe_model
 
 pytestmark = pytest.mark.skipif(native.compiler() is None, reason="no C compiler")
@@ -108,3 +109,20 @@ def test_layers_without_c_kernels_keep_their_modules(tiny_model_factory, tmp_pat
         assert all(m.block_runner is None for m in _layers(gptq))
     block = _layers(float32)[0].block()
     assert block is not None and DecoderLayerRunner.for_block(block, None) is None
+
+
+@pytest.mark.skipif(gemm_isa() != "avx512_bf16", reason="the fused gate/up GEMM is AVX512-BF16's")
+def test_gate_up_gemm_runs_with_silu_fused_bit_for_bit(tiny_model_factory, runner_calls,
+                                                       monkeypatch):
+    """On the AVX512-BF16 kernels each layer's gate/up GEMM writes SiLU-and-mul's output
+    directly (gemm_bf16_silu); BACKPLANE_CPU_FUSED_GATE_UP=0 runs the two steps, with
+    the same bits."""
+    model_dir = tiny_model_factory("qwen2")
+    fused, got = _run(model_dir)
+    assert all(m.block_runner._layer.gate_up_silu for m in _layers(fused))
+    assert runner_calls["ran"] > 0
+    monkeypatch.setenv("BACKPLANE_CPU_FUSED_GATE_UP", "0")
+    plain, want = _run(model_dir)
+    assert all(m.block_runner is not None and not m.block_runner._layer.gate_up_silu
+               for m in _layers(plain))
+    assert got == want

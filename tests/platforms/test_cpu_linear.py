@@ -215,3 +215,37 @@ def test_compiled_level_skips_prepacking_and_runs(llama_model_dir):
     (out,) = llm.generate(["the quick brown fox"], SamplingParams(temperature=0.0, max_tokens=2),
                           use_tqdm=False)
     assert len(out.outputs[0].token_ids) >= 1
+
+
+@pytest.mark.skipif("avx512_bf16" not in runnable_gemm_isas(), reason="no AVX512-BF16 kernel")
+@pytest.mark.parametrize("rows", [1, 3, 8, 13, 64])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gate_up_gemm_with_fused_silu_matches_the_two_steps_bit_for_bit(rows, bias):
+    """gemm_bf16_silu (the decode layer's gate/up projection, SiLU-and-mul in its store)
+    gives the bits of the bf16 GEMM followed by the SiLU-and-mul kernel, for tiles of
+    every height; an intermediate size that is not a multiple of 16 is refused (-1) and
+    the caller runs the two steps."""
+    from backplane.core.layers.activation import SiluAndMul
+    from backplane.platforms.cpu.fused_layers import FusedSiluAndMul
+
+    torch.manual_seed(rows)
+    d, k = 48, 72  # three gate blocks: one work item per block, an odd count
+    layer = BlockedBf16Linear(torch.randn(2 * d, k, dtype=torch.bfloat16) * 0.3,
+                              torch.randn(2 * d) if bias else None, float_output=False,
+                              isa="avx512_bf16")
+    x = torch.randn(rows, k, dtype=torch.bfloat16) * 2
+    want = FusedSiluAndMul(SiluAndMul())(layer(x))
+    gemm = layer.native_gemm()
+    assert gemm.silu_function is not None
+    lib = cpu_linear.gemm_kernels("avx512_bf16")
+    got = torch.full((rows, d + 5), 7.0, dtype=torch.bfloat16)  # row stride d + 5
+    status = lib.gemm_bf16_silu(x.data_ptr(), k, rows, gemm.packed, d, k, gemm.bias,
+                                got.data_ptr(), d + 5)
+    assert status == 0
+    assert torch.equal(got[:, :d].view(torch.int16), want.view(torch.int16))
+    assert bool((got[:, d:] == 7.0).all())  # nothing written past each row's d columns
+    assert lib.gemm_bf16_silu(x.data_ptr(), k, rows, gemm.packed, d - 8, k, None,
+                              got.data_ptr(), d + 5) == -1
+    odd = BlockedBf16Linear(torch.randn(2 * 40, k, dtype=torch.bfloat16), None,
+                            float_output=False, isa="avx512_bf16")
+    assert odd.native_gemm().silu_function is None  # 40 gate rows: not whole blocks

@@ -61,7 +61,7 @@ class _Layer(ctypes.Structure):  # cpu_ops.c: decoder_layer
                 ("post_eps", _F32), ("scale", _F32), ("input_norm", _P), ("post_norm", _P),
                 ("qkv", _Linear), ("o", _Linear), ("gate_up", _Linear), ("down", _Linear),
                 ("key_cache", _P), ("value_cache", _P), ("num_blocks", _I64),
-                ("kv_scales", _P)]
+                ("kv_scales", _P), ("gate_up_silu", _P)]
 
 
 class _Step(ctypes.Structure):  # cpu_ops.c: decode_step
@@ -78,6 +78,14 @@ def _linear(parts: list[NativeGemm]) -> _Linear:
         slot.scales, slot.zeros, slot.offsets = g.scales, g.zeros, g.offsets
         slot.n, slot.k, slot.group = g.out_features, g.in_features, g.group
     return linear
+
+
+def _fused_gate_up(parts: list[NativeGemm]) -> int | None:
+    """The gate/up GEMM with SiLU-and-mul in its store, when the layer's kernel has one
+    (bit-identical to the two steps; BACKPLANE_CPU_FUSED_GATE_UP=0: the two steps)."""
+    if len(parts) != 1 or os.environ.get("BACKPLANE_CPU_FUSED_GATE_UP", "1") == "0":
+        return None
+    return parts[0].silu_function
 
 
 def native_gemms(module: nn.Module) -> list[NativeGemm] | None:
@@ -172,7 +180,8 @@ class DecoderLayerRunner:
             input_eps=norm_in.eps, post_eps=norm_post.eps, scale=block.scale,
             input_norm=norm_in.weight.data_ptr(), post_norm=norm_post.weight.data_ptr(),
             qkv=_linear(gemms["qkv"]), o=_linear(gemms["o"]),
-            gate_up=_linear(gemms["gate_up"]), down=_linear(gemms["down"]))
+            gate_up=_linear(gemms["gate_up"]), down=_linear(gemms["down"]),
+            gate_up_silu=_fused_gate_up(gemms["gate_up"]))
         self._address = ctypes.addressof(self._layer)
         self._lib = cpu_ops()
         self._call = self._lib.decoder_layer_decode

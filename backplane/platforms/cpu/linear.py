@@ -41,7 +41,10 @@ class NativeGemm(NamedTuple):
     and bf16 out; addresses as ints (None: none). ``kind``: "bf16" ``function(x, xs, m,
     packed, n, k, bias, out, os, out_f32)``; "scaled" (8-bit weights) the same with
     ``scales`` after ``packed``; "int4" ``function(x, xs, m, x_f32, packed, scales,
-    zeros, offsets, n, k, group, bias, out, os, out_f32)`` (int4.py's tables)."""
+    zeros, offsets, n, k, group, bias, out, os, out_f32)`` (int4.py's tables).
+    ``silu_function``: for a gate/up projection ``[gate | up]``, the same GEMM with
+    SiLU-and-mul fused into its store, ``function(x, xs, m, packed, n / 2, k, bias, act,
+    act_stride)`` (gemm_bf16.c's gemm_bf16_silu); None where the kernel has none."""
 
     kind: str
     function: int
@@ -53,6 +56,7 @@ class NativeGemm(NamedTuple):
     zeros: int | None = None
     offsets: int | None = None
     group: int = 0
+    silu_function: int | None = None
 
 
 def function_address(function: ctypes._CFuncPtr) -> int:
@@ -194,6 +198,9 @@ def gemm_kernels(isa: str | None) -> ctypes.CDLL:
     lib.pack_w8a8_from_bf16.restype = None
     lib.gemm_w8a8_bf16.argtypes = [p, i64, i64, p, p, i64, i64, p, p, i64, ctypes.c_int]
     lib.gemm_w8a8_bf16.restype = ctypes.c_int
+    if isa != "avx2":
+        lib.gemm_bf16_silu.argtypes = [p, i64, i64, p, i64, i64, p, p, i64]
+        lib.gemm_bf16_silu.restype = ctypes.c_int
     lib.w8a8_weight_offset.argtypes = []
     lib.w8a8_weight_offset.restype = ctypes.c_int
     return lib
@@ -257,9 +264,14 @@ class BlockedBf16Linear(nn.Module):
         """This layer as C code calls it (decoder_layer.py); None for logits."""
         if self.float_output:
             return None
-        return NativeGemm("bf16", function_address(gemm_kernels(self.isa).gemm_bf16),
+        lib = gemm_kernels(self.isa)
+        # The fused gate/up + SiLU-and-mul runs the AVX512-BF16 tiles; an AMX build's
+        # gemm_bf16 sums on AMX tiles, which the fused form would not match bit for bit.
+        fused = (function_address(lib.gemm_bf16_silu)
+                 if self.isa == "avx512_bf16" and self.out_features % 32 == 0 else None)
+        return NativeGemm("bf16", function_address(lib.gemm_bf16),
                           self.packed_weight.data_ptr(), optional_data_ptr(self.bias),
-                          self.out_features, self.in_features)
+                          self.out_features, self.in_features, silu_function=fused)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

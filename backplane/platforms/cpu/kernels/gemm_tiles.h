@@ -68,11 +68,10 @@ static inline __attribute__((always_inline)) __m512 load_scales(const float *sca
         }                                                                              \
     }
 
-/* The body of a tile: rows m0..m0+mt of x against two 16-row weight blocks w0, w1
- * whose column pair p (32 values at w + 32 p) becomes a bf16 vector by LOAD(ptr); each
- * output block's
- * accumulators go through SCALE(acc, block) before the store. */
-#define TILE_BODY(LOAD, SCALE)                                                         \
+/* The accumulation of a tile: rows m0..m0+mt of x against two 16-row weight blocks
+ * w0, w1 whose column pair p (32 values at w + 32 p) becomes a bf16 vector by
+ * LOAD(ptr), into acc0[i] and acc1[i] for row m0 + i. */
+#define TILE_ACCUMULATE(LOAD)                                                          \
     __m512 acc0[TILE_ROWS], acc1[TILE_ROWS];                                           \
     const uint16_t *rows[TILE_ROWS];                                                   \
     _Pragma("GCC unroll 8")                                                            \
@@ -92,7 +91,12 @@ static inline __attribute__((always_inline)) __m512 load_scales(const float *sca
             acc0[i] = _mm512_dpbf16_ps(acc0[i], a, xb);                                \
             acc1[i] = _mm512_dpbf16_ps(acc1[i], c, xb);                                \
         }                                                                              \
-    }                                                                                  \
+    }
+
+/* The body of a tile: TILE_ACCUMULATE, then each output block's accumulators go
+ * through SCALE(acc, block) before the store (w1's block b0 + 1 only if two). */
+#define TILE_BODY(LOAD, SCALE)                                                         \
+    TILE_ACCUMULATE(LOAD)                                                              \
     for (int i = 0; i < mt; i++) {                                                     \
         store_block(SCALE(acc0[i], b0), out, m0 + i, os, b0 * 16, n, bias, out_f32);   \
         if (two)                                                                       \
