@@ -153,7 +153,7 @@ def test_own_gemm_packing_is_the_default_where_supported(monkeypatch):
 def test_amx_is_picked_where_the_cpu_has_it_and_can_be_turned_off(monkeypatch):
     """An AMX CPU runs the tile GEMM by default; BACKPLANE_CPU_AMX=0 keeps the
     AVX512-BF16 one; a CPU without the flags never picks it."""
-    flags = cpu_linear._cpu_flags()
+    flags = cpu_linear.cpu_flags()
     cpu_linear._amx_usable.cache_clear()
     try:
         if {"avx512_bf16", "amx_tile", "amx_bf16"} <= flags and cpu_linear._amx_usable():
@@ -164,7 +164,7 @@ def test_amx_is_picked_where_the_cpu_has_it_and_can_be_turned_off(monkeypatch):
         cpu_linear._amx_usable.cache_clear()
         assert cpu_linear.gemm_isa() != "amx"
         monkeypatch.setenv("BACKPLANE_CPU_AMX", "1")
-        monkeypatch.setattr(cpu_linear, "_cpu_flags", lambda: flags - {"amx_bf16"})
+        monkeypatch.setattr(cpu_linear, "cpu_flags", lambda: flags - {"amx_bf16"})
         cpu_linear._amx_usable.cache_clear()
         assert cpu_linear.gemm_isa() != "amx"
     finally:

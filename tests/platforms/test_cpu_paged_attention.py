@@ -154,7 +154,7 @@ def test_whole_long_prompts_go_through_torch_attention(heads, kv_heads, head_siz
     """bf16 prompts of SDPA_PREFILL_MIN_TOKENS+ tokens with no cached prefix are attended
     by torch's flash attention (the kernel skips them); in the same steps decode tokens,
     a continued chunk and a short prompt stay on the kernel, and every output agrees with
-    the torch backend and with the kernel alone (BACKPLANE_CPU_SDPA_PREFILL=0)."""
+    the torch backend and with the kernel alone (BACKPLANE_CPU_SDPA_PREFILL=1 / 0)."""
     from backplane.platforms.cpu import paged_attention
 
     spec = AttentionSpec(heads, kv_heads, head_size, torch.bfloat16, block_size)
@@ -184,6 +184,7 @@ def test_whole_long_prompts_go_through_torch_attention(heads, kv_heads, head_siz
     assert [whole_prompts(lens) for lens in steps] == [[(0, long + 44)],
                                                        [(6, 6 + long + 3)]]
     expected = run(CpuSdpaAttentionBackend)
+    monkeypatch.setenv("BACKPLANE_CPU_SDPA_PREFILL", "1")
     with_torch = run(CpuPagedAttentionBackend)
     monkeypatch.setenv("BACKPLANE_CPU_SDPA_PREFILL", "0")
     kernel_only = run(CpuPagedAttentionBackend)
@@ -192,6 +193,24 @@ def test_whole_long_prompts_go_through_torch_attention(heads, kv_heads, head_siz
         assert (got - want).abs().max().item() <= TOLERANCE[torch.bfloat16] * scale
         assert (alone - want).abs().max().item() <= TOLERANCE[torch.bfloat16] * scale
         assert not torch.equal(got, alone)  # the long prompts really took the other path
+
+
+def test_torch_attention_for_long_prompts_is_the_default_except_on_avx512_bf16_without_amx(
+        monkeypatch):
+    """Where torch's bf16 flash attention has no AMX tiles but AVX512-BF16 CPUs run the
+    kernel's bf16 products, the kernel keeps long prompts; the variable overrides."""
+    from backplane.platforms.cpu import paged_attention
+
+    monkeypatch.delenv("BACKPLANE_CPU_SDPA_PREFILL", raising=False)
+    for flags, default in (({"avx512_bf16", "avx512f"}, False),
+                           ({"avx512_bf16", "amx_tile", "amx_bf16"}, True),
+                           ({"avx2", "fma", "f16c"}, True)):
+        monkeypatch.setattr(paged_attention, "cpu_flags", lambda f=flags: frozenset(f))
+        assert paged_attention.sdpa_prefill_enabled() is default
+        for forced in ("0", "1"):
+            monkeypatch.setenv("BACKPLANE_CPU_SDPA_PREFILL", forced)
+            assert paged_attention.sdpa_prefill_enabled() is (forced == "1")
+        monkeypatch.delenv("BACKPLANE_CPU_SDPA_PREFILL")
 
 
 @needs_compiler

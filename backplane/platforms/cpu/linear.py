@@ -133,7 +133,8 @@ def bf16_gemm_supported() -> bool:
 
 
 @functools.lru_cache(maxsize=1)
-def _cpu_flags() -> frozenset[str]:
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             return frozenset(next((line for line in f if line.startswith("flags")), "").split())
@@ -153,9 +154,9 @@ def gemm_isa() -> str | None:
     GEMM, gemm_amx.h, for the bf16 layers; everything else as "avx512_bf16"),
     "avx512_bf16" (bf16 and VNNI dot products, gemm_bf16.c), "avx2" (AVX2 + FMA +
     F16C: float32 FMAs, gemm_avx2.c), or None. BACKPLANE_CPU_AMX=0 skips AMX."""
-    if "avx512_bf16" in _cpu_flags():
+    if "avx512_bf16" in cpu_flags():
         return "amx" if _amx_usable() else "avx512_bf16"
-    if {"avx2", "fma", "f16c"} <= _cpu_flags():  # F16C: the fp8 weights' widening
+    if {"avx2", "fma", "f16c"} <= cpu_flags():  # F16C: the fp8 weights' widening
         return "avx2"
     return None
 
@@ -165,7 +166,7 @@ def _amx_usable() -> bool:
     """The CPU has AMX tiles with bf16, the kernel builds, and Linux granted this
     process the tile state (it must be asked for; kernels before 5.16 refuse)."""
     if (os.environ.get("BACKPLANE_CPU_AMX", "1") == "0"
-            or not {"amx_tile", "amx_bf16"} <= _cpu_flags()):
+            or not {"amx_tile", "amx_bf16"} <= cpu_flags()):
         return False
     try:
         gemm_kernels("amx")

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from backplane.platforms.cpu.huge_pages import HeadMajorCpuCache
-from backplane.platforms.cpu.linear import function_address, gemm_isa
+from backplane.platforms.cpu.linear import cpu_flags, function_address, gemm_isa
 from backplane.platforms.cpu.native import KernelBuildError, load_gemm_kernel
 from backplane.plugins_sdk import AttentionSpec, CommonAttentionMetadata
 from backplane.plugins_sdk.attention import FP8_KV_CACHE_DTYPES, kv_cache_torch_dtype
@@ -120,13 +120,28 @@ def _rows(t: torch.Tensor, n: int, heads: int, head_size: int) -> tuple[torch.Te
 
 # Prompts of at least this many tokens, attended in one piece (no cached prefix), go
 # through torch's scaled_dot_product_attention instead of the kernel (bf16 caches
-# without window or soft cap). The kernel runs one query token per work item in
-# vector code; torch's flash attention multiplies blocks of queries and keys (with
-# oneDNN, on AMX tiles where the CPU has them). Engine prefill of the qwen2-0.5b shape
-# on a 2-core AMX Xeon, kernel -> torch: 256 tokens 188-196 -> 193-200 ms (no gain),
-# 512: 415-424 -> 353-406, 1024: 981-1039 -> 757-778, 2048: 2596-2828 -> 1930-1987.
-# BACKPLANE_CPU_SDPA_PREFILL=0: off.
+# without window or soft cap) where `sdpa_prefill_enabled` says so. The kernel runs
+# one query token per work item in vector code; torch's flash attention multiplies
+# blocks of queries and keys (with oneDNN, on AMX tiles where the CPU has them). Engine
+# prefill of the qwen2-0.5b shape on a 2-core AMX Xeon, kernel -> torch: 256 tokens
+# 188-196 -> 193-200 ms (no gain), 512: 415-424 -> 353-406, 1024: 981-1039 -> 757-778,
+# 2048: 2596-2828 -> 1930-1987.
 SDPA_PREFILL_MIN_TOKENS = 384
+
+
+def sdpa_prefill_enabled() -> bool:
+    """Whether long whole bf16 prompts take torch's flash attention: BACKPLANE_CPU_SDPA_
+    PREFILL=1 / 0 forces it on / off; by default on, except on CPUs with AVX512-BF16 but
+    no AMX tiles. There torch's bf16 flash attention spends most of its time in MKL's
+    float32 sgemm, and the kernel prefilled faster at every length tried (2-core Zen 4,
+    qwen2-0.5b shape, alternated runs, tok/s kernel vs torch: 8 x 512 tokens 464-473 vs
+    407-426, 2 x 1024 410-435 vs 377, 1 x 2048 402 vs 343). AVX2-only CPUs keep torch's
+    (not measured against the kernel there)."""
+    forced = os.environ.get("BACKPLANE_CPU_SDPA_PREFILL")
+    if forced is not None:
+        return forced != "0"
+    flags = cpu_flags()
+    return "avx512_bf16" not in flags or "amx_bf16" in flags
 
 
 def _whole_prompt_ranges(qsl: np.ndarray, seq_lens: np.ndarray) -> list[tuple[int, int]]:
@@ -163,7 +178,7 @@ class CpuPagedAttentionBackend(HeadMajorCpuCache):
         self._window, self._soft_cap = spec.sliding_window or 0, float(spec.logits_soft_cap or 0.0)
         self._sdpa_prefill = (spec.dtype == torch.bfloat16 and not self._fp8
                               and not self._window and not self._soft_cap
-                              and os.environ.get("BACKPLANE_CPU_SDPA_PREFILL", "1") != "0")
+                              and sdpa_prefill_enabled())
 
     @property
     def cache_dtype(self) -> torch.dtype:
