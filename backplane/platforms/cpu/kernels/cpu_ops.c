@@ -256,7 +256,7 @@ int decoder_layer_decode(const decoder_layer *l, const decode_step *s, const uin
     if (run_linear(&l->o, attn, q, m, o)) return -1;
     add_rms_norm_bf16(o, h, x, h, l->post_norm, normed2, sum, m, h, l->post_eps);
     /* Fused, the gate/up GEMM skips writing and rereading [m, 2 inter] and the separate
-     * activation pass: a batch-64 decode step of the qwen2-0.5b shape 5-8 ms faster
+     * activation pass: a batch-64 decode step of the qwen2-0.5b shape 2.5-7.6 ms faster
      * (steps alternated in one engine, 2-core Zen 4). At batch 1 its two weight streams
      * per work item cost more than that (3 ms a step), so one token takes the two steps. */
     if (l->gate_up_silu && m > 1) {
