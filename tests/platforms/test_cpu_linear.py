@@ -224,7 +224,7 @@ def test_gate_up_gemm_with_fused_silu_matches_the_two_steps_bit_for_bit(rows, bi
     """gemm_bf16_silu (the decode layer's gate/up projection, SiLU-and-mul in its store)
     gives the bits of the bf16 GEMM followed by the SiLU-and-mul kernel, for tiles of
     every height; an intermediate size that is not a multiple of 16 is refused (-1) and
-    the caller runs the two steps."""
+    such a layer offers no fused entry point."""
     from backplane.core.layers.activation import SiluAndMul
     from backplane.platforms.cpu.fused_layers import FusedSiluAndMul
 

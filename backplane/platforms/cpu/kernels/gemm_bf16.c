@@ -117,10 +117,11 @@ static inline __attribute__((always_inline)) void tile_bf16_silu(
 
 /* act[m, d] = silu_and_mul(x @ W.T + bias) for W [2 d, K] packed by pack_bf16 (d a
  * multiple of 16, K even); x [M, K] bf16 with row stride xs, bias float32 [2 d] or
- * NULL, act bf16 with row stride os. Returns -1 for a d that is not a multiple of 16
- * (the caller then runs the two steps). Each work item reads two weight streams, a gate
- * and an up block: at batch 1, where the GEMV reads one, that made a decode step 3 ms
- * slower (decoder_layer_decode keeps the two steps there). */
+ * NULL, act bf16 with row stride os. Returns -1, computing nothing, for a d that is not
+ * a multiple of 16 (linear.py offers the kernel only for layers where it is). Each
+ * work item reads two weight streams, a gate and an up block: at batch 1, where the
+ * GEMV reads one, that made a decode step 3 ms slower (decoder_layer_decode keeps the
+ * two steps there). */
 int gemm_bf16_silu(const uint16_t *x, int64_t xs, int64_t m_total, const uint16_t *packed,
                    int64_t d, int64_t k, const float *bias, uint16_t *act, int64_t os) {
     if (d % 16) return -1;
