@@ -44,8 +44,7 @@ static void group_sums(const uint16_t *x, int64_t xs, int64_t m, int64_t k, int6
             int64_t j = 0;
             for (; j + 16 <= group; j += 16) {
                 const __m256i h = _mm256_loadu_si256((const __m256i *)(x + r * xs + g * group + j));
-                acc = _mm512_add_ps(acc, _mm512_castsi512_ps(
-                                             _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+                acc = _mm512_add_ps(acc, bf16x16_to_ps(h));
             }
             float s = _mm512_reduce_add_ps(acc);
             for (; j < group; j++) s += bf16_to_float(x[r * xs + g * group + j]);
