@@ -67,7 +67,12 @@ static void gemm_bf16_avx512(const uint16_t *x, int64_t xs, int64_t m_total,
         const int two = (b0 + 1) < nb;
         const uint16_t *w0 = packed + b0 * kp * 32;
         const uint16_t *w1 = two ? w0 + kp * 32 : w0;
-        ROW_TILES_8_FN(tile_bf16_weights, w0, w1, two, kp, n, b0, bias, out, os, out_f32)
+        /* The next pair's blocks (this thread's next item under the static schedule,
+         * but for the last of its share); an odd last block is prefetched twice. */
+        const uint16_t *nw0 = bp + 1 < npairs ? w0 + 2 * kp * 32 : NULL;
+        const uint16_t *nw1 = nw0 && b0 + 3 < nb ? nw0 + kp * 32 : nw0;
+        ROW_TILES_8_FN(tile_bf16_weights, w0, w1, two, kp, n, b0, bias, out, os, out_f32,
+                       nw0, nw1, m_total)
     }
 }
 
@@ -110,8 +115,11 @@ static __attribute__((noinline)) void store_silu_rows(
 static inline __attribute__((always_inline)) void tile_bf16_silu(
         const uint16_t *x, int64_t xs, int64_t m0, const int mt, const uint16_t *w0,
         const uint16_t *w1, int64_t kp, int64_t d, int64_t b, const float *bias,
-        uint16_t *act, int64_t os) {
-    TILE_ACCUMULATE(BF16_PAIR)
+        uint16_t *act, int64_t os, int64_t m_total) {
+    const uint16_t *pf0, *pf1;
+    const int64_t npf = next_block_prefetch(b + 1 < d / 16 ? w0 + kp * 32 : NULL,
+                                            w1 + kp * 32, kp, m0, m_total, &pf0, &pf1);
+    TILE_ACCUMULATE_PF(BF16_PAIR, pf0, pf1, npf)
     store_silu_rows(acc0, acc1, mt, act, m0, os, b * 16, d, bias);
 }
 
@@ -129,7 +137,7 @@ int gemm_bf16_silu(const uint16_t *x, int64_t xs, int64_t m_total, const uint16_
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < nb; b++) {
         const uint16_t *w0 = packed + b * kp * 32, *w1 = packed + (b + nb) * kp * 32;
-        ROW_TILES_8_FN(tile_bf16_silu, w0, w1, kp, d, b, bias, act, os)
+        ROW_TILES_8_FN(tile_bf16_silu, w0, w1, kp, d, b, bias, act, os, m_total)
     }
     return 0;
 }

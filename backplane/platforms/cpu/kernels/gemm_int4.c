@@ -274,7 +274,7 @@ static void gemm_int4_dequant(const uint16_t *x, int64_t xs, int64_t m_total,
                               zblk + (b0 + j) * groups * 16, k, groups, gq, buf + j * kp * 32);
             const uint16_t *w0 = buf, *w1 = two ? buf + kp * 32 : buf;
             ROW_TILES_8_FN(tile_bf16_weights, w0, w1, two, kp, n, b0, bias, out, os,
-                           out_f32)
+                           out_f32, NULL, NULL, m_total)
         }
         free(buf);
     }

@@ -70,8 +70,10 @@ static inline __attribute__((always_inline)) __m512 load_scales(const float *sca
 
 /* The accumulation of a tile: rows m0..m0+mt of x against two 16-row weight blocks
  * w0, w1 whose column pair p (32 values at w + 32 p) becomes a bf16 vector by
- * LOAD(ptr), into acc0[i] and acc1[i] for row m0 + i. */
-#define TILE_ACCUMULATE(LOAD)                                                          \
+ * LOAD(ptr), into acc0[i] and acc1[i] for row m0 + i. The first NPF iterations also
+ * prefetch one cache line at PF0 + 32 p and one at PF1 + 32 p into L2 (the next work
+ * item's weights: see next_block_prefetch); TILE_ACCUMULATE prefetches nothing. */
+#define TILE_ACCUMULATE_PF(LOAD, PF0, PF1, NPF)                                        \
     __m512 acc0[TILE_ROWS], acc1[TILE_ROWS];                                           \
     const uint16_t *rows[TILE_ROWS];                                                   \
     _Pragma("GCC unroll 8")                                                            \
@@ -81,6 +83,10 @@ static inline __attribute__((always_inline)) __m512 load_scales(const float *sca
         rows[i] = x + (m0 + i) * xs;                                                   \
     }                                                                                  \
     for (int64_t p = 0; p < kp; p++) {                                                 \
+        if (p < (NPF)) {                                                               \
+            _mm_prefetch((const char *)((PF0) + p * 32), _MM_HINT_T1);                 \
+            _mm_prefetch((const char *)((PF1) + p * 32), _MM_HINT_T1);                 \
+        }                                                                              \
         const __m512bh a = LOAD(w0 + p * 32);                                          \
         const __m512bh c = LOAD(w1 + p * 32);                                          \
         _Pragma("GCC unroll 8")                                                        \
@@ -93,10 +99,36 @@ static inline __attribute__((always_inline)) __m512 load_scales(const float *sca
         }                                                                              \
     }
 
-/* The body of a tile: TILE_ACCUMULATE, then each output block's accumulators go
+#define TILE_ACCUMULATE(LOAD) TILE_ACCUMULATE_PF(LOAD, w0, w1, 0)
+
+/* The share of the next work item's two weight blocks (nw0, nw1: kp column pairs of
+ * 64 bytes each, NULL if there is none) that the tile of rows m0.. of an m_total-row
+ * call prefetches: the blocks split evenly over the call's tiles, so that they reach
+ * L2 while this item's tiles compute instead of all at once when the next item's
+ * first tile asks for them. That first tile streams its blocks from memory at one
+ * vdpbf16ps per 64 bytes, faster than two cores' share of DRAM bandwidth; with
+ * weights too large for the caches (every decode step) a batch-64 step's GEMMs ran
+ * at 300-370 GFLOP/s against ~435 with the same weights cached. A one-tile call
+ * (m_total <= 8) is a weight stream the hardware prefetcher already keeps at
+ * bandwidth: it prefetches nothing. Sets *pf0, *pf1 and returns the line count. */
+static inline int64_t next_block_prefetch(const uint16_t *nw0, const uint16_t *nw1,
+                                          int64_t kp, int64_t m0, int64_t m_total,
+                                          const uint16_t **pf0, const uint16_t **pf1) {
+    const int64_t tiles = (m_total + TILE_ROWS - 1) / TILE_ROWS;
+    *pf0 = nw0;
+    *pf1 = nw1;
+    if (!nw0 || tiles < 2) return 0;
+    const int64_t share = (kp + tiles - 1) / tiles, start = (m0 / TILE_ROWS) * share;
+    if (start >= kp) return 0;
+    *pf0 = nw0 + start * 32;
+    *pf1 = nw1 + start * 32;
+    return kp - start < share ? kp - start : share;
+}
+
+/* The body of a tile: TILE_ACCUMULATE_PF, then each output block's accumulators go
  * through SCALE(acc, block) before the store (w1's block b0 + 1 only if two). */
-#define TILE_BODY(LOAD, SCALE)                                                         \
-    TILE_ACCUMULATE(LOAD)                                                              \
+#define TILE_BODY_PF(LOAD, SCALE, PF0, PF1, NPF)                                       \
+    TILE_ACCUMULATE_PF(LOAD, PF0, PF1, NPF)                                            \
     for (int i = 0; i < mt; i++) {                                                     \
         store_block(SCALE(acc0[i], b0), out, m0 + i, os, b0 * 16, n, bias, out_f32);   \
         if (two)                                                                       \
@@ -104,16 +136,23 @@ static inline __attribute__((always_inline)) __m512 load_scales(const float *sca
                         bias, out_f32);                                                \
     }
 
+#define TILE_BODY(LOAD, SCALE) TILE_BODY_PF(LOAD, SCALE, w0, w1, 0)
+
 #define BF16_PAIR(ptr) ((__m512bh)_mm512_loadu_si512(ptr))
 #define UNSCALED(acc, block) (acc)
 #define ROW_SCALED(acc, block) _mm512_mul_ps((acc), load_scales(scales, (block) * 16, n))
 
-/* A tile of bf16 packed weights (gemm_bf16, and gemm_int4's dequantised blocks). */
+/* A tile of bf16 packed weights (gemm_bf16, and gemm_int4's dequantised blocks),
+ * prefetching its share of the next work item's blocks nw0, nw1 (NULL: none) of an
+ * m_total-row call. */
 static inline __attribute__((always_inline)) void tile_bf16_weights(
         const uint16_t *x, int64_t xs, int64_t m0, const int mt, const uint16_t *w0,
         const uint16_t *w1, int two, int64_t kp, int64_t n, int64_t b0, const float *bias,
-        void *out, int64_t os, int out_f32) {
-    TILE_BODY(BF16_PAIR, UNSCALED)
+        void *out, int64_t os, int out_f32, const uint16_t *nw0, const uint16_t *nw1,
+        int64_t m_total) {
+    const uint16_t *pf0, *pf1;
+    const int64_t npf = next_block_prefetch(nw0, nw1, kp, m0, m_total, &pf0, &pf1);
+    TILE_BODY_PF(BF16_PAIR, UNSCALED, pf0, pf1, npf)
 }
 
 /* In a BACKPLANE_AMX build (gemm_amx.h included first), a widened GEMM's call on the
