@@ -13,6 +13,13 @@ would (bit for bit is the aim: the same kernels in the same order), and it sees
 the modules as they were when it was made, so a platform sets runners last and
 not when something replaces modules afterwards (LoRA adapters do).
 
+A smaller hook serves the steps a runner declines: a core gated MLP (``layer_kind``
+``"gated_mlp"``: ``down_proj(act(gate_up_proj(x)))``, in the plain block and
+elsewhere) takes ``mlp.set_gate_up_activation(fn)``; its forward then calls
+``fn(x)`` for ``act(gate_up_proj(x))`` (one GEMM with the activation in its
+store, say) and runs the two modules as usual when that returns None. The same
+rules hold: exactly the modules' result, and set last, not under LoRA.
+
 What the block computes, for hidden states ``x [tokens, hidden]``::
 
     qkv = qkv_proj(input_norm(x))                # [tokens, (heads + 2 kv_heads) * head_size]

@@ -61,7 +61,9 @@ History:
          replacement may declare ``accepts_residual`` (the residual add in the
          same call; default: called without it); ``"decoder_layer"`` layers with
          ``block()`` (a `decoder_block.DecoderBlock`, or None) and
-         ``set_block_runner`` (a platform's one-call layer, tried first).
+         ``set_block_runner`` (a platform's one-call layer, tried first);
+         ``"gated_mlp"`` layers with ``set_gate_up_activation`` (a platform's
+         gate/up projection and activation in one call, tried first).
 
 Members added to a minor before its first release (as listed for 1.1) need
 no new version: a plugin declaring that minor only ever meets a Backplane that

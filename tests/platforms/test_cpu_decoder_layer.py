@@ -11,6 +11,7 @@ from backplane import LLM, SamplingParams
 from backplane.benchmarks.make_model import quantize_checkpoint
 from backplane.platforms.cpu import native
 from backplane.platforms.cpu.decoder_layer import DecoderLayerRunner
+from backplane.platforms.cpu.gated_mlp import FusedGateUpSilu
 from backplane.platforms.cpu.int4 import int4_kernel_supported
 from backplane.platforms.cpu.linear import gemm_isa
 from tests.fixtures.tiny_moe import make_tiny_moe_model
@@ -100,7 +101,8 @@ def test_layers_without_c_kernels_keep_their_modules(tiny_model_factory, tmp_pat
     assert all(m.block() is None and m.block_runner is None for m in _layers(moe))
     lora = LLM(model=tiny_model_factory("llama"), dtype="bfloat16", max_model_len=128,
                num_kv_blocks=16, enable_lora=True, max_lora_rank=8)
-    assert all(m.block_runner is None for m in _layers(lora))
+    assert all(m.block_runner is None and m.mlp.gate_up_activation is None
+               for m in _layers(lora))
     if int4_kernel_supported():
         act_order = str(tmp_path / "act-order")
         quantize_checkpoint(tiny_model_factory("llama"), act_order, "gptq-int4", group_size=32,
@@ -118,11 +120,50 @@ def test_gate_up_gemm_runs_with_silu_fused_bit_for_bit(tiny_model_factory, runne
     directly (gemm_bf16_silu); BACKPLANE_CPU_FUSED_GATE_UP=0 runs the two steps, with
     the same bits."""
     model_dir = tiny_model_factory("qwen2")
+    module_path = {"ran": 0}
+    original = FusedGateUpSilu.__call__
+
+    def counted(self, x):
+        out = original(self, x)
+        module_path["ran"] += out is not None
+        return out
+
+    monkeypatch.setattr(FusedGateUpSilu, "__call__", counted)
     fused, got = _run(model_dir)
     assert all(m.block_runner._layer.gate_up_silu for m in _layers(fused))
-    assert runner_calls["ran"] > 0
+    assert all(isinstance(m.mlp.gate_up_activation, FusedGateUpSilu) for m in _layers(fused))
+    # decode steps fused in C, prefill and mixed steps through the MLP's hook
+    assert runner_calls["ran"] > 0 and runner_calls["declined"] > 0 and module_path["ran"] > 0
     monkeypatch.setenv("BACKPLANE_CPU_FUSED_GATE_UP", "0")
     plain, want = _run(model_dir)
     assert all(m.block_runner is not None and not m.block_runner._layer.gate_up_silu
-               for m in _layers(plain))
+               and m.mlp.gate_up_activation is None for m in _layers(plain))
     assert got == want
+
+
+@pytest.mark.skipif(gemm_isa() != "avx512_bf16", reason="the fused gate/up GEMM is AVX512-BF16's")
+def test_fused_gate_up_hook_matches_the_modules_and_declines_what_it_cannot_run(
+        tiny_model_factory):
+    """The MLP hook gives act(gate_up_proj(x)) bit for bit for two or more bf16 rows and
+    declines (None: the modules run) one row, other dtypes, column-strided input and a
+    projection replaced after it was set."""
+    llm = LLM(model=tiny_model_factory("qwen2"), dtype="bfloat16", max_model_len=128,
+              num_kv_blocks=16)
+    mlp = _layers(llm)[0].mlp
+    hook = mlp.gate_up_activation
+    assert isinstance(hook, FusedGateUpSilu)
+    torch.manual_seed(0)
+    hidden = mlp.gate_up_proj.in_features
+    for rows in (2, 9, 33):
+        x = torch.randn(rows, hidden, dtype=torch.bfloat16)
+        assert torch.equal(hook(x), mlp.act(mlp.gate_up_proj(x)))
+    assert hook(torch.randn(1, hidden, dtype=torch.bfloat16)) is None
+    assert hook(torch.randn(4, hidden)) is None
+    assert hook(torch.randn(hidden, 4, dtype=torch.bfloat16).t()) is None
+    x = torch.randn(5, hidden, dtype=torch.bfloat16)
+    want = mlp.down_proj(mlp.act(mlp.gate_up_proj(x)))
+    assert torch.equal(mlp(x), want)
+    mlp.gate_up_proj = torch.nn.Linear(hidden, mlp.gate_up_proj.out_features,
+                                       dtype=torch.bfloat16)
+    assert hook(x) is None
+    assert torch.equal(mlp(x), mlp.down_proj(mlp.act(mlp.gate_up_proj(x))))

@@ -201,6 +201,11 @@ class DecoderAttention(nn.Module):
 class DecoderMLP(nn.Module):
     """SwiGLU feed-forward with fused gate/up projection."""
 
+    # A platform may compute act(gate_up_proj(x)) in one call (plugins_sdk.decoder_block).
+    layer_kind = "gated_mlp"
+    # Set by `set_gate_up_activation`; None: the projection and the activation run apart.
+    gate_up_activation: Callable[[torch.Tensor], torch.Tensor | None] | None = None
+
     def __init__(self, dims: DecoderDims, options: DecoderOptions, dtype: torch.dtype) -> None:
         super().__init__()
         self.tp = tp = get_tp_group()
@@ -215,8 +220,18 @@ class DecoderMLP(nn.Module):
             shard_row_parallel(self.down_proj, Shard(1, rows.start, size), tp.rank)
         self.act = SiluAndMul()
 
+    def set_gate_up_activation(
+            self, fn: Callable[[torch.Tensor], torch.Tensor | None] | None) -> None:
+        """``fn(x)`` is tried for ``act(gate_up_proj(x))`` at every forward; a None result
+        means it declined that input (plugins_sdk.decoder_block)."""
+        self.gate_up_activation = fn
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(self.down_proj(self.act(self.gate_up_proj(x))))
+        fused = self.gate_up_activation
+        h = fused(x) if fused is not None else None
+        if h is None:
+            h = self.act(self.gate_up_proj(x))
+        return self.tp.all_reduce(self.down_proj(h))
 
 
 class DecoderLayer(nn.Module):

@@ -80,7 +80,7 @@ def _linear(parts: list[NativeGemm]) -> _Linear:
     return linear
 
 
-def _fused_gate_up(parts: list[NativeGemm]) -> int | None:
+def fused_gate_up_function(parts: list[NativeGemm]) -> int | None:
     """The gate/up GEMM with SiLU-and-mul in its store, when the layer's kernel has one
     (bit-identical to the two steps; BACKPLANE_CPU_FUSED_GATE_UP=0: the two steps)."""
     if len(parts) != 1 or os.environ.get("BACKPLANE_CPU_FUSED_GATE_UP", "1") == "0":
@@ -181,7 +181,7 @@ class DecoderLayerRunner:
             input_norm=norm_in.weight.data_ptr(), post_norm=norm_post.weight.data_ptr(),
             qkv=_linear(gemms["qkv"]), o=_linear(gemms["o"]),
             gate_up=_linear(gemms["gate_up"]), down=_linear(gemms["down"]),
-            gate_up_silu=_fused_gate_up(gemms["gate_up"]))
+            gate_up_silu=fused_gate_up_function(gemms["gate_up"]))
         self._address = ctypes.addressof(self._layer)
         self._lib = cpu_ops()
         self._call = self._lib.decoder_layer_decode

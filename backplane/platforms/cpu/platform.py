@@ -18,6 +18,7 @@ from backplane.platforms.cpu.fp8 import (
     quantize_linear_weights_fp8,
 )
 from backplane.platforms.cpu.fused_layers import cpu_ops, fuse_layers
+from backplane.platforms.cpu.gated_mlp import set_gate_up_activations
 from backplane.platforms.cpu.int4 import (
     Int4Linear,
     int4_kernel_supported,
@@ -226,5 +227,9 @@ class CpuPlatform(Platform):
             count = set_decoder_layer_runners(model)
             if count:
                 logger.info("cpu platform: %d decoder layers run decode steps in one C call",
+                            count)
+            count = set_gate_up_activations(model)
+            if count:
+                logger.info("cpu platform: %d MLPs run gate/up and SiLU-and-mul in one GEMM",
                             count)
         return model
