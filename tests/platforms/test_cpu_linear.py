@@ -95,6 +95,26 @@ def test_a_rows_result_does_not_depend_on_its_batch(kind, isa):
             assert torch.equal(layer(x[rows]), batched[rows]), (kind, rows)
 
 
+@pytest.mark.skipif(cpu_linear.gemm_isa() != "avx512_bf16",
+                    reason="the streamed logits are the AVX512-BF16 kernel's")
+def test_large_float32_outputs_are_streamed_with_the_same_bits():
+    """Logits of 8 MiB or more (batch x vocabulary) go straight to memory with
+    non-temporal stores: the same bits as the few-row calls that store through the
+    caches, a vocabulary that is not a multiple of 16 (a masked last block) and an
+    output that is not 64-byte aligned (ordinary stores) included."""
+    torch.manual_seed(5)
+    linear = nn.Linear(64, 4104, bias=True, dtype=torch.bfloat16)
+    layer = BlockedBf16Linear(linear.weight, linear.bias, float_output=True, isa="avx512_bf16")
+    x = torch.randn(520, 64, dtype=torch.bfloat16)  # 520 x 4104 x 4 bytes = 8.1 MiB
+    streamed = layer(x)
+    assert torch.equal(streamed, torch.cat([layer(x[i:i + 8]) for i in range(0, 520, 8)]))
+    lib = cpu_linear.gemm_kernels("avx512_bf16")
+    shifted = torch.zeros(520 * 4104 + 1)
+    assert lib.gemm_bf16(x.data_ptr(), 64, 520, layer.packed_weight.data_ptr(), 4104, 64,
+                         layer.bias.data_ptr(), shifted[1:].data_ptr(), 4104, 1) == 0
+    assert torch.equal(shifted[1:].view(520, 4104), streamed)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("kind", ["bf16", "int8-weights", "int8-weights-and-activations"])
 def test_strided_and_batched_inputs_give_the_contiguous_result(kind, isa):

@@ -16,6 +16,11 @@
  * 32 zmm registers. */
 #define TILE_ROWS 8
 
+/* out_f32's value for float32 output written with non-temporal stores (see
+ * gemm_bf16's logits): whole 64-byte lines straight to memory, no read for
+ * ownership. The caller checks alignment and fences. */
+#define F32_STREAMED 2
+
 /* One 16-column output block of one row: + bias, then bf16 (round to nearest
  * even, as torch does) or float32. Columns past N are masked off. */
 static inline __attribute__((always_inline)) void store_block(
@@ -24,7 +29,9 @@ static inline __attribute__((always_inline)) void store_block(
     const int64_t cols = n - col < 16 ? n - col : 16;
     const __mmask16 mask = (__mmask16)((1u << cols) - 1u);
     if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + col));
-    if (out_f32) {
+    if (out_f32 == F32_STREAMED && cols == 16) {
+        _mm512_stream_ps((float *)out + row * os + col, v);
+    } else if (out_f32) {
         _mm512_mask_storeu_ps((float *)out + row * os + col, mask, v);
     } else {
         const __m256bh h = _mm512_cvtneps_pbh(v);
