@@ -112,8 +112,9 @@ static inline __attribute__((always_inline)) __m512 load_scales(const float *sca
  * 64 bytes each, NULL if there is none) that the tile of rows m0.. of an m_total-row
  * call prefetches: the blocks split evenly over the call's tiles, so that they reach
  * L2 while this item's tiles compute instead of all at once when the next item's
- * first tile asks for them. That first tile streams its blocks from memory at one
- * vdpbf16ps per 64 bytes, faster than two cores' share of DRAM bandwidth; with
+ * first tile asks for them. A full tile reads 128 bytes of weights per 16 vdpbf16ps
+ * (~27 GB/s a core on this project's Zen 4), more than the cores' share of DRAM
+ * bandwidth, so a first tile fed from memory stalls; with
  * weights too large for the caches (every decode step) a batch-64 step's GEMMs ran
  * at 300-370 GFLOP/s against ~435 with the same weights cached. A one-tile call
  * (m_total <= 8) is a weight stream the hardware prefetcher already keeps at
