@@ -20,6 +20,7 @@ from torch import nn
 
 from backplane.platforms.cpu.decoder_layer import fused_gate_up_function, native_gemms
 from backplane.platforms.cpu.fused_layers import FusedSiluAndMul
+from backplane.platforms.cpu.linear import NativeGemm
 from backplane.platforms.cpu.native import check_status
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
@@ -33,23 +34,24 @@ class FusedGateUpSilu:
     the two steps: there the GEMM is a single weight stream, faster than the fused
     kernel's two (decoder_layer_decode makes the same choice)."""
 
-    def __init__(self, mlp: nn.Module, address: int, packed: int, bias: int | None,
-                 d: int, k: int) -> None:
+    def __init__(self, mlp: nn.Module, gemm: NativeGemm) -> None:
+        """``gemm``: the MLP's gate/up projection as C calls it, with a ``silu_function``."""
         self._mlp = mlp
         self._proj = mlp.gate_up_proj  # also keeps the packed weight alive
-        self._call = _SILU_GEMM(address)
-        self._packed, self._bias, self._d, self._k = packed, bias, d, k
+        self._gemm = gemm
+        self._call = _SILU_GEMM(gemm.silu_function)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        g = self._gemm
         # A projection replaced since (a LoRA wrapper, say) must run as itself.
         if (self._mlp.gate_up_proj is not self._proj or x.dtype != torch.bfloat16
                 or x.dim() != 2 or x.shape[0] < 2 or x.stride(1) != 1
-                or x.shape[1] != self._k):
+                or x.shape[1] != g.in_features):
             return None
-        m = x.shape[0]
-        act = torch.empty(m, self._d, dtype=torch.bfloat16)
-        check_status(self._call(x.data_ptr(), x.stride(0), m, self._packed, self._d, self._k,
-                                self._bias, act.data_ptr(), self._d), "gate/up GEMM with SiLU")
+        m, d = x.shape[0], g.out_features // 2
+        act = torch.empty(m, d, dtype=torch.bfloat16)
+        check_status(self._call(x.data_ptr(), x.stride(0), m, g.packed, d, g.in_features,
+                                g.bias, act.data_ptr(), d), "gate/up GEMM with SiLU")
         return act
 
 
@@ -64,11 +66,8 @@ def set_gate_up_activations(model: nn.Module) -> int:
         if not isinstance(getattr(module, "act", None), FusedSiluAndMul):
             continue
         parts = native_gemms(module.gate_up_proj)
-        address = None if parts is None else fused_gate_up_function(parts)
-        if address is None:
+        if parts is None or fused_gate_up_function(parts) is None:
             continue
-        gemm = parts[0]
-        module.set_gate_up_activation(FusedGateUpSilu(
-            module, address, gemm.packed, gemm.bias, gemm.out_features // 2, gemm.in_features))
+        module.set_gate_up_activation(FusedGateUpSilu(module, parts[0]))
         count += 1
     return count

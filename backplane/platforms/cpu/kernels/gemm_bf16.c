@@ -119,7 +119,7 @@ static inline __attribute__((always_inline)) void tile_bf16_silu(
     const uint16_t *pf0, *pf1;
     const int64_t npf = next_block_prefetch(b + 1 < d / 16 ? w0 + kp * 32 : NULL,
                                             w1 + kp * 32, kp, m0, m_total, &pf0, &pf1);
-    TILE_ACCUMULATE_PF(BF16_PAIR, pf0, pf1, npf)
+    TILE_ACCUMULATE(BF16_PAIR, pf0, pf1, npf)
     store_silu_rows(acc0, acc1, mt, act, m0, os, b * 16, d, bias);
 }
 

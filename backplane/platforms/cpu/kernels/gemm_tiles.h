@@ -79,8 +79,8 @@ static inline __attribute__((always_inline)) __m512 load_scales(const float *sca
  * w0, w1 whose column pair p (32 values at w + 32 p) becomes a bf16 vector by
  * LOAD(ptr), into acc0[i] and acc1[i] for row m0 + i. The first NPF iterations also
  * prefetch one cache line at PF0 + 32 p and one at PF1 + 32 p into L2 (the next work
- * item's weights: see next_block_prefetch); TILE_ACCUMULATE prefetches nothing. */
-#define TILE_ACCUMULATE_PF(LOAD, PF0, PF1, NPF)                                        \
+ * item's weights: see next_block_prefetch; NPF 0 prefetches nothing). */
+#define TILE_ACCUMULATE(LOAD, PF0, PF1, NPF)                                           \
     __m512 acc0[TILE_ROWS], acc1[TILE_ROWS];                                           \
     const uint16_t *rows[TILE_ROWS];                                                   \
     _Pragma("GCC unroll 8")                                                            \
@@ -106,17 +106,15 @@ static inline __attribute__((always_inline)) __m512 load_scales(const float *sca
         }                                                                              \
     }
 
-#define TILE_ACCUMULATE(LOAD) TILE_ACCUMULATE_PF(LOAD, w0, w1, 0)
-
 /* The share of the next work item's two weight blocks (nw0, nw1: kp column pairs of
  * 64 bytes each, NULL if there is none) that the tile of rows m0.. of an m_total-row
  * call prefetches: the blocks split evenly over the call's tiles, so that they reach
  * L2 while this item's tiles compute instead of all at once when the next item's
  * first tile asks for them. A full tile reads 128 bytes of weights per 16 vdpbf16ps
  * (~27 GB/s a core on this project's Zen 4), more than the cores' share of DRAM
- * bandwidth, so a first tile fed from memory stalls; with
- * weights too large for the caches (every decode step) a batch-64 step's GEMMs ran
- * at 300-370 GFLOP/s against ~435 with the same weights cached. A one-tile call
+ * bandwidth, so a first tile fed from memory stalls: with weights too large for the
+ * caches (every decode step) a batch-64 step's GEMMs ran at 300-370 GFLOP/s against
+ * ~435 with the same weights cached. A one-tile call
  * (m_total <= 8) is a weight stream the hardware prefetcher already keeps at
  * bandwidth: it prefetches nothing. Sets *pf0, *pf1 and returns the line count. */
 static inline int64_t next_block_prefetch(const uint16_t *nw0, const uint16_t *nw1,
@@ -133,10 +131,11 @@ static inline int64_t next_block_prefetch(const uint16_t *nw0, const uint16_t *n
     return kp - start < share ? kp - start : share;
 }
 
-/* The body of a tile: TILE_ACCUMULATE_PF, then each output block's accumulators go
- * through SCALE(acc, block) before the store (w1's block b0 + 1 only if two). */
+/* The body of a tile: TILE_ACCUMULATE, then each output block's accumulators go
+ * through SCALE(acc, block) before the store (w1's block b0 + 1 only if two).
+ * TILE_BODY prefetches nothing. */
 #define TILE_BODY_PF(LOAD, SCALE, PF0, PF1, NPF)                                       \
-    TILE_ACCUMULATE_PF(LOAD, PF0, PF1, NPF)                                            \
+    TILE_ACCUMULATE(LOAD, PF0, PF1, NPF)                                               \
     for (int i = 0; i < mt; i++) {                                                     \
         store_block(SCALE(acc0[i], b0), out, m0 + i, os, b0 * 16, n, bias, out_f32);   \
         if (two)                                                                       \
