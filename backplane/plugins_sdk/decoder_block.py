@@ -13,6 +13,15 @@ would (bit for bit is the aim: the same kernels in the same order), and it sees
 the modules as they were when it was made, so a platform sets runners last and
 not when something replaces modules afterwards (LoRA adapters do).
 
+A model can go one step further: the core decoder model (``layer_kind``
+``"decoder_stack"``) takes ``model.set_stack_runner(runner)``; its forward (a
+single pipeline stage without auxiliary hidden states) then calls
+``runner(hidden, cos, sin, ctx)`` for all its decoder layers at once, the
+embedding's output in and the last layer's output out (before the final norm),
+and runs the layers one by one (each trying its own runner) when that returns
+None. The same rules hold: exactly what the layers give, and set last, not
+under LoRA.
+
 A smaller hook serves the steps a runner declines: a core gated MLP (``layer_kind``
 ``"gated_mlp"``: ``down_proj(act(gate_up_proj(x)))``, in the plain block and
 elsewhere) takes ``mlp.set_gate_up_activation(fn)``; its forward then calls

@@ -62,6 +62,8 @@ History:
          same call; default: called without it); ``"decoder_layer"`` layers with
          ``block()`` (a `decoder_block.DecoderBlock`, or None) and
          ``set_block_runner`` (a platform's one-call layer, tried first);
+         the ``"decoder_stack"`` model with ``set_stack_runner`` (all its
+         layers in one call, tried first);
          ``"gated_mlp"`` layers with ``set_gate_up_activation`` (a platform's
          gate/up projection and activation in one call, tried first).
 

@@ -1,6 +1,7 @@
 """The CPU platform's one-call decoder layer (platforms/cpu/decoder_layer.py): decode
-steps run each plain decoder layer as one C call, bit for bit what its modules give;
-everything else (prefill, mixed batches, layers it has no kernel for) runs the modules."""
+steps run all of a model's plain decoder layers in one C call (or each layer as one
+call), bit for bit what the modules give; everything else (prefill, mixed batches,
+layers it has no kernel for) runs the modules."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from backplane import LLM, SamplingParams
 from backplane.benchmarks.make_model import quantize_checkpoint
 from backplane.platforms.cpu import native
-from backplane.platforms.cpu.decoder_layer import DecoderLayerRunner
+from backplane.platforms.cpu.decoder_layer import DecoderLayerRunner, DecoderStackRunner
 from backplane.platforms.cpu.gated_mlp import FusedGateUpSilu
 from backplane.platforms.cpu.int4 import int4_kernel_supported
 from backplane.platforms.cpu.linear import gemm_isa
@@ -24,18 +25,22 @@ def _layers(llm: LLM) -> list[torch.nn.Module]:
     return [m for m in model.modules() if getattr(type(m), "layer_kind", None) == "decoder_layer"]
 
 
+def _stack_runner(llm: LLM):
+    return llm.llm_engine.engine_core.model_runner.model.model.stack_runner
+
+
 @pytest.fixture
 def runner_calls(monkeypatch):
-    """Counts of the runners' answers: {"ran": n, "declined": n}."""
-    counts = {"ran": 0, "declined": 0}
-    original = DecoderLayerRunner.__call__
+    """Counts of the runners' answers: {"ran": n, "declined": n} for the layers' runners,
+    {"stack ran": n, "stack declined": n} for the model's stack runner."""
+    counts = {"ran": 0, "declined": 0, "stack ran": 0, "stack declined": 0}
+    for cls, prefix in ((DecoderLayerRunner, ""), (DecoderStackRunner, "stack ")):
+        def counted(self, *args, original=cls.__call__, prefix=prefix):
+            out = original(self, *args)
+            counts[prefix + ("declined" if out is None else "ran")] += 1
+            return out
 
-    def counted(self, *args):
-        out = original(self, *args)
-        counts["declined" if out is None else "ran"] += 1
-        return out
-
-    monkeypatch.setattr(DecoderLayerRunner, "__call__", counted)
+        monkeypatch.setattr(cls, "__call__", counted)
     return counts
 
 
@@ -77,13 +82,20 @@ def test_decode_steps_run_each_layer_in_one_call_bit_for_bit(
     fused, got = _run(model_dir, **engine)
     layers = _layers(fused)
     assert layers and all(isinstance(m.block_runner, DecoderLayerRunner) for m in layers)
-    # every decode step ran in C, every prefill or mixed step declined to the modules
-    assert runner_calls["ran"] > 0 and runner_calls["declined"] > 0
-    assert runner_calls["ran"] % len(layers) == 0
+    assert isinstance(_stack_runner(fused), DecoderStackRunner)
+    # every decode step ran all layers in one C call, every prefill or mixed step
+    # declined to the layers' runners, which declined to the modules
+    assert runner_calls["stack ran"] > 0 and runner_calls["stack declined"] > 0
+    assert runner_calls["ran"] == 0
+    assert runner_calls["declined"] == runner_calls["stack declined"] * len(layers)
+    monkeypatch.setenv("BACKPLANE_CPU_DECODER_STACK", "0")
+    by_layer, got_by_layer = _run(model_dir, **engine)
+    assert _stack_runner(by_layer) is None
+    assert runner_calls["ran"] > 0 and runner_calls["ran"] % len(layers) == 0
     monkeypatch.setenv("BACKPLANE_CPU_DECODER_LAYER", "0")
     plain, want = _run(model_dir, **engine)
-    assert all(m.block_runner is None for m in _layers(plain))
-    assert got == want  # token ids and logprobs, bit for bit
+    assert all(m.block_runner is None for m in _layers(plain)) and _stack_runner(plain) is None
+    assert got == want and got_by_layer == want  # token ids and logprobs, bit for bit
 
 
 def test_layers_without_c_kernels_keep_their_modules(tiny_model_factory, tmp_path):
@@ -93,6 +105,7 @@ def test_layers_without_c_kernels_keep_their_modules(tiny_model_factory, tmp_pat
     modules; so does a layer whose parts are not the platform's own."""
     float32 = LLM(model=tiny_model_factory("llama"), max_model_len=128, num_kv_blocks=16)
     assert all(m.block_runner is None for m in _layers(float32))
+    assert _stack_runner(float32) is None
     qk_norm = LLM(model=tiny_model_factory("qwen3"), dtype="bfloat16", max_model_len=128,
                   num_kv_blocks=16)
     assert all(m.block() is None and m.block_runner is None for m in _layers(qk_norm))
@@ -102,7 +115,7 @@ def test_layers_without_c_kernels_keep_their_modules(tiny_model_factory, tmp_pat
     lora = LLM(model=tiny_model_factory("llama"), dtype="bfloat16", max_model_len=128,
                num_kv_blocks=16, enable_lora=True, max_lora_rank=8)
     assert all(m.block_runner is None and m.mlp.gate_up_activation is None
-               for m in _layers(lora))
+               for m in _layers(lora)) and _stack_runner(lora) is None
     if int4_kernel_supported():
         act_order = str(tmp_path / "act-order")
         quantize_checkpoint(tiny_model_factory("llama"), act_order, "gptq-int4", group_size=32,
@@ -133,7 +146,8 @@ def test_gate_up_gemm_runs_with_silu_fused_bit_for_bit(tiny_model_factory, runne
     assert all(m.block_runner._layer.gate_up_silu for m in _layers(fused))
     assert all(isinstance(m.mlp.gate_up_activation, FusedGateUpSilu) for m in _layers(fused))
     # decode steps fused in C, prefill and mixed steps through the MLP's hook
-    assert runner_calls["ran"] > 0 and runner_calls["declined"] > 0 and module_path["ran"] > 0
+    assert runner_calls["stack ran"] > 0 and runner_calls["declined"] > 0
+    assert module_path["ran"] > 0
     monkeypatch.setenv("BACKPLANE_CPU_FUSED_GATE_UP", "0")
     plain, want = _run(model_dir)
     assert all(m.block_runner is not None and not m.block_runner._layer.gate_up_silu

@@ -3,6 +3,7 @@ weights, the engine against bf16, and the refusals."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import shutil
 
@@ -61,6 +62,38 @@ def test_int8_layer_matches_its_dequantized_weight(rows, out_features, in_featur
                         activations=activations, isa=isa)(x)
     assert logits.dtype == torch.float32
     assert torch.allclose(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(("rows", "in_features", "strided"),
+                         [(1, 896, False), (1, 4864, True), (3, 64, True), (70, 1024, False)])
+def test_activation_quantization_is_exact_per_block(rows, in_features, strided, isa):
+    """W8A8's activation blocks (the vectorised loop): int8 values, scales and offset sums
+    exactly as float32 arithmetic gives them, with ties rounded to even and an all-zero
+    block (scale 1), in rows of every magnitude."""
+    lib = cpu_linear.gemm_kernels(isa)
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.quantize_activations.argtypes = [p, i64, i64, i64, p, p, p]
+    lib.quantize_activations.restype = None
+    torch.manual_seed(in_features)
+    full = torch.randn(rows, in_features + 32) * torch.logspace(-3, 3, rows)[:, None]
+    full[0, :32] = 0  # an all-zero block
+    # max |x| 127: scale 1, so the halves are ties (0.5 -> 0, 1.5 -> 2, -2.5 -> -2)
+    full[-1, -32:] = torch.cat([torch.tensor([127.0, -127.0]), torch.arange(-15, 15) + 0.5])
+    x = (full[:, 32:] if strided else full[:, :in_features]).bfloat16()
+    blocks = in_features // 32
+    xq = torch.empty(rows, in_features, dtype=torch.int8)
+    scales = torch.empty(rows, blocks)
+    sums = torch.empty(rows, blocks, dtype=torch.int32)
+    lib.quantize_activations(x.data_ptr(), x.stride(0), rows, in_features, xq.data_ptr(),
+                             scales.data_ptr(), sums.data_ptr())
+    values = x.float().reshape(rows, blocks, 32)
+    amax = values.abs().amax(dim=-1)
+    want_scales = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    want = torch.round(values * (1 / want_scales)[..., None]).clamp(-127, 127)
+    assert torch.equal(scales, want_scales)
+    assert torch.equal(xq, want.to(torch.int8).reshape(rows, in_features))
+    assert torch.equal(sums, 128 * want.sum(dim=-1).to(torch.int32))
 
 
 def test_w8a8_needs_whole_activation_blocks():

@@ -322,6 +322,10 @@ class DecoderModel(nn.Module):
     """
 
     aux_hidden_layers: tuple[int, ...] = ()
+    # plugins_sdk.decoder_block: the layers' platform runners in one call per step
+    layer_kind = "decoder_stack"
+    # Set by `set_stack_runner`; None: the layers run one by one.
+    stack_runner: Callable[..., torch.Tensor | None] | None = None
 
     def __init__(self, dims: DecoderDims, options: DecoderOptions, hf_config: Any,
                  dtype: torch.dtype) -> None:
@@ -364,9 +368,20 @@ class DecoderModel(nn.Module):
         cos, sin = self.rotary_emb.cos_sin(positions, hidden.dtype)
         if self.aux_hidden_layers:
             return self._forward_capturing(hidden, cos, sin, ctx)
+        if self.stack_runner is not None:
+            out = self.stack_runner(hidden, cos, sin, ctx)
+            if out is not None:
+                return self.norm(out)
         for layer in self.layers:
             hidden = layer(hidden, cos, sin, ctx)
         return self.norm(hidden)
+
+    def set_stack_runner(self, runner: Callable[..., torch.Tensor | None] | None) -> None:
+        """``runner(hidden, cos, sin, ctx)``, tried first at every single-stage forward
+        without auxiliary hidden states, runs all the decoder layers and returns the last
+        one's output, or None to decline the step (the layers then run one by one;
+        plugins_sdk.decoder_block)."""
+        self.stack_runner = runner
 
     def _forward_stage(
         self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext

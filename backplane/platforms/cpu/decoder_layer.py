@@ -171,21 +171,21 @@ class DecoderLayerRunner:
         self._plan = plan
         self._block = block  # keeps the weights whose addresses the struct holds alive
         self._layer_idx = block.layer_idx
-        self._half = block.head_size // 2
-        self._hidden = block.input_norm.hidden_size
+        self.half_rotary = block.head_size // 2
+        self.hidden = block.input_norm.hidden_size
         norm_in, norm_post = block.input_norm, block.post_attention_norm
         self._layer = _Layer(
-            hidden=self._hidden, num_heads=block.num_heads, num_kv_heads=block.num_kv_heads,
+            hidden=self.hidden, num_heads=block.num_heads, num_kv_heads=block.num_kv_heads,
             head_size=block.head_size, intermediate=block.down_proj.in_features,
             input_eps=norm_in.eps, post_eps=norm_post.eps, scale=block.scale,
             input_norm=norm_in.weight.data_ptr(), post_norm=norm_post.weight.data_ptr(),
             qkv=_linear(gemms["qkv"]), o=_linear(gemms["o"]),
             gate_up=_linear(gemms["gate_up"]), down=_linear(gemms["down"]),
             gate_up_silu=fused_gate_up_function(gemms["gate_up"]))
-        self._address = ctypes.addressof(self._layer)
+        self.address = ctypes.addressof(self._layer)  # the struct, for DecoderStackRunner
         self._lib = cpu_ops()
         self._call = self._lib.decoder_layer_decode
-        self._workspace_per_token = self._lib.decoder_layer_workspace(self._address, 1)
+        self._workspace_per_token = self._lib.decoder_layer_workspace(self.address, 1)
         self._kv: torch.Tensor | None = None  # the cache tensor the struct points at
         self._kv_scales: torch.Tensor | None = None
 
@@ -220,21 +220,26 @@ class DecoderLayerRunner:
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx
                  ) -> torch.Tensor | None:
         plan = self._plan
-        if not plan.prepare(x, cos, sin, ctx, self._half):
+        if not plan.prepare(x, cos, sin, ctx, self.half_rotary) or not self.bind(ctx):
             return None
+        m = x.shape[0]
+        workspace = plan.workspace(m * self._workspace_per_token)
+        out = torch.empty(m, self.hidden, dtype=torch.bfloat16)
+        check_status(self._call(self.address, plan.address, x.data_ptr(), out.data_ptr(),
+                                workspace), "decoder layer's GEMM")
+        return out
+
+    def bind(self, ctx) -> bool:
+        """Point the struct at this step's cache (and fp8 scales) of the layer, after the
+        plan accepted the step; False for ones the backend would refuse."""
         kv = ctx.kv_caches[self._layer_idx]
-        if kv is not self._kv and not self._bind_cache(kv, plan.backend):
-            return None
+        if kv is not self._kv and not self._bind_cache(kv, self._plan.backend):
+            return False
         if ctx.kv_scales is not None:
             scales = ctx.kv_scales[self._layer_idx]
             if scales is not self._kv_scales and not self._bind_scales(scales):
-                return None
-        m = x.shape[0]
-        workspace = plan.workspace(m * self._workspace_per_token)
-        out = torch.empty(m, self._hidden, dtype=torch.bfloat16)
-        check_status(self._call(self._address, plan.address, x.data_ptr(), out.data_ptr(),
-                                workspace), "decoder layer's GEMM")
-        return out
+                return False
+        return True
 
     def _bind_cache(self, kv: torch.Tensor, backend: CpuPagedAttentionBackend) -> bool:
         """Point the struct at this layer's cache (once per cache tensor); False for a
@@ -258,10 +263,45 @@ class DecoderLayerRunner:
         return True
 
 
+class DecoderStackRunner:
+    """A model's stack runner (``model.set_stack_runner``): every decoder layer of a
+    decode step in one ``decoder_stack_decode`` call, the layers' `DecoderLayerRunner`
+    structs in order; None (the layers run one by one) for a step they decline."""
+
+    def __init__(self, runners: list[DecoderLayerRunner], plan: DecodeStepPlan) -> None:
+        self._runners = runners
+        self._plan = plan
+        self._half = runners[0].half_rotary
+        self._hidden = runners[0].hidden
+        self._count = len(runners)
+        self._layers = (ctypes.c_void_p * self._count)(*(r.address for r in runners))
+        self._lib = cpu_ops()
+        self._call = self._lib.decoder_stack_decode
+        self._workspace_per_token = self._lib.decoder_stack_workspace(self._layers,
+                                                                      self._count, 1)
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx
+                 ) -> torch.Tensor | None:
+        plan = self._plan
+        if not plan.prepare(x, cos, sin, ctx, self._half):
+            return None
+        for runner in self._runners:
+            if not runner.bind(ctx):
+                return None
+        m = x.shape[0]
+        workspace = plan.workspace(m * self._workspace_per_token)
+        out = torch.empty(m, self._hidden, dtype=torch.bfloat16)
+        check_status(self._call(self._layers, self._count, plan.address, x.data_ptr(),
+                                out.data_ptr(), workspace), "decoder layers' GEMMs")
+        return out
+
+
 def set_decoder_layer_runners(model: nn.Module) -> int:
     """Give every plain decoder layer of ``model`` whose parts run in C a
-    `DecoderLayerRunner` (one shared `DecodeStepPlan`); returns how many.
-    BACKPLANE_CPU_DECODER_LAYER=0: none."""
+    `DecoderLayerRunner` (one shared `DecodeStepPlan`), and a model whose decoder
+    layers all have one a `DecoderStackRunner` over them; returns how many layers.
+    BACKPLANE_CPU_DECODER_LAYER=0: none; BACKPLANE_CPU_DECODER_STACK=0: no stack
+    runner (one C call per layer)."""
     if os.environ.get("BACKPLANE_CPU_DECODER_LAYER", "1") == "0":
         return 0
     plan, count = DecodeStepPlan(), 0
@@ -273,4 +313,11 @@ def set_decoder_layer_runners(model: nn.Module) -> int:
         if runner is not None:
             module.set_block_runner(runner)
             count += 1
+    if os.environ.get("BACKPLANE_CPU_DECODER_STACK", "1") != "0":
+        for module in model.modules():
+            if getattr(type(module), "layer_kind", None) != "decoder_stack":
+                continue
+            runners = [getattr(layer, "block_runner", None) for layer in module.layers]
+            if runners and all(isinstance(r, DecoderLayerRunner) for r in runners):
+                module.set_stack_runner(DecoderStackRunner(runners, plan))
     return count

@@ -41,6 +41,10 @@ def cpu_ops() -> ctypes.CDLL:
     lib.decoder_layer_decode.restype = ctypes.c_int
     lib.decoder_layer_workspace.argtypes = [_P, _I64]
     lib.decoder_layer_workspace.restype = _I64
+    lib.decoder_stack_decode.argtypes = [_P, _I64, _P, _P, _P, _P]
+    lib.decoder_stack_decode.restype = ctypes.c_int
+    lib.decoder_stack_workspace.argtypes = [_P, _I64, _I64]
+    lib.decoder_stack_workspace.restype = _I64
     return lib
 
 

@@ -270,3 +270,38 @@ int decoder_layer_decode(const decoder_layer *l, const decode_step *s, const uin
     add_bf16(sum, down, out, m * h);
     return 0;
 }
+
+/* bf16 elements of scratch decoder_stack_decode needs for m tokens: the largest layer's
+ * own, then two [m, hidden] buffers the layers hand their outputs on in. */
+int64_t decoder_stack_workspace(const decoder_layer *const *layers, int64_t count, int64_t m) {
+    int64_t most = 0;
+    for (int64_t i = 0; i < count; i++) {
+        const int64_t need = decoder_layer_workspace(layers[i], m);
+        most = need > most ? need : most;
+    }
+    return most + 2 * m * layers[0]->hidden;
+}
+
+/* The layers of a decode step one after another, layer i's output layer i + 1's input:
+ * decoder_layer_decode's result for each, out the last one's (the same kernels in the
+ * same order as calling the layers one by one, so the same bits). Called once a step
+ * instead of once a layer: the Python between the layers' calls (a module call, a
+ * runner's checks, an output tensor) was ~1 ms of a qwen2-0.5b batch-1 step. ws:
+ * decoder_stack_workspace elements; every layer's hidden size is layers[0]'s. Returns
+ * -1 if a GEMM could not allocate its scratch memory. */
+int decoder_stack_decode(const decoder_layer *const *layers, int64_t count,
+                         const decode_step *s, const uint16_t *x, uint16_t *out, uint16_t *ws) {
+    int64_t own = 0;
+    for (int64_t i = 0; i < count; i++) {
+        const int64_t need = decoder_layer_workspace(layers[i], s->tokens);
+        own = need > own ? need : own;
+    }
+    uint16_t *handoff[2] = {ws + own, ws + own + s->tokens * layers[0]->hidden};
+    const uint16_t *in = x;
+    for (int64_t i = 0; i < count; i++) {
+        uint16_t *dst = i == count - 1 ? out : handoff[i % 2];
+        if (decoder_layer_decode(layers[i], s, in, dst, ws)) return -1;
+        in = dst;
+    }
+    return 0;
+}

@@ -7,6 +7,7 @@
 #ifndef BACKPLANE_GEMM_PACKING_H
 #define BACKPLANE_GEMM_PACKING_H
 #include <stdint.h>
+#include <omp.h>
 #include <stdlib.h>
 
 #include "common.h"
@@ -75,31 +76,96 @@ void pack_w8_from_bf16(const uint16_t *w, int64_t n, int64_t k, int8_t *packed, 
     pack_int8(w, n, k, 2, 0, (uint8_t *)packed, scales);
 }
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+
+/* One 32-column block of a row, quantize_activations' scalar loop on 8 lanes with the
+ * same float operations (so the same bits): |x| max, scale, rint(x / scale) clamped to
+ * +-127. Writes the 32 int8 values, returns the scale and stores their sum. At batch 1
+ * the scalar loop cost 3 us for a 896-column row and 9 us for 4864 (17 us a layer of
+ * the qwen2-0.5b shape, ~0.4 ms a decode step: gcc did not vectorise it). */
+static inline float quantize_block32(const uint16_t *x, int8_t *xq, int32_t *sum) {
+    __m256 v[4], amax = _mm256_setzero_ps();
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    for (int j = 0; j < 4; j++) {
+        const __m128i h = _mm_loadu_si128((const __m128i *)(x + 8 * j));
+        v[j] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+        /* |x| first: max returns its second operand for a NaN, as the scalar `>` keeps amax */
+        amax = _mm256_max_ps(_mm256_and_ps(v[j], magnitude), amax);
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+    const float a = _mm_cvtss_f32(m4);
+    const float s = a > 0.0f ? a / 127.0f : 1.0f, inv = 1.0f / s;
+    __m256i q[4], total = _mm256_setzero_si256();
+    for (int j = 0; j < 4; j++) {
+        __m256 r = _mm256_round_ps(_mm256_mul_ps(v[j], _mm256_set1_ps(inv)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        r = _mm256_min_ps(_mm256_max_ps(r, _mm256_set1_ps(-127.0f)), _mm256_set1_ps(127.0f));
+        q[j] = _mm256_cvtps_epi32(r);
+        total = _mm256_add_epi32(total, q[j]);
+    }
+    /* int32 -> int8 (no saturation needed): the packs interleave 128-bit lanes, the
+     * permutation puts the 4-byte groups back in column order */
+    const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]),
+                                             _mm256_packs_epi32(q[2], q[3]));
+    _mm256_storeu_si256((__m256i *)xq, _mm256_permutevar8x32_epi32(
+        bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+    t = _mm_add_epi32(t, _mm_unpackhi_epi64(t, t));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 1));
+    *sum = _mm_cvtsi128_si32(t);
+    return s;
+}
+#else
+static inline float quantize_block32(const uint16_t *x, int8_t *xq, int32_t *sum) {
+    float vals[32], amax = 0.0f;
+    for (int j = 0; j < 32; j++) {
+        vals[j] = bf16_to_float(x[j]);
+        const float a = vals[j] < 0 ? -vals[j] : vals[j];
+        amax = a > amax ? a : amax;
+    }
+    const float s = amax > 0.0f ? amax / 127.0f : 1.0f, inv = 1.0f / s;
+    int32_t total = 0;
+    for (int j = 0; j < 32; j++) {
+        const int q = quantize_int8(vals[j], inv);
+        xq[j] = (int8_t)q;
+        total += q;
+    }
+    *sum = total;
+    return s;
+}
+#endif
+
 /* x [M, K] bf16 -> xq int8, per (row, 32-block) scale, and 128 x the block's sum of
  * int8 values (what weights stored +128, as gemm_bf16.c's VNNI kernel stores them,
  * add to that block's dot products; kernels with signed weights ignore it). */
+static void quantize_blocks(const uint16_t *x, int64_t xs, int64_t k, int8_t *xq,
+                            float *bscale, int32_t *bsum, int64_t first, int64_t end) {
+    const int64_t kb = k / QB;
+    for (int64_t i = first; i < end; i++) {
+        const int64_t r = i / kb, b = i % kb;
+        int32_t sum;
+        bscale[i] = quantize_block32(x + r * xs + b * QB, xq + r * k + b * QB, &sum);
+        bsum[i] = 128 * sum; /* the +128 weight offset's share of the block */
+    }
+}
+
 void quantize_activations(const uint16_t *x, int64_t xs, int64_t m, int64_t k, int8_t *xq,
                           float *bscale, int32_t *bsum) {
-    const int64_t kb = k / QB;
-#pragma omp parallel for schedule(static) if (m * k > 65536)
-    for (int64_t r = 0; r < m; r++) {
-        for (int64_t b = 0; b < kb; b++) {
-            float vals[QB], amax = 0.0f;
-            for (int j = 0; j < QB; j++) {
-                vals[j] = bf16_to_float(x[r * xs + b * QB + j]);
-                const float a = vals[j] < 0 ? -vals[j] : vals[j];
-                amax = a > amax ? a : amax;
-            }
-            const float s = amax > 0.0f ? amax / 127.0f : 1.0f, inv = 1.0f / s;
-            int32_t sum = 0;
-            for (int j = 0; j < QB; j++) {
-                const int q = quantize_int8(vals[j], inv);
-                xq[r * k + b * QB + j] = (int8_t)q;
-                sum += q;
-            }
-            bscale[r * kb + b] = s;
-            bsum[r * kb + b] = 128 * sum; /* the +128 weight offset's share of the block */
-        }
+    const int64_t blocks = m * (k / QB);
+    /* A decode step's few rows take a microsecond or two: even a one-thread parallel
+     * region (an `if` clause) cost about as much again. */
+    if (m * k <= 65536) {
+        quantize_blocks(x, xs, k, xq, bscale, bsum, 0, blocks);
+        return;
+    }
+#pragma omp parallel
+    {
+        const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+        quantize_blocks(x, xs, k, xq, bscale, bsum, blocks * t / threads,
+                        blocks * (t + 1) / threads);
     }
 }
 
