@@ -17,6 +17,7 @@ import functools
 import torch
 from torch import nn
 
+from backplane.platforms.cpu.huge_pages import weights_on_huge_pages
 from backplane.platforms.cpu.native import KernelBuildError, check_status, load_gemm_kernel
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -61,7 +62,7 @@ def pack_fp8(w8: torch.Tensor) -> torch.Tensor:
     blocks = -(-n // 16)
     raw = torch.zeros(blocks * 16, k, dtype=torch.uint8)
     raw[:n] = w8.view(torch.uint8)
-    return raw.view(blocks, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+    return weights_on_huge_pages(raw.view(blocks, 16, k // 2, 2).permute(0, 2, 1, 3))
 
 
 class Fp8Linear(nn.Module):

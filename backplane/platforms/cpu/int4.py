@@ -17,6 +17,7 @@ import functools
 import torch
 from torch import nn
 
+from backplane.platforms.cpu.huge_pages import weights_on_huge_pages
 from backplane.platforms.cpu.native import KernelBuildError, check_status, load_gemm_kernel
 from backplane.plugins_sdk.quantization import Int4Weights
 
@@ -56,7 +57,7 @@ def pack_int4(qweight: torch.Tensor) -> torch.Tensor:
     q = q.view(blocks, 16, k // 4, 4).permute(0, 2, 1, 3)  # [B, K/4, 16, 4]
     low = q[..., 0:2].reshape(blocks, k // 4, 32)
     high = q[..., 2:4].reshape(blocks, k // 4, 32)
-    return (low | (high << 4)).contiguous()
+    return weights_on_huge_pages(low | (high << 4))
 
 
 def _block_table(values: torch.Tensor, blocks: int) -> torch.Tensor:

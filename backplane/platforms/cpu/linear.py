@@ -27,6 +27,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from backplane.platforms.cpu.huge_pages import weight_buffer, weights_on_huge_pages
 from backplane.platforms.cpu.native import (
     KernelBuildError,
     check_status,
@@ -239,7 +240,7 @@ class BlockedBf16Linear(nn.Module):
         self.isa = isa or gemm_isa()
         weight = weight.detach().contiguous()
         blocks = -(-self.out_features // 16)
-        packed = torch.empty(blocks * 16 * self.in_features, dtype=torch.bfloat16)
+        packed = weight_buffer((blocks * 16 * self.in_features,), torch.bfloat16)
         gemm_kernels(self.isa).pack_bf16(weight.data_ptr(), self.out_features, self.in_features,
                               packed.data_ptr())
         self.register_buffer("packed_weight", packed, persistent=False)
@@ -350,11 +351,11 @@ class Int8Linear(nn.Module):
         blocks = -(-self.out_features // 16)
         scales = torch.empty(self.out_features, dtype=torch.float32)
         if self.activations == "int8":
-            packed = torch.empty(blocks * 16 * self.in_features,
-                                 dtype=torch.uint8 if self._offset else torch.int8)
+            packed = weight_buffer((blocks * 16 * self.in_features,),
+                                   torch.uint8 if self._offset else torch.int8)
             pack = self._lib.pack_w8a8_from_bf16
         else:
-            packed = torch.empty(blocks * 16 * self.in_features, dtype=torch.int8)
+            packed = weight_buffer((blocks * 16 * self.in_features,), torch.int8)
             pack = self._lib.pack_w8_from_bf16
         pack(weight.data_ptr(), self.out_features, self.in_features, packed.data_ptr(),
              scales.data_ptr())
@@ -377,7 +378,7 @@ class Int8Linear(nn.Module):
         tiles = rows.view(blocks, 16, self.in_features // self._group, self._group)
         packed = tiles.permute(0, 2, 1, 3).reshape(-1)
         dtype = torch.uint8 if self._offset else torch.int8
-        return packed.to(dtype).contiguous(), scales.contiguous()
+        return weights_on_huge_pages(packed.to(dtype)), scales.contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         float_out = self.float_output or x.dtype == torch.float32
