@@ -19,6 +19,13 @@ quantized checkpoint layers running them). It declines (the modules run) every
 step that is not a pure decode batch on the ``cpu_paged`` backend:
 prefills and mixed batches, per-layer backends, the KV-scale calibration step.
 BACKPLANE_CPU_DECODER_LAYER=0 turns it off.
+
+When every decoder layer of the model has a runner, the model gets a
+`DecoderStackRunner` too (``model.set_stack_runner``): a decode step's layers
+then run in one ``decoder_stack_decode`` call, which calls
+``decoder_layer_decode`` layer after layer, so the Python between the layers
+(~0.5-0.8 ms of a qwen2-0.5b batch-1 step) goes as well.
+BACKPLANE_CPU_DECODER_STACK=0 keeps one call per layer.
 """
 
 from __future__ import annotations
