@@ -271,15 +271,21 @@ int decoder_layer_decode(const decoder_layer *l, const decode_step *s, const uin
     return 0;
 }
 
-/* bf16 elements of scratch decoder_stack_decode needs for m tokens: the largest layer's
- * own, then two [m, hidden] buffers the layers hand their outputs on in. */
-int64_t decoder_stack_workspace(const decoder_layer *const *layers, int64_t count, int64_t m) {
+/* The most scratch any one of the layers needs for m tokens (they run one by one). */
+static int64_t largest_layer_workspace(const decoder_layer *const *layers, int64_t count,
+                                       int64_t m) {
     int64_t most = 0;
     for (int64_t i = 0; i < count; i++) {
         const int64_t need = decoder_layer_workspace(layers[i], m);
         most = need > most ? need : most;
     }
-    return most + 2 * m * layers[0]->hidden;
+    return most;
+}
+
+/* bf16 elements of scratch decoder_stack_decode needs for m tokens: the largest layer's
+ * own, then two [m, hidden] buffers the layers hand their outputs on in. */
+int64_t decoder_stack_workspace(const decoder_layer *const *layers, int64_t count, int64_t m) {
+    return largest_layer_workspace(layers, count, m) + 2 * m * layers[0]->hidden;
 }
 
 /* The layers of a decode step one after another, layer i's output layer i + 1's input:
@@ -291,15 +297,11 @@ int64_t decoder_stack_workspace(const decoder_layer *const *layers, int64_t coun
  * -1 if a GEMM could not allocate its scratch memory. */
 int decoder_stack_decode(const decoder_layer *const *layers, int64_t count,
                          const decode_step *s, const uint16_t *x, uint16_t *out, uint16_t *ws) {
-    int64_t own = 0;
-    for (int64_t i = 0; i < count; i++) {
-        const int64_t need = decoder_layer_workspace(layers[i], s->tokens);
-        own = need > own ? need : own;
-    }
-    uint16_t *handoff[2] = {ws + own, ws + own + s->tokens * layers[0]->hidden};
+    uint16_t *handoff = ws + largest_layer_workspace(layers, count, s->tokens);
+    const int64_t size = s->tokens * layers[0]->hidden;
     const uint16_t *in = x;
     for (int64_t i = 0; i < count; i++) {
-        uint16_t *dst = i == count - 1 ? out : handoff[i % 2];
+        uint16_t *dst = i == count - 1 ? out : handoff + (i % 2) * size;
         if (decoder_layer_decode(layers[i], s, in, dst, ws)) return -1;
         in = dst;
     }

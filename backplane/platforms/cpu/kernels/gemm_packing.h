@@ -7,7 +7,6 @@
 #ifndef BACKPLANE_GEMM_PACKING_H
 #define BACKPLANE_GEMM_PACKING_H
 #include <stdint.h>
-#include <omp.h>
 #include <stdlib.h>
 
 #include "common.h"
@@ -138,35 +137,29 @@ static inline float quantize_block32(const uint16_t *x, int8_t *xq, int32_t *sum
 }
 #endif
 
-/* x [M, K] bf16 -> xq int8, per (row, 32-block) scale, and 128 x the block's sum of
- * int8 values (what weights stored +128, as gemm_bf16.c's VNNI kernel stores them,
- * add to that block's dot products; kernels with signed weights ignore it). */
-static void quantize_blocks(const uint16_t *x, int64_t xs, int64_t k, int8_t *xq,
-                            float *bscale, int32_t *bsum, int64_t first, int64_t end) {
-    const int64_t kb = k / QB;
-    for (int64_t i = first; i < end; i++) {
-        const int64_t r = i / kb, b = i % kb;
-        int32_t sum;
-        bscale[i] = quantize_block32(x + r * xs + b * QB, xq + r * k + b * QB, &sum);
-        bsum[i] = 128 * sum; /* the +128 weight offset's share of the block */
-    }
+/* Block i (row i / kb, block i % kb) of quantize_activations. */
+static inline void quantize_block_at(const uint16_t *x, int64_t xs, int64_t k, int8_t *xq,
+                                     float *bscale, int32_t *bsum, int64_t i) {
+    const int64_t kb = k / QB, r = i / kb, b = i % kb;
+    int32_t sum;
+    bscale[i] = quantize_block32(x + r * xs + b * QB, xq + r * k + b * QB, &sum);
+    bsum[i] = 128 * sum; /* the +128 weight offset's share of the block */
 }
 
+/* x [M, K] bf16 -> xq int8, per (row, 32-block) scale, and 128 x the block's sum of
+ * int8 values (what weights stored +128, as gemm_bf16.c's VNNI kernel stores them,
+ * add to that block's dot products; kernels with signed weights ignore it). A decode
+ * step's few rows take a microsecond or two: even a one-thread parallel region (an
+ * `if` clause) cost about as much again, so they skip it. */
 void quantize_activations(const uint16_t *x, int64_t xs, int64_t m, int64_t k, int8_t *xq,
                           float *bscale, int32_t *bsum) {
     const int64_t blocks = m * (k / QB);
-    /* A decode step's few rows take a microsecond or two: even a one-thread parallel
-     * region (an `if` clause) cost about as much again. */
     if (m * k <= 65536) {
-        quantize_blocks(x, xs, k, xq, bscale, bsum, 0, blocks);
+        for (int64_t i = 0; i < blocks; i++) quantize_block_at(x, xs, k, xq, bscale, bsum, i);
         return;
     }
-#pragma omp parallel
-    {
-        const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
-        quantize_blocks(x, xs, k, xq, bscale, bsum, blocks * t / threads,
-                        blocks * (t + 1) / threads);
-    }
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < blocks; i++) quantize_block_at(x, xs, k, xq, bscale, bsum, i);
 }
 
 /* The including file's W8A8 GEMM (packed: its weight layout). */
